@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs stem_boost with its test extras into .venv (CPU torch pinned) and runs the test suite.
+# Triton kernels run under TRITON_INTERPRET=1 on the CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e '.[test]'
+export TRITON_INTERPRET=1
+python -m pytest -q -x "$@"
