@@ -1,0 +1,491 @@
+"""Memory-bounded DSA lightning-indexer top-k (SPEC section 4, DSA family).
+
+The native transformers indexer (``DeepseekV32Indexer``, ``GlmMoeDsaIndexer``, ...) materialises the
+fp32 score tensor ``[B, S, H, T]`` (64 heads x 128K x 128K x 4 B = 4 TiB at 128K context) before
+reducing it over the heads. This module computes the same selection chunk by chunk over the query
+positions so that the fp32 ``[B, chunk, H, T_chunk]`` intermediate stays under a byte budget.
+
+Score (identical to the native forward)::
+
+    I[b, s, t] = sum_h w[b, s, h] * relu(softmax_scale * q[b, s, h, :] . k[b, t, :])
+    w          = weights_proj(x).float() * n_heads ** -0.5                     (fp32)
+    I         += mask     (float additive mask)   or   I[~mask] = -inf      (bool mask)
+    top-k over t with k = min(index_topk, T)
+
+q and k are produced with the very same ops and dtypes as the module's own forward (same
+projections, same RoPE function taken from the model's own module, ``q.float()`` / ``k.float()``
+before the product), including the indexer key-cache update ``past_key_values.update_indexer``.
+
+Differences from the native output, by design:
+
+* Rows of the native top-k that have fewer than ``topk`` valid (unmasked) keys are padded by the
+  native ``topk`` with *masked* positions (arbitrary ones; their score is ``-inf`` or
+  ``finfo.min + x``); the masked sparse attention ignores them. Here those slots are ``-1`` with
+  score ``-inf``. Use :meth:`IndexerTopK.as_native_indices` to get indices that can be fed back to
+  the model's ``scatter`` (``-1`` replaced by a valid index of the same row).
+* The selection is "bit-compatible up to ties": the per-element fp32 values are computed with the
+  same ops but by GEMMs of different shapes, which a BLAS may round differently in the last bit.
+  Keys whose scores are (near-)tied at the top-k boundary may then be exchanged.
+
+Variants of the indexer (``detect_variant``):
+
+=====================  ============  ==========  =============================================
+class                  RoPE          rope dims   other
+=====================  ============  ==========  =============================================
+DeepseekV32Indexer     half-split    first       (the "NON-interleaved" RoPE, unlike its MLA)
+AXK2Indexer            half-split    first       same forward as DeepSeek-V3.2
+GlmMoeDsaIndexer       interleaved   first
+HYV4Indexer            half-split    last        k_norm in fp32, softmax_scale folded into w
+=====================  ============  ==========  =============================================
+
+``Glm5NextTextIndexer`` (k-pool compression) and ``DeepseekV4Indexer`` (compressed keys) are
+different algorithms and are rejected.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = [
+    "IndexerVariant",
+    "IndexerTopK",
+    "NativeTopK",
+    "DEEPSEEK_V32",
+    "GLM_MOE_DSA",
+    "HY_V4",
+    "DEFAULT_MAX_BYTES",
+    "detect_variant",
+    "indexer_qk",
+    "indexer_weights",
+    "valid_key_mask",
+    "chunked_index_topk",
+    "dsa_indexer_topk",
+    "native_indexer_topk",
+    "chunk_rows_for_budget",
+]
+
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # fp32 [B, chunk, H, T] intermediate budget
+
+
+# --------------------------------------------------------------------------------------------------
+# Variants
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IndexerVariant:
+    """How one model family's indexer forward builds q, k and w.
+
+    rope: ``"half"`` (``rotate_half``, non-interleaved) or ``"interleave"`` (pairs (x0, x1), ...).
+    rope_first: the rotary slice is the first ``qk_rope_head_dim`` dims of each head (else the last).
+    k_norm_fp32: ``k_norm(wk(x).to(k_norm.weight.dtype)).to(x.dtype)`` instead of ``k_norm(wk(x))``.
+    scale_in_weights: ``softmax_scale`` multiplies w (after the relu) instead of q.k (before it).
+    """
+
+    rope: str
+    rope_first: bool = True
+    k_norm_fp32: bool = False
+    scale_in_weights: bool = False
+    family: str = ""
+
+    def __post_init__(self):
+        if self.rope not in ("half", "interleave"):
+            raise ValueError(f"rope must be 'half' or 'interleave', got {self.rope!r}")
+
+
+DEEPSEEK_V32 = IndexerVariant("half", family="deepseek_v32")
+GLM_MOE_DSA = IndexerVariant("interleave", family="glm_moe_dsa")
+HY_V4 = IndexerVariant("half", rope_first=False, k_norm_fp32=True, scale_in_weights=True, family="hy_v4")
+
+# Keyed by the name of the class that *defines* `forward` (a subclass that overrides forward is
+# not matched by its parent's entry and goes through the source check instead).
+_KNOWN_FORWARDS = {
+    "DeepseekV32Indexer": DEEPSEEK_V32,
+    "AXK2Indexer": IndexerVariant("half", family="axk2"),
+    "GlmMoeDsaIndexer": GLM_MOE_DSA,
+    "HYV4Indexer": HY_V4,
+}
+_UNSUPPORTED = {
+    "Glm5NextTextIndexer": "k-pool compressed indexer (selects pools, not tokens)",
+    "DeepseekV4Indexer": "indexes compressed keys (CSA), not tokens",
+    "MiniMaxM3VLIndexer": "block indexer with per-head selections",
+}
+
+
+def _forward_owner(indexer) -> type:
+    for cls in type(indexer).__mro__:
+        if "forward" in cls.__dict__:
+            return cls
+    raise TypeError(f"{type(indexer).__name__} has no forward")
+
+
+def _variant_from_source(src: str) -> IndexerVariant | None:
+    """Infer the variant from the forward's source (used for unknown classes only)."""
+    s = re.sub(r"\s+", "", src)
+    needed = ("update_indexer", ".topk(", "weights_proj", "F.relu(scores)")
+    if not all(n in s for n in needed) or "kpool" in s:
+        return None
+    if "apply_rotary_pos_emb_interleave(q_rot,k_rot" in s:
+        rope = "interleave"
+    elif "apply_rotary_pos_emb(q_rot,k_rot" in s:
+        rope = "half"
+    else:
+        return None
+    if "q_rot,q_pass=torch.split(q," in s and "torch.cat([q_rot,q_pass]" in s:
+        rope_first = True
+    elif "q_pass,q_rot=torch.split(q," in s and "torch.cat([q_pass,q_rot]" in s:
+        rope_first = False
+    else:
+        return None
+    if "self.k_norm(self.wk(hidden_states).to(self.k_norm.weight.dtype)).to(hidden_states.dtype)" in s:
+        k_norm_fp32 = True
+    elif "self.k_norm(self.wk(hidden_states))" in s:
+        k_norm_fp32 = False
+    else:
+        return None
+    if "k.transpose(-1,-2).float().unsqueeze(1))*self.softmax_scale" in s:
+        scale_in_weights = False
+    elif "*(self.n_heads**-0.5)*self.softmax_scale" in s:
+        scale_in_weights = True
+    else:
+        return None
+    return IndexerVariant(rope, rope_first, k_norm_fp32, scale_in_weights, family="inferred")
+
+
+def detect_variant(indexer) -> IndexerVariant:
+    """The RoPE layout etc. of ``indexer``'s forward.
+
+    Known classes (matched on the class that defines ``forward``) come from a table; any other
+    class is accepted only if its forward's source matches one of the known patterns exactly
+    (else ``ValueError``: pass ``variant=`` explicitly, after checking with ``native_indexer_topk``).
+    """
+    owner = _forward_owner(indexer)
+    name = owner.__name__
+    if name in _UNSUPPORTED:
+        raise ValueError(f"{name} is not a token-level DSA lightning indexer: {_UNSUPPORTED[name]}")
+    if name in _KNOWN_FORWARDS:
+        return _KNOWN_FORWARDS[name]
+    try:
+        src = inspect.getsource(owner.forward)
+    except (OSError, TypeError):
+        src = ""
+    v = _variant_from_source(src)
+    if v is None:
+        raise ValueError(
+            f"cannot tell the indexer variant of {type(indexer).__module__}.{type(indexer).__name__}; "
+            "pass variant=IndexerVariant(...) explicitly"
+        )
+    return v
+
+
+# --------------------------------------------------------------------------------------------------
+# RoPE: the model's own functions when available
+# --------------------------------------------------------------------------------------------------
+def _rotate_half(x):
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _apply_half(q, k, cos, sin, unsqueeze_dim=1):
+    # == transformers.models.deepseek_v32.modeling_deepseek_v32.apply_rotary_pos_emb
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
+
+
+def _apply_interleave(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+    # == transformers.models.deepseek_v32.modeling_deepseek_v32.apply_rotary_pos_emb_interleave
+    cos = cos[..., : cos.shape[-1] // 2].unsqueeze(unsqueeze_dim)
+    sin = sin[..., : sin.shape[-1] // 2].unsqueeze(unsqueeze_dim)
+    q1, q2 = q[..., 0::2], q[..., 1::2]
+    k1, k2 = k[..., 0::2], k[..., 1::2]
+    q_embed = torch.cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin], dim=-1)
+    k_embed = torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1)
+    return q_embed, k_embed
+
+
+def _rope_fn(indexer, variant: IndexerVariant):
+    """The model module's own apply function (so a hub kernel swapped in there is used too)."""
+    mod = sys.modules.get(type(indexer).__module__)
+    name = "apply_rotary_pos_emb" if variant.rope == "half" else "apply_rotary_pos_emb_interleave"
+    fn = getattr(mod, name, None) if mod is not None else None
+    if fn is None:
+        fn = _apply_half if variant.rope == "half" else _apply_interleave
+    return fn
+
+
+# --------------------------------------------------------------------------------------------------
+# q, k, w exactly as the native forward
+# --------------------------------------------------------------------------------------------------
+def indexer_qk(
+    indexer,
+    hidden_states: torch.Tensor,
+    q_resid: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    past_key_values: Any = None,
+    variant: IndexerVariant | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q ``[B, S, H, D]`` and k ``[B, T, D]`` (model dtype) as the native forward builds them.
+
+    With ``past_key_values`` the new keys are appended through
+    ``past_key_values.update_indexer(k, indexer.layer_idx)`` and the full cached keys are returned
+    (T = past + S for a dynamic cache, T = max_cache_len for a static one). This mutates the cache,
+    exactly once, like the native forward.
+    """
+    variant = variant or detect_variant(indexer)
+    B, S, _ = hidden_states.shape
+    H, D, R = indexer.n_heads, indexer.head_dim, indexer.qk_rope_head_dim
+    cos, sin = position_embeddings
+    rope = _rope_fn(indexer, variant)
+
+    q = indexer.wq_b(q_resid).view(B, S, H, D)
+    if variant.k_norm_fp32:
+        k = indexer.k_norm(indexer.wk(hidden_states).to(indexer.k_norm.weight.dtype)).to(hidden_states.dtype)
+    else:
+        k = indexer.k_norm(indexer.wk(hidden_states))
+    k = k.unsqueeze(2)  # [B, S, 1, D]
+
+    if variant.rope_first:
+        q_rot, q_pass = torch.split(q, [R, D - R], dim=-1)
+        k_rot, k_pass = torch.split(k, [R, D - R], dim=-1)
+        q_rot, k_rot = rope(q_rot, k_rot, cos, sin, unsqueeze_dim=2)
+        q = torch.cat([q_rot, q_pass], dim=-1)
+        k = torch.cat([k_rot, k_pass], dim=-1).squeeze(2)
+    else:
+        q_pass, q_rot = torch.split(q, [D - R, R], dim=-1)
+        k_pass, k_rot = torch.split(k, [D - R, R], dim=-1)
+        q_rot, k_rot = rope(q_rot, k_rot, cos, sin, unsqueeze_dim=2)
+        q = torch.cat([q_pass, q_rot], dim=-1)
+        k = torch.cat([k_pass, k_rot], dim=-1).squeeze(2)
+
+    if past_key_values is not None:
+        k = past_key_values.update_indexer(k, indexer.layer_idx)
+    return q, k
+
+
+def indexer_weights(indexer, hidden_states: torch.Tensor, variant: IndexerVariant | None = None) -> torch.Tensor:
+    """Per-head weights w ``[B, S, H]`` fp32, as the native forward (``softmax_scale`` included for
+    variants that fold it into w)."""
+    variant = variant or detect_variant(indexer)
+    w = indexer.weights_proj(hidden_states.to(indexer.weights_proj.weight.dtype)).float() * (indexer.n_heads**-0.5)
+    if variant.scale_in_weights:
+        w = w * indexer.softmax_scale
+    return w
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks
+# --------------------------------------------------------------------------------------------------
+def _mask_3d(attention_mask: torch.Tensor | None, B: int, S: int, T: int) -> torch.Tensor | None:
+    if attention_mask is None:
+        return None
+    m = attention_mask
+    if m.dim() == 4:  # [B, 1, S, T] as the decoder layer receives it
+        m = m[:, 0]
+    while m.dim() < 3:
+        m = m.unsqueeze(0)
+    return m.expand(B, S, T)  # view, no copy
+
+
+def valid_key_mask(mask_slice: torch.Tensor) -> torch.Tensor:
+    """Which keys a mask slice allows: bool masks as is; additive float masks: value above
+    ``finfo(dtype).min / 2`` (transformers' masks hold 0 or ``finfo(dtype).min``; ``-inf`` too)."""
+    if mask_slice.dtype == torch.bool:
+        return mask_slice
+    return mask_slice > torch.finfo(mask_slice.dtype).min / 2
+
+
+def chunk_rows_for_budget(batch: int, n_heads: int, n_keys: int, max_bytes: int) -> int:
+    """Query rows per chunk so that the fp32 ``[B, rows, H, T]`` scores plus the ``[B, rows, T]``
+    per-row tensors (index scores, mask, validity) stay under ``max_bytes``."""
+    per_row = batch * max(n_keys, 1) * (4 * n_heads + 4 + 4 + 2)
+    return max(1, int(max_bytes // per_row))
+
+
+# --------------------------------------------------------------------------------------------------
+# The chunked top-k
+# --------------------------------------------------------------------------------------------------
+class IndexerTopK(NamedTuple):
+    """indices: int32 ``[B, S, topk]``, -1 where the row has fewer valid keys than topk.
+    scores: fp32 ``[B, S, topk]`` index scores at those indices (mask included), -inf at -1 slots.
+    Sorted by descending score."""
+
+    indices: torch.Tensor
+    scores: torch.Tensor
+
+    def as_native_indices(self) -> torch.Tensor:
+        """Indices safe for the model's ``scatter``: every -1 replaced by the row's best index (a
+        valid key, so duplicates are harmless), or 0 in rows without any valid key (those rows are
+        fully masked in the attention anyway)."""
+        idx = self.indices
+        first = idx[..., :1].clamp_min(0)
+        return torch.where(idx < 0, first, idx)
+
+
+class NativeTopK(NamedTuple):
+    indices: torch.Tensor  # int32 [B, S, topk] (the module's own output)
+    scores: torch.Tensor  # fp32 [B, S, topk] the native scores at those indices
+    index_scores: torch.Tensor  # fp32 [B, S, T] the full native score matrix (mask applied)
+
+
+@torch.no_grad()
+def chunked_index_topk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    index_topk: int,
+    softmax_scale: float | None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    chunk_rows: int | None = None,
+) -> IndexerTopK:
+    """Top-k of ``I = sum_h w * relu(scale * q.k) (+ mask)`` chunk by chunk over queries.
+
+    q: ``[B, S, H, D]`` any float dtype (upcast to fp32 per chunk as the native ``q.float()``).
+    k: ``[B, T, D]``. weights: fp32 ``[B, S, H]``. attention_mask: bool (True = keep) or additive
+    float, broadcastable to ``[B, S, T]`` (4D ``[B, 1, S, T]`` accepted); ``None`` = plain causal with
+    the queries at the end (query s sees keys ``t <= s + T - S``). ``softmax_scale=None`` when the
+    scale is already folded into ``weights`` (HY-V4 variant).
+
+    For each chunk only the key range ``[first, last]`` allowed by the mask for *some* row of the
+    chunk is scored (causal prefix, left padding, unfilled static-cache slots are skipped).
+    """
+    B, S, H, D = q.shape
+    T = k.shape[1]
+    topk = min(int(index_topk), T)
+    device = q.device
+    out_idx = torch.full((B, S, topk), -1, dtype=torch.int32, device=device)
+    out_scores = torch.full((B, S, topk), float("-inf"), dtype=torch.float32, device=device)
+    if S == 0 or topk == 0:
+        return IndexerTopK(out_idx, out_scores)
+
+    mask = _mask_3d(attention_mask, B, S, T)
+    rows = chunk_rows or chunk_rows_for_budget(B, H, T, max_bytes)
+    offset = T - S  # only used when mask is None
+
+    for s0 in range(0, S, rows):
+        s1 = min(S, s0 + rows)
+        c = s1 - s0
+        # ---- key range needed by this chunk
+        if mask is None:
+            t0, t1 = 0, min(T, s1 + offset)
+            m = None
+        else:
+            m_full = mask[:, s0:s1]
+            any_valid = valid_key_mask(m_full).any(dim=1).any(dim=0)  # [T]
+            nz = torch.nonzero(any_valid)
+            if nz.numel() == 0:
+                continue  # every row fully masked: leave -1 / -inf
+            t0, t1 = int(nz[0]), int(nz[-1]) + 1
+            m = m_full[:, :, t0:t1]
+        tc = t1 - t0
+        if tc <= 0:
+            continue
+
+        # ---- fp32 scores [B, c, H, tc] (the only big intermediate; in-place ops after the GEMM)
+        qc = q[:, s0:s1].float().reshape(B, c * H, D)
+        kc = k[:, t0:t1].float()
+        scores = torch.matmul(qc, kc.transpose(-1, -2)).view(B, c, H, tc)
+        del qc, kc
+        if softmax_scale is not None:
+            scores.mul_(softmax_scale)
+        scores.relu_()
+        idx_scores = torch.matmul(weights[:, s0:s1].unsqueeze(-2), scores).squeeze(-2)  # [B, c, tc]
+        del scores
+
+        # ---- mask exactly as the native forward
+        if m is None:
+            s_pos = torch.arange(s0, s1, device=device) + offset
+            t_pos = torch.arange(t0, t1, device=device)
+            valid = (t_pos[None, :] <= s_pos[:, None]).unsqueeze(0).expand(B, c, tc)
+            idx_scores = idx_scores.masked_fill(~valid, float("-inf"))
+        elif m.dtype == torch.bool:
+            valid = m
+            idx_scores = idx_scores.masked_fill(~m, float("-inf"))
+        else:
+            valid = valid_key_mask(m)
+            idx_scores = idx_scores + m
+
+        kk = min(topk, tc)
+        top = idx_scores.topk(kk, dim=-1)
+        sel_valid = valid.gather(-1, top.indices)
+        out_idx[:, s0:s1, :kk] = torch.where(sel_valid, top.indices + t0, -1).to(torch.int32)
+        out_scores[:, s0:s1, :kk] = torch.where(sel_valid, top.values, float("-inf"))
+
+    return IndexerTopK(out_idx, out_scores)
+
+
+@torch.no_grad()
+def dsa_indexer_topk(
+    indexer,
+    hidden_states: torch.Tensor,
+    q_resid: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
+    past_key_values: Any = None,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    chunk_rows: int | None = None,
+    variant: IndexerVariant | None = None,
+) -> IndexerTopK:
+    """Drop-in (same positional arguments as ``indexer.forward``) memory-bounded top-k.
+
+    Returns ``IndexerTopK(indices int32 [B, S, min(index_topk, T)], scores fp32 [B, S, same])``.
+    ``position_ids`` is unused (as in the native forward, kept for BC). With ``past_key_values`` the
+    indexer key cache is updated, like the native forward: call it *instead of* the native one.
+    """
+    variant = variant or detect_variant(indexer)
+    q, k = indexer_qk(indexer, hidden_states, q_resid, position_embeddings, past_key_values, variant)
+    w = indexer_weights(indexer, hidden_states, variant)
+    scale = None if variant.scale_in_weights else indexer.softmax_scale
+    return chunked_index_topk(
+        q, k, w, attention_mask, indexer.index_topk, scale, max_bytes=max_bytes, chunk_rows=chunk_rows
+    )
+
+
+class _CaptureTopkInput(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.captured = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.topk or func is torch.topk:
+            self.captured = args[0]
+        return func(*args, **kwargs)
+
+
+@torch.no_grad()
+def native_indexer_topk(
+    indexer,
+    hidden_states: torch.Tensor,
+    q_resid: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    past_key_values: Any = None,
+) -> NativeTopK:
+    """Run the module's own forward (O(B*S*H*T) memory!) and also return its scores.
+
+    The full score matrix is the tensor the native forward calls ``.topk`` on (captured with a
+    ``TorchFunctionMode``, the computation is untouched). Updates the indexer cache like the
+    model would: give it a copy of the cache when comparing with ``dsa_indexer_topk``.
+    """
+    mode = _CaptureTopkInput()
+    with mode:
+        idx = indexer(
+            hidden_states, q_resid, position_embeddings, attention_mask, position_ids, past_key_values=past_key_values
+        )
+    full = mode.captured
+    if full is None:
+        raise RuntimeError(f"{type(indexer).__name__}.forward did not call topk")
+    scores = full.float().gather(-1, idx.long())
+    return NativeTopK(idx, scores, full)

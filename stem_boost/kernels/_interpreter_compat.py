@@ -1,0 +1,43 @@
+"""Fixes for two defects of Triton's CPU interpreter (TRITON_INTERPRET=1), applied only in that mode.
+
+1. `tl.dot` on bfloat16 operands: the interpreter stores bf16 as raw uint16 bits and multiplies the
+   bits (seen with triton 3.6). We widen bf16 operands to fp32 (exact) before the product.
+2. Loop bounds loaded from memory: the interpreter turns a 1-element array into a Python int with
+   int(array), which numpy >= 2.4 rejects for arrays with ndim > 0. We use `.item()` instead.
+Neither changes what a compiled kernel computes; they only let CPU CI run the real kernel code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def apply() -> None:
+    from triton.runtime import interpreter as itp
+
+    if getattr(itp, "_stem_boost_patched", False):
+        return
+    import triton.language as tl
+
+    builder_cls = itp.InterpreterBuilder
+    original_dot = builder_cls.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        def widen(h):
+            if h.dtype == tl.bfloat16:
+                bits = h.data.astype(np.uint32) << 16
+                return itp.TensorHandle(bits.view(np.float32), tl.float32)
+            return h
+
+        return original_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    builder_cls.create_dot = create_dot
+
+    original_patch_tensor = itp._patch_lang_tensor
+
+    def patch_tensor(tensor, scope):
+        original_patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    itp._patch_lang_tensor = patch_tensor
+    itp._stem_boost_patched = True

@@ -1,0 +1,231 @@
+"""Public entry point of the shared sparse-attention kernel: argument checks, tile choice, dispatch.
+
+    out = sparse_attention(q, k, v, idx, counts, block_size=1)            # DSA token lists
+    out = sparse_attention(q, k, v, idx, counts, block_size=64,
+                           query_block=64)                                  # InfLLMv2 block lists
+
+Contract (both the Triton kernel and `sparse_attention_reference` follow it):
+    q [B, S, Hq, Dqk], k [B, T, Hkv, Dqk], v [B, T, Hkv, Dv]; Hq = G * Hkv; fp16 / bf16 / fp32.
+    idx [B, Hsel, R, Kmax] int32 (int64 accepted), -1 padded, R = ceil(S / query_block),
+        Hsel = 1 (one selection for all heads, e.g. DSA) or Hkv (one per GQA group, e.g. InfLLMv2).
+        Entries are key units: token positions (block_size = 1) or key-block numbers.
+    counts [B, Hsel, R]: valid leading entries per row; rows with 0 give zeros and lse = -inf.
+    Query position s sits at absolute position q_offset + s (default T - S); causal=True masks keys
+    after it, also inside the diagonal block. Units entirely after the row's last query position
+    are an input error (they would be wasted work) and are rejected when `check_indices=True`.
+    Returns out [B, S, Hq, Dv] (q's dtype) and, with return_lse, lse [B, Hq, S] fp32 (natural log).
+MLA absorbed shapes (Dqk 576, Dv 512, Hkv 1, v = k[..., :512]) take the fast path that reads each
+gathered key once for both products.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .reference import sparse_attention_reference
+
+try:  # Triton is optional on the CPU; required for CUDA tensors.
+    import triton
+
+    from .triton_sparse import _sparse_attn_fwd
+
+    HAS_TRITON = True
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        from . import _interpreter_compat
+
+        _interpreter_compat.apply()
+except Exception:  # pragma: no cover - exercised only where triton is missing
+    HAS_TRITON = False
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << (max(1, x) - 1).bit_length()
+
+
+def check_inputs(q, k, v, idx, counts, block_size: int, query_block: int, sinks=None) -> None:
+    """Raise ValueError naming the argument and what is allowed, for any malformed input."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, S|T, H, D]; got {getattr(t, 'shape', type(t))}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name}.dtype={t.dtype} is not supported; allowed: float16, bfloat16, float32")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, S, Hq, Dqk = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree on [B, T, Hkv]")
+    if k.shape[3] != Dqk:
+        raise ValueError(f"q head dim {Dqk} != k head dim {k.shape[3]}")
+    Hkv = k.shape[2]
+    if Hq % Hkv != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+    if block_size < 1 or (block_size > 1 and (block_size < 16 or block_size & (block_size - 1))):
+        raise ValueError(f"block_size={block_size}; allowed: 1 (token lists) or a power of two >= 16")
+    if query_block < 1 or query_block & (query_block - 1):
+        raise ValueError(f"query_block={query_block}; allowed: a power of two >= 1")
+    if idx.dim() != 4 or idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"idx must be int32/int64 [B, Hsel, R, Kmax]; got {idx.dtype} {tuple(idx.shape)}")
+    R = -(-S // query_block)
+    if idx.shape[0] != B or idx.shape[1] not in (1, Hkv) or idx.shape[2] != R:
+        raise ValueError(
+            f"idx shape {tuple(idx.shape)} must be [B={B}, Hsel in (1, {Hkv}), R=ceil(S/query_block)={R}, Kmax]"
+        )
+    if counts.shape != idx.shape[:3] or counts.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"counts must be int32/int64 of shape {tuple(idx.shape[:3])}; got {counts.dtype} {tuple(counts.shape)}")
+    if sinks is not None and (sinks.dim() != 1 or sinks.shape[0] != Hq):
+        raise ValueError(f"sinks must have shape [Hq={Hq}]; got {tuple(sinks.shape)}")
+    devices = {t.device for t in (q, k, v, idx, counts)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device; got {sorted(map(str, devices))}")
+
+
+def check_index_range(idx, counts, *, seq_q: int, seq_k: int, block_size: int, query_block: int,
+                      causal: bool, q_offset: int) -> None:
+    """Reject counts outside [0, Kmax] and valid entries outside the key range or after the row."""
+    kmax = idx.shape[-1]
+    if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > kmax):
+        raise ValueError(f"counts must lie in [0, Kmax={kmax}]; got [{int(counts.min())}, {int(counts.max())}]")
+    valid = torch.arange(kmax, device=idx.device) < counts.unsqueeze(-1).long()
+    n_units = -(-seq_k // block_size)
+    bad = valid & ((idx < 0) | (idx >= n_units))
+    if bool(bad.any()):
+        where = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"idx{tuple(where)}={int(idx[tuple(where)])} is outside [0, {n_units}) key units "
+            f"(block_size={block_size}, T={seq_k}); entries before counts must be valid"
+        )
+    if causal:
+        R = idx.shape[2]
+        last_q = torch.clamp(torch.arange(R, device=idx.device) * query_block + query_block - 1, max=seq_q - 1) + q_offset
+        bad = valid & (idx.long() * block_size > last_q.view(1, 1, R, 1))
+        if bool(bad.any()):
+            where = bad.nonzero()[0].tolist()
+            raise ValueError(
+                f"idx{tuple(where)}={int(idx[tuple(where)])} starts after the last query position of its row "
+                f"({int(last_q[where[2]])}): beyond the causal range"
+            )
+
+
+def _tiles(G: int, Dqk: int, Dv: int, block_size: int, query_block: int) -> dict:
+    """Pick the program tile: M = BLOCK_T tokens x BLOCK_H heads, BLOCK_N keys per step."""
+    big = max(Dqk, Dv) > 256
+    m_target = 64 if big else 128
+    block_h = min(_next_pow2(G), m_target)
+    block_t = max(1, min(query_block, m_target // block_h))
+    block_h = max(block_h, 16 // block_t)  # tl.dot needs M >= 16 (padded head rows are masked)
+    if block_size == 1:
+        block_n = 32 if big else 64
+    else:
+        block_n = min(block_size, 32 if big else 64)
+    num_warps = 8 if (block_t * block_h >= 128 or big) else 4
+    return dict(BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_N=block_n, num_warps=num_warps, num_stages=2)
+
+
+def _v_is_k_prefix(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """True when v is a view of k's first Dv channels (MLA absorbed form)."""
+    return (
+        v.data_ptr() == k.data_ptr()
+        and v.stride() == k.stride()
+        and v.shape[3] == _pow2_floor(k.shape[3])
+    )
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    block_size: int,
+    query_block: int = 1,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    return_lse: bool = False,
+    sinks: torch.Tensor | None = None,
+    q_offset: int | None = None,
+    check_indices: bool = True,
+    tiles: dict | None = None,
+):
+    """Attention of every query row over its selected keys (see the module docstring for shapes).
+
+    Runs the Triton kernel on CUDA tensors (and on the CPU under TRITON_INTERPRET=1); otherwise the
+    PyTorch reference. `tiles` overrides the tile choice (benchmarks); `check_indices=False` skips
+    the index-range pass when the caller built the selection itself.
+    """
+    check_inputs(q, k, v, idx, counts, block_size, query_block, sinks)
+    B, S, Hq, Dqk = q.shape
+    T, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    offset = (T - S) if q_offset is None else int(q_offset)
+    if offset < 0:
+        raise ValueError(f"q_offset={offset} must be >= 0 (queries sit inside the key range)")
+    if check_indices:
+        check_index_range(idx, counts, seq_q=S, seq_k=T, block_size=block_size, query_block=query_block,
+                          causal=causal, q_offset=offset)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(Dqk)
+
+    use_triton = q.is_cuda or _interpret_mode()
+    if q.is_cuda and not HAS_TRITON:
+        raise RuntimeError("CUDA tensors need Triton for sparse_attention; install triton (pip install triton)")
+    if not use_triton or not HAS_TRITON:
+        return sparse_attention_reference(
+            q, k, v, idx, counts, block_size=block_size, query_block=query_block, causal=causal,
+            sm_scale=scale, return_lse=return_lse, sinks=sinks, q_offset=offset,
+        )
+
+    # The kernel needs unit stride on the last dim; anything else is copied once here.
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    v_from_k = _v_is_k_prefix(k, v) and Dv >= 16
+    if not v_from_k and v.stride(-1) != 1:
+        v = v.contiguous()
+    idx = idx.to(torch.int32) if idx.dtype != torch.int32 or idx.stride(-1) != 1 else idx
+    idx = idx.contiguous() if idx.stride(-1) != 1 else idx
+    counts = counts.to(torch.int32).contiguous()
+
+    G = Hq // Hkv
+    cfg = _tiles(G, Dqk, Dv, block_size, query_block)
+    if tiles:
+        cfg.update(tiles)
+    d1 = _pow2_floor(Dqk)
+    d2 = Dqk - d1
+    out = torch.empty(B, S, Hq, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device) if return_lse else out
+    n_head_chunks = -(-G // cfg["BLOCK_H"])
+    grid = (triton.cdiv(S, cfg["BLOCK_T"]), B * Hkv * n_head_chunks)
+    _sparse_attn_fwd[grid](
+        q, k, v, idx, counts, out, lse, sinks if sinks is not None else q,
+        scale * 1.4426950408889634, S, T, offset, G,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        idx.stride(0), idx.stride(1), idx.stride(2),
+        counts.stride(0), counts.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
+        n_head_chunks, Hkv,
+        HSEL_SHARED=idx.shape[1] == 1,
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"], QUERY_BLOCK=query_block,
+        BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"],
+        D1=d1, D2=d2, D2P=_next_pow2(d2) if d2 else 1,
+        DV=Dv, DVP=_next_pow2(Dv),
+        SUB=max(1, block_size // cfg["BLOCK_N"]), V_FROM_K=v_from_k, CAUSAL=causal,
+        RETURN_LSE=return_lse, HAS_SINKS=sinks is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return (out, lse) if return_lse else out

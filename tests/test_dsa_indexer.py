@@ -1,0 +1,336 @@
+"""Chunked DSA indexer top-k vs the native transformers indexer (DeepSeek-V3.2, GLM-MoE-DSA).
+
+The tiny models are saved with safetensors and reloaded with AutoModelForCausalLM.from_pretrained.
+The indexer inputs are captured during a real model forward (batch 2, left padding, with a cache:
+prefill then 1-token decode), then replayed through the native forward and the chunked one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import random
+
+import pytest
+import torch
+
+from stem_boost.adapters import dsa_indexer as dsa
+
+try:  # tests/ may or may not become a package
+    from .dsa_tiny import BUILDERS, indexers, save_and_reload
+except ImportError:  # pragma: no cover
+    from dsa_tiny import BUILDERS, indexers, save_and_reload
+
+FAMILIES = ["deepseek_v32", "glm_moe_dsa"]
+PAD = 7  # left padding of row 1
+PREFILL = 40  # > index_topk (16): rows past position 15 have more valid keys than topk
+
+
+def _fresh_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+# --------------------------------------------------------------------------------------------------
+# capture of the indexer's inputs / outputs during a real forward
+# --------------------------------------------------------------------------------------------------
+class SnapshotCache:
+    """Stand-in for the DynamicCache: the indexer keys the layer had *before* the forward, so the
+    captured call can be replayed any number of times (update_indexer = concatenation)."""
+
+    def __init__(self, past):
+        self.past = past
+
+    def update_indexer(self, k, layer_idx):
+        return k if self.past is None else torch.cat([self.past, k], dim=1)
+
+
+class Recorder:
+    def __init__(self, model):
+        self.calls = {}  # layer_idx -> list of dict(args, kwargs, snapshot, out)
+        self.handles = []
+        for layer_idx, ix in indexers(model):
+            self.handles.append(ix.register_forward_pre_hook(self._pre(layer_idx), with_kwargs=True))
+            self.handles.append(ix.register_forward_hook(self._post(layer_idx)))
+
+    def _pre(self, layer_idx):
+        def hook(module, args, kwargs):
+            pkv = kwargs.get("past_key_values")
+            snap = None
+            if pkv is not None:
+                layer = pkv.layers[layer_idx]
+                if getattr(layer, "is_indexer_initialized", False) and layer.indexer_keys.numel():
+                    snap = layer.indexer_keys.clone()
+            self.calls.setdefault(layer_idx, []).append(
+                dict(args=tuple(a.clone() if torch.is_tensor(a) else a for a in args), snapshot=snap, cached=pkv is not None)
+            )
+
+        return hook
+
+    def _post(self, layer_idx):
+        def hook(module, args, output):
+            self.calls[layer_idx][-1]["out"] = output.clone()
+
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def replay(ix, call, fn, **kw):
+    pkv = SnapshotCache(call["snapshot"]) if call["cached"] else None
+    return fn(ix, *call["args"], past_key_values=pkv, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# comparison
+# --------------------------------------------------------------------------------------------------
+def _valid3d(mask3d, B, S, T):
+    m = mask3d.expand(B, S, T)
+    return dsa.valid_key_mask(m)
+
+
+def assert_same_selection(native: dsa.NativeTopK, ours: dsa.IndexerTopK, mask3d, topk, ctx=""):
+    B, S, K = native.indices.shape
+    T = native.index_scores.shape[-1]
+    assert ours.indices.shape == (B, S, K) and ours.indices.dtype == torch.int32, ctx
+    assert ours.scores.shape == (B, S, K) and ours.scores.dtype == torch.float32, ctx
+    assert K == min(topk, T)
+    valid = _valid3d(mask3d, B, S, T)
+    n_valid = valid.sum(-1)
+    full = native.index_scores.float()
+    ties = 0
+    full_rows = 0
+    for b in range(B):
+        for s in range(S):
+            nv = int(n_valid[b, s])
+            o_idx = ours.indices[b, s]
+            o_sc = ours.scores[b, s]
+            ok = o_idx >= 0
+            # our valid picks are valid keys; -1 slots have -inf; scores sorted descending
+            assert int(ok.sum()) == min(nv, K), (ctx, b, s)
+            assert bool(valid[b, s, o_idx[ok].long()].all()), (ctx, b, s)
+            assert torch.all(torch.isneginf(o_sc[~ok])), (ctx, b, s)
+            assert torch.all(o_sc[ok][:-1] >= o_sc[ok][1:]), (ctx, b, s)
+            # our scores = native scores at our indices
+            ref = full[b, s, o_idx[ok].long()]
+            torch.testing.assert_close(o_sc[ok], ref, rtol=1e-5, atol=1e-5, msg=f"{ctx} scores b={b} s={s}")
+            if nv < K:
+                # native pads with arbitrary masked keys; ours lists exactly the valid ones
+                assert set(o_idx[ok].tolist()) == set(torch.nonzero(valid[b, s]).flatten().tolist()), (ctx, b, s)
+                continue
+            full_rows += 1
+            n_sorted = torch.sort(native.indices[b, s].long()).values
+            o_sorted = torch.sort(o_idx.long()).values
+            if torch.equal(n_sorted, o_sorted):
+                continue
+            # allowed only for ties at the boundary: exchanged keys score within 1e-5 of the k-th score
+            kth = native.scores[b, s].min()
+            diff = set(n_sorted.tolist()) ^ set(o_sorted.tolist())
+            for t in diff:
+                assert abs(float(full[b, s, t]) - float(kth)) <= 1e-5 * max(1.0, abs(float(kth))), (
+                    f"{ctx} b={b} s={s}: key {t} exchanged but not tied ({float(full[b, s, t])} vs k-th {float(kth)})"
+                )
+            ties += 1
+    return full_rows, ties
+
+
+# --------------------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """family -> fp32 reloaded model (a fresh random seed per test session)."""
+    seed = _fresh_seed()
+    out = {}
+    for fam in FAMILIES:
+        m = BUILDERS[fam](seed=seed)
+        out[fam] = (m, tmp_path_factory.mktemp(fam), seed)
+    return out
+
+
+def _reloaded(tiny_models, fam, dtype, attn="sdpa"):
+    m, path, seed = tiny_models[fam]
+    return save_and_reload(m, path / f"{dtype}_{attn}", dtype=dtype, attn_implementation=attn), seed
+
+
+def _run_prefill_decode(model, seed, n_new=1):
+    g = torch.Generator().manual_seed(seed)
+    B = 2
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (B, PREFILL), generator=g)
+    am = torch.ones(B, PREFILL, dtype=torch.long)
+    am[1, :PAD] = 0
+    ids[1, :PAD] = model.config.pad_token_id
+    rec = Recorder(model)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=am, use_cache=True)
+            new = torch.randint(3, vocab, (B, n_new), generator=g)
+            am2 = torch.cat([am, torch.ones(B, n_new, dtype=torch.long)], dim=1)
+            model(input_ids=new, attention_mask=am2, past_key_values=out.past_key_values, use_cache=True)
+    finally:
+        rec.close()
+    return rec.calls
+
+
+# --------------------------------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_matches_native(tiny_models, family, dtype):
+    model, seed = _reloaded(tiny_models, family, dtype)
+    calls = _run_prefill_decode(model, seed)
+    assert calls, "no indexer ran"
+    topk = model.config.index_topk
+    total_full = 0
+    for layer_idx, layer_calls in calls.items():
+        ix = model.model.layers[layer_idx].self_attn.indexer
+        assert len(layer_calls) == 2  # prefill + decode
+        for step, call in enumerate(layer_calls):
+            mask3d = call["args"][3]
+            assert mask3d.dim() == 3  # the layer passes attention_mask[:, 0, :, :]
+            native = replay(ix, call, dsa.native_indexer_topk)
+            # the replay reproduces what the model computed
+            assert torch.equal(native.indices, call["out"]), (family, layer_idx, step)
+            for budget in (1, 20_000, dsa.DEFAULT_MAX_BYTES):  # 1 row/chunk, a few rows, one chunk
+                ours = replay(ix, call, dsa.dsa_indexer_topk, max_bytes=budget)
+                ctx = f"{family} {dtype} layer={layer_idx} step={step} budget={budget} seed={seed}"
+                n_full, _ = assert_same_selection(native, ours, mask3d, topk, ctx)
+                total_full += n_full
+    assert total_full > 0  # some rows really had more valid keys than topk
+
+
+def test_eager_float_mask(tiny_models):
+    """eager attention: the indexer gets an additive float mask (0 / finfo.min)."""
+    for family in FAMILIES:
+        model, seed = _reloaded(tiny_models, family, torch.float32, attn="eager")
+        calls = _run_prefill_decode(model, seed, n_new=3)
+        for layer_idx, layer_calls in calls.items():
+            ix = model.model.layers[layer_idx].self_attn.indexer
+            for step, call in enumerate(layer_calls):
+                mask3d = call["args"][3]
+                assert mask3d.dtype == torch.float32
+                native = replay(ix, call, dsa.native_indexer_topk)
+                ours = replay(ix, call, dsa.dsa_indexer_topk, chunk_rows=3)
+                assert_same_selection(native, ours, mask3d, model.config.index_topk, f"eager {family} {step} seed={seed}")
+
+
+def test_sdpa_mask_is_bool(tiny_models):
+    model, seed = _reloaded(tiny_models, "deepseek_v32", torch.float32)
+    calls = _run_prefill_decode(model, seed)
+    mask3d = calls[0][0]["args"][3]
+    assert mask3d.dtype == torch.bool and mask3d.shape == (2, PREFILL, PREFILL)
+    # left padding: row 1 never sees its first PAD keys; causal: no key after the query
+    assert not mask3d[1, :, :PAD].any()
+    assert not torch.triu(mask3d[0].to(torch.int8), diagonal=1).any()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_model_same_logits(tiny_models, family):
+    """The model run with the chunked indexer (as_native_indices) gives the native logits."""
+    model, seed = _reloaded(tiny_models, family, torch.float32)
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(3, model.config.vocab_size, (2, PREFILL), generator=g)
+    am = torch.ones_like(ids)
+    am[0, :5] = 0
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=am).logits
+        originals = []
+        for _, ix in indexers(model):
+            originals.append((ix, ix.forward))
+
+            def fwd(*a, _ix=ix, **k):
+                return dsa.dsa_indexer_topk(_ix, *a, max_bytes=1, **k).as_native_indices()
+
+            ix.forward = fwd
+        try:
+            got = model(input_ids=ids, attention_mask=am).logits
+        finally:
+            for ix, f in originals:
+                ix.forward = f
+    keep = am.bool()
+    torch.testing.assert_close(got[keep], ref[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_variant_detection():
+    from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32Indexer
+    from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaIndexer
+
+    dsv = object.__new__(DeepseekV32Indexer)
+    glm = object.__new__(GlmMoeDsaIndexer)
+    assert dsa.detect_variant(dsv) == dsa.DEEPSEEK_V32 and dsa.DEEPSEEK_V32.rope == "half"
+    assert dsa.detect_variant(glm) == dsa.GLM_MOE_DSA and dsa.GLM_MOE_DSA.rope == "interleave"
+
+    # the source check (used for unknown classes) agrees with the table on every known class
+    import importlib
+
+    for modname, clsname in [
+        ("deepseek_v32.modeling_deepseek_v32", "DeepseekV32Indexer"),
+        ("glm_moe_dsa.modeling_glm_moe_dsa", "GlmMoeDsaIndexer"),
+        ("hy_v4.modeling_hy_v4", "HYV4Indexer"),
+        ("axk2.modeling_axk2", "AXK2Indexer"),
+    ]:
+        try:
+            cls = getattr(importlib.import_module(f"transformers.models.{modname}"), clsname)
+        except (ImportError, AttributeError):
+            continue
+        inferred = dsa._variant_from_source(inspect.getsource(cls.forward))
+        table = dsa._KNOWN_FORWARDS[clsname]
+        assert inferred is not None, clsname
+        assert (inferred.rope, inferred.rope_first, inferred.k_norm_fp32, inferred.scale_in_weights) == (
+            table.rope,
+            table.rope_first,
+            table.k_norm_fp32,
+            table.scale_in_weights,
+        ), clsname
+
+    # a subclass overriding forward is not silently matched by its parent's entry
+    class Custom(DeepseekV32Indexer):
+        def forward(self, *a, **k):  # noqa: D401
+            return None
+
+    with pytest.raises(ValueError):
+        dsa.detect_variant(object.__new__(Custom))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rope_variant_matters(tiny_models, family):
+    """Guard against a vacuous comparison: the other RoPE layout gives different q/k."""
+    model, seed = _reloaded(tiny_models, family, torch.float32)
+    calls = _run_prefill_decode(model, seed)
+    call = calls[0][0]
+    ix = model.model.layers[0].self_attn.indexer
+    hs, q_resid, pe = call["args"][:3]
+    right = dsa.detect_variant(ix)
+    wrong = dsa.IndexerVariant("interleave" if right.rope == "half" else "half")
+    q1, k1 = dsa.indexer_qk(ix, hs, q_resid, pe, variant=right)
+    q2, k2 = dsa.indexer_qk(ix, hs, q_resid, pe, variant=wrong)
+    assert not torch.allclose(q1, q2) and not torch.allclose(k1, k2)
+
+
+def test_no_mask_is_causal():
+    """attention_mask=None means plain causal (queries at the end of the keys)."""
+    g = torch.Generator().manual_seed(_fresh_seed())
+    B, S, P, H, D = 2, 11, 5, 3, 8
+    T = S + P
+    q = torch.randn(B, S, H, D, generator=g)
+    k = torch.randn(B, T, D, generator=g)
+    w = torch.randn(B, S, H, generator=g)
+    causal = torch.arange(T)[None, :] <= (torch.arange(S)[:, None] + P)
+    a = dsa.chunked_index_topk(q, k, w, None, 6, 0.3, chunk_rows=4)
+    b = dsa.chunked_index_topk(q, k, w, causal.expand(B, S, T), 6, 0.3, chunk_rows=S)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.scores, b.scores)
+    # rows with fewer than topk valid keys: -1 padding
+    c = dsa.chunked_index_topk(q, k[:, : S], w, None, 6, 0.3, chunk_rows=2)
+    assert (c.indices[:, 0, 1:] == -1).all() and (c.indices[:, 0, 0] == 0).all()
+    assert (c.indices[:, 5:] >= 0).all()
+
+
+def test_chunk_rows_for_budget():
+    assert dsa.chunk_rows_for_budget(1, 64, 131072, dsa.DEFAULT_MAX_BYTES) == 7
+    assert dsa.chunk_rows_for_budget(2, 4, 40, 1) == 1
+    # the fp32 [B, rows, H, T] intermediate stays under the budget
+    rows = dsa.chunk_rows_for_budget(1, 64, 131072, dsa.DEFAULT_MAX_BYTES)
+    assert rows * 64 * 131072 * 4 <= dsa.DEFAULT_MAX_BYTES

@@ -1,0 +1,181 @@
+"""The Triton sparse-attention kernel against its PyTorch reference (fp64 oracle) and dense SDPA.
+
+On the CPU the kernel runs under TRITON_INTERPRET=1 (set by scripts/test.sh; the tests set it
+themselves when missing so that `pytest` alone also exercises the kernel). Shapes are small.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stem_boost.kernels import HAS_TRITON, sparse_attention, sparse_attention_reference
+from tests.kernel_inputs import random_qkv, random_selection
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def oracle(q, k, v, idx, counts, **kw):
+    """The reference evaluated in float64."""
+    return sparse_attention_reference(q.double(), k.double(), v.double(), idx, counts, **kw)
+
+
+CASES = [
+    # name, B, S, T, Hq, Hkv, Dqk, Dv, block_size, query_block, Hsel
+    ("token-gqa", 2, 24, 24, 4, 2, 32, 32, 1, 1, "kv"),
+    ("token-shared-mha", 1, 20, 33, 2, 2, 48, 16, 1, 1, "one"),
+    ("block-gqa", 1, 70, 70, 8, 2, 32, 32, 16, 16, "kv"),
+    ("block-qb-token-rows", 2, 40, 56, 4, 1, 16, 32, 16, 1, "kv"),
+    ("block-192-split-dim", 1, 48, 48, 4, 4, 192, 128, 16, 16, "one"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_kernel_matches_reference(case, dtype, tol):
+    _, B, S, T, Hq, Hkv, Dqk, Dv, bs, qb, hsel = case
+    Hsel = Hkv if hsel == "kv" else 1
+    q, k, v = random_qkv(B, S, T, Hq, Hkv, Dqk, Dv, dtype, DEVICE)
+    kmax = -(-T // bs) + 2  # room for ragged rows; tail stays -1
+    idx, counts = random_selection(B, Hsel, S, T, block_size=bs, query_block=qb, kmax=kmax, device=DEVICE)
+    out, lse = sparse_attention(q, k, v, idx, counts, block_size=bs, query_block=qb, return_lse=True)
+    ref, ref_lse = oracle(q, k, v, idx, counts, block_size=bs, query_block=qb, return_lse=True)
+    assert not torch.isnan(out).any()
+    nonempty = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), nonempty)
+    assert rel_err(out, ref) < tol
+    assert rel_err(lse[nonempty], ref_lse[nonempty]) < tol
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+def test_mla_absorbed_shape(dtype, tol):
+    """DeepSeek MLA absorbed form: Dqk 576 = 512 latent + 64 rope, Dv 512 = k[..., :512], one kv head."""
+    B, S, T, Hq = 1, 6, 40, 16
+    q, k, v = random_qkv(B, S, T, Hq, 1, 576, 512, dtype, DEVICE, mla_absorbed=True)
+    idx, counts = random_selection(B, 1, S, T, block_size=1, query_block=1, kmax=24, device=DEVICE)
+    out = sparse_attention(q, k, v, idx, counts, block_size=1, sm_scale=0.1)
+    ref = oracle(q, k, v, idx, counts, block_size=1, sm_scale=0.1)
+    assert rel_err(out, ref) < tol
+
+
+@needs_triton
+@pytest.mark.parametrize("bs,qb", [(1, 1), (16, 16), (16, 1)])
+def test_full_selection_equals_dense_causal_sdpa(bs, qb):
+    B, S, Hq, Hkv, D = 1, 48, 4, 2, 32
+    q, k, v = random_qkv(B, S, S, Hq, Hkv, D, D, torch.float32, DEVICE)
+    idx, counts = random_selection(B, Hkv, S, S, block_size=bs, query_block=qb, kmax=-(-S // bs), full=True, device=DEVICE)
+    out = sparse_attention(q, k, v, idx, counts, block_size=bs, query_block=qb)
+    dense = F.scaled_dot_product_attention(
+        q.transpose(1, 2).double(), k.transpose(1, 2).double(), v.transpose(1, 2).double(),
+        is_causal=True, enable_gqa=True,
+    ).transpose(1, 2)
+    assert rel_err(out, dense) < 1e-4
+
+
+@needs_triton
+def test_zero_counts_give_zeros_and_neg_inf_lse():
+    B, S, Hq, Hkv, D = 1, 16, 2, 1, 16
+    q, k, v = random_qkv(B, S, S, Hq, Hkv, D, D, torch.float32, DEVICE)
+    idx, counts = random_selection(B, 1, S, S, block_size=1, query_block=1, kmax=8, device=DEVICE)
+    empty = torch.rand(S, device=DEVICE) < 0.5
+    counts[0, 0, empty] = 0
+    out, lse = sparse_attention(q, k, v, idx, counts, block_size=1, return_lse=True)
+    assert not torch.isnan(out).any()
+    assert torch.all(out[0, empty] == 0)
+    assert torch.all(lse[0, :, empty] == float("-inf"))
+
+
+@needs_triton
+def test_sinks_match_reference():
+    B, S, Hq, Hkv, D = 1, 20, 4, 2, 16
+    q, k, v = random_qkv(B, S, S, Hq, Hkv, D, D, torch.float32, DEVICE)
+    idx, counts = random_selection(B, Hkv, S, S, block_size=1, query_block=1, kmax=10, device=DEVICE)
+    sinks = torch.randn(Hq, device=DEVICE)
+    out, lse = sparse_attention(q, k, v, idx, counts, block_size=1, sinks=sinks, return_lse=True)
+    ref, ref_lse = oracle(q, k, v, idx, counts, block_size=1, sinks=sinks.double(), return_lse=True)
+    assert rel_err(out, ref) < 1e-4 and rel_err(lse, ref_lse) < 1e-4
+
+
+@needs_triton
+def test_non_contiguous_inputs_are_accepted():
+    """[B, H, S, D] tensors transposed to [B, S, H, D] (what attention modules hold) work as they are."""
+    B, S, Hq, Hkv, D = 1, 16, 2, 1, 16
+    qh = torch.randn(B, Hq, S, D, device=DEVICE)
+    kh = torch.randn(B, Hkv, S, D, device=DEVICE)
+    vh = torch.randn(B, Hkv, S, D, device=DEVICE)
+    q, k, v = (t.transpose(1, 2) for t in (qh, kh, vh))
+    idx, counts = random_selection(B, 1, S, S, block_size=1, query_block=1, kmax=8, device=DEVICE)
+    out = sparse_attention(q, k, v, idx, counts, block_size=1)
+    assert rel_err(out, oracle(q, k, v, idx, counts, block_size=1)) < 1e-4
+
+
+def test_reference_chunking_is_exact():
+    """The reference's query chunking (bounded memory) does not change the result."""
+    B, S, Hq, Hkv, D = 1, 37, 4, 2, 8
+    q, k, v = random_qkv(B, S, S, Hq, Hkv, D, D, torch.float64)
+    idx, counts = random_selection(B, Hkv, S, S, block_size=1, query_block=1, kmax=12)
+    a = sparse_attention_reference(q, k, v, idx, counts, block_size=1, chunk_size=5)
+    b = sparse_attention_reference(q, k, v, idx, counts, block_size=1, chunk_size=1000)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- bad input gets a clear error
+def _ok_inputs():
+    q, k, v = random_qkv(1, 8, 8, 2, 1, 16, 16, torch.float32)
+    idx, counts = random_selection(1, 1, 8, 8, block_size=1, query_block=1, kmax=4)
+    return q, k, v, idx, counts
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: a.update(q=a["q"].double()), "q.dtype"),
+        (lambda a: a.update(k=a["k"].half()), "share one dtype"),
+        (lambda a: a.update(v=a["v"][:, :4]), "must agree"),
+        (lambda a: a.update(q=a["q"][..., :8]), "head dim"),
+        (lambda a: a.update(q=torch.randn(1, 8, 3, 16), k=torch.randn(1, 8, 2, 16), v=torch.randn(1, 8, 2, 16)), "multiple"),
+        (lambda a: a.update(block_size=8), "block_size=8"),
+        (lambda a: a.update(query_block=3), "query_block=3"),
+        (lambda a: a.update(idx=a["idx"].float()), "idx must be"),
+        (lambda a: a.update(idx=a["idx"][:, :, :4], counts=a["counts"][:, :, :4]), "idx shape"),
+        (lambda a: a.update(counts=a["counts"][..., :3]), "counts must be"),
+        (lambda a: a["counts"].fill_(5), "counts must lie"),
+        (lambda a: (a["idx"].__setitem__((0, 0, 7, 0), 99), a["counts"].__setitem__((0, 0, 7), 1)), "outside"),
+        (lambda a: (a["idx"].__setitem__((0, 0, 2, 0), 6), a["counts"].__setitem__((0, 0, 2), 1)), "causal range"),
+        (lambda a: a.update(sinks=torch.zeros(3)), "sinks"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(mutate, match):
+    q, k, v, idx, counts = _ok_inputs()
+    args = dict(q=q, k=k, v=v, idx=idx, counts=counts, block_size=1, query_block=1)
+    mutate(args)
+    with pytest.raises(ValueError, match=match):
+        sparse_attention(**args)
+
+
+def test_cuda_without_triton_is_a_clear_error(monkeypatch):
+    """A CUDA tensor on a machine without Triton must say what to install (simulated on CPU)."""
+    import stem_boost.kernels.dispatch as sa
+
+    class FakeCuda(torch.Tensor):
+        @property
+        def is_cuda(self):  # noqa: D401 - property override
+            return True
+
+    q, k, v, idx, counts = _ok_inputs()
+    monkeypatch.setattr(sa, "HAS_TRITON", False)
+    with pytest.raises(RuntimeError, match="install triton"):
+        sa.sparse_attention(q.as_subclass(FakeCuda), k, v, idx, counts, block_size=1)
