@@ -1,0 +1,39 @@
+"""GPU checks of the sparse-attention kernel at real head counts (run on the device: pytest -m gpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stem_boost.kernels import sparse_attention, sparse_attention_reference
+from tests.kernel_inputs import random_qkv, random_selection
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
+@pytest.mark.parametrize(
+    "B,S,Hq,Hkv,Dqk,Dv,bs,qb,hsel,mla",
+    [
+        (1, 300, 32, 2, 128, 128, 64, 64, 2, False),   # MiniCPM4 block mode
+        (2, 200, 16, 2, 128, 128, 64, 1, 2, False),    # block lists, per-token rows
+        (1, 150, 128, 1, 576, 512, 1, 1, 1, True),     # DeepSeek-V3.2 absorbed MLA
+        (1, 130, 16, 16, 192, 128, 1, 1, 1, False),    # expanded MLA, one selection for all heads
+        (1, 100, 9, 3, 64, 64, 64, 64, 3, False),      # SmolLM2 (G = 3, padded head rows)
+    ],
+)
+def test_gpu_kernel_matches_reference(B, S, Hq, Hkv, Dqk, Dv, bs, qb, hsel, mla, dtype, tol):
+    q, k, v = random_qkv(B, S, S, Hq, Hkv, Dqk, Dv, dtype, "cuda", mla_absorbed=mla)
+    idx, counts = random_selection(B, hsel, S, S, block_size=bs, query_block=qb, kmax=min(64, -(-S // bs)), device="cuda")
+    out, lse = sparse_attention(q, k, v, idx, counts, block_size=bs, query_block=qb, return_lse=True)
+    ref, ref_lse = sparse_attention_reference(q.double(), k.double(), v.double(), idx, counts,
+                                              block_size=bs, query_block=qb, return_lse=True)
+    assert not torch.isnan(out).any()
+    ok = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), ok)
+    assert rel_err(out, ref) < tol
+    assert rel_err(lse[ok], ref_lse[ok]) < tol
