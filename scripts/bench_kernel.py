@@ -159,7 +159,9 @@ def run_block_mode(seqs, densities, device, results, tiles_grid):
             ms, tiles = best
             results["block_tiles"] = tiles
             bm = flex_block_mask(idx, counts, S, Hq, Hkv, block)
-            flex_ms = bench(lambda: flex(qh, kh, vh, block_mask=bm, enable_gqa=True))
+            # flex's tiles must divide the 64-token blocks of the mask
+            flex_ms = bench(lambda: flex(qh, kh, vh, block_mask=bm, enable_gqa=True,
+                                         kernel_options={"BLOCK_M": 64, "BLOCK_N": 64}))
             tf = 4 * pairs * Hq * D / ms / 1e9
             flex_tf = 4 * pairs * Hq * D / flex_ms / 1e9
             row = dict(mode="block", S=S, density=dens, actual_density=pairs / dense_pairs, ms=ms, tflops=tf,
@@ -265,10 +267,10 @@ def main():
 
     results["triton"] = triton.__version__
     results["checks"] = check_correctness(device)
-    block_tiles = [dict(BLOCK_T=bt, BLOCK_H=16, BLOCK_N=64, num_warps=w, num_stages=st)
-                   for bt in (8, 4) for w in (4, 8) for st in (2, 3)]
-    token_tiles = [dict(BLOCK_T=1, BLOCK_H=64, BLOCK_N=n, num_warps=w, num_stages=st)
-                   for n in (32, 64) for w in (4, 8) for st in (1, 2)]
+    block_tiles = [dict(BLOCK_T=bt, BLOCK_H=16, BLOCK_N=n, num_warps=w, num_stages=st)
+                   for (bt, w) in ((8, 8), (4, 4)) for n in (64, 128) for st in (2, 3)]
+    token_tiles = [dict(BLOCK_T=1, BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=st)
+                   for (h, w) in ((64, 8), (128, 16), (128, 8)) for n in (32, 64) for st in (2, 3)]
     if "block" in args.modes:
         run_block_mode(args.seqs, args.densities, device, results, block_tiles)
     if "token" in args.modes:

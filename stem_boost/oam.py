@@ -13,6 +13,8 @@ token norms over each key block; a selection shared by several heads aggregates 
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 __all__ = ["aggregate_heads", "block_max", "combine_scores", "oam_bias", "value_norms"]
@@ -114,7 +116,7 @@ def oam_bias(
     """
     if norms.dim() != 3:
         raise ValueError(f"norms must be [B, Hs, N], got shape {tuple(norms.shape)}")
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta >= 0:
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not beta >= 0:
         raise ValueError(f"beta={beta!r} is outside [0, inf)")
     if norm not in _BIAS_NORMS:
         raise ValueError(f"norm={norm!r} is not one of {_BIAS_NORMS}")

@@ -16,6 +16,7 @@ only causally valid non-forced keys) into an ``alpha`` for the actual sequence.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -35,17 +36,22 @@ _FLOOR_SLACK = 1e-9
 MAX_REDUCE = 0.9
 
 
-def _check_int(name: str, value: int, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _check_int(name: str, value: int, low: int, high: int | None = None) -> int:
+    """``value`` as an int in [low, high] (ValueError naming the argument otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an int, got {value!r}")
+    value = int(value)
     if value < low or (high is not None and value > high):
         bound = f"[{low}, {high}]" if high is not None else f"[{low}, inf)"
         raise ValueError(f"{name}={value} is outside {bound}")
+    return value
 
 
-def _check_float(name: str, value: float, low: float, high: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (low <= value <= high):
+def _check_float(name: str, value: float, low: float, high: float) -> float:
+    """``value`` as a float in [low, high] (ValueError naming the argument otherwise; NaN fails)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (low <= value <= high):
         raise ValueError(f"{name}={value!r} is outside [{low}, {high}]")
+    return float(value)
 
 
 def decay_budgets(
@@ -69,10 +75,10 @@ def decay_budgets(
         decay to ``max(k_min, floor(alpha * k_start))`` at row R - 1. When ``R - 1 - k_start <= 0``
         every row is in the stem and gets ``k_start``.
     """
-    _check_int("n_rows", n_rows, 0)
-    _check_int("k_start", k_start, 1)
-    _check_float("alpha", alpha, 0.0, 1.0)
-    _check_int("k_min", k_min, 0, k_start)
+    n_rows = _check_int("n_rows", n_rows, 0)
+    k_start = _check_int("k_start", k_start, 1)
+    alpha = _check_float("alpha", alpha, 0.0, 1.0)
+    k_min = _check_int("k_min", k_min, 0, k_start)
 
     rows = torch.arange(n_rows, dtype=torch.float64, device=device)
     return _decay(rows, k_start, alpha, k_min)
@@ -113,9 +119,9 @@ def token_available(
     Returns:
         LongTensor [seq_len].
     """
-    _check_int("seq_len", seq_len, 0)
-    _check_int("n_sink", n_sink, 0)
-    _check_int("window", window, 0)
+    seq_len = _check_int("seq_len", seq_len, 0)
+    n_sink = _check_int("n_sink", n_sink, 0)
+    window = _check_int("window", window, 0)
     n_valid = torch.arange(1, seq_len + 1, dtype=torch.long, device=device)
     return _available(n_valid, n_sink, window)
 
@@ -142,16 +148,16 @@ def block_available(
     Returns:
         LongTensor [n_query_rows].
     """
-    _check_int("n_query_rows", n_query_rows, 0)
-    _check_int("n_key_blocks", n_key_blocks, 0)
-    _check_int("query_block", query_block, 1)
-    _check_int("block_size", block_size, 1)
-    _check_int("n_init", n_init, 0)
-    _check_int("n_local", n_local, 0)
+    n_query_rows = _check_int("n_query_rows", n_query_rows, 0)
+    n_key_blocks = _check_int("n_key_blocks", n_key_blocks, 0)
+    query_block = _check_int("query_block", query_block, 1)
+    block_size = _check_int("block_size", block_size, 1)
+    n_init = _check_int("n_init", n_init, 0)
+    n_local = _check_int("n_local", n_local, 0)
     r = torch.arange(n_query_rows, dtype=torch.long, device=device)
     last_q = (r + 1) * query_block - 1
     if seq_q is not None:
-        _check_int("seq_q", seq_q, 0)
+        seq_q = _check_int("seq_q", seq_q, 0)
         last_q = last_q.clamp(max=max(seq_q - 1, 0))
     n_valid = (last_q // block_size + 1).clamp(max=n_key_blocks)
     return _available(n_valid, n_init, n_local)
@@ -224,11 +230,12 @@ def plan_budgets(
     Returns:
         BudgetPlan (budgets on ``available``'s device).
     """
-    if not isinstance(reduce, (int, float)) or isinstance(reduce, bool) or not (0.0 <= reduce <= MAX_REDUCE):
+    if isinstance(reduce, bool) or not isinstance(reduce, numbers.Real) or not (0.0 <= reduce <= MAX_REDUCE):
         raise ValueError(f"reduce={reduce!r} is outside [0, {MAX_REDUCE}]")
-    _check_int("k_native", k_native, 1)
-    _check_float("alpha_min", alpha_min, 0.0, 1.0)
-    _check_int("k_min", k_min, 0, k_native)
+    reduce = float(reduce)
+    k_native = _check_int("k_native", k_native, 1)
+    alpha_min = _check_float("alpha_min", alpha_min, 0.0, 1.0)
+    k_min = _check_int("k_min", k_min, 0, k_native)
     if not isinstance(available, torch.Tensor) or available.dim() != 1:
         raise ValueError("available must be a 1-D tensor [R]")
     if available.is_floating_point() or available.is_complex() or available.dtype == torch.bool:
@@ -268,7 +275,7 @@ def plan_budgets(
     if pairs_min >= target:
         if reduction(pairs_min) < reduce - 1e-12:
             return plan(alpha_min, pairs_min, reachable=False)
-        # alpha_min already hits the request exactly (this covers reduce == 0 and no pairs).
+        # alpha_min already meets the request exactly (e.g. no row can decay, or no pairs at all).
         lo, hi, pairs_lo = None, alpha_min, None
     else:
         lo, hi = alpha_min, 1.0  # invariant: pairs(lo) < target <= pairs(hi); pairs(1) == native

@@ -304,8 +304,9 @@ def valid_key_mask(mask_slice: torch.Tensor) -> torch.Tensor:
 
 def chunk_rows_for_budget(batch: int, n_heads: int, n_keys: int, max_bytes: int) -> int:
     """Query rows per chunk so that the fp32 ``[B, rows, H, T]`` scores plus the ``[B, rows, T]``
-    per-row tensors (index scores, mask, validity) stay under ``max_bytes``."""
-    per_row = batch * max(n_keys, 1) * (4 * n_heads + 4 + 4 + 2)
+    per-row tensors (fp32 index scores and their int32 image, int64 sort keys and positions, mask
+    and validity) stay under ``max_bytes``."""
+    per_row = batch * max(n_keys, 1) * (4 * n_heads + 32)
     return max(1, int(max_bytes // per_row))
 
 
@@ -315,7 +316,7 @@ def chunk_rows_for_budget(batch: int, n_heads: int, n_keys: int, max_bytes: int)
 class IndexerTopK(NamedTuple):
     """indices: int32 ``[B, S, topk]``, -1 where the row has fewer valid keys than topk.
     scores: fp32 ``[B, S, topk]`` index scores at those indices (mask included), -inf at -1 slots.
-    Sorted by descending score."""
+    Sorted by descending score (ties: earlier key first, unless ``tie_break="none"``)."""
 
     indices: torch.Tensor
     scores: torch.Tensor
@@ -335,6 +336,18 @@ class NativeTopK(NamedTuple):
     index_scores: torch.Tensor  # fp32 [B, S, T] the full native score matrix (mask applied)
 
 
+def _topk_position_ties(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the top-k of fp32 ``scores`` along the last dim, descending, ties broken by
+    position (earlier first): one exact int64 top-k on (order-preserving int32 image of the score,
+    reversed position). -0.0 and +0.0 are treated as equal (as by ``torch.topk``)."""
+    n = scores.shape[-1]
+    bits = (scores.float() + 0.0).contiguous().view(torch.int32)  # + 0.0 maps -0.0 to +0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    rev_pos = torch.arange(n - 1, -1, -1, device=scores.device, dtype=torch.int64)
+    key = ordered * (1 << 32) + rev_pos
+    return key.topk(k, dim=-1).indices
+
+
 @torch.no_grad()
 def chunked_index_topk(
     q: torch.Tensor,
@@ -345,6 +358,7 @@ def chunked_index_topk(
     softmax_scale: float | None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     chunk_rows: int | None = None,
+    tie_break: str = "position",
 ) -> IndexerTopK:
     """Top-k of ``I = sum_h w * relu(scale * q.k) (+ mask)`` chunk by chunk over queries.
 
@@ -354,9 +368,15 @@ def chunked_index_topk(
     the queries at the end (query s sees keys ``t <= s + T - S``). ``softmax_scale=None`` when the
     scale is already folded into ``weights`` (HY-V4 variant).
 
+    ``tie_break="position"`` (default): equal scores are ordered by key position, earlier first
+    (SPEC section 3), so the result is deterministic and independent of the chunking; ``"none"``:
+    plain ``torch.topk`` (arbitrary order among ties, as the native forward).
+
     For each chunk only the key range ``[first, last]`` allowed by the mask for *some* row of the
     chunk is scored (causal prefix, left padding, unfilled static-cache slots are skipped).
     """
+    if tie_break not in ("position", "none"):
+        raise ValueError(f"tie_break must be 'position' or 'none', got {tie_break!r}")
     B, S, H, D = q.shape
     T = k.shape[1]
     topk = min(int(index_topk), T)
@@ -414,10 +434,14 @@ def chunked_index_topk(
             idx_scores = idx_scores + m
 
         kk = min(topk, tc)
-        top = idx_scores.topk(kk, dim=-1)
-        sel_valid = valid.gather(-1, top.indices)
-        out_idx[:, s0:s1, :kk] = torch.where(sel_valid, top.indices + t0, -1).to(torch.int32)
-        out_scores[:, s0:s1, :kk] = torch.where(sel_valid, top.values, float("-inf"))
+        if tie_break == "position":
+            top_i = _topk_position_ties(idx_scores, kk)
+            top_v = idx_scores.gather(-1, top_i)
+        else:
+            top_v, top_i = idx_scores.topk(kk, dim=-1)
+        sel_valid = valid.gather(-1, top_i)
+        out_idx[:, s0:s1, :kk] = torch.where(sel_valid, top_i + t0, -1).to(torch.int32)
+        out_scores[:, s0:s1, :kk] = torch.where(sel_valid, top_v, float("-inf"))
 
     return IndexerTopK(out_idx, out_scores)
 
@@ -435,6 +459,7 @@ def dsa_indexer_topk(
     max_bytes: int = DEFAULT_MAX_BYTES,
     chunk_rows: int | None = None,
     variant: IndexerVariant | None = None,
+    tie_break: str = "position",
 ) -> IndexerTopK:
     """Drop-in (same positional arguments as ``indexer.forward``) memory-bounded top-k.
 
@@ -447,7 +472,8 @@ def dsa_indexer_topk(
     w = indexer_weights(indexer, hidden_states, variant)
     scale = None if variant.scale_in_weights else indexer.softmax_scale
     return chunked_index_topk(
-        q, k, w, attention_mask, indexer.index_topk, scale, max_bytes=max_bytes, chunk_rows=chunk_rows
+        q, k, w, attention_mask, indexer.index_topk, scale, max_bytes=max_bytes, chunk_rows=chunk_rows,
+        tie_break=tie_break,
     )
 
 

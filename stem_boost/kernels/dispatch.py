@@ -133,7 +133,8 @@ def _tiles(G: int, Dqk: int, Dv: int, block_size: int, query_block: int) -> dict
     else:
         block_n = min(block_size, 32 if big else 64)
     num_warps = 8 if (block_t * block_h >= 128 or big) else 4
-    return dict(BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_N=block_n, num_warps=num_warps, num_stages=2)
+    return dict(BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_N=block_n, num_warps=num_warps, num_stages=2,
+                MASK_ONLY_WHERE_NEEDED=True)
 
 
 def _v_is_k_prefix(k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -218,12 +219,12 @@ def sparse_attention(
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
         n_head_chunks, Hkv,
-        HSEL_SHARED=idx.shape[1] == 1,
+        HSEL_SHARED=idx.shape[1] == 1, MASK_ONLY_WHERE_NEEDED=cfg["MASK_ONLY_WHERE_NEEDED"],
         BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"], QUERY_BLOCK=query_block,
         BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"],
         D1=d1, D2=d2, D2P=_next_pow2(d2) if d2 else 1,
         DV=Dv, DVP=_next_pow2(Dv),
-        SUB=max(1, block_size // cfg["BLOCK_N"]), V_FROM_K=v_from_k, CAUSAL=causal,
+        UNITS=max(1, cfg["BLOCK_N"] // block_size), SUB=max(1, block_size // cfg["BLOCK_N"]), V_FROM_K=v_from_k, CAUSAL=causal,
         RETURN_LSE=return_lse, HAS_SINKS=sinks is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -7,8 +7,9 @@ Program roles (one program = one tile of M = BLOCK_T x BLOCK_H query rows):
 Rows are ordered (token, head) so that the G heads of a GQA group, which share a selection, fill the
 M dimension of the tensor-core tile together (MLA absorbed: 64 heads x 1 token).
 
-Inner loop: BLOCK_N keys at a time, either gathered by index (token mode, BLOCK_SIZE == 1) or a
-contiguous slice of one selected key block (block mode). The head dim is split in two power-of-two
+Inner loop: BLOCK_N keys at a time: UNITS = BLOCK_N / BLOCK_SIZE selection entries gathered by
+index (token lists, or several blocks per step), or a contiguous slice of one selected key block
+when blocks are longer than BLOCK_N (SUB steps per block). The head dim is split in two power-of-two
 parts (D1 + D2, e.g. 576 = 512 + 64, 192 = 128 + 64) so no FLOP is wasted on padding. When V is the
 first Dv channels of K (MLA absorbed form) the K tile is reused as the V tile (V_FROM_K).
 Online softmax in base 2, fp32 accumulation, outputs in the input dtype, lse in natural log.
@@ -32,16 +33,17 @@ def _sparse_attn_fwd(
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
     N_HEAD_CHUNKS, HKV,
-    HSEL_SHARED: tl.constexpr,
+    HSEL_SHARED: tl.constexpr, MASK_ONLY_WHERE_NEEDED: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, QUERY_BLOCK: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, D2P: tl.constexpr,
     DV: tl.constexpr, DVP: tl.constexpr,
-    SUB: tl.constexpr, V_FROM_K: tl.constexpr, CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr, HAS_SINKS: tl.constexpr,
+    UNITS: tl.constexpr, SUB: tl.constexpr, V_FROM_K: tl.constexpr, CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr, HAS_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_T * BLOCK_H
-    pid_t = tl.program_id(0)
+    # heaviest tiles (last query positions: the most causal keys) are scheduled first
+    pid_t = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     hc = pid_bh % N_HEAD_CHUNKS
     kvh = (pid_bh // N_HEAD_CHUNKS) % HKV
@@ -80,17 +82,19 @@ def _sparse_attn_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DVP], tl.float32)
 
-    if BLOCK_SIZE == 1:
-        n_iter = tl.cdiv(count, BLOCK_N)
+    # UNITS selection entries per step (token lists, or several small blocks), or SUB steps per
+    # entry (blocks larger than BLOCK_N).
+    if SUB == 1:
+        n_iter = tl.cdiv(count, UNITS)
     else:
         n_iter = count * SUB
     offs_n = tl.arange(0, BLOCK_N)
     for it in range(0, n_iter):
-        if BLOCK_SIZE == 1:
-            slot = it * BLOCK_N + offs_n
+        if SUB == 1:
+            slot = it * UNITS + offs_n // BLOCK_SIZE
             kidx = tl.load(idx_row + slot, mask=slot < count, other=-1)
-            kpos = kidx
-            k_ok = (kidx >= 0) & (kidx < T)
+            kpos = kidx * BLOCK_SIZE + offs_n % BLOCK_SIZE
+            k_ok = (kidx >= 0) & (kpos < T)
         else:
             blk = tl.load(idx_row + it // SUB)
             kpos = blk * BLOCK_SIZE + (it % SUB) * BLOCK_N + offs_n
@@ -103,10 +107,24 @@ def _sparse_attn_fwd(
             k2 = tl.load(k_row[:, None] + D1 + d2[None, :], mask=k_ok[:, None] & (d2[None, :] < D2), other=0.0)
             qk += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
         qk = qk * qk_scale_log2
-        keep = k_ok[None, :]
-        if CAUSAL:
-            keep = keep & (kpos[None, :] <= qpos[:, None])
-        qk = tl.where(keep, qk, float("-inf"))
+        if MASK_ONLY_WHERE_NEEDED:
+            # Most steps lie wholly before the tile's first query and hold only valid keys: skip
+            # the [M, N] mask there; apply it where a key crosses the diagonal or is invalid.
+            n_bad = tl.sum((k_ok == 0).to(tl.int32), 0)
+            if CAUSAL:
+                crosses = (tl.max(tl.where(k_ok, kpos, -1), 0) > t0 + q_offset) | (n_bad > 0)
+            else:
+                crosses = n_bad > 0
+            if crosses:
+                keep = k_ok[None, :]
+                if CAUSAL:
+                    keep = keep & (kpos[None, :] <= qpos[:, None])
+                qk = tl.where(keep, qk, float("-inf"))
+        else:
+            keep = k_ok[None, :]
+            if CAUSAL:
+                keep = keep & (kpos[None, :] <= qpos[:, None])
+            qk = tl.where(keep, qk, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

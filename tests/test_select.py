@@ -1,0 +1,189 @@
+"""stem_select against a brute-force per-row oracle; Selection.validate."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stem_boost.select import Selection, stem_select
+
+SETTINGS = settings(deadline=None, max_examples=80)
+seeds = st.integers(0, 2**31 - 1)
+NEG_INF = float("-inf")
+
+
+def _oracle(cand_idx, native, bias, budgets, forced, space, by_position):
+    """Python loops: forced keys + top budget candidates by (score desc, index asc) per row."""
+    b, h, r, kc = cand_idx.shape
+    rows = {}
+    for bi in range(b):
+        for hi in range(h):
+            for ri in range(r):
+                fset = sorted({int(x) for x in forced[bi, hi, ri] if x >= 0}) if forced is not None else []
+                best = {}
+                for c, s in zip(cand_idx[bi, hi, ri].tolist(), native[bi, hi, ri].tolist()):
+                    if c < 0 or c in fset:
+                        continue
+                    if space == "logit":
+                        if s == NEG_INF:
+                            continue
+                        score = s
+                    else:
+                        if s <= 0:
+                            continue
+                        score = math.log(s)
+                    score += 0.0 if bias is None else float(bias[bi, min(hi, bias.shape[1] - 1), c])
+                    best[c] = max(best.get(c, NEG_INF), score)
+                ranked = sorted(best, key=lambda c: (-best[c], c))[: int(budgets[bi, hi, ri])]
+                rows[bi, hi, ri] = sorted(fset + ranked) if by_position else fset + ranked
+    return rows
+
+
+def _check_against_oracle(sel: Selection, want: dict) -> None:
+    k_max = max([1] + [len(row) for row in want.values()])
+    assert sel.idx.dtype == torch.int32 and sel.counts.dtype == torch.int32
+    assert sel.idx.shape[-1] == k_max
+    for (bi, hi, ri), row in want.items():
+        assert int(sel.counts[bi, hi, ri]) == len(row)
+        assert sel.idx[bi, hi, ri].tolist() == row + [-1] * (k_max - len(row))
+
+
+@st.composite
+def selection_inputs(draw):
+    seed = draw(seeds)
+    gen = torch.Generator().manual_seed(seed)
+    b, h, r = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 5))
+    n_keys = draw(st.integers(1, 12))
+    kc = draw(st.integers(0, n_keys))
+    n_forced = draw(st.integers(0, 4))
+    cand_idx = torch.rand(b, h, r, n_keys, generator=gen).argsort(-1)[..., :kc]
+    if draw(st.booleans()):  # duplicates among the candidates themselves
+        cand_idx = torch.randint(0, n_keys, (b, h, r, kc), generator=gen)
+    cand_idx[torch.rand(cand_idx.shape, generator=gen) < draw(st.sampled_from([0.0, 0.3]))] = -1
+    space = draw(st.sampled_from(["logit", "prob"]))
+    if space == "logit":  # integer-valued: plenty of exact ties
+        native = torch.randint(-2, 3, cand_idx.shape, generator=gen).float()
+        native[torch.rand(native.shape, generator=gen) < 0.1] = NEG_INF
+    else:
+        native = torch.randint(0, 4, cand_idx.shape, generator=gen).float() / 4  # 0 = masked
+    bias = None
+    if draw(st.booleans()):
+        bias = torch.randint(0, 3, (b, draw(st.sampled_from([1, h])), n_keys), generator=gen).float() / 2
+    forced = torch.randint(-1, n_keys, (b, h, r, n_forced), generator=gen) if draw(st.booleans()) else None
+    budget_shape = draw(st.sampled_from([(r,), (b, r), (b, h, r)]))
+    budgets = torch.randint(0, kc + 2, budget_shape, generator=gen)
+    return cand_idx, native, bias, budgets, forced, space
+
+
+@SETTINGS
+@given(inputs=selection_inputs(), by_position=st.booleans(), idx_dtype=st.sampled_from([torch.int32, torch.int64]))
+def test_stem_select_matches_oracle(inputs, by_position, idx_dtype):
+    cand_idx, native, bias, budgets, forced, space = inputs
+    b, h, r, _ = cand_idx.shape
+    sel = stem_select(
+        cand_idx.to(idx_dtype), native, budgets, key_bias=bias, score_space=space,
+        forced_idx=None if forced is None else forced.to(idx_dtype), sort_by_position=by_position,
+    )
+    full_budgets = {1: budgets[None, None], 2: budgets[:, None], 3: budgets}[budgets.dim()].expand(b, h, r)
+    _check_against_oracle(sel, _oracle(cand_idx, native, bias, full_budgets, forced, space, by_position))
+
+
+@SETTINGS
+@given(b=st.integers(1, 2), h=st.integers(1, 3), r=st.integers(1, 5), kc=st.integers(1, 8), extra=st.integers(0, 3),
+       seed=seeds)
+def test_full_budget_returns_native_candidates(b, h, r, kc, extra, seed):
+    gen = torch.Generator().manual_seed(seed)
+    cand_idx = torch.rand(b, h, r, kc + 4, generator=gen).argsort(-1)[..., :kc].int()
+    cand_idx[torch.rand(cand_idx.shape, generator=gen) < 0.25] = -1
+    scores = torch.randn(cand_idx.shape, generator=gen)
+    sel = stem_select(cand_idx, scores, torch.full((r,), kc + extra))
+    for bi in range(b):
+        for hi in range(h):
+            for ri in range(r):
+                native = sorted(int(c) for c in cand_idx[bi, hi, ri] if c >= 0)
+                assert sel.idx[bi, hi, ri, : sel.counts[bi, hi, ri]].tolist() == native
+
+
+@SETTINGS
+@given(seq=st.integers(1, 40), block_size=st.integers(1, 4), query_block=st.integers(1, 4), kc=st.integers(1, 6),
+       n_forced=st.integers(0, 2), seed=seeds)
+def test_causal_candidates_validate(seq, block_size, query_block, kc, n_forced, seed):
+    """Causally valid candidates and forced keys give a selection that validates; pairs() counts rows."""
+    gen = torch.Generator().manual_seed(seed)
+    n_rows = -(-seq // query_block)
+    last_q = (torch.arange(n_rows) + 1).mul(query_block).clamp(max=seq) - 1
+    n_valid_units = last_q // block_size + 1  # [R]
+    cand_idx = (torch.rand(2, 1, n_rows, kc, generator=gen) * n_valid_units[:, None]).long()
+    forced = (torch.rand(2, 1, n_rows, n_forced, generator=gen) * n_valid_units[:, None]).long()
+    budgets = torch.randint(0, kc + 1, (n_rows,), generator=gen)
+    sel = stem_select(cand_idx, torch.randn(cand_idx.shape, generator=gen), budgets, forced_idx=forced,
+                      block_size=block_size, query_block=query_block)
+    sel.validate(seq, seq)
+    sel.validate(seq, seq + 5)
+    assert sel.pairs() == int(sel.counts.sum()) * query_block
+
+
+def _good_selection() -> Selection:
+    idx = torch.tensor([[[[0, -1, -1], [0, 1, -1], [2, 0, 1]]]], dtype=torch.int32)
+    counts = torch.tensor([[[1, 2, 3]]], dtype=torch.int32)
+    return Selection(idx=idx, counts=counts)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda s: s.idx.__setitem__((0, 0, 1, 1), 5), "outside"),  # beyond seq_k
+        (lambda s: s.idx.__setitem__((0, 0, 0, 0), -3), "outside"),  # negative live entry
+        (lambda s: s.idx.__setitem__((0, 0, 0, 0), 1), "acausal"),  # row 0 cannot see key 1
+        (lambda s: s.counts.__setitem__((0, 0, 0), 4), "counts"),  # > Kmax
+        (lambda s: s.counts.__setitem__((0, 0, 0), -1), "counts"),
+        (lambda s: s.idx.__setitem__((0, 0, 0, 2), 0), "padding"),
+        (lambda s: s.idx.__setitem__((0, 0, 2, 2), 0), "duplicate"),
+    ],
+)
+def test_validate_raises(mutate, message):
+    sel = _good_selection()
+    sel.validate(3, 3)
+    mutate(sel)
+    with pytest.raises(ValueError, match=message):
+        sel.validate(3, 3)
+
+
+def test_validate_shapes_and_blocks():
+    sel = _good_selection()
+    with pytest.raises(ValueError, match="rows"):
+        sel.validate(4, 4)
+    with pytest.raises(ValueError, match="int32"):
+        Selection(idx=sel.idx.long(), counts=sel.counts).validate(3, 3)
+    # block granularity: 2 query positions per row, 4 tokens per key block, 8 tokens.
+    idx = torch.tensor([[[[0, -1], [0, -1], [0, 1], [0, 1]]]], dtype=torch.int32)
+    counts = torch.tensor([[[1, 1, 2, 2]]], dtype=torch.int32)
+    blocks = Selection(idx=idx, counts=counts, block_size=4, query_block=2)
+    blocks.validate(8, 8)
+    assert blocks.pairs() == 12
+    blocks.idx[0, 0, 1, 1], blocks.counts[0, 0, 1] = 1, 2  # row 1 (queries 2, 3) cannot see block 1
+    with pytest.raises(ValueError, match="acausal"):
+        blocks.validate(8, 8)
+    blocks.validate(8, 8, causal=False)
+    blocks.validate(8, 10)  # with a KV-cache offset of 2 the row's last query sits at 5 >= 4
+
+
+def test_stem_select_rejects_bad_input():
+    idx = torch.zeros(1, 1, 2, 3, dtype=torch.int32)
+    scores = torch.zeros(1, 1, 2, 3)
+    with pytest.raises(ValueError, match="cand_scores"):
+        stem_select(idx, scores[..., :2], 1)
+    with pytest.raises(ValueError, match="budgets"):
+        stem_select(idx, scores, torch.tensor([1, -1]))
+    with pytest.raises(ValueError, match="budgets"):
+        stem_select(idx, scores, torch.ones(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="key_bias"):
+        stem_select(idx + 4, scores, 1, key_bias=torch.zeros(1, 1, 4))
+    with pytest.raises(ValueError, match="cand_idx"):
+        stem_select(idx.float(), scores, 1)
+    with pytest.raises(ValueError, match="block_size"):
+        stem_select(idx, scores, 1, block_size=0)
