@@ -122,17 +122,18 @@ def check_index_range(idx, counts, *, seq_q: int, seq_k: int, block_size: int, q
 
 
 def _tiles(G: int, Dqk: int, Dv: int, block_size: int, query_block: int) -> dict:
-    """Pick the program tile: M = BLOCK_T tokens x BLOCK_H heads, BLOCK_N keys per step."""
+    """Pick the program tile: M = BLOCK_T tokens x BLOCK_H heads, BLOCK_N keys per step.
+
+    Defaults are the fastest measured on an H100 (scripts/bench_kernel.py, BENCHMARKS.md):
+    block lists M = 64 rows, N = 64, 4 warps; MLA token lists 64 heads x 1 token, N = 64, 8 warps.
+    """
     big = max(Dqk, Dv) > 256
-    m_target = 64 if big else 128
+    m_target = 64
     block_h = min(_next_pow2(G), m_target)
     block_t = max(1, min(query_block, m_target // block_h))
     block_h = max(block_h, 16 // block_t)  # tl.dot needs M >= 16 (padded head rows are masked)
-    if block_size == 1:
-        block_n = 32 if big else 64
-    else:
-        block_n = min(block_size, 32 if big else 64)
-    num_warps = 8 if (block_t * block_h >= 128 or big) else 4
+    block_n = 64 if block_size == 1 else min(block_size, 64)
+    num_warps = 8 if big else 4
     return dict(BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_N=block_n, num_warps=num_warps, num_stages=2,
                 MASK_ONLY_WHERE_NEEDED=True)
 

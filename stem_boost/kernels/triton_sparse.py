@@ -107,14 +107,22 @@ def _sparse_attn_fwd(
             k2 = tl.load(k_row[:, None] + D1 + d2[None, :], mask=k_ok[:, None] & (d2[None, :] < D2), other=0.0)
             qk += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
         qk = qk * qk_scale_log2
-        if MASK_ONLY_WHERE_NEEDED:
-            # Most steps lie wholly before the tile's first query and hold only valid keys: skip
-            # the [M, N] mask there; apply it where a key crosses the diagonal or is invalid.
-            n_bad = tl.sum((k_ok == 0).to(tl.int32), 0)
-            if CAUSAL:
-                crosses = (tl.max(tl.where(k_ok, kpos, -1), 0) > t0 + q_offset) | (n_bad > 0)
+        if BLOCK_SIZE > 1 and MASK_ONLY_WHERE_NEEDED:
+            # Most block steps lie wholly before the tile's first query: skip the [M, N] mask there
+            # and apply it where a key crosses the diagonal or is invalid (the causal mask also
+            # covers keys past T, since every query is < T).
+            if SUB > 1:
+                k_last = blk * BLOCK_SIZE + (it % SUB) * BLOCK_N + BLOCK_N - 1
+                if CAUSAL:
+                    crosses = k_last > t0 + q_offset
+                else:
+                    crosses = k_last >= T
             else:
-                crosses = n_bad > 0
+                n_bad = tl.sum((k_ok == 0).to(tl.int32), 0)
+                if CAUSAL:
+                    crosses = (tl.max(tl.where(k_ok, kpos, -1), 0) > t0 + q_offset) | (n_bad > 0)
+                else:
+                    crosses = n_bad > 0
             if crosses:
                 keep = k_ok[None, :]
                 if CAUSAL:
