@@ -163,13 +163,19 @@ def test_rescore_hook_and_budgets():
     sel = infllmv2_select(q, k, params, rescore=only_forced)
     assert sel.forced[sel.idx >= 0].all()
 
+    native = infllmv2_select(q, k, params)
+    forced_idx, cand_idx, cand_scores = native.split_forced()
+    assert torch.equal(forced_idx, sel.idx)  # forced part = the forced-only selection
+    merged = torch.cat([forced_idx, cand_idx], -1).sort(-1, descending=True).values
+    assert torch.equal(merged[..., : native.idx.shape[-1]], native.idx.sort(-1, descending=True).values)
+    assert torch.isfinite(cand_scores[cand_idx >= 0]).all() and (cand_scores[cand_idx >= 0] > 0).all()
+
     def reverse(bs: BlockScores) -> BlockScores:  # rank by minus the native score, 2 free blocks per row
         bs.scores = -bs.scores
         bs.k_free = torch.full_like(bs.q_pos, 2)
         return bs
 
     rev = infllmv2_select(q, k, params, rescore=reverse)
-    native = infllmv2_select(q, k, params)
     late = 150  # rows with more than 2 non-forced candidates
     free_nat = [{int(x) for x, f in zip(native.idx[0, 0, r], native.forced[0, 0, r]) if x >= 0 and not f}
                 for r in range(late, 192)]
@@ -281,6 +287,11 @@ def test_loads_official_style_folder(tmp_path):
         assert model.config.sparse_config == SC and model.config.rope_scaling["rope_type"] == "longrope"
         with torch.no_grad():
             assert torch.equal(model.eval()(ids).logits, ref)
+    dense = load_minicpm4(tmp_path, sparse_config=None)
+    src.set_sparse_config(None)
+    with torch.no_grad():
+        assert torch.equal(dense(ids).logits, src(ids).logits)
+        assert not torch.equal(dense(ids).logits, ref)
 
 
 def test_dense_below_dense_len_and_manual_forward():

@@ -359,6 +359,7 @@ def chunked_index_topk(
     max_bytes: int = DEFAULT_MAX_BYTES,
     chunk_rows: int | None = None,
     tie_break: str = "position",
+    score_dtype: torch.dtype | None = None,
 ) -> IndexerTopK:
     """Top-k of ``I = sum_h w * relu(scale * q.k) (+ mask)`` chunk by chunk over queries.
 
@@ -386,6 +387,10 @@ def chunked_index_topk(
     if S == 0 or topk == 0:
         return IndexerTopK(out_idx, out_scores)
 
+    pad = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        # [B, T] padding mask (True = real token), combined with the plain causal rule
+        pad, attention_mask = attention_mask.bool(), None
     mask = _mask_3d(attention_mask, B, S, T)
     rows = chunk_rows or chunk_rows_for_budget(B, H, T, max_bytes)
     offset = T - S  # only used when mask is None
@@ -410,9 +415,10 @@ def chunked_index_topk(
             continue
 
         # ---- fp32 scores [B, c, H, tc] (the only big intermediate; in-place ops after the GEMM)
-        qc = q[:, s0:s1].float().reshape(B, c * H, D)
-        kc = k[:, t0:t1].float()
-        scores = torch.matmul(qc, kc.transpose(-1, -2)).view(B, c, H, tc)
+        dt = score_dtype or torch.float32
+        qc = q[:, s0:s1].to(dt).reshape(B, c * H, D)
+        kc = k[:, t0:t1].to(dt)
+        scores = torch.matmul(qc, kc.transpose(-1, -2)).view(B, c, H, tc).float()
         del qc, kc
         if softmax_scale is not None:
             scores.mul_(softmax_scale)
@@ -425,6 +431,8 @@ def chunked_index_topk(
             s_pos = torch.arange(s0, s1, device=device) + offset
             t_pos = torch.arange(t0, t1, device=device)
             valid = (t_pos[None, :] <= s_pos[:, None]).unsqueeze(0).expand(B, c, tc)
+            if pad is not None:
+                valid = valid & pad[:, None, t0:t1]
             idx_scores = idx_scores.masked_fill(~valid, float("-inf"))
         elif m.dtype == torch.bool:
             valid = m
@@ -460,6 +468,7 @@ def dsa_indexer_topk(
     chunk_rows: int | None = None,
     variant: IndexerVariant | None = None,
     tie_break: str = "position",
+    score_dtype: torch.dtype | None = None,
 ) -> IndexerTopK:
     """Drop-in (same positional arguments as ``indexer.forward``) memory-bounded top-k.
 
@@ -473,7 +482,7 @@ def dsa_indexer_topk(
     scale = None if variant.scale_in_weights else indexer.softmax_scale
     return chunked_index_topk(
         q, k, w, attention_mask, indexer.index_topk, scale, max_bytes=max_bytes, chunk_rows=chunk_rows,
-        tie_break=tie_break,
+        tie_break=tie_break, score_dtype=score_dtype,
     )
 
 

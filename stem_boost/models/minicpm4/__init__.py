@@ -76,12 +76,15 @@ def register_minicpm4() -> bool:
 def load_minicpm4(path: str | os.PathLike, **kwargs: Any) -> MiniCPM4ForCausalLM:
     """Load an official MiniCPM-4 / 4.1 folder (``config.json`` + safetensors) without remote code.
 
-    ``kwargs`` go to ``from_pretrained`` (``dtype=``, ``device_map=``, ...); config overrides such as
-    ``sparse_config=`` go to the config.
+    ``kwargs`` go to ``from_pretrained`` (``dtype=``, ``device_map=``, ...), except the MiniCPM
+    config keys (``sparse_config=``, ``rope_scaling=``, ...), which override ``config.json`` and are
+    validated like it (``sparse_config=None`` makes the model dense).
     """
-    config_keys = set(MiniCPM4Config.__dataclass_fields__)
-    config_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in config_keys}
-    config = MiniCPM4Config.from_pretrained(path, **config_kwargs)
+    config_keys = set(MiniCPM4Config.__annotations__)
+    overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in config_keys}
+    config_dict, _ = MiniCPM4Config.get_config_dict(path)
+    config_dict.update(overrides)
+    config = MiniCPM4Config.from_dict(config_dict)
     return MiniCPM4ForCausalLM.from_pretrained(path, config=config, **kwargs)
 
 

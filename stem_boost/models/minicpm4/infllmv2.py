@@ -61,9 +61,8 @@ Tensor layout in this module is the Hugging Face one: ``q [B, Hq, S, D]``, ``k, 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -510,6 +509,23 @@ class BlockSelection:
     def to_kernel_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(idx, counts)`` as the shared sparse-attention kernel takes them (query_block=1)."""
         return self.idx, self.counts
+
+    def split_forced(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(forced_idx, cand_idx, cand_scores)`` for Stem's ``stem_select``.
+
+        forced_idx [B, Hk, S, F] and cand_idx [B, Hk, S, Kc] int32 ascending, -1 padded;
+        cand_scores [B, Hk, S, Kc] fp32 native scores (probability-like: ``score_space="prob"``),
+        NaN where padded.
+        """
+        valid = self.idx >= 0
+        out = []
+        for keep in (valid & self.forced, valid & ~self.forced):
+            n = int(keep.sum(-1).max()) if keep.numel() else 0
+            order = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :n]
+            live = keep.gather(-1, order)
+            out.append((torch.where(live, self.idx.gather(-1, order), -1),
+                        self.scores.gather(-1, order).masked_fill(~live, float("nan"))))
+        return out[0][0], out[1][0], out[1][1]
 
 
 def _pad_last(t: torch.Tensor, width: int, value: float | int | bool) -> torch.Tensor:

@@ -364,13 +364,17 @@ class MiniCPM4Model(MiniCPM4PreTrainedModel):
         if position_ids is None:
             position_ids = (torch.arange(S, device=inputs_embeds.device) + past_seen).unsqueeze(0).expand(B, -1)
         has_padding = attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all())
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        params = self.config.infllmv2
+        if params is not None and params.is_sparse(past_seen + S):
+            causal_mask = None  # every layer takes the sparse path, which needs no S x T mask
+        else:
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+            )
         position_embeddings = self.rotary_emb(position_ids)
         hidden_states = inputs_embeds
         all_hidden = () if output_hidden_states else None
@@ -420,6 +424,13 @@ class MiniCPM4ForCausalLM(MiniCPM4PreTrainedModel, GenerationMixin):
     def attention_layers(self) -> list[MiniCPM4Attention]:
         """The attention modules (to install ``rescore`` / ``selection_hook`` / kernels)."""
         return [layer.self_attn for layer in self.model.layers]
+
+    def set_sparse_config(self, sparse_config: dict | None) -> None:
+        """Switch InfLLMv2 on (validated dict), change its parameters, or off (``None``)."""
+        params = InfLLMv2Params.from_sparse_config(sparse_config)
+        self.config.sparse_config = None if sparse_config is None else dict(sparse_config)
+        for attn in self.attention_layers():
+            attn.infllmv2 = params
 
     def forward(
         self,

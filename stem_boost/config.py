@@ -1,0 +1,62 @@
+"""StemConfig: every knob of the boost, validated once, with the defaults of the paper."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+OAM_NORMS = ("zscore", "raw")
+HEAD_AGGREGATIONS = ("rms", "max", "mean")
+BACKENDS = ("auto", "triton", "reference")
+MAX_REDUCE = 0.9
+
+
+@dataclass(frozen=True)
+class StemConfig:
+    """What `stem_boost.wrap` applies to each sparse-attention layer.
+
+    reduce:     fraction of the native (query, key) pairs to drop, in [0, 0.9] (SPEC §3).
+    beta:       OAM weight of the value-norm bias, >= 0 (paper: 0.2; 0 = native order).
+    oam_norm:   "zscore" (normalise log||v|| per head over the sequence, AngelSlim) or "raw" (paper).
+    head_agg:   how per-head value norms are pooled over the heads sharing one selection.
+    alpha_min:  lowest TPD end ratio the reduce solver may use; below it the achieved reduction is
+                reported as is (never silently claimed).
+    backend:    "auto" (Triton on CUDA, PyTorch reference on the CPU), "triton" or "reference".
+    indexer_max_bytes: memory bound of the chunked native selection (fp32 score chunks).
+    indexer_dtype: "float32" reproduces the native selection exactly; "bfloat16" scores the
+                indexer on tensor cores (faster on GPUs, selection equal up to near-ties).
+    """
+
+    reduce: float = 0.15
+    beta: float = 0.2
+    oam_norm: str = "zscore"
+    head_agg: str = "rms"
+    alpha_min: float = 0.0
+    backend: str = "auto"
+    indexer_max_bytes: int = 256 * 2**20
+    indexer_dtype: str = "float32"
+
+    def __post_init__(self):
+        if not isinstance(self.reduce, (int, float)) or not 0.0 <= self.reduce <= MAX_REDUCE:
+            raise ValueError(f"reduce={self.reduce!r} is outside [0, {MAX_REDUCE}]")
+        if not isinstance(self.beta, (int, float)) or self.beta < 0:
+            raise ValueError(f"beta={self.beta!r} must be a number >= 0")
+        if self.oam_norm not in OAM_NORMS:
+            raise ValueError(f"oam_norm={self.oam_norm!r}; allowed: {', '.join(OAM_NORMS)}")
+        if self.head_agg not in HEAD_AGGREGATIONS:
+            raise ValueError(f"head_agg={self.head_agg!r}; allowed: {', '.join(HEAD_AGGREGATIONS)}")
+        if not 0.0 <= self.alpha_min <= 1.0:
+            raise ValueError(f"alpha_min={self.alpha_min!r} is outside [0, 1]")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r}; allowed: {', '.join(BACKENDS)}")
+        if self.indexer_max_bytes < 1:
+            raise ValueError(f"indexer_max_bytes={self.indexer_max_bytes!r} must be >= 1")
+        if self.indexer_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"indexer_dtype={self.indexer_dtype!r}; allowed: float32, bfloat16")
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the boost keeps the native selection unchanged (reduce 0 and beta 0)."""
+        return self.reduce == 0 and self.beta == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,43 @@
+"""Budget accounting of the last forward pass, per layer (what `stem_boost.stats` returns)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LayerStats:
+    """Attended (query, key-unit) pairs of one layer's last prefill, native vs Stem.
+
+    Pairs count only the budgeted keys (forced keys such as init blocks / local windows excluded,
+    as in SPEC §3) and only causally valid ones.
+    """
+
+    layer: int
+    family: str
+    native_pairs: int = 0
+    stem_pairs: int = 0
+    forced_pairs: int = 0
+    alpha: float = 1.0
+    reduce_requested: float = 0.0
+    seq_len: int = 0
+    budget_native: list[int] = field(default_factory=list, repr=False)  # per query row (subsampled)
+    budget_stem: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def reduce_achieved(self) -> float:
+        return 1.0 - self.stem_pairs / self.native_pairs if self.native_pairs else 0.0
+
+    def to_dict(self) -> dict:
+        return dict(layer=self.layer, family=self.family, native_pairs=self.native_pairs,
+                    stem_pairs=self.stem_pairs, forced_pairs=self.forced_pairs,
+                    reduce_requested=self.reduce_requested, reduce_achieved=self.reduce_achieved,
+                    alpha=self.alpha, seq_len=self.seq_len)
+
+
+def summarize(layers: list[LayerStats]) -> dict:
+    """Totals over layers: pairs and the achieved reduction."""
+    native = sum(s.native_pairs for s in layers)
+    stem = sum(s.stem_pairs for s in layers)
+    return dict(native_pairs=native, stem_pairs=stem, reduce_achieved=(1 - stem / native) if native else 0.0,
+                layers=[s.to_dict() for s in layers])
