@@ -51,6 +51,11 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+
+try:  # the fused score kernel needs Triton (CUDA); the CPU path never calls it
+    from ..kernels.indexer_scores import fused_index_scores
+except ImportError:  # pragma: no cover
+    fused_index_scores = None
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
@@ -415,16 +420,21 @@ def chunked_index_topk(
             continue
 
         # ---- fp32 scores [B, c, H, tc] (the only big intermediate; in-place ops after the GEMM)
-        dt = score_dtype or torch.float32
-        qc = q[:, s0:s1].to(dt).reshape(B, c * H, D)
-        kc = k[:, t0:t1].to(dt)
-        scores = torch.matmul(qc, kc.transpose(-1, -2)).view(B, c, H, tc).float()
-        del qc, kc
-        if softmax_scale is not None:
-            scores.mul_(softmax_scale)
-        scores.relu_()
-        idx_scores = torch.matmul(weights[:, s0:s1].unsqueeze(-2), scores).squeeze(-2)  # [B, c, tc]
-        del scores
+        if score_dtype in (torch.bfloat16, torch.float16) and q.is_cuda:
+            # fused Triton kernel: tensor-core q.k, relu and head sum in registers (no [B,c,H,tc])
+            idx_scores = fused_index_scores(q[:, s0:s1].to(score_dtype), k[:, t0:t1], weights[:, s0:s1],
+                                            softmax_scale)
+        else:
+            dt = score_dtype or torch.float32
+            qc = q[:, s0:s1].to(dt).reshape(B, c * H, D)
+            kc = k[:, t0:t1].to(dt)
+            scores = torch.matmul(qc, kc.transpose(-1, -2)).view(B, c, H, tc).float()
+            del qc, kc
+            if softmax_scale is not None:
+                scores.mul_(softmax_scale)
+            scores.relu_()
+            idx_scores = torch.matmul(weights[:, s0:s1].unsqueeze(-2), scores).squeeze(-2)  # [B, c, tc]
+            del scores
 
         # ---- mask exactly as the native forward
         if m is None:
