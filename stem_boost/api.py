@@ -13,7 +13,7 @@ and q/k/v/o projections is InfLLMv2.
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -79,6 +79,7 @@ def wrap(
     backend: str = "auto",
     indexer_dtype: str = "float32",
     indexer_max_bytes: int = 256 * 2**20,
+    schedule: str = "tpd",
 ) -> torch.nn.Module:
     """Patch `model` in place so its sparse prefill runs Stem; returns the same model.
 
@@ -88,12 +89,13 @@ def wrap(
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"wrap expects a torch.nn.Module (a loaded transformers model); got {type(model).__name__}")
     cfg = StemConfig(reduce=reduce, beta=beta, oam_norm=oam_norm, head_agg=head_agg, alpha_min=alpha_min,
-                     backend=backend, indexer_dtype=indexer_dtype, indexer_max_bytes=indexer_max_bytes)
+                     backend=backend, indexer_dtype=indexer_dtype, indexer_max_bytes=indexer_max_bytes,
+                     schedule=schedule)
     info: _WrapInfo | None = getattr(model, "_stem_wrap", None)
     if info is not None:  # re-configuration
         info.cfg = cfg
         for m in info.modules:
-            m._stem = replace(m._stem, cfg=cfg)
+            m._stem.cfg = cfg  # in place: the installed hooks hold this state object
         return model
     family, modules = _detect(model)
     if family == "dsa":
@@ -122,11 +124,15 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     info: _WrapInfo | None = getattr(model, "_stem_wrap", None)
     if info is None:
         raise ValueError("unwrap: this model is not wrapped by stem_boost.wrap")
-    for m in info.modules:
-        m.__dict__.pop("forward", None)
-        m.__dict__.pop("_stem", None)
     if info.family == "dsa":
+        for m in info.modules:
+            m.__dict__.pop("forward", None)
+            m.__dict__.pop("_stem", None)
         _set_attn(model, info.original_attn)
+    else:
+        from .adapters import infllmv2
+
+        infllmv2.unwrap_modules(info.modules)
     del model._stem_wrap
     return model
 

@@ -17,28 +17,33 @@ import torch
 from .config import StemConfig
 from .oam import oam_bias
 from .select import Selection, stem_select
-from .tpd import BudgetPlan, plan_budgets
+from .tpd import BudgetPlan, plan_budgets, plan_uniform
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_plan(available_key: tuple, k_native: int, reduce: float, alpha_min: float) -> BudgetPlan:
+def _cached_plan(available_key: tuple, k_native: int, reduce: float, alpha_min: float,
+                 schedule: str = "tpd") -> BudgetPlan:
     kind, a, b = available_key
     if kind == "arange":  # available_i = a + i + 1 for i < b (token rows, queries at offset a)
         available = torch.arange(b, dtype=torch.long) + a + 1
     else:
         available = torch.tensor(a, dtype=torch.long)
+    if schedule == "uniform":
+        return plan_uniform(available, k_native, reduce)
     return plan_budgets(available, k_native, reduce, alpha_min=alpha_min)
 
 
 def plan_for(available: torch.Tensor, k_native: int, cfg: StemConfig) -> BudgetPlan:
-    """TPD plan for these rows, cached per row structure (a sequence length is solved once)."""
+    """Budget plan for these rows under ``cfg.schedule`` ("tpd": Token Position-Decay;
+    "uniform": the same fraction of every row, the TPD-off ablation), cached per row structure
+    (a sequence length is solved once)."""
     a = available.detach().cpu().long()
     n = a.numel()
     if n and bool((a == torch.arange(n) + a[0]).all()):
         key = ("arange", int(a[0]) - 1, n)
     else:
         key = ("list", tuple(a.tolist()), n)
-    return _cached_plan(key, int(k_native), float(cfg.reduce), float(cfg.alpha_min))
+    return _cached_plan(key, int(k_native), float(cfg.reduce), float(cfg.alpha_min), cfg.schedule)
 
 
 def boost_candidates(

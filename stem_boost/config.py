@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 OAM_NORMS = ("zscore", "raw")
 HEAD_AGGREGATIONS = ("rms", "max", "mean")
 BACKENDS = ("auto", "triton", "reference")
+SCHEDULES = ("tpd", "uniform")
 MAX_REDUCE = 0.9
 
 
@@ -24,6 +25,9 @@ class StemConfig:
     indexer_max_bytes: memory bound of the chunked native selection (fp32 score chunks).
     indexer_dtype: "float32" reproduces the native selection exactly; "bfloat16" scores the
                 indexer on tensor cores (faster on GPUs, selection equal up to near-ties).
+    schedule:   "tpd" (Token Position-Decay, the paper) or "uniform" (the TPD-off ablation: every
+                row keeps the same fraction of its native budget, solved so that the same total
+                number of pairs is removed; see `tpd.plan_uniform`).
     """
 
     reduce: float = 0.15
@@ -34,6 +38,7 @@ class StemConfig:
     backend: str = "auto"
     indexer_max_bytes: int = 256 * 2**20
     indexer_dtype: str = "float32"
+    schedule: str = "tpd"
 
     def __post_init__(self):
         if not isinstance(self.reduce, (int, float)) or not 0.0 <= self.reduce <= MAX_REDUCE:
@@ -52,6 +57,8 @@ class StemConfig:
             raise ValueError(f"indexer_max_bytes={self.indexer_max_bytes!r} must be >= 1")
         if self.indexer_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"indexer_dtype={self.indexer_dtype!r}; allowed: float32, bfloat16")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
 
     @property
     def is_identity(self) -> bool:

@@ -26,6 +26,7 @@ __all__ = [
     "block_available",
     "decay_budgets",
     "plan_budgets",
+    "plan_uniform",
     "token_available",
 ]
 
@@ -298,6 +299,86 @@ def plan_budgets(
     if pairs == native_pairs:
         return plan(1.0, pairs, reachable=True)
     return plan(0.5 * (left + right), pairs, reachable=True)
+
+
+# Golden-ratio offsets: a deterministic low-discrepancy sequence in [0, 1) that spreads the rows
+# rounded up evenly over the sequence (uniform ablation).
+_GOLDEN = 0.6180339887498949
+
+
+def plan_uniform(
+    available: torch.Tensor,
+    k_native: int,
+    reduce: float,
+    *,
+    k_min: int = 1,
+) -> BudgetPlan:
+    """The TPD-off ablation: every row keeps the same fraction ``1 - f`` of its native budget.
+
+    Row i's native budget is ``n_i = min(k_native, available_i)``; its uniform budget is
+
+        b_i = min(n_i, max(k_min, floor((1 - f) * n_i + d_i))),   d_i = frac((i + 1) * 0.618...)
+
+    The offsets d_i dither the rounding so that a fractional ``(1 - f) * k_native`` is met on
+    average: all rows past the stem (``n_i = k_native``) get ``floor`` or ``ceil`` of the same
+    value (equal up to 1, spread evenly over the positions, no position trend), and the total can
+    match TPD's to about one pair, so that the two schedules are compared at the same budget.
+    ``f`` is solved by bisection (every b_i is non-increasing in f) for the total closest to
+    ``(1 - reduce) * native_pairs`` (ties: the smaller reduction).
+
+    Returns:
+        BudgetPlan; ``alpha`` holds ``1 - f`` (the kept fraction, k_end / k_start as for TPD).
+    """
+    if isinstance(reduce, bool) or not isinstance(reduce, numbers.Real) or not (0.0 <= reduce <= MAX_REDUCE):
+        raise ValueError(f"reduce={reduce!r} is outside [0, {MAX_REDUCE}]")
+    reduce = float(reduce)
+    k_native = _check_int("k_native", k_native, 1)
+    k_min = _check_int("k_min", k_min, 0, k_native)
+    if not isinstance(available, torch.Tensor) or available.dim() != 1:
+        raise ValueError("available must be a 1-D tensor [R]")
+    if available.is_floating_point() or available.is_complex() or available.dtype == torch.bool:
+        raise ValueError(f"available must be an integer tensor, got {available.dtype}")
+    out_device = available.device
+    native = available.detach().to("cpu", torch.long).clamp(max=k_native)
+    if native.numel() and int(native.min()) < 0:
+        raise ValueError(f"available must be >= 0, got min {int(native.min())}")
+    native_f = native.to(torch.float64)
+    dither = torch.frac(torch.arange(1, native.numel() + 1, dtype=torch.float64) * _GOLDEN)
+    native_pairs = int(native.sum())
+
+    def budgets_at(f: float) -> torch.Tensor:
+        b = torch.floor((1.0 - f) * native_f + dither).to(torch.long)
+        return torch.minimum(b.clamp(min=k_min), native)
+
+    def pairs_at(f: float) -> int:
+        return int(budgets_at(f).sum())
+
+    def reduction(pairs: int) -> float:
+        return 1.0 - pairs / native_pairs if native_pairs > 0 else 0.0
+
+    target = (1.0 - reduce) * native_pairs - 1e-9 * max(native_pairs, 1)
+    if reduce == 0.0 or native_pairs == 0:
+        f, reachable = 0.0, True
+    elif pairs_at(1.0) >= target:  # even keeping k_min per row removes too little
+        f, reachable = 1.0, reduction(pairs_at(1.0)) >= reduce - 1e-12
+    else:
+        lo, hi = 0.0, 1.0  # invariant: pairs(lo) >= target > pairs(hi)
+        while True:
+            mid = 0.5 * (lo + hi)
+            if mid in (lo, hi):
+                break
+            if pairs_at(mid) >= target:
+                lo = mid
+            else:
+                hi = mid
+        p_lo, p_hi = pairs_at(lo), pairs_at(hi)
+        f = hi if abs(reduction(p_hi) - reduce) < abs(reduction(p_lo) - reduce) else lo
+        reachable = True
+    budgets = budgets_at(f)
+    pairs = int(budgets.sum())
+    return BudgetPlan(budgets=budgets.to(out_device), alpha=1.0 - f, reduce_requested=reduce,
+                      reduce_achieved=reduction(pairs), native_pairs=native_pairs, stem_pairs=pairs,
+                      reachable=reachable)
 
 
 def _step_edge(pairs_at, pairs: int, outer: float, inner: float) -> float:
