@@ -36,7 +36,7 @@ class StemConfig:
     head_agg: str = "rms"
     alpha_min: float = 0.0
     backend: str = "auto"
-    indexer_max_bytes: int = 256 * 2**20
+    indexer_max_bytes: int = 2 * 2**30
     indexer_dtype: str = "float32"
     schedule: str = "tpd"
 

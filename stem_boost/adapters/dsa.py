@@ -31,6 +31,7 @@ from ..stats import LayerStats
 from .dsa_indexer import IndexerTopK, dsa_indexer_topk
 
 INDEXER_ATTRS = ("index_topk", "wq_b", "wk", "weights_proj")
+ABSORBED_CHUNK = 16384  # query rows per absorbed-MLA attention call
 MLA_ATTRS = ("kv_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "o_proj", "expand_kv")
 
 
@@ -116,12 +117,19 @@ def _attend_absorbed(self, q_pass, q_rot, latent, k_rot, sel: Selection):
     H, nope, L = self.num_heads, self.qk_nope_head_dim, self.kv_lora_rank
     w = self.kv_b_proj.weight.view(H, nope + self.v_head_dim, L)
     w_uk, w_uv = w[:, :nope], w[:, nope:]
-    q_lat = torch.einsum("bhsd,hdl->bshl", q_pass, w_uk)
-    q = torch.cat([q_lat, q_rot.transpose(1, 2).to(q_lat.dtype)], dim=-1)  # [B, S, H, L + rope]
-    kv = torch.cat([latent, k_rot], dim=-1).transpose(1, 2).contiguous()  # [B, S, 1, L + rope]
-    out_lat = sparse_attention(q, kv, kv[..., :L], sel.idx, sel.counts, block_size=1, sm_scale=self.scaling,
-                               check_indices=False)
-    return torch.einsum("bshl,hvl->bshv", out_lat, w_uv)
+    kv = torch.cat([latent, k_rot], dim=-1).transpose(1, 2).contiguous()  # [B, T, 1, L + rope]
+    B, _, S, _ = q_pass.shape
+    T = kv.shape[1]
+    out = q_pass.new_empty(B, S, H, self.v_head_dim)
+    # query chunks bound the absorbed queries ([B, chunk, H, 576]) instead of [B, S, H, 576]
+    for s0 in range(0, S, ABSORBED_CHUNK):
+        s1 = min(S, s0 + ABSORBED_CHUNK)
+        q_lat = torch.einsum("bhsd,hdl->bshl", q_pass[:, :, s0:s1], w_uk)
+        q = torch.cat([q_lat, q_rot[:, :, s0:s1].transpose(1, 2).to(q_lat.dtype)], dim=-1)
+        out_lat = sparse_attention(q, kv, kv[..., :L], sel.idx[:, :, s0:s1], sel.counts[:, :, s0:s1],
+                                   block_size=1, sm_scale=self.scaling, q_offset=T - S + s0, check_indices=False)
+        out[:, s0:s1] = torch.einsum("bshl,hvl->bshv", out_lat, w_uv)
+    return out
 
 
 def stem_dsa_forward(
@@ -163,10 +171,12 @@ def stem_dsa_forward(
     indexer_mask = attention_mask if (attention_mask is not None and attention_mask.dim() > 2) else pad
 
     # ---- native candidates (chunked, with scores)
+    fast_indexer = cfg.indexer_dtype == "bfloat16"
     if self.indexer is not None:
         top = dsa_indexer_topk(self.indexer, hidden_states, q_resid, position_embeddings, indexer_mask,
                                position_ids, past_key_values=past_key_values, max_bytes=cfg.indexer_max_bytes,
-                               score_dtype=torch.bfloat16 if cfg.indexer_dtype == "bfloat16" else None)
+                               score_dtype=torch.bfloat16 if fast_indexer else None,
+                               tie_break="none" if fast_indexer else "position")
         st.shared.last = top
     else:
         if st.shared.last is None:

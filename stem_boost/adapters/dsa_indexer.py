@@ -397,7 +397,9 @@ def chunked_index_topk(
         # [B, T] padding mask (True = real token), combined with the plain causal rule
         pad, attention_mask = attention_mask.bool(), None
     mask = _mask_3d(attention_mask, B, S, T)
-    rows = chunk_rows or chunk_rows_for_budget(B, H, T, max_bytes)
+    fused = score_dtype in (torch.bfloat16, torch.float16) and q.is_cuda and fused_index_scores is not None
+    # the fused kernel keeps the per-head scores in registers: only [B, rows, T] tensors remain
+    rows = chunk_rows or chunk_rows_for_budget(B, 0 if fused else H, T, max_bytes)
     offset = T - S  # only used when mask is None
 
     for s0 in range(0, S, rows):
@@ -420,10 +422,11 @@ def chunked_index_topk(
             continue
 
         # ---- fp32 scores [B, c, H, tc] (the only big intermediate; in-place ops after the GEMM)
-        if score_dtype in (torch.bfloat16, torch.float16) and q.is_cuda:
-            # fused Triton kernel: tensor-core q.k, relu and head sum in registers (no [B,c,H,tc])
+        if fused:
+            # fused Triton kernel: tensor-core q.k, relu and head sum in registers (no [B,c,H,tc]);
+            # the plain causal rule is applied inside (tiles after the diagonal are skipped)
             idx_scores = fused_index_scores(q[:, s0:s1].to(score_dtype), k[:, t0:t1], weights[:, s0:s1],
-                                            softmax_scale)
+                                            softmax_scale, causal_offset=s0 + offset - t0 if m is None else None)
         else:
             dt = score_dtype or torch.float32
             qc = q[:, s0:s1].to(dt).reshape(B, c * H, D)
@@ -437,7 +440,9 @@ def chunked_index_topk(
             del scores
 
         # ---- mask exactly as the native forward
-        if m is None:
+        if m is None and fused and pad is None:
+            valid = None  # the kernel already wrote -inf after the diagonal
+        elif m is None:
             s_pos = torch.arange(s0, s1, device=device) + offset
             t_pos = torch.arange(t0, t1, device=device)
             valid = (t_pos[None, :] <= s_pos[:, None]).unsqueeze(0).expand(B, c, tc)
@@ -457,7 +462,7 @@ def chunked_index_topk(
             top_v = idx_scores.gather(-1, top_i)
         else:
             top_v, top_i = idx_scores.topk(kk, dim=-1)
-        sel_valid = valid.gather(-1, top_i)
+        sel_valid = valid.gather(-1, top_i) if valid is not None else torch.isfinite(top_v)
         out_idx[:, s0:s1, :kk] = torch.where(sel_valid, top_i + t0, -1).to(torch.int32)
         out_scores[:, s0:s1, :kk] = torch.where(sel_valid, top_v, float("-inf"))
 

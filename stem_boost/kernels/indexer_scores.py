@@ -16,12 +16,12 @@ import triton.language as tl
 
 @triton.jit
 def _index_scores_kernel(
-    Q, K, W, OUT, scale, S, T,
+    Q, K, W, OUT, scale, S, T, causal_offset,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_kt,
     stride_wb, stride_ws,
     stride_ob, stride_os,
-    H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
+    H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, CAUSAL: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -36,20 +36,28 @@ def _index_scores_kernel(
     q_base = Q + b.to(tl.int64) * stride_qb + offs_s[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
     w_base = W + b.to(tl.int64) * stride_wb + offs_s.to(tl.int64) * stride_ws
     acc = tl.zeros([BLOCK_S, BLOCK_T], tl.float32)
-    for h in range(H):
+    n_heads = H
+    if CAUSAL:  # a tile wholly after the tile's last query needs no product: it is all -inf
+        if pid_t * BLOCK_T > pid_s * BLOCK_S + BLOCK_S - 1 + causal_offset:
+            n_heads = 0
+    for h in range(n_heads):
         q = tl.load(q_base + h * stride_qh, mask=s_ok[:, None], other=0.0)
         w = tl.load(w_base + h, mask=s_ok, other=0.0)
         qk = tl.dot(q, tl.trans(k))
         acc += w[:, None] * tl.maximum(qk * scale, 0.0)
+    if CAUSAL:
+        acc = tl.where(offs_t[None, :] <= offs_s[:, None] + causal_offset, acc, float("-inf"))
     out = OUT + b.to(tl.int64) * stride_ob + offs_s[:, None].to(tl.int64) * stride_os + offs_t[None, :]
     tl.store(out, acc, mask=s_ok[:, None] & t_ok[None, :])
 
 
 def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float | None,
-                       block_s: int = 64, block_t: int = 128) -> torch.Tensor:
-    """q [B, S, H, D] (bf16/fp16), k [B, T, D], w [B, S, H] fp32 -> I [B, S, T] fp32 (no mask).
+                       causal_offset: int | None = None, block_s: int = 64, block_t: int = 128) -> torch.Tensor:
+    """q [B, S, H, D] (bf16/fp16), k [B, T, D], w [B, S, H] fp32 -> I [B, S, T] fp32.
 
     `scale=None` means the scale is already folded into w (scores relu(q.k) are then weighted).
+    `causal_offset=o`: key t is visible to query s iff t <= s + o; others get -inf (and tiles
+    wholly after the diagonal skip the products). None: no mask.
     """
     B, S, H, D = q.shape
     T = k.shape[1]
@@ -62,9 +70,9 @@ def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale:
     out = torch.empty(B, S, T, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(S, block_s), triton.cdiv(T, block_t), B)
     _index_scores_kernel[grid](
-        q, k, w, out, 1.0 if scale is None else float(scale), S, T,
+        q, k, w, out, 1.0 if scale is None else float(scale), S, T, 0 if causal_offset is None else int(causal_offset),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-        H=H, D=D, BLOCK_S=block_s, BLOCK_T=block_t, num_warps=8 if block_s * block_t >= 8192 else 4,
+        H=H, D=D, BLOCK_S=block_s, BLOCK_T=block_t, CAUSAL=causal_offset is not None, num_warps=8 if block_s * block_t >= 8192 else 4,
     )
     return out

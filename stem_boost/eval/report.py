@@ -1,0 +1,439 @@
+"""Render a results dict (`runner.run`) into a report folder:
+
+    report.md      tables + the plots (relative links)
+    report.html    the same content, self-contained (the PNGs embedded as base64)
+    results.json   the results dict itself (every number of the report comes from it)
+    budget_vs_position.png, accuracy_vs_budget.png, latency.png, layer_error.png
+
+Both documents are rendered from one list of blocks, so they always show the same numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import re
+from pathlib import Path
+
+__all__ = ["FORMATS", "fmt", "write_report", "summary_columns"]
+
+# column key -> (header, format kind)
+SUMMARY_COLUMNS = [
+    ("rel_budget", "attended pairs / native", "ratio"),
+    ("reduce_achieved", "reduction vs native", "pct"),
+    ("ruler_accuracy", "RULER accuracy (%)", "score"),
+    ("ppl", "perplexity", "ppl"),
+    ("kl_vs_native", "KL vs native (nats)", "sci"),
+    ("kl_vs_dense", "KL vs dense (nats)", "sci"),
+    ("attn_err_mean", "attn. output error vs dense (mean over layers)", "err"),
+    ("latency_ms", "prefill ms", "ms"),
+    ("longbench_avg", "LongBench avg", "score"),
+]
+FORMATS = {"ratio": "{:.3f}", "pct": "{:.2%}", "score": "{:.2f}", "ppl": "{:.3f}", "sci": "{:.3e}",
+           "err": "{:.4f}", "ms": "{:.1f}", "int": "{:d}"}
+MODE_COLORS = {"dense": "#444444", "native": "#1f77b4", "stem": "#d62728", "uniform": "#2ca02c", "no_oam": "#ff7f0e"}
+
+
+def fmt(value, kind: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return FORMATS[kind].format(value)
+
+
+def summary_columns(res: dict) -> list[tuple[str, str, str]]:
+    """The summary table's columns that have at least one value."""
+    rows = res["summary"].values()
+    cols = [c for c in SUMMARY_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    out = []
+    for key, header, kind in cols:
+        if key == "latency_ms":
+            lengths = {r.get("latency_length") for r in rows if r.get("latency_length")}
+            header = f"prefill ms @ {max(lengths)} tokens" if lengths else header
+        out.append((key, header, kind))
+    return out
+
+
+# ------------------------------------------------------------------ plots
+def _color(mode: dict) -> str:
+    return MODE_COLORS.get(mode["kind"], "#9467bd")
+
+
+def _style(mode: dict) -> str:
+    return "--" if mode["kind"] == "no_oam" else "-"
+
+
+def _plot_budget(res: dict, path: Path, plt) -> bool:
+    budget = res["budget"]
+    modes = [m for m in res["modes"] if budget.get(m["name"], {}).get("stem")]
+    if not modes:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
+    top = 0
+    native_drawn = False
+    for m in modes:
+        b = budget[m["name"]]
+        label = "native sparse" if m["kind"] == "native" else m["name"]
+        ax.plot(b["positions"][:len(b["stem"])], b["stem"], _style(m), color=_color(m), lw=2 if m["kind"] != "no_oam" else 1.6,
+                label=label, alpha=0.9)
+        native_drawn |= m["kind"] == "native"
+        top = max(top, max(b["stem"]))
+    if not native_drawn:
+        b = next((budget[m["name"]] for m in modes if budget[m["name"]].get("native")), None)
+        if b:
+            ax.plot(b["positions"][:len(b["native"])], b["native"], color=MODE_COLORS["native"], lw=2, label="native sparse")
+            top = max(top, max(b["native"]))
+    pos = budget[modes[0]["name"]]["positions"]
+    if pos:
+        ax.plot(pos, [p + 1 for p in pos], ":", color=MODE_COLORS["dense"], lw=1.2, label="dense (all causal keys)")
+    ax.set_ylim(0, top * 1.25 + 1)
+    ax.set_xlim(0, pos[-1] if pos else 1)
+    ax.set_xlabel("query position (token)")
+    ax.set_ylabel("keys attended (mean over layers)")
+    seq = budget[modes[0]["name"]].get("seq_len")
+    ax.set_title(f"Budget per query position, sequence of {seq} tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=9, framealpha=0.9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _annotate_points(ax, xs, ys, labels, colors):
+    for x, y, label, c in zip(xs, ys, labels, colors):
+        ax.scatter([x], [y], s=60, color=c, zorder=3, edgecolor="black", linewidth=0.5)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+
+
+def _plot_accuracy(res: dict, path: Path, plt) -> bool:
+    rows = [(m, res["summary"][m["name"]]) for m in res["modes"] if m["name"] in res["summary"]]
+    rows = [(m, r) for m, r in rows if r.get("rel_budget") is not None]
+    if not rows:
+        return False
+    panels = [("ruler_accuracy", "RULER accuracy (%)"), ("ppl", "perplexity (lower is better)")]
+    panels = [p for p in panels if any(r.get(p[0]) is not None for _, r in rows)]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.5), dpi=110, squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        pts = [(r["rel_budget"], r[key], m["name"], _color(m)) for m, r in rows if r.get(key) is not None]
+        _annotate_points(ax, *zip(*pts))
+        ax.set_xscale("log")
+        ax.set_xlabel("attended (query, key) pairs relative to native (log)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+        ys = [p[1] for p in pts]
+        span = (max(ys) - min(ys)) or max(abs(max(ys)), 1.0) * 0.05
+        ax.set_ylim(min(ys) - 0.25 * span, max(ys) + 0.35 * span)
+        xs = [p[0] for p in pts]
+        ax.set_xlim(min(xs) / 1.4, max(xs) * 1.6)
+        ax.set_title(label.split(" (")[0] + " vs budget")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _plot_latency(res: dict, path: Path, plt) -> bool:
+    modes = [m for m in res["modes"] if res["latency"].get(m["name"])]
+    if not modes:
+        return False
+    lengths = sorted({int(L) for m in modes for L in res["latency"][m["name"]]})
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.2 * len(lengths) * len(modes) / 2 + 3), 4.5), dpi=110)
+    width = 0.8 / len(modes)
+    for j, m in enumerate(modes):
+        lat = res["latency"][m["name"]]
+        xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(lengths))]
+        ys = [lat.get(str(L), {}).get("ms", 0.0) for L in lengths]
+        bars = ax.bar(xs, ys, width=width * 0.95, color=_color(m), label=m["name"],
+                      hatch="//" if m["kind"] == "no_oam" else None, edgecolor="white")
+        for bar, y in zip(bars, ys):
+            ax.annotate(f"{y:.0f}" if y >= 10 else f"{y:.1f}", (bar.get_x() + bar.get_width() / 2, y),
+                        textcoords="offset points", xytext=(0, 2), ha="center", fontsize=7)
+    ax.set_xticks(range(len(lengths)))
+    ax.set_xticklabels([f"{L} tokens" for L in lengths])
+    ax.set_ylabel("prefill time (ms, median)")
+    ax.set_title(f"Prefill latency per mode — {res['meta']['device']}", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=9, ncol=min(5, len(modes)))
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _plot_error(res: dict, path: Path, plt) -> bool:
+    f = res["fidelity"]
+    modes = [m for m in res["modes"] if m["name"] in f["layer_error"] and m["kind"] != "dense"]
+    if not modes:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
+    ax = axes[0]
+    for m in modes:
+        errs = f["layer_error"][m["name"]]
+        ax.plot(range(len(errs)), errs, _style(m), marker="o", color=_color(m), label=m["name"], lw=1.8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("||O - O_dense|| / ||O_dense||")
+    ax.set_title(f"Attention-output error per layer vs dense (S={f['length']})")
+    n = len(f["layer_error"][modes[0]["name"]])
+    ax.set_xticks(range(n) if n <= 32 else range(0, n, max(1, n // 16)))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    ax = axes[1]
+    for m in modes:
+        e = f["error_by_position"].get(m["name"])
+        if e:
+            ax.plot(e["position"], e["rel_err"], _style(m), marker=".", color=_color(m), label=m["name"], lw=1.8)
+    ax.set_xlabel("query position (token, bin centre)")
+    ax.set_ylabel("relative error (all layers)")
+    ax.set_title("Attention-output error vs query position")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    for a in axes:
+        a.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+PLOTS = [
+    ("budget_vs_position.png", _plot_budget, "Keys attended per query position: native sparse selection vs Stem (TPD) and the ablations"),
+    ("accuracy_vs_budget.png", _plot_accuracy, "Accuracy and perplexity vs attended pairs, per mode"),
+    ("latency.png", _plot_latency, "Prefill latency per mode"),
+    ("layer_error.png", _plot_error, "Attention-output error vs dense, per layer and per query position"),
+]
+
+
+# ------------------------------------------------------------------ document
+def _blocks(res: dict, plots: list[tuple[str, str]]) -> list[tuple]:
+    meta, cfg = res["meta"], res["config"]
+    b: list[tuple] = [("h1", f"stem_boost comparison report — {meta['config_name']}")]
+    if meta["random_weights"]:
+        b.append(("warn", "This is a random-weight smoke testbed. The model cannot read, so the task accuracy "
+                          "(RULER) is about 0 in every mode and says nothing about Stem. The budgets, the reduction "
+                          "achieved, the attention-output error per layer and the next-token KL are real measurements "
+                          "of Stem on the model's native sparse selection. For accuracy, run a config with real "
+                          "weights (configs/deepseek_v32.yaml, configs/minicpm4.yaml, configs/smollm2.yaml)."))
+    b.append(("p", f"Model: {meta['model']}."))
+    b.append(("ul", [
+        f"config: `{meta['config_source']}`" + (f" with `--set {' '.join(meta['overrides'])}`" if meta["overrides"] else ""),
+        f"device: {meta['device']}, dtype {meta['dtype']}; torch {meta['torch']}, transformers {meta['transformers']}, "
+        f"stem_boost {meta['stem_boost']}",
+        f"date: {meta['date']}; run time {meta.get('elapsed_s', '?')} s",
+        f"tokenizer: {meta['tokenizer']}; haystack / perplexity text: {'; '.join(meta['haystack_sources'])}",
+    ]))
+    b.append(("h2", "Modes"))
+    b.append(("ul", [f"**{m['name']}** — {m['description']}" for m in res["modes"]]))
+
+    b.append(("h2", "Summary"))
+    cols = summary_columns(res)
+    flen = res["fidelity"].get("length")
+    b.append(("p", f"Budget, KL and attention error are measured on one prefill of {flen} tokens of English text; "
+                   "the reduction counts the attended (query, key) pairs against the native selection's (SPEC §3). "
+                   "RULER accuracy is the mean of the task scores below (RULER's string_match_all, in %)."))
+    rows = [[name] + [fmt(r.get(k), kind) for k, _, kind in cols] for name, r in res["summary"].items()]
+    b.append(("table", ["mode"] + [h for _, h, _ in cols], rows, "summary"))
+
+    if res["tasks"]:
+        b.append(("h2", "RULER-style tasks"))
+        names = [m["name"] for m in res["modes"] if m["name"] in res["tasks"]]
+        keys = []
+        for per_task in res["tasks"].values():
+            for task, per_len in per_task.items():
+                for L in per_len:
+                    if (task, L) not in keys:
+                        keys.append((task, L))
+        rows = [[f"{t} @ {L}"] + [fmt(res["tasks"][n].get(t, {}).get(L), "score") for n in names] for t, L in keys]
+        b.append(("p", f"{cfg['tasks']['samples']} samples per task and length (seed {cfg['tasks']['seed']}); "
+                       "lengths in tokens of the tokenizer, generation included; greedy decoding."))
+        b.append(("table", ["task @ length"] + names, rows, "tasks"))
+
+    if res["longbench"]:
+        b.append(("h2", "LongBench"))
+        names = list(res["longbench"])
+        datasets = sorted({d for v in res["longbench"].values() for d in v})
+        rows = [[d] + [fmt(res["longbench"][n].get(d), "score") for n in names] for d in datasets]
+        b.append(("table", ["dataset"] + names, rows, "longbench"))
+
+    if res["perplexity"]:
+        b.append(("h2", "Perplexity"))
+        rows = [[n, fmt(p["mean_nll"], "err"), fmt(p["ppl"], "ppl"), str(p["n_tokens"]), str(p["n_windows"])]
+                for n, p in res["perplexity"].items()]
+        b.append(("table", ["mode", "NLL / token (nats)", "perplexity", "tokens scored", "windows"], rows, "perplexity"))
+
+    budget_layers = {n: v["layers"] for n, v in res["budget"].items() if v.get("layers")}
+    if budget_layers:
+        b.append(("h2", "Budget per layer"))
+        b.append(("p", f"Last prefill of {flen} tokens. alpha: the TPD end ratio solved for the requested reduction "
+                       "(for `uniform`: the kept fraction of every row)."))
+        rows = []
+        for n, layers in budget_layers.items():
+            if n == "native":
+                continue
+            for s in layers:
+                rows.append([n, str(s["layer"]), str(s["native_pairs"]), str(s["stem_pairs"]),
+                             fmt(s["reduce_achieved"], "pct"), fmt(s["alpha"], "ratio")])
+        if rows:
+            b.append(("table", ["mode", "layer", "native pairs", "attended pairs", "reduction", "alpha"], rows, "layers"))
+
+    lat_modes = [n for n, v in res["latency"].items() if v]
+    if lat_modes:
+        b.append(("h2", "Prefill latency and reduction by length"))
+        lengths = sorted({int(L) for n in lat_modes for L in res["latency"][n]})
+        rows = []
+        for n in lat_modes:
+            cells = [n]
+            for L in lengths:
+                e = res["latency"][n].get(str(L))
+                red = (1 - e["pairs"] / e["native_pairs"]) if e and e.get("native_pairs") else None
+                cells.append(fmt(e["ms"], "ms") + (f" ({fmt(red, 'pct')})" if red is not None else "") if e else "–")
+            rows.append(cells)
+        b.append(("p", "Median prefill time in ms (in parentheses: the reduction of attended pairs vs native at that "
+                       "length; short sequences sit mostly inside the stem, where TPD cannot cut)."
+                       + (" On the CPU the sparse modes run the PyTorch reference (gather + softmax), not the Triton "
+                          "kernel, and dense runs PyTorch SDPA: these times show overheads, not the GPU speed-up."
+                          if "cpu" in meta["device"] else "")))
+        b.append(("table", ["mode"] + [f"{L} tokens" for L in lengths], rows, "latency"))
+
+    errs = res["fidelity"]["layer_error"]
+    if errs:
+        b.append(("h2", "Attention-output error per layer (vs dense)"))
+        names = [n for n in errs if n != "dense"]
+        n_layers = max(len(v) for v in errs.values())
+        rows = [[str(i)] + [fmt(errs[n][i] if i < len(errs[n]) else None, "err") for n in names] for i in range(n_layers)]
+        b.append(("table", ["layer"] + names, rows, "layer_error"))
+
+    if plots:
+        b.append(("h2", "Plots"))
+        for fname, caption in plots:
+            b.append(("img", fname, caption))
+
+    b.append(("h2", "Notes"))
+    notes = list(res["notes"])
+    notes.append("Dense for DSA models = the native model with index_topk raised to the sequence length (its "
+                 "indexer keeps every causal key); the per-layer error compares attention outputs of full "
+                 "forwards, so it includes the effect of earlier layers' errors.")
+    notes.append("Task scoring follows RULER (NVIDIA, scripts/eval/synthetic/constants.py); the generators follow "
+                 "RULER's synthetic.yaml with the differences listed in stem_boost/eval/tasks.py.")
+    b.append(("ul", notes))
+    b.append(("p", "Reproduce: `stem-boost compare --config " + meta["config_source"]
+              + "".join(f" --set {o}" for o in meta["overrides"]) + "`"))
+    return b
+
+
+_INLINE_CODE = re.compile(r"`([^`]+)`")
+_BOLD = re.compile(r"\*\*([^*]+)\*\*")
+
+
+def _inline_html(text: str) -> str:
+    text = html.escape(text)
+    text = _INLINE_CODE.sub(r"<code>\1</code>", text)
+    return _BOLD.sub(r"<strong>\1</strong>", text)
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_markdown(blocks) -> str:
+    out = []
+    for blk in blocks:
+        kind = blk[0]
+        if kind == "h1":
+            out.append(f"# {blk[1]}\n")
+        elif kind == "h2":
+            out.append(f"## {blk[1]}\n")
+        elif kind == "p":
+            out.append(blk[1] + "\n")
+        elif kind == "warn":
+            out.append(f"> **Warning.** {blk[1]}\n")
+        elif kind == "ul":
+            out.append("\n".join(f"- {item}" for item in blk[1]) + "\n")
+        elif kind == "table":
+            header, rows = blk[1], blk[2]
+            lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |",
+                     "|" + "|".join("---" for _ in header) + "|"]
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+            out.append("\n".join(lines) + "\n")
+        elif kind == "img":
+            out.append(f"![{blk[2]}]({blk[1]})\n\n*{blk[2]}*\n")
+    return "\n".join(out)
+
+
+_CSS = """body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}table{border-collapse:collapse;margin:1em 0;font-size:0.92em}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}td:first-child,th:first-child
+{text-align:left}.warn{background:#fff4e5;border-left:5px solid #f0a020;padding:0.8em 1em;margin:1em 0}
+img{max-width:100%;border:1px solid #eee}figure{margin:1.5em 0}figcaption{color:#555;font-style:italic}
+code{background:#f4f4f4;padding:1px 4px;border-radius:3px}"""
+
+
+def render_html(blocks, folder: Path) -> str:
+    title = next((blk[1] for blk in blocks if blk[0] == "h1"), "stem_boost report")
+    out = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
+           f"<style>{_CSS}</style></head><body>"]
+    for blk in blocks:
+        kind = blk[0]
+        if kind == "h1":
+            out.append(f"<h1>{html.escape(blk[1])}</h1>")
+        elif kind == "h2":
+            out.append(f"<h2>{html.escape(blk[1])}</h2>")
+        elif kind == "p":
+            out.append(f"<p>{_inline_html(blk[1])}</p>")
+        elif kind == "warn":
+            out.append(f"<div class='warn'><strong>Warning.</strong> {_inline_html(blk[1])}</div>")
+        elif kind == "ul":
+            out.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in blk[1]) + "</ul>")
+        elif kind == "table":
+            header, rows, table_id = blk[1], blk[2], blk[3]
+            out.append(f"<table id='{table_id}'><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+                       + "</tr></thead><tbody>")
+            out += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
+            out.append("</tbody></table>")
+        elif kind == "img":
+            data = base64.b64encode((folder / blk[1]).read_bytes()).decode("ascii")
+            out.append(f"<figure><img alt='{html.escape(blk[2])}' src='data:image/png;base64,{data}'>"
+                       f"<figcaption>{html.escape(blk[2])}</figcaption></figure>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def _clean(obj):
+    """JSON-safe copy: non-finite floats become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_report(res: dict, folder) -> dict[str, Path]:
+    """Write results.json, the PNG plots, report.md and report.html into ``folder``; returns the
+    paths by name."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    res = _clean(res)
+    paths = {"results.json": folder / "results.json"}
+    paths["results.json"].write_text(json.dumps(res, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    plots = []
+    for fname, fn, caption in PLOTS:
+        if fn(res, folder / fname, plt):
+            plots.append((fname, caption))
+            paths[fname] = folder / fname
+    blocks = _blocks(res, plots)
+    paths["report.md"] = folder / "report.md"
+    paths["report.md"].write_text(render_markdown(blocks), encoding="utf-8")
+    paths["report.html"] = folder / "report.html"
+    paths["report.html"].write_text(render_html(blocks, folder), encoding="utf-8")
+    return paths
