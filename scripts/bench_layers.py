@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import stem_boost  # noqa: E402
 
+PROFILE = False
+
 
 def timed(fn, rep_ms: int = 300) -> tuple[float, float]:
     """(median ms, peak GiB above the baseline) of fn(); (nan, nan) if it runs out of memory."""
@@ -100,6 +102,16 @@ def bench_dsa(seqs, device, native_max_seq):
             stem_boost.unwrap(holder)
         row["stem_over_native"] = row["stem_ms"] / row["native_kernel_ms"]
         row.update(dsa_breakdown(attn, x, pe, pos))
+        if PROFILE:
+            stem_boost.wrap(holder, reduce=0.15, indexer_dtype="bfloat16")
+            with torch.no_grad():
+                attn(x, pe, None, position_ids=pos)
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                                        torch.profiler.ProfilerActivity.CPU]) as prof:
+                    attn(x, pe, None, position_ids=pos)
+                    torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+            stem_boost.unwrap(holder)
         rows.append(row)
         print(json.dumps(row), flush=True)
         del x, pe
@@ -220,7 +232,10 @@ def main():
     ap.add_argument("--seqs", type=int, nargs="+", default=[32768, 65536, 131072])
     ap.add_argument("--native-max-seq", type=int, default=32768, help="largest S to try the native sdpa DSA path at")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the Stem DSA forward")
     args = ap.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     if not torch.cuda.is_available():
         sys.exit("bench_layers.py needs a CUDA GPU")
     torch.manual_seed(int(time.time()))

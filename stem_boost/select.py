@@ -248,3 +248,36 @@ def stem_select(
         block_size=block_size,
         query_block=query_block,
     )
+
+
+def truncate_by_score(
+    cand_idx: torch.Tensor,
+    oam_scores: torch.Tensor,
+    budgets: torch.Tensor,
+    *,
+    block_size: int = 1,
+    query_block: int = 1,
+) -> Selection:
+    """Fast path of `stem_select` for selections without forced keys (DSA): two sorts per row.
+
+    cand_idx [B, Hsel, R, Kc] (-1 padded, no duplicates, as the native top-k returns them),
+    oam_scores [B, Hsel, R, Kc] (native score + OAM bias; -inf / NaN where padded), budgets [R].
+    Keeps the budgets[r] best candidates of each row by OAM score (ties: the earlier candidate in
+    the given order, i.e. the native order) and returns them ascending by position. Same set as
+    `stem_select` whenever the scores of a row are distinct.
+    """
+    B, H, R, K = cand_idx.shape
+    valid = cand_idx >= 0
+    key = torch.where(valid, torch.nan_to_num(oam_scores.float(), nan=float("-inf")), float("-inf"))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    ranked = cand_idx.gather(-1, order)
+    ranked_valid = valid.gather(-1, order)
+    budgets = budgets.to(cand_idx.device).view(1, 1, R, 1) if budgets.dim() == 1 else budgets.unsqueeze(-1)
+    keep = ranked_valid & (torch.arange(K, device=cand_idx.device) < budgets)
+    big = torch.iinfo(torch.int32).max
+    kept = torch.where(keep, ranked.to(torch.int32), big).sort(dim=-1).values
+    counts = keep.sum(-1).to(torch.int32)
+    kmax = max(1, int(counts.max())) if counts.numel() else 1
+    kept = kept[..., :kmax]
+    idx = torch.where(kept == big, -1, kept).contiguous()
+    return Selection(idx=idx, counts=counts, block_size=block_size, query_block=query_block)

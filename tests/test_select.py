@@ -187,3 +187,24 @@ def test_stem_select_rejects_bad_input():
         stem_select(idx.float(), scores, 1)
     with pytest.raises(ValueError, match="block_size"):
         stem_select(idx, scores, 1, block_size=0)
+
+
+def test_truncate_by_score_equals_stem_select_on_distinct_scores():
+    """The GPU fast path (two sorts) keeps the same keys as stem_select when scores are distinct."""
+    from stem_boost.oam import combine_scores
+    from stem_boost.select import truncate_by_score
+
+    for _ in range(10):
+        B, H, R, K, N = 2, 1, 25, 10, 40
+        idx = torch.stack([torch.randperm(N)[:K] for _ in range(B * H * R)]).view(B, H, R, K).int()
+        drop = torch.rand(B, H, R, K) < 0.2
+        idx = torch.where(drop, -1, idx)
+        scores = torch.where(drop, float("-inf"), torch.randn(B, H, R, K))
+        bias = torch.rand(B, 1, N)
+        budgets = torch.randint(0, K + 1, (R,))
+        a = stem_select(idx, scores, budgets, key_bias=bias)
+        gathered = bias.expand(B, H, -1).gather(-1, idx.clamp_min(0).long().flatten(-2)).view_as(idx)
+        b = truncate_by_score(idx, combine_scores(scores, gathered), budgets)
+        assert torch.equal(a.counts, b.counts)
+        for row_a, row_b, c in zip(a.idx.flatten(0, 2), b.idx.flatten(0, 2), a.counts.flatten()):
+            assert torch.equal(row_a[:c], row_b[:c])

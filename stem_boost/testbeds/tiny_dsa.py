@@ -53,12 +53,11 @@ TINY = dict(
     initializer_range=0.2,
 )
 
-# The report testbed: 4 layers (a per-layer error curve), a 64-token native budget, 16 indexer
-# heads (few exact score ties) and room for a few thousand byte tokens.
+# The report testbed: 4 layers (a per-layer error curve), a 64-token native budget and room for a
+# few thousand byte tokens.
 TESTBED = dict(
     num_hidden_layers=4,
     mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
-    index_n_heads=16,
     index_topk=64,
     max_position_embeddings=8192,
 )

@@ -1,0 +1,254 @@
+#!/usr/bin/env python
+"""Dense vs native DSA vs Stem (and its two ablations) on the SmolLM2-135M DSA testbed.
+
+    python scripts/eval_smollm2.py --lengths 2048 4096 8192 --samples 8 --out reports/smollm2_eval.json  # GPU
+    python scripts/eval_smollm2.py --lengths 2048 --samples 2 --threads 1                                # CPU (slow)
+
+Variants (one SmolLM2 model with the trained indexers, native budget --index-topk tokens/query):
+  dense     the original model (SDPA, every causal key)
+  native    native DSA: the indexer's top-k keys per query
+  stem      stem_boost.wrap(reduce=r): OAM (beta 0.2) + TPD over the native candidates
+  uniform   the TPD-off ablation at Stem's budget: schedule="uniform", OAM kept
+  no_oam    the OAM-off ablation at Stem's budget: beta=0, TPD kept
+Metrics per sequence length:
+  ppl / nll          held-out text (pydoc_data held-out topics, then the Debian licenses if
+                     present), --samples windows of exactly L tokens, next-token NLL at every position
+  kl_vs_dense        mean over positions of KL(p_dense || p_variant) of the next-token distribution
+  niah_acc           needle in a haystack: "The special magic number for <key> is <7 digits>." at a
+                     random depth of L tokens of held-out text, question at the end, greedy decode
+                     --niah-tokens tokens, exact match = the 7 digits appear in the answer
+  reduce_achieved    1 - attended pairs / native DSA pairs (from stem_boost.stats; 0 for native)
+  pair_fraction      attended (query, key) pairs / dense causal pairs, all layers
+Decode steps of the Stem variants keep the native selection (stem_boost's rule); the prefill is
+where they differ. Results go to --out as JSON (rewritten after each length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import stem_boost  # noqa: E402
+from stem_boost.config import StemConfig  # noqa: E402
+from stem_boost.testbeds import _corpus  # noqa: E402
+from stem_boost.testbeds import smollm2_dsa as sd  # noqa: E402
+from stem_boost.testbeds.smollm2 import load_smollm2  # noqa: E402
+
+VARIANTS = ("dense", "native", "stem", "uniform", "no_oam")
+NEEDLE = "The special magic number for {key} is {value}."
+QUESTION = "What is the special magic number for {key} mentioned in the provided text? " \
+           "The special magic number for {key} mentioned in the provided text is"
+KEYS = ["lavender-harbor", "quiet-meadow", "copper-lantern", "silver-orchard", "amber-canyon", "velvet-glacier",
+        "crimson-falcon", "hidden-lighthouse", "marble-summit", "golden-river"]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    ap.add_argument("--samples", type=int, default=4, help="perplexity windows and NIAH prompts per length")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--reduce", type=float, default=0.15)
+    ap.add_argument("--beta", type=float, default=0.2)
+    ap.add_argument("--index-topk", type=int, default=sd.DEFAULT_INDEX_TOPK)
+    ap.add_argument("--indexer", default="trained", help='"trained", "random" or a safetensors path')
+    ap.add_argument("--niah-tokens", type=int, default=10)
+    ap.add_argument("--no-niah", action="store_true")
+    ap.add_argument("--no-ppl", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lm-chunk", type=int, default=1024, help="positions per lm_head chunk")
+    ap.add_argument("--out", default="reports/smollm2_eval.json")
+    return ap.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+def heldout_ids(tok) -> torch.Tensor:
+    """pydoc held-out topics, then the licenses (when present): one token stream."""
+    texts = _corpus.heldout_texts()
+    return torch.tensor(tok.encode("\n\n".join(texts.values()), add_special_tokens=False))
+
+
+def ppl_windows(ids: torch.Tensor, L: int, n: int) -> list[torch.Tensor]:
+    if ids.numel() < L:
+        raise ValueError(f"held-out text has {ids.numel()} tokens < {L}")
+    starts = torch.linspace(0, ids.numel() - L, n).long().tolist()
+    return [ids[s:s + L].unsqueeze(0) for s in starts]
+
+
+def niah_prompts(tok, hay: torch.Tensor, L: int, n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed * 1000 + L)
+    out = []
+    for _ in range(n):
+        key, value = rng.choice(KEYS), str(rng.randint(1_000_000, 9_999_999))
+        needle = tok.encode("\n" + NEEDLE.format(key=key, value=value) + "\n", add_special_tokens=False)
+        question = tok.encode("\n\n" + QUESTION.format(key=key), add_special_tokens=False)
+        n_hay = L - len(needle) - len(question)
+        start = rng.randint(0, hay.numel() - n_hay)
+        h = hay[start:start + n_hay].tolist()
+        depth = rng.uniform(0.05, 0.95)
+        pos = int(depth * n_hay)
+        for d in range(64):  # insert after a line break near the chosen depth
+            if pos + d < n_hay and "\n" in tok.decode([h[pos + d]]):
+                pos = pos + d + 1
+                break
+        ids = h[:pos] + needle + h[pos:] + question
+        out.append(dict(ids=torch.tensor(ids).unsqueeze(0), key=key, value=value, depth=pos / n_hay))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
+    return model.model(input_ids=ids, use_cache=False).last_hidden_state
+
+
+@torch.no_grad()
+def nll_and_kl(lm_head, h: torch.Tensor, h_dense: torch.Tensor, ids: torch.Tensor, chunk: int):
+    """Mean next-token NLL of h and mean KL(p_dense || p) over positions 0..L-2."""
+    L = ids.shape[1]
+    nll = kl = 0.0
+    for s0 in range(0, L - 1, chunk):
+        s1 = min(L - 1, s0 + chunk)
+        lp = lm_head(h[:, s0:s1]).float().log_softmax(-1)
+        tgt = ids[:, s0 + 1:s1 + 1].to(lp.device)
+        nll += float(-lp.gather(-1, tgt.unsqueeze(-1)).sum())
+        if h_dense is not None:
+            ld = lm_head(h_dense[:, s0:s1]).float().log_softmax(-1)
+            kl += float((ld.exp() * (ld - lp)).sum())
+    n = (L - 1) * ids.shape[0]
+    return nll / n, kl / n
+
+
+@torch.no_grad()
+def greedy(model, ids: torch.Tensor, n_tokens: int) -> list[int]:
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    past, nxt, gen = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True), []
+    for _ in range(n_tokens):
+        gen.append(int(nxt))
+        out = model(input_ids=nxt, past_key_values=past, use_cache=True, logits_to_keep=1)
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    return gen
+
+
+def native_pairs(L: int, k: int) -> int:
+    return sum(min(k, i + 1) for i in range(L))
+
+
+# --------------------------------------------------------------------------------------------------
+# Variants
+# --------------------------------------------------------------------------------------------------
+def configure(dsa_model, variant: str, a) -> None:
+    """Put the DSA model in `variant`'s state (native: unwrapped; the others: wrapped)."""
+    if stem_boost.is_wrapped(dsa_model):
+        stem_boost.unwrap(dsa_model)
+    if variant == "native":
+        return
+    kw = dict(reduce=a.reduce, beta=a.beta)
+    if variant == "no_oam":
+        kw["beta"] = 0.0
+    if variant == "uniform":
+        if "schedule" not in StemConfig.__dataclass_fields__:
+            raise SystemExit("this stem_boost has no StemConfig.schedule: the 'uniform' ablation needs it")
+        kw["schedule"] = "uniform"
+    sd.stem_wrap(dsa_model, **kw)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    device = torch.device(a.device)
+    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dense, tok = load_smollm2(dtype=dtype, device=device)
+    dsa_model, _ = sd.load_smollm2_dsa(index_topk=a.index_topk, indexer=a.indexer, dtype=dtype, device=device)
+    n_layers = dense.config.num_hidden_layers
+    stream = heldout_ids(tok)
+    res = dict(
+        config=dict(vars(a), dtype=str(dtype).replace("torch.", ""), model="SmolLM2-135M-Instruct GGUF Q4_1",
+                    indexer_file=str(sd.INDEXER_FILE) if a.indexer == "trained" else a.indexer,
+                    heldout_tokens=int(stream.numel()), heldout=list(_corpus.heldout_texts())),
+        env=dict(python=platform.python_version(), torch=torch.__version__,
+                 device=torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
+                 threads=torch.get_num_threads()),
+        results={},
+    )
+    out_path = Path(a.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    t_all = time.time()
+    for L in a.lengths:
+        if L > dense.config.max_position_embeddings:
+            print(f"skip L={L}: above the model's {dense.config.max_position_embeddings} positions")
+            continue
+        wins = [] if a.no_ppl else [w.to(device) for w in ppl_windows(stream, L, a.samples)]
+        prompts = [] if a.no_niah else niah_prompts(tok, stream, L, a.samples, a.seed)
+        dense_h = [final_hidden(dense, w) for w in wins]
+        per = {}
+        for variant in a.variants:
+            t0 = time.time()
+            model = dense if variant == "dense" else dsa_model
+            if variant != "dense":
+                configure(dsa_model, variant, a)
+            nlls, kls, reduces, fracs = [], [], [], []
+            for w, hd in zip(wins, dense_h):
+                h = hd if variant == "dense" else final_hidden(model, w)
+                nll, kl = nll_and_kl(dense.lm_head, h, None if variant == "dense" else hd, w, a.lm_chunk)
+                nlls.append(nll)
+                kls.append(kl)
+                dense_pairs = L * (L + 1) // 2 * n_layers
+                if variant == "dense":
+                    reduces.append(None)
+                    fracs.append(1.0)
+                elif variant == "native":
+                    reduces.append(0.0)
+                    fracs.append(native_pairs(L, a.index_topk) * n_layers / dense_pairs)
+                else:
+                    st = stem_boost.stats(model)
+                    reduces.append(st["reduce_achieved"])
+                    fracs.append(st["stem_pairs"] / dense_pairs)
+            niah = []
+            for pr in prompts:
+                gen = greedy(model, pr["ids"].to(device), a.niah_tokens)
+                text = tok.decode(gen, skip_special_tokens=True)
+                niah.append(dict(depth=round(pr["depth"], 3), value=pr["value"], answer=text,
+                                 correct=pr["value"] in text.replace(",", "")))
+            mean = (lambda v: sum(v) / len(v) if v else None)
+            nll = mean(nlls)
+            per[variant] = dict(
+                nll=nll, ppl=float(torch.tensor(nll).exp()) if nll is not None else None,
+                kl_vs_dense=mean(kls) if variant != "dense" else 0.0,
+                niah_acc=mean([float(x["correct"]) for x in niah]), niah=niah,
+                reduce_achieved=mean([r for r in reduces if r is not None]) if variant != "dense" else None,
+                pair_fraction=mean(fracs), seconds=round(time.time() - t0, 1),
+            )
+            p = per[variant]
+            print(f"L={L} {variant:8s} ppl {p['ppl'] if p['ppl'] is None else round(p['ppl'], 3)} "
+                  f"kl {p['kl_vs_dense'] if p['kl_vs_dense'] is None else round(p['kl_vs_dense'], 4)} "
+                  f"niah {p['niah_acc']} reduce {p['reduce_achieved']} pairs/dense "
+                  f"{p['pair_fraction'] if p['pair_fraction'] is None else round(p['pair_fraction'], 4)} "
+                  f"({p['seconds']}s)", flush=True)
+        if stem_boost.is_wrapped(dsa_model):
+            stem_boost.unwrap(dsa_model)
+        res["results"][str(L)] = per
+        res["seconds"] = round(time.time() - t_all, 1)
+        out_path.write_text(json.dumps(res, indent=1))
+    print(f"wrote {out_path} ({res.get('seconds', 0)}s)")
+
+
+if __name__ == "__main__":
+    main()
