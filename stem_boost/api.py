@@ -78,7 +78,7 @@ def wrap(
     alpha_min: float = 0.0,
     backend: str = "auto",
     indexer_dtype: str = "float32",
-    indexer_max_bytes: int = 256 * 2**20,
+    indexer_max_bytes: int = 2 * 2**30,
     schedule: str = "tpd",
 ) -> torch.nn.Module:
     """Patch `model` in place so its sparse prefill runs Stem; returns the same model.
