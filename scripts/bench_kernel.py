@@ -267,10 +267,13 @@ def main():
 
     results["triton"] = triton.__version__
     results["checks"] = check_correctness(device)
-    block_tiles = [dict(BLOCK_T=bt, BLOCK_H=16, BLOCK_N=n, num_warps=w, num_stages=st)
-                   for (bt, w) in ((8, 8), (4, 4)) for n in (64, 128) for st in (2, 3)]
-    token_tiles = [dict(BLOCK_T=1, BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=st)
-                   for (h, w) in ((64, 8), (128, 16), (128, 8)) for n in (32, 64) for st in (2, 3)]
+    # candidate tiles (the grid explored on 2026-11-25 is in BENCHMARKS.md; these were the best)
+    block_tiles = [dict(BLOCK_T=4, BLOCK_H=16, BLOCK_N=64, num_warps=4, num_stages=2),
+                   dict(BLOCK_T=4, BLOCK_H=16, BLOCK_N=64, num_warps=4, num_stages=3),
+                   dict(BLOCK_T=8, BLOCK_H=16, BLOCK_N=64, num_warps=8, num_stages=2)]
+    token_tiles = [dict(BLOCK_T=1, BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=2),
+                   dict(BLOCK_T=1, BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=3),
+                   dict(BLOCK_T=1, BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=2)]
     if "block" in args.modes:
         run_block_mode(args.seqs, args.densities, device, results, block_tiles)
     if "token" in args.modes:
