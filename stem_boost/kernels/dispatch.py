@@ -121,7 +121,7 @@ def check_index_range(idx, counts, *, seq_q: int, seq_k: int, block_size: int, q
             )
 
 
-def _tiles(G: int, Dqk: int, Dv: int, block_size: int, query_block: int) -> dict:
+def _tiles(G: int, Dqk: int, Dv: int, block_size: int, query_block: int, elem_bytes: int = 2) -> dict:
     """Pick the program tile: M = BLOCK_T tokens x BLOCK_H heads, BLOCK_N keys per step.
 
     Defaults are the fastest measured on an H100 (scripts/bench_kernel.py, BENCHMARKS.md):
@@ -134,6 +134,10 @@ def _tiles(G: int, Dqk: int, Dv: int, block_size: int, query_block: int) -> dict
     block_h = max(block_h, 16 // block_t)  # tl.dot needs M >= 16 (padded head rows are masked)
     block_n = 64 if block_size == 1 else min(block_size, 64)
     num_warps = 8 if big else 4
+    if big and elem_bytes == 4:  # fp32 MLA (a correctness path): keep the Q and K tiles in shared memory
+        block_h, block_t, block_n = min(block_h, 32), 1, 16
+        return dict(BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_N=block_n, num_warps=4, num_stages=1,
+                    MASK_ONLY_WHERE_NEEDED=True)
     return dict(BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_N=block_n, num_warps=num_warps, num_stages=2,
                 MASK_ONLY_WHERE_NEEDED=True)
 
@@ -200,7 +204,7 @@ def sparse_attention(
     counts = counts.to(torch.int32).contiguous()
 
     G = Hq // Hkv
-    cfg = _tiles(G, Dqk, Dv, block_size, query_block)
+    cfg = _tiles(G, Dqk, Dv, block_size, query_block, q.element_size())
     if tiles:
         cfg.update(tiles)
     d1 = _pow2_floor(Dqk)
@@ -225,6 +229,7 @@ def sparse_attention(
         BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"],
         D1=d1, D2=d2, D2P=_next_pow2(d2) if d2 else 1,
         DV=Dv, DVP=_next_pow2(Dv),
+        GATHER=block_size == 1 or cfg["BLOCK_N"] > block_size,
         UNITS=max(1, cfg["BLOCK_N"] // block_size), SUB=max(1, block_size // cfg["BLOCK_N"]), V_FROM_K=v_from_k, CAUSAL=causal,
         RETURN_LSE=return_lse, HAS_SINKS=sinks is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

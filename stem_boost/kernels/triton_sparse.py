@@ -38,7 +38,7 @@ def _sparse_attn_fwd(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, D2P: tl.constexpr,
     DV: tl.constexpr, DVP: tl.constexpr,
-    UNITS: tl.constexpr, SUB: tl.constexpr, V_FROM_K: tl.constexpr, CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr, HAS_SINKS: tl.constexpr,
+    GATHER: tl.constexpr, UNITS: tl.constexpr, SUB: tl.constexpr, V_FROM_K: tl.constexpr, CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr, HAS_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_T * BLOCK_H
@@ -82,15 +82,15 @@ def _sparse_attn_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DVP], tl.float32)
 
-    # UNITS selection entries per step (token lists, or several small blocks), or SUB steps per
-    # entry (blocks larger than BLOCK_N).
-    if SUB == 1:
+    # GATHER: UNITS selection entries per step, keys gathered by index (token lists, or several
+    # small blocks); otherwise SUB >= 1 contiguous steps per selected block (scalar block index).
+    if GATHER:
         n_iter = tl.cdiv(count, UNITS)
     else:
         n_iter = count * SUB
     offs_n = tl.arange(0, BLOCK_N)
     for it in range(0, n_iter):
-        if SUB == 1:
+        if GATHER:
             slot = it * UNITS + offs_n // BLOCK_SIZE
             kidx = tl.load(idx_row + slot, mask=slot < count, other=-1)
             kpos = kidx * BLOCK_SIZE + offs_n % BLOCK_SIZE
@@ -111,7 +111,7 @@ def _sparse_attn_fwd(
             # Most block steps lie wholly before the tile's first query: skip the [M, N] mask there
             # and apply it where a key crosses the diagonal or is invalid (the causal mask also
             # covers keys past T, since every query is < T).
-            if SUB > 1:
+            if not GATHER:
                 k_last = blk * BLOCK_SIZE + (it % SUB) * BLOCK_N + BLOCK_N - 1
                 if CAUSAL:
                     crosses = k_last > t0 + q_offset
