@@ -37,3 +37,18 @@ def test_gpu_kernel_matches_reference(B, S, Hq, Hkv, Dqk, Dv, bs, qb, hsel, mla,
     assert torch.equal(torch.isfinite(lse), ok)
     assert rel_err(out, ref) < tol
     assert rel_err(lse[ok], ref_lse[ok]) < tol
+
+
+def test_gpu_fused_infllmv2_selection_agrees_with_fp32_definition():
+    """MiniCPM-4.1 sparse_config, 8K tokens: the fused bf16 stage-1 selection vs the fp32 PyTorch one."""
+    from stem_boost.models.minicpm4.infllmv2 import MINICPM41_SPARSE_CONFIG, InfLLMv2Params, infllmv2_select
+
+    params = InfLLMv2Params.from_sparse_config(MINICPM41_SPARSE_CONFIG)
+    S = 8192
+    q = torch.randn(1, 32, S, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, S, 128, device="cuda", dtype=torch.bfloat16)
+    fused = infllmv2_select(q, k, params, chunk_size=1024)
+    ref = infllmv2_select(q.float(), k.float(), params, chunk_size=1024, score_dtype=torch.bfloat16)
+    assert torch.equal(fused.counts, ref.counts)
+    agree = (fused.idx == ref.idx).float().mean().item()
+    assert agree > 0.99, agree

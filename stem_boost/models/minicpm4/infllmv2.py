@@ -67,6 +67,11 @@ from typing import Any
 
 import torch
 
+try:  # fused stage-1 kernel (CUDA); the CPU path uses the PyTorch definition below
+    from ...kernels.infllmv2_scores import fused_stage1_scores
+except ImportError:  # pragma: no cover
+    fused_stage1_scores = None
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -398,8 +403,11 @@ def iter_block_scores(
         score_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else None
 
     p = params
-    k1 = compress_keys(k, p.kernel_size, p.kernel_stride).float()
-    k2 = compress_keys(k, p.coarse_kernel_size, p.coarse_stride).float()
+    k1_half = compress_keys(k, p.kernel_size, p.kernel_stride)
+    k2_half = compress_keys(k, p.coarse_kernel_size, p.coarse_stride)
+    k1, k2 = k1_half.float(), k2_half.float()
+    fused = (fused_stage1_scores is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+             and G & (G - 1) == 0 and D & (D - 1) == 0 and D >= 16)
     K1, K2 = k1.shape[2], k2.shape[2]
     fresh_prefill = emulate_kernel_offset and offset == 0 and S == T and S > 1
     d1 = kernel_causal_offset(S, K1, p.kernel_stride) if fresh_prefill else 0
@@ -415,8 +423,11 @@ def iter_block_scores(
         vis1 = visible_compressed(q_pos, K1, p.kernel_size, p.kernel_stride, d1)
         vis2 = visible_compressed(q_pos, K2, p.coarse_kernel_size, p.coarse_stride, d2)
         n1, n2 = int(vis1.max()), int(vis2.max())  # only columns someone in the chunk can see
-        qg = q[:, :, s0:s1].float().reshape(B, Hk, G, C, D)
-        comp = _group_compressed_scores(qg, k1[:, :, :n1], k2[:, :, :n2], vis1, vis2, scale)  # [B,Hk,C,n1]
+        if fused:  # Triton: group sum in registers, bf16/fp16 products with fp32 accumulation
+            comp = fused_stage1_scores(q[:, :, s0:s1], k1_half[:, :, :n1], k2_half[:, :, :n2], vis1, vis2, scale)
+        else:
+            qg = q[:, :, s0:s1].float().reshape(B, Hk, G, C, D)
+            comp = _group_compressed_scores(qg, k1[:, :, :n1], k2[:, :, :n2], vis1, vis2, scale)  # [B,Hk,C,n1]
         if score_dtype is not None:
             comp = comp.to(score_dtype).float()
         q_block = torch.div(q_pos, p.block_size, rounding_mode="floor")
