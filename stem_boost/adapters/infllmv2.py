@@ -46,6 +46,7 @@ class InfState:
     saved: tuple
     plan: BudgetPlan | None = None
     native_rows: torch.Tensor | None = None  # [R] native free blocks per query-block row
+    budgets: torch.Tensor | None = None  # plan.budgets on the model's device
     bias_key: tuple | None = None
     bias: torch.Tensor | None = None
     last_selection: object | None = None
@@ -83,13 +84,15 @@ def _rescore(state: InfState, bs, *, layer_idx: int, q: torch.Tensor, k: torch.T
     params = module.infllmv2
     if bs.rows.start == 0:
         state.plan = _plan(state, params, T, S)
+        # one host-to-device copy per forward: a pageable copy per chunk would stall the launches
+        state.budgets = state.plan.budgets.to(q.device)
     if cfg.beta > 0:
         nb = bs.scores.shape[-1]
         bias = _block_bias(state, v, params.block_size)[..., :nb].unsqueeze(2)  # [B, Hk, 1, nb]
         scores = combine_scores(bs.scores, bias.expand_as(bs.scores), space="prob")
         bs.scores = torch.where(bs.forced & bs.candidate, bs.scores, scores)
     rows = torch.div(bs.q_pos - (T - S), params.block_size, rounding_mode="floor")
-    bs.k_free = state.plan.budgets.to(q.device)[rows]
+    bs.k_free = state.budgets[rows]
     return bs
 
 
