@@ -50,7 +50,7 @@ def _compare(args) -> int:
     return 0
 
 
-def _bench(args) -> int:
+def _bench(bench_args: list[str]) -> int:
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_kernel.py"
     if not script.is_file():
         print(f"stem-boost bench needs a source checkout: {script} not found", file=sys.stderr)
@@ -59,7 +59,7 @@ def _bench(args) -> int:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     saved = sys.argv
-    sys.argv = [str(script), *args.args]
+    sys.argv = [str(script), *bench_args]
     try:
         module.main()
     finally:
@@ -91,16 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="report folder (default: the config's output.dir)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=_compare)
-    b = sub.add_parser("bench", help="run scripts/bench_kernel.py (needs a CUDA GPU); arguments are passed through",
-                       add_help=False)
-    b.add_argument("args", nargs=argparse.REMAINDER)
-    b.set_defaults(func=_bench)
+    # `bench ARGS...` is dispatched in main() before parsing, so every argument (--help included)
+    # reaches the benchmark script; listed here for the help text
+    sub.add_parser("bench", help="run scripts/bench_kernel.py (needs a CUDA GPU); arguments are passed through")
     k = sub.add_parser("configs", help="list the packaged configs")
     k.set_defaults(func=_configs)
     return ap
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -166,3 +166,32 @@ def test_bench_runs_the_kernel_benchmark_script(capsys):
         main(["bench", "--help"])
     assert e.value.code == 0
     assert "Benchmark of the shared sparse-attention kernel" in capsys.readouterr().out
+
+
+def test_longbench_files_in_the_report(tmp_path):
+    data = tmp_path / "lb"
+    data.mkdir()
+    rows = [dict(input=f"What is the code {i}?", context=f"The code {i} is BLUE-{i}. " * 20, answers=[f"BLUE-{i}"],
+                 length=60, dataset="hotpotqa", language="en", all_classes=None, _id=str(i)) for i in range(2)]
+    (data / "hotpotqa.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (data / "gov_report.jsonl").write_text(json.dumps(dict(rows[0], dataset="gov_report")) + "\n")
+    out = tmp_path / "r"
+    args = ["compare", "--out", str(out), "--set", "modes=[native, stem]", "--set", "tasks.enabled=false",
+            "--set", "latency.enabled=false", "--set", "perplexity.enabled=false", "--set", f"longbench.path={data}",
+            "--set", "longbench.max_new_tokens=4", "--set", "longbench.max_length=300"]
+    for s in FAST:
+        args += ["--set", s]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["longbench"]) == {"native", "stem"}
+    assert set(res["longbench"]["stem"]) == {"hotpotqa"}  # gov_report (ROUGE) is skipped with a note
+    assert any("gov_report" in n and "ROUGE" in n for n in res["notes"])
+    header, rows_md = _table((out / "report.md").read_text(), "LongBench")
+    assert header == ["dataset", "native", "stem"] and rows_md[0][0] == "hotpotqa"
+    assert _number(rows_md[0][2]) == pytest.approx(res["longbench"]["stem"]["hotpotqa"], abs=5e-3)
+
+
+def test_scripts_eval_is_compare(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "eval.py"), "--set", "nope=1"], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "unknown key 'nope'" in r.stderr

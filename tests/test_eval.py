@@ -293,3 +293,17 @@ def test_config_overrides_are_yaml_values():
     assert cfg["stem"]["reduce"] == [0.3]
     assert cfg["model"]["options"] == {"seed": 3}
     assert cfg["_overrides"][0] == "tasks.lengths=[512, 1024]"
+
+
+def test_modes_per_reduce_value():
+    from stem_boost.eval.runner import build_modes
+
+    cfg = load_config(None, ["stem.reduce=[0.15, 0.3]", "modes=[stem, native, no_oam]"])
+    modes = build_modes(cfg)
+    assert [m.name for m in modes] == ["native", "stem@0.15", "no_oam@0.15", "stem@0.3", "no_oam@0.3"]
+    kw = modes[2].wrap_kwargs(cfg["stem"])
+    assert kw["beta"] == 0.0 and kw["reduce"] == 0.15 and kw["schedule"] == "tpd"
+    assert modes[0].wrap_kwargs(cfg["stem"])["reduce"] == 0.0
+    single = build_modes(load_config())
+    assert [m.name for m in single] == ["dense", "native", "stem", "uniform", "no_oam"]
+    assert single[3].wrap_kwargs(load_config()["stem"])["schedule"] == "uniform"

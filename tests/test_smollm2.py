@@ -27,6 +27,16 @@ from stem_boost.testbeds import _corpus  # noqa: E402
 from stem_boost.testbeds import smollm2_dsa as sd  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the CI / dev machines have 2 shared cores, and two threads under contention
+    make these forwards several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def dense():
     torch.manual_seed(0)
@@ -66,8 +76,11 @@ def test_find_gguf_error_names_the_install_command(monkeypatch):
 
 def test_dsa_is_dense_when_topk_covers_the_sequence(dense):
     """index_topk >= seq_len: every causal key is selected, so native DSA == dense attention.
-    fp32 vs transformers' eager attention within 1e-4 (the fp32 noise floor: transformers' own eager
-    and sdpa differ by ~1e-4 on these logits, |logit| ~ 35), and fp64 within 1e-8."""
+
+    The exactness claim is the fp64 run: within 1e-8. In fp32 the floor of this model is ~1e-4 on
+    its own: transformers' eager and sdpa paths differ by up to 1.25e-4 on these logits (5 seeds,
+    measured), and DSA vs eager by up to 1.46e-4. So fp32 is checked at 1e-4 on average and 3e-4 at
+    the worst element."""
     model, _ = dense
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 40000, (2, 40), generator=gen)
@@ -75,7 +88,8 @@ def test_dsa_is_dense_when_topk_covers_the_sequence(dense):
     with torch.no_grad():
         ref = model(ids).logits
         got = dsa(ids).logits
-    assert (got - ref).abs().max().item() < 1e-4
+    diff = (got - ref).abs()
+    assert diff.max().item() < 3e-4 and diff.mean().item() < 1e-4, (diff.max().item(), diff.mean().item())
     # fp64: the same computation without rounding noise
     d64, _ = smollm2.load_smollm2(dtype=torch.float64, attn_implementation="eager")
     s64, _ = sd.load_smollm2_dsa(index_topk=64, dtype=torch.float64)
@@ -118,7 +132,7 @@ def test_triton_kernel_path_matches_reference(dsa_model):
             got = attn(x, pe)[0]
         finally:
             attn.backend = "auto"
-    assert (got - ref).abs().max().item() < 1e-4
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)  # outputs reach |67|: fp32 rounding
 
 
 def test_trained_indexer_recall_beats_random(dense, heldout_ids):

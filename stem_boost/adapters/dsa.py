@@ -191,7 +191,10 @@ def stem_dsa_forward(
             norms = _latent_value_norms(latent[:, 0], w_uv)
         else:
             norms = value_norms(value_states.transpose(1, 2))  # [B, H, T]
-        key_norms = aggregate_heads(norms, 1, how=cfg.head_agg)  # [B, 1, T]
+        # tensor parallelism (stem_boost.dist.tp) sets `stem_norm_reducer`: the heads of all ranks
+        reducer = getattr(self, "stem_norm_reducer", None)
+        key_norms = (reducer(norms, cfg.head_agg) if reducer is not None
+                     else aggregate_heads(norms, 1, how=cfg.head_agg))  # [B, 1, T]
         available = torch.arange(S) + past_len + 1
         sel, plan = boost_candidates(native.idx, top.scores.unsqueeze(1), key_norms, available, st.index_topk, cfg,
                                      key_valid=pad)

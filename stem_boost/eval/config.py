@@ -82,12 +82,14 @@ SCHEMA: dict[str, Any] = {
         "length": (4096, int, None),
         "window": (None, (int, type(None)), None),
         "stride": (None, (int, type(None)), None),
+        "text": ("english", str, ("english", "pydoc_heldout", "licenses")),
         "offset_chars": (0, int, None),
     },
     "fidelity": {
         "enabled": (True, bool, None),
         "length": (4096, int, None),
         "max_rows": (4096, int, None),
+        "text": ("english", str, ("english", "pydoc_heldout", "licenses")),
         "offset_chars": (200000, int, None),
     },
     "latency": {
@@ -241,5 +243,7 @@ def load_config(source=None, overrides=()) -> dict:
         _set(cfg, assignment)
     _validate(cfg, str(path))
     cfg["_source"] = str(path)
+    # how to name this config on a command line: packaged configs by name
+    cfg["_arg"] = path.stem if packaged_configs().get(path.stem) == path else str(path)
     cfg["_overrides"] = list(overrides)
     return cfg

@@ -15,6 +15,8 @@
 - Dense for DSA: the native model with every indexer's ``index_topk`` raised to >= the sequence
   length, so its top-k keeps every causal key (`dense_mode`); the indexer still runs (its cost is
   small next to attention) and the eager/SDPA path turns the full selection into the causal mask.
+  transformers' indexer scores in fp32 [B, S, H, T]: the dense mode of a real DSA model is bounded
+  to moderate lengths (DeepSeek-V3.2, 64 indexer heads: 16 GiB per layer at 8K tokens).
   InfLLMv2 models with ``set_sparse_config`` (stem_boost.models.minicpm4): ``sparse_config=None``.
 - Budgets per layer and per query position come from ``stem_boost.layer_stats`` (`budget_traces`).
 """

@@ -27,6 +27,7 @@ SUMMARY_COLUMNS = [
     ("ppl", "perplexity", "ppl"),
     ("kl_vs_native", "KL vs native (nats)", "sci"),
     ("kl_vs_dense", "KL vs dense (nats)", "sci"),
+    ("attn_err_native_mean", "attn. output error vs native (mean over layers)", "err"),
     ("attn_err_mean", "attn. output error vs dense (mean over layers)", "err"),
     ("latency_ms", "prefill ms", "ms"),
     ("longbench_avg", "LongBench avg", "score"),
@@ -74,7 +75,8 @@ def _plot_budget(res: dict, path: Path, plt) -> bool:
     native_drawn = False
     for m in modes:
         b = budget[m["name"]]
-        label = "native sparse" if m["kind"] == "native" else m["name"]
+        label = {"native": "native sparse", "uniform": f"{m['name']} (equal rows, +-1 rounding dither)"}.get(
+            m["kind"], m["name"])
         ax.plot(b["positions"][:len(b["stem"])], b["stem"], _style(m), color=_color(m), lw=2 if m["kind"] != "no_oam" else 1.6,
                 label=label, alpha=0.9)
         native_drawn |= m["kind"] == "native"
@@ -94,42 +96,60 @@ def _plot_budget(res: dict, path: Path, plt) -> bool:
     seq = budget[modes[0]["name"]].get("seq_len")
     ax.set_title(f"Budget per query position, sequence of {seq} tokens")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=9, framealpha=0.9)
+    ax.legend(loc="lower right", fontsize=9, framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return True
 
 
-def _annotate_points(ax, xs, ys, labels, colors):
-    for x, y, label, c in zip(xs, ys, labels, colors):
-        ax.scatter([x], [y], s=60, color=c, zorder=3, edgecolor="black", linewidth=0.5)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+MODE_MARKERS = {"dense": "o", "native": "s", "stem": "*", "uniform": "D", "no_oam": "^"}
 
 
 def _plot_accuracy(res: dict, path: Path, plt) -> bool:
     rows = [(m, res["summary"][m["name"]]) for m in res["modes"] if m["name"] in res["summary"]]
     rows = [(m, r) for m, r in rows if r.get("rel_budget") is not None]
-    if not rows:
-        return False
-    panels = [("ruler_accuracy", "RULER accuracy (%)"), ("ppl", "perplexity (lower is better)")]
+    panels = [("ruler_accuracy", "RULER accuracy (%)"), ("ppl", "perplexity (lower is better)"),
+              ("longbench_avg", "LongBench average")]
     panels = [p for p in panels if any(r.get(p[0]) is not None for _, r in rows)]
-    if not panels:
+    if not rows or not panels:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.5), dpi=110, squeeze=False)
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.6), dpi=110, squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
-        pts = [(r["rel_budget"], r[key], m["name"], _color(m)) for m, r in rows if r.get(key) is not None]
-        _annotate_points(ax, *zip(*pts))
-        ax.set_xscale("log")
-        ax.set_xlabel("attended (query, key) pairs relative to native (log)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3, which="both")
+        pts = [(r["rel_budget"], r[key], m) for m, r in rows if r.get(key) is not None]
         ys = [p[1] for p in pts]
-        span = (max(ys) - min(ys)) or max(abs(max(ys)), 1.0) * 0.05
-        ax.set_ylim(min(ys) - 0.25 * span, max(ys) + 0.35 * span)
-        xs = [p[0] for p in pts]
-        ax.set_xlim(min(xs) / 1.4, max(xs) * 1.6)
+        if key in ("ruler_accuracy", "longbench_avg"):
+            lo, hi = 0.0, 100.0
+        else:
+            span = (max(ys) - min(ys)) or max(abs(max(ys)), 1.0) * 0.05
+            lo, hi = min(ys) - 0.2 * span, max(ys) + 0.2 * span
+        # points at the same (budget, value) are spread sideways a little, so that none hides another
+        placed: list[tuple[float, float]] = []
+        for x, y, m in pts:
+            clash = sum(1 for px, py in placed if abs(px / x - 1) < 0.02 and abs(py - y) < 0.03 * (hi - lo))
+            placed.append((x, y))
+            xd = x * (1.045 ** clash)
+            ax.scatter([xd], [y], s=150 if m["kind"] == "stem" else 70, marker=MODE_MARKERS.get(m["kind"], "o"),
+                       color=_color(m), edgecolor="black", linewidth=0.6, zorder=3, label=m["name"])
+        ax.set_xscale("log")
+        xs = sorted({round(p[0], 3) for p in pts})
+        ax.xaxis.set_major_locator(FixedLocator(xs))
+        ax.xaxis.set_minor_locator(NullLocator())
+        # ticks closer than a factor 1.25 on the log axis: every other label one line lower
+        labels, low = [], False
+        for i, x in enumerate(xs):
+            low = (not low) if i and x / xs[i - 1] < 1.25 else False
+            labels.append(("\n" if low else "") + f"{x:.3g}")
+        ax.set_xticklabels(labels)
+        ax.set_xlim(min(xs) / 1.3, max(xs) * 1.5)
+        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+        ax.set_xlabel("attended (query, key) pairs relative to native (log scale)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
         ax.set_title(label.split(" (")[0] + " vs budget")
+        ax.legend(fontsize=8, loc="best", framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -167,33 +187,37 @@ def _plot_latency(res: dict, path: Path, plt) -> bool:
 
 def _plot_error(res: dict, path: Path, plt) -> bool:
     f = res["fidelity"]
-    modes = [m for m in res["modes"] if m["name"] in f["layer_error"] and m["kind"] != "dense"]
-    if not modes:
+    panels = [
+        ("layer_error_vs_native", "native", "layer", "Error per layer vs native sparse"),
+        ("layer_error", "dense", "layer", "Error per layer vs dense"),
+        ("error_by_position_vs_native", "native", "position", "Error vs query position (vs native)"),
+    ]
+    panels = [p for p in panels if any(n != p[1] for n in f.get(p[0], {}))]
+    if not panels:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
-    ax = axes[0]
-    for m in modes:
-        errs = f["layer_error"][m["name"]]
-        ax.plot(range(len(errs)), errs, _style(m), marker="o", color=_color(m), label=m["name"], lw=1.8)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("||O - O_dense|| / ||O_dense||")
-    ax.set_title(f"Attention-output error per layer vs dense (S={f['length']})")
-    n = len(f["layer_error"][modes[0]["name"]])
-    ax.set_xticks(range(n) if n <= 32 else range(0, n, max(1, n // 16)))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
-    ax = axes[1]
-    for m in modes:
-        e = f["error_by_position"].get(m["name"])
-        if e:
-            ax.plot(e["position"], e["rel_err"], _style(m), marker=".", color=_color(m), label=m["name"], lw=1.8)
-    ax.set_xlabel("query position (token, bin centre)")
-    ax.set_ylabel("relative error (all layers)")
-    ax.set_title("Attention-output error vs query position")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
-    for a in axes:
-        a.set_ylim(bottom=0)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.3 * len(panels), 4.6), dpi=110, squeeze=False)
+    for ax, (key, ref, xkind, title) in zip(axes[0], panels):
+        for m in res["modes"]:
+            data = f[key].get(m["name"])
+            if not data or m["kind"] == ref:
+                continue
+            if xkind == "layer":
+                xs, ys = range(len(data)), data
+            else:
+                xs, ys = data["position"], data["rel_err"]
+            ax.plot(xs, ys, _style(m), marker="o" if xkind == "layer" else ".", color=_color(m), label=m["name"],
+                    lw=1.8)
+        if xkind == "layer":
+            n = max(len(v) for v in f[key].values())
+            ax.set_xticks(range(n) if n <= 32 else range(0, n, max(1, n // 16)))
+            ax.set_xlabel("layer")
+        else:
+            ax.set_xlabel("query position (token, bin centre)")
+        ax.set_ylabel(f"||O - O_{ref}|| / ||O_{ref}||")
+        ax.set_title(f"{title} (S={f['length']})", fontsize=10)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -204,7 +228,8 @@ PLOTS = [
     ("budget_vs_position.png", _plot_budget, "Keys attended per query position: native sparse selection vs Stem (TPD) and the ablations"),
     ("accuracy_vs_budget.png", _plot_accuracy, "Accuracy and perplexity vs attended pairs, per mode"),
     ("latency.png", _plot_latency, "Prefill latency per mode"),
-    ("layer_error.png", _plot_error, "Attention-output error vs dense, per layer and per query position"),
+    ("layer_error.png", _plot_error, "Attention-output error per layer (vs native sparse, vs dense) and per query "
+                                     "position (vs native): errors compound through depth"),
 ]
 
 
@@ -227,13 +252,15 @@ def _blocks(res: dict, plots: list[tuple[str, str]]) -> list[tuple]:
         f"tokenizer: {meta['tokenizer']}; haystack / perplexity text: {'; '.join(meta['haystack_sources'])}",
     ]))
     b.append(("h2", "Modes"))
-    b.append(("ul", [f"**{m['name']}** — {m['description']}" for m in res["modes"]]))
+    b.append(("ul", [f"**{m['name']}** — {m['description']}"
+                     + ("" if m["name"] in res["summary"] else " (not run: see Notes)") for m in res["modes"]]))
 
     b.append(("h2", "Summary"))
     cols = summary_columns(res)
     flen = res["fidelity"].get("length")
     b.append(("p", f"Budget, KL and attention error are measured on one prefill of {flen} tokens of English text; "
-                   "the reduction counts the attended (query, key) pairs against the native selection's (SPEC §3). "
+                   "the reduction counts the attended (query, key) pairs against the native selection's (the `reduce` "
+                   "contract: causally valid keys, forced keys excluded). "
                    "RULER accuracy is the mean of the task scores below (RULER's string_match_all, in %)."))
     rows = [[name] + [fmt(r.get(k), kind) for k, _, kind in cols] for name, r in res["summary"].items()]
     b.append(("table", ["mode"] + [h for _, h, _ in cols], rows, "summary"))
@@ -261,6 +288,9 @@ def _blocks(res: dict, plots: list[tuple[str, str]]) -> list[tuple]:
 
     if res["perplexity"]:
         b.append(("h2", "Perplexity"))
+        pc = cfg["perplexity"]
+        b.append(("p", f"Text `{pc['text']}` from character {pc['offset_chars']}; window "
+                       f"{pc['window'] or pc['length']}" + (f", stride {pc['stride']}" if pc["stride"] else "") + "."))
         rows = [[n, fmt(p["mean_nll"], "err"), fmt(p["ppl"], "ppl"), str(p["n_tokens"]), str(p["n_windows"])]
                 for n, p in res["perplexity"].items()]
         b.append(("table", ["mode", "NLL / token (nats)", "perplexity", "tokens scored", "windows"], rows, "perplexity"))
@@ -299,13 +329,15 @@ def _blocks(res: dict, plots: list[tuple[str, str]]) -> list[tuple]:
                           if "cpu" in meta["device"] else "")))
         b.append(("table", ["mode"] + [f"{L} tokens" for L in lengths], rows, "latency"))
 
-    errs = res["fidelity"]["layer_error"]
-    if errs:
-        b.append(("h2", "Attention-output error per layer (vs dense)"))
-        names = [n for n in errs if n != "dense"]
-        n_layers = max(len(v) for v in errs.values())
+    for key, ref in (("layer_error_vs_native", "native"), ("layer_error", "dense")):
+        errs = res["fidelity"][key]
+        names = [n for n in errs if n != ref]
+        if not names:
+            continue
+        b.append(("h2", f"Attention-output error per layer (vs {ref})"))
+        n_layers = max(len(errs[n]) for n in names)
         rows = [[str(i)] + [fmt(errs[n][i] if i < len(errs[n]) else None, "err") for n in names] for i in range(n_layers)]
-        b.append(("table", ["layer"] + names, rows, "layer_error"))
+        b.append(("table", ["layer"] + names, rows, key))
 
     if plots:
         b.append(("h2", "Plots"))
@@ -314,13 +346,17 @@ def _blocks(res: dict, plots: list[tuple[str, str]]) -> list[tuple]:
 
     b.append(("h2", "Notes"))
     notes = list(res["notes"])
+    if meta["random_weights"]:
+        notes.append("With random weights the attention is close to uniform over many keys: dropping keys changes the "
+                     "output a lot, and a sparse output can differ from the dense one by more than the dense output's "
+                     "norm (errors above 1). Compare the modes with each other.")
     notes.append("Dense for DSA models = the native model with index_topk raised to the sequence length (its "
                  "indexer keeps every causal key); the per-layer error compares attention outputs of full "
                  "forwards, so it includes the effect of earlier layers' errors.")
     notes.append("Task scoring follows RULER (NVIDIA, scripts/eval/synthetic/constants.py); the generators follow "
                  "RULER's synthetic.yaml with the differences listed in stem_boost/eval/tasks.py.")
     b.append(("ul", notes))
-    b.append(("p", "Reproduce: `stem-boost compare --config " + meta["config_source"]
+    b.append(("p", "Reproduce: `stem-boost compare --config " + meta.get("config_arg", meta["config_source"])
               + "".join(f" --set {o}" for o in meta["overrides"]) + "`"))
     return b
 

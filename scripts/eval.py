@@ -1,0 +1,17 @@
+"""Evaluate a model in dense / native sparse / Stem / ablation modes and write a report folder.
+
+The same as ``stem-boost compare`` (see README, "Evaluation and reports"):
+
+    python scripts/eval.py                                   # the embedded tiny DSA testbed
+    python scripts/eval.py --config configs/deepseek_v32.yaml --set model.path=/models/DeepSeek-V3.2
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stem_boost.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    raise SystemExit(main(["compare", *sys.argv[1:]]))
