@@ -38,6 +38,7 @@ CASES = [
     ("block-gqa", 1, 70, 70, 8, 2, 32, 32, 16, 16, "kv"),
     ("block-qb-token-rows", 2, 40, 56, 4, 1, 16, 32, 16, 1, "kv"),
     ("block-192-split-dim", 1, 48, 48, 4, 4, 192, 128, 16, 16, "one"),
+    ("token-small-tail-dim", 1, 20, 20, 4, 1, 40, 8, 1, 1, "one"),  # Dqk 32 + 8, Dv 8: padded to 16
 ]
 
 

@@ -227,8 +227,8 @@ def sparse_attention(
         HSEL_SHARED=idx.shape[1] == 1, MASK_ONLY_WHERE_NEEDED=cfg["MASK_ONLY_WHERE_NEEDED"],
         BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"], QUERY_BLOCK=query_block,
         BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"],
-        D1=d1, D2=d2, D2P=_next_pow2(d2) if d2 else 1,
-        DV=Dv, DVP=_next_pow2(Dv),
+        D1=d1, D2=d2, D2P=max(16, _next_pow2(d2)) if d2 else 1,  # tl.dot needs K >= 16
+        DV=Dv, DVP=max(16, _next_pow2(Dv)),
         GATHER=block_size == 1 or cfg["BLOCK_N"] > block_size,
         UNITS=max(1, cfg["BLOCK_N"] // block_size), SUB=max(1, block_size // cfg["BLOCK_N"]), V_FROM_K=v_from_k, CAUSAL=causal,
         RETURN_LSE=return_lse, HAS_SINKS=sinks is not None,
