@@ -17,14 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import dsa
+from .adapters import dsa, dsa_gqa
 from .config import StemConfig
 from .stats import LayerStats, summarize
 
 ATTN_IMPLEMENTATION = "stem_sparse"
 SUPPORTED = (
     "DSA: DeepSeek-V3.2 (deepseek_v32), GLM-MoE-DSA (glm_moe_dsa) and other transformers models whose "
-    "attention owns a lightning indexer (index_topk, wq_b, wk, weights_proj); "
+    "attention owns a lightning indexer (index_topk, wq_b, wk, weights_proj), MLA or GQA; "
     "InfLLMv2: MiniCPM-4 / MiniCPM-4.1 (stem_boost.models.minicpm4, or remote code with sparse_config)"
 )
 
@@ -55,7 +55,7 @@ def _register_attention() -> None:
 def _detect(model: torch.nn.Module) -> tuple[str, list[torch.nn.Module]]:
     from .adapters import infllmv2
 
-    dsa_mods = [m for m in model.modules() if dsa.is_dsa_attention(m)]
+    dsa_mods = [m for m in model.modules() if dsa.is_dsa_attention(m) or dsa_gqa.is_dsa_gqa_attention(m)]
     if dsa_mods:
         return "dsa", dsa_mods
     inf_mods = [m for m in model.modules() if infllmv2.is_infllmv2_attention(m)]
@@ -108,7 +108,8 @@ def wrap(
             index_topk = (m.indexer.index_topk if m.indexer is not None else m.config.index_topk)
             m._stem = dsa.DSAState(cfg=cfg, stats=LayerStats(layer=int(layer), family="dsa"), shared=shared,
                                    returns_topk=returns_topk, index_topk=int(index_topk))
-            m.forward = types.MethodType(dsa.stem_dsa_forward, m)
+            gqa = dsa_gqa.is_dsa_gqa_attention(m)  # an indexer on a GQA attention (SmolLM2 testbed)
+            m.forward = types.MethodType(dsa_gqa.stem_dsa_gqa_forward if gqa else dsa.stem_dsa_forward, m)
         _set_attn(model, ATTN_IMPLEMENTATION)
     else:
         from .adapters import infllmv2
