@@ -17,6 +17,8 @@ Metrics per sequence length:
   niah_acc           needle in a haystack: "The special magic number for <key> is <7 digits>." at a
                      random depth of L tokens of held-out text, question at the end, greedy decode
                      --niah-tokens tokens, exact match = the 7 digits appear in the answer
+  niah_answer_nll    teacher-forced: mean NLL of the answer tokens (" " + digits) after the prompt,
+  niah_answer_token_acc  and the fraction of them the argmax gets right (graded NIAH signals)
   reduce_achieved    1 - attended pairs / native DSA pairs (from stem_boost.stats; 0 for native)
   pair_fraction      attended (query, key) pairs / dense causal pairs, all layers
 Decode steps of the Stem variants keep the native selection (stem_boost's rule); the prefill is
@@ -105,7 +107,9 @@ def niah_prompts(tok, hay: torch.Tensor, L: int, n: int, seed: int) -> list[dict
                 pos = pos + d + 1
                 break
         ids = h[:pos] + needle + h[pos:] + question
-        out.append(dict(ids=torch.tensor(ids).unsqueeze(0), key=key, value=value, depth=pos / n_hay))
+        answer = tok.encode(" " + value, add_special_tokens=False)
+        out.append(dict(ids=torch.tensor(ids).unsqueeze(0), answer_ids=torch.tensor(answer).unsqueeze(0), key=key,
+                        value=value, depth=pos / n_hay))
     return out
 
 
@@ -143,6 +147,20 @@ def greedy(model, ids: torch.Tensor, n_tokens: int) -> list[int]:
         out = model(input_ids=nxt, past_key_values=past, use_cache=True, logits_to_keep=1)
         past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
     return gen
+
+
+@torch.no_grad()
+def answer_scores(model, ids: torch.Tensor, answer: torch.Tensor) -> tuple[float, float]:
+    """Teacher-forced: mean NLL of the answer tokens after the prompt and the fraction that argmax
+    gets right (a graded NIAH signal next to exact match)."""
+    full = torch.cat([ids, answer.to(ids.device)], dim=1)
+    n = answer.shape[1]
+    logits = model(input_ids=full, use_cache=False, logits_to_keep=n + 1).logits[:, :-1].float()
+    lp = logits.log_softmax(-1)
+    tgt = answer.to(lp.device)
+    nll = float(-lp.gather(-1, tgt.unsqueeze(-1)).mean())
+    acc = float((logits.argmax(-1) == tgt).float().mean())
+    return nll, acc
 
 
 def native_pairs(L: int, k: int) -> int:
@@ -225,21 +243,25 @@ def main(argv=None):
             for pr in prompts:
                 gen = greedy(model, pr["ids"].to(device), a.niah_tokens)
                 text = tok.decode(gen, skip_special_tokens=True)
+                a_nll, a_acc = answer_scores(model, pr["ids"].to(device), pr["answer_ids"])
                 niah.append(dict(depth=round(pr["depth"], 3), value=pr["value"], answer=text,
-                                 correct=pr["value"] in text.replace(",", "")))
+                                 correct=pr["value"] in text.replace(",", ""), answer_nll=round(a_nll, 4),
+                                 answer_token_acc=round(a_acc, 4)))
             mean = (lambda v: sum(v) / len(v) if v else None)
             nll = mean(nlls)
             per[variant] = dict(
                 nll=nll, ppl=float(torch.tensor(nll).exp()) if nll is not None else None,
                 kl_vs_dense=mean(kls) if variant != "dense" else 0.0,
-                niah_acc=mean([float(x["correct"]) for x in niah]), niah=niah,
+                niah_acc=mean([float(x["correct"]) for x in niah]),
+                niah_answer_nll=mean([x["answer_nll"] for x in niah]),
+                niah_answer_token_acc=mean([x["answer_token_acc"] for x in niah]), niah=niah,
                 reduce_achieved=mean([r for r in reduces if r is not None]) if variant != "dense" else None,
                 pair_fraction=mean(fracs), seconds=round(time.time() - t0, 1),
             )
             p = per[variant]
             print(f"L={L} {variant:8s} ppl {p['ppl'] if p['ppl'] is None else round(p['ppl'], 3)} "
                   f"kl {p['kl_vs_dense'] if p['kl_vs_dense'] is None else round(p['kl_vs_dense'], 4)} "
-                  f"niah {p['niah_acc']} reduce {p['reduce_achieved']} pairs/dense "
+                  f"niah {p['niah_acc']} (answer nll {p['niah_answer_nll'] if p['niah_answer_nll'] is None else round(p['niah_answer_nll'], 3)}) reduce {p['reduce_achieved']} pairs/dense "
                   f"{p['pair_fraction'] if p['pair_fraction'] is None else round(p['pair_fraction'], 4)} "
                   f"({p['seconds']}s)", flush=True)
         if stem_boost.is_wrapped(dsa_model):

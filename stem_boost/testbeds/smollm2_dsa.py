@@ -325,7 +325,9 @@ def build_testbed(index_topk: int = DEFAULT_INDEX_TOPK, indexer: str = "trained"
                                   device=device)
     desc = (f"SmolLM2-135M-Instruct (GGUF Q4_1, 30 layers, GQA 9q/3kv x 64) + distilled lightning indexer "
             f"({indexer}), index_topk {index_topk}")
-    return Testbed(model=model, tokenizer=HFTokenizer(tok), name="smollm2_dsa", description=desc,
+    tokenizer = HFTokenizer(tok)
+    tokenizer.bos_id = None  # SmolLM2 adds no BOS (its "bos" is <|im_start|>); the indexer was trained without
+    return Testbed(model=model, tokenizer=tokenizer, name="smollm2_dsa", description=desc,
                    random_weights=False, family="dsa")
 
 
