@@ -33,10 +33,9 @@ import sys
 import torch
 
 from ..boost import boost_candidates
-from ..kernels import sparse_attention, sparse_attention_reference
 from ..oam import aggregate_heads, value_norms
 from ..select import Selection
-from .dsa import INDEXER_ATTRS, MLA_ATTRS, DSAState, _padding_mask, _record, _use_triton
+from .dsa import INDEXER_ATTRS, MLA_ATTRS, DSAState, _attend_expanded, _padding_mask, _record, _use_triton
 from .dsa_indexer import DEEPSEEK_V32, IndexerTopK, chunked_index_topk, indexer_qk, indexer_weights
 
 GQA_ATTRS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx")
@@ -128,13 +127,9 @@ def _indexer_mask(attention_mask, B: int, T: int):
     return _padding_mask(attention_mask, B, T)
 
 
-def gqa_attend(self, q, k, v, sel: Selection, triton_ok: bool) -> torch.Tensor:
-    """q [B, Hq, S, D], k / v [B, Hkv, T, D] -> [B, S, Hq, D]; one selection for all heads."""
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if triton_ok:
-        return sparse_attention(q, k, v, sel.idx, sel.counts, block_size=1, sm_scale=self.scaling,
-                                check_indices=False)
-    return sparse_attention_reference(q, k, v, sel.idx, sel.counts, block_size=1, sm_scale=self.scaling)
+# q [B, Hq, S, D], k / v [B, Hkv, T, D] -> [B, S, Hq, D] with one selection for all heads: the
+# same call as the expanded-MLA path of the DSA adapter.
+gqa_attend = _attend_expanded
 
 
 def stem_dsa_gqa_forward(

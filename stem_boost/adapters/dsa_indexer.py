@@ -56,7 +56,6 @@ try:  # the fused score kernel needs Triton (CUDA); the CPU path never calls it
     from ..kernels.indexer_scores import fused_index_scores
 except ImportError:  # pragma: no cover
     fused_index_scores = None
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
