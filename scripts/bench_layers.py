@@ -152,7 +152,6 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
         kern = lambda s: sparse_attention(q, kv, kv[..., :512], *part(s), block_size=1, check_indices=False)
         ms_k_native, _ = timed(lambda: kern(native))
         ms_k_stem, _ = timed(lambda: kern(sel))
-    scale = S / chunk  # the last chunk is the heaviest; report the whole-S estimate from it
     return dict(indexer_topk_ms=ms_index, stem_step_ms=ms_stem_step, value_norms_ms=ms_norms,
                 kernel_native_last_chunk_ms=ms_k_native, kernel_stem_last_chunk_ms=ms_k_stem, kernel_chunk=chunk)
 
