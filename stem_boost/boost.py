@@ -15,8 +15,7 @@ import functools
 import torch
 
 from .config import StemConfig
-from .oam import oam_bias
-from .oam import combine_scores
+from .oam import combine_scores, oam_bias
 from .select import Selection, stem_select, truncate_by_score
 from .tpd import BudgetPlan, plan_budgets, plan_uniform
 
