@@ -332,53 +332,12 @@ def build_testbed(index_topk: int = DEFAULT_INDEX_TOPK, indexer: str = "trained"
 
 
 def stem_wrap(model, **kwargs):
-    """`stem_boost.wrap(model, **kwargs)` for this GQA DSA model.
-
-    Until `stem_boost.api` dispatches GQA DSA layers to `adapters.dsa_gqa`, this installs the very
-    state `wrap` installs for the DSA family (DSAState per layer, the Stem forward, the
-    "stem_sparse" attention implementation), so `stem_boost.stats` / `unwrap` work on the result.
-    Set the native budget (`set_index_topk`) before wrapping.
-    """
+    """`stem_boost.wrap(model, **kwargs)` (kept for the scripts): `stem_boost.api` dispatches the GQA
+    attentions with an indexer to `adapters.dsa_gqa`. Set the native budget (`set_index_topk`)
+    before wrapping."""
     import stem_boost
 
-    from .. import api
-
-    try:
-        api._detect(model)
-    except ValueError:
-        return _wrap_by_hand(model, **kwargs)
     return stem_boost.wrap(model, **kwargs)
-
-
-def _wrap_by_hand(model, **kwargs):
-    import types
-
-    from .. import api
-    from ..adapters import dsa
-    from ..adapters.dsa_gqa import is_dsa_gqa_attention, stem_dsa_gqa_forward
-    from ..config import StemConfig
-    from ..stats import LayerStats
-
-    cfg = StemConfig(**kwargs)
-    info = getattr(model, "_stem_wrap", None)
-    if info is not None:
-        info.cfg = cfg
-        for m in info.modules:
-            m._stem.cfg = cfg
-        return model
-    modules = [m for m in model.modules() if is_dsa_gqa_attention(m)]
-    if not modules:
-        raise ValueError(f"{type(model).__name__} has no GQA DSA attention layer")
-    api._register_attention()
-    original = model.config._attn_implementation
-    shared = dsa.SharedTopK()
-    for m in modules:
-        m._stem = dsa.DSAState(cfg=cfg, stats=LayerStats(layer=int(m.layer_idx), family="dsa"), shared=shared,
-                               returns_topk=False, index_topk=int(m.indexer.index_topk))
-        m.forward = types.MethodType(stem_dsa_gqa_forward, m)
-    model.config._attn_implementation = api.ATTN_IMPLEMENTATION
-    model._stem_wrap = api._WrapInfo(family="dsa", cfg=cfg, modules=modules, original_attn=original)
-    return model
 
 
 # --------------------------------------------------------------------------------------------------
