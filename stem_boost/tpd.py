@@ -196,6 +196,18 @@ class BudgetPlan:
         )
 
 
+
+def _bisect(lo: float, hi: float, goes_high) -> tuple[float, float]:
+    """Shrink [lo, hi] to adjacent floats: `goes_high(mid)` True moves hi to mid, else lo."""
+    while True:
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            return lo, hi
+        if goes_high(mid):
+            hi = mid
+        else:
+            lo = mid
+
 def plan_budgets(
     available: torch.Tensor,
     k_native: int,
@@ -280,14 +292,7 @@ def plan_budgets(
         lo, hi, pairs_lo = None, alpha_min, None
     else:
         lo, hi = alpha_min, 1.0  # invariant: pairs(lo) < target <= pairs(hi); pairs(1) == native
-        while True:
-            mid = 0.5 * (lo + hi)
-            if mid in (lo, hi):
-                break
-            if pairs_at(mid) >= target:
-                hi = mid
-            else:
-                lo = mid
+        lo, hi = _bisect(lo, hi, lambda mid: pairs_at(mid) >= target)
         pairs_lo = pairs_at(lo)
     pairs_hi = pairs_at(hi)
 
@@ -363,14 +368,7 @@ def plan_uniform(
         f, reachable = 1.0, reduction(pairs_at(1.0)) >= reduce - 1e-12
     else:
         lo, hi = 0.0, 1.0  # invariant: pairs(lo) >= target > pairs(hi)
-        while True:
-            mid = 0.5 * (lo + hi)
-            if mid in (lo, hi):
-                break
-            if pairs_at(mid) >= target:
-                lo = mid
-            else:
-                hi = mid
+        lo, hi = _bisect(lo, hi, lambda mid: pairs_at(mid) < target)
         p_lo, p_hi = pairs_at(lo), pairs_at(hi)
         f = hi if abs(reduction(p_hi) - reduce) < abs(reduction(p_lo) - reduce) else lo
         reachable = True
