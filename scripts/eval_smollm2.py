@@ -1,12 +1,18 @@
 #!/usr/bin/env python
-"""Dense vs native DSA vs Stem (and its two ablations) on the SmolLM2-135M DSA testbed.
+"""Dense vs native sparse vs Stem (and its two ablations) on the SmolLM2-135M testbeds.
 
     python scripts/eval_smollm2.py --lengths 2048 4096 8192 --samples 8 --out reports/smollm2_eval.json  # GPU
+    python scripts/eval_smollm2.py --family infllmv2 --lengths 2048 4096 8192 --samples 8   # InfLLMv2, reduce 0.18
     python scripts/eval_smollm2.py --lengths 2048 --samples 2 --threads 1                                # CPU (slow)
 
-Variants (one SmolLM2 model with the trained indexers, native budget --index-topk tokens/query):
+Families (--family):
+  dsa       SmolLM2 + the trained lightning indexers (`testbeds.smollm2_dsa`), native budget
+            --index-topk tokens per query; Stem default reduce 0.15
+  infllmv2  SmolLM2 in the native MiniCPM-4.1 class with training-free InfLLMv2
+            (`testbeds.smollm2_infllmv2`; --topk blocks of 64 per query); Stem default reduce 0.18
+Variants:
   dense     the original model (SDPA, every causal key)
-  native    native DSA: the indexer's top-k keys per query
+  native    the native sparse model: the indexer's top-k keys / InfLLMv2's top-k blocks per query
   stem      stem_boost.wrap(reduce=r): OAM (beta 0.2) + TPD over the native candidates
   uniform   the TPD-off ablation at Stem's budget: schedule="uniform", OAM kept
   no_oam    the OAM-off ablation at Stem's budget: beta=0, TPD kept
@@ -19,8 +25,11 @@ Metrics per sequence length:
                      --niah-tokens tokens, exact match = the 7 digits appear in the answer
   niah_answer_nll    teacher-forced: mean NLL of the answer tokens (" " + digits) after the prompt,
   niah_answer_token_acc  and the fraction of them the argmax gets right (graded NIAH signals)
-  reduce_achieved    1 - attended pairs / native DSA pairs (from stem_boost.stats; 0 for native)
-  pair_fraction      attended (query, key) pairs / dense causal pairs, all layers
+  reduce_achieved    1 - attended pairs / native pairs (from stem_boost.stats; 0 for native;
+                     InfLLMv2: budgeted blocks, forced init / local blocks excluded, as the contract)
+  pair_fraction      attended (query, key) pairs / dense causal pairs, all layers (InfLLMv2:
+                     selected blocks x block size, forced blocks included, an upper bound near
+                     the diagonal)
 Decode steps of the Stem variants keep the native selection (stem_boost's rule); the prefill is
 where they differ. Results go to --out as JSON (rewritten after each length).
 """
@@ -43,6 +52,7 @@ import stem_boost  # noqa: E402
 from stem_boost.config import StemConfig  # noqa: E402
 from stem_boost.testbeds import _corpus  # noqa: E402
 from stem_boost.testbeds import smollm2_dsa as sd  # noqa: E402
+from stem_boost.testbeds import smollm2_infllmv2 as si  # noqa: E402
 from stem_boost.testbeds.smollm2 import load_smollm2  # noqa: E402
 
 VARIANTS = ("dense", "native", "stem", "uniform", "no_oam")
@@ -58,9 +68,12 @@ def parse_args(argv=None):
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--samples", type=int, default=4, help="perplexity windows and NIAH prompts per length")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    ap.add_argument("--reduce", type=float, default=0.15)
+    ap.add_argument("--family", choices=["dsa", "infllmv2"], default="dsa")
+    ap.add_argument("--reduce", type=float, default=None, help="default: 0.15 (dsa), 0.18 (infllmv2)")
     ap.add_argument("--beta", type=float, default=0.2)
     ap.add_argument("--index-topk", type=int, default=sd.DEFAULT_INDEX_TOPK)
+    ap.add_argument("--topk", type=int, default=None,
+                    help=f"infllmv2: top-k blocks per query (default {si.SPARSE['topk']})")
     ap.add_argument("--indexer", default="trained", help='"trained", "random" or a safetensors path')
     ap.add_argument("--niah-tokens", type=int, default=10)
     ap.add_argument("--no-niah", action="store_true")
@@ -170,10 +183,10 @@ def native_pairs(L: int, k: int) -> int:
 # --------------------------------------------------------------------------------------------------
 # Variants
 # --------------------------------------------------------------------------------------------------
-def configure(dsa_model, variant: str, a) -> None:
-    """Put the DSA model in `variant`'s state (native: unwrapped; the others: wrapped)."""
-    if stem_boost.is_wrapped(dsa_model):
-        stem_boost.unwrap(dsa_model)
+def configure(sparse_model, variant: str, a) -> None:
+    """Put the sparse model in `variant`'s state (native: unwrapped; the others: wrapped)."""
+    if stem_boost.is_wrapped(sparse_model):
+        stem_boost.unwrap(sparse_model)
     if variant == "native":
         return
     kw = dict(reduce=a.reduce, beta=a.beta)
@@ -183,7 +196,21 @@ def configure(dsa_model, variant: str, a) -> None:
         if "schedule" not in StemConfig.__dataclass_fields__:
             raise SystemExit("this stem_boost has no StemConfig.schedule: the 'uniform' ablation needs it")
         kw["schedule"] = "uniform"
-    sd.stem_wrap(dsa_model, **kw)
+    stem_boost.wrap(sparse_model, **kw)
+
+
+def attended_fraction(model, family: str, L: int, n_layers: int) -> tuple[float, float]:
+    """(Stem's, the native selection's) attended pairs / dense causal pairs of the last prefill."""
+    st = stem_boost.stats(model)
+    dense_pairs = L * (L + 1) // 2 * n_layers
+    if family == "dsa":
+        return st["stem_pairs"] / dense_pairs, st["native_pairs"] / dense_pairs
+    layers = stem_boost.layer_stats(model)
+    bs = model.config.sparse_config["block_size"]
+    kv = model.config.num_key_value_heads
+    stem = sum(s.stem_pairs + s.forced_pairs for s in layers) * bs / kv
+    native = sum(s.native_pairs + s.forced_pairs for s in layers) * bs / kv
+    return min(1.0, stem / dense_pairs), min(1.0, native / dense_pairs)
 
 
 def main(argv=None):
@@ -194,12 +221,19 @@ def main(argv=None):
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     dense, tok = load_smollm2(dtype=dtype, device=device)
-    dsa_model, _ = sd.load_smollm2_dsa(index_topk=a.index_topk, indexer=a.indexer, dtype=dtype, device=device)
+    if a.reduce is None:
+        a.reduce = 0.15 if a.family == "dsa" else 0.18
+    if a.family == "dsa":
+        sparse_model, _ = sd.load_smollm2_dsa(index_topk=a.index_topk, indexer=a.indexer, dtype=dtype, device=device)
+    else:
+        sparse_model = si.minicpm4_from_llama(dense, dict(si.SPARSE, **({"topk": a.topk} if a.topk else {})))
     n_layers = dense.config.num_hidden_layers
     stream = heldout_ids(tok)
     res = dict(
         config=dict(vars(a), dtype=str(dtype).replace("torch.", ""), model="SmolLM2-135M-Instruct GGUF Q4_1",
-                    indexer_file=str(sd.INDEXER_FILE) if a.indexer == "trained" else a.indexer,
+                    indexer_file=(str(sd.INDEXER_FILE) if a.indexer == "trained" else a.indexer)
+                    if a.family == "dsa" else None,
+                    sparse_config=sparse_model.config.sparse_config if a.family == "infllmv2" else None,
                     heldout_tokens=int(stream.numel()), heldout=list(_corpus.heldout_texts())),
         env=dict(python=platform.python_version(), torch=torch.__version__,
                  device=torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
@@ -217,11 +251,12 @@ def main(argv=None):
         prompts = [] if a.no_niah else niah_prompts(tok, stream, L, a.samples, a.seed)
         dense_h = [final_hidden(dense, w) for w in wins]
         per = {}
+        native_fracs = []  # the native selection's pairs, counted by the wrapped variants (InfLLMv2)
         for variant in a.variants:
             t0 = time.time()
-            model = dense if variant == "dense" else dsa_model
+            model = dense if variant == "dense" else sparse_model
             if variant != "dense":
-                configure(dsa_model, variant, a)
+                configure(sparse_model, variant, a)
             nlls, kls, reduces, fracs = [], [], [], []
             for w, hd in zip(wins, dense_h):
                 h = hd if variant == "dense" else final_hidden(model, w)
@@ -234,11 +269,13 @@ def main(argv=None):
                     fracs.append(1.0)
                 elif variant == "native":
                     reduces.append(0.0)
-                    fracs.append(native_pairs(L, a.index_topk) * n_layers / dense_pairs)
+                    if a.family == "dsa":
+                        fracs.append(native_pairs(L, a.index_topk) * n_layers / dense_pairs)
                 else:
-                    st = stem_boost.stats(model)
-                    reduces.append(st["reduce_achieved"])
-                    fracs.append(st["stem_pairs"] / dense_pairs)
+                    reduces.append(stem_boost.stats(model)["reduce_achieved"])
+                    frac, frac_native = attended_fraction(model, a.family, L, n_layers)
+                    fracs.append(frac)
+                    native_fracs.append(frac_native)
             niah = []
             for pr in prompts:
                 gen = greedy(model, pr["ids"].to(device), a.niah_tokens)
@@ -264,8 +301,10 @@ def main(argv=None):
                   f"niah {p['niah_acc']} (answer nll {p['niah_answer_nll'] if p['niah_answer_nll'] is None else round(p['niah_answer_nll'], 3)}) reduce {p['reduce_achieved']} pairs/dense "
                   f"{p['pair_fraction'] if p['pair_fraction'] is None else round(p['pair_fraction'], 4)} "
                   f"({p['seconds']}s)", flush=True)
-        if stem_boost.is_wrapped(dsa_model):
-            stem_boost.unwrap(dsa_model)
+        if stem_boost.is_wrapped(sparse_model):
+            stem_boost.unwrap(sparse_model)
+        if "native" in per and per["native"]["pair_fraction"] is None and native_fracs:
+            per["native"]["pair_fraction"] = sum(native_fracs) / len(native_fracs)
         res["results"][str(L)] = per
         res["seconds"] = round(time.time() - t_all, 1)
         out_path.write_text(json.dumps(res, indent=1))

@@ -133,7 +133,7 @@ def test_triton_kernel_path_matches_reference(dsa_model):
             got = attn(x, pe)[0]
         finally:
             attn.backend = "auto"
-    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)  # outputs reach |67|: fp32 rounding
+        torch.testing.assert_close(got, ref, atol=3e-4, rtol=1e-5)  # outputs reach |67|: fp32 rounding (the CPU path sums in another order)
 
 
 def test_trained_indexer_recall_beats_random(dense, heldout_ids):

@@ -24,7 +24,7 @@ import torch
 
 from ..boost import boost_candidates
 from ..config import StemConfig
-from ..kernels import sparse_attention, sparse_attention_reference
+from ..kernels import sparse_attention, sparse_attention_cpu
 from ..oam import aggregate_heads, value_norms
 from ..select import Selection
 from ..stats import LayerStats
@@ -106,7 +106,7 @@ def _attend_expanded(self, query_states, key_states, value_states, sel: Selectio
     if triton_ok:
         return sparse_attention(q, k, v, sel.idx, sel.counts, block_size=1, sm_scale=self.scaling,
                                 check_indices=False)
-    return sparse_attention_reference(q, k, v, sel.idx, sel.counts, block_size=1, sm_scale=self.scaling)
+    return sparse_attention_cpu(q, k, v, sel.idx, sel.counts, block_size=1, sm_scale=self.scaling)
 
 
 def _attend_absorbed(self, q_pass, q_rot, latent, k_rot, sel: Selection):

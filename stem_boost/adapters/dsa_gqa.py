@@ -13,7 +13,7 @@ the same Stem path for an attention whose main branch is plain grouped-query att
      and TPD truncation under the `reduce` contract (`boost.boost_candidates`);
   4. attention over the selected token lists, one list shared by all heads (Hsel = 1): the shared
      Triton kernel on CUDA (`sparse_attention`, G = Hq / Hkv query heads tiled per KV head),
-     `sparse_attention_reference` on the CPU. Never a dense S x T mask.
+     `sparse_attention_cpu` on the CPU. Never a dense S x T mask.
 Decode (one query) keeps the native selection (full budget), as in `dsa`.
 
 Structure the detector looks for (`is_dsa_gqa_attention`): q_proj, k_proj, v_proj, o_proj,

@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from .masked import sparse_attention_masked
 from .reference import sparse_attention_reference
 
 try:  # Triton is optional on the CPU; required for CUDA tensors.
@@ -151,6 +152,15 @@ def _v_is_k_prefix(k: torch.Tensor, v: torch.Tensor) -> bool:
     )
 
 
+def sparse_attention_cpu(q, k, v, idx, counts, *, block_size: int, **kwargs):
+    """The PyTorch executors (no Triton, no checks): `sparse_attention_masked` (dense matmuls under
+    the selection's mask), or the gather reference when the selection covers < 1/64 of the keys.
+    Same arguments as `sparse_attention_reference`."""
+    if k.shape[1] <= 64 * idx.shape[-1] * block_size:
+        return sparse_attention_masked(q, k, v, idx, counts, block_size=block_size, **kwargs)
+    return sparse_attention_reference(q, k, v, idx, counts, block_size=block_size, **kwargs)
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -170,8 +180,9 @@ def sparse_attention(
 ):
     """Attention of every query row over its selected keys (see the module docstring for shapes).
 
-    Runs the Triton kernel on CUDA tensors (and on the CPU under TRITON_INTERPRET=1); otherwise the
-    PyTorch reference. `tiles` overrides the tile choice (benchmarks); `check_indices=False` skips
+    Runs the Triton kernel on CUDA tensors (and on the CPU under TRITON_INTERPRET=1); otherwise
+    PyTorch: `sparse_attention_masked` (dense matmuls under the selection's mask), or the gather
+    reference when the selection covers less than 1/64 of the keys. `tiles` overrides the tile choice (benchmarks); `check_indices=False` skips
     the index-range pass when the caller built the selection itself.
     """
     check_inputs(q, k, v, idx, counts, block_size, query_block, sinks)
@@ -189,7 +200,8 @@ def sparse_attention(
     if q.is_cuda and not HAS_TRITON:
         raise RuntimeError("CUDA tensors need Triton for sparse_attention; install triton (pip install triton)")
     if not use_triton or not HAS_TRITON:
-        return sparse_attention_reference(
+        # CPU: masked dense matmuls beat the gather unless the selection is very sparse (< 1/64 of T)
+        return sparse_attention_cpu(
             q, k, v, idx, counts, block_size=block_size, query_block=query_block, causal=causal,
             sm_scale=scale, return_lse=return_lse, sinks=sinks, q_offset=offset,
         )

@@ -27,7 +27,7 @@ The indexer (`SmolIndexer`) is DeepSeek-V3.2's `Indexer`, scaled down (defaults 
 x is the layer's input to attention (after `input_layernorm`). `SmolDSAAttention` replaces
 `LlamaAttention` in each layer: same q/k/v/o projections, plus the indexer; its forward is
 native DSA: the indexer's top-k keys per query (one list for all 9 heads, Hsel = 1), attention over
-those keys only (`stem_boost.kernels.sparse_attention` on CUDA, `sparse_attention_reference` on the
+those keys only (`stem_boost.kernels.sparse_attention` on CUDA, `sparse_attention_cpu` on the
 CPU; no S x T mask). With index_topk >= the sequence length it is exactly dense attention.
 """
 

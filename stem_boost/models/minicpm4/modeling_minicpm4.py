@@ -42,6 +42,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
+from ...kernels import HAS_TRITON, sparse_attention
 from .configuration_minicpm4 import MiniCPM4Config
 from .infllmv2 import BlockScores, BlockSelection, InfLLMv2Params, infllmv2_select, infllmv2_sparse_attention
 
@@ -179,6 +180,21 @@ def _eager_attention(module, query, key, value, attention_mask, scaling, dropout
 RescoreHook = Callable[..., BlockScores]
 
 
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, block_size: int,
+                           *, q_offset: int, sm_scale: float) -> torch.Tensor:
+    """The native block-sparse attention: q [B, Hq, S, D], k / v [B, Hk, T, D], idx [B, Hk, S, K]
+    (left-packed block numbers, -1 padded) -> [B, Hq, S, D]. The shared Triton kernel in block mode
+    on CUDA (the official model calls OpenBMB's CUDA kernel here), :func:`infllmv2_sparse_attention`
+    elsewhere; the two agree (tests/test_infllmv2_kernel.py)."""
+    if q.is_cuda and HAS_TRITON:
+        counts = (idx >= 0).sum(-1).to(torch.int32)
+        out = sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), idx, counts,
+                               block_size=block_size, query_block=1, sm_scale=sm_scale, q_offset=q_offset,
+                               check_indices=False)
+        return out.transpose(1, 2)
+    return infllmv2_sparse_attention(q, k, v, idx, block_size, q_offset=q_offset, sm_scale=sm_scale)
+
+
 class MiniCPM4Attention(nn.Module):
     """MiniCPM attention (``MiniCPMInfLLMv2Attention`` when ``sparse_config`` is set).
 
@@ -186,7 +202,10 @@ class MiniCPM4Attention(nn.Module):
         ``rescore``: called per chunk between the native InfLLMv2 block scores and the top-k.
         ``selection_hook(layer_idx, BlockSelection)``: sees every sparse selection.
         ``sparse_attention_fn(q, k, v, idx, block_size, q_offset=, sm_scale=)``: the block-sparse
-        attention (default: the PyTorch :func:`infllmv2_sparse_attention`).
+        attention (default :func:`block_sparse_attention`: the shared Triton kernel on CUDA, the
+        PyTorch :func:`infllmv2_sparse_attention` elsewhere).
+    ``select_chunk_size``: query rows scored per selection step (``None``: 1024 on CUDA, 64 on the
+    CPU; memory grows with it as ``B * Hk * chunk * n_blocks`` fp32 scores).
     """
 
     def __init__(self, config: MiniCPM4Config, layer_idx: int):
@@ -208,8 +227,8 @@ class MiniCPM4Attention(nn.Module):
         self.infllmv2: InfLLMv2Params | None = config.infllmv2
         self.rescore: RescoreHook | None = None
         self.selection_hook: Callable[[int, BlockSelection], None] | None = None
-        self.sparse_attention_fn: Callable[..., torch.Tensor] = infllmv2_sparse_attention
-        self.select_chunk_size = 64
+        self.sparse_attention_fn: Callable[..., torch.Tensor] = block_sparse_attention
+        self.select_chunk_size: int | None = None
         self.attn_chunk_size = 64
 
     def _nope_keys(self, cache: Cache | None, k_nope: torch.Tensor) -> torch.Tensor:
@@ -263,8 +282,8 @@ class MiniCPM4Attention(nn.Module):
             rescore = None
             if self.rescore is not None:
                 rescore = functools.partial(self.rescore, layer_idx=self.layer_idx, q=q, k=k, v=v)
-            selection = infllmv2_select(sel_q, sel_k, params, q_offset=T - S, chunk_size=self.select_chunk_size,
-                                        rescore=rescore)
+            chunk = self.select_chunk_size or (1024 if q.is_cuda else 64)
+            selection = infllmv2_select(sel_q, sel_k, params, q_offset=T - S, chunk_size=chunk, rescore=rescore)
             if self.selection_hook is not None:
                 self.selection_hook(self.layer_idx, selection)
             out = self.sparse_attention_fn(q, k, v, selection.idx, params.block_size, q_offset=T - S,

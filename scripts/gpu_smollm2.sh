@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# SmolLM2-135M evaluation on a GPU machine (the real-weights testbed): dense vs native vs Stem vs the
+# two ablations at 2K-8K, DSA (two native budgets) and InfLLMv2, three processes side by side.
+#
+# The device machine has no network and a call carries at most 64 MiB, the GGUF is 98 MB: it travels
+# in two pieces over two calls (`split -b 52428800 -d <gguf> gguf_part_`; call 1 copies
+# .gguf_a/gguf_part_00 to /tmp/gguf/, call 2 carries .gguf_b/gguf_part_01 and the wheels of gguf and
+# accelerate in .whl_sm/ and runs this script). Usage: bash scripts/gpu_smollm2.sh OUT_DIR
+set -uo pipefail
+out=${1:-/tmp/smollm2_out}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_sm/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+gguf=/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+cat /tmp/gguf/gguf_part_00 .gguf_b/gguf_part_01 > "$gguf" || exit 1
+echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $gguf" | sha256sum -c - || exit 1
+export STEM_BOOST_SMOLLM2_GGUF=$gguf STEM_BOOST_CACHE=/tmp/sbcache PYTHONUNBUFFERED=1
+python -c "from stem_boost.testbeds.smollm2 import load_smollm2; load_smollm2()" > "$out/setup.log" 2>&1 || { tail "$out/setup.log"; exit 1; }
+limit=${EVAL_LIMIT_S:-470}
+samples=${EVAL_SAMPLES:-8}
+timeout "$limit" python scripts/eval_smollm2.py --family dsa --index-topk 512 --samples "$samples" \
+  --out "$out/smollm2_dsa_top512.json" > "$out/dsa_top512.log" 2>&1 &
+timeout "$limit" python scripts/eval_smollm2.py --family dsa --index-topk 1024 --samples "$samples" \
+  --out "$out/smollm2_dsa_top1024.json" > "$out/dsa_top1024.log" 2>&1 &
+timeout "$limit" python scripts/eval_smollm2.py --family infllmv2 --samples "$samples" \
+  --out "$out/smollm2_infllmv2.json" > "$out/infllmv2.log" 2>&1 &
+wait
+for f in "$out"/*.log; do echo "== $f"; grep -E "^L=|Error|error" "$f" | tail -20; done
