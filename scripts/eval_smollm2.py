@@ -16,6 +16,8 @@ Variants:
   stem      stem_boost.wrap(reduce=r): OAM (beta 0.2) + TPD over the native candidates
   uniform   the TPD-off ablation at Stem's budget: schedule="uniform", OAM kept
   no_oam    the OAM-off ablation at Stem's budget: beta=0, TPD kept
+  mass      this project's variant at Stem's budget: schedule="mass" (the cut goes to the pairs
+            with the lowest probability the native scores predict; `stem_boost.mass`), OAM kept
 Metrics per sequence length:
   ppl / nll          held-out text (pydoc_data held-out topics, then the Debian licenses if
                      present), --samples windows of exactly L tokens, next-token NLL at every position
@@ -49,13 +51,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import stem_boost  # noqa: E402
-from stem_boost.config import StemConfig  # noqa: E402
 from stem_boost.testbeds import _corpus  # noqa: E402
 from stem_boost.testbeds import smollm2_dsa as sd  # noqa: E402
 from stem_boost.testbeds import smollm2_infllmv2 as si  # noqa: E402
 from stem_boost.testbeds.smollm2 import load_smollm2  # noqa: E402
 
-VARIANTS = ("dense", "native", "stem", "uniform", "no_oam")
+VARIANTS = ("dense", "native", "stem", "uniform", "no_oam", "mass")
 NEEDLE = "The special magic number for {key} is {value}."
 QUESTION = "What is the special magic number for {key} mentioned in the provided text? " \
            "The special magic number for {key} mentioned in the provided text is"
@@ -192,10 +193,8 @@ def configure(sparse_model, variant: str, a) -> None:
     kw = dict(reduce=a.reduce, beta=a.beta)
     if variant == "no_oam":
         kw["beta"] = 0.0
-    if variant == "uniform":
-        if "schedule" not in StemConfig.__dataclass_fields__:
-            raise SystemExit("this stem_boost has no StemConfig.schedule: the 'uniform' ablation needs it")
-        kw["schedule"] = "uniform"
+    if variant in ("uniform", "mass"):
+        kw["schedule"] = variant
     stem_boost.wrap(sparse_model, **kw)
 
 

@@ -15,6 +15,7 @@ import functools
 import torch
 
 from .config import StemConfig
+from .mass import mass_budgets
 from .oam import combine_scores, oam_bias
 from .select import Selection, stem_select, truncate_by_score
 from .tpd import BudgetPlan, plan_budgets, plan_uniform
@@ -28,7 +29,7 @@ def _cached_plan(available_key: tuple, k_native: int, reduce: float, alpha_min: 
         available = torch.arange(b, dtype=torch.long) + a + 1
     else:
         available = torch.tensor(a, dtype=torch.long)
-    if schedule == "uniform":
+    if schedule in ("uniform", "mass"):  # mass: the per-row budgets come from the scores (boost_candidates)
         return plan_uniform(available, k_native, reduce)
     return plan_budgets(available, k_native, reduce, alpha_min=alpha_min)
 
@@ -72,6 +73,8 @@ def boost_candidates(
     if cfg.beta > 0 and key_norms is not None:
         bias = oam_bias(key_norms, beta=cfg.beta, norm=cfg.oam_norm, valid=key_valid)
     budgets = plan.budgets.to(cand_idx.device)
+    if cfg.schedule == "mass":  # [B, Hsel, R]: the cut where the native scores predict the least mass
+        budgets = mass_budgets(cand_scores, cand_idx >= 0, cfg.reduce, space=score_space)
     B, Hsel, R, Kc = cand_idx.shape
     if forced_idx is None and score_space == "logit" and cand_idx.is_cuda:
         # GPU fast path (no forced keys: DSA): OAM score then two sorts per row, in row chunks
@@ -87,7 +90,7 @@ def boost_candidates(
     for r0 in range(0, R, row_chunk):
         r1 = min(R, r0 + row_chunk)
         part = stem_select(
-            cand_idx[:, :, r0:r1], cand_scores[:, :, r0:r1], budgets[r0:r1], key_bias=bias,
+            cand_idx[:, :, r0:r1], cand_scores[:, :, r0:r1], budgets[..., r0:r1], key_bias=bias,
             score_space=score_space, forced_idx=None if forced_idx is None else forced_idx[:, :, r0:r1],
             block_size=block_size, query_block=query_block,
         )
@@ -112,7 +115,7 @@ def _truncate_in_chunks(cand_idx, cand_scores, bias, budgets, block_size, query_
             b = bias.expand(B, Hsel, -1)
             gathered = b.gather(-1, ci.clamp_min(0).long().flatten(-2)).view_as(ci)
             cs = combine_scores(cs, gathered, space="logit")
-        part = truncate_by_score(ci, cs, budgets[r0:r1], block_size=block_size, query_block=query_block)
+        part = truncate_by_score(ci, cs, budgets[..., r0:r1], block_size=block_size, query_block=query_block)
         w = part.idx.shape[-1]
         idx[:, :, r0:r1, :w] = part.idx
         counts[:, :, r0:r1] = part.counts

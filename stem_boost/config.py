@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 OAM_NORMS = ("zscore", "raw")
 HEAD_AGGREGATIONS = ("rms", "max", "mean")
 BACKENDS = ("auto", "triton", "reference")
-SCHEDULES = ("tpd", "uniform")
+SCHEDULES = ("tpd", "uniform", "mass")
 MAX_REDUCE = 0.9
 
 
@@ -27,7 +27,9 @@ class StemConfig:
                 indexer on tensor cores (faster on GPUs, selection equal up to near-ties).
     schedule:   "tpd" (Token Position-Decay, the paper) or "uniform" (the TPD-off ablation: every
                 row keeps the same fraction of its native budget, solved so that the same total
-                number of pairs is removed; see `tpd.plan_uniform`).
+                number of pairs is removed; see `tpd.plan_uniform`) or "mass" (this project's
+                variant: the cut goes to the candidate pairs with the lowest probability that the
+                native scores predict, over all rows at once; see `stem_boost.mass`).
     """
 
     reduce: float = 0.15

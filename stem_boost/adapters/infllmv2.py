@@ -23,6 +23,7 @@ import torch
 
 from ..boost import plan_for
 from ..config import StemConfig
+from ..mass import mass_budgets
 from ..kernels import sparse_attention
 from ..oam import block_max, combine_scores, oam_bias, value_norms
 from ..stats import LayerStats
@@ -47,6 +48,7 @@ class InfState:
     plan: BudgetPlan | None = None
     native_rows: torch.Tensor | None = None  # [R] native free blocks per query-block row
     budgets: torch.Tensor | None = None  # plan.budgets on the model's device
+    native_dev: torch.Tensor | None = None  # native_rows on the model's device
     bias_key: tuple | None = None
     bias: torch.Tensor | None = None
     last_selection: object | None = None
@@ -86,14 +88,30 @@ def _rescore(state: InfState, bs, *, layer_idx: int, q: torch.Tensor, k: torch.T
         state.plan = _plan(state, params, T, S)
         # one host-to-device copy per forward: a pageable copy per chunk would stall the launches
         state.budgets = state.plan.budgets.to(q.device)
+        state.native_dev = state.native_rows.to(q.device)
+    rows = torch.div(bs.q_pos - (T - S), params.block_size, rounding_mode="floor")
+    k_free = state.budgets[rows]
+    if cfg.schedule == "mass":  # this chunk's cut goes to the native free blocks of least predicted mass
+        k_free = _mass_k_free(bs, state.native_dev[rows], cfg.reduce)
     if cfg.beta > 0:
         nb = bs.scores.shape[-1]
         bias = _block_bias(state, v, params.block_size)[..., :nb].unsqueeze(2)  # [B, Hk, 1, nb]
         scores = combine_scores(bs.scores, bias.expand_as(bs.scores), space="prob")
         bs.scores = torch.where(bs.forced & bs.candidate, bs.scores, scores)
-    rows = torch.div(bs.q_pos - (T - S), params.block_size, rounding_mode="floor")
-    bs.k_free = state.budgets[rows]
+    bs.k_free = k_free
     return bs
+
+
+def _mass_k_free(bs, native_free: torch.Tensor, reduce: float) -> torch.Tensor:
+    """[B, Hk, C] budgets of non-forced blocks for `schedule="mass"`: the native free selection of each
+    token row (its top `native_free[c]` non-forced candidates by native score) minus the `reduce`
+    fraction of this chunk's pairs with the lowest mass (`stem_boost.mass`)."""
+    free = (bs.candidate & ~bs.forced).expand_as(bs.scores)  # [C, NB] -> [B, Hk, C, NB]
+    ranked = bs.scores.masked_fill(~free, float("-inf")).sort(dim=-1, descending=True)
+    arange = torch.arange(free.shape[-1], device=free.device).expand_as(free)
+    rank = torch.empty_like(ranked.indices).scatter_(-1, ranked.indices, arange)
+    native_sel = free & (rank < native_free.view(1, 1, -1, 1))
+    return mass_budgets(bs.scores, native_sel, reduce, space="prob")
 
 
 def _on_selection(state: InfState, layer_idx: int, selection) -> None:
