@@ -20,7 +20,7 @@ import yaml
 
 __all__ = ["ConfigError", "DEFAULT_CONFIG", "MODES", "SCHEMA", "TASK_NAMES", "load_config", "packaged_configs"]
 
-MODES = ("dense", "native", "stem", "uniform", "no_oam")
+MODES = ("dense", "native", "stem", "uniform", "no_oam", "mass")
 DEFAULT_CONFIG = "tiny_dsa"
 
 

@@ -34,7 +34,7 @@ SUMMARY_COLUMNS = [
 ]
 FORMATS = {"ratio": "{:.3f}", "pct": "{:.2%}", "score": "{:.2f}", "ppl": "{:.3f}", "sci": "{:.3e}",
            "err": "{:.4f}", "ms": "{:.1f}", "int": "{:d}"}
-MODE_COLORS = {"dense": "#444444", "native": "#1f77b4", "stem": "#d62728", "uniform": "#2ca02c", "no_oam": "#ff7f0e"}
+MODE_COLORS = {"dense": "#444444", "native": "#1f77b4", "stem": "#d62728", "uniform": "#2ca02c", "no_oam": "#ff7f0e", "mass": "#9467bd"}
 
 
 def fmt(value, kind: str) -> str:
@@ -103,7 +103,7 @@ def _plot_budget(res: dict, path: Path, plt) -> bool:
     return True
 
 
-MODE_MARKERS = {"dense": "o", "native": "s", "stem": "*", "uniform": "D", "no_oam": "^"}
+MODE_MARKERS = {"dense": "o", "native": "s", "stem": "*", "uniform": "D", "no_oam": "^", "mass": "P"}
 
 
 def _plot_accuracy(res: dict, path: Path, plt) -> bool:

@@ -9,6 +9,8 @@ Modes (always run in this order, so that the references exist when the others ar
   uniform  ablation at Stem's budget: OAM on, TPD off (every row keeps the same fraction of its
            native budget; StemConfig.schedule="uniform")
   no_oam   ablation at Stem's budget: TPD on, OAM off (beta = 0)
+  mass     this project's variant at Stem's budget: schedule="mass" (the cut goes to the pairs of
+           least predicted attention mass, `stem_boost.mass`), OAM on
 With several `stem.reduce` values the three Stem modes run once per value ("stem@0.15", ...).
 
 Per mode: RULER-style tasks (greedy generation, RULER's scoring), perplexity on English text,
@@ -43,7 +45,7 @@ __all__ = ["Mode", "build_modes", "load_model", "run"]
 @dataclass(frozen=True)
 class Mode:
     name: str
-    kind: str  # dense | native | stem | uniform | no_oam
+    kind: str  # dense | native | stem | uniform | no_oam | mass
     reduce: float | None = None
 
     def wrap_kwargs(self, stem_cfg: dict) -> dict | None:
@@ -54,7 +56,7 @@ class Mode:
         if self.kind == "native":
             return dict(common, reduce=0.0, beta=0.0)
         beta = 0.0 if self.kind == "no_oam" else float(stem_cfg["beta"])
-        schedule = "uniform" if self.kind == "uniform" else "tpd"
+        schedule = self.kind if self.kind in ("uniform", "mass") else "tpd"
         return dict(common, reduce=self.reduce, beta=beta, schedule=schedule)
 
     def describe(self, stem_cfg: dict) -> str:
@@ -64,7 +66,8 @@ class Mode:
             return "native sparse selection (stem_boost.wrap reduce=0, beta=0)"
         kw = self.wrap_kwargs(stem_cfg)
         what = {"stem": "Stem (OAM + TPD)", "uniform": "ablation: OAM + uniform truncation (no TPD)",
-                "no_oam": "ablation: TPD without OAM (beta=0)"}[self.kind]
+                "no_oam": "ablation: TPD without OAM (beta=0)",
+                "mass": "mass-aware budgets (this project's variant; OAM on)"}[self.kind]
         return f"{what}: reduce={kw['reduce']:g} beta={kw['beta']:g} schedule={kw['schedule']}"
 
 
@@ -73,7 +76,7 @@ def build_modes(cfg: dict) -> list[Mode]:
     reduces = cfg["stem"]["reduce"]
     out = [Mode(k, k) for k in ("dense", "native") if k in wanted]
     for r in reduces:
-        for kind in ("stem", "uniform", "no_oam"):
+        for kind in ("stem", "uniform", "no_oam", "mass"):
             if kind in wanted:
                 out.append(Mode(kind if len(reduces) == 1 else f"{kind}@{r:g}", kind, r))
     return out
