@@ -156,13 +156,18 @@ def _attend(state: InfState, native_fn, q, k, v, idx, block_size, *, q_offset: i
 
 def wrap_modules(modules: list[torch.nn.Module], cfg: StemConfig) -> None:
     """Install the Stem hooks on native MiniCPM-4 attention modules."""
+    from . import infllmv2_remote
+
     for m in modules:
         if not all(hasattr(m, h) for h in HOOKS):
-            raise ValueError(
-                f"{type(m).__name__} (layer {getattr(m, 'layer_idx', '?')}) has no InfLLMv2 hook points: load the "
-                "checkpoint with stem_boost.models.minicpm4 (AutoModelForCausalLM after `import stem_boost`, no "
-                "trust_remote_code) — it reads the official config.json and safetensors as they are"
-            )
+            if not infllmv2_remote.is_remote_infllmv2_attention(m):
+                raise ValueError(
+                    f"{type(m).__name__} (layer {getattr(m, 'layer_idx', '?')}) has neither the InfLLMv2 hook points "
+                    f"nor the remote-code attributes {infllmv2_remote.REMOTE_ATTRS}: load the checkpoint with "
+                    "stem_boost.models.minicpm4 (no trust_remote_code) — it reads the official config.json and "
+                    "safetensors as they are"
+                )
+            infllmv2_remote.install(m)  # trust_remote_code modules: native hook points and forward
         state = InfState(cfg=cfg, stats=LayerStats(layer=int(m.layer_idx), family="infllmv2"),
                          saved=tuple(getattr(m, h) for h in HOOKS))
         m._stem = state
@@ -176,3 +181,7 @@ def unwrap_modules(modules: list[torch.nn.Module]) -> None:
         for h, fn in zip(HOOKS, m._stem.saved):
             setattr(m, h, fn)
         del m._stem
+        if getattr(m, "_stem_remote", False):
+            from . import infllmv2_remote
+
+            infllmv2_remote.uninstall(m)

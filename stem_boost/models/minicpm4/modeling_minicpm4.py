@@ -195,6 +195,26 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, id
     return infllmv2_sparse_attention(q, k, v, idx, block_size, q_offset=q_offset, sm_scale=sm_scale)
 
 
+def infllmv2_sparse_forward(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            params: InfLLMv2Params, *, q_nope: torch.Tensor | None = None,
+                            k_nope: torch.Tensor | None = None) -> torch.Tensor:
+    """The InfLLMv2 sparse path of one attention module: selection (with the module's ``rescore``
+    and ``selection_hook``), then ``module.sparse_attention_fn``. q [B, Hq, S, D] (RoPE applied),
+    k / v [B, Hk, T, D] (the whole cache); q_nope / k_nope: pre-RoPE copies for ``use_nope``.
+    Returns [B, Hq, S, D]. Shared by :class:`MiniCPM4Attention` and the remote-code adapter."""
+    S, T = q.shape[2], k.shape[2]
+    sel_q, sel_k = (q_nope, k_nope) if params.use_nope else (q, k)
+    rescore = None
+    if module.rescore is not None:
+        rescore = functools.partial(module.rescore, layer_idx=module.layer_idx, q=q, k=k, v=v)
+    chunk = module.select_chunk_size or (1024 if q.is_cuda else 64)
+    selection = infllmv2_select(sel_q, sel_k, params, q_offset=T - S, chunk_size=chunk, rescore=rescore)
+    if module.selection_hook is not None:
+        module.selection_hook(module.layer_idx, selection)
+    return module.sparse_attention_fn(q, k, v, selection.idx, params.block_size, q_offset=T - S,
+                                      sm_scale=module.scaling)
+
+
 class MiniCPM4Attention(nn.Module):
     """MiniCPM attention (``MiniCPMInfLLMv2Attention`` when ``sparse_config`` is set).
 
@@ -278,16 +298,7 @@ class MiniCPM4Attention(nn.Module):
                     "InfLLMv2 sparse attention is implemented for unpadded batches only (all-ones attention_mask); "
                     "run padded sequences one at a time"
                 )
-            sel_q, sel_k = (q_nope, k_nope) if use_nope else (q, k)
-            rescore = None
-            if self.rescore is not None:
-                rescore = functools.partial(self.rescore, layer_idx=self.layer_idx, q=q, k=k, v=v)
-            chunk = self.select_chunk_size or (1024 if q.is_cuda else 64)
-            selection = infllmv2_select(sel_q, sel_k, params, q_offset=T - S, chunk_size=chunk, rescore=rescore)
-            if self.selection_hook is not None:
-                self.selection_hook(self.layer_idx, selection)
-            out = self.sparse_attention_fn(q, k, v, selection.idx, params.block_size, q_offset=T - S,
-                                           sm_scale=self.scaling)
+            out = infllmv2_sparse_forward(self, q, k, v, params, q_nope=q_nope, k_nope=k_nope)
             out = out.transpose(1, 2)
         return self.o_proj(out.reshape(B, S, self.num_heads * self.head_dim))
 

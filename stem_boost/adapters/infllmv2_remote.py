@@ -1,0 +1,123 @@
+"""MiniCPM-4 / 4.1 loaded with ``trust_remote_code``: the official attention modules, duck-typed.
+
+OpenBMB's remote code (``modeling_minicpm.py`` of the MiniCPM4 / MiniCPM4.1 repositories; read
+through the copy of the MiniCPM-SALA variant in the search corpus, whose ``MiniCPMInfLLMv2Attention``
+is the same module) runs InfLLMv2 through the CUDA package ``infllm_v2`` and flash-attn. Its
+attention module exposes what this adapter needs:
+
+    q_proj, k_proj, v_proj, o_proj           the projections (GQA: num_heads, num_key_value_heads, head_dim)
+    config.sparse_config                      kernel_size, kernel_stride, init_blocks, block_size,
+                                              window_size, topk, use_nope, dense_len
+    rotary_emb(value_states, seq_len=) -> (cos, sin) tables [seq_len, head_dim], indexed by position_ids
+                                              (``apply_rotary_pos_emb(q, k, cos, sin, position_ids)``)
+    forward(hidden_states, attention_mask, position_ids, past_key_value, output_attentions, use_cache)
+        -> (attn_output, attn_weights, past_key_value); attention_mask is the 2-D padding mask;
+        ``past_key_value.update(k, v, layer_idx, cache_kwargs)`` returns the whole K / V [B, Hk, T, D]
+    optional: config.attn_use_rope (False: no RoPE), use_output_gate + o_gate (MiniCPM-SALA)
+
+`install` gives such a module the hook points of the native class (``infllmv2``, ``rescore``,
+``selection_hook``, ``sparse_attention_fn``, ``select_chunk_size``) and a forward with the same
+signature and return value that runs the native InfLLMv2 definition of `stem_boost.models.minicpm4`
+(the PyTorch selection, the shared Triton kernel on CUDA): no ``infllm_v2`` and no flash-attn needed.
+`stem_boost.wrap` then installs Stem exactly as on the native class; `unwrap` restores the module.
+The compressed-key caches of the remote cache class are not used: the selection recomputes the
+compression from the cached keys at each step (same result, more work per decode step).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import torch
+import torch.nn.functional as F
+
+from ..models.minicpm4.infllmv2 import InfLLMv2Params
+from ..models.minicpm4.modeling_minicpm4 import block_sparse_attention, infllmv2_sparse_forward
+
+REMOTE_ATTRS = ("q_proj", "k_proj", "v_proj", "o_proj", "num_heads", "num_key_value_heads", "head_dim", "layer_idx",
+                "rotary_emb")
+ADDED = ("infllmv2", "rescore", "selection_hook", "sparse_attention_fn", "select_chunk_size", "scaling", "forward",
+         "_stem_remote")
+
+__all__ = ["is_remote_infllmv2_attention", "install", "uninstall", "remote_forward"]
+
+
+def is_remote_infllmv2_attention(module: torch.nn.Module) -> bool:
+    """The official remote-code attention: its projections, ``rotary_emb`` and a ``sparse_config``,
+    without the native class's hook points."""
+    cfg = getattr(module, "config", None)
+    return (all(hasattr(module, a) for a in REMOTE_ATTRS) and getattr(cfg, "sparse_config", None) is not None
+            and not hasattr(module, "rescore"))
+
+
+def install(module: torch.nn.Module) -> None:
+    """Give a remote-code attention module the native hook points and forward (see module docstring)."""
+    clash = [a for a in ADDED if a in module.__dict__]
+    if clash:
+        raise ValueError(f"{type(module).__name__} already has {clash}: not the remote-code module this adapter knows")
+    module.infllmv2 = InfLLMv2Params.from_sparse_config(dict(module.config.sparse_config))
+    module.rescore = None
+    module.selection_hook = None
+    module.sparse_attention_fn = block_sparse_attention
+    module.select_chunk_size = None
+    module.scaling = module.head_dim ** -0.5
+    module.forward = types.MethodType(remote_forward, module)
+    module._stem_remote = True
+
+
+def uninstall(module: torch.nn.Module) -> None:
+    for a in ADDED:
+        module.__dict__.pop(a, None)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(q, k, cos, sin, position_ids):
+    """The remote code's ``apply_rotary_pos_emb`` (tables indexed by position_ids, fp32 products)."""
+    cos = cos[position_ids].unsqueeze(1).float()  # [B, 1, S, D]
+    sin = sin[position_ids].unsqueeze(1).float()
+    qf, kf = q.float(), k.float()
+    return (qf * cos + _rotate_half(qf) * sin).to(q.dtype), (kf * cos + _rotate_half(kf) * sin).to(k.dtype)
+
+
+def remote_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   position_ids: torch.LongTensor | None = None, past_key_value=None, output_attentions: bool = False,
+                   use_cache: bool = False, **kwargs):
+    """Same signature and return value as the remote ``MiniCPMInfLLMv2Attention.forward``:
+    hidden_states [B, S, hidden] -> (attn_output [B, S, hidden], None, past_key_value)."""
+    B, S, _ = hidden_states.shape
+    Hq, Hk, D = self.num_heads, self.num_key_value_heads, self.head_dim
+    q = self.q_proj(hidden_states).view(B, S, Hq, D).transpose(1, 2)
+    k = self.k_proj(hidden_states).view(B, S, Hk, D).transpose(1, 2)
+    v = self.v_proj(hidden_states).view(B, S, Hk, D).transpose(1, 2)
+    params: InfLLMv2Params = self.infllmv2
+    if params.use_nope and past_key_value is not None:
+        raise NotImplementedError("use_nope with a KV cache is not supported on remote-code modules; load the "
+                                  "checkpoint with stem_boost.models.minicpm4 (it keeps the pre-RoPE keys)")
+    q_nope, k_nope = (q, k) if params.use_nope else (None, None)
+    past = past_key_value.get_seq_length(self.layer_idx) if past_key_value is not None else 0
+    if position_ids is None:
+        position_ids = torch.arange(past, past + S, device=hidden_states.device).unsqueeze(0)
+    cache_kwargs = {}
+    if getattr(self.config, "attn_use_rope", True):
+        cos, sin = self.rotary_emb(v.to(torch.float32), seq_len=int(position_ids.max()) + 1)
+        q, k = _rope(q, k, cos, sin, position_ids)
+        cache_kwargs = {"sin": sin, "cos": cos}
+    if past_key_value is not None:
+        k, v = past_key_value.update(k, v, self.layer_idx, cache_kwargs)
+    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        raise NotImplementedError("padded batches: run the sequences one at a time (all-ones attention_mask)")
+    T = k.shape[2]
+    if params.is_sparse(T):
+        out = infllmv2_sparse_forward(self, q, k, v, params, q_nope=q_nope, k_nope=k_nope)
+    else:  # dense, causal with the queries at the end of the keys
+        causal = torch.arange(T, device=q.device) <= torch.arange(T - S, T, device=q.device).unsqueeze(-1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=1 / math.sqrt(D), enable_gqa=Hq != Hk)
+    out = out.transpose(1, 2).reshape(B, S, Hq * D)
+    if getattr(self, "use_output_gate", False):
+        out = out * torch.sigmoid(self.o_gate(hidden_states))
+    return self.o_proj(out), None, past_key_value
