@@ -68,9 +68,11 @@ def dense_mode(model: torch.nn.Module):
         saved = dict(model.config.sparse_config)
         try:
             model.set_sparse_config(None)
+            model._dense_mode_sparse_config = saved  # what the model runs again afterwards (budget units)
             yield "infllmv2: sparse_config=None"
         finally:
             model.set_sparse_config(saved)
+            model.__dict__.pop("_dense_mode_sparse_config", None)
         return
     raise NotImplementedError(f"dense mode is not implemented for {type(model).__name__}")
 

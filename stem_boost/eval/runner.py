@@ -163,9 +163,20 @@ def _sync(device) -> None:
 
 
 def _pairs(model: torch.nn.Module, mode: Mode, seq_len: int, n_layers: int) -> tuple[int | None, int | None]:
-    """(attended pairs, native pairs) of the last prefill; dense: the causal pairs, native unknown."""
+    """(attended pairs, native pairs) of the last prefill; dense: the causal pairs, native unknown.
+    InfLLMv2 counts (query token, key block) pairs per kv head without the forced blocks (the
+    `reduce` contract's unit), so its dense count is made in that unit too."""
     if mode.kind == "dense":
-        return n_layers * seq_len * (seq_len + 1) // 2, None
+        sparse = getattr(model, "_dense_mode_sparse_config", None) or getattr(model.config, "sparse_config", None)
+        if sparse is None:
+            return n_layers * seq_len * (seq_len + 1) // 2, None
+        from ..models.minicpm4.infllmv2 import InfLLMv2Params
+        from ..tpd import block_available
+
+        p = InfLLMv2Params.from_sparse_config(dict(sparse))
+        avail = block_available(seq_len, -(-seq_len // p.block_size), query_block=1, block_size=p.block_size,
+                                n_init=p.init_blocks, n_local=p.local_blocks + 1, seq_q=seq_len)
+        return n_layers * model.config.num_key_value_heads * int(avail.sum()), None
     st = stats(model)
     return st["stem_pairs"], st["native_pairs"]
 
