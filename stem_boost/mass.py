@@ -17,16 +17,15 @@ import math
 import torch
 
 
-def mass_budgets(scores: torch.Tensor, valid: torch.Tensor, reduce: float, *, space: str = "logit",
-                 iters: int = 48) -> torch.LongTensor:
+def mass_budgets(scores: torch.Tensor, valid: torch.Tensor, reduce: float, *, space: str = "logit") -> torch.LongTensor:
     """Per-row budgets that remove the `reduce` fraction of all valid candidates with the lowest
     estimated attention probability.
 
     scores [..., K] native scores of the candidates (space "logit": softmax over the row's valid
     candidates; "prob": non-negative masses, normalised by the row sum); valid [..., K] bool.
     Returns budgets [...] (long): valid candidates per row minus the removed ones, at least 1 where
-    the row has any. One threshold on log-probability for the whole tensor, found by bisection
-    (`iters` halvings of [-200, 0]); pairs tied at the threshold are taken from the last rows first,
+    the row has any. One threshold on log-probability for the whole tensor (`torch.kthvalue`, two
+    host syncs); pairs tied at the threshold are taken from the last rows first,
     so that exactly floor(reduce * n_valid) pairs go (fewer only where the floor of 1 per row binds).
     """
     if not 0.0 <= reduce < 1.0:
@@ -44,17 +43,11 @@ def mass_budgets(scores: torch.Tensor, valid: torch.Tensor, reduce: float, *, sp
     target = math.floor(reduce * int(n_row.sum()))
     if target == 0:
         return n_row.long()
-    lo, hi = -200.0, 0.0
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        if int((logp <= mid).sum()) > target:
-            hi = mid
-        else:
-            lo = mid
-    removed = logp <= lo
+    tau = torch.kthvalue(logp[valid], target).values  # the target-th lowest log-probability
+    removed = logp < tau
     need = target - int(removed.sum())
-    if need > 0:  # ties (e.g. relu-zero indexer scores) straddle the threshold: the last rows give them up
-        band = ((logp > lo) & (logp <= hi)).flatten()
+    if need > 0:  # pairs tied at the threshold (e.g. relu-zero indexer scores): the last rows give them up
+        band = (logp == tau).flatten()
         from_end = band.flip(0).cumsum(0).flip(0)
         removed = removed | (band & (from_end <= need)).view_as(removed)
     budgets = n_row - removed.sum(-1)
