@@ -309,3 +309,24 @@ def test_modes_per_reduce_value():
     assert [m.name for m in single] == ["dense", "native", "stem", "uniform", "no_oam", "mass"]
     assert single[3].wrap_kwargs(load_config()["stem"])["schedule"] == "uniform"
     assert single[5].wrap_kwargs(load_config()["stem"])["schedule"] == "mass"
+
+
+@pytest.mark.parametrize("topk", [6, 4096])
+def test_infllmv2_dense_pairs_are_counted_in_the_contracts_unit(topk):
+    """The report's dense row for InfLLMv2 counts (token, non-forced block) pairs per kv head, as the
+    native / Stem rows do: equal to native when the native top-k takes every block, above it otherwise."""
+    from stem_boost.eval import fidelity as fid
+    from stem_boost.eval.runner import Mode, _pairs
+    from stem_boost.testbeds.tiny_minicpm4 import build_testbed
+
+    model = build_testbed(seed=int(torch.randint(0, 1000, (1,))), num_hidden_layers=2,
+                          sparse_config=dict(topk=topk)).model
+    S = 700
+    with fid.dense_mode(model):
+        dense, _ = _pairs(model, Mode("dense", "dense"), S, 2)
+    stem_boost.wrap(model, reduce=0.0, beta=0.0)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, S)))
+    native = stem_boost.stats(model)["native_pairs"]
+    stem_boost.unwrap(model)
+    assert dense == native if topk == 4096 else dense > native
