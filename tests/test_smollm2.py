@@ -164,7 +164,7 @@ def test_stem_wrap_reaches_the_requested_reduction(dsa_model, heldout_ids):
     ids = heldout_ids[:192].unsqueeze(0)
     with torch.no_grad():
         native = dsa_model(ids).logits
-        sd.stem_wrap(dsa_model, reduce=0.15)
+        stem_boost.wrap(dsa_model, reduce=0.15)
         try:
             boosted = dsa_model(ids).logits
             st = stem_boost.stats(dsa_model)

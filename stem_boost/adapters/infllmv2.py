@@ -24,7 +24,7 @@ import torch
 from ..boost import plan_for
 from ..config import StemConfig
 from ..mass import mass_budgets
-from ..kernels import sparse_attention
+from ..models.minicpm4.modeling_minicpm4 import kernel_block_attention
 from ..oam import block_max, combine_scores, oam_bias, value_norms
 from ..stats import LayerStats
 from ..tpd import BudgetPlan, block_available
@@ -147,11 +147,7 @@ def _attend(state: InfState, native_fn, q, k, v, idx, block_size, *, q_offset: i
     use_triton = state.cfg.backend == "triton" or (state.cfg.backend == "auto" and q.is_cuda)
     if not use_triton:
         return native_fn(q, k, v, idx, block_size, q_offset=q_offset, sm_scale=sm_scale)
-    counts = (idx >= 0).sum(-1).to(torch.int32)
-    out = sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), idx, counts,
-                           block_size=block_size, query_block=1, sm_scale=sm_scale, q_offset=q_offset,
-                           check_indices=not q.is_cuda)
-    return out.transpose(1, 2)
+    return kernel_block_attention(q, k, v, idx, block_size, q_offset=q_offset, sm_scale=sm_scale)
 
 
 def wrap_modules(modules: list[torch.nn.Module], cfg: StemConfig) -> None:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.minicpm4.infllmv2 import InfLLMv2Params
-from ..models.minicpm4.modeling_minicpm4 import block_sparse_attention, infllmv2_sparse_forward
+from ..models.minicpm4.modeling_minicpm4 import apply_rotary_pos_emb, block_sparse_attention, infllmv2_sparse_forward
 
 REMOTE_ATTRS = ("q_proj", "k_proj", "v_proj", "o_proj", "num_heads", "num_key_value_heads", "head_dim", "layer_idx",
                 "rotary_emb")
@@ -71,19 +71,6 @@ def uninstall(module: torch.nn.Module) -> None:
         module.__dict__.pop(a, None)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _rope(q, k, cos, sin, position_ids):
-    """The remote code's ``apply_rotary_pos_emb`` (tables indexed by position_ids, fp32 products)."""
-    cos = cos[position_ids].unsqueeze(1).float()  # [B, 1, S, D]
-    sin = sin[position_ids].unsqueeze(1).float()
-    qf, kf = q.float(), k.float()
-    return (qf * cos + _rotate_half(qf) * sin).to(q.dtype), (kf * cos + _rotate_half(kf) * sin).to(k.dtype)
-
-
 def remote_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    position_ids: torch.LongTensor | None = None, past_key_value=None, output_attentions: bool = False,
                    use_cache: bool = False, **kwargs):
@@ -105,7 +92,8 @@ def remote_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tens
     cache_kwargs = {}
     if getattr(self.config, "attn_use_rope", True):
         cos, sin = self.rotary_emb(v.to(torch.float32), seq_len=int(position_ids.max()) + 1)
-        q, k = _rope(q, k, cos, sin, position_ids)
+        # the remote tables are [seq_len, D], indexed by position_ids; the products run in fp32
+        q, k = apply_rotary_pos_emb(q, k, cos[position_ids].float(), sin[position_ids].float())
         cache_kwargs = {"sin": sin, "cos": cos}
     if past_key_value is not None:
         k, v = past_key_value.update(k, v, self.layer_idx, cache_kwargs)

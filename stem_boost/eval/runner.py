@@ -27,7 +27,6 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -89,7 +88,6 @@ class Loaded:
     tokenizer: object
     description: str
     random_weights: bool
-    wrap: Callable = wrap  # stem_boost.wrap, or the testbed's own (Testbed.wrap)
 
 
 def _device(name: str) -> str:
@@ -114,7 +112,6 @@ def load_model(cfg: dict) -> Loaded:
         options.setdefault("device", device)
         tb = load_testbed(m["testbed"], **options)
         model, tokenizer, desc, random_weights = tb.model, tb.tokenizer, tb.description, tb.random_weights
-        wrap_fn = tb.wrap or wrap
     else:
         kwargs = dict(dtype=getattr(torch, m["dtype"]))
         if m["loader"] == "minicpm4":
@@ -128,7 +125,7 @@ def load_model(cfg: dict) -> Loaded:
                                                          trust_remote_code=m["trust_remote_code"], **kwargs)
         model = model.to(device).eval()
         tokenizer = None
-        desc, random_weights, wrap_fn = f"{type(model).__name__} from {m['path']}", False, wrap
+        desc, random_weights = f"{type(model).__name__} from {m['path']}", False
     if t["kind"] == "bytes":
         tokenizer = ByteTokenizer()
     elif t["kind"] == "hf" or tokenizer is None:
@@ -136,13 +133,12 @@ def load_model(cfg: dict) -> Loaded:
         if not path:
             raise ValueError(f"{cfg['_source']}: tokenizer.kind needs tokenizer.path or model.path")
         tokenizer = HFTokenizer.from_pretrained(path)
-    return Loaded(model=model.eval(), tokenizer=tokenizer, description=desc, random_weights=random_weights,
-                  wrap=wrap_fn)
+    return Loaded(model=model.eval(), tokenizer=tokenizer, description=desc, random_weights=random_weights)
 
 
 # ------------------------------------------------------------------ helpers
 @contextlib.contextmanager
-def use_mode(model: torch.nn.Module, mode: Mode, stem_cfg: dict, wrap_fn: Callable = wrap):
+def use_mode(model: torch.nn.Module, mode: Mode, stem_cfg: dict):
     """The model in ``mode`` for the duration of the block (unwrapped again afterwards)."""
     if is_wrapped(model):
         unwrap(model)
@@ -150,7 +146,7 @@ def use_mode(model: torch.nn.Module, mode: Mode, stem_cfg: dict, wrap_fn: Callab
         with fid.dense_mode(model):
             yield
         return
-    wrap_fn(model, **mode.wrap_kwargs(stem_cfg))
+    wrap(model, **mode.wrap_kwargs(stem_cfg))
     try:
         yield
     finally:
@@ -296,7 +292,7 @@ def run(cfg: dict, loaded: Loaded | None = None) -> dict:
                            + len(lat_ids) + sum(len(v) for v in lb_sets.values()))
     bar = _Progress(progress, n_work, "stem-boost compare")
     for mode in modes:
-        ctx = use_mode(model, mode, stem_cfg, loaded.wrap)
+        ctx = use_mode(model, mode, stem_cfg)
         try:
             ctx.__enter__()
         except (NotImplementedError, ValueError) as e:  # the mode is not available for this model

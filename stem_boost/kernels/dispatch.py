@@ -181,9 +181,8 @@ def sparse_attention(
     """Attention of every query row over its selected keys (see the module docstring for shapes).
 
     Runs the Triton kernel on CUDA tensors (and on the CPU under TRITON_INTERPRET=1); otherwise
-    PyTorch: `sparse_attention_masked` (dense matmuls under the selection's mask), or the gather
-    reference when the selection covers less than 1/64 of the keys. `tiles` overrides the tile choice (benchmarks); `check_indices=False` skips
-    the index-range pass when the caller built the selection itself.
+    `sparse_attention_cpu` (PyTorch). `tiles` overrides the tile choice (benchmarks);
+    `check_indices=False` skips the index-range pass when the caller built the selection itself.
     """
     check_inputs(q, k, v, idx, counts, block_size, query_block, sinks)
     B, S, Hq, Dqk = q.shape
@@ -200,7 +199,6 @@ def sparse_attention(
     if q.is_cuda and not HAS_TRITON:
         raise RuntimeError("CUDA tensors need Triton for sparse_attention; install triton (pip install triton)")
     if not use_triton or not HAS_TRITON:
-        # CPU: masked dense matmuls beat the gather unless the selection is very sparse (< 1/64 of T)
         return sparse_attention_cpu(
             q, k, v, idx, counts, block_size=block_size, query_block=query_block, causal=causal,
             sm_scale=scale, return_lse=return_lse, sinks=sinks, q_offset=offset,

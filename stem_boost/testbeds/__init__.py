@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -24,7 +24,6 @@ class Testbed:
     description: str
     random_weights: bool  # True: the model cannot read; accuracy numbers are a smoke test only
     family: str  # "dsa" or "infllmv2"
-    wrap: Callable | None = None  # how to Stem-wrap this model, if not stem_boost.wrap (same arguments)
 
 
 def load_testbed(name: str, **options) -> Testbed:

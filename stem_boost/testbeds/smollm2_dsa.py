@@ -51,7 +51,7 @@ DEFAULT_INDEX_TOPK = 256
 
 __all__ = ["IndexerConfig", "SmolIndexer", "SmolDSAAttention", "dsa_ify", "load_smollm2_dsa", "set_index_topk",
            "indexer_state", "save_indexers", "load_indexers", "attention_inputs", "teacher_distribution",
-           "indexer_logits", "kl_rows", "topk_recall", "build_testbed", "stem_wrap"]
+           "indexer_logits", "kl_rows", "topk_recall", "build_testbed"]
 
 
 def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
@@ -329,15 +329,6 @@ def build_testbed(index_topk: int = DEFAULT_INDEX_TOPK, indexer: str = "trained"
     tokenizer.bos_id = None  # SmolLM2 adds no BOS (its "bos" is <|im_start|>); the indexer was trained without
     return Testbed(model=model, tokenizer=tokenizer, name="smollm2_dsa", description=desc,
                    random_weights=False, family="dsa")
-
-
-def stem_wrap(model, **kwargs):
-    """`stem_boost.wrap(model, **kwargs)` (kept for the scripts): `stem_boost.api` dispatches the GQA
-    attentions with an indexer to `adapters.dsa_gqa`. Set the native budget (`set_index_topk`)
-    before wrapping."""
-    import stem_boost
-
-    return stem_boost.wrap(model, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -187,12 +187,19 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, id
     on CUDA (the official model calls OpenBMB's CUDA kernel here), :func:`infllmv2_sparse_attention`
     elsewhere; the two agree (tests/test_infllmv2_kernel.py)."""
     if q.is_cuda and HAS_TRITON:
-        counts = (idx >= 0).sum(-1).to(torch.int32)
-        out = sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), idx, counts,
-                               block_size=block_size, query_block=1, sm_scale=sm_scale, q_offset=q_offset,
-                               check_indices=False)
-        return out.transpose(1, 2)
+        return kernel_block_attention(q, k, v, idx, block_size, q_offset=q_offset, sm_scale=sm_scale)
     return infllmv2_sparse_attention(q, k, v, idx, block_size, q_offset=q_offset, sm_scale=sm_scale)
+
+
+def kernel_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, block_size: int,
+                           *, q_offset: int, sm_scale: float) -> torch.Tensor:
+    """:func:`block_sparse_attention` through the shared kernel whatever the device (the Triton
+    interpreter on the CPU, where the index ranges are checked too): one row of blocks per query token."""
+    counts = (idx >= 0).sum(-1).to(torch.int32)
+    out = sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), idx, counts,
+                           block_size=block_size, query_block=1, sm_scale=sm_scale, q_offset=q_offset,
+                           check_indices=not q.is_cuda)
+    return out.transpose(1, 2)
 
 
 def infllmv2_sparse_forward(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
