@@ -196,7 +196,6 @@ class BudgetPlan:
         )
 
 
-
 def _bisect(lo: float, hi: float, goes_high) -> tuple[float, float]:
     """Shrink [lo, hi] to adjacent floats: `goes_high(mid)` True moves hi to mid, else lo."""
     while True:
@@ -207,6 +206,7 @@ def _bisect(lo: float, hi: float, goes_high) -> tuple[float, float]:
             hi = mid
         else:
             lo = mid
+
 
 def plan_budgets(
     available: torch.Tensor,

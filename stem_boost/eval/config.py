@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from .tasks import TASKS, TEXT_SOURCES
+
 __all__ = ["ConfigError", "DEFAULT_CONFIG", "MODES", "SCHEMA", "TASK_NAMES", "load_config", "packaged_configs"]
 
 MODES = ("dense", "native", "stem", "uniform", "no_oam", "mass")
@@ -28,13 +30,7 @@ class ConfigError(ValueError):
     pass
 
 
-def _task_names():
-    from .tasks import TASKS
-
-    return tuple(TASKS)
-
-
-TASK_NAMES = _task_names()
+TASK_NAMES = tuple(TASKS)
 _NUM = (int, float)
 _ANY = object()
 
@@ -82,14 +78,14 @@ SCHEMA: dict[str, Any] = {
         "length": (4096, int, None),
         "window": (None, (int, type(None)), None),
         "stride": (None, (int, type(None)), None),
-        "text": ("english", str, ("english", "pydoc_heldout", "licenses")),
+        "text": ("english", str, TEXT_SOURCES),
         "offset_chars": (0, int, None),
     },
     "fidelity": {
         "enabled": (True, bool, None),
         "length": (4096, int, None),
         "max_rows": (4096, int, None),
-        "text": ("english", str, ("english", "pydoc_heldout", "licenses")),
+        "text": ("english", str, TEXT_SOURCES),
         "offset_chars": (200000, int, None),
     },
     "latency": {
