@@ -51,6 +51,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import stem_boost  # noqa: E402
+from stem_boost.config import StemConfig  # noqa: E402
+from stem_boost.eval.runner import Mode  # noqa: E402
 from stem_boost.testbeds import _corpus  # noqa: E402
 from stem_boost.testbeds import smollm2_dsa as sd  # noqa: E402
 from stem_boost.testbeds import smollm2_infllmv2 as si  # noqa: E402
@@ -190,12 +192,9 @@ def configure(sparse_model, variant: str, a) -> None:
         stem_boost.unwrap(sparse_model)
     if variant == "native":
         return
-    kw = dict(reduce=a.reduce, beta=a.beta)
-    if variant == "no_oam":
-        kw["beta"] = 0.0
-    if variant in ("uniform", "mass"):
-        kw["schedule"] = variant
-    stem_boost.wrap(sparse_model, **kw)
+    # the same variant -> StemConfig mapping as the modes of `stem-boost compare`
+    stem_cfg = StemConfig(beta=a.beta).to_dict()
+    stem_boost.wrap(sparse_model, **Mode(variant, variant, a.reduce).wrap_kwargs(stem_cfg))
 
 
 def attended_fraction(model, family: str, L: int, n_layers: int) -> tuple[float, float]:
