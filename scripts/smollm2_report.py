@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -22,10 +23,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from stem_boost.eval.report import MODE_COLORS  # noqa: E402
 INDEXER_LOG = ROOT / "stem_boost" / "data" / "smollm2_indexer_log.json"
 ORDER = ("dense", "native", "stem", "uniform", "no_oam", "mass")
-COLORS = {"dense": "#444444", "native": "#1f77b4", "stem": "#d62728", "uniform": "#2ca02c", "no_oam": "#ff7f0e",
-          "mass": "#9467bd"}
+COLORS = MODE_COLORS  # the colours of the `stem-boost compare` reports
 LABELS = {"dense": "dense", "native": "native sparse", "stem": "Stem (OAM + TPD)", "uniform": "ablation: uniform",
           "no_oam": "ablation: no OAM", "mass": "mass-aware (this project)"}
 
