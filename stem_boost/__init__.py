@@ -5,10 +5,11 @@
 """
 
 from .api import is_wrapped, layer_stats, stats, unwrap, wrap
+from .calibrate import Calibration, calibrate
 from .config import StemConfig
 from .kernels import sparse_attention, sparse_attention_reference
 from .select import Selection
 
 __version__ = "0.1.0"
-__all__ = ["wrap", "unwrap", "stats", "layer_stats", "is_wrapped", "StemConfig", "Selection",
+__all__ = ["wrap", "unwrap", "stats", "layer_stats", "is_wrapped", "calibrate", "Calibration", "StemConfig", "Selection",
            "sparse_attention", "sparse_attention_reference", "__version__"]

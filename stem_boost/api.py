@@ -80,33 +80,37 @@ def wrap(
     indexer_dtype: str = "float32",
     indexer_max_bytes: int = 2 * 2**30,
     schedule: str = "tpd",
+    layer_reduce=None,
 ) -> torch.nn.Module:
     """Patch `model` in place so its sparse prefill runs Stem; returns the same model.
 
     Wrapping a wrapped model re-configures it (never patches twice).
-    See `StemConfig` for the arguments.
+    See `StemConfig` for the arguments; `layer_reduce` (one fraction per sparse layer, mean
+    `reduce`) usually comes from `stem_boost.calibrate`.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"wrap expects a torch.nn.Module (a loaded transformers model); got {type(model).__name__}")
     cfg = StemConfig(reduce=reduce, beta=beta, oam_norm=oam_norm, head_agg=head_agg, alpha_min=alpha_min,
                      backend=backend, indexer_dtype=indexer_dtype, indexer_max_bytes=indexer_max_bytes,
-                     schedule=schedule)
+                     schedule=schedule, layer_reduce=layer_reduce)
     info: _WrapInfo | None = getattr(model, "_stem_wrap", None)
     if info is not None:  # re-configuration
+        layer_cfgs = [cfg.for_layer(i, len(info.modules)) for i in range(len(info.modules))]
         info.cfg = cfg
-        for m in info.modules:
-            m._stem.cfg = cfg  # in place: the installed hooks hold this state object
+        for m, c in zip(info.modules, layer_cfgs):
+            m._stem.cfg = c  # in place: the installed hooks hold this state object
         return model
     family, modules = _detect(model)
+    layer_cfgs = [cfg.for_layer(i, len(modules)) for i in range(len(modules))]  # validates the length first
     if family == "dsa":
         _register_attention()
         original = model.config._attn_implementation
         shared = dsa.SharedTopK()
-        for m in modules:
+        for m, layer_cfg in zip(modules, layer_cfgs):
             layer = getattr(m, "layer_idx", len([x for x in modules if x is not m]))
             returns_topk = "prev_topk_indices" in type(m).forward.__code__.co_varnames
             index_topk = (m.indexer.index_topk if m.indexer is not None else m.config.index_topk)
-            m._stem = dsa.DSAState(cfg=cfg, stats=LayerStats(layer=int(layer), family="dsa"), shared=shared,
+            m._stem = dsa.DSAState(cfg=layer_cfg, stats=LayerStats(layer=int(layer), family="dsa"), shared=shared,
                                    returns_topk=returns_topk, index_topk=int(index_topk))
             gqa = dsa_gqa.is_dsa_gqa_attention(m)  # an indexer on a GQA attention (SmolLM2 testbed)
             m.forward = types.MethodType(dsa_gqa.stem_dsa_gqa_forward if gqa else dsa.stem_dsa_forward, m)
@@ -115,7 +119,7 @@ def wrap(
         from .adapters import infllmv2
 
         original = None
-        infllmv2.wrap_modules(modules, cfg)
+        infllmv2.wrap_modules(modules, layer_cfgs)
     model._stem_wrap = _WrapInfo(family=family, cfg=cfg, modules=modules, original_attn=original)
     return model
 

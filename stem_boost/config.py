@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 
 OAM_NORMS = ("zscore", "raw")
 HEAD_AGGREGATIONS = ("rms", "max", "mean")
 BACKENDS = ("auto", "triton", "reference")
 SCHEDULES = ("tpd", "uniform", "mass")
 MAX_REDUCE = 0.9
+LAYER_REDUCE_TOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,11 @@ class StemConfig:
                 number of pairs is removed; see `tpd.plan_uniform`) or "mass" (this project's
                 variant: the cut goes to the candidate pairs with the lowest probability that the
                 native scores predict, over all rows at once; see `stem_boost.mass`).
+    layer_reduce: None (every sparse layer drops `reduce`) or one fraction per sparse layer, in the
+                order `wrap` finds them, whose mean is `reduce` (this project's calibrated
+                allocation, `stem_boost.calibrate`): every sparse layer of one model has the same
+                native budget, so the model-wide reduction is still `reduce` while the cut moves to
+                the layers where it costs least.
     """
 
     reduce: float = 0.15
@@ -41,6 +48,7 @@ class StemConfig:
     indexer_max_bytes: int = 2 * 2**30
     indexer_dtype: str = "float32"
     schedule: str = "tpd"
+    layer_reduce: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if not isinstance(self.reduce, (int, float)) or not 0.0 <= self.reduce <= MAX_REDUCE:
@@ -61,6 +69,32 @@ class StemConfig:
             raise ValueError(f"indexer_dtype={self.indexer_dtype!r}; allowed: float32, bfloat16")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        if self.layer_reduce is not None:
+            self._check_layer_reduce()
+
+    def _check_layer_reduce(self) -> None:
+        lr = self.layer_reduce
+        if isinstance(lr, (str, bytes)) or not hasattr(lr, "__len__") or len(lr) == 0:
+            raise ValueError(f"layer_reduce={lr!r} must be a non-empty sequence of fractions (one per sparse layer)")
+        vals = tuple(float(x) for x in lr)
+        bad = [(i, x) for i, x in enumerate(vals) if not 0.0 <= x <= MAX_REDUCE or math.isnan(x)]
+        if bad:
+            raise ValueError(f"layer_reduce[{bad[0][0]}]={bad[0][1]!r} is outside [0, {MAX_REDUCE}]")
+        mean = sum(vals) / len(vals)
+        if abs(mean - self.reduce) > LAYER_REDUCE_TOL:
+            raise ValueError(f"layer_reduce has mean {mean:.6f} but reduce={self.reduce!r}: the per-layer fractions "
+                             f"must average to the model-wide reduction (tolerance {LAYER_REDUCE_TOL:g})")
+        object.__setattr__(self, "layer_reduce", vals)
+
+    def for_layer(self, i: int, n_layers: int) -> "StemConfig":
+        """The configuration of sparse layer `i` of `n_layers`: `reduce` replaced by
+        `layer_reduce[i]` when an allocation is set (its length must be `n_layers`)."""
+        if self.layer_reduce is None:
+            return self
+        if len(self.layer_reduce) != n_layers:
+            raise ValueError(f"layer_reduce has {len(self.layer_reduce)} fractions but the model has {n_layers} "
+                             "sparse-attention layers: one fraction per layer, in model order")
+        return replace(self, reduce=self.layer_reduce[i], layer_reduce=None)
 
     @property
     def is_identity(self) -> bool:
@@ -68,4 +102,7 @@ class StemConfig:
         return self.reduce == 0 and self.beta == 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["layer_reduce"] is not None:
+            d["layer_reduce"] = list(d["layer_reduce"])
+        return d

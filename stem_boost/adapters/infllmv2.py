@@ -150,11 +150,13 @@ def _attend(state: InfState, native_fn, q, k, v, idx, block_size, *, q_offset: i
     return kernel_block_attention(q, k, v, idx, block_size, q_offset=q_offset, sm_scale=sm_scale)
 
 
-def wrap_modules(modules: list[torch.nn.Module], cfg: StemConfig) -> None:
-    """Install the Stem hooks on native MiniCPM-4 attention modules."""
+def wrap_modules(modules: list[torch.nn.Module], cfgs: list[StemConfig]) -> None:
+    """Install the Stem hooks on native MiniCPM-4 attention modules (cfgs: one per module)."""
     from . import infllmv2_remote
 
-    for m in modules:
+    if len(cfgs) != len(modules):
+        raise ValueError(f"wrap_modules: {len(cfgs)} configurations for {len(modules)} modules")
+    for m, cfg in zip(modules, cfgs):
         if not all(hasattr(m, h) for h in HOOKS):
             if not infllmv2_remote.is_remote_infllmv2_attention(m):
                 raise ValueError(

@@ -1,0 +1,220 @@
+"""Per-layer reduce allocation (`StemConfig.layer_reduce`): measure on calibration text how far each
+sparse layer's output moves when its native selection is cut by r, then spend the model-wide
+`reduce` on the layers where it costs least.
+
+    cal = stem_boost.calibrate(model, [ids_2k, ids_4k], reduce=0.15, schedule="mass")
+    stem_boost.wrap(model, reduce=0.15, schedule="mass", layer_reduce=cal.layer_reduce)
+
+Why: the paper's budget (and `schedule="mass"`) cuts every layer by the same fraction, but layers
+differ by orders of magnitude in how much attention mass the native selection's tail carries.
+Every sparse layer of one model has the same native budget, so any allocation whose mean is
+`reduce` attends to the same number of pairs model-wide.
+
+Sensitivity (one forward of the native selection, then each layer re-run alone on its captured
+inputs under cut r):
+
+    e_l(r) = sum_t ||a_l(r)_t - a_l(0)_t||^2 / sum_t ||x_l,t||^2
+
+a_l [B, S, hidden]: the attention module's output (after o_proj: what is added to the residual
+stream); x_l: the decoder layer's input (the residual stream). Per-layer errors add up to first
+order; `allocate` minimises their sum subject to mean_l r_l = reduce, exactly (a dynamic
+programme on a grid of `step`; the curves are interpolated linearly between measured points).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .config import MAX_REDUCE
+
+__all__ = ["Calibration", "allocate", "calibrate", "layer_errors"]
+
+DEFAULT_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6)
+
+
+@dataclass
+class Calibration:
+    """What `calibrate` measured and chose (JSON-ready with `to_dict`)."""
+
+    reduce: float
+    layer_reduce: tuple[float, ...]
+    grid: tuple[float, ...]
+    errors: list[list[float]]  # [n_layers][len(grid)]: e_l(r) summed over the calibration inputs
+    wrap_kwargs: dict = field(default_factory=dict)
+    tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(reduce=self.reduce, layer_reduce=list(self.layer_reduce), grid=list(self.grid),
+                    errors=self.errors, wrap_kwargs=self.wrap_kwargs, tokens=self.tokens)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        return cls(reduce=float(d["reduce"]), layer_reduce=tuple(float(x) for x in d["layer_reduce"]),
+                   grid=tuple(float(x) for x in d["grid"]), errors=[list(map(float, e)) for e in d["errors"]],
+                   wrap_kwargs=dict(d.get("wrap_kwargs", {})), tokens=int(d.get("tokens", 0)))
+
+
+def _check_grid(grid) -> tuple[float, ...]:
+    g = tuple(float(x) for x in grid)
+    if len(g) < 2 or g[0] != 0.0 or any(b <= a for a, b in zip(g, g[1:])) or g[-1] > MAX_REDUCE:
+        raise ValueError(f"grid={list(grid)!r} must start at 0, increase strictly and end at most {MAX_REDUCE}")
+    return g
+
+
+def allocate(errors: torch.Tensor, grid, reduce: float, *, step: float = 0.005) -> tuple[float, ...]:
+    """Per-layer fractions on multiples of `step`, mean exactly `reduce` (up to float rounding of
+    reduce / step), minimising sum_l e_l(r_l).
+
+    errors [L, G]: e_l at the `grid` points (grid[0] = 0), interpolated linearly in between; the
+    curves are made non-decreasing first (a larger cut never claims to cost less than a smaller one).
+    """
+    g = _check_grid(grid)
+    e = torch.as_tensor(errors, dtype=torch.float64)
+    if e.dim() != 2 or e.shape[1] != len(g):
+        raise ValueError(f"errors must be [n_layers, {len(g)}] (one column per grid point), got {tuple(e.shape)}")
+    if not 0.0 <= reduce <= g[-1]:
+        raise ValueError(f"reduce={reduce!r} is outside [0, {g[-1]}] (the calibrated grid)")
+    if not step > 0:
+        raise ValueError(f"step={step!r} must be > 0")
+    L = e.shape[0]
+    e = torch.cummax(e.clamp_min(0), dim=1).values
+    n_pts = int(math.floor(g[-1] / step + 1e-9)) + 1
+    xs = torch.arange(n_pts, dtype=torch.float64) * step
+    gt = torch.tensor(g, dtype=torch.float64)
+    hi = torch.searchsorted(gt, xs, right=False).clamp(1, len(g) - 1)
+    lo = hi - 1
+    w = ((xs - gt[lo]) / (gt[hi] - gt[lo])).clamp(0, 1)
+    cost = e[:, lo] * (1 - w) + e[:, hi] * w  # [L, n_pts]
+    total = int(round(reduce * L / step))
+    if total > (n_pts - 1) * L:
+        raise ValueError(f"reduce={reduce!r} needs more than the grid's {g[-1]} in every layer")
+    # best[u] = least cost of the layers so far spending u units; choice[l][u] = units of layer l
+    inf = float("inf")
+    best = torch.full((total + 1,), inf, dtype=torch.float64)
+    best[0] = 0.0
+    choices = []
+    for layer in range(L):
+        new = torch.full_like(best, inf)
+        arg = torch.zeros(total + 1, dtype=torch.long)
+        for u in range(min(n_pts, total + 1)):  # this layer spends u units
+            cand = torch.full_like(best, inf)
+            cand[u:] = best[: total + 1 - u] + cost[layer, u]
+            better = cand < new
+            new = torch.where(better, cand, new)
+            arg = torch.where(better, torch.full_like(arg, u), arg)
+        best = new
+        choices.append(arg)
+    units, left = [0] * L, total
+    for layer in range(L - 1, -1, -1):
+        units[layer] = int(choices[layer][left])
+        left -= units[layer]
+    fr = [u * step for u in units]
+    # put the float rounding of total * step back on the layer with the largest cut, so the mean is reduce
+    fr[max(range(L), key=lambda i: fr[i])] += reduce * L - sum(fr)
+    return tuple(min(MAX_REDUCE, max(0.0, x)) for x in fr)
+
+
+def _parents(model: torch.nn.Module, modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The module holding each sparse attention as a child (the decoder layer)."""
+    ids = {id(m): i for i, m in enumerate(modules)}
+    out: list[torch.nn.Module | None] = [None] * len(modules)
+    for parent in model.modules():
+        for child in parent.children():
+            if id(child) in ids:
+                out[ids[id(child)]] = parent
+    if any(p is None for p in out):
+        raise ValueError("calibrate: a sparse-attention module has no parent layer in this model")
+    return out
+
+
+@torch.no_grad()
+def layer_errors(model: torch.nn.Module, inputs: list[torch.Tensor], grid=DEFAULT_GRID, *, progress: bool = True,
+                 **wrap_kwargs) -> torch.Tensor:
+    """e_l(r) [n_layers, len(grid)] summed over `inputs` (each [B, S] token ids), for the Stem
+    configuration `wrap_kwargs` (schedule, beta, ...) with reduce r. The model is left unwrapped."""
+    from .api import _detect, is_wrapped, unwrap, wrap
+
+    g = _check_grid(grid)
+    if is_wrapped(model):
+        unwrap(model)
+    if not inputs:
+        raise ValueError("calibrate: no calibration inputs")
+    for bad in ("reduce", "layer_reduce"):
+        if bad in wrap_kwargs:
+            raise ValueError(f"calibrate: '{bad}' is what calibration chooses; pass the Stem knobs only")
+    _, modules = _detect(model)
+    parents = _parents(model, modules)
+    L = len(modules)
+    num = torch.zeros(L, len(g), dtype=torch.float64)
+    den = torch.zeros(L, dtype=torch.float64)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(inputs) * L, desc="calibrate layers", leave=False, dynamic_ncols=True)
+    wrap(model, reduce=0.0, **wrap_kwargs)
+    base_cfg = model._stem_wrap.cfg
+    try:
+        for ids in inputs:
+            captured: list[dict] = [dict() for _ in range(L)]
+            hooks = []
+            for i, (m, p) in enumerate(zip(modules, parents)):
+                def pre_attn(mod, args, kwargs, i=i):
+                    shared = getattr(getattr(mod, "_stem", None), "shared", None)
+                    captured[i].update(args=args, kwargs=dict(kwargs), shared=getattr(shared, "last", None))
+
+                def post_attn(mod, args, kwargs, out, i=i):
+                    captured[i]["out"] = (out[0] if isinstance(out, tuple) else out).double()
+
+                def pre_layer(mod, args, kwargs, i=i):
+                    x = args[0] if args else kwargs["hidden_states"]
+                    den[i] += float(x.double().pow(2).sum())
+
+                hooks += [m.register_forward_pre_hook(pre_attn, with_kwargs=True),
+                          m.register_forward_hook(post_attn, with_kwargs=True),
+                          p.register_forward_pre_hook(pre_layer, with_kwargs=True)]
+            try:
+                model(input_ids=ids, use_cache=False)
+            finally:
+                for h in hooks:
+                    h.remove()
+            for i, m in enumerate(modules):
+                c = captured[i]
+                for j, r in enumerate(g):
+                    if r == 0.0:
+                        continue
+                    m._stem.cfg = replace(base_cfg, reduce=r)
+                    shared = getattr(m._stem, "shared", None)
+                    if shared is not None:
+                        shared.last = c["shared"]
+                    out = m(*c["args"], **c["kwargs"])
+                    out = (out[0] if isinstance(out, tuple) else out).double()
+                    num[i, j] += float((out - c["out"]).pow(2).sum())
+                m._stem.cfg = base_cfg
+                captured[i] = {}
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        unwrap(model)
+    return num / den.clamp_min(1e-30).unsqueeze(1)
+
+
+def calibrate(model: torch.nn.Module, inputs: list[torch.Tensor], reduce: float = 0.15, *, grid=DEFAULT_GRID,
+              step: float = 0.005, progress: bool = True, **wrap_kwargs) -> Calibration:
+    """Measure `layer_errors` on `inputs` and `allocate` `reduce` over the layers.
+
+    inputs: token ids [B, S] (calibration text, not the text you evaluate on); wrap_kwargs: the
+    Stem knobs the allocation is for (schedule, beta, ...), passed to `wrap` with the result.
+    """
+    g = _check_grid(grid)
+    if not 0.0 <= reduce <= g[-1]:
+        raise ValueError(f"reduce={reduce!r} is outside [0, {g[-1]}] (the calibrated grid)")
+    errors = layer_errors(model, inputs, g, progress=progress, **wrap_kwargs)
+    fr = allocate(errors, g, reduce, step=step)
+    return Calibration(reduce=float(reduce), layer_reduce=fr, grid=g, errors=errors.tolist(),
+                       wrap_kwargs=dict(wrap_kwargs), tokens=int(sum(x.numel() for x in inputs)))
