@@ -18,6 +18,11 @@ Variants:
   no_oam    the OAM-off ablation at Stem's budget: beta=0, TPD kept
   mass      this project's variant at Stem's budget: schedule="mass" (the cut goes to the pairs
             with the lowest probability the native scores predict; `stem_boost.mass`), OAM kept
+  stem_cal  Stem with a calibrated per-layer allocation of the same model-wide reduce
+  mass_cal  mass with a calibrated per-layer allocation (`stem_boost.calibrate`): measured once
+            per run on --cal-windows windows of the *training* text (pydoc topics not held out)
+            at each of --cal-lengths (default: the evaluated lengths), one allocation for all
+            lengths; the allocation and the measured errors are written to the JSON
 Metrics per sequence length:
   ppl / nll          held-out text (pydoc_data held-out topics, then the Debian licenses if
                      present), --samples windows of exactly L tokens, next-token NLL at every position
@@ -58,7 +63,8 @@ from stem_boost.testbeds import smollm2_dsa as sd  # noqa: E402
 from stem_boost.testbeds import smollm2_infllmv2 as si  # noqa: E402
 from stem_boost.testbeds.smollm2 import load_smollm2  # noqa: E402
 
-VARIANTS = ("dense", "native", "stem", "uniform", "no_oam", "mass")
+VARIANTS = ("dense", "native", "stem", "uniform", "no_oam", "mass", "stem_cal", "mass_cal")
+DEFAULT_VARIANTS = VARIANTS[:6]
 NEEDLE = "The special magic number for {key} is {value}."
 QUESTION = "What is the special magic number for {key} mentioned in the provided text? " \
            "The special magic number for {key} mentioned in the provided text is"
@@ -70,7 +76,10 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--samples", type=int, default=4, help="perplexity windows and NIAH prompts per length")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
+    ap.add_argument("--cal-windows", type=int, default=2, help="calibration windows per length (*_cal variants)")
+    ap.add_argument("--cal-lengths", type=int, nargs="+", default=None,
+                    help="calibration window lengths (*_cal variants; default: --lengths)")
     ap.add_argument("--family", choices=["dsa", "infllmv2"], default="dsa")
     ap.add_argument("--reduce", type=float, default=None, help="default: 0.15 (dsa), 0.18 (infllmv2)")
     ap.add_argument("--beta", type=float, default=0.2)
@@ -186,15 +195,43 @@ def native_pairs(L: int, k: int) -> int:
 # --------------------------------------------------------------------------------------------------
 # Variants
 # --------------------------------------------------------------------------------------------------
-def configure(sparse_model, variant: str, a) -> None:
+def variant_kwargs(variant: str, a, calibrations: dict | None = None) -> dict:
+    """`stem_boost.wrap` arguments of a Stem variant: the same variant -> StemConfig mapping as the
+    modes of `stem-boost compare`; "*_cal" adds the calibrated `layer_reduce`."""
+    base = variant.removesuffix("_cal")
+    kw = Mode(base, base, a.reduce).wrap_kwargs(StemConfig(beta=a.beta).to_dict())
+    if variant.endswith("_cal"):
+        kw["layer_reduce"] = calibrations[variant].layer_reduce
+    return kw
+
+
+def configure(sparse_model, variant: str, a, calibrations: dict | None = None) -> None:
     """Put the sparse model in `variant`'s state (native: unwrapped; the others: wrapped)."""
     if stem_boost.is_wrapped(sparse_model):
         stem_boost.unwrap(sparse_model)
     if variant == "native":
         return
-    # the same variant -> StemConfig mapping as the modes of `stem-boost compare`
-    stem_cfg = StemConfig(beta=a.beta).to_dict()
-    stem_boost.wrap(sparse_model, **Mode(variant, variant, a.reduce).wrap_kwargs(stem_cfg))
+    stem_boost.wrap(sparse_model, **variant_kwargs(variant, a, calibrations))
+
+
+def calibration_windows(tok, lengths: list[int], n: int, device) -> list[torch.Tensor]:
+    """`n` windows per length of the pydoc training split (never the held-out text)."""
+    ids = torch.tensor(tok.encode(_corpus.pydoc_split()[0], add_special_tokens=False))
+    return [w.to(device) for L in lengths for w in ppl_windows(ids, L, n)]
+
+
+def run_calibrations(sparse_model, tok, a, device) -> dict:
+    """variant -> Calibration for the "*_cal" variants asked for."""
+    out = {}
+    for variant in [v for v in a.variants if v.endswith("_cal")]:
+        t0 = time.time()
+        kw = variant_kwargs(variant.removesuffix("_cal"), a)
+        kw.pop("reduce")
+        wins = calibration_windows(tok, a.cal_lengths or a.lengths, a.cal_windows, device)
+        out[variant] = stem_boost.calibrate(sparse_model, wins, a.reduce, **kw)
+        print(f"calibrated {variant} on {len(wins)} windows ({time.time() - t0:.1f}s): layer_reduce "
+              f"{[round(x, 3) for x in out[variant].layer_reduce]}", flush=True)
+    return out
 
 
 def attended_fraction(model, family: str, L: int, n_layers: int) -> tuple[float, float]:
@@ -227,6 +264,7 @@ def main(argv=None):
         sparse_model = si.minicpm4_from_llama(dense, dict(si.SPARSE, **({"topk": a.topk} if a.topk else {})))
     n_layers = dense.config.num_hidden_layers
     stream = heldout_ids(tok)
+    calibrations = run_calibrations(sparse_model, tok, a, device)
     res = dict(
         config=dict(vars(a), dtype=str(dtype).replace("torch.", ""), model="SmolLM2-135M-Instruct GGUF Q4_1",
                     indexer_file=(str(sd.INDEXER_FILE) if a.indexer == "trained" else a.indexer)
@@ -236,6 +274,7 @@ def main(argv=None):
         env=dict(python=platform.python_version(), torch=torch.__version__,
                  device=torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
                  threads=torch.get_num_threads()),
+        calibrations={k: c.to_dict() for k, c in calibrations.items()},
         results={},
     )
     out_path = Path(a.out)
@@ -254,7 +293,7 @@ def main(argv=None):
             t0 = time.time()
             model = dense if variant == "dense" else sparse_model
             if variant != "dense":
-                configure(sparse_model, variant, a)
+                configure(sparse_model, variant, a, calibrations)
             nlls, kls, reduces, fracs = [], [], [], []
             for w, hd in zip(wins, dense_h):
                 h = hd if variant == "dense" else final_hidden(model, w)

@@ -32,7 +32,7 @@ from .config import MAX_REDUCE
 
 __all__ = ["Calibration", "allocate", "calibrate", "layer_errors"]
 
-DEFAULT_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6)
+DEFAULT_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 @dataclass
