@@ -338,6 +338,9 @@ def main(argv=None):
                   f"niah {p['niah_acc']} (answer nll {p['niah_answer_nll'] if p['niah_answer_nll'] is None else round(p['niah_answer_nll'], 3)}) reduce {p['reduce_achieved']} pairs/dense "
                   f"{p['pair_fraction'] if p['pair_fraction'] is None else round(p['pair_fraction'], 4)} "
                   f"({p['seconds']}s)", flush=True)
+            res["results"][str(L)] = per  # after every variant: a run cut short keeps what it measured
+            res["seconds"] = round(time.time() - t_all, 1)
+            out_path.write_text(json.dumps(res, indent=1))
         if stem_boost.is_wrapped(sparse_model):
             stem_boost.unwrap(sparse_model)
         if "native" in per and per["native"]["pair_fraction"] is None and native_fracs:

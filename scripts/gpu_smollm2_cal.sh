@@ -11,7 +11,7 @@ mkdir -p "$out"
 source scripts/gpu_smollm2_setup.sh "$out" || exit 1
 limit=${EVAL_LIMIT_S:-540}
 samples=${EVAL_SAMPLES:-8}
-cal="--cal-lengths 2048 4096 8192 --cal-windows ${CAL_WINDOWS:-2}"
+cal="--cal-lengths 2048 4096 8192 --cal-windows ${CAL_WINDOWS:-1}"
 all="dense native stem uniform no_oam mass stem_cal mass_cal"
 run() {  # name, then eval_smollm2 arguments
   local name=$1; shift
