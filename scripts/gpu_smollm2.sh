@@ -3,8 +3,8 @@
 # two ablations at 2K-8K, DSA (two native budgets) and InfLLMv2, three processes side by side.
 #
 # The device machine has no network and a call carries at most 64 MiB, the GGUF is 98 MB: it travels
-# in two pieces over two calls (`split -b 52428800 -d <gguf> gguf_part_`; call 1 copies
-# .gguf_a/gguf_part_00 to /tmp/gguf/, call 2 carries .gguf_b/gguf_part_01 and the wheels of gguf and
+# in three pieces over three calls (see gpu_smollm2_setup.sh: calls 1 and 2 copy .gguf_a and
+# .gguf_b to /tmp/gguf/, call 3 carries .gguf_c/gguf_part_02 and the wheels of gguf and
 # accelerate in .whl_sm/ and runs this script). Usage: bash scripts/gpu_smollm2.sh OUT_DIR
 set -uo pipefail
 out=${1:-/tmp/smollm2_out}

@@ -3,7 +3,7 @@
 # every other variant, on one GPU: one process per (family, length) side by side, and InfLLMv2 at
 # 8K split over two processes by variant (its mass variants are the slow ones). Every process
 # calibrates on the same training-text windows (2K, 4K and 8K), so the allocation is one per
-# family for all lengths. The GGUF arrives as in gpu_smollm2.sh (two calls).
+# family for all lengths. The GGUF arrives as in gpu_smollm2_setup.sh (three calls).
 # Usage: bash scripts/gpu_smollm2_cal.sh OUT_DIR
 set -uo pipefail
 out=${1:-/tmp/smollm2_cal}
