@@ -22,7 +22,7 @@ Variants:
   mass_cal  mass with a calibrated per-layer allocation (`stem_boost.calibrate`): measured once
             per run on --cal-windows windows of the *training* text (pydoc topics not held out)
             at each of --cal-lengths (default: the evaluated lengths), one allocation for all
-            lengths; the allocation and the measured errors are written to the JSON
+            lengths, kept in --cal-dir (the package ships the SmolLM2 ones) and in the JSON
 Metrics per sequence length:
   ppl / nll          held-out text (pydoc_data held-out topics, then the Debian licenses if
                      present), --samples windows of exactly L tokens, next-token NLL at every position
@@ -80,6 +80,10 @@ def parse_args(argv=None):
     ap.add_argument("--cal-windows", type=int, default=2, help="calibration windows per length (*_cal variants)")
     ap.add_argument("--cal-lengths", type=int, nargs="+", default=None,
                     help="calibration window lengths (*_cal variants; default: --lengths)")
+    ap.add_argument("--cal-dir", default=str(Path(stem_boost.__file__).parent / "data" / "calibration"),
+                    help="where the *_cal allocations are read from / written to")
+    ap.add_argument("--recalibrate", action="store_true", help="measure the allocations even if --cal-dir has them")
+    ap.add_argument("--calibrate-only", action="store_true", help="write the *_cal allocations and stop")
     ap.add_argument("--family", choices=["dsa", "infllmv2"], default="dsa")
     ap.add_argument("--reduce", type=float, default=None, help="default: 0.15 (dsa), 0.18 (infllmv2)")
     ap.add_argument("--beta", type=float, default=0.2)
@@ -220,17 +224,35 @@ def calibration_windows(tok, lengths: list[int], n: int, device) -> list[torch.T
     return [w.to(device) for L in lengths for w in ppl_windows(ids, L, n)]
 
 
+def calibration_path(a, variant: str) -> Path:
+    """Where the allocation of a "*_cal" variant lives: one file per testbed, schedule and reduce."""
+    tag = f"dsa_top{a.index_topk}" if a.family == "dsa" else f"infllmv2_top{a.topk or si.SPARSE['topk']}"
+    return Path(a.cal_dir) / f"smollm2_{tag}_{variant.removesuffix('_cal')}_r{a.reduce:g}.json"
+
+
 def run_calibrations(sparse_model, tok, a, device) -> dict:
-    """variant -> Calibration for the "*_cal" variants asked for."""
+    """variant -> Calibration for the "*_cal" variants asked for: read from --cal-dir when there
+    (and not --recalibrate), else measured on the training text and written there."""
     out = {}
     for variant in [v for v in a.variants if v.endswith("_cal")]:
+        path = calibration_path(a, variant)
+        if path.exists() and not a.recalibrate:
+            out[variant] = stem_boost.Calibration.from_dict(json.loads(path.read_text()))
+            print(f"{variant}: allocation from {path}", flush=True)
+            continue
         t0 = time.time()
         kw = variant_kwargs(variant.removesuffix("_cal"), a)
         kw.pop("reduce")
-        wins = calibration_windows(tok, a.cal_lengths or a.lengths, a.cal_windows, device)
-        out[variant] = stem_boost.calibrate(sparse_model, wins, a.reduce, **kw)
-        print(f"calibrated {variant} on {len(wins)} windows ({time.time() - t0:.1f}s): layer_reduce "
-              f"{[round(x, 3) for x in out[variant].layer_reduce]}", flush=True)
+        lengths = a.cal_lengths or a.lengths
+        wins = calibration_windows(tok, lengths, a.cal_windows, device)
+        cal = stem_boost.calibrate(sparse_model, wins, a.reduce, **kw)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dict(cal.to_dict(), windows=a.cal_windows, lengths=lengths,
+                                        text="pydoc_data.topics training split (stem_boost.testbeds._corpus)",
+                                        command=" ".join(sys.argv)), indent=1))
+        out[variant] = cal
+        print(f"calibrated {variant} on {len(wins)} windows ({time.time() - t0:.1f}s) -> {path}: layer_reduce "
+              f"{[round(x, 3) for x in cal.layer_reduce]}", flush=True)
     return out
 
 
@@ -265,6 +287,8 @@ def main(argv=None):
     n_layers = dense.config.num_hidden_layers
     stream = heldout_ids(tok)
     calibrations = run_calibrations(sparse_model, tok, a, device)
+    if a.calibrate_only:
+        return
     res = dict(
         config=dict(vars(a), dtype=str(dtype).replace("torch.", ""), model="SmolLM2-135M-Instruct GGUF Q4_1",
                     indexer_file=(str(sd.INDEXER_FILE) if a.indexer == "trained" else a.indexer)

@@ -1,30 +1,42 @@
 #!/usr/bin/env bash
-# SmolLM2-135M evaluation with the calibrated per-layer allocations (stem_cal, mass_cal) next to
-# every other variant, on one GPU: one process per (family, length) side by side, and InfLLMv2 at
-# 8K split over two processes by variant (its mass variants are the slow ones). Every process
-# calibrates on the same training-text windows (2K, 4K and 8K), so the allocation is one per
-# family for all lengths. The GGUF arrives as in gpu_smollm2_setup.sh (three calls).
-# Usage: bash scripts/gpu_smollm2_cal.sh OUT_DIR
+# SmolLM2-135M with calibrated per-layer allocations (stem_cal, mass_cal) on one GPU, in one call:
+#   1. the allocations: for each family (DSA top-1024, InfLLMv2) and schedule (tpd, mass), measured on
+#      training-text windows at 2K, 4K and 8K (`eval_smollm2.py --calibrate-only`), four processes
+#      side by side, written to OUT_DIR/calibration/ (copy them to stem_boost/data/calibration/);
+#   2. the evaluation of native, stem_cal and mass_cal at 2K-8K with those allocations, one process
+#      per (family, length) side by side, until the call's deadline.
+# The GGUF arrives in pieces (gpu_smollm2_setup.sh). Usage: bash scripts/gpu_smollm2_cal.sh OUT_DIR
 set -uo pipefail
+t_start=$(date +%s)
 out=${1:-/tmp/smollm2_cal}
 mkdir -p "$out"
 source scripts/gpu_smollm2_setup.sh "$out" || exit 1
-limit=${EVAL_LIMIT_S:-540}
+deadline=$((t_start + ${DEADLINE_S:-575}))
 samples=${EVAL_SAMPLES:-8}
-cal="--cal-lengths 2048 4096 8192 --cal-windows ${CAL_WINDOWS:-1}"
-all="dense native stem uniform no_oam mass stem_cal mass_cal"
-run() {  # name, then eval_smollm2 arguments
+cal_dir="$out/calibration"
+common="--samples $samples --cal-dir $cal_dir --cal-lengths 2048 4096 8192 --cal-windows ${CAL_WINDOWS:-1}"
+run() {  # name, then eval_smollm2 arguments; stops at the deadline
   local name=$1; shift
-  timeout "$limit" python scripts/eval_smollm2.py --samples "$samples" $cal --out "$out/$name.json" "$@" \
+  timeout $((deadline - $(date +%s))) python scripts/eval_smollm2.py $common --out "$out/$name.json" "$@" \
     > "$out/$name.log" 2>&1 &
 }
+dsa="--family dsa --index-topk 1024"
+inf="--family infllmv2"
+run cal_dsa_stem $dsa --variants stem_cal --calibrate-only
+run cal_dsa_mass $dsa --variants mass_cal --calibrate-only
+run cal_inf_stem $inf --variants stem_cal --calibrate-only
+run cal_inf_mass $inf --variants mass_cal --calibrate-only
+wait
+echo "calibration done after $(( $(date +%s) - t_start ))s"
 for L in 2048 4096 8192; do
-  run "dsa_top1024_$L" --family dsa --index-topk 1024 --lengths $L --variants $all
+  run "dsa_top1024_$L" $dsa --lengths $L --variants native stem_cal mass_cal
 done
-run infllmv2_2048 --family infllmv2 --lengths 2048 --variants $all
-run infllmv2_4096 --family infllmv2 --lengths 4096 --variants $all
-run infllmv2_8192_a --family infllmv2 --lengths 8192 --variants dense native stem uniform no_oam
-run infllmv2_8192_b --family infllmv2 --lengths 8192 --variants dense native mass stem_cal mass_cal
+run infllmv2_2048 $inf --lengths 2048 --variants native stem_cal mass_cal
+run infllmv2_4096 $inf --lengths 4096 --variants native stem_cal mass_cal
+run infllmv2_8192_a $inf --lengths 8192 --variants native mass_cal
+run infllmv2_8192_b $inf --lengths 8192 --variants stem_cal
 wait
 nvidia-smi --query-gpu=name --format=csv,noheader
-for f in "$out"/*.log; do echo "== $f"; grep -E "^L=|^calibrated|Error|error" "$f" | cut -c1-220 | tail -12; done
+tail -c 400 "$out"/cal_*.log | grep -v "calibrate layers"
+for f in "$out"/dsa_*.log "$out"/infllmv2_*.log; do echo "== $f"; grep -E "^L=|Error|error" "$f" | cut -c1-200 | tail -6; done
+echo "total $(( $(date +%s) - t_start ))s"

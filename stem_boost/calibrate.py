@@ -32,6 +32,7 @@ from .config import MAX_REDUCE
 
 __all__ = ["Calibration", "allocate", "calibrate", "layer_errors"]
 
+FEASIBLE_SLACK = 0.01  # a layer "achieves" cut r when its achieved reduction is at least r - this
 DEFAULT_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
@@ -43,17 +44,19 @@ class Calibration:
     layer_reduce: tuple[float, ...]
     grid: tuple[float, ...]
     errors: list[list[float]]  # [n_layers][len(grid)]: e_l(r) summed over the calibration inputs
+    achieved: list[list[float]] = field(default_factory=list)  # [n_layers][len(grid)]: lowest achieved cut
     wrap_kwargs: dict = field(default_factory=dict)
     tokens: int = 0
 
     def to_dict(self) -> dict:
         return dict(reduce=self.reduce, layer_reduce=list(self.layer_reduce), grid=list(self.grid),
-                    errors=self.errors, wrap_kwargs=self.wrap_kwargs, tokens=self.tokens)
+                    errors=self.errors, achieved=self.achieved, wrap_kwargs=self.wrap_kwargs, tokens=self.tokens)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":
         return cls(reduce=float(d["reduce"]), layer_reduce=tuple(float(x) for x in d["layer_reduce"]),
                    grid=tuple(float(x) for x in d["grid"]), errors=[list(map(float, e)) for e in d["errors"]],
+                   achieved=[list(map(float, e)) for e in d.get("achieved", [])],
                    wrap_kwargs=dict(d.get("wrap_kwargs", {})), tokens=int(d.get("tokens", 0)))
 
 
@@ -64,12 +67,16 @@ def _check_grid(grid) -> tuple[float, ...]:
     return g
 
 
-def allocate(errors: torch.Tensor, grid, reduce: float, *, step: float = 0.005) -> tuple[float, ...]:
+def allocate(errors: torch.Tensor, grid, reduce: float, *, step: float = 0.005,
+             feasible: torch.Tensor | None = None) -> tuple[float, ...]:
     """Per-layer fractions on multiples of `step`, mean exactly `reduce` (up to float rounding of
     reduce / step), minimising sum_l e_l(r_l).
 
     errors [L, G]: e_l at the `grid` points (grid[0] = 0), interpolated linearly in between; the
     curves are made non-decreasing first (a larger cut never claims to cost less than a smaller one).
+    feasible [L, G] bool (optional): whether the layer really achieves that cut (a TPD plan can
+    saturate); a layer is never given more than its last feasible grid point before the first
+    infeasible one.
     """
     g = _check_grid(grid)
     e = torch.as_tensor(errors, dtype=torch.float64)
@@ -88,9 +95,18 @@ def allocate(errors: torch.Tensor, grid, reduce: float, *, step: float = 0.005) 
     lo = hi - 1
     w = ((xs - gt[lo]) / (gt[hi] - gt[lo])).clamp(0, 1)
     cost = e[:, lo] * (1 - w) + e[:, hi] * w  # [L, n_pts]
+    if feasible is not None:
+        f = torch.as_tensor(feasible, dtype=torch.bool)
+        if f.shape != e.shape:
+            raise ValueError(f"feasible must be {tuple(e.shape)} like errors, got {tuple(f.shape)}")
+        f = torch.cummin(f.to(torch.int8), dim=1).values.bool()  # feasible up to the first failure
+        r_max = torch.tensor(g, dtype=torch.float64).expand(L, -1).masked_fill(~f, 0).amax(1)  # [L]
+        cost = cost.masked_fill(xs.unsqueeze(0) > r_max.unsqueeze(1) + 1e-9, float("inf"))
     total = int(round(reduce * L / step))
     if total > (n_pts - 1) * L:
         raise ValueError(f"reduce={reduce!r} needs more than the grid's {g[-1]} in every layer")
+    if not math.isfinite(float(cost.min(1).values.sum())):
+        raise ValueError("allocate: no finite cost at r=0 for some layer")
     # best[u] = least cost of the layers so far spending u units; choice[l][u] = units of layer l
     inf = float("inf")
     best = torch.full((total + 1,), inf, dtype=torch.float64)
@@ -107,6 +123,9 @@ def allocate(errors: torch.Tensor, grid, reduce: float, *, step: float = 0.005) 
             arg = torch.where(better, torch.full_like(arg, u), arg)
         best = new
         choices.append(arg)
+    if not math.isfinite(float(best[total])):
+        raise ValueError(f"reduce={reduce!r} is more than the layers can achieve (their feasible cuts average "
+                         f"{float(r_max.mean()) if feasible is not None else g[-1]:.3f})")
     units, left = [0] * L, total
     for layer in range(L - 1, -1, -1):
         units[layer] = int(choices[layer][left])
@@ -132,9 +151,10 @@ def _parents(model: torch.nn.Module, modules: list[torch.nn.Module]) -> list[tor
 
 @torch.no_grad()
 def layer_errors(model: torch.nn.Module, inputs: list[torch.Tensor], grid=DEFAULT_GRID, *, progress: bool = True,
-                 **wrap_kwargs) -> torch.Tensor:
-    """e_l(r) [n_layers, len(grid)] summed over `inputs` (each [B, S] token ids), for the Stem
-    configuration `wrap_kwargs` (schedule, beta, ...) with reduce r. The model is left unwrapped."""
+                 **wrap_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(errors, achieved), both [n_layers, len(grid)]: e_l(r) over `inputs` (each [B, S] token ids)
+    and the lowest cut the layer achieved at requested r (`LayerStats.reduce_achieved`), for the
+    Stem configuration `wrap_kwargs` (schedule, beta, ...) with reduce r. The model is left unwrapped."""
     from .api import _detect, is_wrapped, unwrap, wrap
 
     g = _check_grid(grid)
@@ -150,6 +170,7 @@ def layer_errors(model: torch.nn.Module, inputs: list[torch.Tensor], grid=DEFAUL
     L = len(modules)
     num = torch.zeros(L, len(g), dtype=torch.float64)
     den = torch.zeros(L, dtype=torch.float64)
+    achieved = torch.tensor(g, dtype=torch.float64).expand(L, -1).clone()
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -193,6 +214,7 @@ def layer_errors(model: torch.nn.Module, inputs: list[torch.Tensor], grid=DEFAUL
                     out = m(*c["args"], **c["kwargs"])
                     out = (out[0] if isinstance(out, tuple) else out).double()
                     num[i, j] += float((out - c["out"]).pow(2).sum())
+                    achieved[i, j] = min(float(achieved[i, j]), m._stem.stats.reduce_achieved)
                 m._stem.cfg = base_cfg
                 captured[i] = {}
                 if bar is not None:
@@ -201,7 +223,7 @@ def layer_errors(model: torch.nn.Module, inputs: list[torch.Tensor], grid=DEFAUL
         if bar is not None:
             bar.close()
         unwrap(model)
-    return num / den.clamp_min(1e-30).unsqueeze(1)
+    return num / den.clamp_min(1e-30).unsqueeze(1), achieved
 
 
 def calibrate(model: torch.nn.Module, inputs: list[torch.Tensor], reduce: float = 0.15, *, grid=DEFAULT_GRID,
@@ -214,7 +236,9 @@ def calibrate(model: torch.nn.Module, inputs: list[torch.Tensor], reduce: float 
     g = _check_grid(grid)
     if not 0.0 <= reduce <= g[-1]:
         raise ValueError(f"reduce={reduce!r} is outside [0, {g[-1]}] (the calibrated grid)")
-    errors = layer_errors(model, inputs, g, progress=progress, **wrap_kwargs)
-    fr = allocate(errors, g, reduce, step=step)
+    errors, achieved = layer_errors(model, inputs, g, progress=progress, **wrap_kwargs)
+    feasible = achieved >= torch.tensor(g, dtype=torch.float64) - FEASIBLE_SLACK
+    fr = allocate(errors, g, reduce, step=step, feasible=feasible)
     return Calibration(reduce=float(reduce), layer_reduce=fr, grid=g, errors=errors.tolist(),
-                       wrap_kwargs=dict(wrap_kwargs), tokens=int(sum(x.numel() for x in inputs)))
+                       achieved=achieved.tolist(), wrap_kwargs=dict(wrap_kwargs),
+                       tokens=int(sum(x.numel() for x in inputs)))

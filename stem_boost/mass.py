@@ -24,7 +24,7 @@ def mass_budgets(scores: torch.Tensor, valid: torch.Tensor, reduce: float, *, sp
     scores [..., K] native scores of the candidates (space "logit": softmax over the row's valid
     candidates; "prob": non-negative masses, normalised by the row sum); valid [..., K] bool.
     Returns budgets [...] (long): valid candidates per row minus the removed ones, at least 1 where
-    the row has any. One threshold on log-probability for the whole tensor (`torch.kthvalue`, two
+    the row has any. One threshold on log-probability for the whole tensor (a k-th value, two
     host syncs); pairs tied at the threshold are taken from the last rows first,
     so that exactly floor(reduce * n_valid) pairs go (fewer only where the floor of 1 per row binds).
     """
@@ -43,7 +43,10 @@ def mass_budgets(scores: torch.Tensor, valid: torch.Tensor, reduce: float, *, sp
     target = math.floor(reduce * int(n_row.sum()))
     if target == 0:
         return n_row.long()
-    tau = torch.kthvalue(logp[valid], target).values  # the target-th lowest log-probability
+    vals = logp[valid]
+    # the target-th lowest log-probability: a full sort on CUDA (torch.kthvalue runs one thread block
+    # per slice there, slow for one slice of millions), quickselect on the CPU
+    tau = vals.sort().values[target - 1] if vals.is_cuda else torch.kthvalue(vals, target).values
     removed = logp < tau
     need = target - int(removed.sum())
     if need > 0:  # pairs tied at the threshold (e.g. relu-zero indexer scores): the last rows give them up

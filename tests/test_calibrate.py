@@ -42,6 +42,15 @@ def test_allocate_moves_the_cut_off_the_sensitive_layer():
     assert fr[0] == 0.0 and abs(fr[1] + fr[2] - 0.3) < 1e-9
 
 
+def test_allocate_respects_feasible_cuts():
+    grid = (0.0, 0.2, 0.4)
+    errors = torch.tensor([[0.0, 0.0, 0.0], [0.0, 5.0, 10.0]])  # layer 0 is free to cut, but only to 0.2
+    fr = allocate(errors, grid, 0.15, feasible=torch.tensor([[True, True, False], [True, True, True]]))
+    assert fr[0] == pytest.approx(0.2) and fr[1] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="more than the layers can achieve"):
+        allocate(errors, grid, 0.35, feasible=torch.tensor([[True, True, False], [True, True, False]]))
+
+
 def test_allocate_rejects_bad_input():
     with pytest.raises(ValueError, match="grid"):
         allocate(torch.zeros(2, 2), (0.1, 0.2), 0.1)
@@ -100,7 +109,8 @@ def test_layer_errors_match_their_definition():
     model, reduce, n = _model("dsa")
     ids = torch.randint(3, 256, (1, n))
     grid = (0.0, 0.2, 0.5)
-    err = layer_errors(model, [ids], grid, progress=False, schedule="mass")
+    err, achieved = layer_errors(model, [ids], grid, progress=False, schedule="mass")
+    assert torch.allclose(achieved, torch.tensor(grid, dtype=torch.float64).expand_as(achieved), atol=0.02)
     assert not stem_boost.is_wrapped(model)
     assert torch.all(err[:, 0] == 0) and torch.all(err[:, 1:] > 0)
     _, modules = stem_boost.api._detect(model)
@@ -134,7 +144,7 @@ def test_calibrate_returns_an_allocation_that_wraps():
     cal = calibrate(model, [ids], reduce, grid=(0.0, 0.1, 0.2, 0.4), progress=False, schedule="mass")
     assert abs(sum(cal.layer_reduce) / len(cal.layer_reduce) - reduce) < 1e-9
     again = Calibration.from_dict(cal.to_dict())
-    assert again.layer_reduce == cal.layer_reduce and again.tokens == n
+    assert again.layer_reduce == cal.layer_reduce and again.tokens == n and again.achieved == cal.achieved
     stem_boost.wrap(model, reduce=reduce, schedule="mass", layer_reduce=again.layer_reduce)
     with torch.no_grad():
         model(ids)
