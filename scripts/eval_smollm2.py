@@ -82,6 +82,10 @@ def parse_args(argv=None):
                     help="calibration window lengths (*_cal variants; default: --lengths)")
     ap.add_argument("--cal-dir", default=str(Path(stem_boost.__file__).parent / "data" / "calibration"),
                     help="where the *_cal allocations are read from / written to")
+    ap.add_argument("--cal-objective", choices=["layer", "logits"], default="layer",
+                    help="calibration objective (stem_boost.calibrate): per-layer output error or next-token KL")
+    ap.add_argument("--cal-grid", type=float, nargs="+", default=None,
+                    help="calibration grid of cuts (default: stem_boost.calibrate.DEFAULT_GRID)")
     ap.add_argument("--recalibrate", action="store_true", help="measure the allocations even if --cal-dir has them")
     ap.add_argument("--calibrate-only", action="store_true", help="write the *_cal allocations and stop")
     ap.add_argument("--family", choices=["dsa", "infllmv2"], default="dsa")
@@ -227,7 +231,10 @@ def calibration_windows(tok, lengths: list[int], n: int, device) -> list[torch.T
 def calibration_path(a, variant: str) -> Path:
     """Where the allocation of a "*_cal" variant lives: one file per testbed, schedule and reduce."""
     tag = f"dsa_top{a.index_topk}" if a.family == "dsa" else f"infllmv2_top{a.topk or si.SPARSE['topk']}"
-    return Path(a.cal_dir) / f"smollm2_{tag}_{variant.removesuffix('_cal')}_r{a.reduce:g}.json"
+    obj = "" if a.cal_objective == "layer" else f"_{a.cal_objective}"
+    if a.cal_grid and max(a.cal_grid) < a.reduce:  # a slice of the grid, merged later (merge_calibrations.py)
+        obj += "_grid" + "-".join(f"{x:g}" for x in a.cal_grid)
+    return Path(a.cal_dir) / f"smollm2_{tag}_{variant.removesuffix('_cal')}_r{a.reduce:g}{obj}.json"
 
 
 def run_calibrations(sparse_model, tok, a, device) -> dict:
@@ -245,7 +252,9 @@ def run_calibrations(sparse_model, tok, a, device) -> dict:
         kw.pop("reduce")
         lengths = a.cal_lengths or a.lengths
         wins = calibration_windows(tok, lengths, a.cal_windows, device)
-        cal = stem_boost.calibrate(sparse_model, wins, a.reduce, **kw)
+        grid = dict(grid=tuple(a.cal_grid)) if a.cal_grid else {}
+        solve = not a.cal_grid or max(a.cal_grid) >= a.reduce  # a grid slice: measured only, for merge
+        cal = stem_boost.calibrate(sparse_model, wins, a.reduce, objective=a.cal_objective, solve=solve, **grid, **kw)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(dict(cal.to_dict(), windows=a.cal_windows, lengths=lengths,
                                         text="pydoc_data.topics training split (stem_boost.testbeds._corpus)",

@@ -10,15 +10,19 @@ differ by orders of magnitude in how much attention mass the native selection's 
 Every sparse layer of one model has the same native budget, so any allocation whose mean is
 `reduce` attends to the same number of pairs model-wide.
 
-Sensitivity (one forward of the native selection, then each layer re-run alone on its captured
-inputs under cut r):
+Sensitivity of layer l to cut r, two objectives:
 
-    e_l(r) = sum_t ||a_l(r)_t - a_l(0)_t||^2 / sum_t ||x_l,t||^2
-
-a_l [B, S, hidden]: the attention module's output (after o_proj: what is added to the residual
-stream); x_l: the decoder layer's input (the residual stream). Per-layer errors add up to first
-order; `allocate` minimises their sum subject to mean_l r_l = reduce, exactly (a dynamic
-programme on a grid of `step`; the curves are interpolated linearly between measured points).
+  "layer"  (one forward of the native selection, then each layer re-run alone on its captured inputs)
+           e_l(r) = sum_t ||a_l(r)_t - a_l(0)_t||^2 / sum_t ||x_l,t||^2
+           a_l [B, S, hidden]: the attention module's output (after o_proj: what is added to the
+           residual stream); x_l: the decoder layer's input (the residual stream). Cheap: one
+           attention call per (layer, r).
+  "logits" (a full forward per (layer, r), every other layer native)
+           e_l(r) = mean_t KL(p_native,t || p_l(r),t) of the next-token distribution: what the
+           evaluation measures, including how later layers amplify or absorb the change.
+Per-layer errors add up to first order; `allocate` minimises their sum subject to
+mean_l r_l = reduce, exactly (a dynamic programme on a grid of `step`; the curves are
+interpolated linearly between measured points).
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ import torch
 
 from .config import MAX_REDUCE
 
-__all__ = ["Calibration", "allocate", "calibrate", "layer_errors"]
+__all__ = ["Calibration", "allocate", "calibrate", "layer_errors", "merge"]
 
+OBJECTIVES = ("layer", "logits")
 FEASIBLE_SLACK = 0.01  # a layer "achieves" cut r when its achieved reduction is at least r - this
 DEFAULT_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
@@ -47,17 +52,20 @@ class Calibration:
     achieved: list[list[float]] = field(default_factory=list)  # [n_layers][len(grid)]: lowest achieved cut
     wrap_kwargs: dict = field(default_factory=dict)
     tokens: int = 0
+    objective: str = "layer"
 
     def to_dict(self) -> dict:
         return dict(reduce=self.reduce, layer_reduce=list(self.layer_reduce), grid=list(self.grid),
-                    errors=self.errors, achieved=self.achieved, wrap_kwargs=self.wrap_kwargs, tokens=self.tokens)
+                    errors=self.errors, achieved=self.achieved, wrap_kwargs=self.wrap_kwargs, tokens=self.tokens,
+                    objective=self.objective)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":
         return cls(reduce=float(d["reduce"]), layer_reduce=tuple(float(x) for x in d["layer_reduce"]),
                    grid=tuple(float(x) for x in d["grid"]), errors=[list(map(float, e)) for e in d["errors"]],
                    achieved=[list(map(float, e)) for e in d.get("achieved", [])],
-                   wrap_kwargs=dict(d.get("wrap_kwargs", {})), tokens=int(d.get("tokens", 0)))
+                   wrap_kwargs=dict(d.get("wrap_kwargs", {})), tokens=int(d.get("tokens", 0)),
+                   objective=str(d.get("objective", "layer")))
 
 
 def _check_grid(grid) -> tuple[float, ...]:
@@ -151,13 +159,16 @@ def _parents(model: torch.nn.Module, modules: list[torch.nn.Module]) -> list[tor
 
 @torch.no_grad()
 def layer_errors(model: torch.nn.Module, inputs: list[torch.Tensor], grid=DEFAULT_GRID, *, progress: bool = True,
-                 **wrap_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+                 objective: str = "layer", **wrap_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(errors, achieved), both [n_layers, len(grid)]: e_l(r) over `inputs` (each [B, S] token ids)
     and the lowest cut the layer achieved at requested r (`LayerStats.reduce_achieved`), for the
-    Stem configuration `wrap_kwargs` (schedule, beta, ...) with reduce r. The model is left unwrapped."""
+    Stem configuration `wrap_kwargs` (schedule, beta, ...) with reduce r, under `objective` (see the
+    module docstring). The model is left unwrapped."""
     from .api import _detect, is_wrapped, unwrap, wrap
 
     g = _check_grid(grid)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r}; allowed: {', '.join(OBJECTIVES)}")
     if is_wrapped(model):
         unwrap(model)
     if not inputs:
@@ -179,6 +190,8 @@ def layer_errors(model: torch.nn.Module, inputs: list[torch.Tensor], grid=DEFAUL
     wrap(model, reduce=0.0, **wrap_kwargs)
     base_cfg = model._stem_wrap.cfg
     try:
+        if objective == "logits":
+            return _logit_errors(model, modules, inputs, g, base_cfg, bar)
         for ids in inputs:
             captured: list[dict] = [dict() for _ in range(L)]
             hooks = []
@@ -226,19 +239,81 @@ def layer_errors(model: torch.nn.Module, inputs: list[torch.Tensor], grid=DEFAUL
     return num / den.clamp_min(1e-30).unsqueeze(1), achieved
 
 
+def _logit_errors(model, modules, inputs, g, base_cfg, bar) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "logits" objective: mean next-token KL(native || layer l cut by r), all else native."""
+    L = len(modules)
+    kl = torch.zeros(L, len(g), dtype=torch.float64)
+    achieved = torch.tensor(g, dtype=torch.float64).expand(L, -1).clone()
+    n_tok = 0
+    for ids in inputs:
+        ref = model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)  # [B, S, V]
+        n_tok += ref.shape[0] * ref.shape[1]
+        for i, m in enumerate(modules):
+            for j, r in enumerate(g):
+                if r == 0.0:
+                    continue
+                m._stem.cfg = replace(base_cfg, reduce=r)
+                lp = model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)
+                kl[i, j] += float((ref.exp() * (ref - lp)).sum())
+                achieved[i, j] = min(float(achieved[i, j]), m._stem.stats.reduce_achieved)
+                del lp
+            m._stem.cfg = base_cfg
+            if bar is not None:
+                bar.update(1)
+        del ref
+    return kl / max(n_tok, 1), achieved
+
+
 def calibrate(model: torch.nn.Module, inputs: list[torch.Tensor], reduce: float = 0.15, *, grid=DEFAULT_GRID,
-              step: float = 0.005, progress: bool = True, **wrap_kwargs) -> Calibration:
+              step: float = 0.005, progress: bool = True, objective: str = "layer", solve: bool = True,
+              **wrap_kwargs) -> Calibration:
     """Measure `layer_errors` on `inputs` and `allocate` `reduce` over the layers.
 
-    inputs: token ids [B, S] (calibration text, not the text you evaluate on); wrap_kwargs: the
-    Stem knobs the allocation is for (schedule, beta, ...), passed to `wrap` with the result.
+    inputs: token ids [B, S] (calibration text, not the text you evaluate on); objective: "layer"
+    or "logits" (module docstring); wrap_kwargs: the Stem knobs the allocation is for (schedule,
+    beta, ...), passed to `wrap` with the result. solve=False measures only (layer_reduce left
+    empty): a slice of the grid or of the inputs, for `merge`.
     """
     g = _check_grid(grid)
-    if not 0.0 <= reduce <= g[-1]:
+    if solve and not 0.0 <= reduce <= g[-1]:
         raise ValueError(f"reduce={reduce!r} is outside [0, {g[-1]}] (the calibrated grid)")
-    errors, achieved = layer_errors(model, inputs, g, progress=progress, **wrap_kwargs)
+    errors, achieved = layer_errors(model, inputs, g, progress=progress, objective=objective, **wrap_kwargs)
     feasible = achieved >= torch.tensor(g, dtype=torch.float64) - FEASIBLE_SLACK
-    fr = allocate(errors, g, reduce, step=step, feasible=feasible)
+    fr = allocate(errors, g, reduce, step=step, feasible=feasible) if solve else ()
     return Calibration(reduce=float(reduce), layer_reduce=fr, grid=g, errors=errors.tolist(),
                        achieved=achieved.tolist(), wrap_kwargs=dict(wrap_kwargs),
-                       tokens=int(sum(x.numel() for x in inputs)))
+                       tokens=int(sum(x.numel() for x in inputs)), objective=objective)
+
+
+def merge(cals: list[Calibration], reduce: float | None = None, *, step: float = 0.005) -> Calibration:
+    """One Calibration from several measured on other grid points or other inputs of the same model
+    and Stem knobs (e.g. one process per grid point): errors at each grid point are averaged over
+    the calibrations that measured it, weighted by their tokens; the achieved cut is the lowest;
+    the allocation is solved again for `reduce` (default: theirs)."""
+    if not cals:
+        raise ValueError("merge: no calibrations")
+    first = cals[0]
+    for c in cals[1:]:
+        if (c.wrap_kwargs, c.objective, len(c.errors)) != (first.wrap_kwargs, first.objective, len(first.errors)):
+            raise ValueError("merge: the calibrations differ in Stem knobs, objective or number of layers")
+    reduce = first.reduce if reduce is None else float(reduce)
+    grid = sorted({x for c in cals for x in c.grid})
+    L = len(first.errors)
+    num = torch.zeros(L, len(grid), dtype=torch.float64)
+    wsum = torch.zeros(len(grid), dtype=torch.float64)
+    achieved = torch.tensor(grid, dtype=torch.float64).expand(L, -1).clone()
+    for c in cals:
+        e = torch.tensor(c.errors, dtype=torch.float64)
+        a = torch.tensor(c.achieved, dtype=torch.float64) if c.achieved else torch.tensor(c.grid).expand(L, -1)
+        w = max(c.tokens, 1)
+        for j, x in enumerate(c.grid):
+            k = grid.index(x)
+            num[:, k] += w * e[:, j]
+            wsum[k] += w
+            achieved[:, k] = torch.minimum(achieved[:, k], a[:, j])
+    errors = num / wsum.clamp_min(1)
+    feasible = achieved >= torch.tensor(grid, dtype=torch.float64) - FEASIBLE_SLACK
+    fr = allocate(errors, grid, reduce, step=step, feasible=feasible)
+    return Calibration(reduce=reduce, layer_reduce=fr, grid=tuple(grid), errors=errors.tolist(),
+                       achieved=achieved.tolist(), wrap_kwargs=dict(first.wrap_kwargs),
+                       tokens=max(c.tokens for c in cals), objective=first.objective)

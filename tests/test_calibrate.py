@@ -152,3 +152,43 @@ def test_calibrate_returns_an_allocation_that_wraps():
     stem_boost.unwrap(model)
     with pytest.raises(ValueError, match="'layer_reduce' is what calibration chooses"):
         calibrate(model, [ids], reduce, layer_reduce=cal.layer_reduce)
+
+
+def test_logits_objective_is_the_next_token_kl_of_one_cut_layer():
+    model, reduce, n = _model("dsa")
+    ids = torch.randint(3, 256, (1, n))
+    grid = (0.0, 0.3)
+    err, _ = layer_errors(model, [ids], grid, progress=False, objective="logits", schedule="mass")
+    L = err.shape[0]
+    assert torch.all(err[:, 0] == 0) and torch.all(err[:, 1] > 0)
+    layer = int(torch.randint(0, L, (1,)))
+    logp = {}
+    for r in grid:
+        lr = [0.0] * L
+        lr[layer] = r
+        stem_boost.wrap(model, reduce=r / L, schedule="mass", layer_reduce=lr)
+        with torch.no_grad():
+            logp[r] = model(input_ids=ids, use_cache=False).logits.double().log_softmax(-1)
+        stem_boost.unwrap(model)
+    want = float((logp[0.0].exp() * (logp[0.0] - logp[0.3])).sum(-1).mean())
+    assert math.isclose(float(err[layer, 1]), want, rel_tol=1e-3, abs_tol=1e-9), (float(err[layer, 1]), want)
+    with pytest.raises(ValueError, match="objective='output'"):
+        layer_errors(model, [ids], grid, objective="output")
+
+
+def test_merge_of_grid_slices_equals_one_calibration():
+    model, reduce, n = _model("dsa")
+    ids = torch.randint(3, 256, (1, n))
+    whole = calibrate(model, [ids], reduce, grid=(0.0, 0.1, 0.3), progress=False, schedule="mass")
+    parts = [calibrate(model, [ids], reduce, grid=(0.0, r), progress=False, schedule="mass", solve=False)
+             for r in (0.1, 0.3)]
+    assert parts[0].layer_reduce == ()
+    from stem_boost.calibrate import merge
+
+    merged = merge(parts)
+    assert merged.grid == whole.grid
+    assert torch.allclose(torch.tensor(merged.errors), torch.tensor(whole.errors), rtol=1e-6, atol=1e-12)
+    assert merged.layer_reduce == pytest.approx(whole.layer_reduce)
+    with pytest.raises(ValueError, match="differ"):
+        merge([parts[0], calibrate(model, [ids], reduce, grid=(0.0, 0.2), progress=False, schedule="uniform",
+                                   solve=False)])
