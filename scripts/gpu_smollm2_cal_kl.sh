@@ -18,6 +18,8 @@ for R in 0.05 0.1 0.15 0.2 0.3 0.4 0.6 0.8; do
     > "$out/cal_$R.log" 2>&1 &
 done
 wait
+n=$(ls "$out"/slice_*/*.json 2>/dev/null | wc -l)
+[ "$n" -eq 8 ] || { echo "only $n of 8 grid slices were measured:"; tail -n 3 "$out"/cal_*.log; exit 1; }
 python scripts/merge_calibrations.py "$out/calibration/smollm2_dsa_top1024_mass_r0.15_logits.json" \
   "$out"/slice_*/*.json || exit 1
 echo "calibration done after $(( $(date +%s) - t_start ))s"

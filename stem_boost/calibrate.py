@@ -239,6 +239,17 @@ def layer_errors(model: torch.nn.Module, inputs: list[torch.Tensor], grid=DEFAUL
     return num / den.clamp_min(1e-30).unsqueeze(1), achieved
 
 
+def _kl_sum(ref_logits: torch.Tensor, logits: torch.Tensor, chunk: int = 1024) -> float:
+    """sum over positions of KL(softmax(ref) || softmax(logits)); [B, S, V] in chunks of positions
+    (fp32 copies of a whole 8K x 49K-vocabulary tensor would take GBs per call)."""
+    total = 0.0
+    for s0 in range(0, ref_logits.shape[1], chunk):
+        ref = ref_logits[:, s0:s0 + chunk].float().log_softmax(-1)
+        lp = logits[:, s0:s0 + chunk].float().log_softmax(-1)
+        total += float((ref.exp() * (ref - lp)).sum())
+    return total
+
+
 def _logit_errors(model, modules, inputs, g, base_cfg, bar) -> tuple[torch.Tensor, torch.Tensor]:
     """The "logits" objective: mean next-token KL(native || layer l cut by r), all else native."""
     L = len(modules)
@@ -246,17 +257,15 @@ def _logit_errors(model, modules, inputs, g, base_cfg, bar) -> tuple[torch.Tenso
     achieved = torch.tensor(g, dtype=torch.float64).expand(L, -1).clone()
     n_tok = 0
     for ids in inputs:
-        ref = model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)  # [B, S, V]
+        ref = model(input_ids=ids, use_cache=False).logits  # [B, S, V]
         n_tok += ref.shape[0] * ref.shape[1]
         for i, m in enumerate(modules):
             for j, r in enumerate(g):
                 if r == 0.0:
                     continue
                 m._stem.cfg = replace(base_cfg, reduce=r)
-                lp = model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)
-                kl[i, j] += float((ref.exp() * (ref - lp)).sum())
+                kl[i, j] += _kl_sum(ref, model(input_ids=ids, use_cache=False).logits)
                 achieved[i, j] = min(float(achieved[i, j]), m._stem.stats.reduce_achieved)
-                del lp
             m._stem.cfg = base_cfg
             if bar is not None:
                 bar.update(1)
