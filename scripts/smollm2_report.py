@@ -6,6 +6,10 @@ curve with its held-out top-k recall (stem_boost/data/smollm2_indexer_log.json).
     python scripts/smollm2_report.py --out reports/smollm2_h100 \
         --runs "DSA top-1024=a.json" "DSA top-512=b.json" "InfLLMv2=c.json" --command "..." --device "..."
 
+A run may be several files, NAME=a.json,b.json,...: their (length, variant) rows are merged, a later
+file's row replacing an earlier one's, and the table says which file each row came from. Runs with
+"*_cal" variants also get a plot of the calibrated per-layer allocation.
+
 Per run and length, ppl_vs_native = ppl / ppl(native) - 1 (the issue's bar: Stem <= +0.5%) and
 NIAH accuracy (the bar: no lower than native).
 """
@@ -26,10 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from stem_boost.eval.report import MODE_COLORS  # noqa: E402
 INDEXER_LOG = ROOT / "stem_boost" / "data" / "smollm2_indexer_log.json"
-ORDER = ("dense", "native", "stem", "uniform", "no_oam", "mass")
-COLORS = MODE_COLORS  # the colours of the `stem-boost compare` reports
+ORDER = ("dense", "native", "stem", "uniform", "no_oam", "mass", "stem_cal", "mass_cal")
+COLORS = dict(MODE_COLORS, stem_cal="#e377c2", mass_cal="#17becf")  # the `stem-boost compare` colours
 LABELS = {"dense": "dense", "native": "native sparse", "stem": "Stem (OAM + TPD)", "uniform": "ablation: uniform",
-          "no_oam": "ablation: no OAM", "mass": "mass-aware (this project)"}
+          "no_oam": "ablation: no OAM", "mass": "mass-aware (this project)",
+          "stem_cal": "Stem + calibrated layers", "mass_cal": "mass-aware + calibrated layers (this project)"}
 
 
 def load_runs(specs: list[str]) -> dict[str, dict]:
@@ -37,9 +42,47 @@ def load_runs(specs: list[str]) -> dict[str, dict]:
     for spec in specs:
         if "=" not in spec:
             raise SystemExit(f"--runs entries are NAME=FILE.json, got {spec!r}")
-        name, path = spec.split("=", 1)
-        runs[name] = json.loads(Path(path).read_text())
+        name, paths = spec.split("=", 1)
+        run = None
+        for i, path in enumerate(paths.split(",")):
+            part = json.loads(Path(path).read_text())
+            for per in part["results"].values():
+                for row in per.values():
+                    row["source"] = i + 1
+            if run is None:
+                run = dict(part, files=[path], calibrations=dict(part.get("calibrations", {})))
+                continue
+            run["files"].append(path)
+            run["calibrations"].update(part.get("calibrations", {}))
+            for L, per in part["results"].items():
+                run["results"].setdefault(L, {}).update(per)
+        runs[name] = run
     return runs
+
+
+def plot_allocation(name: str, run: dict, out: Path) -> str | None:
+    """Per-layer cut of each calibrated variant (bars) against the uniform `reduce` (line)."""
+    cals = run.get("calibrations") or {}
+    if not cals:
+        return None
+    fig, ax = plt.subplots(figsize=(12, 3.6))
+    w = 0.8 / len(cals)
+    for i, (v, c) in enumerate(sorted(cals.items())):
+        lr = c["layer_reduce"]
+        ax.bar([x + (i - (len(cals) - 1) / 2) * w for x in range(len(lr))], [100 * x for x in lr], w,
+               color=COLORS.get(v, "#777777"), label=f"{LABELS.get(v, v)} ({c.get('objective', 'layer')} objective)")
+        reduce = c["reduce"]
+    ax.axhline(100 * reduce, color="black", ls="--", lw=1, label=f"every layer alike: {100 * reduce:g}%")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("pairs cut from the native selection (%)")
+    ax.set_title(f"SmolLM2-135M, {name}: calibrated allocation (mean = reduce)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fname = "allocation_" + "".join(ch if ch.isalnum() else "_" for ch in name.lower()) + ".png"
+    fig.savefig(out / fname, dpi=110)
+    plt.close(fig)
+    return fname
 
 
 def rows(run: dict):
@@ -138,14 +181,18 @@ def main(argv=None):
         cfg = run["config"]
         md += [f"## {name}", "", f"reduce {cfg['reduce']}, beta {cfg['beta']}, samples {cfg['samples']} per length "
                f"(perplexity windows and NIAH prompts), dtype {cfg['dtype']}", "",
-               "| length | variant | perplexity | vs native | NIAH | NIAH answer NLL | KL vs dense | reduction vs native | pairs / dense |",
-               "|---|---|---|---|---|---|---|---|---|"]
+               "| length | variant | perplexity | vs native | NIAH | NIAH answer NLL | KL vs dense | reduction vs native | pairs / dense | file |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
         for L, v, p, rel in rows(run):
             f = (lambda x, d=3: "-" if x is None else f"{x:.{d}f}")
             md.append(f"| {L} | {v} | {f(p.get('ppl'))} | {'-' if rel is None or v in ('dense', 'native') else f'{100 * rel:+.2f}%'} "
                       f"| {f(p.get('niah_acc'), 3)} | {f(p.get('niah_answer_nll'))} | {f(p.get('kl_vs_dense'), 4)} "
-                      f"| {f(p.get('reduce_achieved'), 3)} | {f(p.get('pair_fraction'), 3)} |")
-        md += ["", f"![{name}]({plot_run(name, run, a.out)})", ""]
+                      f"| {f(p.get('reduce_achieved'), 3)} | {f(p.get('pair_fraction'), 3)} | {p.get('source', 1)} |")
+        md += ["", "files: " + ", ".join(f"{i + 1} = `{x}`" for i, x in enumerate(run.get("files", []))), "",
+               f"![{name}]({plot_run(name, run, a.out)})", ""]
+        alloc = plot_allocation(name, run, a.out)
+        if alloc:
+            md += [f"![{name} allocation]({alloc})", ""]
     h = log["heldout"]["pydoc_heldout"]
     md += ["## The distilled lightning indexer", "",
            f"{log['recipe']}. {len(log['steps'])} steps on {log['train_tokens']} tokens ({log['data']}); "
