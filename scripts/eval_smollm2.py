@@ -228,11 +228,17 @@ def calibration_windows(tok, lengths: list[int], n: int, device) -> list[torch.T
     return [w.to(device) for L in lengths for w in ppl_windows(ids, L, n)]
 
 
+def is_grid_slice(a) -> bool:
+    """--cal-grid ends below reduce: a slice of the grid, measured only and merged later
+    (scripts/merge_calibrations.py)."""
+    return bool(a.cal_grid) and max(a.cal_grid) < a.reduce
+
+
 def calibration_path(a, variant: str) -> Path:
     """Where the allocation of a "*_cal" variant lives: one file per testbed, schedule and reduce."""
     tag = f"dsa_top{a.index_topk}" if a.family == "dsa" else f"infllmv2_top{a.topk or si.SPARSE['topk']}"
     obj = "" if a.cal_objective == "layer" else f"_{a.cal_objective}"
-    if a.cal_grid and max(a.cal_grid) < a.reduce:  # a slice of the grid, merged later (merge_calibrations.py)
+    if is_grid_slice(a):
         obj += "_grid" + "-".join(f"{x:g}" for x in a.cal_grid)
     return Path(a.cal_dir) / f"smollm2_{tag}_{variant.removesuffix('_cal')}_r{a.reduce:g}{obj}.json"
 
@@ -253,8 +259,8 @@ def run_calibrations(sparse_model, tok, a, device) -> dict:
         lengths = a.cal_lengths or a.lengths
         wins = calibration_windows(tok, lengths, a.cal_windows, device)
         grid = dict(grid=tuple(a.cal_grid)) if a.cal_grid else {}
-        solve = not a.cal_grid or max(a.cal_grid) >= a.reduce  # a grid slice: measured only, for merge
-        cal = stem_boost.calibrate(sparse_model, wins, a.reduce, objective=a.cal_objective, solve=solve, **grid, **kw)
+        cal = stem_boost.calibrate(sparse_model, wins, a.reduce, objective=a.cal_objective,
+                                   solve=not is_grid_slice(a), **grid, **kw)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(dict(cal.to_dict(), windows=a.cal_windows, lengths=lengths,
                                         text="pydoc_data.topics training split (stem_boost.testbeds._corpus)",

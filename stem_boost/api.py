@@ -95,13 +95,13 @@ def wrap(
                      schedule=schedule, layer_reduce=layer_reduce)
     info: _WrapInfo | None = getattr(model, "_stem_wrap", None)
     if info is not None:  # re-configuration
-        layer_cfgs = [cfg.for_layer(i, len(info.modules)) for i in range(len(info.modules))]
+        layer_cfgs = cfg.per_layer(len(info.modules))
         info.cfg = cfg
         for m, c in zip(info.modules, layer_cfgs):
             m._stem.cfg = c  # in place: the installed hooks hold this state object
         return model
     family, modules = _detect(model)
-    layer_cfgs = [cfg.for_layer(i, len(modules)) for i in range(len(modules))]  # validates the length first
+    layer_cfgs = cfg.per_layer(len(modules))  # validates the length before anything is patched
     if family == "dsa":
         _register_attention()
         original = model.config._attn_implementation

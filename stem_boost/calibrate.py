@@ -157,6 +157,29 @@ def _parents(model: torch.nn.Module, modules: list[torch.nn.Module]) -> list[tor
     return out
 
 
+def _feasible(achieved: torch.Tensor, grid) -> torch.Tensor:
+    """[L, G] bool: the layer achieved (within FEASIBLE_SLACK) the cut it was asked for."""
+    return achieved >= torch.tensor(grid, dtype=torch.float64) - FEASIBLE_SLACK
+
+
+def _each_cut(modules, g, base_cfg, achieved: torch.Tensor, bar):
+    """Yield (i, j, module i) with module i set to cut g[j] (j > 0) and every other layer native;
+    after each step record the cut the layer achieved (lowest over inputs) into `achieved` [L, G],
+    and put the layer back to native after its last cut."""
+    for i, m in enumerate(modules):
+        try:
+            for j, r in enumerate(g):
+                if r == 0.0:
+                    continue
+                m._stem.cfg = replace(base_cfg, reduce=r)
+                yield i, j, m
+                achieved[i, j] = min(float(achieved[i, j]), m._stem.stats.reduce_achieved)
+        finally:
+            m._stem.cfg = base_cfg
+        if bar is not None:
+            bar.update(1)
+
+
 @torch.no_grad()
 def layer_errors(model: torch.nn.Module, inputs: list[torch.Tensor], grid=DEFAULT_GRID, *, progress: bool = True,
                  objective: str = "layer", **wrap_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,66 +200,64 @@ def layer_errors(model: torch.nn.Module, inputs: list[torch.Tensor], grid=DEFAUL
         if bad in wrap_kwargs:
             raise ValueError(f"calibrate: '{bad}' is what calibration chooses; pass the Stem knobs only")
     _, modules = _detect(model)
-    parents = _parents(model, modules)
-    L = len(modules)
-    num = torch.zeros(L, len(g), dtype=torch.float64)
-    den = torch.zeros(L, dtype=torch.float64)
-    achieved = torch.tensor(g, dtype=torch.float64).expand(L, -1).clone()
+    measure = _output_errors if objective == "layer" else _logit_errors
+    achieved = torch.tensor(g, dtype=torch.float64).expand(len(modules), -1).clone()
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(inputs) * L, desc="calibrate layers", leave=False, dynamic_ncols=True)
+        bar = tqdm(total=len(inputs) * len(modules), desc="calibrate layers", leave=False, dynamic_ncols=True)
     wrap(model, reduce=0.0, **wrap_kwargs)
-    base_cfg = model._stem_wrap.cfg
     try:
-        if objective == "logits":
-            return _logit_errors(model, modules, inputs, g, base_cfg, bar)
-        for ids in inputs:
-            captured: list[dict] = [dict() for _ in range(L)]
-            hooks = []
-            for i, (m, p) in enumerate(zip(modules, parents)):
-                def pre_attn(mod, args, kwargs, i=i):
-                    shared = getattr(getattr(mod, "_stem", None), "shared", None)
-                    captured[i].update(args=args, kwargs=dict(kwargs), shared=getattr(shared, "last", None))
-
-                def post_attn(mod, args, kwargs, out, i=i):
-                    captured[i]["out"] = (out[0] if isinstance(out, tuple) else out).double()
-
-                def pre_layer(mod, args, kwargs, i=i):
-                    x = args[0] if args else kwargs["hidden_states"]
-                    den[i] += float(x.double().pow(2).sum())
-
-                hooks += [m.register_forward_pre_hook(pre_attn, with_kwargs=True),
-                          m.register_forward_hook(post_attn, with_kwargs=True),
-                          p.register_forward_pre_hook(pre_layer, with_kwargs=True)]
-            try:
-                model(input_ids=ids, use_cache=False)
-            finally:
-                for h in hooks:
-                    h.remove()
-            for i, m in enumerate(modules):
-                c = captured[i]
-                for j, r in enumerate(g):
-                    if r == 0.0:
-                        continue
-                    m._stem.cfg = replace(base_cfg, reduce=r)
-                    shared = getattr(m._stem, "shared", None)
-                    if shared is not None:
-                        shared.last = c["shared"]
-                    out = m(*c["args"], **c["kwargs"])
-                    out = (out[0] if isinstance(out, tuple) else out).double()
-                    num[i, j] += float((out - c["out"]).pow(2).sum())
-                    achieved[i, j] = min(float(achieved[i, j]), m._stem.stats.reduce_achieved)
-                m._stem.cfg = base_cfg
-                captured[i] = {}
-                if bar is not None:
-                    bar.update(1)
+        errors = measure(model, modules, inputs, g, model._stem_wrap.cfg, achieved, bar)
     finally:
         if bar is not None:
             bar.close()
         unwrap(model)
-    return num / den.clamp_min(1e-30).unsqueeze(1), achieved
+    return errors, achieved
+
+
+def _output_errors(model, modules, inputs, g, base_cfg, achieved, bar) -> torch.Tensor:
+    """The "layer" objective: sum ||a_l(r) - a_l(0)||^2 / sum ||x_l||^2, each layer re-run on the
+    inputs it got in one native forward."""
+    parents = _parents(model, modules)
+    L = len(modules)
+    num = torch.zeros(L, len(g), dtype=torch.float64)
+    den = torch.zeros(L, dtype=torch.float64)
+    for ids in inputs:
+        captured: list[dict] = [dict() for _ in range(L)]
+        hooks = []
+        for i, (m, p) in enumerate(zip(modules, parents)):
+            def pre_attn(mod, args, kwargs, i=i):
+                shared = getattr(getattr(mod, "_stem", None), "shared", None)
+                captured[i].update(args=args, kwargs=dict(kwargs), shared=getattr(shared, "last", None))
+
+            def post_attn(mod, args, kwargs, out, i=i):
+                captured[i]["out"] = (out[0] if isinstance(out, tuple) else out).double()
+
+            def pre_layer(mod, args, kwargs, i=i):
+                x = args[0] if args else kwargs["hidden_states"]
+                den[i] += float(x.double().pow(2).sum())
+
+            hooks += [m.register_forward_pre_hook(pre_attn, with_kwargs=True),
+                      m.register_forward_hook(post_attn, with_kwargs=True),
+                      p.register_forward_pre_hook(pre_layer, with_kwargs=True)]
+        try:
+            model(input_ids=ids, use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        for i, j, m in _each_cut(modules, g, base_cfg, achieved, bar):
+            c = captured[i]
+            shared = getattr(m._stem, "shared", None)
+            if shared is not None:
+                shared.last = c["shared"]
+            out = m(*c["args"], **c["kwargs"])
+            out = (out[0] if isinstance(out, tuple) else out).double()
+            num[i, j] += float((out - c["out"]).pow(2).sum())
+            if j == len(g) - 1:
+                captured[i] = {}  # this layer's inputs are no longer needed
+    return num / den.clamp_min(1e-30).unsqueeze(1)
 
 
 def _kl_sum(ref_logits: torch.Tensor, logits: torch.Tensor, chunk: int = 1024) -> float:
@@ -250,27 +271,17 @@ def _kl_sum(ref_logits: torch.Tensor, logits: torch.Tensor, chunk: int = 1024) -
     return total
 
 
-def _logit_errors(model, modules, inputs, g, base_cfg, bar) -> tuple[torch.Tensor, torch.Tensor]:
+def _logit_errors(model, modules, inputs, g, base_cfg, achieved, bar) -> torch.Tensor:
     """The "logits" objective: mean next-token KL(native || layer l cut by r), all else native."""
-    L = len(modules)
-    kl = torch.zeros(L, len(g), dtype=torch.float64)
-    achieved = torch.tensor(g, dtype=torch.float64).expand(L, -1).clone()
+    kl = torch.zeros(len(modules), len(g), dtype=torch.float64)
     n_tok = 0
     for ids in inputs:
         ref = model(input_ids=ids, use_cache=False).logits  # [B, S, V]
         n_tok += ref.shape[0] * ref.shape[1]
-        for i, m in enumerate(modules):
-            for j, r in enumerate(g):
-                if r == 0.0:
-                    continue
-                m._stem.cfg = replace(base_cfg, reduce=r)
-                kl[i, j] += _kl_sum(ref, model(input_ids=ids, use_cache=False).logits)
-                achieved[i, j] = min(float(achieved[i, j]), m._stem.stats.reduce_achieved)
-            m._stem.cfg = base_cfg
-            if bar is not None:
-                bar.update(1)
+        for i, j, _ in _each_cut(modules, g, base_cfg, achieved, bar):
+            kl[i, j] += _kl_sum(ref, model(input_ids=ids, use_cache=False).logits)
         del ref
-    return kl / max(n_tok, 1), achieved
+    return kl / max(n_tok, 1)
 
 
 def calibrate(model: torch.nn.Module, inputs: list[torch.Tensor], reduce: float = 0.15, *, grid=DEFAULT_GRID,
@@ -287,8 +298,7 @@ def calibrate(model: torch.nn.Module, inputs: list[torch.Tensor], reduce: float 
     if solve and not 0.0 <= reduce <= g[-1]:
         raise ValueError(f"reduce={reduce!r} is outside [0, {g[-1]}] (the calibrated grid)")
     errors, achieved = layer_errors(model, inputs, g, progress=progress, objective=objective, **wrap_kwargs)
-    feasible = achieved >= torch.tensor(g, dtype=torch.float64) - FEASIBLE_SLACK
-    fr = allocate(errors, g, reduce, step=step, feasible=feasible) if solve else ()
+    fr = allocate(errors, g, reduce, step=step, feasible=_feasible(achieved, g)) if solve else ()
     return Calibration(reduce=float(reduce), layer_reduce=fr, grid=g, errors=errors.tolist(),
                        achieved=achieved.tolist(), wrap_kwargs=dict(wrap_kwargs),
                        tokens=int(sum(x.numel() for x in inputs)), objective=objective)
@@ -321,8 +331,7 @@ def merge(cals: list[Calibration], reduce: float | None = None, *, step: float =
             wsum[k] += w
             achieved[:, k] = torch.minimum(achieved[:, k], a[:, j])
     errors = num / wsum.clamp_min(1)
-    feasible = achieved >= torch.tensor(grid, dtype=torch.float64) - FEASIBLE_SLACK
-    fr = allocate(errors, grid, reduce, step=step, feasible=feasible)
+    fr = allocate(errors, grid, reduce, step=step, feasible=_feasible(achieved, grid))
     return Calibration(reduce=reduce, layer_reduce=fr, grid=tuple(grid), errors=errors.tolist(),
                        achieved=achieved.tolist(), wrap_kwargs=dict(first.wrap_kwargs),
                        tokens=max(c.tokens for c in cals), objective=first.objective)

@@ -96,6 +96,10 @@ class StemConfig:
                              "sparse-attention layers: one fraction per layer, in model order")
         return replace(self, reduce=self.layer_reduce[i], layer_reduce=None)
 
+    def per_layer(self, n_layers: int) -> list["StemConfig"]:
+        """`for_layer` of every sparse layer, in model order."""
+        return [self.for_layer(i, n_layers) for i in range(n_layers)]
+
     @property
     def is_identity(self) -> bool:
         """True when the boost keeps the native selection unchanged (reduce 0 and beta 0)."""
