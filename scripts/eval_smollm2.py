@@ -82,8 +82,13 @@ def parse_args(argv=None):
                     help="calibration window lengths (*_cal variants; default: --lengths)")
     ap.add_argument("--cal-dir", default=str(Path(stem_boost.__file__).parent / "data" / "calibration"),
                     help="where the *_cal allocations are read from / written to")
-    ap.add_argument("--cal-objective", choices=["layer", "logits"], default="layer",
-                    help="calibration objective (stem_boost.calibrate): per-layer output error or next-token KL")
+    ap.add_argument("--cal-objective", choices=["layer", "logits", "nll"], nargs="+", default=["layer"],
+                    help="calibration objective (stem_boost.calibrate): per-layer output error, next-token KL "
+                         "or change of the next-token loss; several full-forward ones (logits nll) only with "
+                         "--calibrate-only: measured from the same forwards, one file each")
+    ap.add_argument("--cal-dtype", choices=["model", "float32"], default="model",
+                    help="dtype of the weights while calibrating (float32: resolves the full-forward objectives "
+                         "below bf16 rounding noise; the evaluation keeps --dtype)")
     ap.add_argument("--cal-grid", type=float, nargs="+", default=None,
                     help="calibration grid of cuts (default: stem_boost.calibrate.DEFAULT_GRID)")
     ap.add_argument("--recalibrate", action="store_true", help="measure the allocations even if --cal-dir has them")
@@ -234,10 +239,12 @@ def is_grid_slice(a) -> bool:
     return bool(a.cal_grid) and max(a.cal_grid) < a.reduce
 
 
-def calibration_path(a, variant: str) -> Path:
-    """Where the allocation of a "*_cal" variant lives: one file per testbed, schedule and reduce."""
+def calibration_path(a, variant: str, objective: str) -> Path:
+    """Where the allocation of a "*_cal" variant lives: one file per testbed, schedule, reduce and
+    objective (plus the calibration dtype and grid slice when not the defaults)."""
     tag = f"dsa_top{a.index_topk}" if a.family == "dsa" else f"infllmv2_top{a.topk or si.SPARSE['topk']}"
-    obj = "" if a.cal_objective == "layer" else f"_{a.cal_objective}"
+    obj = "" if objective == "layer" else f"_{objective}"
+    obj += "_fp32" if a.cal_dtype == "float32" else ""
     if is_grid_slice(a):
         obj += "_grid" + "-".join(f"{x:g}" for x in a.cal_grid)
     return Path(a.cal_dir) / f"smollm2_{tag}_{variant.removesuffix('_cal')}_r{a.reduce:g}{obj}.json"
@@ -247,9 +254,14 @@ def run_calibrations(sparse_model, tok, a, device) -> dict:
     """variant -> Calibration for the "*_cal" variants asked for: read from --cal-dir when there
     (and not --recalibrate), else measured on the training text and written there."""
     out = {}
+    objectives = tuple(a.cal_objective)
+    if len(objectives) > 1 and not a.calibrate_only:
+        raise SystemExit(f"--cal-objective {' '.join(objectives)}: several objectives only with --calibrate-only "
+                         "(a *_cal variant is evaluated with one allocation)")
     for variant in [v for v in a.variants if v.endswith("_cal")]:
-        path = calibration_path(a, variant)
-        if path.exists() and not a.recalibrate:
+        paths = {obj: calibration_path(a, variant, obj) for obj in objectives}
+        if all(p.exists() for p in paths.values()) and not a.recalibrate:
+            path = paths[objectives[0]]
             out[variant] = stem_boost.Calibration.from_dict(json.loads(path.read_text()))
             print(f"{variant}: allocation from {path}", flush=True)
             continue
@@ -259,15 +271,21 @@ def run_calibrations(sparse_model, tok, a, device) -> dict:
         lengths = a.cal_lengths or a.lengths
         wins = calibration_windows(tok, lengths, a.cal_windows, device)
         grid = dict(grid=tuple(a.cal_grid)) if a.cal_grid else {}
-        cal = stem_boost.calibrate(sparse_model, wins, a.reduce, objective=a.cal_objective,
-                                   solve=not is_grid_slice(a), **grid, **kw)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(dict(cal.to_dict(), windows=a.cal_windows, lengths=lengths,
-                                        text="pydoc_data.topics training split (stem_boost.testbeds._corpus)",
-                                        command=" ".join(sys.argv)), indent=1))
-        out[variant] = cal
-        print(f"calibrated {variant} on {len(wins)} windows ({time.time() - t0:.1f}s) -> {path}: layer_reduce "
-              f"{[round(x, 3) for x in cal.layer_reduce]}", flush=True)
+        cals = stem_boost.calibrate(sparse_model, wins, a.reduce,
+                                    objective=objectives if len(objectives) > 1 else objectives[0],
+                                    dtype=torch.float32 if a.cal_dtype == "float32" else None,
+                                    solve=not is_grid_slice(a), **grid, **kw)
+        cals = cals if isinstance(cals, dict) else {objectives[0]: cals}
+        for obj, cal in cals.items():
+            path = paths[obj]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(dict(cal.to_dict(), windows=a.cal_windows, lengths=lengths,
+                                            dtype=a.cal_dtype,
+                                            text="pydoc_data.topics training split (stem_boost.testbeds._corpus)",
+                                            command=" ".join(sys.argv)), indent=1))
+            print(f"calibrated {variant} ({obj}) on {len(wins)} windows ({time.time() - t0:.1f}s) -> {path}: "
+                  f"layer_reduce {[round(x, 3) for x in cal.layer_reduce]}", flush=True)
+        out[variant] = cals[objectives[0]]
     return out
 
 

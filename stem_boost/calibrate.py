@@ -10,7 +10,7 @@ differ by orders of magnitude in how much attention mass the native selection's 
 Every sparse layer of one model has the same native budget, so any allocation whose mean is
 `reduce` attends to the same number of pairs model-wide.
 
-Sensitivity of layer l to cut r, two objectives:
+Sensitivity of layer l to cut r, three objectives:
 
   "layer"  (one forward of the native selection, then each layer re-run alone on its captured inputs)
            e_l(r) = sum_t ||a_l(r)_t - a_l(0)_t||^2 / sum_t ||x_l,t||^2
@@ -20,6 +20,13 @@ Sensitivity of layer l to cut r, two objectives:
   "logits" (a full forward per (layer, r), every other layer native)
            e_l(r) = mean_t KL(p_native,t || p_l(r),t) of the next-token distribution: what the
            evaluation measures, including how later layers amplify or absorb the change.
+  "nll"    (the same forwards) e_l(r) = mean_t [-log p_l(r),t(y_t+1) + log p_native,t(y_t+1)]: the
+           change of the next-token loss on the calibration text itself, signed (a cut that happens
+           to help reads as 0 after the clamp in `allocate`); what perplexity measures, with the
+           sampling noise of the calibration tokens.
+The full-forward objectives resolve per-layer effects far below the rounding noise of bf16 only in a
+higher precision: `calibrate(..., dtype=torch.float32)` measures in it and restores the weights'
+dtypes bit for bit afterwards.
 Per-layer errors add up to first order; `allocate` minimises their sum subject to
 mean_l r_l = reduce, exactly (a dynamic programme on a grid of `step`; the curves are
 interpolated linearly between measured points).
@@ -28,6 +35,7 @@ interpolated linearly between measured points).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -36,7 +44,7 @@ from .config import MAX_REDUCE
 
 __all__ = ["Calibration", "allocate", "calibrate", "layer_errors", "merge"]
 
-OBJECTIVES = ("layer", "logits")
+OBJECTIVES = ("layer", "logits", "nll")
 FEASIBLE_SLACK = 0.01  # a layer "achieves" cut r when its achieved reduction is at least r - this
 DEFAULT_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
@@ -157,6 +165,17 @@ def _parents(model: torch.nn.Module, modules: list[torch.nn.Module]) -> list[tor
     return out
 
 
+def _check_objectives(objective) -> tuple[str, ...]:
+    objs = (objective,) if isinstance(objective, str) else tuple(objective)
+    if not objs or any(o not in OBJECTIVES for o in objs) or len(set(objs)) != len(objs):
+        raise ValueError(f"objective={objective!r}; allowed: one of {', '.join(OBJECTIVES)}, or a tuple of "
+                         "distinct full-forward objectives (logits, nll)")
+    if len(objs) > 1 and "layer" in objs:
+        raise ValueError(f"objective={objective!r}: 'layer' re-runs single layers and cannot share the "
+                         "full forwards of the others; calibrate it on its own")
+    return objs
+
+
 def _feasible(achieved: torch.Tensor, grid) -> torch.Tensor:
     """[L, G] bool: the layer achieved (within FEASIBLE_SLACK) the cut it was asked for."""
     return achieved >= torch.tensor(grid, dtype=torch.float64) - FEASIBLE_SLACK
@@ -182,16 +201,18 @@ def _each_cut(modules, g, base_cfg, achieved: torch.Tensor, bar):
 
 @torch.no_grad()
 def layer_errors(model: torch.nn.Module, inputs: list[torch.Tensor], grid=DEFAULT_GRID, *, progress: bool = True,
-                 objective: str = "layer", **wrap_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+                 objective: str | tuple[str, ...] = "layer", dtype: torch.dtype | None = None,
+                 **wrap_kwargs) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]:
     """(errors, achieved), both [n_layers, len(grid)]: e_l(r) over `inputs` (each [B, S] token ids)
     and the lowest cut the layer achieved at requested r (`LayerStats.reduce_achieved`), for the
     Stem configuration `wrap_kwargs` (schedule, beta, ...) with reduce r, under `objective` (see the
-    module docstring). The model is left unwrapped."""
+    module docstring), with the model's floating weights in `dtype` meanwhile (None: as loaded). The
+    model is left unwrapped, in its own dtypes. A tuple of full-forward objectives ("logits", "nll")
+    measures them all from the same forwards and gives errors as a dict objective -> [L, G]."""
     from .api import _detect, is_wrapped, unwrap, wrap
 
     g = _check_grid(grid)
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective={objective!r}; allowed: {', '.join(OBJECTIVES)}")
+    objs = _check_objectives(objective)
     if is_wrapped(model):
         unwrap(model)
     if not inputs:
@@ -200,7 +221,12 @@ def layer_errors(model: torch.nn.Module, inputs: list[torch.Tensor], grid=DEFAUL
         if bad in wrap_kwargs:
             raise ValueError(f"calibrate: '{bad}' is what calibration chooses; pass the Stem knobs only")
     _, modules = _detect(model)
-    measure = _output_errors if objective == "layer" else _logit_errors
+    if objs == ("layer",):
+        measure = _output_errors
+    else:
+        def measure(*args):
+            out = _logit_errors(*args, objectives=objs)
+            return out if isinstance(objective, tuple) else out[objective]
     achieved = torch.tensor(g, dtype=torch.float64).expand(len(modules), -1).clone()
     bar = None
     if progress:
@@ -209,7 +235,8 @@ def layer_errors(model: torch.nn.Module, inputs: list[torch.Tensor], grid=DEFAUL
         bar = tqdm(total=len(inputs) * len(modules), desc="calibrate layers", leave=False, dynamic_ncols=True)
     wrap(model, reduce=0.0, **wrap_kwargs)
     try:
-        errors = measure(model, modules, inputs, g, model._stem_wrap.cfg, achieved, bar)
+        with _in_dtype(model, dtype):
+            errors = measure(model, modules, inputs, g, model._stem_wrap.cfg, achieved, bar)
     finally:
         if bar is not None:
             bar.close()
@@ -271,37 +298,86 @@ def _kl_sum(ref_logits: torch.Tensor, logits: torch.Tensor, chunk: int = 1024) -
     return total
 
 
-def _logit_errors(model, modules, inputs, g, base_cfg, achieved, bar) -> torch.Tensor:
-    """The "logits" objective: mean next-token KL(native || layer l cut by r), all else native."""
-    kl = torch.zeros(len(modules), len(g), dtype=torch.float64)
-    n_tok = 0
+def _nll_sum(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 1024) -> float:
+    """sum over positions t < S-1 of -log softmax(logits[:, t])[ids[:, t+1]]; logits [B, S, V], ids [B, S]."""
+    total = 0.0
+    for s0 in range(0, logits.shape[1] - 1, chunk):
+        s1 = min(s0 + chunk, logits.shape[1] - 1)
+        lp = logits[:, s0:s1].float().log_softmax(-1)
+        total -= float(lp.gather(-1, ids[:, s0 + 1:s1 + 1].unsqueeze(-1)).sum())
+    return total
+
+
+def _logit_errors(model, modules, inputs, g, base_cfg, achieved, bar, objectives=("logits",)) -> dict:
+    """The full-forward objectives, every other layer native, all from the same forwards:
+    objective -> [L, G]: "logits" = mean next-token KL(native || layer l cut by r); "nll" = mean
+    change of the next-token loss on `inputs`."""
+    err = {o: torch.zeros(len(modules), len(g), dtype=torch.float64) for o in objectives}
+    n_kl = n_nll = 0
     for ids in inputs:
         ref = model(input_ids=ids, use_cache=False).logits  # [B, S, V]
-        n_tok += ref.shape[0] * ref.shape[1]
+        n_kl += ref.shape[0] * ref.shape[1]
+        n_nll += ids.shape[0] * (ids.shape[1] - 1)
+        ref_nll = _nll_sum(ref, ids) if "nll" in objectives else 0.0
+        if "logits" not in objectives:
+            ref = None
         for i, j, _ in _each_cut(modules, g, base_cfg, achieved, bar):
-            kl[i, j] += _kl_sum(ref, model(input_ids=ids, use_cache=False).logits)
-        del ref
-    return kl / max(n_tok, 1)
+            logits = model(input_ids=ids, use_cache=False).logits
+            if "logits" in objectives:
+                err["logits"][i, j] += _kl_sum(ref, logits)
+            if "nll" in objectives:
+                err["nll"][i, j] += _nll_sum(logits, ids) - ref_nll
+            del logits
+        del ref  # before the next input's reference logits exist
+    return {o: e / max(n_kl if o == "logits" else n_nll, 1) for o, e in err.items()}
+
+
+@contextmanager
+def _in_dtype(model: torch.nn.Module, dtype: torch.dtype | None):
+    """Run the body with every floating parameter and buffer of `model` in `dtype` (None: as is),
+    then give each back its own dtype and values exactly (the originals are kept, not cast back)."""
+    if dtype is None:
+        yield
+        return
+    saved = [(t, t.data) for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    try:
+        for t, data in saved:
+            t.data = data.to(dtype)
+        yield
+    finally:
+        for t, data in saved:
+            t.data = data
 
 
 def calibrate(model: torch.nn.Module, inputs: list[torch.Tensor], reduce: float = 0.15, *, grid=DEFAULT_GRID,
-              step: float = 0.005, progress: bool = True, objective: str = "layer", solve: bool = True,
-              **wrap_kwargs) -> Calibration:
+              step: float = 0.005, progress: bool = True, objective: str | tuple[str, ...] = "layer",
+              solve: bool = True, dtype: torch.dtype | None = None,
+              **wrap_kwargs) -> Calibration | dict[str, Calibration]:
     """Measure `layer_errors` on `inputs` and `allocate` `reduce` over the layers.
 
-    inputs: token ids [B, S] (calibration text, not the text you evaluate on); objective: "layer"
-    or "logits" (module docstring); wrap_kwargs: the Stem knobs the allocation is for (schedule,
-    beta, ...), passed to `wrap` with the result. solve=False measures only (layer_reduce left
-    empty): a slice of the grid or of the inputs, for `merge`.
+    inputs: token ids [B, S] (calibration text, not the text you evaluate on); objective: "layer",
+    "logits" or "nll" (module docstring), or a tuple of the last two (measured from the same
+    forwards; the result is then a dict objective -> Calibration); dtype: measure with the weights in
+    this dtype (e.g. torch.float32 for a bf16 model: the full-forward objectives need it);
+    wrap_kwargs: the Stem knobs the allocation is for (schedule, beta, ...), passed to `wrap` with the
+    result. solve=False measures only (layer_reduce left empty): a slice of the grid or of the
+    inputs, for `merge`.
     """
     g = _check_grid(grid)
     if solve and not 0.0 <= reduce <= g[-1]:
         raise ValueError(f"reduce={reduce!r} is outside [0, {g[-1]}] (the calibrated grid)")
-    errors, achieved = layer_errors(model, inputs, g, progress=progress, objective=objective, **wrap_kwargs)
-    fr = allocate(errors, g, reduce, step=step, feasible=_feasible(achieved, g)) if solve else ()
-    return Calibration(reduce=float(reduce), layer_reduce=fr, grid=g, errors=errors.tolist(),
-                       achieved=achieved.tolist(), wrap_kwargs=dict(wrap_kwargs),
-                       tokens=int(sum(x.numel() for x in inputs)), objective=objective)
+    errors, achieved = layer_errors(model, inputs, g, progress=progress, objective=objective, dtype=dtype,
+                                    **wrap_kwargs)
+
+    def solved(err: torch.Tensor, obj: str) -> Calibration:
+        fr = allocate(err, g, reduce, step=step, feasible=_feasible(achieved, g)) if solve else ()
+        return Calibration(reduce=float(reduce), layer_reduce=fr, grid=g, errors=err.tolist(),
+                           achieved=achieved.tolist(), wrap_kwargs=dict(wrap_kwargs),
+                           tokens=int(sum(x.numel() for x in inputs)), objective=obj)
+
+    if isinstance(errors, dict):
+        return {obj: solved(err, obj) for obj, err in errors.items()}
+    return solved(errors, objective)
 
 
 def merge(cals: list[Calibration], reduce: float | None = None, *, step: float = 0.005) -> Calibration:

@@ -154,13 +154,19 @@ def test_calibrate_returns_an_allocation_that_wraps():
         calibrate(model, [ids], reduce, layer_reduce=cal.layer_reduce)
 
 
-def test_logits_objective_is_the_next_token_kl_of_one_cut_layer():
+def test_full_forward_objectives_match_their_definition():
+    """"logits": the next-token KL of one cut layer; "nll": the change of the next-token loss on the
+    calibration ids; both measured from the same forwards (a tuple) and each against a forward of the
+    model wrapped with that layer cut only; one objective alone gives the same numbers."""
     model, reduce, n = _model("dsa")
     ids = torch.randint(3, 256, (1, n))
     grid = (0.0, 0.3)
-    err, _ = layer_errors(model, [ids], grid, progress=False, objective="logits", schedule="mass")
-    L = err.shape[0]
-    assert torch.all(err[:, 0] == 0) and torch.all(err[:, 1] > 0)
+    both, _ = layer_errors(model, [ids], grid, progress=False, objective=("logits", "nll"), schedule="mass")
+    alone, _ = layer_errors(model, [ids], grid, progress=False, objective="nll", schedule="mass")
+    assert torch.allclose(alone, both["nll"], rtol=1e-9, atol=1e-12)
+    L = alone.shape[0]
+    for err in both.values():
+        assert torch.all(err[:, 0] == 0) and torch.all(err[:, 1] != 0)
     layer = int(torch.randint(0, L, (1,)))
     logp = {}
     for r in grid:
@@ -170,10 +176,34 @@ def test_logits_objective_is_the_next_token_kl_of_one_cut_layer():
         with torch.no_grad():
             logp[r] = model(input_ids=ids, use_cache=False).logits.double().log_softmax(-1)
         stem_boost.unwrap(model)
-    want = float((logp[0.0].exp() * (logp[0.0] - logp[0.3])).sum(-1).mean())
-    assert math.isclose(float(err[layer, 1]), want, rel_tol=1e-3, abs_tol=1e-9), (float(err[layer, 1]), want)
+    nxt = ids[:, 1:].unsqueeze(-1)
+    want = dict(logits=float((logp[0.0].exp() * (logp[0.0] - logp[0.3])).sum(-1).mean()),
+                nll=float((logp[0.0][:, :-1].gather(-1, nxt) - logp[0.3][:, :-1].gather(-1, nxt)).mean()))
+    for obj, w in want.items():
+        got = float(both[obj][layer, 1])
+        assert math.isclose(got, w, rel_tol=1e-3, abs_tol=1e-9), (obj, got, w)
     with pytest.raises(ValueError, match="objective='output'"):
         layer_errors(model, [ids], grid, objective="output")
+    with pytest.raises(ValueError, match="cannot share"):
+        layer_errors(model, [ids], grid, objective=("layer", "nll"))
+
+
+def test_calibration_dtype_measures_in_it_and_restores_the_weights():
+    """dtype=float32 on a bf16 model: the errors of a float32 copy, and afterwards every parameter and
+    buffer back in its own dtype with the same bits."""
+    import copy
+
+    model, reduce, n = _model("dsa")
+    model.to(torch.bfloat16)
+    ids = torch.randint(3, 256, (1, n))
+    before = {k: (v.dtype, v.clone()) for k, v in model.state_dict().items()}
+    grid = (0.0, 0.2)
+    err, _ = layer_errors(model, [ids], grid, progress=False, schedule="mass", dtype=torch.float32)
+    want, _ = layer_errors(copy.deepcopy(model).float(), [ids], grid, progress=False, schedule="mass")
+    assert torch.allclose(err, want, rtol=1e-5, atol=1e-12)
+    after = model.state_dict()
+    for k, (dt, v) in before.items():
+        assert after[k].dtype == dt and torch.equal(after[k], v), k
 
 
 def test_merge_of_grid_slices_equals_one_calibration():
@@ -192,3 +222,14 @@ def test_merge_of_grid_slices_equals_one_calibration():
     with pytest.raises(ValueError, match="differ"):
         merge([parts[0], calibrate(model, [ids], reduce, grid=(0.0, 0.2), progress=False, schedule="uniform",
                                    solve=False)])
+
+
+def test_calibrate_with_several_objectives_gives_one_calibration_each():
+    model, reduce, n = _model("dsa")
+    ids = torch.randint(3, 256, (1, n))
+    cals = calibrate(model, [ids], reduce, grid=(0.0, 0.1, 0.3), progress=False, objective=("nll", "logits"),
+                     schedule="mass")
+    assert set(cals) == {"nll", "logits"}
+    for obj, cal in cals.items():
+        assert cal.objective == obj and abs(sum(cal.layer_reduce) / len(cal.layer_reduce) - reduce) < 1e-9
+    assert cals["nll"].errors != cals["logits"].errors and cals["nll"].achieved == cals["logits"].achieved
