@@ -70,6 +70,9 @@ def parse_args(argv=None):
     ap.add_argument("--eval-seqs", type=int, default=2, help="held-out windows per corpus")
     ap.add_argument("--eval-k", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--layer-log-every", type=int, default=20)
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="stop training after this many seconds and save what there is (the log records the "
+                         "steps run); a guard for time-limited machines")
     ap.add_argument("--out", default=str(sd.INDEXER_FILE))
     ap.add_argument("--log", default=str(sd.INDEXER_LOG))
     return ap.parse_args(argv)
@@ -189,6 +192,10 @@ def main(argv=None):
     print(f"train tokens {train_ids.numel()}, {sum(p.numel() for p in params) / 1e6:.2f}M indexer params", flush=True)
 
     for step in range(a.steps):
+        if a.max_seconds is not None and time.time() - t_start > a.max_seconds:
+            log["stopped_early"] = dict(after_steps=step, max_seconds=a.max_seconds)
+            print(f"stopping after {step} of {a.steps} steps: --max-seconds {a.max_seconds:g} reached", flush=True)
+            break
         S = a.long_len if step >= a.steps - a.long_steps else a.seq_len
         ids = training_window(train_ids, S, a, gen).to(device)
         t0 = time.time()
@@ -231,7 +238,7 @@ def main(argv=None):
                               device)
     log["eval_seconds"] = round(time.time() - t_eval, 1)
     log["total_seconds"] = round(time.time() - t_start, 1)
-    log["final_train_kl"] = sum(r["kl"] for r in log["steps"][-10:]) / min(10, len(log["steps"]))
+    log["final_train_kl"] = sum(r["kl"] for r in log["steps"][-10:]) / max(1, min(10, len(log["steps"])))
     Path(a.log).write_text(json.dumps(log, indent=1))
     for cname, res in log["heldout"].items():
         line = ", ".join(f"{name} kl {res[name]['kl']['mean']:.3f} "
