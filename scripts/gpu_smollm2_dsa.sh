@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SmolLM2-135M DSA (top-1024, reduce 0.15) with a given indexer, every variant, in one call:
+# SmolLM2-135M DSA (top-INDEX_TOPK keys, default 1024; reduce 0.15) with a given indexer, every variant, in one call:
 #   1. the calibrated allocations of stem_cal and mass_cal (layer objective, one training window at
 #      each of 2K/4K/8K) for that indexer, into OUT_DIR/calibration/, two processes;
 #   2. dense / native / stem / uniform / no_oam / mass / stem_cal / mass_cal at 2K, 4K and 8K, four
@@ -13,7 +13,7 @@ out=${1:-/tmp/smollm2_dsa}
 mkdir -p "$out/calibration"
 source scripts/gpu_smollm2_setup.sh "$out" || exit 1
 deadline=$((t_start + ${DEADLINE_S:-575}))
-dsa="--family dsa --index-topk 1024 --indexer ${INDEXER:-trained} --samples ${EVAL_SAMPLES:-8} --cal-dir $out/calibration"
+dsa="--family dsa --index-topk ${INDEX_TOPK:-1024} --indexer ${INDEXER:-trained} --samples ${EVAL_SAMPLES:-8} --cal-dir $out/calibration"
 run() {  # name, then eval_smollm2 arguments; stops at the deadline
   local name=$1; shift
   timeout $((deadline - $(date +%s))) python scripts/eval_smollm2.py $dsa --out "$out/$name.json" "$@" \

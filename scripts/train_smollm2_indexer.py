@@ -1,8 +1,16 @@
 #!/usr/bin/env python
 """Train the lightning indexers of the SmolLM2-135M DSA testbed (DeepSeek-V3.2 dense warm-up).
 
-    python scripts/train_smollm2_indexer.py                      # what produced the shipped weights
-    python scripts/train_smollm2_indexer.py --steps 20 --out /tmp/ix.safetensors --log /tmp/log.json
+    python scripts/train_smollm2_indexer.py    # what produced the shipped weights (a GPU: ~5 min on an H100)
+    python scripts/train_smollm2_indexer.py --device cpu --steps 20 --seq-len 256 --long-len 512 \
+        --long-steps 5 --eval-len 512 --out /tmp/ix.safetensors --log /tmp/log.json   # a CPU smoke run
+
+The shipped weights come from `bash scripts/gpu_smollm2_indexer.sh OUT` (these defaults on one H100,
+2026-11-25): 250 steps on 2048-token windows, then 150 on 8192 (the model's context), evaluated on
+held-out text at 8192. The first weights (until commit 043b2b0) were trained on the CPU at 512 / 1024
+tokens (`--device cpu --threads 1 --steps 300 --seq-len 512 --long-len 1024 --long-steps 100
+--eval-len 2048`); at 8K they ran 8x past their training length, and the native top-1024 selection
+lost much of the attention there (BENCHMARKS.md §5 and §5d).
 
 Recipe (DeepSeek-V3.2 tech report, "dense warm-up stage"): the model is frozen and runs dense;
 only the indexers train. Per layer l and query row s the target is the main attention
@@ -16,8 +24,8 @@ Data: pydoc_data.topics (CPython stdlib) minus every 5th topic (held out), rando
 (--repeat-frac) 1-8 spans of 8-64 tokens are copied further on, so that the targets contain the
 model's retrieval attention (without them the indexer learns local / sink / topical patterns and
 misses needle look-ups). See stem_boost/testbeds/_corpus.py for why not the Debian licenses
-(they are the out-of-domain held-out set). Single thread by default (shared CPU). Deterministic for a given seed, thread
-count and torch build.
+(they are the out-of-domain held-out set). Deterministic for a given seed, device, thread count and
+torch build.
 
 Writes the indexer weights (fp16 safetensors) and a JSON log: the config, KL vs step, and a
 held-out evaluation (per-layer KL and top-k recall vs the true attention top-k, the trained
@@ -45,17 +53,17 @@ from stem_boost.testbeds.smollm2 import load_smollm2  # noqa: E402
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300, help="total optimizer steps")
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--long-len", type=int, default=1024, help="sequence length of the last --long-steps steps")
-    ap.add_argument("--long-steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=400, help="total optimizer steps")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--long-len", type=int, default=8192, help="sequence length of the last --long-steps steps")
+    ap.add_argument("--long-steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--n-heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--rope-dim", type=int, default=32)
@@ -66,7 +74,7 @@ def parse_args(argv=None):
     ap.add_argument("--repeat-len", type=int, nargs=2, default=[8, 64], help="span length range (tokens)")
     ap.add_argument("--max-repeats", type=int, default=8, help="repeated spans per window: 1 to this")
     ap.add_argument("--init", default=None, help="start from these indexer weights (experiments)")
-    ap.add_argument("--eval-len", type=int, default=2048)
+    ap.add_argument("--eval-len", type=int, default=8192)
     ap.add_argument("--eval-seqs", type=int, default=2, help="held-out windows per corpus")
     ap.add_argument("--eval-k", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--layer-log-every", type=int, default=20)
