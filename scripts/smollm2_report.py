@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from stem_boost.eval.report import MODE_COLORS  # noqa: E402
 INDEXER_LOG = ROOT / "stem_boost" / "data" / "smollm2_indexer_log.json"
 ORDER = ("dense", "native", "stem", "uniform", "no_oam", "mass", "stem_cal", "mass_cal")
-COLORS = dict(MODE_COLORS, stem_cal="#e377c2", mass_cal="#17becf")  # the `stem-boost compare` colours
+COLORS = MODE_COLORS  # the `stem-boost compare` colours
 LABELS = {"dense": "dense", "native": "native sparse", "stem": "Stem (OAM + TPD)", "uniform": "ablation: uniform",
           "no_oam": "ablation: no OAM", "mass": "mass-aware (this project)",
           "stem_cal": "Stem + calibrated layers", "mass_cal": "mass-aware + calibrated layers (this project)"}

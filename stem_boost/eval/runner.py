@@ -26,7 +26,7 @@ import math
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -44,8 +44,9 @@ __all__ = ["Mode", "build_modes", "load_model", "run"]
 @dataclass(frozen=True)
 class Mode:
     name: str
-    kind: str  # dense | native | stem | uniform | no_oam | mass
+    kind: str  # dense | native | stem | uniform | no_oam | mass | stem_cal | mass_cal
     reduce: float | None = None
+    layer_reduce: tuple[float, ...] | None = None  # *_cal: the calibrated allocation (`calibrate_modes`)
 
     def wrap_kwargs(self, stem_cfg: dict) -> dict | None:
         if self.kind == "dense":
@@ -54,19 +55,28 @@ class Mode:
                       backend=stem_cfg["backend"], indexer_dtype=stem_cfg["indexer_dtype"])
         if self.kind == "native":
             return dict(common, reduce=0.0, beta=0.0)
-        beta = 0.0 if self.kind == "no_oam" else float(stem_cfg["beta"])
-        schedule = self.kind if self.kind in ("uniform", "mass") else "tpd"
-        return dict(common, reduce=self.reduce, beta=beta, schedule=schedule)
+        base = self.kind.removesuffix("_cal")
+        beta = 0.0 if base == "no_oam" else float(stem_cfg["beta"])
+        schedule = base if base in ("uniform", "mass") else "tpd"
+        kw = dict(common, reduce=self.reduce, beta=beta, schedule=schedule)
+        if self.kind.endswith("_cal") and self.layer_reduce is not None:
+            kw["layer_reduce"] = self.layer_reduce
+        elif self.kind.endswith("_cal"):
+            raise ValueError(f"mode {self.name}: its per-layer allocation is not calibrated yet (calibrate_modes)")
+        return kw
 
     def describe(self, stem_cfg: dict) -> str:
         if self.kind == "dense":
             return "dense: the native model with its sparse selection disabled"
         if self.kind == "native":
             return "native sparse selection (stem_boost.wrap reduce=0, beta=0)"
-        kw = self.wrap_kwargs(stem_cfg)
+        kw = self.wrap_kwargs(stem_cfg) if self.layer_reduce is not None or not self.kind.endswith("_cal") else \
+            dict(replace(self, kind=self.kind.removesuffix("_cal")).wrap_kwargs(stem_cfg))
         what = {"stem": "Stem (OAM + TPD)", "uniform": "ablation: OAM + uniform truncation (no TPD)",
                 "no_oam": "ablation: TPD without OAM (beta=0)",
-                "mass": "mass-aware budgets (this project's variant; OAM on)"}[self.kind]
+                "mass": "mass-aware budgets (this project's variant; OAM on)",
+                "stem_cal": "Stem with calibrated per-layer budgets (this project's allocation; same model-wide reduce)",
+                "mass_cal": "mass-aware budgets with calibrated per-layer budgets (this project's variant)"}[self.kind]
         return f"{what}: reduce={kw['reduce']:g} beta={kw['beta']:g} schedule={kw['schedule']}"
 
 
@@ -75,7 +85,7 @@ def build_modes(cfg: dict) -> list[Mode]:
     reduces = cfg["stem"]["reduce"]
     out = [Mode(k, k) for k in ("dense", "native") if k in wanted]
     for r in reduces:
-        for kind in ("stem", "uniform", "no_oam", "mass"):
+        for kind in ("stem", "uniform", "no_oam", "mass", "stem_cal", "mass_cal"):
             if kind in wanted:
                 out.append(Mode(kind if len(reduces) == 1 else f"{kind}@{r:g}", kind, r))
     return out
@@ -214,6 +224,39 @@ class _Progress:
 
 
 # ------------------------------------------------------------------ the run
+def calibrate_modes(modes: list[Mode], model: torch.nn.Module, tok, bos: list[int], device, cfg: dict,
+                    notes: list[str]) -> tuple[list[Mode], dict]:
+    """The modes with each "*_cal" mode's `layer_reduce` measured by `stem_boost.calibrate` on the
+    `calibration` section's text (never the evaluation text) for that mode's knobs and reduce, and
+    {mode name: Calibration dict}. A mode whose calibration fails is dropped with a note."""
+    from ..calibrate import calibrate
+
+    cal_cfg = cfg["calibration"]
+    if not any(m.kind.endswith("_cal") for m in modes):
+        return modes, {}
+    text = text_source(cal_cfg["text"])
+    lengths = cal_cfg["lengths"] or sorted(set(cfg["tasks"]["lengths"]))
+    inputs = [torch.tensor([bos + _text_ids(tok, i * len(text) // (cal_cfg["windows"] + 1), L - len(bos),
+                                            cal_cfg["text"])], device=device)
+              for L in lengths for i in range(cal_cfg["windows"])]
+    out, cals = [], {}
+    for mode in modes:
+        if not mode.kind.endswith("_cal"):
+            out.append(mode)
+            continue
+        kw = replace(mode, kind=mode.kind.removesuffix("_cal")).wrap_kwargs(cfg["stem"])
+        kw.pop("reduce")
+        try:
+            cal = calibrate(model, inputs, mode.reduce, objective=cal_cfg["objective"],
+                            progress=cfg["runtime"]["progress"], **kw)
+        except (NotImplementedError, ValueError) as e:
+            notes.append(f"mode {mode.name} not run: calibration failed: {type(e).__name__}: {e}")
+            continue
+        cals[mode.name] = dict(cal.to_dict(), text=cal_cfg["text"], lengths=lengths, windows=cal_cfg["windows"])
+        out.append(replace(mode, layer_reduce=cal.layer_reduce))
+    return out, cals
+
+
 def run(cfg: dict, loaded: Loaded | None = None) -> dict:
     """Evaluate the configured model in every configured mode; returns the results dict that
     `report.write_report` renders (mode names as keys throughout):
@@ -231,6 +274,7 @@ def run(cfg: dict, loaded: Loaded | None = None) -> dict:
         budget      {mode: {seq_len, pairs, native_pairs, layers: [LayerStats dicts], positions, native, stem}}
         latency     {mode: {length: {ms, pairs, native_pairs}}}
         longbench   {mode: {dataset: score}}
+        calibration {mode: Calibration dict}: the per-layer allocations of the "*_cal" modes
         notes       [str]: skipped tasks, modes not run, ...
     """
     t_start = time.perf_counter()
@@ -268,6 +312,7 @@ def run(cfg: dict, loaded: Loaded | None = None) -> dict:
     lat_cfg = cfg["latency"]
     lat_ids = {L: torch.tensor(_text_ids(tok, 0, L)) for L in lat_cfg["lengths"]} if lat_cfg["enabled"] else {}
     lb_sets = _longbench_inputs(cfg, tok, notes)
+    modes, calibrations = calibrate_modes(modes, model, tok, bos, device, cfg, notes)
 
     res: dict = dict(
         meta=dict(
@@ -285,7 +330,7 @@ def run(cfg: dict, loaded: Loaded | None = None) -> dict:
         tasks={}, samples=[], perplexity={},
         fidelity=dict(length=None, layer_error={}, error_by_position={}, layer_error_vs_native={},
                       error_by_position_vs_native={}, kl_vs_dense={}, kl_vs_native={}),
-        budget={}, latency={}, longbench={}, summary={}, notes=notes,
+        budget={}, latency={}, longbench={}, summary={}, calibration=calibrations, notes=notes,
     )
     refs: dict[str, fid.Capture] = {}
     n_work = len(modes) * (sum(len(s) for _, _, s in task_sets) + (ppl_ids is not None) + (fid_ids is not None)

@@ -186,16 +186,22 @@ def english_text() -> tuple[str, tuple[str, ...]]:
 
 
 TEXT_SOURCES = ("english", "pydoc_heldout", "licenses")
+CALIBRATION_TEXTS = ("pydoc_train", "english")  # "pydoc_train": the pydoc topics that are not held out
 
 
 def text_source(name: str) -> str:
     """Text for perplexity / fidelity: "english" (`english_text`), or the held-out parts of it
     that the SmolLM2 testbed's indexer was not trained on (`stem_boost.testbeds._corpus`):
-    "pydoc_heldout" (every 5th pydoc topic) and "licenses" (Debian's license texts)."""
+    "pydoc_heldout" (every 5th pydoc topic) and "licenses" (Debian's license texts); for
+    calibration, "pydoc_train" (the other pydoc topics)."""
     if name == "english":
         return english_text()[0]
+    if name == "pydoc_train":  # calibration text (the *_cal modes): never the evaluation's
+        from ..testbeds._corpus import pydoc_split
+
+        return pydoc_split()[0]
     if name not in TEXT_SOURCES:
-        raise ValueError(f"text source {name!r}; allowed: {', '.join(TEXT_SOURCES)}")
+        raise ValueError(f"text source {name!r}; allowed: {', '.join(TEXT_SOURCES + CALIBRATION_TEXTS[:1])}")
     from ..testbeds._corpus import heldout_texts
 
     texts = heldout_texts()
