@@ -211,11 +211,8 @@ def native_pairs(L: int, k: int) -> int:
 def variant_kwargs(variant: str, a, calibrations: dict | None = None) -> dict:
     """`stem_boost.wrap` arguments of a Stem variant: the same variant -> StemConfig mapping as the
     modes of `stem-boost compare`; "*_cal" adds the calibrated `layer_reduce`."""
-    base = variant.removesuffix("_cal")
-    kw = Mode(base, base, a.reduce).wrap_kwargs(StemConfig(beta=a.beta).to_dict())
-    if variant.endswith("_cal"):
-        kw["layer_reduce"] = calibrations[variant].layer_reduce
-    return kw
+    lr = calibrations[variant].layer_reduce if variant.endswith("_cal") else None
+    return Mode(variant, variant, a.reduce, layer_reduce=lr).wrap_kwargs(StemConfig(beta=a.beta).to_dict())
 
 
 def configure(sparse_model, variant: str, a, calibrations: dict | None = None) -> None:

@@ -11,15 +11,10 @@ t_start=$(date +%s)
 out=${1:-/tmp/smollm2_cal}
 mkdir -p "$out"
 source scripts/gpu_smollm2_setup.sh "$out" || exit 1
-deadline=$((t_start + ${DEADLINE_S:-575}))
 samples=${EVAL_SAMPLES:-8}
 cal_dir="$out/calibration"
 common="--samples $samples --cal-dir $cal_dir --cal-lengths 2048 4096 8192 --cal-windows ${CAL_WINDOWS:-1}"
-run() {  # name, then eval_smollm2 arguments; stops at the deadline
-  local name=$1; shift
-  timeout $((deadline - $(date +%s))) python scripts/eval_smollm2.py $common --out "$out/$name.json" "$@" \
-    > "$out/$name.log" 2>&1 &
-}
+run() { local name=$1; shift; eval_bg "$name" $common "$@"; }  # name, then eval_smollm2 arguments
 dsa="--family dsa --index-topk 1024"
 inf="--family infllmv2"
 run cal_dsa_stem $dsa --variants stem_cal --calibrate-only

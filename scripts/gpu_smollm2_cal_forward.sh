@@ -15,22 +15,18 @@ out=${1:-/tmp/smollm2_cal_forward}
 mkdir -p "$out/calibration"
 source scripts/gpu_smollm2_setup.sh "$out" || exit 1
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-deadline=$((t_start + ${DEADLINE_S:-575}))
 objectives=${CAL_OBJECTIVES:-logits nll}
 dtype=${CAL_DTYPE:-float32}
 layer_lengths=${LAYER_LENGTHS-8192}
 grid=${CAL_GRID:-0.05 0.1 0.15 0.2 0.3 0.4 0.6 0.8}
 dsa="--family dsa --index-topk 1024 --samples ${EVAL_SAMPLES:-8}"
-left() { echo $((deadline - $(date +%s))); }
 for R in $grid; do
-  timeout $(left) python scripts/eval_smollm2.py $dsa --variants mass_cal --calibrate-only \
-    --cal-objective $objectives --cal-dtype "$dtype" --cal-grid 0 $R --cal-lengths 2048 4096 8192 --cal-windows 1 \
-    --cal-dir "$out/slice_$R" --out /dev/null > "$out/cal_$R.log" 2>&1 &
+  eval_bg "cal_$R" $dsa --variants mass_cal --calibrate-only --cal-objective $objectives --cal-dtype "$dtype" \
+    --cal-grid 0 $R --cal-lengths 2048 4096 8192 --cal-windows 1 --cal-dir "$out/slice_$R"
 done
 if [ -n "$layer_lengths" ]; then
-  timeout $(left) python scripts/eval_smollm2.py $dsa --variants mass_cal --calibrate-only \
-    --cal-lengths $layer_lengths --cal-windows ${CAL_WINDOWS:-3} --cal-dir "$out/cal_layer" --out /dev/null \
-    > "$out/cal_layer.log" 2>&1 &
+  eval_bg cal_layer $dsa --variants mass_cal --calibrate-only --cal-lengths $layer_lengths \
+    --cal-windows ${CAL_WINDOWS:-3} --cal-dir "$out/cal_layer"
 fi
 wait
 n_grid=$(echo $grid | wc -w)
@@ -42,10 +38,7 @@ for obj in $objectives; do
     "$out"/slice_*/*"$(suffix $obj)"*.json || exit 1
 done
 echo "calibration done after $(( $(date +%s) - t_start ))s"
-evaluate() {  # name, then eval_smollm2 arguments
-  local name=$1; shift
-  timeout $(left) python scripts/eval_smollm2.py $dsa --lengths $L --out "$out/$name.json" "$@" > "$out/$name.log" 2>&1 &
-}
+evaluate() { local name=$1; shift; eval_bg "$name" $dsa --lengths $L "$@"; }  # name, then eval_smollm2 arguments
 for L in ${EVAL_LENGTHS:-8192}; do
   first=native
   for obj in $objectives; do

@@ -12,13 +12,8 @@ t_start=$(date +%s)
 out=${1:-/tmp/smollm2_dsa}
 mkdir -p "$out/calibration"
 source scripts/gpu_smollm2_setup.sh "$out" || exit 1
-deadline=$((t_start + ${DEADLINE_S:-575}))
 dsa="--family dsa --index-topk ${INDEX_TOPK:-1024} --indexer ${INDEXER:-trained} --samples ${EVAL_SAMPLES:-8} --cal-dir $out/calibration"
-run() {  # name, then eval_smollm2 arguments; stops at the deadline
-  local name=$1; shift
-  timeout $((deadline - $(date +%s))) python scripts/eval_smollm2.py $dsa --out "$out/$name.json" "$@" \
-    > "$out/$name.log" 2>&1 &
-}
+run() { local name=$1; shift; eval_bg "$name" $dsa "$@"; }  # name, then eval_smollm2 arguments
 run cal_stem --variants stem_cal --calibrate-only --cal-lengths 2048 4096 8192 --cal-windows 1
 run cal_mass --variants mass_cal --calibrate-only --cal-lengths 2048 4096 8192 --cal-windows 1
 wait

@@ -5,9 +5,21 @@
 # three pieces (`split -b 34000000 -d <gguf> gguf_part_` into .gguf_a/, .gguf_b/, .gguf_c/):
 # the earlier calls, back to back while the machine is warm, copy .gguf_a/* and .gguf_b/* to
 # /tmp/gguf/; the call that sources this carries .gguf_c and .whl_sm.
+# It also defines, for the scripts that run processes side by side until the call's deadline
+# (t_start + DEADLINE_S, default 575 s; set t_start before sourcing to count the setup in):
+#   left                     seconds to the deadline
+#   eval_bg NAME ARGS...     python scripts/eval_smollm2.py ARGS --out OUT_DIR/NAME.json in the
+#                            background, logged to OUT_DIR/NAME.log, killed at the deadline
 # Usage: source scripts/gpu_smollm2_setup.sh OUT_DIR
 out=${1:-/tmp/smollm2_out}
 mkdir -p "$out"
+t_start=${t_start:-$(date +%s)}
+deadline=$((t_start + ${DEADLINE_S:-575}))
+left() { echo $((deadline - $(date +%s))); }
+eval_bg() {
+  local name=$1; shift
+  timeout $(left) python scripts/eval_smollm2.py "$@" --out "$out/$name.json" > "$out/$name.log" 2>&1 &
+}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_sm/*.whl || exit 1
 export PYTHONPATH=/tmp/site
 gguf=/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf

@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from stem_boost.eval.report import MODE_COLORS  # noqa: E402
+from stem_boost.eval.report import MODE_COLORS, draw_allocation  # noqa: E402
 INDEXER_LOG = ROOT / "stem_boost" / "data" / "smollm2_indexer_log.json"
 ORDER = ("dense", "native", "stem", "uniform", "no_oam", "mass", "stem_cal", "mass_cal")
 COLORS = MODE_COLORS  # the `stem-boost compare` colours
@@ -66,18 +66,9 @@ def plot_allocation(name: str, run: dict, out: Path) -> str | None:
     if not cals:
         return None
     fig, ax = plt.subplots(figsize=(12, 3.6))
-    w = 0.8 / len(cals)
-    for i, (v, c) in enumerate(sorted(cals.items())):
-        lr = c["layer_reduce"]
-        ax.bar([x + (i - (len(cals) - 1) / 2) * w for x in range(len(lr))], [100 * x for x in lr], w,
-               color=COLORS.get(v, "#777777"), label=f"{LABELS.get(v, v)} ({c.get('objective', 'layer')} objective)")
-        reduce = c["reduce"]
-    ax.axhline(100 * reduce, color="black", ls="--", lw=1, label=f"every layer alike: {100 * reduce:g}%")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("pairs cut from the native selection (%)")
+    draw_allocation(ax, [(f"{LABELS.get(v, v)} ({c.get('objective', 'layer')} objective)", COLORS.get(v, "#777777"),
+                          c["layer_reduce"]) for v, c in sorted(cals.items())], next(iter(cals.values()))["reduce"])
     ax.set_title(f"SmolLM2-135M, {name}: calibrated allocation (mean = reduce)", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fname = "allocation_" + "".join(ch if ch.isalnum() else "_" for ch in name.lower()) + ".png"
     fig.savefig(out / fname, dpi=110)

@@ -226,7 +226,7 @@ def layer_errors(model: torch.nn.Module, inputs: list[torch.Tensor], grid=DEFAUL
     else:
         def measure(*args):
             out = _logit_errors(*args, objectives=objs)
-            return out if isinstance(objective, tuple) else out[objective]
+            return out[objective] if isinstance(objective, str) else out
     achieved = torch.tensor(g, dtype=torch.float64).expand(len(modules), -1).clone()
     bar = None
     if progress:

@@ -227,7 +227,7 @@ def test_merge_of_grid_slices_equals_one_calibration():
 def test_calibrate_with_several_objectives_gives_one_calibration_each():
     model, reduce, n = _model("dsa")
     ids = torch.randint(3, 256, (1, n))
-    cals = calibrate(model, [ids], reduce, grid=(0.0, 0.1, 0.3), progress=False, objective=("nll", "logits"),
+    cals = calibrate(model, [ids], reduce, grid=(0.0, 0.1, 0.3), progress=False, objective=["nll", "logits"],
                      schedule="mass")
     assert set(cals) == {"nll", "logits"}
     for obj, cal in cals.items():

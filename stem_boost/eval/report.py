@@ -226,24 +226,30 @@ def _plot_error(res: dict, path: Path, plt) -> bool:
     return True
 
 
+def draw_allocation(ax, bars: list[tuple[str, str, list[float]]], reduce: float) -> None:
+    """Grouped bars of per-layer cuts (%), one (label, colour, layer_reduce) per calibrated mode, and a
+    dashed line at `reduce` (every layer cut alike); shared with scripts/smollm2_report.py."""
+    w = 0.8 / len(bars)
+    for i, (label, color, lr) in enumerate(bars):
+        ax.bar([x + (i - (len(bars) - 1) / 2) * w for x in range(len(lr))], [100 * x for x in lr], w, color=color,
+               label=label)
+    ax.axhline(100 * reduce, color="black", ls="--", lw=1, label=f"every layer alike: {100 * reduce:g}%")
+    ax.set_xlabel("sparse layer")
+    ax.set_ylabel("pairs cut from the native selection (%)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+
+
 def _plot_allocation(res: dict, path: Path, plt) -> bool:
-    """The calibrated per-layer cut of each "*_cal" mode (bars) against the uniform reduce (line)."""
+    """The calibrated per-layer cut of each "*_cal" mode against the uniform reduce."""
     cals = res.get("calibration") or {}
     if not cals:
         return False
-    fig, ax = plt.subplots(figsize=(11, 3.8), dpi=110)
     kinds = {m["name"]: m for m in res["modes"]}
-    w = 0.8 / len(cals)
-    for i, (name, c) in enumerate(cals.items()):
-        lr = c["layer_reduce"]
-        ax.bar([x + (i - (len(cals) - 1) / 2) * w for x in range(len(lr))], [100 * x for x in lr], w,
-               color=_color(kinds.get(name, {"kind": name})), label=f"{name} (mean {100 * c['reduce']:g}%)")
-        ax.axhline(100 * c["reduce"], color="black", ls="--", lw=0.8)
-    ax.set_xlabel("sparse layer")
-    ax.set_ylabel("pairs cut from the native selection (%)")
-    ax.set_title("Calibrated per-layer allocation (dashed: every layer alike)", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
+    fig, ax = plt.subplots(figsize=(11, 3.8), dpi=110)
+    draw_allocation(ax, [(f"{name} ({c['objective']} objective)", _color(kinds.get(name, {"kind": name})),
+                          c["layer_reduce"]) for name, c in cals.items()], next(iter(cals.values()))["reduce"])
+    ax.set_title("Calibrated per-layer allocation (mean = reduce)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -59,19 +59,23 @@ class Mode:
         beta = 0.0 if base == "no_oam" else float(stem_cfg["beta"])
         schedule = base if base in ("uniform", "mass") else "tpd"
         kw = dict(common, reduce=self.reduce, beta=beta, schedule=schedule)
-        if self.kind.endswith("_cal") and self.layer_reduce is not None:
+        if base != self.kind:
+            if self.layer_reduce is None:
+                raise ValueError(f"mode {self.name}: its per-layer allocation is not calibrated yet (calibrate_modes)")
             kw["layer_reduce"] = self.layer_reduce
-        elif self.kind.endswith("_cal"):
-            raise ValueError(f"mode {self.name}: its per-layer allocation is not calibrated yet (calibrate_modes)")
         return kw
+
+    def uncalibrated(self) -> "Mode":
+        """The same mode with every layer cut alike ("stem_cal" -> "stem", "mass_cal" -> "mass"): the
+        knobs a calibration is measured for."""
+        return replace(self, kind=self.kind.removesuffix("_cal"), layer_reduce=None)
 
     def describe(self, stem_cfg: dict) -> str:
         if self.kind == "dense":
             return "dense: the native model with its sparse selection disabled"
         if self.kind == "native":
             return "native sparse selection (stem_boost.wrap reduce=0, beta=0)"
-        kw = self.wrap_kwargs(stem_cfg) if self.layer_reduce is not None or not self.kind.endswith("_cal") else \
-            dict(replace(self, kind=self.kind.removesuffix("_cal")).wrap_kwargs(stem_cfg))
+        kw = self.uncalibrated().wrap_kwargs(stem_cfg)  # reduce, beta and schedule are the same
         what = {"stem": "Stem (OAM + TPD)", "uniform": "ablation: OAM + uniform truncation (no TPD)",
                 "no_oam": "ablation: TPD without OAM (beta=0)",
                 "mass": "mass-aware budgets (this project's variant; OAM on)",
@@ -244,7 +248,7 @@ def calibrate_modes(modes: list[Mode], model: torch.nn.Module, tok, bos: list[in
         if not mode.kind.endswith("_cal"):
             out.append(mode)
             continue
-        kw = replace(mode, kind=mode.kind.removesuffix("_cal")).wrap_kwargs(cfg["stem"])
+        kw = mode.uncalibrated().wrap_kwargs(cfg["stem"])
         kw.pop("reduce")
         try:
             cal = calibrate(model, inputs, mode.reduce, objective=cal_cfg["objective"],
