@@ -3,12 +3,15 @@
 dsa:      a DeepSeek-V3.2 attention layer (transformers' DeepseekV32Attention at real dims: hidden
           7168, 128 heads, MLA kv_lora 512 / rope 64 / nope 128 / v 128, q_lora 1536, indexer
           64 x 128, top-k 2048), random bf16 weights.
-          (a) native transformers sdpa path (indices -> dense S x T mask; its indexer materialises
-              fp32 [S, 64, T] scores), (b) native indices (chunked fused indexer) + our kernel
-              (stem_boost.wrap with reduce=0, beta=0), (c) Stem at reduce=0.15.
+          (a) dense: every causal key through SDPA, no indexer (stem_boost.wrap(dense=True));
+              optionally transformers' own sdpa path (indices -> dense S x T mask, fp32 [S, 64, T]
+              indexer scores: out of memory from 16K), (b) native selection + our kernel
+              (stem_boost.wrap with reduce=0, beta=0, the default indexer), (c) Stem at reduce=0.15.
+          Also the top-2048 overlap of the default (fast) indexer with the float32 one.
 infllmv2: a MiniCPM-4.1-8B attention layer (hidden 4096, 32 q / 2 kv heads, d 128, the real
-          sparse_config), random bf16 weights. (a) dense SDPA, (b) native InfLLMv2 selection + our
-          kernel, (c) Stem at reduce=0.18. Selection included in every time.
+          sparse_config), random bf16 weights. (a) dense SDPA (stem_boost.wrap(dense=True): the same
+          layer, every causal key), (b) native InfLLMv2 selection + our kernel, (c) Stem at
+          reduce=0.18. Selection included in every time.
 Times: triton.testing.do_bench median (CUDA events); memory: peak allocated during one forward.
 
     python scripts/bench_layers.py --family dsa --seqs 32768 65536 131072 --out dsa.json
@@ -90,8 +93,9 @@ def bench_dsa(seqs, device, native_max_seq):
             row["native_sdpa_ms"], row["native_sdpa_gib"] = timed(native, rep_ms=100)
         else:
             row["native_sdpa_ms"] = row["native_sdpa_gib"] = float("nan")
-        for name, reduce, beta in (("native_kernel", 0.0, 0.0), ("stem", 0.15, 0.2)):
-            stem_boost.wrap(holder, reduce=reduce, beta=beta, indexer_dtype="bfloat16")
+        for name, kwargs in (("dense", dict(dense=True)), ("native_kernel", dict(reduce=0.0, beta=0.0)),
+                             ("stem", dict(reduce=0.15))):
+            stem_boost.wrap(holder, **kwargs)
 
             def run():
                 with torch.no_grad():
@@ -101,9 +105,12 @@ def bench_dsa(seqs, device, native_max_seq):
                 row["reduce_achieved"] = stem_boost.stats(holder)["reduce_achieved"]
             stem_boost.unwrap(holder)
         row["stem_over_native"] = row["stem_ms"] / row["native_kernel_ms"]
+        row["native_over_dense"] = row["native_kernel_ms"] / row["dense_ms"]
         row.update(dsa_breakdown(attn, x, pe, pos))
+        if S == seqs[0]:
+            row["indexer_overlap_vs_fp32"] = indexer_overlap(attn, x, pe, pos, min(S, 16384))
         if PROFILE:
-            stem_boost.wrap(holder, reduce=0.15, indexer_dtype="bfloat16")
+            stem_boost.wrap(holder, reduce=0.15)
             with torch.no_grad():
                 attn(x, pe, None, position_ids=pos)
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
@@ -118,49 +125,87 @@ def bench_dsa(seqs, device, native_max_seq):
     return rows
 
 
+def indexer_overlap(attn, x, pe, pos, n_rows: int) -> float:
+    """Mean |fast top-k  &  fp32 top-k| / k over the last `n_rows` query rows (the default GPU indexer
+    against the exact float32 one, same chunked top-k)."""
+    from stem_boost.config import StemConfig
+    from stem_boost.native.dsa_indexer import dsa_indexer_topk
+    from stem_boost.selection import shared_units
+
+    fast_dtype = StemConfig().indexer_score_dtype(x.device, attn.indexer.head_dim)  # what `wrap` runs ("auto")
+    with torch.no_grad():
+        q_resid = attn.q_a_layernorm(attn.q_a_proj(x))
+        tops = [dsa_indexer_topk(attn.indexer, x, q_resid, pe, None, pos, max_bytes=2 * 2**30,
+                                 score_dtype=dt, tie_break="position")
+                for dt in (fast_dtype, None)]
+    hits, total = shared_units(*(t.indices[0, -n_rows:] for t in tops))  # [rows, K] each, -1 padded
+    return hits / max(total, 1)
+
+
 def dsa_breakdown(attn, x, pe, pos) -> dict:
     """Milliseconds of the parts: chunked fused indexer top-k, the Stem step, the absorbed kernel."""
-    from stem_boost.adapters.dsa import _compact, _latent_value_norms
-    from stem_boost.adapters.dsa_indexer import dsa_indexer_topk
-    from stem_boost.boost import boost_candidates
+    from stem_boost.adapters.dsa import latent_value_norms, latent_value_rms, native_selection
+    from stem_boost.boost import stem_step
     from stem_boost.config import StemConfig
+    from stem_boost.native.dsa_indexer import dsa_indexer_topk
     from stem_boost.kernels import sparse_attention
     from stem_boost.oam import aggregate_heads
 
     S = x.shape[1]
     with torch.no_grad():
         q_resid = attn.q_a_layernorm(attn.q_a_proj(x))
-        top = dsa_indexer_topk(attn.indexer, x, q_resid, pe, None, pos, max_bytes=2 * 2**30,
-                               score_dtype=torch.bfloat16, tie_break="none")
-        ms_index, _ = timed(lambda: dsa_indexer_topk(attn.indexer, x, q_resid, pe, None, pos, max_bytes=2 * 2**30,
-                                                     score_dtype=torch.bfloat16, tie_break="none"))
-        native = _compact(top)
+        # the indexer + top-k three ways: torch.topk (no tie rule), the radix select (what the layer
+        # runs: the position tie rule, ascending candidates) and the sampled select (the same set)
+        default_dtype = StemConfig().indexer_score_dtype(x.device, attn.indexer.head_dim)  # what `wrap` runs
+
+        def index_topk(score_dtype=default_dtype, **kw):
+            return lambda: dsa_indexer_topk(attn.indexer, x, q_resid, pe, None, pos, max_bytes=2 * 2**30,
+                                            score_dtype=score_dtype, **kw)
+        ms_index, _ = timed(index_topk(tie_break="none"))
+        ms_index_bf16, _ = timed(index_topk(score_dtype=torch.bfloat16))  # the previous default
+        ms_index_radix, _ = timed(index_topk())
+        ms_index_sampled, _ = timed(index_topk(topk_method="sampled"))
+        top = index_topk()()  # the Stem step below starts from the layer's own (ascending) candidates
+        sampled_same = bool(torch.equal(index_topk(topk_method="sampled")().indices, top.indices))
+        native = native_selection(top, q_offset=0, padding=None)
         kv_a = attn.kv_a_proj_with_mqa(x)
         latent = attn.kv_a_layernorm(kv_a[..., :512])
         w_uv = attn.kv_b_proj.weight.view(128, -1, 512)[:, 128:]
         cfg = StemConfig(reduce=0.15)
-        norms = aggregate_heads(_latent_value_norms(latent, w_uv), 1)
-        avail = torch.arange(S) + 1
-        boost = lambda: boost_candidates(native.idx, top.scores.unsqueeze(1), norms, avail, 2048, cfg)
+        norms = latent_value_rms(latent, w_uv)  # [1, 1, S]: what the layer runs (rms, no TP reducer)
+        per_head = aggregate_heads(latent_value_norms(latent, w_uv), 1)  # the per-head path it replaced
+        norms_rel_err = float(((norms - per_head).abs() / per_head.clamp_min(1e-6)).max())
+        del per_head
+        boost = lambda: stem_step(native, top.scores.unsqueeze(1), norms, 2048, cfg, seq_k=S)  # default: fused
         sel, _ = boost()
         ms_stem_step, _ = timed(boost)
-        ms_norms, _ = timed(lambda: _latent_value_norms(latent, w_uv))
+        # the previous GPU path (gathered OAM scores + radix select), side by side; both keep one set
+        radix = lambda: stem_step(native, top.scores.unsqueeze(1), norms, 2048, cfg, seq_k=S, method="radix")  # noqa: E731
+        ms_stem_radix, _ = timed(radix)
+        sel_radix, _ = radix()
+        same_set = bool(torch.equal(sel.counts, sel_radix.counts)
+                        and torch.equal(sel.idx, sel_radix.idx[..., :sel.idx.shape[-1]]))
+        del sel_radix
+        ms_norms, _ = timed(lambda: latent_value_rms(latent, w_uv))
+        ms_norms_per_head, _ = timed(lambda: aggregate_heads(latent_value_norms(latent, w_uv), 1))
         chunk = min(S, 16384)
         q = torch.randn(1, chunk, 128, 576, device=x.device, dtype=x.dtype)
         kv = torch.randn(1, S, 1, 576, device=x.device, dtype=x.dtype)
-        part = lambda s: (s.idx[:, :, S - chunk:], s.counts[:, :, S - chunk:])
-        kern = lambda s: sparse_attention(q, kv, kv[..., :512], *part(s), block_size=1, check_indices=False)
+        kern = lambda s: sparse_attention(q, kv, kv[..., :512], s.rows(S - chunk, S), check=False)
         ms_k_native, _ = timed(lambda: kern(native))
         ms_k_stem, _ = timed(lambda: kern(sel))
-    return dict(indexer_topk_ms=ms_index, stem_step_ms=ms_stem_step, value_norms_ms=ms_norms,
+    return dict(indexer_dtype=str(default_dtype), indexer_topk_bf16_ms=ms_index_bf16,
+                indexer_topk_ms=ms_index, indexer_topk_radix_ms=ms_index_radix, indexer_topk_sampled_ms=ms_index_sampled,
+                sampled_same_set=sampled_same,
+                stem_step_ms=ms_stem_step, stem_step_radix_ms=ms_stem_radix,
+                stem_step_same_set=same_set, value_norms_ms=ms_norms, value_norms_per_head_ms=ms_norms_per_head,
+                value_norms_max_rel_err=norms_rel_err,
                 kernel_native_last_chunk_ms=ms_k_native, kernel_stem_last_chunk_ms=ms_k_stem, kernel_chunk=chunk)
 
 
 def bench_infllmv2(seqs, device):
-    import torch.nn.functional as F
-
     from stem_boost.models.minicpm4 import MiniCPM4Config, MiniCPM4ForCausalLM
-    from stem_boost.models.minicpm4.infllmv2 import MINICPM41_SPARSE_CONFIG
+    from stem_boost.native.infllmv2 import MINICPM41_SPARSE_CONFIG
 
     cfg = MiniCPM4Config(vocab_size=1024, hidden_size=4096, intermediate_size=256, num_hidden_layers=1,
                          num_attention_heads=32, num_key_value_heads=2, head_dim=128,
@@ -177,17 +222,9 @@ def bench_infllmv2(seqs, device):
         pe = rotary(pos)
         row = dict(family="infllmv2", S=S)
 
-        def dense():
-            with torch.no_grad():
-                B = 1
-                q = attn.q_proj(x).view(B, S, 32, 128).transpose(1, 2)
-                k = attn.k_proj(x).view(B, S, 2, 128).transpose(1, 2)
-                v = attn.v_proj(x).view(B, S, 2, 128).transpose(1, 2)
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-                attn.o_proj(o.transpose(1, 2).reshape(B, S, -1))
-        row["dense_ms"], row["dense_gib"] = timed(dense)
-        for name, reduce, beta in (("native_kernel", 0.0, 0.0), ("stem", 0.18, 0.2)):
-            stem_boost.wrap(model, reduce=reduce, beta=beta)
+        for name, kwargs in (("dense", dict(dense=True)), ("native_kernel", dict(reduce=0.0, beta=0.0)),
+                             ("stem", dict(reduce=0.18))):
+            stem_boost.wrap(model, **kwargs)
 
             def run():
                 with torch.no_grad():
@@ -207,7 +244,8 @@ def bench_infllmv2(seqs, device):
 def infllmv2_breakdown(attn, x, pe) -> dict:
     """Milliseconds of the parts: native InfLLMv2 selection (PyTorch), the kernel on its selection."""
     from stem_boost.kernels import sparse_attention
-    from stem_boost.models.minicpm4.infllmv2 import infllmv2_select
+    from stem_boost.kernels.block_union import union_block_lists, union_inflation
+    from stem_boost.native.infllmv2 import infllmv2_select
     from stem_boost.models.minicpm4.modeling_minicpm4 import apply_rotary_pos_emb
 
     B, S, _ = x.shape
@@ -218,18 +256,25 @@ def infllmv2_breakdown(attn, x, pe) -> dict:
         q, k = apply_rotary_pos_emb(q, k, *pe)
         sel = infllmv2_select(q, k, attn.infllmv2, chunk_size=attn.select_chunk_size)
         ms_sel, _ = timed(lambda: infllmv2_select(q, k, attn.infllmv2, chunk_size=attn.select_chunk_size))
-        counts = (sel.idx >= 0).sum(-1).to(torch.int32)
-        ms_kernel, _ = timed(lambda: sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), sel.idx,
-                                                      counts, block_size=64, query_block=1, check_indices=False))
+        selection = sel.to_selection()
+        counts = selection.counts
+        ms_kernel, _ = timed(lambda: sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                      selection, check=False))
+        # how much work the union tiles add on these lists: union entries x QT / per-token entries
+        # (random weights give near-independent lists; the SmolLM2 testbed's real lists: 1.2 at QT 4)
+        inflation = {qt: union_inflation(union_block_lists(selection.idx, counts, qt, n_units=-(-S // 64))[2], counts, qt)
+                     for qt in (2, 4, 8)}
     return dict(native_selection_ms=ms_sel, kernel_native_ms=ms_kernel,
-                mean_blocks_per_token=float(counts.float().mean()))
+                mean_blocks_per_token=float(counts.float().mean()),
+                union_inflation_qt2=inflation[2], union_inflation_qt4=inflation[4], union_inflation_qt8=inflation[8])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=["dsa", "infllmv2"], nargs="+", default=["dsa", "infllmv2"])
     ap.add_argument("--seqs", type=int, nargs="+", default=[32768, 65536, 131072])
-    ap.add_argument("--native-max-seq", type=int, default=32768, help="largest S to try the native sdpa DSA path at")
+    ap.add_argument("--native-max-seq", type=int, default=0,
+                    help="largest S to also time transformers' own DSA sdpa path at (0 = never; OOM from 16K)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the Stem DSA forward")
     args = ap.parse_args()
@@ -239,22 +284,41 @@ def main():
         sys.exit("bench_layers.py needs a CUDA GPU")
     torch.manual_seed(int(time.time()))
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
-    if "dsa" in args.family:
-        res["rows"] += bench_dsa(args.seqs, "cuda", args.native_max_seq)
-    if "infllmv2" in args.family:
-        res["rows"] += bench_infllmv2(args.seqs, "cuda")
+    for family in args.family:  # in the order given
+        if family == "dsa":
+            res["rows"] += bench_dsa(args.seqs, "cuda", args.native_max_seq)
+        else:
+            res["rows"] += bench_infllmv2(args.seqs, "cuda")
+        if args.out:
+            args.out.write_text(json.dumps(res, indent=1))
     if args.out:
         args.out.write_text(json.dumps(res, indent=1))
     print(f"\n{res['device']}  torch {res['torch']}")
-    print("| layer | S | native/dense ms | native+kernel ms | Stem ms | Stem/native | achieved reduce | peak GiB native+kernel / Stem | native sdpa peak GiB |")
+    print("| layer | S | dense ms | native ms | Stem ms | dense/native | Stem/native | achieved reduce | peak GiB dense / native / Stem |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in res["rows"]:
-        base = r.get("native_sdpa_ms", r.get("dense_ms"))
-        base = "OOM" if base != base else f"{base:.1f}"
-        peak0 = r.get("native_sdpa_gib", r.get("dense_gib"))
-        peak0 = "OOM" if peak0 != peak0 else f"{peak0:.1f}"
-        print(f"| {r['family']} | {r['S']} | {base} | {r['native_kernel_ms']:.1f} | {r['stem_ms']:.1f} | "
-              f"{r['stem_over_native']:.3f} | {r['reduce_achieved']:.3f} | {r['native_kernel_gib']:.1f} / {r['stem_gib']:.1f} | {peak0} |")
+        print(f"| {r['family']} | {r['S']} | {r['dense_ms']:.1f} | {r['native_kernel_ms']:.1f} | {r['stem_ms']:.1f} | "
+              f"{r['dense_ms'] / r['native_kernel_ms']:.2f} | {r['stem_over_native']:.3f} | {r['reduce_achieved']:.3f} | "
+              f"{r['dense_gib']:.1f} / {r['native_kernel_gib']:.1f} / {r['stem_gib']:.1f} |")
+    inf = [r for r in res["rows"] if "union_inflation_qt4" in r]
+    if inf:
+        print("\n| InfLLMv2 S | selection ms | kernel ms (native) | blocks / token | union inflation QT 2 / 4 / 8 |")
+        print("|---|---|---|---|---|")
+        for r in inf:
+            print(f"| {r['S']} | {r['native_selection_ms']:.1f} | {r['kernel_native_ms']:.1f} | "
+                  f"{r['mean_blocks_per_token']:.1f} | {r['union_inflation_qt2']:.2f} / {r['union_inflation_qt4']:.2f} / "
+                  f"{r['union_inflation_qt8']:.2f} |")
+    dsa = [r for r in res["rows"] if "stem_step_radix_ms" in r]
+    if dsa:
+        print("\n| DSA S | indexer dtype | indexer + top-k ms: torch.topk | radix | sampled | sampled = radix | "
+              "radix, bf16 scores | Stem step ms: fused | radix | same set | value norms ms: Gram | per head | max rel. diff |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in dsa:
+            print(f"| {r['S']} | {r['indexer_dtype']} | {r['indexer_topk_ms']:.1f} | {r['indexer_topk_radix_ms']:.1f} | "
+                  f"{r['indexer_topk_sampled_ms']:.1f} | {r['sampled_same_set']} | {r['indexer_topk_bf16_ms']:.1f} | "
+                  f"{r['stem_step_ms']:.1f} | "
+                  f"{r['stem_step_radix_ms']:.1f} | {r['stem_step_same_set']} | {r['value_norms_ms']:.1f} | "
+                  f"{r['value_norms_per_head_ms']:.1f} | {r['value_norms_max_rel_err']:.1e} |")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 The same as ``stem-boost compare`` (see README, "Evaluation and reports"):
 
-    python scripts/eval.py                                   # the embedded tiny DSA testbed
-    python scripts/eval.py --config configs/deepseek_v32.yaml --set model.path=/models/DeepSeek-V3.2
+    python scripts/eval.py                                   # the embedded default (smollm2_cpu)
+    python scripts/eval.py --config deepseek_v32 --set model.path=/models/DeepSeek-V3.2
 """
 
 import sys

@@ -3,9 +3,10 @@
 
     python scripts/merge_calibrations.py OUT.json SLICE1.json SLICE2.json ... [--reduce 0.15]
 
-Each input is a `stem_boost.Calibration` JSON (e.g. `eval_smollm2.py --calibrate-only --cal-grid 0 0.2`
-in one process per grid point, to spread the measurement over processes); the output has the
-merged errors and the allocation solved again (`stem_boost.calibrate.merge`).
+Each input is a `stem_boost.Calibration` JSON, e.g. measured on a slice of the grid in one process
+per slice (`stem_boost.calibrate(model, inputs, reduce, grid=(0, 0.2), solve=False)`) to spread the
+measurement over processes; the output has the merged errors and the allocation solved again
+(`stem_boost.calibrate.merge`).
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import dsa, dsa_gqa
+from .compat import forward_parameters
 from .config import StemConfig
+from .selection import Selection
 from .stats import LayerStats, summarize
 
 ATTN_IMPLEMENTATION = "stem_sparse"
@@ -37,6 +39,10 @@ class _WrapInfo:
     original_attn: str | None
 
 
+NOT_KEPT = ("{what}: the model was wrapped without keep_selections=True, so no selection is kept "
+            "(stem_boost.wrap(model, ..., keep_selections=True) keeps the last prefill's, one index tensor per layer)")
+
+
 def _register_attention() -> None:
     """Register the implementation name and a mask function that yields at most a [B, T] padding
     mask (never a dense [B, 1, S, T] one): the wrapped forwards handle causality themselves."""
@@ -52,7 +58,7 @@ def _register_attention() -> None:
         AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flash_attention_mask)
 
 
-def _detect(model: torch.nn.Module) -> tuple[str, list[torch.nn.Module]]:
+def detect_family(model: torch.nn.Module) -> tuple[str, list[torch.nn.Module]]:
     from .adapters import infllmv2
 
     dsa_mods = [m for m in model.modules() if dsa.is_dsa_attention(m) or dsa_gqa.is_dsa_gqa_attention(m)]
@@ -77,22 +83,26 @@ def wrap(
     head_agg: str = "rms",
     alpha_min: float = 0.0,
     backend: str = "auto",
-    indexer_dtype: str = "float32",
+    indexer_dtype: str = "auto",
     indexer_max_bytes: int = 2 * 2**30,
     schedule: str = "tpd",
     layer_reduce=None,
+    dense: bool = False,
+    keep_selections: bool = False,
 ) -> torch.nn.Module:
     """Patch `model` in place so its sparse prefill runs Stem; returns the same model.
 
     Wrapping a wrapped model re-configures it (never patches twice).
     See `StemConfig` for the arguments; `layer_reduce` (one fraction per sparse layer, mean
-    `reduce`) usually comes from `stem_boost.calibrate`.
+    `reduce`) usually comes from `stem_boost.calibrate`; `dense=True` gives the dense baseline
+    (every causal key, no selector); `keep_selections=True` keeps the last prefill's selections for
+    `last_selections` (memory: one index tensor per layer).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"wrap expects a torch.nn.Module (a loaded transformers model); got {type(model).__name__}")
     cfg = StemConfig(reduce=reduce, beta=beta, oam_norm=oam_norm, head_agg=head_agg, alpha_min=alpha_min,
                      backend=backend, indexer_dtype=indexer_dtype, indexer_max_bytes=indexer_max_bytes,
-                     schedule=schedule, layer_reduce=layer_reduce)
+                     schedule=schedule, layer_reduce=layer_reduce, dense=dense, keep_selections=keep_selections)
     info: _WrapInfo | None = getattr(model, "_stem_wrap", None)
     if info is not None:  # re-configuration
         layer_cfgs = cfg.per_layer(len(info.modules))
@@ -100,15 +110,15 @@ def wrap(
         for m, c in zip(info.modules, layer_cfgs):
             m._stem.cfg = c  # in place: the installed hooks hold this state object
         return model
-    family, modules = _detect(model)
+    family, modules = detect_family(model)
     layer_cfgs = cfg.per_layer(len(modules))  # validates the length before anything is patched
     if family == "dsa":
         _register_attention()
         original = model.config._attn_implementation
-        shared = dsa.SharedTopK()
+        shared = dsa.SharedTopK(needed=any(getattr(m, "indexer", None) is None for m in modules))
         for m, layer_cfg in zip(modules, layer_cfgs):
             layer = getattr(m, "layer_idx", len([x for x in modules if x is not m]))
-            returns_topk = "prev_topk_indices" in type(m).forward.__code__.co_varnames
+            returns_topk = "prev_topk_indices" in forward_parameters(type(m))
             index_topk = (m.indexer.index_topk if m.indexer is not None else m.config.index_topk)
             m._stem = dsa.DSAState(cfg=layer_cfg, stats=LayerStats(layer=int(layer), family="dsa"), shared=shared,
                                    returns_topk=returns_topk, index_topk=int(index_topk))
@@ -154,6 +164,24 @@ def stats(model: torch.nn.Module) -> dict:
         raise ValueError("stats: this model is not wrapped by stem_boost.wrap")
     out = summarize([m._stem.stats for m in info.modules])
     out.update(family=info.family, config=info.cfg.to_dict())
+    return out
+
+
+def last_selections(model: torch.nn.Module) -> list[Selection | None]:
+    """The Selection each sparse layer attended with in the last prefill (None before the first),
+    in model order: for checks and analysis (e.g. comparing two runs row by row)."""
+    info: _WrapInfo | None = getattr(model, "_stem_wrap", None)
+    if info is None:
+        raise ValueError("last_selections: this model is not wrapped by stem_boost.wrap")
+    if not info.cfg.keep_selections:
+        raise ValueError(NOT_KEPT.format(what="last_selections"))
+    out = []
+    for m in info.modules:
+        st = m._stem
+        if info.family == "dsa":
+            out.append(st.last_stem)
+        else:
+            out.append(None if st.last_selection is None else st.last_selection.to_selection())
     return out
 
 

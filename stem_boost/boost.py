@@ -1,24 +1,38 @@
-"""The Stem step shared by every adapter: native candidates -> OAM rescoring -> TPD truncation.
+"""The Stem step shared by every family: native candidates -> OAM rescoring -> budget schedule ->
+truncation, giving the `Selection` that `sparse_attention` runs (docs/design.md, "The Stem step").
 
-    selection, plan = boost_candidates(cand_idx, cand_scores, key_norms, available, k_native, cfg)
+    selection, rows = stem_step(native, scores, key_norms, k_native, cfg)
 
-cand_idx / cand_scores [B, Hsel, R, Kc]: the native method's candidates (before its own cut, or
-its top-k list) and their native scores; key_norms [B, Hsel, N]: value norms per key unit,
-already pooled over the heads that share a selection (and max-pooled over blocks); available [R]:
-non-forced causally valid key units per row (what the `reduce` contract counts).
+native: the family's native `Selection` (its candidate lists, with the query offset and the
+per-batch-row extents [seq_start, seq_start + seq_len) of the real tokens); scores [B, Hsel, R, K]
+the candidates' native scores (logit space); key_norms [B, Hsel, T] value norms per key unit,
+already pooled over the heads that share a selection. Every batch row is planned on its own
+length and positions, so a sequence gets the same selection alone and inside a padded batch.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, replace
 
 import torch
 
 from .config import StemConfig
 from .mass import mass_budgets
 from .oam import combine_scores, oam_bias
-from .select import Selection, stem_select, truncate_by_score
+from .select import candidates_by_index, stem_select, truncate_by_score
+from .selection import Selection
 from .tpd import BudgetPlan, plan_budgets, plan_uniform
+
+try:  # the Triton paths (CUDA, or the CPU under TRITON_INTERPRET=1)
+    from .kernels.dsa_topk import candidate_cut, topk_rows
+except ImportError:  # pragma: no cover
+    candidate_cut = topk_rows = None
+
+__all__ = ["plan_for", "RowPlans", "row_budgets", "stem_step", "TRUNCATE_METHODS"]
+
+TRUNCATE_METHODS = ("auto", "fused", "radix", "sort", "exact")
+SORT_PATH_MIN_ENTRIES = 1 << 20  # "auto": candidate tensors at least this large take the sort path
 
 
 @functools.lru_cache(maxsize=64)
@@ -29,7 +43,7 @@ def _cached_plan(available_key: tuple, k_native: int, reduce: float, alpha_min: 
         available = torch.arange(b, dtype=torch.long) + a + 1
     else:
         available = torch.tensor(a, dtype=torch.long)
-    if schedule in ("uniform", "mass"):  # mass: the per-row budgets come from the scores (boost_candidates)
+    if schedule in ("uniform", "mass"):  # mass: the per-row budgets come from the scores (stem_step)
         return plan_uniform(available, k_native, reduce)
     return plan_budgets(available, k_native, reduce, alpha_min=alpha_min)
 
@@ -47,77 +61,175 @@ def plan_for(available: torch.Tensor, k_native: int, cfg: StemConfig) -> BudgetP
     return _cached_plan(key, int(k_native), float(cfg.reduce), float(cfg.alpha_min), cfg.schedule)
 
 
-def boost_candidates(
-    cand_idx: torch.Tensor,
-    cand_scores: torch.Tensor,
+@dataclass
+class RowPlans:
+    """The budget schedule of one Stem step, per batch row.
+
+    budgets: long [B, R] non-forced units to keep per query row (0 on padding rows);
+    plans: the solved plan of each batch row (None for a row without real queries);
+    real_rows: bool [B, R], the query rows holding a real token.
+    """
+
+    budgets: torch.Tensor
+    plans: list[BudgetPlan | None]
+    real_rows: torch.Tensor
+
+    @property
+    def alphas(self) -> list[float]:
+        return [p.alpha if p is not None else 1.0 for p in self.plans]
+
+
+def row_budgets(native: Selection, seq_q: int, seq_k: int, k_native: int, cfg: StemConfig) -> RowPlans:
+    """TPD / uniform budgets of token rows (query_block = 1, unit = 1 token), each batch row planned
+    on its own positions: a real query at own position p (0 = the row's first real token) has
+    p + 1 causally valid keys."""
+    B, R = native.batch, native.n_rows
+    q_pos = torch.arange(R) + native.offset_for(seq_q, seq_k)  # key position of each query row
+    starts = [0] * B if native.seq_start is None else native.seq_start.tolist()
+    real = native.real_rows(seq_q, seq_k).cpu()  # [B, R]
+    budgets = torch.zeros(B, R, dtype=torch.long)
+    plans: list[BudgetPlan | None] = []
+    for b in range(B):
+        rows = real[b]
+        if not bool(rows.any()):
+            plans.append(None)
+            continue
+        plan = plan_for(q_pos[rows] - starts[b] + 1, k_native, cfg)
+        budgets[b, rows] = plan.budgets
+        plans.append(plan)
+    device = native.idx.device
+    return RowPlans(budgets=budgets.to(device), plans=plans, real_rows=real.to(device))
+
+
+def _mass_row_budgets(scores: torch.Tensor, cand_idx: torch.Tensor, real_rows: torch.Tensor,
+                      reduce: float) -> torch.Tensor:
+    """[B, Hsel, R] budgets of `schedule="mass"`, one threshold per batch row over its real rows."""
+    out = torch.zeros(cand_idx.shape[:3], dtype=torch.long, device=cand_idx.device)
+    for b in range(cand_idx.shape[0]):
+        rows = real_rows[b].nonzero().flatten()
+        if rows.numel():
+            valid = cand_idx[b][:, rows] >= 0
+            out[b][:, rows] = mass_budgets(scores[b][:, rows], valid, reduce, space="logit")
+    return out
+
+
+def with_oam_bias(cand_idx: torch.Tensor, scores: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """OAM scores of token candidates: scores [B, H, R, K] (logits) + bias [B, H|1, N] gathered at
+    cand_idx [B, H, R, K] (-1 padding gathers key 0; callers mask it). None: the scores as they are."""
+    if bias is None:
+        return scores
+    B, H = cand_idx.shape[:2]
+    gathered = bias.expand(B, H, -1).gather(-1, cand_idx.clamp_min(0).long().flatten(-2)).view_as(cand_idx)
+    return combine_scores(scores, gathered, space="logit")
+
+
+def _ascending_candidates(cand_idx: torch.Tensor, scores: torch.Tensor,
+                          row_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidates in ascending key order with the -1 padding at the end (checked `row_chunk` rows
+    at a time, one host sync; a no-op for the native radix top-k, which writes them so), so that a
+    per-row select's tie rule (the smaller column) is the project's (the smaller key index)."""
+    ascending = torch.ones((), dtype=torch.bool, device=cand_idx.device)
+    for r0 in range(0, cand_idx.shape[2], row_chunk):
+        c = cand_idx[:, :, r0:r0 + row_chunk]
+        live = c >= 0
+        ascending &= (((c[..., 1:] >= c[..., :-1]) | ~live[..., 1:]) & (live[..., :-1] | ~live[..., 1:])).all()
+    if not bool(ascending):
+        cand_idx, scores = candidates_by_index(cand_idx, scores)
+    return cand_idx, scores
+
+
+def _fused_truncate(cand_idx: torch.Tensor, scores: torch.Tensor, bias: torch.Tensor | None,
+                    budgets: torch.Tensor, row_chunk: int) -> Selection:
+    """Keep each row's budget of candidates by OAM score in one Triton pass over all rows
+    (`kernels.dsa_topk.candidate_cut`: bias gathered, 32-step bisection, kept keys written)."""
+    cand_idx, scores = _ascending_candidates(cand_idx, scores, row_chunk)
+    idx, counts = candidate_cut(cand_idx, scores, budgets, key_bias=bias)
+    kmax = max(1, int(counts.max())) if counts.numel() else 1
+    return Selection(idx=idx[..., :kmax], counts=counts)
+
+
+def _radix_truncate(cand_idx: torch.Tensor, scores: torch.Tensor, bias: torch.Tensor | None,
+                    budgets: torch.Tensor) -> Selection:
+    """Keep each row's budget of candidates by OAM score with one radix select per row over the
+    gathered OAM scores (`topk_rows`). cand_idx / scores [B, H, R, K], bias [B, H|1, N] or None,
+    budgets [B, H, R]."""
+    B, H, R, K = cand_idx.shape
+    cand_idx, scores = _ascending_candidates(cand_idx, scores)
+    scores = torch.where(cand_idx >= 0, with_oam_bias(cand_idx, scores, bias).float(), float("-inf"))
+    cols, counts = topk_rows(scores.reshape(B * H, R, K).contiguous(), K, budgets=budgets.reshape(B * H, R))
+    cols, counts = cols.view(B, H, R, K), counts.view(B, H, R)
+    kmax = max(1, int(counts.max())) if counts.numel() else 1
+    cols = cols[..., :kmax]
+    idx = torch.where(cols >= 0, cand_idx.gather(-1, cols.clamp_min(0).long()), -1).to(torch.int32)
+    return Selection(idx=idx.contiguous(), counts=counts)
+
+
+def stem_step(
+    native: Selection,
+    scores: torch.Tensor,
     key_norms: torch.Tensor | None,
-    available: torch.Tensor,
     k_native: int,
     cfg: StemConfig,
     *,
-    forced_idx: torch.Tensor | None = None,
-    key_valid: torch.Tensor | None = None,
-    score_space: str = "logit",
-    block_size: int = 1,
-    query_block: int = 1,
+    seq_k: int,
+    method: str = "auto",
     row_chunk: int = 4096,
-) -> tuple[Selection, BudgetPlan]:
-    """Rescore the candidates with OAM and keep the TPD budget of each row.
+) -> tuple[Selection, RowPlans]:
+    """Rescore the native token candidates with OAM and keep each row's budget.
 
-    key_valid [B, N] marks real (non-padding) key units for the z-score statistics. Rows are
-    processed `row_chunk` at a time so that the sort buffers stay bounded at long context.
-    Returns the Selection (idx [B, Hsel, R, Kmax] -1 padded, counts) and the TPD plan.
+    native: token lists (block_size = query_block = 1) of B batch rows, R = seq_q query rows;
+    scores [B, Hsel, R, K] native logit-space scores of native.idx; key_norms [B, Hsel|1, seq_k].
+    method: "fused" (one Triton program per row over its candidates in registers,
+    `kernels.dsa_topk.candidate_cut`: the GPU path), "radix" (the OAM scores gathered, then one
+    radix select per row, `kernels.dsa_topk.topk_rows`), "sort" (three sorts per row), "exact"
+    (`stem_select`'s composite-key ranking) or "auto" (fused on CUDA, else sort when the candidate
+    tensor has >= 2^20 entries, else exact). All keep the same set: higher OAM score first, ties to
+    the smaller key index. Rows are processed `row_chunk` at a time ("fused": one launch for all,
+    its order check `row_chunk` rows at a time).
+    Returns the Stem Selection (same offset and extents as `native`) and the per-row plans.
     """
-    plan = plan_for(available, k_native, cfg)
+    if method not in TRUNCATE_METHODS:
+        raise ValueError(f"method={method!r}; allowed: {', '.join(TRUNCATE_METHODS)}")
+    if native.block_size != 1 or native.query_block != 1:
+        raise ValueError(f"stem_step takes token lists (block_size = query_block = 1), got block_size="
+                         f"{native.block_size}, query_block={native.query_block}")
+    cand_idx = native.idx
+    if scores.shape != cand_idx.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} must have the shape of the candidates {tuple(cand_idx.shape)}")
+    B, Hsel, R, K = cand_idx.shape
+    plans = row_budgets(native, R, seq_k, k_native, cfg)
     bias = None
     if cfg.beta > 0 and key_norms is not None:
-        bias = oam_bias(key_norms, beta=cfg.beta, norm=cfg.oam_norm, valid=key_valid)
-    budgets = plan.budgets.to(cand_idx.device)
-    if cfg.schedule == "mass":  # [B, Hsel, R]: the cut where the native scores predict the least mass
-        budgets = mass_budgets(cand_scores, cand_idx >= 0, cfg.reduce, space=score_space)
-    B, Hsel, R, Kc = cand_idx.shape
-    if forced_idx is None and score_space == "logit" and cand_idx.is_cuda:
-        # GPU fast path (no forced keys: DSA): OAM score then two sorts per row, in row chunks
-        return _truncate_in_chunks(cand_idx, cand_scores, bias, budgets, block_size, query_block, row_chunk), plan
-    if R <= row_chunk:
-        sel = stem_select(cand_idx, cand_scores, budgets, key_bias=bias, score_space=score_space,
-                          forced_idx=forced_idx, block_size=block_size, query_block=query_block)
-        return sel, plan
-    F = forced_idx.shape[-1] if forced_idx is not None else 0
-    idx = torch.full((B, Hsel, R, Kc + F), -1, dtype=torch.int32, device=cand_idx.device)
+        bias = oam_bias(key_norms, beta=cfg.beta, norm=cfg.oam_norm, valid=native.real_units(seq_k))
+    budgets = plans.budgets[:, None].expand(B, Hsel, R)
+    if cfg.schedule == "mass":  # the cut goes to the candidates of least predicted mass, per batch row
+        budgets = _mass_row_budgets(scores, cand_idx, plans.real_rows, cfg.reduce)
+    if method == "auto":
+        if cand_idx.is_cuda and candidate_cut is not None:
+            method = "fused"
+        else:
+            method = "sort" if cand_idx.numel() >= SORT_PATH_MIN_ENTRIES else "exact"
+    if method in ("fused", "radix") and topk_rows is None:
+        raise ValueError(f"method={method!r} needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
+    if method == "fused":
+        sel = _fused_truncate(cand_idx, scores, bias, budgets, row_chunk)
+        return replace(sel, q_offset=native.q_offset, seq_start=native.seq_start, seq_len=native.seq_len), plans
+    idx = torch.full((B, Hsel, R, max(K, 1)), -1, dtype=torch.int32, device=cand_idx.device)
     counts = torch.zeros((B, Hsel, R), dtype=torch.int32, device=cand_idx.device)
     kmax = 1
     for r0 in range(0, R, row_chunk):
         r1 = min(R, r0 + row_chunk)
-        part = stem_select(
-            cand_idx[:, :, r0:r1], cand_scores[:, :, r0:r1], budgets[..., r0:r1], key_bias=bias,
-            score_space=score_space, forced_idx=None if forced_idx is None else forced_idx[:, :, r0:r1],
-            block_size=block_size, query_block=query_block,
-        )
+        ci, cs = cand_idx[:, :, r0:r1], scores[:, :, r0:r1]
+        if method == "radix":
+            part = _radix_truncate(ci, cs, bias, budgets[..., r0:r1])
+        elif method == "sort":
+            part = truncate_by_score(ci, with_oam_bias(ci, cs, bias), budgets[..., r0:r1])
+        else:
+            part = stem_select(ci, cs, budgets[..., r0:r1], key_bias=bias, score_space="logit")
         w = part.idx.shape[-1]
         idx[:, :, r0:r1, :w] = part.idx
         counts[:, :, r0:r1] = part.counts
         kmax = max(kmax, w)
-    return Selection(idx=idx[..., :kmax].contiguous(), counts=counts, block_size=block_size,
-                     query_block=query_block), plan
-
-
-def _truncate_in_chunks(cand_idx, cand_scores, bias, budgets, block_size, query_block, row_chunk) -> Selection:
-    """`truncate_by_score` over row chunks; the OAM bias [B, Hsel|1, N] is gathered per candidate."""
-    B, Hsel, R, Kc = cand_idx.shape
-    idx = torch.full((B, Hsel, R, Kc), -1, dtype=torch.int32, device=cand_idx.device)
-    counts = torch.zeros((B, Hsel, R), dtype=torch.int32, device=cand_idx.device)
-    kmax = 1
-    for r0 in range(0, R, row_chunk):
-        r1 = min(R, r0 + row_chunk)
-        ci, cs = cand_idx[:, :, r0:r1], cand_scores[:, :, r0:r1]
-        if bias is not None:
-            b = bias.expand(B, Hsel, -1)
-            gathered = b.gather(-1, ci.clamp_min(0).long().flatten(-2)).view_as(ci)
-            cs = combine_scores(cs, gathered, space="logit")
-        part = truncate_by_score(ci, cs, budgets[..., r0:r1], block_size=block_size, query_block=query_block)
-        w = part.idx.shape[-1]
-        idx[:, :, r0:r1, :w] = part.idx
-        counts[:, :, r0:r1] = part.counts
-        kmax = max(kmax, w)
-    return Selection(idx=idx[..., :kmax].contiguous(), counts=counts, block_size=block_size, query_block=query_block)
+    sel = Selection(idx=idx[..., :kmax].contiguous(), counts=counts, block_size=1, query_block=1,
+                    q_offset=native.q_offset, seq_start=native.seq_start, seq_len=native.seq_len)
+    return sel, plans

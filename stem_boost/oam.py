@@ -1,4 +1,4 @@
-"""Output-Aware Metric (OAM) (SPEC.md section 2).
+"""Output-Aware Metric (OAM) (docs/design.md, "OAM").
 
 A key whose value vector is near zero adds nothing to the output even with a large q.k, so Stem
 ranks the native candidates by

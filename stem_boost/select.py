@@ -1,4 +1,4 @@
-"""Stem truncation of the native candidates (SPEC.md sections 2, 3 and 5).
+"""Stem truncation of the native candidates (docs/design.md, "The Stem step").
 
 The native method proposes candidate keys per query row (DSA: token indices, InfLLMv2: key-block
 indices) and may force some keys (sinks / init blocks, local window, diagonal block). Stem keeps
@@ -8,91 +8,16 @@ hands the result to the sparse-attention kernel as a -1 padded index list with p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .oam import combine_scores
+from .selection import Selection
 
-__all__ = ["Selection", "stem_select"]
+__all__ = ["stem_select", "truncate_by_score", "candidates_by_index"]
 
 _INT64_MIN = torch.iinfo(torch.int64).min
 _INT64_MAX = torch.iinfo(torch.int64).max
 _INT32_MAX = torch.iinfo(torch.int32).max
-
-
-@dataclass
-class Selection:
-    """Per-row key lists for the sparse-attention kernel.
-
-    Attributes:
-        idx: int32 [B, Hsel, R, Kmax]; the first ``counts`` entries of a row are its key units
-            (token indices if block_size == 1, else key-block indices), the rest are -1.
-        counts: int32 [B, Hsel, R], in [0, Kmax].
-        block_size: tokens per key unit (1 = token lists).
-        query_block: consecutive query positions sharing one row (1 = per-token rows).
-    """
-
-    idx: torch.Tensor
-    counts: torch.Tensor
-    block_size: int = 1
-    query_block: int = 1
-
-    def pairs(self) -> int:
-        """Attended (query, key-unit) pairs: sum of counts * query_block.
-
-        Every row is counted as ``query_block`` queries, so a ragged last row (seq_q not a
-        multiple of query_block) is slightly over-counted.
-        """
-        return int(self.counts.sum()) * self.query_block
-
-    def validate(self, seq_q: int, seq_k: int, causal: bool = True) -> None:
-        """Raise ValueError if the selection is malformed for ``seq_q`` queries / ``seq_k`` keys.
-
-        Checks shapes and dtypes, R == ceil(seq_q / query_block), 0 <= counts <= Kmax, live entries
-        in [0, ceil(seq_k / block_size)), padding entries == -1, no duplicate key in a row, and
-        (causal) that key unit u of row r starts at or before the row's last query position:
-        u * block_size <= min((r + 1) * query_block, seq_q) - 1 + (seq_k - seq_q) (queries are the
-        last seq_q of the seq_k positions, as with a KV cache).
-        """
-        idx, counts = self.idx, self.counts
-        if idx.dim() != 4:
-            raise ValueError(f"idx must be [B, Hsel, R, Kmax], got shape {tuple(idx.shape)}")
-        b, h, r, k = idx.shape
-        if counts.shape != (b, h, r):
-            raise ValueError(f"counts must have shape {(b, h, r)}, got {tuple(counts.shape)}")
-        if idx.dtype != torch.int32 or counts.dtype != torch.int32:
-            raise ValueError(f"idx and counts must be int32, got {idx.dtype} and {counts.dtype}")
-        for name, value in (("block_size", self.block_size), ("query_block", self.query_block)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is outside [1, inf)")
-        if seq_q < 0 or seq_k < 0:
-            raise ValueError(f"seq_q={seq_q} and seq_k={seq_k} must be >= 0")
-        if causal and seq_k < seq_q:
-            raise ValueError(f"causal selection needs seq_k >= seq_q, got seq_q={seq_q} seq_k={seq_k}")
-        n_rows = -(-seq_q // self.query_block)
-        if r != n_rows:
-            raise ValueError(
-                f"idx has R={r} rows but seq_q={seq_q} with query_block={self.query_block} needs {n_rows}"
-            )
-        n_units = -(-seq_k // self.block_size)
-
-        def fail(bad: torch.Tensor, what: str) -> None:
-            if bool(bad.any()):
-                loc = tuple(bad.nonzero()[0].tolist())
-                raise ValueError(f"{what} at (b, head, row[, slot]) = {loc}")
-
-        fail((counts < 0) | (counts > k), f"counts outside [0, Kmax={k}]")
-        live = torch.arange(k, device=idx.device) < counts[..., None]
-        fail(live & ((idx < 0) | (idx >= n_units)), f"index outside [0, n_key_units={n_units})")
-        fail(~live & (idx != -1), "padding entry (slot >= count) is not -1")
-        if causal:
-            rows = torch.arange(r, device=idx.device)
-            last_q = ((rows + 1) * self.query_block).clamp(max=seq_q) - 1 + (seq_k - seq_q)
-            fail(live & (idx.long() * self.block_size > last_q[:, None]), "acausal index (beyond its row's last query)")
-        keys = torch.where(live, idx.long(), _INT64_MAX).sort(dim=-1).values
-        dup = (keys[..., 1:] == keys[..., :-1]) & (keys[..., 1:] != _INT64_MAX)
-        fail(dup, "duplicate index in a row")
 
 
 def _sortable_int(x: torch.Tensor) -> torch.Tensor:
@@ -250,6 +175,15 @@ def stem_select(
     )
 
 
+def candidates_by_index(cand_idx: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates in ascending key order, padding last: cand_idx [..., K] (-1 anywhere) and their
+    scores [..., K] -> (int32 indices ascending then -1, the scores in the same order). Put first,
+    the ranking's stable sorts break ties by the smaller key index (the project's tie rule)."""
+    big = torch.iinfo(torch.int32).max
+    order = torch.where(cand_idx >= 0, cand_idx.to(torch.int32), big).sort(dim=-1)
+    return torch.where(order.values == big, -1, order.values), scores.gather(-1, order.indices)
+
+
 def truncate_by_score(
     cand_idx: torch.Tensor,
     oam_scores: torch.Tensor,
@@ -258,24 +192,26 @@ def truncate_by_score(
     block_size: int = 1,
     query_block: int = 1,
 ) -> Selection:
-    """Fast path of `stem_select` for selections without forced keys (DSA): two sorts per row.
+    """Fast path of `stem_select` for candidates without forced keys (DSA): three sorts per row.
 
-    cand_idx [B, Hsel, R, Kc] (-1 padded, no duplicates, as the native top-k returns them),
-    oam_scores [B, Hsel, R, Kc] (native score + OAM bias; -inf / NaN where padded), budgets [R].
-    Keeps the budgets[r] best candidates of each row by OAM score (ties: the earlier candidate in
-    the given order, i.e. the native order) and returns them ascending by position. Same set as
-    `stem_select` whenever the scores of a row are distinct.
+    cand_idx [B, Hsel, R, Kc] (-1 padded, no duplicates, as a native top-k returns them),
+    oam_scores [B, Hsel, R, Kc] (native score + OAM bias; -inf / NaN where padded), budgets [R] or
+    [B, Hsel, R]. Keeps the budgets[r] best candidates of each row by OAM score and returns them
+    ascending by position. Ties go to the smaller key index (the candidates are put in index order
+    first, then stably sorted by score), the rule of `stem_select`, so both give the same set.
     """
     B, H, R, K = cand_idx.shape
-    valid = cand_idx >= 0
-    key = torch.where(valid, torch.nan_to_num(oam_scores.float(), nan=float("-inf")), float("-inf"))
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
-    ranked = cand_idx.gather(-1, order)
-    ranked_valid = valid.gather(-1, order)
-    budgets = budgets.to(cand_idx.device).view(1, 1, R, 1) if budgets.dim() == 1 else budgets.unsqueeze(-1)
-    keep = ranked_valid & (torch.arange(K, device=cand_idx.device) < budgets)
     big = torch.iinfo(torch.int32).max
-    kept = torch.where(keep, ranked.to(torch.int32), big).sort(dim=-1).values
+    cand_sorted, key = candidates_by_index(cand_idx, oam_scores.float())
+    valid = cand_sorted >= 0
+    key = torch.where(valid, torch.nan_to_num(key, nan=float("-inf")), float("-inf"))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    ranked = cand_sorted.gather(-1, order)
+    ranked_valid = valid.gather(-1, order) & (key.gather(-1, order) > float("-inf"))
+    budgets = budgets.to(cand_idx.device)
+    budgets = budgets.view(1, 1, R, 1) if budgets.dim() == 1 else budgets.unsqueeze(-1)
+    keep = ranked_valid & (torch.arange(K, device=cand_idx.device) < budgets)
+    kept = torch.where(keep, ranked, big).sort(dim=-1).values
     counts = keep.sum(-1).to(torch.int32)
     kmax = max(1, int(counts.max())) if counts.numel() else 1
     kept = kept[..., :kmax]

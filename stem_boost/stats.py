@@ -10,7 +10,7 @@ class LayerStats:
     """Attended (query, key-unit) pairs of one layer's last prefill, native vs Stem.
 
     Pairs count only the budgeted keys (forced keys such as init blocks / local windows excluded,
-    as in SPEC §3) and only causally valid ones.
+    as the reduce contract says) and only causally valid ones.
     """
 
     layer: int
@@ -23,6 +23,9 @@ class LayerStats:
     seq_len: int = 0
     budget_native: list[int] = field(default_factory=list, repr=False)  # per query row (subsampled)
     budget_stem: list[int] = field(default_factory=list, repr=False)
+    row_native_pairs: list[int] = field(default_factory=list)  # per batch row
+    row_stem_pairs: list[int] = field(default_factory=list)
+    row_alpha: list[float] = field(default_factory=list)
 
     @property
     def reduce_achieved(self) -> float:
@@ -32,12 +35,19 @@ class LayerStats:
         return dict(layer=self.layer, family=self.family, native_pairs=self.native_pairs,
                     stem_pairs=self.stem_pairs, forced_pairs=self.forced_pairs,
                     reduce_requested=self.reduce_requested, reduce_achieved=self.reduce_achieved,
-                    alpha=self.alpha, seq_len=self.seq_len)
+                    alpha=self.alpha, seq_len=self.seq_len, row_native_pairs=list(self.row_native_pairs),
+                    row_stem_pairs=list(self.row_stem_pairs), row_alpha=list(self.row_alpha))
 
 
 def summarize(layers: list[LayerStats]) -> dict:
-    """Totals over layers: pairs and the achieved reduction."""
+    """Totals over layers: pairs and the achieved reduction, for the batch and per batch row."""
     native = sum(s.native_pairs for s in layers)
     stem = sum(s.stem_pairs for s in layers)
+    n_rows = max((len(s.row_native_pairs) for s in layers), default=0)
+    rows = []
+    for b in range(n_rows):
+        nat = sum(s.row_native_pairs[b] for s in layers if b < len(s.row_native_pairs))
+        st = sum(s.row_stem_pairs[b] for s in layers if b < len(s.row_stem_pairs))
+        rows.append(dict(native_pairs=nat, stem_pairs=st, reduce_achieved=(1 - st / nat) if nat else 0.0))
     return dict(native_pairs=native, stem_pairs=stem, reduce_achieved=(1 - stem / native) if native else 0.0,
-                layers=[s.to_dict() for s in layers])
+                rows=rows, layers=[s.to_dict() for s in layers])

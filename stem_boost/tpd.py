@@ -1,4 +1,4 @@
-"""Token Position-Decay (TPD) budgets (SPEC.md section 3).
+"""Token Position-Decay (TPD) budgets (docs/design.md, "TPD").
 
 A causal decoder's early keys feed every later query in every later layer, so Stem gives early
 query rows a larger key budget than late ones:

@@ -108,11 +108,13 @@ class RemoteMiniCPMForCausalLM(nn.Module):
         self.model.norm = RemoteRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def forward(self, input_ids, past_key_values=None):
+    def forward(self, input_ids, past_key_values=None, attention_mask=None, position_ids=None):
         B, S = input_ids.shape
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        position_ids = torch.arange(past, past + S).unsqueeze(0)
-        mask = torch.ones(B, past + S, dtype=torch.long)  # the 2-D padding mask flash-attn wants
+        if position_ids is None:
+            position_ids = torch.arange(past, past + S).unsqueeze(0)
+        # the 2-D padding mask flash-attn wants
+        mask = torch.ones(B, past + S, dtype=torch.long) if attention_mask is None else attention_mask
         h = self.model.embed_tokens(input_ids) * self.config.scale_emb
         for layer in self.model.layers:
             h, past_key_values = layer(h, attention_mask=mask, position_ids=position_ids,

@@ -87,7 +87,7 @@ def _model(family: str):
 @pytest.mark.parametrize("family", ["dsa", "infllmv2"])
 def test_wrap_with_layer_reduce_cuts_each_layer_by_its_fraction(family):
     model, reduce, n = _model(family)
-    L = len(stem_boost.api._detect(model)[1])
+    L = len(stem_boost.api.detect_family(model)[1])
     lr = [reduce * 2 * i / (L - 1) for i in range(L)]  # 0 ... 2 reduce, mean reduce
     ids = torch.randint(3, 256, (1, n))
     stem_boost.wrap(model, reduce=reduce, schedule="mass", layer_reduce=lr)
@@ -113,7 +113,7 @@ def test_layer_errors_match_their_definition():
     assert torch.allclose(achieved, torch.tensor(grid, dtype=torch.float64).expand_as(achieved), atol=0.02)
     assert not stem_boost.is_wrapped(model)
     assert torch.all(err[:, 0] == 0) and torch.all(err[:, 1:] > 0)
-    _, modules = stem_boost.api._detect(model)
+    _, modules = stem_boost.api.detect_family(model)
     L = len(modules)
     layer = L - 1
     outs, resid = {}, {}

@@ -1,9 +1,10 @@
 """stem_boost.dist: tensor parallelism (TP=2 on two gloo processes, loopback only), the sharded
-checkpoint loader, init_from_env, the DeepSpeed entry point's error path, and the GPU check
-script's CPU mode (tiny dims)."""
+checkpoint loader, init_from_env, the DeepSpeed entry point's error path, and the TP check
+(`stem_boost.dist.check`) in its CPU mode (tiny dims)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -39,12 +40,17 @@ def tp2(tmp_path_factory):
     model.save_pretrained(work / "ckpt", max_shard_size="50KB")
     assert (work / "ckpt" / "model.safetensors.index.json").exists()
     n_files = len(list((work / "ckpt").glob("*.safetensors")))
-    stem_boost.wrap(model, reduce=dist_worker.REDUCE)
+    stem_boost.wrap(model, reduce=dist_worker.REDUCE, keep_selections=True)
     with torch.no_grad():
         logits = model(dist_worker.input_ids()).logits
     ref = dict(logits=logits, digest=selection_digest(model), layer_digests=layer_selection_digests(model),
                stats=stem_boost.stats(model), n_files=n_files)
-    mp.spawn(dist_worker.run, args=(2, _free_port(), str(work)), nprocs=2, join=True)
+    try:
+        mp.spawn(dist_worker.run, args=(2, _free_port(), str(work)), nprocs=2, join=True)
+    except mp.ProcessExitedException as exc:  # name what each rank reported before it died
+        saved = {r: torch.load(work / f"rank{r}.pt", weights_only=False).get("error", "no error")
+                 for r in range(2) if (work / f"rank{r}.pt").exists()}
+        raise AssertionError(f"{exc}; results saved by the ranks: {saved}") from exc
     ranks = [torch.load(work / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for r, out in enumerate(ranks):
         assert "error" not in out, f"rank {r}: {out['error']}"
@@ -169,11 +175,12 @@ def test_init_deepspeed_tp_without_deepspeed(monkeypatch):
 
 
 @pytest.mark.slow
-def test_gpu_dist_check_script_cpu_mode(tmp_path):
-    """scripts/gpu_dist_check.sh with STEM_DIST_CPU=1: tiny dims, gloo, torchrun on 127.0.0.1."""
-    env = dict(os.environ, STEM_DIST_CPU="1", STEM_DIST_OUT=str(tmp_path), PYTHON=sys.executable,
-               MASTER_PORT=str(_free_port()))
-    res = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_dist_check.sh")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+def test_dist_check_cpu_mode(tmp_path):
+    """python -m stem_boost.dist.check --cpu: tiny dims, gloo, two torchrun ranks on 127.0.0.1."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "stem_boost.dist.check", "--cpu", "--launcher", "torchrun", "--out", str(tmp_path),
+           "--port", str(_free_port())]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "DIST CHECK PASSED" in res.stdout
+    assert json.loads((tmp_path / "dist_check.json").read_text())["failures"] == []

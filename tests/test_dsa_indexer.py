@@ -15,7 +15,8 @@ import random
 import pytest
 import torch
 
-from stem_boost.adapters import dsa_indexer as dsa
+from stem_boost.compat import cache_argument
+from stem_boost.native import dsa_indexer as dsa
 
 try:  # tests/ may or may not become a package
     from .dsa_tiny import BUILDERS, indexers, save_and_reload
@@ -57,7 +58,7 @@ class Recorder:
 
     def _pre(self, layer_idx):
         def hook(module, args, kwargs):
-            pkv = kwargs.get("past_key_values")
+            pkv = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers >= 5.24: cache=
             snap = copy.deepcopy(pkv.layers[layer_idx]) if pkv is not None else None
             self.calls.setdefault(layer_idx, []).append(
                 dict(args=tuple(a.clone() if torch.is_tensor(a) else a for a in args), snapshot=snap, cached=pkv is not None)
@@ -288,6 +289,7 @@ def test_patched_model_same_logits(tiny_models, family):
         originals.append((ix, ix.forward))
 
         def fwd(*a, _ix=ix, **k):
+            k["past_key_values"] = cache_argument(k.get("past_key_values"), k)  # transformers >= 5.24: cache=
             return dsa.dsa_indexer_topk(_ix, *a, max_bytes=1, **k).as_native_indices()
 
         ix.forward = fwd
@@ -389,6 +391,29 @@ def test_no_mask_is_causal():
     assert (c.indices[:, 5:] >= 0).all()
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the radix select runs under the interpreter on CPUs")
+def test_radix_topk_equals_the_position_tie_topk():
+    """The GPU's radix select (`kernels.dsa_topk.topk_rows`, here under the interpreter; and its
+    sampled method) keeps the same keys and scores as the exact position-tie top-k, with ties, a
+    padding mask and a causal tail."""
+    g = torch.Generator().manual_seed(_fresh_seed())
+    B, S, P, H, D = 2, 9, 4, 2, 8
+    T = S + P
+    q = torch.randn(B, S, H, D, generator=g)
+    k = torch.randn(B, T, D, generator=g)
+    k[:, 3:6] = k[:, 2:3]  # equal keys: tied scores
+    w = torch.randn(B, S, H, generator=g)
+    pad = torch.ones(B, T, dtype=torch.bool)
+    pad[1, :3] = False
+    for mask, method in ((None, "radix"), (pad, "radix"), (None, "sampled"), (pad, "sampled")):
+        want = dsa.chunked_index_topk(q, k, w, mask, 5, 0.3, chunk_rows=4, radix_topk=False)
+        got = dsa.chunked_index_topk(q, k, w, mask, 5, 0.3, chunk_rows=4, radix_topk=True, topk_method=method)
+        for b in range(B):
+            for s in range(S):
+                pairs = lambda t: sorted((int(i), float(v)) for i, v in zip(t.indices[b, s], t.scores[b, s]) if i >= 0)
+                assert pairs(got) == pairs(want), (b, s, mask is None, method)
+
+
 def test_chunk_rows_for_budget():
     assert dsa.chunk_rows_for_budget(1, 64, 131072, dsa.DEFAULT_MAX_BYTES) == 7  # 128K keys, 64 heads
     assert dsa.chunk_rows_for_budget(2, 4, 40, 1) == 1
@@ -450,3 +475,79 @@ def test_budget_bounds_largest_tensor():
         assert mode.peak <= max(budget, out_bytes), (budget, mode.peak)
     full = dsa.chunked_index_topk(q, k, w, mask, 16, 0.25, chunk_rows=S)
     assert torch.equal(small.indices, full.indices)
+
+
+@pytest.mark.parametrize("rope_first", [True, False])
+def test_with_rotated_part_equals_the_concatenation_with_and_without_autograd(rope_first):
+    """The indexer's rope channels replaced in place (inference) or by concatenation (autograd, as in
+    the indexer's training): the same tensor as the native [rot | pass] / [pass | rot] either way,
+    and gradients flow through the concatenation."""
+    B, S, H, D, R = 2, 5, 3, 16, 4
+    rope_slice = slice(0, R) if rope_first else slice(D - R, D)
+    x = torch.randn(B, S, H, D)
+    x_rot = torch.randn(B, S, H, R)
+    x_pass = x[..., R:] if rope_first else x[..., : D - R]
+    want = torch.cat([x_rot, x_pass] if rope_first else [x_pass, x_rot], dim=-1)
+    with torch.no_grad():
+        got = dsa.with_rotated_part(x.clone(), x_rot, rope_slice)
+    assert torch.equal(got, want)
+    leaf = x.clone().requires_grad_(True)
+    out = dsa.with_rotated_part(leaf, x_rot, rope_slice)
+    assert torch.equal(out.detach(), want)
+    out.sum().backward()
+    keep = torch.ones(D)
+    keep[rope_slice] = 0  # the rotated channels do not come from x
+    assert torch.equal(leaf.grad, keep.expand_as(x))
+
+
+def test_fp8_indexer_on_the_cpu_keeps_the_top_k_of_the_quantised_definition():
+    """score_dtype="fp8" on the CPU: the FP8 kernel's quantised operands (Hadamard rotation, e4m3 per
+    row) in fp32, whose top-k equals that of the fp64 definition (`fp8_index_scores_reference`),
+    causal, across query chunks, with the position tie rule; and it differs from the fp32 indexer's
+    scores by the quantisation, not by nothing."""
+    from stem_boost.kernels.indexer_scores import fp8_index_scores_reference
+
+    B, S, H, D, topk = 2, 24, 4, 32, 7
+    q, k = torch.randn(B, S, H, D), torch.randn(B, S, D)
+    w = torch.rand(B, S, H)
+    got = dsa.chunked_index_topk(q, k, w, None, topk, 0.3, score_dtype="fp8", chunk_rows=5)
+    ref = fp8_index_scores_reference(q, k, w, 0.3)  # [B, S, T] fp64
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    ref = ref.masked_fill(~causal, float("-inf"))
+    for b in range(B):
+        for s in range(S):
+            n = min(topk, s + 1)
+            want = set(torch.topk(ref[b, s], n).indices.tolist())
+            assert set(got.indices[b, s, :n].tolist()) == want
+            assert (got.indices[b, s, n:] == -1).all()
+            torch.testing.assert_close(got.scores[b, s, :n].double().sort().values,
+                                       ref[b, s, sorted(want)].sort().values, rtol=1e-5, atol=1e-5)
+    exact = dsa.chunked_index_topk(q, k, w, None, topk, 0.3)
+    assert not torch.allclose(got.scores, exact.scores)
+
+
+def test_fp8_indexer_names_the_head_dims_it_takes():
+    """An indexer head dim the FP8 scorer cannot take (FP8 MMA needs K >= 32; one e4m3 block per row
+    of at most 128) is refused with the allowed dims, on every device alike."""
+    q, k, w = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 16), torch.rand(1, 8, 2)
+    with pytest.raises(ValueError, match=r"head dims \(32, 64, 128\); got 16"):
+        dsa.chunked_index_topk(q, k, w, None, 4, 0.3, score_dtype="fp8")
+
+
+@pytest.mark.parametrize("capability, head_dim, want", [
+    ((9, 0), 128, "fp8"),        # Hopper, DeepSeek-V3.2's indexer
+    ((8, 9), 64, "fp8"),         # Ada
+    ((9, 0), 16, "bfloat16"),    # a head dim the FP8 scorer cannot take
+    ((8, 0), 128, "bfloat16"),   # Ampere: no FP8 tensor cores
+])
+def test_auto_indexer_dtype_follows_the_gpu_and_the_head_dim(monkeypatch, capability, head_dim, want):
+    """indexer_dtype="auto": fp8 where the GPU has FP8 tensor cores and the scorer takes the head dim,
+    bfloat16 on other GPUs, float32 on the CPU; an explicit dtype is kept as given."""
+    from stem_boost.config import StemConfig
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda", 0)
+    assert StemConfig().indexer_dtype_on(cuda, head_dim) == want
+    assert StemConfig().indexer_dtype_on(torch.device("cpu"), head_dim) == "float32"
+    assert StemConfig(indexer_dtype="float32").indexer_dtype_on(cuda, head_dim) == "float32"
+    assert StemConfig().indexer_score_dtype(cuda, head_dim) == ("fp8" if want == "fp8" else torch.bfloat16)

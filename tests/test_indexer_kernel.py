@@ -32,3 +32,57 @@ def test_fused_index_scores_match_unfused(B, S, T, H, D, scale, causal):
         assert torch.all(out[:, ~visible] == float("-inf"))
         out, ref = out[:, visible], ref[:, visible]
     assert float((out.double() - ref).norm() / ref.norm()) < 1e-4
+
+
+def _seeded() -> int:
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    print(f"seed={seed}")
+    torch.manual_seed(seed)
+    return seed
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+def test_fp8_index_scores_match_quantised_definition(rotate):
+    """The FP8 kernel computes exactly the PyTorch definition on the same quantised operands."""
+    from stem_boost.kernels.indexer_scores import fp8_index_scores, fp8_index_scores_reference
+
+    seed = _seeded()
+    B, S, T, H, D = 2, 21, 40, 3, 32
+    q, k, w = torch.randn(B, S, H, D), torch.randn(B, T, D), torch.randn(B, S, H)
+    ref = fp8_index_scores_reference(q, k, w, 0.3, rotate=rotate)
+    offset = T - S
+    out = fp8_index_scores(q, k, w, 0.3, causal_offset=offset, block_s=16, block_t=16, rotate=rotate,
+                           heads_per_step=1)
+    visible = torch.arange(T)[None, :] <= torch.arange(S)[:, None] + offset
+    assert torch.all(out[:, ~visible] == float("-inf")), f"seed={seed}"
+    err = float((out[:, visible].double() - ref[:, visible]).norm() / ref[:, visible].norm())
+    assert err < 1e-5, f"seed={seed} rel err {err}"
+
+
+def test_fp8_index_scores_near_exact_and_rotation_preserves_dots():
+    from stem_boost.kernels.indexer_scores import fp8_index_scores, hadamard_matrix
+
+    seed = _seeded()
+    h = hadamard_matrix(64)
+    torch.testing.assert_close(h @ h.T, torch.eye(64), atol=1e-6, rtol=0)
+    B, S, T, H, D = 1, 16, 64, 4, 64
+    q, k, w = torch.randn(B, S, H, D), torch.randn(B, T, D), torch.rand(B, S, H)
+    q[..., 3] *= 20  # an outlier channel: what the rotation is for
+    per_head = torch.relu(torch.einsum("bshd,btd->bsht", q.double(), k.double()))
+    exact = torch.einsum("bsh,bsht->bst", w.double(), per_head)
+    out = fp8_index_scores(q, k, w, None, block_s=16, block_t=16)
+    err = float((out.double() - exact).norm() / exact.norm())
+    assert err < 0.05, f"seed={seed} rel err {err}"
+
+
+def test_unwritten_masked_tiles():
+    """write_masked=False: tiles wholly after the diagonal are not written; the rest is unchanged."""
+    from stem_boost.kernels.indexer_scores import fused_index_scores
+
+    seed = _seeded()
+    q, k, w = torch.randn(1, 32, 4, 16), torch.randn(1, 64, 16), torch.randn(1, 32, 4)
+    full = fused_index_scores(q, k, w, 0.5, causal_offset=0, block_s=16, block_t=16, heads_per_step=4)
+    part = fused_index_scores(q, k, w, 0.5, causal_offset=0, block_s=16, block_t=16, write_masked=False,
+                              heads_per_step=2)
+    visible = torch.arange(64)[None, :] <= torch.arange(32)[:, None]
+    assert torch.equal(part[:, visible], full[:, visible]), f"seed={seed}"

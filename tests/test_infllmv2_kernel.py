@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed 
 @pytest.mark.parametrize("B,Hk,G,C,K1,K2,D", [(1, 2, 2, 20, 37, 9, 16), (2, 1, 4, 33, 70, 17, 32)])
 def test_fused_stage1_matches_definition(B, Hk, G, C, K1, K2, D):
     from stem_boost.kernels.infllmv2_scores import fused_stage1_scores
-    from stem_boost.models.minicpm4.infllmv2 import _group_compressed_scores
+    from stem_boost.native.infllmv2 import _group_compressed_scores
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q = torch.randn(B, Hk * G, C, D, device=device)
@@ -32,3 +32,255 @@ def test_fused_stage1_matches_definition(B, Hk, G, C, K1, K2, D):
     assert out.shape == ref.shape
     assert torch.all(out[..., : C // 4, :] == 0)
     assert float((out.double() - ref).norm() / ref.norm()) < 1e-4
+
+
+# ---------------------------------------------------------------------------- union tiles (stage 2)
+def _sorted_lists(B, H, S, T, block_size, kmax, q_offset, causal, gen):
+    """Random per-token block lists, ascending, -1 padded; some rows empty; shared runs of tokens."""
+    nb = -(-T // block_size)
+    idx = torch.full((B, H, S, kmax), -1, dtype=torch.int32)
+    counts = torch.zeros(B, H, S, dtype=torch.int32)
+    for b in range(B):
+        for h in range(H):
+            prev = None
+            for s in range(S):
+                n_valid = min(nb, (s + q_offset) // block_size + 1) if causal else nb
+                if prev is not None and int(torch.randint(0, 3, (1,), generator=gen)) == 0:
+                    blocks = prev[prev < n_valid]  # the neighbour's list (unions stay small)
+                else:
+                    n = int(torch.randint(0, min(kmax, n_valid) + 1, (1,), generator=gen))
+                    blocks = torch.randperm(n_valid, generator=gen)[:n].sort().values
+                if s % 11 == 5:
+                    blocks = blocks[:0]
+                prev = blocks
+                idx[b, h, s, : blocks.numel()] = blocks.to(torch.int32)
+                counts[b, h, s] = blocks.numel()
+    return idx, counts
+
+
+def _reference(q, k, v, idx, counts, block_size, q_offset, causal):
+    import inspect
+
+    from stem_boost.kernels import sparse_attention_reference
+
+    kw = dict(causal=causal, return_lse=True)
+    if "selection" in inspect.signature(sparse_attention_reference).parameters:
+        from stem_boost.selection import Selection
+
+        sel = Selection(idx=idx, counts=counts, block_size=block_size, query_block=1, q_offset=q_offset)
+        return sparse_attention_reference(q, k, v, sel, **kw)
+    return sparse_attention_reference(q, k, v, idx, counts, block_size=block_size, q_offset=q_offset, **kw)
+
+
+@pytest.mark.parametrize("qt", [1, 3, 8])
+def test_union_lists_match_definition(qt):
+    from stem_boost.kernels.block_union import union_block_lists, union_block_lists_torch
+
+    seed = 1500 + qt
+    gen = torch.Generator().manual_seed(seed)
+    idx, counts = _sorted_lists(2, 2, 23, 200, 16, 6, 177, True, gen)
+    uidx, umask, ucount = union_block_lists(idx, counts, qt)
+    ridx, rmask, rcount = union_block_lists_torch(idx, counts, qt)
+    assert torch.equal(ucount, rcount), f"seed {seed}"
+    live = torch.arange(uidx.shape[-1]) < ucount.unsqueeze(-1)
+    assert torch.equal(torch.where(live, uidx, -1), ridx[..., : uidx.shape[-1]]), f"seed {seed}"
+    assert torch.equal(torch.where(live, umask, 0), rmask[..., : uidx.shape[-1]]), f"seed {seed}"
+
+
+@pytest.mark.parametrize(
+    "B,S,T,Hkv,G,Hsel,D,block_size,qt,dtype,causal",
+    [
+        (1, 37, 37, 2, 16, 2, 32, 16, 4, torch.float32, True),    # MiniCPM-like group, fresh prefill
+        (2, 29, 180, 2, 6, 2, 32, 16, None, torch.float32, True),  # G = 6: 10 tokens x 6 heads = 60 rows
+        (1, 33, 100, 3, 3, 1, 16, 32, 5, torch.float32, True),    # shared selection head, q_offset > 0
+        (1, 26, 90, 1, 1, 1, 32, 16, 8, torch.bfloat16, True),    # G = 1, bf16
+        (1, 21, 70, 2, 4, 2, 32, 16, 3, torch.float32, False),    # not causal
+        (1, 40, 200, 1, 2, 1, 32, 64, 4, torch.float32, True),    # blocks of 64 (SUB steps)
+    ],
+)
+def test_block_union_attention_matches_reference(B, S, T, Hkv, G, Hsel, D, block_size, qt, dtype, causal):
+    from stem_boost.kernels.block_union import block_union_attention
+
+    seed = 2026 + S * 7 + G
+    gen = torch.Generator().manual_seed(seed)
+    q_offset = T - S
+    idx, counts = _sorted_lists(B, Hsel, S, T, block_size, 5, q_offset, causal, gen)
+    q = torch.randn(B, S, Hkv * G, D, generator=gen).to(dtype)
+    k = torch.randn(B, T, Hkv, D, generator=gen).to(dtype)
+    v = torch.randn(B, T, Hkv, D, generator=gen).to(dtype)
+    out, lse = block_union_attention(q, k, v, idx, counts, block_size=block_size, q_offset=q_offset, causal=causal,
+                                     return_lse=True, tokens_per_tile=qt)
+    ref, ref_lse = _reference(q.double(), k.double(), v.double(), idx, counts, block_size, q_offset, causal)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert float((out.double() - ref).norm() / ref.norm()) < tol, f"seed {seed}"
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse)), f"seed {seed}: rows with no keys must give lse = -inf"
+    assert float((lse.double() - ref_lse)[finite].abs().max()) < (1e-4 if dtype == torch.float32 else 2e-2), f"seed {seed}"
+    empty = ~finite  # [B, Hq, S]
+    assert torch.all(out.permute(0, 2, 1, 3)[empty] == 0), f"seed {seed}: empty rows give zeros"
+
+
+# ---------------------------------------------------------------------------- fused selection
+def _small_params(**kw):
+    from stem_boost.native.infllmv2 import InfLLMv2Params
+
+    base = dict(kernel_size=16, kernel_stride=8, init_blocks=1, block_size=32, window_size=64, topk=5, dense_len=0)
+    base.update(kw)
+    return InfLLMv2Params(**base)
+
+
+@pytest.mark.parametrize("stem,fuse_topk", [(False, True), (True, True), (True, False)])
+def test_fused_selection_equals_pytorch_selection(stem, fuse_topk):
+    """Native and Stem (OAM bias + per-row budgets) selections, two chunks, fp32: exact (two and
+    three launches per chunk)."""
+    from stem_boost.kernels.infllmv2_select import infllmv2_select_fused
+    from stem_boost.native.infllmv2 import infllmv2_select
+
+    seed = 31 + stem + 2 * fuse_topk
+    gen = torch.Generator().manual_seed(seed)
+    p = _small_params()
+    B, Hk, G, D, T = 2, 2, 2, 16, 200
+    q = torch.randn(B, Hk * G, T, D, generator=gen)
+    k = torch.randn(B, Hk, T, D, generator=gen)
+    kw, ref_kw = {}, {}
+    if stem:
+        bias = 0.3 * torch.randn(B, Hk, -(-T // 32), generator=gen)
+        budgets = torch.randint(0, 5, (B, T), generator=gen)
+        kw = dict(key_bias=bias, budgets=budgets)
+        ref_kw = dict(key_bias=bias, k_free=budgets.unsqueeze(1).expand(B, Hk, T))
+    idx, counts, n_forced = infllmv2_select_fused(q, k, p, chunk_size=128, fuse_topk=fuse_topk, **kw)
+    ref = infllmv2_select(q, k, p, chunk_size=128, **ref_kw)
+    assert torch.equal(counts, ref.counts), f"seed {seed}"
+    km = max(idx.shape[-1], ref.idx.shape[-1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, km - t.shape[-1]), value=-1)  # noqa: E731
+    assert torch.equal(pad(idx), pad(ref.idx)), f"seed {seed}"
+    assert torch.equal(n_forced, ref.forced.sum(-1).to(torch.int32)), f"seed {seed}"
+
+
+def test_fused_selection_left_padding_equals_unpadded_row():
+    """seq_start a multiple of the coarse stride: the padded row selects what the row alone selects
+    (no offset quirk), shifted by seq_start / block_size blocks; padding keys never matter."""
+    from stem_boost.kernels.infllmv2_select import infllmv2_select_fused
+    from stem_boost.native.infllmv2 import infllmv2_select
+
+    seed = 47
+    gen = torch.Generator().manual_seed(seed)
+    p = _small_params()
+    B, Hk, G, D, T, pad = 2, 1, 3, 16, 200, 64  # G = 3: the per-head coarse kernel
+    q = torch.randn(B, Hk * G, T, D, generator=gen)
+    k = torch.randn(B, Hk, T, D, generator=gen)
+    k[1, :, :pad] = 100.0 * torch.randn(Hk, pad, D, generator=gen)  # padding keys: never visible
+    seq_start = torch.tensor([0, pad], dtype=torch.int32)
+    idx, counts, _ = infllmv2_select_fused(q, k, p, chunk_size=96, seq_start=seq_start, emulate_kernel_offset=False)
+    alone = infllmv2_select(q[1:, :, pad:], k[1:, :, pad:], p, chunk_size=96, emulate_kernel_offset=False)
+    shifted = torch.where(alone.idx[0] >= 0, alone.idx[0] + pad // 32, -1)
+    km = min(shifted.shape[-1], idx.shape[-1])
+    assert torch.equal(counts[1, :, pad:], alone.counts[0]), f"seed {seed}"
+    assert torch.equal(idx[1, :, pad:, :km], shifted[..., :km]), f"seed {seed}"
+    row0 = infllmv2_select(q[:1], k[:1], p, chunk_size=96, emulate_kernel_offset=False)
+    assert torch.equal(counts[0], row0.counts[0]), f"seed {seed}"
+
+
+def test_block_topk_ties_and_budgets():
+    """The top-k kernel alone on scores with many exact ties, -inf and NaN: the `topk_blocks` rule."""
+    from stem_boost.kernels.infllmv2_select import block_topk
+    from stem_boost.native.infllmv2 import topk_blocks
+
+    seed = 5
+    gen = torch.Generator().manual_seed(seed)
+    B, Hk, C, NB, bs = 2, 2, 40, 37, 16
+    q_pos0 = NB * bs - C - 3
+    scores = torch.randint(0, 4, (B, Hk, C, NB), generator=gen).float() / 4  # many ties
+    scores[scores == 0.75] = float("-inf")
+    scores[..., 5] = float("nan")
+    budgets = torch.randint(0, 9, (B, Hk, C), generator=gen)
+    qb = (torch.arange(C) + q_pos0) // bs
+    blk = torch.arange(NB)
+    cand = blk[None] <= qb[:, None]
+    forced = cand & ((blk[None] < 2) | (blk[None] >= qb[:, None] - 3))
+    idx, counts, n_forced = block_topk(scores, q_pos0=q_pos0, block_size=bs, init_blocks=2, local_blocks=3,
+                                       k_total=12, budgets=budgets, kmax=NB)
+    ref_idx, _, _, ref_counts = topk_blocks(scores, forced, cand, k_free=budgets)
+    assert torch.equal(counts, ref_counts), f"seed {seed}"
+    assert torch.equal(idx[..., : ref_idx.shape[-1]], ref_idx), f"seed {seed}"
+    assert torch.all(idx[..., ref_idx.shape[-1]:] == -1), f"seed {seed}"
+
+
+@pytest.mark.parametrize("query_block,qt", [(8, 4), (8, 3), (16, 16)])
+def test_block_union_rows_of_several_tokens(query_block, qt):
+    """Selections with one row per query_block tokens: the row walk (QT | query_block) and the union
+    over rows (otherwise) both equal the reference."""
+    from stem_boost.kernels.block_union import block_union_attention, union_block_lists, union_block_lists_torch
+
+    seed = 600 + query_block + qt
+    gen = torch.Generator().manual_seed(seed)
+    B, S, T, Hkv, G, D, bs = 1, 45, 120, 2, 4, 16, 16
+    R = -(-S // query_block)
+    offset = T - S
+    idx = torch.full((B, Hkv, R, 5), -1, dtype=torch.int32)
+    counts = torch.zeros(B, Hkv, R, dtype=torch.int32)
+    for h in range(Hkv):
+        for r in range(R):
+            last = min(S - 1, r * query_block + query_block - 1) + offset
+            n_valid = last // bs + 1
+            n = int(torch.randint(0, min(5, n_valid) + 1, (1,), generator=gen))
+            idx[0, h, r, :n] = torch.randperm(n_valid, generator=gen)[:n].sort().values.to(torch.int32)
+            counts[0, h, r] = n
+    q = torch.randn(B, S, Hkv * G, D, generator=gen)
+    k = torch.randn(B, T, Hkv, D, generator=gen)
+    v = torch.randn(B, T, Hkv, D, generator=gen)
+    out = block_union_attention(q, k, v, idx, counts, block_size=bs, query_block=query_block, tokens_per_tile=qt)
+    rows = torch.arange(S) // query_block
+    ref, _ = _reference(q.double(), k.double(), v.double(), idx[:, :, rows].contiguous(), counts[:, :, rows].contiguous(),
+                        bs, offset, True)
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-5, f"seed {seed}"
+    u = union_block_lists(idx, counts, qt, query_block=query_block, seq_q=S)
+    r_ = union_block_lists_torch(idx, counts, qt, query_block=query_block, seq_q=S)
+    assert torch.equal(u[2], r_[2]), f"seed {seed}"
+
+
+@pytest.mark.parametrize("n_queries", [1, 40])
+def test_fused_selection_with_a_cache_equals_pytorch(n_queries):
+    """Decode (one query) and a prefill chunk after a cache: the fused selection (interpreter) keeps
+    the blocks of the PyTorch definition."""
+    from stem_boost.native.infllmv2 import InfLLMv2Params, infllmv2_select
+
+    p = InfLLMv2Params.from_sparse_config(dict(kernel_size=16, kernel_stride=8, init_blocks=1, block_size=32,
+                                               window_size=128, topk=16, use_nope=False, dense_len=512))
+    T = int(torch.randint(600, 1100, (1,)))
+    q, k = torch.randn(1, 8, n_queries, 16), torch.randn(1, 2, T, 16)
+    want = infllmv2_select(q, k, p, q_offset=T - n_queries, use_fused=False, score_dtype=None)
+    got = infllmv2_select(q, k, p, q_offset=T - n_queries, use_fused=True)
+    assert torch.equal(got.counts, want.counts)
+    for h in range(2):
+        for s in range(n_queries):
+            assert set(got.idx[0, h, s].tolist()) - {-1} == set(want.idx[0, h, s].tolist()) - {-1}, (h, s, T)
+
+
+def test_mass_schedule_in_the_fused_selection_equals_pytorch(seed):
+    """Stem's mass schedule (budgets from each chunk's pooled scores) through the fused selection
+    (`chunk_budgets`: three launches per chunk) selects the blocks of the PyTorch path, fp32, with
+    the OAM bias (the native ranking is the bias-free case of the same kernel code)."""
+    from stem_boost.adapters.infllmv2 import mass_free_budgets
+    from stem_boost.native.infllmv2 import infllmv2_select
+
+    gen = torch.Generator().manual_seed(seed)
+    p = _small_params()
+    B, Hk, G, D, T = 2, 1, 2, 16, 200
+    q = torch.randn(B, Hk * G, T, D, generator=gen)
+    k = torch.randn(B, Hk, T, D, generator=gen)
+    q_block = torch.arange(T) // p.block_size
+    n_forced = p.init_blocks + p.local_blocks + 1
+    native_free = torch.clamp(q_block + 1 - n_forced, min=0).clamp(max=p.k_total(T) - n_forced)
+    bias = 0.3 * torch.randn(B, Hk, -(-T // p.block_size), generator=gen)
+    kw = dict(chunk_size=112, key_bias=bias, free_budget_fn=mass_free_budgets(native_free, 0.3))
+    fused = infllmv2_select(q, k, p, use_fused=True, **kw)
+    ref = infllmv2_select(q, k, p, use_fused=False, **kw)
+    assert torch.equal(fused.counts, ref.counts)
+    km = max(fused.idx.shape[-1], ref.idx.shape[-1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, km - t.shape[-1]), value=-1)  # noqa: E731
+    assert torch.equal(pad(fused.idx), pad(ref.idx))
+    # the cut happened: fewer free blocks than the native selection, at most the native count per row
+    native = infllmv2_select(q, k, p, use_fused=False, chunk_size=112)
+    assert 0 < int(fused.counts.sum()) < int(native.counts.sum())
+    assert bool((fused.counts <= native.counts).all())

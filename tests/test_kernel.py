@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from stem_boost.kernels import HAS_TRITON, sparse_attention, sparse_attention_reference
+from stem_boost.selection import Selection
 from tests.kernel_inputs import random_qkv, random_selection
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,9 +27,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def oracle(q, k, v, idx, counts, **kw):
+def oracle(q, k, v, selection, **kw):
     """The reference evaluated in float64."""
-    return sparse_attention_reference(q.double(), k.double(), v.double(), idx, counts, **kw)
+    return sparse_attention_reference(q.double(), k.double(), v.double(), selection, **kw)
+
+
+def kernel(q, k, v, selection, **kw):
+    """The Triton executor (CUDA, or the interpreter on the CPU)."""
+    return sparse_attention(q, k, v, selection, backend="triton", **kw)
 
 
 CASES = [
@@ -51,8 +57,9 @@ def test_kernel_matches_reference(case, dtype, tol):
     q, k, v = random_qkv(B, S, T, Hq, Hkv, Dqk, Dv, dtype, DEVICE)
     kmax = -(-T // bs) + 2  # room for ragged rows; tail stays -1
     idx, counts = random_selection(B, Hsel, S, T, block_size=bs, query_block=qb, kmax=kmax, device=DEVICE)
-    out, lse = sparse_attention(q, k, v, idx, counts, block_size=bs, query_block=qb, return_lse=True)
-    ref, ref_lse = oracle(q, k, v, idx, counts, block_size=bs, query_block=qb, return_lse=True)
+    sel = Selection(idx, counts, block_size=bs, query_block=qb)
+    out, lse = kernel(q, k, v, sel, return_lse=True)
+    ref, ref_lse = oracle(q, k, v, sel, return_lse=True)
     assert not torch.isnan(out).any()
     nonempty = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), nonempty)
@@ -67,8 +74,8 @@ def test_mla_absorbed_shape(dtype, tol):
     B, S, T, Hq = 1, 6, 40, 16
     q, k, v = random_qkv(B, S, T, Hq, 1, 576, 512, dtype, DEVICE, mla_absorbed=True)
     idx, counts = random_selection(B, 1, S, T, block_size=1, query_block=1, kmax=24, device=DEVICE)
-    out = sparse_attention(q, k, v, idx, counts, block_size=1, sm_scale=0.1)
-    ref = oracle(q, k, v, idx, counts, block_size=1, sm_scale=0.1)
+    out = kernel(q, k, v, Selection(idx, counts, block_size=1), sm_scale=0.1)
+    ref = oracle(q, k, v, Selection(idx, counts, block_size=1), sm_scale=0.1)
     assert rel_err(out, ref) < tol
 
 
@@ -78,7 +85,7 @@ def test_full_selection_equals_dense_causal_sdpa(bs, qb):
     B, S, Hq, Hkv, D = 1, 48, 4, 2, 32
     q, k, v = random_qkv(B, S, S, Hq, Hkv, D, D, torch.float32, DEVICE)
     idx, counts = random_selection(B, Hkv, S, S, block_size=bs, query_block=qb, kmax=-(-S // bs), full=True, device=DEVICE)
-    out = sparse_attention(q, k, v, idx, counts, block_size=bs, query_block=qb)
+    out = kernel(q, k, v, Selection(idx, counts, block_size=bs, query_block=qb))
     dense = F.scaled_dot_product_attention(
         q.transpose(1, 2).double(), k.transpose(1, 2).double(), v.transpose(1, 2).double(),
         is_causal=True, enable_gqa=True,
@@ -93,7 +100,7 @@ def test_zero_counts_give_zeros_and_neg_inf_lse():
     idx, counts = random_selection(B, 1, S, S, block_size=1, query_block=1, kmax=8, device=DEVICE)
     empty = torch.rand(S, device=DEVICE) < 0.5
     counts[0, 0, empty] = 0
-    out, lse = sparse_attention(q, k, v, idx, counts, block_size=1, return_lse=True)
+    out, lse = kernel(q, k, v, Selection(idx, counts, block_size=1), return_lse=True)
     assert not torch.isnan(out).any()
     assert torch.all(out[0, empty] == 0)
     assert torch.all(lse[0, :, empty] == float("-inf"))
@@ -105,8 +112,8 @@ def test_sinks_match_reference():
     q, k, v = random_qkv(B, S, S, Hq, Hkv, D, D, torch.float32, DEVICE)
     idx, counts = random_selection(B, Hkv, S, S, block_size=1, query_block=1, kmax=10, device=DEVICE)
     sinks = torch.randn(Hq, device=DEVICE)
-    out, lse = sparse_attention(q, k, v, idx, counts, block_size=1, sinks=sinks, return_lse=True)
-    ref, ref_lse = oracle(q, k, v, idx, counts, block_size=1, sinks=sinks.double(), return_lse=True)
+    out, lse = kernel(q, k, v, Selection(idx, counts, block_size=1), sinks=sinks, return_lse=True)
+    ref, ref_lse = oracle(q, k, v, Selection(idx, counts, block_size=1), sinks=sinks.double(), return_lse=True)
     assert rel_err(out, ref) < 1e-4 and rel_err(lse, ref_lse) < 1e-4
 
 
@@ -119,8 +126,9 @@ def test_non_contiguous_inputs_are_accepted():
     vh = torch.randn(B, Hkv, S, D, device=DEVICE)
     q, k, v = (t.transpose(1, 2) for t in (qh, kh, vh))
     idx, counts = random_selection(B, 1, S, S, block_size=1, query_block=1, kmax=8, device=DEVICE)
-    out = sparse_attention(q, k, v, idx, counts, block_size=1)
-    assert rel_err(out, oracle(q, k, v, idx, counts, block_size=1)) < 1e-4
+    sel = Selection(idx, counts)
+    out = kernel(q, k, v, sel)
+    assert rel_err(out, oracle(q, k, v, sel)) < 1e-4
 
 
 def test_reference_chunking_is_exact():
@@ -128,8 +136,8 @@ def test_reference_chunking_is_exact():
     B, S, Hq, Hkv, D = 1, 37, 4, 2, 8
     q, k, v = random_qkv(B, S, S, Hq, Hkv, D, D, torch.float64)
     idx, counts = random_selection(B, Hkv, S, S, block_size=1, query_block=1, kmax=12)
-    a = sparse_attention_reference(q, k, v, idx, counts, block_size=1, chunk_size=5)
-    b = sparse_attention_reference(q, k, v, idx, counts, block_size=1, chunk_size=1000)
+    a = sparse_attention_reference(q, k, v, Selection(idx, counts), chunk_size=5)
+    b = sparse_attention_reference(q, k, v, Selection(idx, counts), chunk_size=1000)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
@@ -143,7 +151,7 @@ def _ok_inputs():
 @pytest.mark.parametrize(
     "mutate,match",
     [
-        (lambda a: a.update(q=a["q"].double()), "q.dtype"),
+        (lambda a: a.update(q=a["q"].int()), "q.dtype"),  # fp64 is allowed on the CPU (PyTorch executors)
         (lambda a: a.update(k=a["k"].half()), "share one dtype"),
         (lambda a: a.update(v=a["v"][:, :4]), "must agree"),
         (lambda a: a.update(q=a["q"][..., :8]), "head dim"),
@@ -163,8 +171,10 @@ def test_bad_inputs_raise_clear_errors(mutate, match):
     q, k, v, idx, counts = _ok_inputs()
     args = dict(q=q, k=k, v=v, idx=idx, counts=counts, block_size=1, query_block=1)
     mutate(args)
+    sel = Selection(args.pop("idx"), args.pop("counts"), block_size=args.pop("block_size"),
+                    query_block=args.pop("query_block"))
     with pytest.raises(ValueError, match=match):
-        sparse_attention(**args)
+        sparse_attention(args.pop("q"), args.pop("k"), args.pop("v"), sel, **args)
 
 
 def test_cuda_without_triton_is_a_clear_error(monkeypatch):
@@ -179,4 +189,4 @@ def test_cuda_without_triton_is_a_clear_error(monkeypatch):
     q, k, v, idx, counts = _ok_inputs()
     monkeypatch.setattr(sa, "HAS_TRITON", False)
     with pytest.raises(RuntimeError, match="install triton"):
-        sa.sparse_attention(q.as_subclass(FakeCuda), k, v, idx, counts, block_size=1)
+        sa.sparse_attention(q.as_subclass(FakeCuda), k, v, Selection(idx, counts))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from stem_boost.kernels import sparse_attention, sparse_attention_reference
+from stem_boost.selection import Selection
 from tests.kernel_inputs import random_qkv, random_selection
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -29,9 +30,9 @@ def rel_err(a, b):
 def test_gpu_kernel_matches_reference(B, S, Hq, Hkv, Dqk, Dv, bs, qb, hsel, mla, dtype, tol):
     q, k, v = random_qkv(B, S, S, Hq, Hkv, Dqk, Dv, dtype, "cuda", mla_absorbed=mla)
     idx, counts = random_selection(B, hsel, S, S, block_size=bs, query_block=qb, kmax=min(64, -(-S // bs)), device="cuda")
-    out, lse = sparse_attention(q, k, v, idx, counts, block_size=bs, query_block=qb, return_lse=True)
-    ref, ref_lse = sparse_attention_reference(q.double(), k.double(), v.double(), idx, counts,
-                                              block_size=bs, query_block=qb, return_lse=True)
+    sel = Selection(idx, counts, block_size=bs, query_block=qb)
+    out, lse = sparse_attention(q, k, v, sel, return_lse=True)
+    ref, ref_lse = sparse_attention_reference(q.double(), k.double(), v.double(), sel, return_lse=True)
     assert not torch.isnan(out).any()
     ok = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), ok)
@@ -41,7 +42,7 @@ def test_gpu_kernel_matches_reference(B, S, Hq, Hkv, Dqk, Dv, bs, qb, hsel, mla,
 
 def test_gpu_fused_infllmv2_selection_agrees_with_fp32_definition():
     """MiniCPM-4.1 sparse_config, 8K tokens: the fused bf16 stage-1 selection vs the fp32 PyTorch one."""
-    from stem_boost.models.minicpm4.infllmv2 import MINICPM41_SPARSE_CONFIG, InfLLMv2Params, infllmv2_select
+    from stem_boost.native.infllmv2 import MINICPM41_SPARSE_CONFIG, InfLLMv2Params, infllmv2_select
 
     params = InfLLMv2Params.from_sparse_config(MINICPM41_SPARSE_CONFIG)
     S = 8192

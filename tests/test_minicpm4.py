@@ -21,7 +21,7 @@ from stem_boost.models.minicpm4 import (
     iter_block_scores,
     load_minicpm4,
 )
-from stem_boost.models.minicpm4.infllmv2 import compress_keys, kernel_causal_offset, pool_block_scores
+from stem_boost.native.infllmv2 import compress_keys, kernel_causal_offset, pool_block_scores
 from stem_boost.models.minicpm4.modeling_minicpm4 import MiniCPM4RoPE
 
 from .infllmv2_naive import naive_infllmv2
@@ -152,15 +152,14 @@ def test_selection_chunking_and_compression():
     torch.testing.assert_close(pool_block_scores(s[:, :2], 3, 4, n_existing=10), torch.tensor([[2.0, 0.0, 0.0]]))
 
 
-def test_rescore_hook_and_budgets():
+def test_stem_inputs_bias_and_budgets():
+    """The selector's Stem inputs: k_free = 0 keeps the forced blocks only; a block bias with
+    k_free = 2 keeps the two best non-forced blocks by log(score) + bias (ties: lower block)."""
     params = InfLLMv2Params.from_sparse_config(SC)
-    q, k = torch.randn(1, 4, 192, 16), torch.randn(1, 2, 192, 16)
+    S = 192
+    q, k = torch.randn(1, 4, S, 16), torch.randn(1, 2, S, 16)
 
-    def only_forced(bs: BlockScores) -> BlockScores:
-        bs.k_free = torch.zeros_like(bs.q_pos)
-        return bs
-
-    sel = infllmv2_select(q, k, params, rescore=only_forced)
+    sel = infllmv2_select(q, k, params, k_free=torch.zeros(S, dtype=torch.long))
     assert sel.forced[sel.idx >= 0].all()
 
     native = infllmv2_select(q, k, params)
@@ -170,19 +169,18 @@ def test_rescore_hook_and_budgets():
     assert torch.equal(merged[..., : native.idx.shape[-1]], native.idx.sort(-1, descending=True).values)
     assert torch.isfinite(cand_scores[cand_idx >= 0]).all() and (cand_scores[cand_idx >= 0] > 0).all()
 
-    def reverse(bs: BlockScores) -> BlockScores:  # rank by minus the native score, 2 free blocks per row
-        bs.scores = -bs.scores
-        bs.k_free = torch.full_like(bs.q_pos, 2)
-        return bs
-
-    rev = infllmv2_select(q, k, params, rescore=reverse)
-    late = 150  # rows with more than 2 non-forced candidates
-    free_nat = [{int(x) for x, f in zip(native.idx[0, 0, r], native.forced[0, 0, r]) if x >= 0 and not f}
-                for r in range(late, 192)]
-    free_rev = [{int(x) for x, f in zip(rev.idx[0, 0, r], rev.forced[0, 0, r]) if x >= 0 and not f}
-                for r in range(late, 192)]
-    assert all(len(s) == 2 for s in free_rev)
-    assert any(a != b for a, b in zip(free_nat, free_rev))
+    n_blocks = -(-S // params.block_size)
+    bias = 5.0 * torch.rand(1, 2, n_blocks)
+    biased = infllmv2_select(q, k, params, key_bias=bias, k_free=torch.full((S,), 2, dtype=torch.long))
+    (chunk,) = list(iter_block_scores(q, k, params, chunk_size=S))
+    for r in range(150, S):
+        for h in range(2):
+            free = chunk.candidate[r] & ~chunk.forced[r]
+            score = chunk.scores[0, h, r].clamp_min(torch.finfo(torch.float32).tiny).log() + bias[0, h, : free.numel()]
+            score = torch.where(free, score, float("-inf"))
+            want = {int(b) for b in sorted(range(free.numel()), key=lambda b: (-float(score[b]), b))[:2]}
+            got = {int(x) for x, f in zip(biased.idx[0, h, r], biased.forced[0, h, r]) if x >= 0 and not f}
+            assert got == want, (r, h, got, want)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,14 +344,16 @@ def test_sparse_prefill_model_matches_masked_sdpa_oracle():
     ids = torch.randint(0, 96, (2, 150))
     seen = []
 
-    def oracle(q, k, v, idx, block_size, q_offset, sm_scale):
-        return _masked_sdpa_oracle(q, k, v, idx, block_size, q_offset)
+    def oracle_forward(module, q, k, v, params, *, q_nope=None, k_nope=None, batch_row=None):
+        T, S = k.shape[2], q.shape[2]
+        sel = infllmv2_select(q, k, params, q_offset=T - S)
+        seen.append((module.layer_idx, tuple(sel.idx.shape)))
+        return _masked_sdpa_oracle(q, k, v, sel.idx, params.block_size, T - S)
 
     with torch.no_grad():
         native = model(ids).logits
         for attn in model.attention_layers():
-            attn.selection_hook = lambda layer, sel: seen.append((layer, sel.idx.shape))
-            attn.sparse_attention_fn = oracle
+            attn.sparse_forward = oracle_forward
         via_oracle = model(ids).logits
     assert [s[0] for s in seen] == [0, 1] and seen[0][1][:3] == (2, 2, 150)
     torch.testing.assert_close(native, via_oracle, rtol=1e-5, atol=1e-5)
@@ -367,7 +367,7 @@ def test_generate_with_cache_matches_recomputation():
     model = tiny_model()
     prompt = torch.randint(0, 96, (1, 128))  # sparse (>= dense_len) prefill, then sparse decode
     with torch.no_grad():
-        gen = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+        gen = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True,
                              output_logits=True, pad_token_id=0)
         seq = gen.sequences
         assert seq.shape == (1, 131)
@@ -414,7 +414,7 @@ def test_use_nope_selection_uses_unrotated_keys():
     ids = torch.randint(0, 96, (1, 100))
     with torch.no_grad():
         logits = model(ids).logits
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2, do_sample=False, return_dict_in_generate=True,
                              output_logits=True, pad_token_id=0)
         full = model(gen.sequences[:, :101], use_cache=False).logits[:, -1]
     assert torch.isfinite(logits).all()

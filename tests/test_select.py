@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stem_boost.select import Selection, stem_select
+from stem_boost.select import stem_select
+from stem_boost.selection import Selection
 
 SETTINGS = settings(deadline=None, max_examples=80)
 seeds = st.integers(0, 2**31 - 1)
@@ -189,8 +192,16 @@ def test_stem_select_rejects_bad_input():
         stem_select(idx, scores, 1, block_size=0)
 
 
-def test_truncate_by_score_equals_stem_select_on_distinct_scores():
-    """The GPU fast path (two sorts) keeps the same keys as stem_select when scores are distinct."""
+def _top_by_rule(idx: torch.Tensor, score: torch.Tensor, budget: int) -> set[int]:
+    """The project's one tie rule, by brute force: higher score first, equal scores -> smaller index."""
+    live = [(float(s), int(i)) for i, s in zip(idx.tolist(), score.tolist()) if i >= 0 and s > float("-inf")]
+    return {i for _, i in sorted(live, key=lambda t: (-t[0], t[1]))[:budget]}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_truncate_by_score_and_stem_select_follow_one_tie_rule(tied):
+    """The sort path and the exact path keep the same keys as the brute-force rule, ties included
+    (tied=True draws scores from a few values, so many candidates tie at the budget's edge)."""
     from stem_boost.oam import combine_scores
     from stem_boost.select import truncate_by_score
 
@@ -199,12 +210,73 @@ def test_truncate_by_score_equals_stem_select_on_distinct_scores():
         idx = torch.stack([torch.randperm(N)[:K] for _ in range(B * H * R)]).view(B, H, R, K).int()
         drop = torch.rand(B, H, R, K) < 0.2
         idx = torch.where(drop, -1, idx)
-        scores = torch.where(drop, float("-inf"), torch.randn(B, H, R, K))
-        bias = torch.rand(B, 1, N)
+        raw = torch.randint(0, 3, (B, H, R, K)).float() if tied else torch.randn(B, H, R, K)
+        scores = torch.where(drop, float("-inf"), raw)
+        bias = torch.randint(0, 2, (B, 1, N)).float() if tied else torch.rand(B, 1, N)
         budgets = torch.randint(0, K + 1, (R,))
         a = stem_select(idx, scores, budgets, key_bias=bias)
         gathered = bias.expand(B, H, -1).gather(-1, idx.clamp_min(0).long().flatten(-2)).view_as(idx)
-        b = truncate_by_score(idx, combine_scores(scores, gathered), budgets)
-        assert torch.equal(a.counts, b.counts)
-        for row_a, row_b, c in zip(a.idx.flatten(0, 2), b.idx.flatten(0, 2), a.counts.flatten()):
-            assert torch.equal(row_a[:c], row_b[:c])
+        oam = combine_scores(scores, gathered)
+        b = truncate_by_score(idx, oam, budgets)
+        for bb in range(B):
+            for r in range(R):
+                want = _top_by_rule(idx[bb, 0, r], oam[bb, 0, r], int(budgets[r]))
+                for sel in (a, b):
+                    got = {int(x) for x in sel.idx[bb, 0, r, : int(sel.counts[bb, 0, r])]}
+                    assert got == want, (bb, r, got, want)
+
+
+@pytest.mark.parametrize("schedule", ["tpd", "uniform", "mass"])
+def test_stem_step_sort_and_exact_paths_agree(schedule):
+    """`stem_step` keeps the same selection through either truncation path (the GPU-sized sort path is
+    reachable on the CPU by `method=`), with padded batch rows planned on their own extents."""
+    from stem_boost.boost import stem_step
+    from stem_boost.config import StemConfig
+    from stem_boost.selection import Selection
+
+    B, S, K = 2, 40, 12
+    cand = torch.full((B, 1, S, K), -1, dtype=torch.int32)
+    for b in range(B):
+        for s in range(S):
+            n = min(K, s + 1)
+            cand[b, 0, s, :n] = torch.randperm(s + 1)[:n].int()
+    scores = torch.where(cand >= 0, torch.randn(B, 1, S, K), float("-inf"))
+    native = Selection.from_padded(cand, q_offset=0, seq_start=torch.tensor([0, 5], dtype=torch.int32),
+                                   seq_len=torch.tensor([S, S - 5], dtype=torch.int32))
+    norms = torch.rand(B, 1, S) + 0.1
+    cfg = StemConfig(reduce=0.3, schedule=schedule)
+    exact, plans = stem_step(native, scores, norms, K, cfg, seq_k=S, method="exact")
+    fast, _ = stem_step(native, scores, norms, K, cfg, seq_k=S, method="sort", row_chunk=7)
+    assert torch.equal(exact.counts, fast.counts) and torch.equal(exact.idx, fast.idx)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the GPU's Triton paths, under the interpreter
+        for method in ("radix", "fused"):
+            gpu, _ = stem_step(native, scores, norms, K, cfg, seq_k=S, method=method, row_chunk=16)
+            assert torch.equal(exact.counts, gpu.counts) and torch.equal(exact.idx, gpu.idx), method
+    assert int(exact.counts[1, 0, :5].sum()) == 0  # padding rows of row 1 keep nothing
+    assert plans.plans[1] is not None and plans.plans[1].budgets.numel() == S - 5
+    with pytest.raises(ValueError, match="method='fast'"):
+        stem_step(native, scores, norms, K, cfg, seq_k=S, method="fast")
+
+
+def test_shared_units_counts_the_set_intersection_row_by_row():
+    """shared_units(a, b) = (sum over rows of |set(a_row) & set(b_row)|, sum of |set(b_row)|), -1 padding
+    ignored, against Python sets on random padded lists."""
+    from stem_boost.selection import shared_units
+
+    B, R, K, T = 2, 7, 5, 12
+    lists = []
+    for _ in range(2):
+        idx = torch.full((B, 1, R, K), -1, dtype=torch.int32)
+        for b in range(B):
+            for r in range(R):
+                n = int(torch.randint(0, K + 1, ()))
+                idx[b, 0, r, :n] = torch.randperm(T)[:n].to(torch.int32)
+        lists.append(idx)
+    a, b = lists
+    want_hits = want_total = 0
+    for row_a, row_b in zip(a.reshape(-1, K).tolist(), b.reshape(-1, K).tolist()):
+        sa, sb = {u for u in row_a if u >= 0}, {u for u in row_b if u >= 0}
+        want_hits += len(sa & sb)
+        want_total += len(sb)
+    assert shared_units(a, b) == (want_hits, want_total)
+    assert shared_units(b, b) == (want_total, want_total)

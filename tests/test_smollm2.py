@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from stem_boost.testbeds import smollm2
+from stem_boost.testbeds import smollm2_gguf as smollm2
 
 pytestmark = pytest.mark.gguf
 
@@ -23,7 +23,7 @@ except ImportError as err:  # SmolLM2NotInstalled
     pytest.skip(f"SmolLM2 testbed skipped: {err}", allow_module_level=True)
 
 import stem_boost  # noqa: E402
-from stem_boost.testbeds import _corpus  # noqa: E402
+from stem_boost.text import corpus  # noqa: E402
 from stem_boost.testbeds import smollm2_dsa as sd  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def dsa_model():
 @pytest.fixture(scope="module")
 def heldout_ids(dense):
     _, tok = dense
-    return torch.tensor(tok.encode(_corpus.pydoc_split()[1][:20000], add_special_tokens=False))
+    return torch.tensor(tok.encode(corpus.pydoc_split()[1][:20000], add_special_tokens=False))
 
 
 def test_load_and_generate(dense):
@@ -182,3 +182,16 @@ def test_stem_wrap_reaches_the_requested_reduction(dsa_model, heldout_ids):
                                     reduction="none").sum(-1).mean().item()
     assert kl < 0.5, kl
     assert torch.equal(again, native)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_rows_equal_solo_runs(dsa_model, heldout_ids, side):
+    """The real-weights DSA testbed: a padded batch of three rows of different lengths gives each
+    row the logits it gets alone (fp32, <= 1e-4), under Stem with TPD and with the mass schedule."""
+    from tests.test_padding import check_rows_equal_solo, logits_of
+
+    start = int(torch.randint(0, heldout_ids.numel() - 200, (1,)))
+    rows = [heldout_ids[start:start + n] for n in (160, 120, 70)]
+
+    for cfg in (dict(reduce=0.15), dict(reduce=0.15, schedule="mass")):
+        check_rows_equal_solo(dsa_model, logits_of(dsa_model), rows, side, cfg)

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import stem_boost
-from stem_boost.testbeds import smollm2, smollm2_infllmv2 as si
+from stem_boost.testbeds import smollm2_gguf as smollm2, smollm2_infllmv2 as si
 
 SPARSE = dict(kernel_size=16, kernel_stride=8, init_blocks=1, block_size=16, window_size=32, topk=6,
               use_nope=False, dense_len=64)

@@ -7,7 +7,7 @@ three things:
      selection, bounded memory, and it also returns the candidates' scores;
   2. prefill (more than one query): OAM rescoring of those candidates with the value norms of the
      layer (RMS over all heads: DSA shares one selection per layer) and TPD truncation under the
-     `reduce` contract (`boost.boost_candidates`);
+     `reduce` contract (`boost.stem_step`);
   3. attention runs on the selected token lists through the shared kernel: on CUDA without a past
      in the cache, the absorbed-MLA fast path (q_nope W_UK | q_rope against the 576-d latent, the
      512-d latent as V, W_UV afterwards); otherwise the expanded per-head form. On the CPU the
@@ -22,13 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..boost import boost_candidates
+from ..compat import cache_argument, mla_keys_values
+from ..boost import RowPlans, stem_step
 from ..config import StemConfig
-from ..kernels import sparse_attention, sparse_attention_cpu
+from ..kernels import sparse_attention
+from ..kernels.dense import dense_causal_attention
+from ..native.dsa_indexer import IndexerTopK, dsa_indexer_topk
 from ..oam import aggregate_heads, value_norms
-from ..select import Selection
+from ..selection import Selection, extents_from_padding, key_padding
 from ..stats import LayerStats
-from .dsa_indexer import IndexerTopK, dsa_indexer_topk
 
 INDEXER_ATTRS = ("index_topk", "wq_b", "wk", "weights_proj")
 ABSORBED_CHUNK = 16384  # query rows per absorbed-MLA attention call
@@ -47,8 +49,11 @@ def is_dsa_attention(module: torch.nn.Module) -> bool:
 
 @dataclass
 class SharedTopK:
-    """The last full indexer's candidates, for layers that reuse them (GLM-MoE-DSA "shared")."""
+    """The last full indexer's candidates, for layers that reuse them (GLM-MoE-DSA "shared"). Only a
+    model with such layers keeps them (`needed`): they are [B, S, top-k] indices and scores, 2 GiB
+    at 128K tokens, held from one layer to the next and after the forward."""
 
+    needed: bool = False
     last: IndexerTopK | None = None
 
 
@@ -59,25 +64,44 @@ class DSAState:
     shared: SharedTopK
     returns_topk: bool  # GLM attention returns (out, weights, topk_indices)
     index_topk: int
-    last_native: Selection | None = None  # the native selection of the last prefill (for checks, reports)
+    last_native: Selection | None = None  # the native selection of the last prefill (keep_selections=True)
     last_stem: Selection | None = None
 
 
-def _padding_mask(attention_mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
-    """[B, T] bool (True = real token) from the 2-D mask our mask function yields, else None."""
-    if attention_mask is None or attention_mask.dim() != 2:
-        return None
-    m = attention_mask[:, -T:].bool()
-    return None if bool(m.all()) else m
+def set_head_norm_reducer(module: torch.nn.Module, reducer) -> None:
+    """Install `reducer(norms [B, H_local, T], how) -> [B, 1, T]`, which aggregates the value norms
+    over the heads of all tensor-parallel ranks (`stem_boost.dist.tp`); None removes it."""
+    module.stem_norm_reducer = reducer
 
 
-def _compact(top: IndexerTopK) -> Selection:
-    """The native top-k as a Selection: idx [B, 1, S, K] (-1 tail kept), counts = valid entries."""
-    idx = top.indices.unsqueeze(1)
-    return Selection(idx=idx, counts=(idx >= 0).sum(-1).to(torch.int32), block_size=1, query_block=1)
+def head_norm_reducer(module: torch.nn.Module):
+    """The reducer installed by `set_head_norm_reducer`, or None (all heads are local)."""
+    return getattr(module, "stem_norm_reducer", None)
 
 
-def _latent_value_norms(latent: torch.Tensor, w_uv: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+def native_selection(top: IndexerTopK, q_offset: int, padding: torch.Tensor | None) -> Selection:
+    """The native top-k as a Selection: idx [B, 1, S, K] (-1 tail kept), counts = valid entries,
+    with each batch row's real-token extent from the [B, T] padding mask (True = real)."""
+    seq_start, seq_len = extents_from_padding(padding)
+    return Selection.from_padded(top.indices.unsqueeze(1), q_offset=q_offset, seq_start=seq_start, seq_len=seq_len)
+
+
+def stem_prefill(st: DSAState, native: Selection, top: IndexerTopK, key_norms: torch.Tensor | None,
+                 seq_k: int) -> Selection:
+    """The Stem step of a DSA prefill (both attention layouts): OAM + per-row budgets + truncation,
+    then the layer's budget accounting. key_norms [B, 1, T]; returns the Stem Selection."""
+    cfg = st.cfg
+    if cfg.is_identity:
+        sel, plans = native, None
+    else:
+        sel, plans = stem_step(native, top.scores.unsqueeze(1), key_norms, st.index_topk, cfg, seq_k=seq_k)
+    record_stats(st, native, sel, plans, cfg, seq_k)
+    # kept only on request (StemConfig.keep_selections): at 128K tokens each is 1 GiB a layer
+    st.last_native, st.last_stem = (native, sel) if cfg.keep_selections else (None, None)
+    return sel
+
+
+def latent_value_norms(latent: torch.Tensor, w_uv: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """||W_UV^h c_t|| for every head without keeping the expanded values.
 
     latent [B, T, L], w_uv [H, Dv, L] -> [B, H, T] fp32 (per chunk of T: [B, chunk, H, Dv]).
@@ -90,46 +114,81 @@ def _latent_value_norms(latent: torch.Tensor, w_uv: torch.Tensor, chunk: int = 4
     return out
 
 
-def _use_triton(cfg: StemConfig, device: torch.device) -> bool:
-    if cfg.backend == "reference":
-        return False
-    if cfg.backend == "triton":
-        return True
-    return device.type == "cuda"
+def latent_value_rms(latent: torch.Tensor, w_uv: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """RMS over the heads of ||W_UV^h c_t||, from one L x L Gram matrix instead of every head's values.
+
+    mean_h ||W_UV^h c||^2 = c^T G c with G = mean_h (W_UV^h)^T W_UV^h [L, L]: 2 L^2 FLOP a token
+    instead of 2 H Dv L (32x fewer at DeepSeek-V3.2's L 512, 128 heads x Dv 128), in fp32.
+    latent [B, T, L], w_uv [H, Dv, L] -> [B, 1, T] fp32 (per chunk of T: [B, chunk, L] fp32).
+    """
+    w = w_uv.float()
+    gram = torch.einsum("hvl,hvm->lm", w, w) / w.shape[0]  # [L, L], symmetric
+    B, T, _ = latent.shape
+    out = torch.empty(B, 1, T, dtype=torch.float32, device=latent.device)
+    for t0 in range(0, T, chunk):
+        c = latent[:, t0:t0 + chunk].float()  # [B, chunk, L]
+        out[:, 0, t0:t0 + chunk] = ((c @ gram) * c).sum(-1).clamp_min(0).sqrt()
+    return out
 
 
-def _attend_expanded(self, query_states, key_states, value_states, sel: Selection, triton_ok: bool):
-    """Expanded MLA: q/k [B, H, *, Dqk], v [B, H, T, Dv] -> [B, S, H, Dv]; one selection for all heads."""
+def attend_expanded(self, query_states, key_states, value_states, sel: Selection, backend: str):
+    """Expanded MLA / GQA: q [B, Hq, S, Dqk], k [B, Hkv, T, Dqk], v [B, Hkv, T, Dv] -> [B, S, Hq, Dv]."""
     q = query_states.transpose(1, 2)
     k = key_states.transpose(1, 2)
     v = value_states.transpose(1, 2)
-    if triton_ok:
-        return sparse_attention(q, k, v, sel.idx, sel.counts, block_size=1, sm_scale=self.scaling,
-                                check_indices=False)
-    return sparse_attention_cpu(q, k, v, sel.idx, sel.counts, block_size=1, sm_scale=self.scaling)
+    return sparse_attention(q, k, v, sel, sm_scale=self.scaling, backend=backend, check=False)
 
 
-def _attend_absorbed(self, q_pass, q_rot, latent, k_rot, sel: Selection):
-    """Absorbed MLA on CUDA: [q_nope W_UK | q_rope] . [c | k_rope], softmax, . c, then W_UV.
+def absorbed_queries(q_pass: torch.Tensor, q_rot: torch.Tensor, w_uk: torch.Tensor, s0: int, s1: int) -> torch.Tensor:
+    """The absorbed-MLA queries [q_nope W_UK | q_rope] of query rows s0:s1, without a concatenation.
 
-    q_pass [B, H, S, nope], q_rot [B, H, S, rope], latent [B, 1, S, L], k_rot [B, 1, S, rope].
+    q_pass [B, H, S, nope], q_rot [B, H, S, rope], w_uk [H, nope, L] -> [B, s1 - s0, H, L + rope], a
+    view of head-major storage [B, H, s1 - s0, L + rope]: the matmul writes each head's latent
+    columns in place (its output row stride is L + rope) and the rope columns are copied beside
+    them. Concatenating the two parts instead copied every 576-wide query row once more, from
+    strided inputs: about 8% of a DeepSeek-V3.2 layer's CUDA time at 64K tokens.
     """
-    H, nope, L = self.num_heads, self.qk_nope_head_dim, self.kv_lora_rank
-    w = self.kv_b_proj.weight.view(H, nope + self.v_head_dim, L)
-    w_uk, w_uv = w[:, :nope], w[:, nope:]
+    B, H, _, _ = q_pass.shape
+    L, rope = w_uk.shape[-1], q_rot.shape[-1]
+    q = q_pass.new_empty(B, H, s1 - s0, L + rope)
+    for b in range(B):  # one batched matmul over the heads: [H, n, nope] @ [H, nope, L]
+        torch.bmm(q_pass[b, :, s0:s1], w_uk, out=q[b, :, :, :L])
+    q[..., L:] = q_rot[:, :, s0:s1]
+    return q.transpose(1, 2)
+
+
+def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    """W_UK [H, nope, L] and W_UV [H, Dv, L]: views of the MLA's kv_b_proj weight per head."""
+    w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+    return w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
+
+
+def attend_absorbed(self, q_pass, q_rot, latent, k_rot, sel: Selection) -> torch.Tensor:
+    """Absorbed MLA: [q_nope W_UK | q_rope] . [c | k_rope], softmax, . c, then W_UV (the CUDA path).
+
+    q_pass [B, H, S, nope], q_rot [B, H, S, rope], latent [B, 1, S, L], k_rot [B, 1, S, rope]
+    -> [B, S, H, v_head_dim]. Query rows go ABSORBED_CHUNK at a time, which bounds the absorbed
+    queries ([B, chunk, H, L + rope]) instead of [B, S, H, L + rope].
+    """
+    H, L = self.num_heads, self.kv_lora_rank
+    w_uk, w_uv = absorbed_weights(self)  # [H, nope, L], [H, Dv, L]
     kv = torch.cat([latent, k_rot], dim=-1).transpose(1, 2).contiguous()  # [B, T, 1, L + rope]
     B, _, S, _ = q_pass.shape
-    T = kv.shape[1]
     out = q_pass.new_empty(B, S, H, self.v_head_dim)
-    # query chunks bound the absorbed queries ([B, chunk, H, 576]) instead of [B, S, H, 576]
     for s0 in range(0, S, ABSORBED_CHUNK):
         s1 = min(S, s0 + ABSORBED_CHUNK)
-        q_lat = torch.einsum("bhsd,hdl->bshl", q_pass[:, :, s0:s1], w_uk)
-        q = torch.cat([q_lat, q_rot[:, :, s0:s1].transpose(1, 2).to(q_lat.dtype)], dim=-1)
-        out_lat = sparse_attention(q, kv, kv[..., :L], sel.idx[:, :, s0:s1], sel.counts[:, :, s0:s1],
-                                   block_size=1, sm_scale=self.scaling, q_offset=T - S + s0, check_indices=False)
-        out[:, s0:s1] = torch.einsum("bshl,hvl->bshv", out_lat, w_uv)
+        q = absorbed_queries(q_pass, q_rot, w_uk, s0, s1)  # [B, n, H, L + rope]
+        out_lat = sparse_attention(q, kv, kv[..., :L], sel.rows(s0, s1), sm_scale=self.scaling, check=False)
+        for b in range(B):  # [H, n, L] @ [H, L, Dv], written straight into out's [H, n, Dv] view
+            torch.bmm(out_lat[b].transpose(0, 1), w_uv.transpose(1, 2), out=out[b, s0:s1].transpose(0, 1))
     return out
+
+
+def uses_absorbed_path(hidden_states: torch.Tensor, cfg: StemConfig, past_key_values) -> bool:
+    """The absorbed-MLA path runs a CUDA prefill without a past in the cache (the kernel backend);
+    decode, cached continuations, the dense baseline and the CPU take the expanded form."""
+    return (hidden_states.is_cuda and cfg.backend in ("auto", "triton") and past_key_values is None
+            and hidden_states.shape[1] > 1 and not cfg.dense)
 
 
 def stem_dsa_forward(
@@ -143,6 +202,7 @@ def stem_dsa_forward(
     **kwargs,
 ):
     """Drop-in for the DSA attention forward (see the module docstring)."""
+    past_key_values = cache_argument(past_key_values, kwargs)  # transformers >= 5.24: cache=
     st: DSAState = self._stem
     cfg = st.cfg
     B, S, _ = hidden_states.shape
@@ -159,69 +219,76 @@ def stem_dsa_forward(
     q_rot, k_rot = rope(q_rot, k_rot, cos, sin)
 
     past_len = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
-    triton_ok = _use_triton(cfg, hidden_states.device)
-    absorbed = triton_ok and past_key_values is None and S > 1 and hidden_states.is_cuda
+    # absorbed MLA: the kernel's fast path on GPUs (576-d latent keys, the latent as values)
+    absorbed = uses_absorbed_path(hidden_states, cfg, past_key_values)
     key_states = value_states = None
     if not absorbed:
-        key_states, value_states = self.expand_kv(latent, k_rot)
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        key_states, value_states = mla_keys_values(self, latent, k_rot, past_key_values)
     T = past_len + S
-    pad = _padding_mask(attention_mask, B, T)
+    pad = key_padding(attention_mask, T)  # [B, T] True = real token, or None
     indexer_mask = attention_mask if (attention_mask is not None and attention_mask.dim() > 2) else pad
 
     # ---- native candidates (chunked, with scores)
-    fast_indexer = cfg.indexer_dtype == "bfloat16"
+    if cfg.dense:  # the dense baseline: every causal key, no indexer
+        query_states = torch.cat((q_pass, q_rot), dim=-1)  # [B, H, S, Dqk]
+        out = dense_causal_attention(query_states, key_states, value_states, self.scaling, pad).transpose(1, 2)
+        attn_output = self.o_proj(out.reshape(B, S, -1).to(hidden_states.dtype))
+        return (attn_output, None, None) if st.returns_topk else (attn_output, None)
     if self.indexer is not None:
         top = dsa_indexer_topk(self.indexer, hidden_states, q_resid, position_embeddings, indexer_mask,
                                position_ids, past_key_values=past_key_values, max_bytes=cfg.indexer_max_bytes,
-                               score_dtype=torch.bfloat16 if fast_indexer else None,
-                               tie_break="none" if fast_indexer else "position")
-        st.shared.last = top
+                               score_dtype=cfg.indexer_score_dtype(hidden_states.device, self.indexer.head_dim))
+        st.shared.last = top if st.shared.needed else None
     else:
         if st.shared.last is None:
             raise ValueError("a shared DSA layer needs the candidates of a previous full indexer layer")
         top = st.shared.last
 
-    # ---- Stem: OAM rescoring + TPD truncation (prefill only)
-    native = _compact(top)
-    if S > 1 and not cfg.is_identity:
-        if absorbed:
-            w_uv = self.kv_b_proj.weight.view(self.num_heads, -1, self.kv_lora_rank)[:, self.qk_nope_head_dim:]
-            norms = _latent_value_norms(latent[:, 0], w_uv)
-        else:
-            norms = value_norms(value_states.transpose(1, 2))  # [B, H, T]
-        # tensor parallelism (stem_boost.dist.tp) sets `stem_norm_reducer`: the heads of all ranks
-        reducer = getattr(self, "stem_norm_reducer", None)
-        key_norms = (reducer(norms, cfg.head_agg) if reducer is not None
-                     else aggregate_heads(norms, 1, how=cfg.head_agg))  # [B, 1, T]
-        available = torch.arange(S) + past_len + 1
-        sel, plan = boost_candidates(native.idx, top.scores.unsqueeze(1), key_norms, available, st.index_topk, cfg,
-                                     key_valid=pad)
-        alpha = plan.alpha
-    else:
-        sel, alpha = native, 1.0
+    # ---- Stem: OAM rescoring + per-row budgets + truncation (prefill only)
+    native = native_selection(top, q_offset=past_len, padding=pad)  # idx [B, 1, S, K]
+    sel = native
     if S > 1:
-        _record(st, native, sel, alpha, cfg, T)
-        st.last_native, st.last_stem = native, sel
+        key_norms = None
+        if not cfg.is_identity:
+            # tensor parallelism (stem_boost.dist.tp) installs a reducer over the heads of all ranks
+            reducer = head_norm_reducer(self)
+            if absorbed:
+                _, w_uv = absorbed_weights(self)  # [H, Dv, L]
+            if absorbed and reducer is None and cfg.head_agg == "rms":
+                key_norms = latent_value_rms(latent[:, 0], w_uv)  # [B, 1, T], no per-head values
+            else:
+                norms = (latent_value_norms(latent[:, 0], w_uv) if absorbed
+                         else value_norms(value_states.transpose(1, 2)))  # [B, H, T]
+                key_norms = (reducer(norms, cfg.head_agg) if reducer is not None
+                             else aggregate_heads(norms, 1, how=cfg.head_agg))  # [B, 1, T]
+        sel = stem_prefill(st, native, top, key_norms, T)
 
     # ---- attention on the selected token lists
     if absorbed:
-        out = _attend_absorbed(self, q_pass, q_rot, latent, k_rot, sel)
+        out = attend_absorbed(self, q_pass, q_rot, latent, k_rot, sel)
     else:
         query_states = torch.cat((q_pass, q_rot), dim=-1)
-        out = _attend_expanded(self, query_states, key_states, value_states, sel, triton_ok)
+        out = attend_expanded(self, query_states, key_states, value_states, sel, cfg.backend)
     attn_output = self.o_proj(out.reshape(B, S, -1).to(hidden_states.dtype))
     if st.returns_topk:
         return attn_output, None, top.as_native_indices()
     return attn_output, None
 
 
-def _record(st: DSAState, native: Selection, sel: Selection, alpha: float, cfg: StemConfig, T: int) -> None:
+def record_stats(st: DSAState, native: Selection, sel: Selection, plans: RowPlans | None, cfg: StemConfig,
+                 T: int) -> None:
+    """Pairs of the last prefill, per batch row and in total (token lists: no forced keys)."""
     s = st.stats
-    s.native_pairs = int(native.counts.long().sum())
-    s.stem_pairs = int(sel.counts.long().sum())
-    s.alpha = float(alpha)
+    # [B, 1, R]: padding query rows are not counted (the Stem step's plans already hold them)
+    real = (plans.real_rows if plans is not None else native.real_rows(native.n_rows, T))[:, None]
+    native_rows = (native.counts.long() * real).sum(dim=(1, 2))  # [B]
+    stem_rows = (sel.counts.long() * real).sum(dim=(1, 2))
+    s.native_pairs = int(native_rows.sum())
+    s.stem_pairs = int(stem_rows.sum())
+    s.row_native_pairs = native_rows.tolist()
+    s.row_stem_pairs = stem_rows.tolist()
+    s.row_alpha = plans.alphas if plans is not None else [1.0] * native.batch
+    s.alpha = float(sum(s.row_alpha) / len(s.row_alpha)) if s.row_alpha else 1.0
     s.reduce_requested = cfg.reduce
     s.seq_len = T
     n_rows = native.counts.shape[-1]

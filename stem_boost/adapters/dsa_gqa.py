@@ -10,10 +10,10 @@ the same Stem path for an attention whose main branch is plain grouped-query att
      (`dsa_indexer.indexer_qk` + `chunked_index_topk`: DeepSeek-V3.2 score, bounded memory);
   3. prefill: OAM rescoring with the layer's value norms (RMS over the KV heads, which is the RMS
      over all query heads since each KV head serves G of them; DSA shares one selection per layer)
-     and TPD truncation under the `reduce` contract (`boost.boost_candidates`);
+     and TPD truncation under the `reduce` contract (`boost.stem_step`);
   4. attention over the selected token lists, one list shared by all heads (Hsel = 1): the shared
      Triton kernel on CUDA (`sparse_attention`, G = Hq / Hkv query heads tiled per KV head),
-     `sparse_attention_cpu` on the CPU. Never a dense S x T mask.
+     the masked PyTorch executor on the CPU. Never a dense S x T mask.
 Decode (one query) keeps the native selection (full budget), as in `dsa`.
 
 Structure the detector looks for (`is_dsa_gqa_attention`): q_proj, k_proj, v_proj, o_proj,
@@ -32,17 +32,18 @@ import sys
 
 import torch
 
-from ..boost import boost_candidates
+from ..compat import cache_argument
+from ..kernels.dense import dense_causal_attention
+from ..native.dsa_indexer import DEEPSEEK_V32, IndexerTopK, chunked_index_topk, indexer_qk, indexer_weights
 from ..oam import aggregate_heads, value_norms
-from ..select import Selection
-from .dsa import INDEXER_ATTRS, MLA_ATTRS, DSAState, _attend_expanded, _padding_mask, _record, _use_triton
-from .dsa_indexer import DEEPSEEK_V32, IndexerTopK, chunked_index_topk, indexer_qk, indexer_weights
+from ..rope import apply_rope_half
+from ..selection import key_padding
+from .dsa import INDEXER_ATTRS, MLA_ATTRS, DSAState, attend_expanded, native_selection, stem_prefill
 
 GQA_ATTRS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx")
 INDEXER_GQA_ATTRS = INDEXER_ATTRS + ("n_heads", "head_dim", "qk_rope_head_dim", "softmax_scale")
 
-__all__ = ["is_dsa_gqa_attention", "stem_dsa_gqa_forward", "gqa_qkv", "gqa_indexer_topk", "gqa_attend",
-           "native_selection"]
+__all__ = ["is_dsa_gqa_attention", "stem_dsa_gqa_forward", "gqa_qkv", "gqa_indexer_topk", "gqa_attend"]
 
 
 def is_dsa_gqa_attention(module: torch.nn.Module) -> bool:
@@ -55,19 +56,10 @@ def is_dsa_gqa_attention(module: torch.nn.Module) -> bool:
     return indexer is not None and all(hasattr(indexer, a) for a in INDEXER_GQA_ATTRS)
 
 
-def _rotate_half(x):
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _apply_half(q, k, cos, sin, unsqueeze_dim=1):
-    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
-
-
 def _rope(module):
+    """The model module's own `apply_rotary_pos_emb` when it has one, else the half-split helper."""
     fn = getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
-    return fn if fn is not None else _apply_half
+    return fn if fn is not None else apply_rope_half
 
 
 def gqa_qkv(self, hidden_states, position_embeddings, past_key_values=None):
@@ -114,22 +106,16 @@ def gqa_indexer_topk(self, hidden_states, position_embeddings, attention_mask, p
                               score_dtype=score_dtype)
 
 
-def native_selection(top: IndexerTopK) -> Selection:
-    """The indexer's top-k as a Selection: idx [B, 1, S, K] (-1 tail), counts = valid entries."""
-    idx = top.indices.unsqueeze(1)
-    return Selection(idx=idx, counts=(idx >= 0).sum(-1).to(torch.int32), block_size=1, query_block=1)
-
-
 def _indexer_mask(attention_mask, B: int, T: int):
     """What the indexer masks with: a 4-D mask as is, a 2-D padding mask, or None (plain causal)."""
     if attention_mask is not None and attention_mask.dim() > 2:
         return attention_mask
-    return _padding_mask(attention_mask, B, T)
+    return key_padding(attention_mask, T)
 
 
 # q [B, Hq, S, D], k / v [B, Hkv, T, D] -> [B, S, Hq, D] with one selection for all heads: the
 # same call as the expanded-MLA path of the DSA adapter.
-gqa_attend = _attend_expanded
+gqa_attend = attend_expanded
 
 
 def stem_dsa_gqa_forward(
@@ -141,28 +127,26 @@ def stem_dsa_gqa_forward(
     **kwargs,
 ):
     """Drop-in for a GQA DSA attention forward (see the module docstring); returns (out, None)."""
+    past_key_values = cache_argument(past_key_values, kwargs)  # transformers >= 5.24: cache=
     st: DSAState = self._stem
     cfg = st.cfg
     B, S, _ = hidden_states.shape
     q, k, v, past_len = gqa_qkv(self, hidden_states, position_embeddings, past_key_values)
     T = past_len + S
-    pad = _padding_mask(attention_mask, B, T)
+    pad = key_padding(attention_mask, T)
+    if cfg.dense:  # the dense baseline: every causal key, no indexer
+        out = dense_causal_attention(q, k, v, self.scaling, pad).transpose(1, 2)  # [B, S, Hq, D]
+        return self.o_proj(out.reshape(B, S, -1).to(hidden_states.dtype)), None
     top = gqa_indexer_topk(self, hidden_states, position_embeddings, _indexer_mask(attention_mask, B, T),
                            past_key_values, max_bytes=cfg.indexer_max_bytes,
-                           score_dtype=torch.bfloat16 if cfg.indexer_dtype == "bfloat16" else None)
-    st.shared.last = top
-    native = native_selection(top)
-    if S > 1 and not cfg.is_identity:
-        norms = value_norms(v.transpose(1, 2))  # [B, Hkv, T]
-        key_norms = aggregate_heads(norms, 1, how=cfg.head_agg)  # [B, 1, T]
-        available = torch.arange(S) + past_len + 1
-        sel, plan = boost_candidates(native.idx, top.scores.unsqueeze(1), key_norms, available, st.index_topk,
-                                     cfg, key_valid=pad)
-        alpha = plan.alpha
-    else:
-        sel, alpha = native, 1.0
+                           score_dtype=cfg.indexer_score_dtype(q.device, self.indexer.head_dim))
+    st.shared.last = top if st.shared.needed else None
+    sel = native = native_selection(top, q_offset=past_len, padding=pad)  # idx [B, 1, S, K]
     if S > 1:
-        _record(st, native, sel, alpha, cfg, T)
-        st.last_native, st.last_stem = native, sel
-    out = gqa_attend(self, q, k, v, sel, _use_triton(cfg, hidden_states.device))
+        key_norms = None
+        if not cfg.is_identity:
+            norms = value_norms(v.transpose(1, 2))  # [B, Hkv, T]
+            key_norms = aggregate_heads(norms, 1, how=cfg.head_agg)  # [B, 1, T]
+        sel = stem_prefill(st, native, top, key_norms, T)
+    out = gqa_attend(self, q, k, v, sel, cfg.backend)  # [B, S, Hq, D]
     return self.o_proj(out.reshape(B, S, -1).to(hidden_states.dtype)), None

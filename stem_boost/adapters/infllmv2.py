@@ -1,35 +1,38 @@
 """Stem on InfLLMv2 (MiniCPM-4 / MiniCPM-4.1, `stem_boost.models.minicpm4`).
 
-The native attention (`MiniCPM4Attention`) exposes three hook points that the wrap installs:
-  rescore(block_scores)      OAM + TPD between the native block scores and the top-k: the native
-                             score (a softmax mass summed over the GQA group, probability-like) is
-                             combined in log space with beta * relu(z(log max_{t in block} ||v_t||));
-                             the TPD budget of non-forced blocks replaces the native `k_total - forced`.
-  selection_hook(selection)  budget accounting (`stem_boost.stats`).
-  sparse_attention_fn(...)   the shared Triton kernel in block mode (block lists per query token,
-                             the 16 heads of a GQA group tiled together); on the CPU the native
-                             PyTorch block attention.
+`wrap` swaps each attention's `sparse_forward` (the native InfLLMv2 path) for `stem_sparse_forward`,
+which reads as the native path with Stem's two inputs given to the native selector:
+
+    budgets = TPD plan over query blocks          k_free [S]: non-forced blocks each query row keeps
+    bias    = OAM(max over the block of ||v||)    [B, Hk, n_blocks], added in log space to the native
+                                                  block score (a softmax mass summed over the GQA group)
+    blocks  = infllmv2_select(q, k, key_bias=bias, k_free=budgets)   native selector, Stem inside
+    out     = sparse_attention(q, k, v, blocks.to_selection())       the shared kernel in block mode
+
 Forced blocks (init blocks, the local window and the diagonal block) are always kept and are not
-counted against the budget. TPD runs over query blocks (rows of `block_size` query tokens share
-one budget; pairs are counted per token). Decode steps (one query) keep the native selection.
+counted against the budget. TPD runs over query blocks (the `block_size` query tokens of a block
+share one budget; pairs are counted per token). Decode steps (one query) keep the native selection.
+A padded batch reaches this function one row at a time, cut to its real tokens (the model's
+`padded_sparse_forward`), so every row is planned on its own length.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
 from ..boost import plan_for
 from ..config import StemConfig
+from ..kernels.dense import dense_causal_attention
 from ..mass import mass_budgets
-from ..models.minicpm4.modeling_minicpm4 import kernel_block_attention
-from ..oam import block_max, combine_scores, oam_bias, value_norms
+from ..models.minicpm4.modeling_minicpm4 import BatchRow, attend_blocks
+from ..native.infllmv2 import BlockScores, BlockSelection, InfLLMv2Params, infllmv2_select
+from ..oam import block_max, oam_bias, value_norms
 from ..stats import LayerStats
 from ..tpd import BudgetPlan, block_available
 
-HOOKS = ("rescore", "selection_hook", "sparse_attention_fn")
+__all__ = ["is_infllmv2_attention", "wrap_modules", "unwrap_modules", "stem_sparse_forward"]
 
 
 def is_infllmv2_attention(module: torch.nn.Module) -> bool:
@@ -44,142 +47,138 @@ def is_infllmv2_attention(module: torch.nn.Module) -> bool:
 class InfState:
     cfg: StemConfig
     stats: LayerStats
-    saved: tuple
-    plan: BudgetPlan | None = None
-    native_rows: torch.Tensor | None = None  # [R] native free blocks per query-block row
-    budgets: torch.Tensor | None = None  # plan.budgets on the model's device
-    native_dev: torch.Tensor | None = None  # native_rows on the model's device
-    bias_key: tuple | None = None
-    bias: torch.Tensor | None = None
-    last_selection: object | None = None
+    saved_forward: object
+    last_selection: BlockSelection | None = None
 
 
-def _plan(state: InfState, params, T: int, S: int) -> BudgetPlan:
+def query_block_plan(params: InfLLMv2Params, T: int, S: int, cfg: StemConfig) -> tuple[BudgetPlan, torch.Tensor]:
     """TPD plan over the query blocks of a prefill of S tokens (T keys): rows are query blocks,
     `available` their non-forced causal key blocks, k_native the native free budget
-    (k_total - init - local - diagonal)."""
+    (k_total - init - local - diagonal). Returns the plan and the native free budget per row [R]."""
     bs = params.block_size
     n_rows = -(-S // bs)
     available = block_available(n_rows, -(-T // bs), query_block=bs, block_size=bs, n_init=params.init_blocks,
                                 n_local=params.local_blocks + 1, seq_q=S)
     k_native = max(1, params.k_total(T) - params.init_blocks - params.local_blocks - 1)
-    state.native_rows = torch.clamp(available, max=k_native)
-    return plan_for(available, k_native, state.cfg)
+    return plan_for(available, k_native, cfg), torch.clamp(available, max=k_native)
 
 
-def _block_bias(state: InfState, v: torch.Tensor, block_size: int) -> torch.Tensor:
-    """OAM bias per (batch, kv head, key block) from v [B, Hk, T, D] (cached per forward)."""
-    key = (v.data_ptr(), tuple(v.shape))
-    if state.bias_key != key:
-        norms = value_norms(v.transpose(1, 2))  # [B, Hk, T]: the group's query heads share this v head
-        state.bias = oam_bias(block_max(norms, block_size), beta=state.cfg.beta, norm=state.cfg.oam_norm)
-        state.bias_key = key
-    return state.bias
+def block_bias(v: torch.Tensor, block_size: int, cfg: StemConfig) -> torch.Tensor:
+    """OAM bias per (batch, kv head, key block) from v [B, Hk, T, D] -> [B, Hk, n_blocks]."""
+    norms = value_norms(v.transpose(1, 2))  # [B, Hk, T]: the group's query heads share this v head
+    return oam_bias(block_max(norms, block_size), beta=cfg.beta, norm=cfg.oam_norm)
 
 
-def _rescore(state: InfState, bs, *, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, module):
-    """The Stem hook on one chunk of native block scores (see the module docstring)."""
+def mass_free_budgets(native_free_per_token: torch.Tensor, reduce: float):
+    """`schedule="mass"`: a chunk's budgets are the native free selection of each token row (its top
+    `native_free[c]` non-forced candidates by native score) minus the `reduce` fraction of the chunk's
+    pairs with the lowest mass (`stem_boost.mass`). Returns the per-chunk budget function."""
+
+    def budgets(bs: BlockScores) -> torch.Tensor:  # -> [B, Hk, C]
+        native_free = native_free_per_token[bs.rows]
+        free = (bs.candidate & ~bs.forced).expand_as(bs.scores)  # [C, NB] -> [B, Hk, C, NB]
+        ranked = bs.scores.masked_fill(~free, float("-inf")).sort(dim=-1, descending=True)
+        arange = torch.arange(free.shape[-1], device=free.device).expand_as(free)
+        rank = torch.empty_like(ranked.indices).scatter_(-1, ranked.indices, arange)
+        native_sel = free & (rank < native_free.view(1, 1, -1, 1))
+        return mass_budgets(bs.scores, native_sel, reduce, space="prob")
+
+    return budgets
+
+
+def stem_sparse_forward(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        params: InfLLMv2Params, *, q_nope: torch.Tensor | None = None,
+                        k_nope: torch.Tensor | None = None, batch_row: BatchRow | None = None) -> torch.Tensor:
+    """Stem's InfLLMv2 path of one attention module (see the module docstring); `batch_row` says
+    which row of a padded batch this call runs.
+
+    q [B, Hq, S, D] (RoPE applied), k / v [B, Hk, T, D] (the whole cache) -> [B, Hq, S, D]."""
+    st: InfState = module._stem
+    cfg = st.cfg
+    if cfg.dense:  # the dense baseline: every causal key, no selector
+        return dense_causal_attention(q, k, v, module.scaling)
     S, T = q.shape[2], k.shape[2]
-    cfg = state.cfg
-    if S == 1 or cfg.is_identity:
-        return bs
-    params = module.infllmv2
-    if bs.rows.start == 0:
-        state.plan = _plan(state, params, T, S)
-        # one host-to-device copy per forward: a pageable copy per chunk would stall the launches
-        state.budgets = state.plan.budgets.to(q.device)
-        state.native_dev = state.native_rows.to(q.device)
-    rows = torch.div(bs.q_pos - (T - S), params.block_size, rounding_mode="floor")
-    k_free = state.budgets[rows]
-    if cfg.schedule == "mass":  # this chunk's cut goes to the native free blocks of least predicted mass
-        k_free = _mass_k_free(bs, state.native_dev[rows], cfg.reduce)
-    if cfg.beta > 0:
-        nb = bs.scores.shape[-1]
-        bias = _block_bias(state, v, params.block_size)[..., :nb].unsqueeze(2)  # [B, Hk, 1, nb]
-        scores = combine_scores(bs.scores, bias.expand_as(bs.scores), space="prob")
-        bs.scores = torch.where(bs.forced & bs.candidate, bs.scores, scores)
-    bs.k_free = k_free
-    return bs
-
-
-def _mass_k_free(bs, native_free: torch.Tensor, reduce: float) -> torch.Tensor:
-    """[B, Hk, C] budgets of non-forced blocks for `schedule="mass"`: the native free selection of each
-    token row (its top `native_free[c]` non-forced candidates by native score) minus the `reduce`
-    fraction of this chunk's pairs with the lowest mass (`stem_boost.mass`)."""
-    free = (bs.candidate & ~bs.forced).expand_as(bs.scores)  # [C, NB] -> [B, Hk, C, NB]
-    ranked = bs.scores.masked_fill(~free, float("-inf")).sort(dim=-1, descending=True)
-    arange = torch.arange(free.shape[-1], device=free.device).expand_as(free)
-    rank = torch.empty_like(ranked.indices).scatter_(-1, ranked.indices, arange)
-    native_sel = free & (rank < native_free.view(1, 1, -1, 1))
-    return mass_budgets(bs.scores, native_sel, reduce, space="prob")
-
-
-def _on_selection(state: InfState, layer_idx: int, selection) -> None:
-    """Budget accounting of a prefill: free (non-forced) selected blocks, per query token."""
-    if selection.idx.shape[2] <= 1:
-        return
-    valid = selection.idx >= 0
-    free = valid & ~selection.forced
-    forced = valid & selection.forced
-    B, Hk = selection.idx.shape[:2]
-    s = state.stats
-    s.stem_pairs = int(free.sum())
-    s.forced_pairs = int(forced.sum())
-    if state.plan is not None and not state.cfg.is_identity:
-        S = selection.idx.shape[2]
-        rows = torch.div(torch.arange(S), selection.block_size, rounding_mode="floor")
-        s.native_pairs = int(state.native_rows[rows].sum()) * B * Hk
-        s.alpha = state.plan.alpha
+    sel_q, sel_k = (q_nope, k_nope) if params.use_nope else (q, k)
+    chunk = module.select_chunk_size or (1024 if q.is_cuda else 64)
+    if S == 1 or cfg.is_identity:  # decode, or the identity configuration: the native selection
+        blocks = infllmv2_select(sel_q, sel_k, params, q_offset=T - S, chunk_size=chunk)
+        plan = native_free = None
     else:
-        s.native_pairs = s.stem_pairs
-        s.alpha = 1.0
-    s.reduce_requested = state.cfg.reduce
-    s.seq_len = selection.q_offset + selection.idx.shape[2]
-    per_token = free[0, 0].sum(-1)
-    step = max(1, per_token.numel() // 512)
-    s.budget_stem = per_token[::step].tolist()
-    s.budget_native = per_token[::step].tolist() if state.cfg.is_identity else []
-    state.last_selection = selection
+        # 1. the budget schedule: non-forced blocks per query token (rows of one query block share it)
+        plan, native_free = query_block_plan(params, T, S, cfg)
+        row_of_token = torch.arange(S) // params.block_size
+        k_free = plan.budgets[row_of_token].to(q.device)  # [S]
+        budget_fn = (mass_free_budgets(native_free[row_of_token].to(q.device), cfg.reduce)
+                     if cfg.schedule == "mass" else None)
+        # 2. OAM: the value-norm bias of every key block
+        bias = block_bias(v, params.block_size, cfg) if cfg.beta > 0 else None  # [B, Hk, n_blocks]
+        # 3. the native selector with Stem's bias and budgets: idx [B, Hk, S, K]
+        blocks = infllmv2_select(sel_q, sel_k, params, q_offset=T - S, chunk_size=chunk, key_bias=bias,
+                                 k_free=k_free, free_budget_fn=budget_fn)
+        native_free = native_free[row_of_token]
+    if S > 1:
+        record_stats(st, blocks, plan, native_free, batch_row)
+    # 4. attention over the selected blocks (the shared kernel on GPUs)
+    return attend_blocks(q, k, v, blocks.to_selection(), module.scaling, cfg.backend)
 
 
-def _attend(state: InfState, native_fn, q, k, v, idx, block_size, *, q_offset: int, sm_scale: float):
-    """Block-sparse attention through the shared kernel. q [B, Hq, S, D] (HF layout) -> [B, Hq, S, D]."""
-    use_triton = state.cfg.backend == "triton" or (state.cfg.backend == "auto" and q.is_cuda)
-    if not use_triton:
-        return native_fn(q, k, v, idx, block_size, q_offset=q_offset, sm_scale=sm_scale)
-    return kernel_block_attention(q, k, v, idx, block_size, q_offset=q_offset, sm_scale=sm_scale)
+def record_stats(st: InfState, blocks: BlockSelection, plan: BudgetPlan | None, native_free: torch.Tensor | None,
+                 batch_row: BatchRow | None) -> None:
+    """Budget accounting of a prefill: free (non-forced) selected blocks per query token, native vs
+    Stem, per batch row and in total. A padded batch arrives row by row: its first sparse row resets
+    the layer's numbers, the others fill their slot (rows too short to be sparse keep 0)."""
+    valid = blocks.idx >= 0
+    free = valid & ~blocks.forced
+    B, Hk = blocks.idx.shape[:2]
+    row_stem = free.sum(dim=(1, 2, 3)).tolist()
+    row_native = [int(native_free.sum()) * Hk] * B if native_free is not None else row_stem
+    alpha = plan.alpha if plan is not None else 1.0
+    s = st.stats
+    slots = range(B) if batch_row is None else [batch_row.index]
+    if batch_row is None or batch_row.first:
+        n = B if batch_row is None else batch_row.count
+        s.row_native_pairs, s.row_stem_pairs, s.row_alpha = [0] * n, [0] * n, [1.0] * n
+        s.forced_pairs, s.seq_len = 0, 0
+        per_token = free[0, 0].sum(-1)
+        step = max(1, per_token.numel() // 512)
+        s.budget_stem = per_token[::step].tolist()
+        s.budget_native = per_token[::step].tolist() if plan is None else []
+    for i, b in enumerate(slots):
+        s.row_native_pairs[b], s.row_stem_pairs[b], s.row_alpha[b] = row_native[i], row_stem[i], alpha
+    s.native_pairs, s.stem_pairs = sum(s.row_native_pairs), sum(s.row_stem_pairs)
+    s.forced_pairs += int((valid & blocks.forced).sum())
+    s.alpha = alpha
+    s.reduce_requested = st.cfg.reduce
+    s.seq_len = max(s.seq_len, blocks.q_offset + blocks.idx.shape[2])
+    st.last_selection = blocks if st.cfg.keep_selections else None  # kept only on request (memory)
 
 
 def wrap_modules(modules: list[torch.nn.Module], cfgs: list[StemConfig]) -> None:
-    """Install the Stem hooks on native MiniCPM-4 attention modules (cfgs: one per module)."""
+    """Install Stem's sparse forward on MiniCPM-4 attention modules (cfgs: one per module)."""
     from . import infllmv2_remote
 
     if len(cfgs) != len(modules):
         raise ValueError(f"wrap_modules: {len(cfgs)} configurations for {len(modules)} modules")
     for m, cfg in zip(modules, cfgs):
-        if not all(hasattr(m, h) for h in HOOKS):
+        if not hasattr(m, "sparse_forward"):
             if not infllmv2_remote.is_remote_infllmv2_attention(m):
                 raise ValueError(
-                    f"{type(m).__name__} (layer {getattr(m, 'layer_idx', '?')}) has neither the InfLLMv2 hook points "
-                    f"nor the remote-code attributes {infllmv2_remote.REMOTE_ATTRS}: load the checkpoint with "
-                    "stem_boost.models.minicpm4 (no trust_remote_code) — it reads the official config.json and "
-                    "safetensors as they are"
+                    f"{type(m).__name__} (layer {getattr(m, 'layer_idx', '?')}) has neither the InfLLMv2 hook point "
+                    f"`sparse_forward` nor the remote-code attributes {infllmv2_remote.REMOTE_ATTRS}: load the "
+                    "checkpoint with stem_boost.models.minicpm4 (no trust_remote_code) — it reads the official "
+                    "config.json and safetensors as they are"
                 )
-            infllmv2_remote.install(m)  # trust_remote_code modules: native hook points and forward
-        state = InfState(cfg=cfg, stats=LayerStats(layer=int(m.layer_idx), family="infllmv2"),
-                         saved=tuple(getattr(m, h) for h in HOOKS))
-        m._stem = state
-        m.rescore = functools.partial(_rescore, state, module=m)
-        m.selection_hook = functools.partial(_on_selection, state)
-        m.sparse_attention_fn = functools.partial(_attend, state, state.saved[2])
+            infllmv2_remote.install(m)  # trust_remote_code modules: the native hook point and forward
+        m._stem = InfState(cfg=cfg, stats=LayerStats(layer=int(m.layer_idx), family="infllmv2"),
+                           saved_forward=m.sparse_forward)
+        m.sparse_forward = stem_sparse_forward
 
 
 def unwrap_modules(modules: list[torch.nn.Module]) -> None:
-    for m in modules:
-        for h, fn in zip(HOOKS, m._stem.saved):
-            setattr(m, h, fn)
-        del m._stem
-        if getattr(m, "_stem_remote", False):
-            from . import infllmv2_remote
+    from . import infllmv2_remote
 
+    for m in modules:
+        m.sparse_forward = m._stem.saved_forward
+        del m._stem
+        if infllmv2_remote.is_installed(m):
             infllmv2_remote.uninstall(m)

@@ -15,8 +15,8 @@ attention module exposes what this adapter needs:
         ``past_key_value.update(k, v, layer_idx, cache_kwargs)`` returns the whole K / V [B, Hk, T, D]
     optional: config.attn_use_rope (False: no RoPE), use_output_gate + o_gate (MiniCPM-SALA)
 
-`install` gives such a module the hook points of the native class (``infllmv2``, ``rescore``,
-``selection_hook``, ``sparse_attention_fn``, ``select_chunk_size``) and a forward with the same
+`install` gives such a module the hook point of the native class (``infllmv2``, ``sparse_forward``,
+``select_chunk_size``) and a forward with the same
 signature and return value that runs the native InfLLMv2 definition of `stem_boost.models.minicpm4`
 (the PyTorch selection, the shared Triton kernel on CUDA): no ``infllm_v2`` and no flash-attn needed.
 `stem_boost.wrap` then installs Stem exactly as on the native class; `unwrap` restores the module.
@@ -30,17 +30,17 @@ import math
 import types
 
 import torch
-import torch.nn.functional as F
 
-from ..models.minicpm4.infllmv2 import InfLLMv2Params
-from ..models.minicpm4.modeling_minicpm4 import apply_rotary_pos_emb, block_sparse_attention, infllmv2_sparse_forward
+from ..native.infllmv2 import InfLLMv2Params
+from ..selection import key_padding
+from ..kernels.dense import dense_causal_attention
+from ..models.minicpm4.modeling_minicpm4 import apply_rotary_pos_emb, infllmv2_sparse_forward, padded_sparse_forward
 
 REMOTE_ATTRS = ("q_proj", "k_proj", "v_proj", "o_proj", "num_heads", "num_key_value_heads", "head_dim", "layer_idx",
                 "rotary_emb")
-ADDED = ("infllmv2", "rescore", "selection_hook", "sparse_attention_fn", "select_chunk_size", "scaling", "forward",
-         "_stem_remote")
+ADDED = ("infllmv2", "sparse_forward", "select_chunk_size", "scaling", "forward", "_stem_remote")
 
-__all__ = ["is_remote_infllmv2_attention", "install", "uninstall", "remote_forward"]
+__all__ = ["is_remote_infllmv2_attention", "is_installed", "install", "uninstall", "remote_forward"]
 
 
 def is_remote_infllmv2_attention(module: torch.nn.Module) -> bool:
@@ -48,7 +48,12 @@ def is_remote_infllmv2_attention(module: torch.nn.Module) -> bool:
     without the native class's hook points."""
     cfg = getattr(module, "config", None)
     return (all(hasattr(module, a) for a in REMOTE_ATTRS) and getattr(cfg, "sparse_config", None) is not None
-            and not hasattr(module, "rescore"))
+            and not hasattr(module, "sparse_forward"))
+
+
+def is_installed(module: torch.nn.Module) -> bool:
+    """`install` gave this module the native hook point and forward."""
+    return bool(module.__dict__.get("_stem_remote", False))
 
 
 def install(module: torch.nn.Module) -> None:
@@ -57,9 +62,7 @@ def install(module: torch.nn.Module) -> None:
     if clash:
         raise ValueError(f"{type(module).__name__} already has {clash}: not the remote-code module this adapter knows")
     module.infllmv2 = InfLLMv2Params.from_sparse_config(dict(module.config.sparse_config))
-    module.rescore = None
-    module.selection_hook = None
-    module.sparse_attention_fn = block_sparse_attention
+    module.sparse_forward = infllmv2_sparse_forward
     module.select_chunk_size = None
     module.scaling = module.head_dim ** -0.5
     module.forward = types.MethodType(remote_forward, module)
@@ -69,6 +72,18 @@ def install(module: torch.nn.Module) -> None:
 def uninstall(module: torch.nn.Module) -> None:
     for a in ADDED:
         module.__dict__.pop(a, None)
+
+
+def padding_from_mask(attention_mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
+    """[B, T] bool (True = real token) from the remote model's mask: a 2-D padding mask, or the 4-D
+    additive / boolean causal mask its model builds (a key is real when the last query may see it);
+    None when every token is real."""
+    if attention_mask is None or attention_mask.dim() not in (2, 4):
+        return None
+    if attention_mask.dim() == 4:
+        last = attention_mask[:, 0, -1]
+        attention_mask = last if last.dtype == torch.bool else last == 0
+    return key_padding(attention_mask, T)
 
 
 def remote_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -97,14 +112,14 @@ def remote_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tens
         cache_kwargs = {"sin": sin, "cos": cos}
     if past_key_value is not None:
         k, v = past_key_value.update(k, v, self.layer_idx, cache_kwargs)
-    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-        raise NotImplementedError("padded batches: run the sequences one at a time (all-ones attention_mask)")
     T = k.shape[2]
-    if params.is_sparse(T):
-        out = infllmv2_sparse_forward(self, q, k, v, params, q_nope=q_nope, k_nope=k_nope)
+    padding = padding_from_mask(attention_mask, B, T)
+    if padding is not None:  # each row on its own tokens, sparse or dense by its own length
+        out = padded_sparse_forward(self, q, k, v, params, padding, q_nope=q_nope, k_nope=k_nope)
+    elif params.is_sparse(T):
+        out = self.sparse_forward(self, q, k, v, params, q_nope=q_nope, k_nope=k_nope)
     else:  # dense, causal with the queries at the end of the keys
-        causal = torch.arange(T, device=q.device) <= torch.arange(T - S, T, device=q.device).unsqueeze(-1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=1 / math.sqrt(D), enable_gqa=Hq != Hk)
+        out = dense_causal_attention(q, k, v, 1 / math.sqrt(D))
     out = out.transpose(1, 2).reshape(B, S, Hq * D)
     if getattr(self, "use_output_gate", False):
         out = out * torch.sigmoid(self.o_gate(hidden_states))

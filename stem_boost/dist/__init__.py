@@ -4,7 +4,7 @@
     from stem_boost.dist import init_from_env, load_sharded_checkpoint, selection_digest, gather_digests
     rank, world, device = init_from_env()
     model = load_sharded_checkpoint("/models/DeepSeek-V3.2", device=device, dtype=torch.bfloat16)
-    stem_boost.wrap(model, reduce=0.15)
+    stem_boost.wrap(model, reduce=0.15, keep_selections=True)  # kept: for the digests below
     logits = model(input_ids.to(device)).logits       # the same on every rank
     assert len(set(gather_digests(model))) == 1       # every rank made the same Stem selection
 

@@ -74,9 +74,9 @@ def tp_group(tp_size: int):
 
 
 def _to(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
-    from .loading import _fp32_names
+    from .loading import fp32_names
 
-    keep = _fp32_names(model, dtype) if dtype is not None else []
+    keep = fp32_names(model, dtype) if dtype is not None else []
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
         if p.is_meta:
             raise ValueError(f"{name} is on the meta device: load it first (load_sharded_checkpoint)")

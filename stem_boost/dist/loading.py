@@ -165,7 +165,7 @@ def _read(handle, scale_handle, key: str, src: tuple, block: tuple[int, int], de
     return (w * s).to(dtype)
 
 
-def _fp32_names(model: nn.Module, dtype: torch.dtype) -> list[str]:
+def fp32_names(model: nn.Module, dtype: torch.dtype) -> list[str]:
     keep = set()
     if dtype == torch.float16:
         keep |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
@@ -285,7 +285,7 @@ def load_sharded_checkpoint(
     if missing:
         raise KeyError(f"{len(missing)} parameters are missing from {path}: {missing[:10]}")
 
-    fp32 = _fp32_names(model, dtype) if dtype is not None else []
+    fp32 = fp32_names(model, dtype) if dtype is not None else []
     local: dict[str, torch.Tensor] = {}
     filled: dict[str, int] = defaultdict(int)
     for fname in sorted(pieces_by_file):

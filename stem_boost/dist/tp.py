@@ -1,7 +1,7 @@
 """Tensor parallelism for DSA models (DeepSeek-V3.2 MLA + lightning indexer), with or without Stem.
 
     rank, world, device = stem_boost.dist.init_from_env()
-    model = stem_boost.wrap(model, reduce=0.15)          # before or after sharding
+    model = stem_boost.wrap(model, reduce=0.15, keep_selections=True)  # before or after sharding
     shard_dsa_model(model)                               # in place; the default process group
     logits = model(input_ids).logits                     # identical on every rank
     selection_digest(model)                              # same string on every rank
@@ -27,7 +27,7 @@ embed_tokens, lm_head, norm    replicated
 =============================  =====================================================================
 
 Stem (OAM) needs the value norms of *all* heads aggregated per key (RMS over heads by default).
-Each rank only has its heads' values, so the wrapped forward calls `attn.stem_norm_reducer(norms,
+Each rank only has its heads' values, so the wrapped forward calls `adapters.dsa.head_norm_reducer(attn)(norms,
 how)`, installed here: rms -> all_reduce(SUM) of the per-head sum of squares, then
 sqrt(sum / H); mean -> all_reduce(SUM) / H; max -> all_reduce(MAX). An all_reduce returns the
 same bits on every rank, so the OAM scores, the TPD budgets and the Stem selection are identical
@@ -51,7 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.dsa import is_dsa_attention
+from ..adapters.dsa import is_dsa_attention, set_head_norm_reducer
+from ..api import NOT_KEPT
 
 __all__ = [
     "TPInfo",
@@ -133,7 +134,7 @@ class RowParallelLinear(nn.Linear):
 
 
 class _NormReducer:
-    """`attn.stem_norm_reducer(norms [B, H_local, T], how) -> [B, 1, T]`: aggregate over all heads."""
+    """The reducer installed with `set_head_norm_reducer`: `(norms [B, H_local, T], how) -> [B, 1, T]`: aggregate over all heads."""
 
     def __init__(self, tp: TPInfo, total_heads: int):
         self.tp, self.total_heads = tp, total_heads
@@ -218,7 +219,7 @@ def _shard_attention(attn: nn.Module, tp: TPInfo, prefix: str) -> None:
     attn.o_proj.__class__ = RowParallelLinear
     attn.o_proj._tp = tp
     attn.num_heads = h1 - h0
-    attn.stem_norm_reducer = _NormReducer(tp, H)
+    set_head_norm_reducer(attn, _NormReducer(tp, H))
     attn._stem_tp_heads = (h0, h1, H)
 
 
@@ -322,6 +323,8 @@ def layer_selection_digests(model: nn.Module) -> list[str]:
     counts); "none" for a layer without one."""
     out = []
     for _, st in _wrapped_attention(model):
+        if not st.cfg.keep_selections:
+            raise ValueError(NOT_KEPT.format(what="layer_selection_digests"))
         sel = st.last_stem
         if sel is None:
             out.append("none")

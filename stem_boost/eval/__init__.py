@@ -2,8 +2,8 @@
 and the side-by-side runner behind `stem-boost compare`.
 
     from stem_boost.eval import load_config, run, write_report
-    cfg = load_config()                 # the embedded tiny DSA testbed
-    res = run(cfg)                      # dense / native / Stem / uniform / no_oam
+    cfg = load_config()                 # the packaged default, smollm2_cpu (load_config("tiny_dsa"): the toy)
+    res = run(cfg)                      # dense / native / Stem / ablations / mass / calibrated modes
     write_report(res, "stem_boost_report")
 """
 

@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from .tasks import CALIBRATION_TEXTS, TASKS, TEXT_SOURCES
+from .tasks import CALIBRATION_TEXTS, TASKS, TEXT_SOURCES, is_named_source
+from .textfile import NEEDED, TextFileError, check_text_file
 
 __all__ = ["ConfigError", "DEFAULT_CONFIG", "MODES", "SCHEMA", "TASK_NAMES", "load_config", "packaged_configs"]
 
@@ -49,6 +50,9 @@ SCHEMA: dict[str, Any] = {
         "device": ("auto", str, ("auto", "cpu", "cuda")),
         "attn_implementation": ("sdpa", str, ("sdpa", "eager")),
         "trust_remote_code": (False, bool, None),
+        # several processes (torchrun / deepspeed): "data" splits the work, each holding the whole
+        # model; "tensor" shards a DSA checkpoint in model.path over them (stem_boost.dist)
+        "parallel": ("data", str, ("data", "tensor")),
     },
     "tokenizer": {
         "kind": ("auto", str, ("auto", "bytes", "hf")),
@@ -72,27 +76,31 @@ SCHEMA: dict[str, Any] = {
         "samples": (2, int, None),
         "seed": (42, int, None),
         "max_new_tokens": (None, (int, type(None)), None),
+        "haystack": ("english", str, None),  # "english", or the path of the user's text file
     },
     "perplexity": {
         "enabled": (True, bool, None),
         "length": (4096, int, None),
         "window": (None, (int, type(None)), None),
         "stride": (None, (int, type(None)), None),
-        "text": ("english", str, TEXT_SOURCES),
+        "text": ("english", str, None),  # one of TEXT_SOURCES, or the path of the user's text file
         "offset_chars": (0, int, None),
+        "lengths": ([], list, None),  # also: the same text in windows of exactly each length (per-length table)
     },
     "fidelity": {
         "enabled": (True, bool, None),
         "length": (4096, int, None),
         "max_rows": (4096, int, None),
-        "text": ("english", str, TEXT_SOURCES),
+        "text": ("english", str, None),  # one of TEXT_SOURCES, or the path of the user's text file
         "offset_chars": (200000, int, None),
+        "lengths": ([], list, None),  # also: next-token KL vs dense / native at each length (per-length table)
     },
     "calibration": {  # the "*_cal" modes: stem_boost.calibrate on text the evaluation does not use
         "text": ("pydoc_train", str, CALIBRATION_TEXTS),
         "lengths": ([], list, None),  # empty: the task lengths
         "windows": (1, int, None),
         "objective": ("layer", str, ("layer", "logits", "nll")),
+        "allocations": ({}, _ANY, None),  # {stem_cal | mass_cal: allocation file}: read, not measured
     },
     "latency": {
         "enabled": (True, bool, None),
@@ -223,14 +231,42 @@ def _validate(cfg: dict, where: str) -> None:
         raise ConfigError(f"{where}: 'stem.beta' must be >= 0")
     if not cfg["modes"]:
         raise ConfigError(f"{where}: 'modes' is empty; allowed: {', '.join(MODES)}")
+    if cfg["model"]["parallel"] == "tensor" and cfg["model"]["source"] != "local":
+        raise ConfigError(f"{where}: 'model.parallel' is 'tensor', which needs model.source 'local' (a DSA checkpoint "
+                          f"folder in model.path), got source {cfg['model']['source']!r}")
     positive("tasks.lengths", cfg["tasks"]["lengths"])
     positive("latency.lengths", cfg["latency"]["lengths"])
     positive("tasks.samples", cfg["tasks"]["samples"])
     positive("perplexity.length", cfg["perplexity"]["length"])
+    positive("perplexity.lengths", cfg["perplexity"]["lengths"])
+    positive("fidelity.lengths", cfg["fidelity"]["lengths"])
+    for L in cfg["perplexity"]["lengths"]:
+        if not 2 <= L <= cfg["perplexity"]["length"]:
+            raise ConfigError(f"{where}: 'perplexity.lengths' has {L}: each length must be in [2, perplexity.length="
+                              f"{cfg['perplexity']['length']}] (the text is cut into windows of that many tokens)")
     positive("fidelity.length", cfg["fidelity"]["length"])
     positive("latency.repeats", cfg["latency"]["repeats"])
     positive("calibration.lengths", cfg["calibration"]["lengths"])
     positive("calibration.windows", cfg["calibration"]["windows"])
+    for kind, file in cfg["calibration"]["allocations"].items():
+        if kind not in ("stem_cal", "mass_cal") or not isinstance(file, str):
+            raise ConfigError(f"{where}: 'calibration.allocations' maps stem_cal / mass_cal to a file name, "
+                              f"got {kind!r}: {file!r}")
+    for key in ("perplexity.text", "fidelity.text", "tasks.haystack"):
+        section, name = key.split(".")
+        _check_text(key, cfg[section][name], TEXT_SOURCES if name == "text" else ("english",), where)
+
+
+def _check_text(key: str, value: str, named: tuple[str, ...], where: str) -> None:
+    """A text key holds a built-in text's name or the path of a non-empty file."""
+    if value in named:
+        return
+    if is_named_source(value):
+        raise ConfigError(f"{where}: '{key}' has {value!r}; allowed: {', '.join(named)}, or a file path ({NEEDED})")
+    try:
+        check_text_file(value, key)
+    except TextFileError as e:
+        raise ConfigError(f"{where}: {e} (or one of: {', '.join(named)})") from None
 
 
 def load_config(source=None, overrides=()) -> dict:

@@ -12,11 +12,9 @@
 - Next-token distributions: log-softmax of the logits, KL(p_ref || p_run) per position (nats).
 - To bound memory at long context, `capture` keeps ``max_rows`` query positions (evenly spaced,
   the last one included) of the attention outputs and the log-probabilities, on the CPU in fp32.
-- Dense for DSA: the native model with every indexer's ``index_topk`` raised to >= the sequence
-  length, so its top-k keeps every causal key (`dense_mode`); the indexer still runs (its cost is
-  small next to attention) and the eager/SDPA path turns the full selection into the causal mask.
-  transformers' indexer scores in fp32 [B, S, H, T]: the dense mode of a real DSA model is bounded
-  to moderate lengths (DeepSeek-V3.2, 64 indexer heads: 16 GiB per layer at 8K tokens).
+- Dense for DSA: ``stem_boost.wrap(model, dense=True)`` for the duration of the block: every
+  causal key through SDPA and no indexer at all (`dense_mode`), so the dense baseline fits at any
+  length the attention itself fits.
   InfLLMv2 models with ``set_sparse_config`` (stem_boost.models.minicpm4): ``sparse_config=None``.
 - Budgets per layer and per query position come from ``stem_boost.layer_stats`` (`budget_traces`).
 """
@@ -28,12 +26,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..api import is_wrapped, layer_stats
+from ..api import is_wrapped, layer_stats, unwrap, wrap
 
 __all__ = ["Capture", "attention_modules", "budget_traces", "capture", "dense_mode", "error_by_position",
            "kl_divergence", "layer_errors"]
 
-_HUGE_TOPK = 2**30
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -55,14 +52,11 @@ def dense_mode(model: torch.nn.Module):
         raise ValueError("dense_mode needs the unwrapped model (stem_boost.unwrap it first)")
     indexers = [m for m in model.modules() if hasattr(m, "index_topk") and hasattr(m, "weights_proj")]
     if indexers:
-        saved = [m.index_topk for m in indexers]
+        wrap(model, dense=True)
         try:
-            for m in indexers:
-                m.index_topk = _HUGE_TOPK
-            yield "dsa: index_topk >= sequence length"
+            yield "dsa: full causal attention, no indexer (stem_boost.wrap(dense=True))"
         finally:
-            for m, k in zip(indexers, saved):
-                m.index_topk = k
+            unwrap(model)
         return
     if hasattr(model, "set_sparse_config") and getattr(model.config, "sparse_config", None) is not None:
         saved = dict(model.config.sparse_config)

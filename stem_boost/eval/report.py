@@ -228,7 +228,7 @@ def _plot_error(res: dict, path: Path, plt) -> bool:
 
 def draw_allocation(ax, bars: list[tuple[str, str, list[float]]], reduce: float) -> None:
     """Grouped bars of per-layer cuts (%), one (label, colour, layer_reduce) per calibrated mode, and a
-    dashed line at `reduce` (every layer cut alike); shared with scripts/smollm2_report.py."""
+    dashed line at `reduce` (every layer cut alike)."""
     w = 0.8 / len(bars)
     for i, (label, color, lr) in enumerate(bars):
         ax.bar([x + (i - (len(bars) - 1) / 2) * w for x in range(len(lr))], [100 * x for x in lr], w, color=color,
@@ -268,6 +268,62 @@ PLOTS = [
 
 
 # ------------------------------------------------------------------ document
+def _spread(values: list, kind: str) -> str:
+    """"mean / min / max" of the numbers in ``values`` (None left out), "–" when there are none."""
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return "–"
+    return " / ".join(fmt(v, kind) for v in (sum(xs) / len(xs), min(xs), max(xs)))
+
+
+def budget_row(name: str, layers: list[dict]) -> list[str]:
+    """The report's budget row of one mode from its per-layer stats: pairs summed over the layers,
+    the model-wide reduction, and the per-layer reduction and alpha as mean / min / max."""
+    native = sum(s["native_pairs"] for s in layers)
+    kept = sum(s["stem_pairs"] for s in layers)
+    return [name, str(native), str(kept), fmt(1 - kept / native if native else None, "pct"),
+            _spread([s["reduce_achieved"] for s in layers], "pct"), _spread([s["alpha"] for s in layers], "ratio")]
+
+
+def perplexity_by_length_blocks(by_length: dict) -> list[tuple]:
+    """Heading, note and table of the per-length perplexity: one row per length, per mode the
+    perplexity and its change against native (when native ran)."""
+    names = list(by_length)
+    lengths = sorted({int(L) for per in by_length.values() for L in per})
+    rows = []
+    for L in lengths:
+        native = by_length.get("native", {}).get(str(L))
+        row = [str(L)]
+        for n in names:
+            p = by_length[n].get(str(L))
+            cell = fmt(p["ppl"], "ppl") if p else "-"
+            if p and native and n != "native":
+                cell += f" ({100 * (p['ppl'] / native['ppl'] - 1):+.2f}%)"
+            row.append(cell)
+        rows.append(row)
+    note = ("The perplexity text cut into consecutive windows of exactly L tokens, every position scored "
+            "(windows: " + ", ".join(f"{L}: {by_length[names[0]][str(L)]['n_windows']}" for L in lengths
+                                     if str(L) in by_length[names[0]]) + "); in brackets: the change against native.")
+    return [("h2", "Perplexity by length"), ("p", note), ("table", ["length"] + names, rows, "perplexity_by_length")]
+
+
+def kl_by_length_blocks(by_length: dict) -> list[tuple]:
+    """Heading, note and table of the next-token KL per length: one row per length, per mode the KL
+    against dense and against native."""
+    names = [n for n in by_length if n != "dense"]
+    lengths = sorted({int(L) for per in by_length.values() for L in per})
+    rows = []
+    for L in lengths:
+        row = [str(L)]
+        for n in names:
+            r = by_length[n].get(str(L), {})
+            row.append(f"{fmt(r.get('kl_vs_dense'), 'sci')} / {fmt(r.get('kl_vs_native'), 'sci')}")
+        rows.append(row)
+    note = ("Mean next-token KL(reference || mode) over the captured positions of the fidelity text cut to "
+            "L tokens, against dense / against native (nats).")
+    return [("h2", "Next-token KL by length"), ("p", note), ("table", ["length"] + names, rows, "kl_by_length")]
+
+
 def _blocks(res: dict, plots: list[tuple[str, str]]) -> list[tuple]:
     meta, cfg = res["meta"], res["config"]
     b: list[tuple] = [("h1", f"stem_boost comparison report — {meta['config_name']}")]
@@ -280,7 +336,9 @@ def _blocks(res: dict, plots: list[tuple[str, str]]) -> list[tuple]:
     b.append(("p", f"Model: {meta['model']}."))
     b.append(("ul", [
         f"config: `{meta['config_source']}`" + (f" with `--set {' '.join(meta['overrides'])}`" if meta["overrides"] else ""),
-        f"device: {meta['device']}, dtype {meta['dtype']}; torch {meta['torch']}, transformers {meta['transformers']}, "
+        f"device: {meta['device']}"
+        + (f" x {meta['world_size']} processes (units per rank: {meta.get('units_per_rank')})"
+           if meta.get("world_size", 1) > 1 else "") + f", dtype {meta['dtype']}; torch {meta['torch']}, transformers {meta['transformers']}, "
         f"stem_boost {meta['stem_boost']}",
         f"date: {meta['date']}; run time {meta.get('elapsed_s', '?')} s",
         f"tokenizer: {meta['tokenizer']}; haystack / perplexity text: {'; '.join(meta['haystack_sources'])}",
@@ -334,20 +392,20 @@ def _blocks(res: dict, plots: list[tuple[str, str]]) -> list[tuple]:
                 for n, p in res["perplexity"].items()]
         b.append(("table", ["mode", "NLL / token (nats)", "perplexity", "tokens scored", "windows"], rows, "perplexity"))
 
-    budget_layers = {n: v["layers"] for n, v in res["budget"].items() if v.get("layers")}
-    if budget_layers:
-        b.append(("h2", "Budget per layer"))
-        b.append(("p", f"Last prefill of {flen} tokens. alpha: the TPD end ratio solved for the requested reduction "
-                       "(for `uniform`: the kept fraction of every row)."))
-        rows = []
-        for n, layers in budget_layers.items():
-            if n == "native":
-                continue
-            for s in layers:
-                rows.append([n, str(s["layer"]), str(s["native_pairs"]), str(s["stem_pairs"]),
-                             fmt(s["reduce_achieved"], "pct"), fmt(s["alpha"], "ratio")])
-        if rows:
-            b.append(("table", ["mode", "layer", "native pairs", "attended pairs", "reduction", "alpha"], rows, "layers"))
+    if res.get("perplexity_by_length"):
+        b += perplexity_by_length_blocks(res["perplexity_by_length"])
+    if res.get("fidelity_by_length"):
+        b += kl_by_length_blocks(res["fidelity_by_length"])
+
+    budget_rows = [budget_row(n, v["layers"]) for n, v in res["budget"].items() if v.get("layers") and n != "native"]
+    if budget_rows:
+        b.append(("h2", "Budget per mode"))
+        b.append(("p", f"Last prefill of {flen} tokens; one row per mode, over its layers: the pairs summed, the "
+                       "per-layer reduction and alpha (the TPD end ratio solved for the requested reduction; for "
+                       "`uniform`: the kept fraction of every row) as mean, min and max. Each layer's numbers are in "
+                       "`results.json` (`budget.<mode>.layers`) and the plots."))
+        b.append(("table", ["mode", "native pairs", "attended pairs", "reduction", "reduction per layer (mean / min / max)",
+                            "alpha (mean / min / max)"], budget_rows, "budget"))
 
     lat_modes = [n for n, v in res["latency"].items() if v]
     if lat_modes:
@@ -489,8 +547,9 @@ def _clean(obj):
 
 
 def write_report(res: dict, folder) -> dict[str, Path]:
-    """Write results.json, the PNG plots, report.md and report.html into ``folder``; returns the
-    paths by name."""
+    """Write results.json, the PNG plots, report.md and report.html into ``folder`` (and each
+    calibrated mode's allocation as calibration/<mode>.json, a file `calibration.allocations` reads);
+    returns the paths by name."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -501,6 +560,11 @@ def write_report(res: dict, folder) -> dict[str, Path]:
     res = _clean(res)
     paths = {"results.json": folder / "results.json"}
     paths["results.json"].write_text(json.dumps(res, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    for name, cal in res.get("calibration", {}).items():  # reusable: calibration.allocations={mode: this file}
+        key = f"calibration/{name.replace('@', '_r')}.json"
+        paths[key] = folder / key
+        paths[key].parent.mkdir(exist_ok=True)
+        paths[key].write_text(json.dumps(cal, indent=1) + "\n", encoding="utf-8")
     plots = []
     for fname, fn, caption in PLOTS:
         if fn(res, folder / fname, plt):

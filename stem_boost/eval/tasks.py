@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from random import Random
 
-from .tokenizers import ByteTokenizer, HFTokenizer, Tokenizer  # noqa: F401  (re-exported)
+from .textfile import TextFileError, read_text_file
+from ..text.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer  # noqa: F401  (re-exported)
 
 __all__ = [
     "TASKS",
@@ -44,7 +45,10 @@ __all__ = [
     "ByteTokenizer",
     "HFTokenizer",
     "english_text",
+    "haystack_sources",
+    "is_named_source",
     "text_source",
+    "HaystackTooShort",
     "generate_task",
     "generate_sample",
     "postprocess_pred",
@@ -185,42 +189,64 @@ def english_text() -> tuple[str, tuple[str, ...]]:
     return "\n\n".join(parts), tuple(sources)
 
 
-TEXT_SOURCES = ("english", "pydoc_heldout", "licenses")
+TEXT_SOURCES = ("english", "pydoc_heldout", "licenses", "heldout")
 CALIBRATION_TEXTS = ("pydoc_train", "english")  # "pydoc_train": the pydoc topics that are not held out
 
 
-def text_source(name: str) -> str:
-    """Text for perplexity / fidelity: "english" (`english_text`), or the held-out parts of it
-    that the SmolLM2 testbed's indexer was not trained on (`stem_boost.testbeds._corpus`):
-    "pydoc_heldout" (every 5th pydoc topic) and "licenses" (Debian's license texts); for
-    calibration, "pydoc_train" (the other pydoc topics)."""
+def is_named_source(name: str) -> bool:
+    """True for the built-in texts (`TEXT_SOURCES`, `CALIBRATION_TEXTS`); anything else is a file path."""
+    return name in TEXT_SOURCES or name in CALIBRATION_TEXTS
+
+
+def text_source(name: str, key: str = "text") -> str:
+    """Text for perplexity / fidelity / the haystack: "english" (`english_text`), or the held-out
+    parts of it that the SmolLM2 testbed's indexer was not trained on (`stem_boost.text.corpus`):
+    "pydoc_heldout" (every 5th pydoc topic), "licenses" (Debian's license texts) and "heldout" (both); for
+    calibration, "pydoc_train" (the other pydoc topics). Any other value is the path of the user's
+    own file (`textfile.read_text_file`: plain text or JSONL with a "text" field); ``key`` names
+    the config key in its errors."""
+    if not is_named_source(name):
+        return read_text_file(name, key)
     if name == "english":
         return english_text()[0]
     if name == "pydoc_train":  # calibration text (the *_cal modes): never the evaluation's
-        from ..testbeds._corpus import pydoc_split
+        from ..text.corpus import pydoc_split
 
         return pydoc_split()[0]
     if name not in TEXT_SOURCES:
         raise ValueError(f"text source {name!r}; allowed: {', '.join(TEXT_SOURCES + CALIBRATION_TEXTS[:1])}")
-    from ..testbeds._corpus import heldout_texts
+    from ..text.corpus import heldout_stream, heldout_texts
 
-    texts = heldout_texts()
+    texts = dict(heldout_texts(), heldout=heldout_stream())
     if name not in texts:
         raise ValueError(f"text source {name!r} is not available on this machine (no /usr/share/common-licenses)")
     return texts[name]
 
 
-@functools.lru_cache(maxsize=1)
-def _essay_words() -> tuple[str, ...]:
-    text, _ = english_text()
+HAYSTACK_KEY = "tasks.haystack"
+
+
+class HaystackTooShort(TextFileError):
+    """The user's haystack file has fewer words than a sample needs (the built-in text is repeated
+    instead, as before; a user's file never is)."""
+
+
+def haystack_sources(haystack: str = "english") -> list[str]:
+    """Where the haystack text comes from, for the report."""
+    return list(english_text()[1]) if haystack == "english" else [haystack]
+
+
+@functools.lru_cache(maxsize=4)
+def _essay_words(haystack: str = "english") -> tuple[str, ...]:
+    text = english_text()[0] if haystack == "english" else text_source(haystack, HAYSTACK_KEY)
     return tuple(re.sub(r"\s+", " ", text).strip().split(" "))
 
 
-@functools.lru_cache(maxsize=1)
-def _vocabulary() -> tuple[str, ...]:
-    """The common-words pool: the distinct lower-case words (3-12 letters) of the English text
-    (~3,600)."""
-    text, _ = english_text()
+@functools.lru_cache(maxsize=4)
+def _vocabulary(haystack: str = "english") -> tuple[str, ...]:
+    """The common-words pool: the distinct lower-case words (3-12 letters) of the haystack text
+    (~3,600 in the built-in English text)."""
+    text = english_text()[0] if haystack == "english" else text_source(haystack, HAYSTACK_KEY)
     return tuple(sorted(set(re.findall(r"(?<![\w'-])[a-z]{3,12}(?![\w'-])", text))))
 
 
@@ -272,15 +298,18 @@ def _rand(rng: Random, kind: str) -> str:
     raise ValueError(f"needle type {kind!r}; allowed: numbers, words, uuids")
 
 
-def _essay(n_words: int) -> str:
-    words = _essay_words()
+def _essay(n_words: int, haystack: str = "english") -> str:
+    words = _essay_words(haystack)
     if n_words > len(words):
+        if haystack != "english":
+            raise HaystackTooShort(f"{HAYSTACK_KEY}: the file {haystack!r} has {len(words)} words; a sample "
+                                   f"needs {n_words} (give a longer text or lower tasks.lengths)")
         words = words * (-(-n_words // len(words)))
     return " ".join(words[:n_words])
 
 
 def _niah(rng: Random, size: int, type_haystack: str, type_needle_k: str, type_needle_v: str,
-          num_needle_k: int, num_needle_v: int, num_needle_q: int) -> tuple[str, str, list[str]]:
+          num_needle_k: int, num_needle_v: int, num_needle_q: int, haystack: str = "english") -> tuple[str, str, list[str]]:
     num_needle_k = max(num_needle_k, num_needle_q)
     keys, values, needles = [], [], []
     for _ in range(num_needle_k):
@@ -293,7 +322,7 @@ def _niah(rng: Random, size: int, type_haystack: str, type_needle_k: str, type_n
     rng.shuffle(needles)
 
     if type_haystack == "essay":
-        sents = split_sentences(_essay(size))
+        sents = split_sentences(_essay(size, haystack))
         cuts = [0] + sorted(int(len(sents) * d / 100) for d in rng.sample(DEPTHS, len(needles))) + [len(sents)]
         pieces = []
         for i in range(1, len(cuts)):
@@ -383,8 +412,9 @@ def _vt_icl(seed: int, num_chains: int, num_hops: int) -> str:
     return inp + prefix + " " + " ".join(answer) + "\n"
 
 
-def _cwe_example(rng: Random, num_words: int, common_repeats: int, uncommon_repeats: int, num_cw: int):
-    pool = _vocabulary()
+def _cwe_example(rng: Random, num_words: int, common_repeats: int, uncommon_repeats: int, num_cw: int,
+                 haystack: str = "english"):
+    pool = _vocabulary(haystack)
     if num_words > len(pool):  # RULER likewise switches to a larger word list for long samples
         pool = pool + tuple(_KEY_WORDS)
     words = rng.sample(pool, num_words)
@@ -395,15 +425,16 @@ def _cwe_example(rng: Random, num_words: int, common_repeats: int, uncommon_repe
 
 
 def _cwe(rng: Random, size: int, freq_cw: int, freq_ucw: int, num_cw: int, num_fewshot: int,
-         long_form: bool) -> tuple[str, str, list[str]]:
+         long_form: bool, haystack: str = "english") -> tuple[str, str, list[str]]:
     t = TEMPLATES["common_words_extraction"]
     full = t["template"] + t["answer_prefix"]
     shots = []
     for _ in range(num_fewshot):
-        ctx, ans = _cwe_example(rng, 40, 10, 3, num_cw) if long_form else _cwe_example(rng, 20, 3, 1, num_cw)
+        ctx, ans = (_cwe_example(rng, 40, 10, 3, num_cw, haystack) if long_form
+                    else _cwe_example(rng, 20, 3, 1, num_cw, haystack))
         shots.append(full.format(context=ctx) + " " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(ans)))
-    ctx, answer = (_cwe_example(rng, size, freq_cw, freq_ucw, num_cw) if long_form
-                   else _cwe_example(rng, size, 6, 1, num_cw))
+    ctx, answer = (_cwe_example(rng, size, freq_cw, freq_ucw, num_cw, haystack) if long_form
+                   else _cwe_example(rng, size, 6, 1, num_cw, haystack))
     inp = "\n".join(shots) + "\n" + t["template"].format(context=ctx)
     return inp, t["answer_prefix"], answer
 
@@ -413,15 +444,16 @@ _MIN_SIZE = {"niah": 4, "variable_tracking": 5, "common_words_extraction": 11}
 _STEP = {"niah": 25, "variable_tracking": 5, "common_words_extraction": 10}
 
 
-def _make(task: str, size: int, rng: Random, seed: int, long_form: bool) -> tuple[str, str, list[str]]:
+def _make(task: str, size: int, rng: Random, seed: int, long_form: bool,
+          haystack: str = "english") -> tuple[str, str, list[str]]:
     kind, args = TASKS[task]
     if kind == "niah":
-        return _niah(rng, size, **args)
+        return _niah(rng, size, haystack=haystack, **args)
     if kind == "variable_tracking":
         icl = _vt_icl(seed, args["num_chains"], args["num_hops"]) if args["fewshot"] else None
         return _vt(rng, size, icl=icl, **args)
     if kind == "common_words_extraction":
-        return _cwe(rng, size, long_form=long_form, **args)
+        return _cwe(rng, size, long_form=long_form, haystack=haystack, **args)
     raise ValueError(kind)
 
 
@@ -433,49 +465,71 @@ def _count(tokenizer: Tokenizer, inp: str, prefix: str) -> int:
     return len(tokenizer.encode(inp + prefix))
 
 
-def _min_tokens(task: str, length: int, tokenizer: Tokenizer, seed: int, long_form: bool) -> int:
-    inp, prefix, _ = _make(task, _MIN_SIZE[TASKS[task][0]], _rng(seed, task, length, 0), seed, long_form)
+def _min_tokens(task: str, length: int, tokenizer: Tokenizer, seed: int, long_form: bool, haystack: str) -> int:
+    inp, prefix, _ = _make(task, _MIN_SIZE[TASKS[task][0]], _rng(seed, task, length, 0), seed, long_form, haystack)
     return _count(tokenizer, inp, prefix)
 
 
-def _fit_size(task: str, length: int, tokenizer: Tokenizer, seed: int, budget: int) -> tuple[int, bool]:
+def _essay_cap(task: str, haystack: str) -> int | None:
+    """The most words a sample of ``task`` may take from the user's haystack file (None: no cap)."""
+    kind, args = TASKS[task]
+    if haystack == "english" or kind != "niah" or args["type_haystack"] != "essay":
+        return None
+    return len(_essay_words(haystack))
+
+
+def _fit_size(task: str, length: int, tokenizer: Tokenizer, seed: int, budget: int,
+              haystack: str = "english") -> tuple[int, bool]:
     """RULER's binary search: the largest haystack size whose sample 0 fits ``budget`` tokens.
 
     Also returns the common-words form: RULER uses the long form (30 / 3 repeats, a 40-word
     example) from 4096 tokens on; here only when it fits (a byte tokenizer needs ~4x the tokens).
+    A user's haystack file too short to fill ``budget`` raises `HaystackTooShort`.
     """
     kind, _ = TASKS[task]
     lo = _MIN_SIZE[kind]
     long_form = kind == "common_words_extraction" and length >= 4096
-    n_min = _min_tokens(task, length, tokenizer, seed, long_form)
+    n_min = _min_tokens(task, length, tokenizer, seed, long_form, haystack)
     if n_min > budget and long_form:
         long_form = False
-        n_min = _min_tokens(task, length, tokenizer, seed, long_form)
+        n_min = _min_tokens(task, length, tokenizer, seed, long_form, haystack)
     if n_min > budget:
         raise ValueError(f"task {task!r} does not fit in {length} tokens with this tokenizer "
                          f"({n_min} prompt tokens at the smallest haystack, {budget} available)")
-    probe = max(lo * 8, 64)
-    inp, prefix, _ = _make(task, probe, _rng(seed, task, length, 0), seed, long_form)
-    per_unit = max((_count(tokenizer, inp, prefix) - n_min) / (probe - lo), 1e-3)
+    cap = _essay_cap(task, haystack)
+    if cap is not None and cap < lo:
+        raise HaystackTooShort(f"{HAYSTACK_KEY}: the file {haystack!r} has {cap} words; at least {lo} are needed")
+    probe = max(lo * 8, 64) if cap is None else max(lo + 1, min(max(lo * 8, 64), cap))
+    inp, prefix, _ = _make(task, probe, _rng(seed, task, length, 0), seed, long_form, haystack)
+    per_unit = max((_count(tokenizer, inp, prefix) - n_min) / max(probe - lo, 1), 1e-3)
     hi = max(lo, int(lo + (budget - n_min) / per_unit * 1.5) + 1)
+    if cap is not None:
+        hi = min(hi, cap)
     best = lo
     while lo <= hi:
         mid = (lo + hi) // 2
-        inp, prefix, _ = _make(task, mid, _rng(seed, task, length, 0), seed, long_form)
+        inp, prefix, _ = _make(task, mid, _rng(seed, task, length, 0), seed, long_form, haystack)
         if _count(tokenizer, inp, prefix) <= budget:
             best, lo = mid, mid + 1
         else:
             hi = mid - 1
+    if cap is not None and best == cap:
+        raise HaystackTooShort(f"{HAYSTACK_KEY}: the file {haystack!r} ({cap} words) is shorter than the "
+                               f"{length}-token window of task {task!r}; a longer text is needed")
     return best, long_form
 
 
 def generate_task(task: str, length: int, num_samples: int, tokenizer: Tokenizer | None = None, *,
-                  seed: int = 42, tokens_to_generate: int | None = None) -> list[TaskSample]:
+                  seed: int = 42, tokens_to_generate: int | None = None,
+                  haystack: str = "english") -> list[TaskSample]:
     """``num_samples`` samples of ``task`` (a key of `TASKS`) whose prompt plus
     ``tokens_to_generate`` (default: RULER's value for the task) fits ``length`` tokens of
-    ``tokenizer`` (default: bytes). Deterministic in (task, length, index, seed, tokenizer).
+    ``tokenizer`` (default: bytes). Deterministic in (task, length, index, seed, tokenizer, haystack).
+    ``haystack``: "english" (the built-in text) or the path of the user's own text file (plain
+    text or JSONL with a "text" field; the essay haystack and the common-words vocabulary).
 
-    Raises ValueError when the task cannot fit ``length`` at all (the message gives the minimum).
+    Raises ValueError when the task cannot fit ``length`` at all (the message gives the minimum),
+    `HaystackTooShort` when the user's file cannot fill it.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
@@ -483,12 +537,12 @@ def generate_task(task: str, length: int, num_samples: int, tokenizer: Tokenizer
     kind, _ = TASKS[task]
     gen = TEMPLATES[kind]["tokens_to_generate"] if tokens_to_generate is None else int(tokens_to_generate)
     budget = int(length) - gen
-    size, long_form = _fit_size(task, length, tokenizer, seed, budget)
+    size, long_form = _fit_size(task, length, tokenizer, seed, budget, haystack)
     out = []
     for index in range(num_samples):
         used = size
         while True:
-            inp, prefix, answer = _make(task, used, _rng(seed, task, length, index), seed, long_form)
+            inp, prefix, answer = _make(task, used, _rng(seed, task, length, index), seed, long_form, haystack)
             n = _count(tokenizer, inp, prefix)
             if n <= budget or used <= _MIN_SIZE[kind]:
                 break
@@ -502,9 +556,10 @@ def generate_task(task: str, length: int, num_samples: int, tokenizer: Tokenizer
 
 
 def generate_sample(task: str, length: int, index: int, tokenizer: Tokenizer | None = None, *,
-                    seed: int = 42, tokens_to_generate: int | None = None) -> TaskSample:
+                    seed: int = 42, tokens_to_generate: int | None = None, haystack: str = "english") -> TaskSample:
     """Sample ``index`` of `generate_task` (the same text as in the full list)."""
-    return generate_task(task, length, index + 1, tokenizer, seed=seed, tokens_to_generate=tokens_to_generate)[index]
+    return generate_task(task, length, index + 1, tokenizer, seed=seed, tokens_to_generate=tokens_to_generate,
+                         haystack=haystack)[index]
 
 
 # ------------------------------------------------------------------ scoring (RULER's own)

@@ -1,8 +1,9 @@
-"""The shared sparse-attention kernel (Triton), its PyTorch reference and the CPU executors."""
+"""The sparse-attention executors behind `sparse_attention(q, k, v, selection)`: the shared Triton
+kernel, masked dense PyTorch, and the gather reference (the oracle)."""
 
-from .reference import sparse_attention_reference
+from .dispatch import BACKENDS, HAS_TRITON, check_index_range, check_inputs, choose_executor, sparse_attention
 from .masked import sparse_attention_masked
-from .dispatch import HAS_TRITON, check_index_range, check_inputs, sparse_attention, sparse_attention_cpu
+from .reference import sparse_attention_reference
 
-__all__ = ["sparse_attention", "sparse_attention_reference", "sparse_attention_masked", "sparse_attention_cpu",
-           "check_inputs", "check_index_range", "HAS_TRITON"]
+__all__ = ["sparse_attention", "sparse_attention_reference", "sparse_attention_masked", "choose_executor",
+           "check_inputs", "check_index_range", "BACKENDS", "HAS_TRITON"]

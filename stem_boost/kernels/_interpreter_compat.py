@@ -4,7 +4,12 @@
    bits (seen with triton 3.6). We widen bf16 operands to fp32 (exact) before the product.
 2. Loop bounds loaded from memory: the interpreter turns a 1-element array into a Python int with
    int(array), which numpy >= 2.4 rejects for arrays with ndim > 0. We use `.item()` instead.
-Neither changes what a compiled kernel computes; they only let CPU CI run the real kernel code.
+3. Load / store masks that are not boolean: triton 3.9's interpreter hands the mask to its C++
+   load / store, which accepts only bool arrays and raises `ValueError('mask has unsupported dtype')`
+   for the int32 mask it builds itself from `k_ok[:, None]` (a loaded scalar and a block combined).
+   We pass ``mask != 0``, which is what a compiled kernel does with any integer mask.
+None changes what a compiled kernel computes; they only let CPU CI run the real kernel code, on
+every triton version in the supported range (3.6 - 3.9).
 """
 
 from __future__ import annotations
@@ -40,4 +45,22 @@ def apply() -> None:
         scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
 
     itp._patch_lang_tensor = patch_tensor
+
+    def as_bool(mask):
+        if mask.data.dtype == np.bool_:
+            return mask
+        return itp.TensorHandle(np.asarray(mask.data) != 0, tl.int1)
+
+    original_load = builder_cls.create_masked_load
+    original_store = builder_cls.create_masked_store
+
+    # the trailing cache / eviction arguments differ between triton versions: passed through
+    def create_masked_load(self, ptrs, mask, *rest):
+        return original_load(self, ptrs, as_bool(mask), *rest)
+
+    def create_masked_store(self, ptrs, value, mask, *rest):
+        return original_store(self, ptrs, value, as_bool(mask), *rest)
+
+    builder_cls.create_masked_load = create_masked_load
+    builder_cls.create_masked_store = create_masked_store
     itp._stem_boost_patched = True

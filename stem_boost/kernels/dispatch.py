@@ -1,21 +1,23 @@
-"""Public entry point of the shared sparse-attention kernel: argument checks, tile choice, dispatch.
+"""`sparse_attention(q, k, v, selection)`: the one entry point of the sparse-attention contract, and
+the only place that picks an executor (the Triton kernel, masked dense PyTorch, the gather reference).
 
-    out = sparse_attention(q, k, v, idx, counts, block_size=1)            # DSA token lists
-    out = sparse_attention(q, k, v, idx, counts, block_size=64,
-                           query_block=64)                                  # InfLLMv2 block lists
-
-Contract (both the Triton kernel and `sparse_attention_reference` follow it):
+Contract (every executor follows it; `sparse_attention_reference` is the oracle):
     q [B, S, Hq, Dqk], k [B, T, Hkv, Dqk], v [B, T, Hkv, Dv]; Hq = G * Hkv; fp16 / bf16 / fp32.
-    idx [B, Hsel, R, Kmax] int32 (int64 accepted), -1 padded, R = ceil(S / query_block),
-        Hsel = 1 (one selection for all heads, e.g. DSA) or Hkv (one per GQA group, e.g. InfLLMv2).
-        Entries are key units: token positions (block_size = 1) or key-block numbers.
-    counts [B, Hsel, R]: valid leading entries per row; rows with 0 give zeros and lse = -inf.
-    Query position s sits at absolute position q_offset + s (default T - S); causal=True masks keys
-    after it, also inside the diagonal block. Units entirely after the row's last query position
-    are an input error (they would be wasted work) and are rejected when `check_indices=True`.
+    selection: `stem_boost.selection.Selection` — idx [B, Hsel, R, Kmax] int32 (-1 padded, R =
+        ceil(S / query_block), Hsel = 1 or Hkv), counts [B, Hsel, R], block_size (tokens per key unit:
+        1 or a power of two >= 16), query_block (a power of two), q_offset.
+    Query position s sits at key position q_offset + s (default T - S); causal=True masks keys after
+    it, also inside the diagonal block. Rows with 0 entries give zeros and lse = -inf. Units entirely
+    after the row's last query position are an input error (wasted work), rejected when `check=True`.
     Returns out [B, S, Hq, Dv] (q's dtype) and, with return_lse, lse [B, Hq, S] fp32 (natural log).
-MLA absorbed shapes (Dqk 576, Dv 512, Hkv 1, v = k[..., :512]) take the fast path that reads each
-gathered key once for both products.
+MLA absorbed shapes (Dqk 576, Dv 512, Hkv 1, v = k[..., :512]) take the kernel's fast path that reads
+each gathered key once for both products.
+
+Executors (`backend=`): "triton" (CUDA tensors, or the CPU under TRITON_INTERPRET=1: block lists
+take the union-tile kernel of `block_union.py`, token lists and sinks `triton_sparse.py`), "masked"
+(dense matmuls under the selection's mask, chunked: fast on CPUs), "reference" (gather + fp32
+softmax). "auto": Triton on CUDA; on the CPU masked when the selection covers at least 1/64 of the
+keys, else the gather (whose cost follows the selection, not the key length).
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ import os
 
 import torch
 
+from ..selection import Selection
 from .masked import sparse_attention_masked
 from .reference import sparse_attention_reference
 
 try:  # Triton is optional on the CPU; required for CUDA tensors.
     import triton
 
-    from .triton_sparse import _sparse_attn_fwd
+    from .aot import compiling
+    from .block_union import block_union_attention
+    from .triton_sparse import sparse_attn_fwd
 
     HAS_TRITON = True
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -42,10 +47,13 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
     HAS_TRITON = False
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CPU_DTYPES = _DTYPES + (torch.float64,)  # the PyTorch executors also run fp64 (exactness checks on the CPU)
+BACKENDS = ("auto", "triton", "masked", "reference")
 
 
-def _interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _triton_on_host() -> bool:
+    """Triton launches with CPU tensors: the interpreter, or an ahead-of-time build (aot.compile_only)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" or (HAS_TRITON and compiling())
 
 
 def _pow2_floor(x: int) -> int:
@@ -56,13 +64,40 @@ def _next_pow2(x: int) -> int:
     return 1 << (max(1, x) - 1).bit_length()
 
 
-def check_inputs(q, k, v, idx, counts, block_size: int, query_block: int, sinks=None) -> None:
+def choose_executor(q: torch.Tensor, k: torch.Tensor, selection: Selection, backend: str = "auto") -> str:
+    """The executor that runs this call: "triton", "masked" or "reference" (see the module docstring)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton' needs Triton (pip install triton)")
+        if not q.is_cuda and not _triton_on_host():
+            raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 on the CPU")
+        if q.dtype not in _DTYPES:
+            raise ValueError(f"backend='triton' runs float16, bfloat16, float32; got {q.dtype}")
+        return "triton"
+    if backend != "auto":
+        return backend
+    if q.is_cuda:
+        if not HAS_TRITON:
+            raise RuntimeError("CUDA tensors need Triton for sparse_attention; install triton (pip install triton)")
+        return "triton"
+    dense_enough = k.shape[1] <= 64 * selection.kmax * selection.block_size
+    return "masked" if dense_enough else "reference"
+
+
+def check_inputs(q, k, v, selection: Selection, sinks=None) -> None:
     """Raise ValueError naming the argument and what is allowed, for any malformed input."""
+    if not isinstance(selection, Selection):
+        raise ValueError(f"selection must be a stem_boost.Selection, got {type(selection).__name__}")
+    idx, counts = selection.idx, selection.counts
+    block_size, query_block = selection.block_size, selection.query_block
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor [B, S|T, H, D]; got {getattr(t, 'shape', type(t))}")
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name}.dtype={t.dtype} is not supported; allowed: float16, bfloat16, float32")
+        if t.dtype not in (_DTYPES if t.is_cuda else _CPU_DTYPES):
+            raise ValueError(f"{name}.dtype={t.dtype} is not supported; allowed: float16, bfloat16, float32"
+                             + ("" if t.is_cuda else ", float64 (CPU, masked / reference)"))
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     B, S, Hq, Dqk = q.shape
@@ -95,9 +130,11 @@ def check_inputs(q, k, v, idx, counts, block_size: int, query_block: int, sinks=
         raise ValueError(f"all tensors must be on one device; got {sorted(map(str, devices))}")
 
 
-def check_index_range(idx, counts, *, seq_q: int, seq_k: int, block_size: int, query_block: int,
-                      causal: bool, q_offset: int) -> None:
+def check_index_range(selection: Selection, *, seq_q: int, seq_k: int, causal: bool) -> None:
     """Reject counts outside [0, Kmax] and valid entries outside the key range or after the row."""
+    idx, counts = selection.idx, selection.counts
+    block_size, query_block = selection.block_size, selection.query_block
+    q_offset = selection.offset_for(seq_q, seq_k)
     kmax = idx.shape[-1]
     if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > kmax):
         raise ValueError(f"counts must lie in [0, Kmax={kmax}]; got [{int(counts.min())}, {int(counts.max())}]")
@@ -152,67 +189,84 @@ def _v_is_k_prefix(k: torch.Tensor, v: torch.Tensor) -> bool:
     )
 
 
-def sparse_attention_cpu(q, k, v, idx, counts, *, block_size: int, **kwargs):
-    """The PyTorch executors (no Triton, no checks): `sparse_attention_masked` (dense matmuls under
-    the selection's mask), or the gather reference when the selection covers < 1/64 of the keys.
-    Same arguments as `sparse_attention_reference`."""
-    if k.shape[1] <= 64 * idx.shape[-1] * block_size:
-        return sparse_attention_masked(q, k, v, idx, counts, block_size=block_size, **kwargs)
-    return sparse_attention_reference(q, k, v, idx, counts, block_size=block_size, **kwargs)
+def ascending_lists(idx: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows with strictly ascending live entries, as the union-tile kernel's merge needs them.
+
+    idx [B, Hsel, R, Kmax], counts [B, Hsel, R]. A selection that is already so (every native and
+    Stem selector of this project writes its rows ascending) costs one check; any other row is
+    sorted and de-duplicated here."""
+    live = torch.arange(idx.shape[-1], device=idx.device) < counts[..., None].long()
+    unordered = (idx[..., 1:] <= idx[..., :-1]) & live[..., 1:]
+    if not bool(unordered.any() | (live & (idx < 0)).any()):  # one host sync
+        return idx, counts
+    big = torch.iinfo(torch.int32).max
+    keys = torch.where(live & (idx >= 0), idx, big).sort(dim=-1).values
+    dup = torch.zeros_like(live)
+    dup[..., 1:] = keys[..., 1:] == keys[..., :-1]
+    keys = torch.where(dup, big, keys).sort(dim=-1).values
+    return torch.where(keys == big, -1, keys).to(torch.int32).contiguous(), (keys != big).sum(-1).to(torch.int32)
 
 
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    idx: torch.Tensor,
-    counts: torch.Tensor,
+    selection: Selection,
     *,
-    block_size: int,
-    query_block: int = 1,
     causal: bool = True,
     sm_scale: float | None = None,
     return_lse: bool = False,
     sinks: torch.Tensor | None = None,
-    q_offset: int | None = None,
-    check_indices: bool = True,
+    backend: str = "auto",
+    check: bool = True,
     tiles: dict | None = None,
 ):
     """Attention of every query row over its selected keys (see the module docstring for shapes).
 
-    Runs the Triton kernel on CUDA tensors (and on the CPU under TRITON_INTERPRET=1); otherwise
-    `sparse_attention_cpu` (PyTorch). `tiles` overrides the tile choice (benchmarks);
-    `check_indices=False` skips the index-range pass when the caller built the selection itself.
+    `backend` picks the executor ("auto" by default); `check=False` skips the index-range pass when
+    the caller built the selection itself; `tiles` overrides the kernel's tile choice (benchmarks).
     """
-    check_inputs(q, k, v, idx, counts, block_size, query_block, sinks)
-    B, S, Hq, Dqk = q.shape
-    T, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
-    offset = (T - S) if q_offset is None else int(q_offset)
+    check_inputs(q, k, v, selection, sinks)
+    S, T = q.shape[1], k.shape[1]
+    offset = selection.offset_for(S, T)
     if offset < 0:
         raise ValueError(f"q_offset={offset} must be >= 0 (queries sit inside the key range)")
-    if check_indices:
-        check_index_range(idx, counts, seq_q=S, seq_k=T, block_size=block_size, query_block=query_block,
-                          causal=causal, q_offset=offset)
-    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(Dqk)
+    if check:
+        check_index_range(selection, seq_q=S, seq_k=T, causal=causal)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[3])
+    executor = choose_executor(q, k, selection, backend)
+    if executor == "masked":
+        return sparse_attention_masked(q, k, v, selection, causal=causal, sm_scale=scale, return_lse=return_lse,
+                                       sinks=sinks)
+    if executor == "reference":
+        return sparse_attention_reference(q, k, v, selection, causal=causal, sm_scale=scale,
+                                          return_lse=return_lse, sinks=sinks)
+    if selection.block_size > 1 and sinks is None and tiles is None:
+        # block lists: query tiles of several tokens x a GQA group (M = 64 rows for any group size) over
+        # the union of their rows' lists, a per-token mask keeping per-token lists exact (block_union.py)
+        idx, counts = ascending_lists(selection.idx.to(torch.int32), selection.counts.to(torch.int32))
+        return block_union_attention(q, k, v, idx, counts, block_size=selection.block_size,
+                                     query_block=selection.query_block, q_offset=offset,
+                                     sm_scale=scale, causal=causal, return_lse=return_lse)
+    return _run_triton(q, k, v, selection, offset=offset, causal=causal, scale=scale, return_lse=return_lse,
+                       sinks=sinks, tiles=tiles)
 
-    use_triton = q.is_cuda or _interpret_mode()
-    if q.is_cuda and not HAS_TRITON:
-        raise RuntimeError("CUDA tensors need Triton for sparse_attention; install triton (pip install triton)")
-    if not use_triton or not HAS_TRITON:
-        return sparse_attention_cpu(
-            q, k, v, idx, counts, block_size=block_size, query_block=query_block, causal=causal,
-            sm_scale=scale, return_lse=return_lse, sinks=sinks, q_offset=offset,
-        )
 
+def _run_triton(q, k, v, selection: Selection, *, offset: int, causal: bool, scale: float, return_lse: bool,
+                sinks, tiles: dict | None):
+    """Launch the Triton kernel (`triton_sparse.sparse_attn_fwd`): one program per (query tile, head tile)."""
+    B, S, Hq, Dqk = q.shape
+    T, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    block_size, query_block = selection.block_size, selection.query_block
     # The kernel needs unit stride on the last dim; anything else is copied once here.
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
     v_from_k = _v_is_k_prefix(k, v) and Dv >= 16
     if not v_from_k and v.stride(-1) != 1:
         v = v.contiguous()
-    idx = idx.to(torch.int32) if idx.dtype != torch.int32 or idx.stride(-1) != 1 else idx
+    idx = selection.idx
+    idx = idx.to(torch.int32) if idx.dtype != torch.int32 else idx
     idx = idx.contiguous() if idx.stride(-1) != 1 else idx
-    counts = counts.to(torch.int32).contiguous()
-
+    counts = selection.counts.to(torch.int32).contiguous()
     G = Hq // Hkv
     cfg = _tiles(G, Dqk, Dv, block_size, query_block, q.element_size())
     if tiles:
@@ -223,7 +277,7 @@ def sparse_attention(
     lse = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device) if return_lse else out
     n_head_chunks = -(-G // cfg["BLOCK_H"])
     grid = (triton.cdiv(S, cfg["BLOCK_T"]), B * Hkv * n_head_chunks)
-    _sparse_attn_fwd[grid](
+    sparse_attn_fwd[grid](
         q, k, v, idx, counts, out, lse, sinks if sinks is not None else q,
         scale * 1.4426950408889634, S, T, offset, G,
         q.stride(0), q.stride(1), q.stride(2),

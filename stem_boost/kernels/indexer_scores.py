@@ -5,6 +5,14 @@ for the weighted head sum: H times more traffic than the result. Here one progra
 [BLOCK_S, BLOCK_T] tile of I and loops over the H heads, keeping the running sum in registers
 (the product q_h k^T on tensor cores, relu and the weight in fp32), so only I is written.
 Program roles: axis 0 = query tile, axis 1 = key tile, axis 2 = batch.
+
+FP8 (`fp8_index_scores`), as DeepSeek-V3.2's own inference code scores its indexer: q and k are
+rotated by the orthonormal Hadamard matrix H_D (q.k is unchanged, but outlier channels are spread
+over all D channels, so a per-row scale loses less), then quantised to e4m3 with one fp32 scale per
+row of D <= 128 channels (amax / 448). relu(sq * sk * q8.k8) = sq * sk * relu(q8.k8) for positive
+scales, so the query scale is folded into the head weight and the key scale multiplies the head
+sum once: the kernel runs the same loop on e4m3 tensor cores (Hopper and later) with two extra
+fp32 multiplies per output.
 """
 
 from __future__ import annotations
@@ -16,12 +24,14 @@ import triton.language as tl
 
 @triton.jit
 def _index_scores_kernel(
-    Q, K, W, OUT, scale, S, T, causal_offset,
+    Q, K, W, KSCALE, OUT, scale, S, T, causal_offset,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_kt,
     stride_wb, stride_ws,
     stride_ob, stride_os,
+    stride_ksb,
     H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KSCALE: tl.constexpr, WRITE_MASKED: tl.constexpr, HPS: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -37,42 +47,141 @@ def _index_scores_kernel(
     w_base = W + b.to(tl.int64) * stride_wb + offs_s.to(tl.int64) * stride_ws
     acc = tl.zeros([BLOCK_S, BLOCK_T], tl.float32)
     n_heads = H
+    write = s_ok[:, None] & t_ok[None, :]
     if CAUSAL:  # a tile wholly after the tile's last query needs no product: it is all -inf
         if pid_t * BLOCK_T > pid_s * BLOCK_S + BLOCK_S - 1 + causal_offset:
             n_heads = 0
-    for h in range(n_heads):
-        q = tl.load(q_base + h * stride_qh, mask=s_ok[:, None], other=0.0)
-        w = tl.load(w_base + h, mask=s_ok, other=0.0)
-        qk = tl.dot(q, tl.trans(k))
-        acc += w[:, None] * tl.maximum(qk * scale, 0.0)
+    if not WRITE_MASKED:  # the caller reads only keys before each row's limit: skipped tiles stay unwritten
+        write = write & (n_heads > 0)
+    # HPS heads per step (products written before the epilogues; whether they overlap is the compiler's call)
+    kt = tl.trans(k)
+    for h in range(0, n_heads, HPS):
+        qk0 = tl.dot(tl.load(q_base + h * stride_qh, mask=s_ok[:, None], other=0.0), kt)
+        if HPS >= 2:
+            qk1 = tl.dot(tl.load(q_base + (h + 1) * stride_qh, mask=s_ok[:, None], other=0.0), kt)
+        if HPS >= 4:
+            qk2 = tl.dot(tl.load(q_base + (h + 2) * stride_qh, mask=s_ok[:, None], other=0.0), kt)
+            qk3 = tl.dot(tl.load(q_base + (h + 3) * stride_qh, mask=s_ok[:, None], other=0.0), kt)
+        acc += tl.load(w_base + h, mask=s_ok, other=0.0)[:, None] * tl.maximum(qk0 * scale, 0.0)
+        if HPS >= 2:
+            acc += tl.load(w_base + h + 1, mask=s_ok, other=0.0)[:, None] * tl.maximum(qk1 * scale, 0.0)
+        if HPS >= 4:
+            acc += tl.load(w_base + h + 2, mask=s_ok, other=0.0)[:, None] * tl.maximum(qk2 * scale, 0.0)
+            acc += tl.load(w_base + h + 3, mask=s_ok, other=0.0)[:, None] * tl.maximum(qk3 * scale, 0.0)
+    if HAS_KSCALE:
+        acc = acc * tl.load(KSCALE + b.to(tl.int64) * stride_ksb + offs_t, mask=t_ok, other=0.0)[None, :]
     if CAUSAL:
         acc = tl.where(offs_t[None, :] <= offs_s[:, None] + causal_offset, acc, float("-inf"))
     out = OUT + b.to(tl.int64) * stride_ob + offs_s[:, None].to(tl.int64) * stride_os + offs_t[None, :]
-    tl.store(out, acc, mask=s_ok[:, None] & t_ok[None, :])
+    tl.store(out, acc, mask=write)
 
 
 def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float | None,
-                       causal_offset: int | None = None, block_s: int = 64, block_t: int = 128) -> torch.Tensor:
-    """q [B, S, H, D] (bf16/fp16), k [B, T, D], w [B, S, H] fp32 -> I [B, S, T] fp32.
+                       causal_offset: int | None = None, block_s: int = 64, block_t: int = 128,
+                       *, write_masked: bool = True, k_scale: torch.Tensor | None = None,
+                       num_warps: int | None = None, heads_per_step: int | None = None) -> torch.Tensor:
+    """q [B, S, H, D] (bf16/fp16, or e4m3 with k e4m3), k [B, T, D], w [B, S, H] fp32 -> I [B, S, T] fp32.
 
     `scale=None` means the scale is already folded into w (scores relu(q.k) are then weighted).
     `causal_offset=o`: key t is visible to query s iff t <= s + o; others get -inf (and tiles
-    wholly after the diagonal skip the products). None: no mask.
+    wholly after the diagonal skip the products). None: no mask. `write_masked=False` (causal
+    only): tiles wholly after the diagonal are not written either (their content is undefined), for
+    a caller that reads only keys t <= s + o (e.g. `dsa_topk.topk_rows(..., valid_len=)`).
+    `k_scale` fp32 [B, T] or None multiplies each key's head sum (the FP8 path's key scales).
+    `heads_per_step` (1, 2 or 4, dividing H; default 1): head products written back to back (a tuning
+    knob; Triton 3.6 still waits for each product before the next, see the DSA GPU log).
     """
     B, S, H, D = q.shape
     T = k.shape[1]
     if D & (D - 1) or D < 16:
         raise ValueError(f"index head dim {D} must be a power of two >= 16 for the fused kernel")
-    k = k.to(q.dtype)
+    if q.dtype != torch.float8_e4m3fn:
+        k = k.to(q.dtype)
+    elif k.dtype != q.dtype:
+        raise ValueError(f"e4m3 q needs e4m3 k; got {k.dtype}")
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     w = w.float().contiguous()
     out = torch.empty(B, S, T, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(S, block_s), triton.cdiv(T, block_t), B)
+    hps = heads_per_step or 1
+    if hps not in (1, 2, 4) or H % hps:
+        raise ValueError(f"heads_per_step={hps} must be 1, 2 or 4 and divide the {H} heads")
+    if k_scale is not None:
+        k_scale = k_scale.float().contiguous()
     _index_scores_kernel[grid](
-        q, k, w, out, 1.0 if scale is None else float(scale), S, T, 0 if causal_offset is None else int(causal_offset),
+        q, k, w, k_scale if k_scale is not None else w, out, 1.0 if scale is None else float(scale), S, T,
+        0 if causal_offset is None else int(causal_offset),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-        H=H, D=D, BLOCK_S=block_s, BLOCK_T=block_t, CAUSAL=causal_offset is not None, num_warps=8 if block_s * block_t >= 8192 else 4,
+        k_scale.stride(0) if k_scale is not None else 0,
+        H=H, D=D, BLOCK_S=block_s, BLOCK_T=block_t, CAUSAL=causal_offset is not None,
+        HAS_KSCALE=k_scale is not None, WRITE_MASKED=write_masked or causal_offset is None,
+        HPS=hps,
+        num_warps=num_warps or (8 if block_s * block_t >= 8192 else 4),
     )
     return out
+
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def hadamard_matrix(n: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix [n, n] (n a power of two): entries +-1/sqrt(n)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"the Hadamard rotation needs a power-of-two size; got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / n**0.5).to(device=device, dtype=dtype)
+
+
+def quantize_fp8_rows(x: torch.Tensor, rotation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] (D <= 128: one block per row) -> (e4m3 [..., D], fp32 scale [...]) with x ~ q8 * scale.
+
+    `rotation` [D, D] (e.g. `hadamard_matrix(D)`) is applied first, in fp32. scale = amax / 448 per
+    row (at least 1e-12, so all-zero rows quantise to zeros).
+    """
+    if x.shape[-1] > 128:
+        raise ValueError(f"one fp8 block per row: D={x.shape[-1]} must be <= 128")
+    x = x.float()
+    if rotation is not None:
+        x = x @ rotation.to(device=x.device, dtype=torch.float32)
+    scale = x.abs().amax(-1).clamp(min=1e-12) / FP8_MAX
+    q8 = (x / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q8, scale
+
+
+def fp8_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float | None,
+                     causal_offset: int | None = None, block_s: int = 64, block_t: int = 128,
+                     *, rotate: bool = True, write_masked: bool = True, num_warps: int | None = None,
+                     heads_per_step: int | None = None) -> torch.Tensor:
+    """The lightning-indexer scores of `fused_index_scores`, computed with FP8 (e4m3) operands.
+
+    q [B, S, H, D], k [B, T, D] any float dtype (D a power of two <= 128), w [B, S, H]; same result
+    layout and masking as `fused_index_scores`. With `rotate` (default, DeepSeek-V3.2's recipe) q and
+    k are Hadamard-rotated before the per-row quantisation. Needs FP8 tensor cores on CUDA (compute
+    capability >= 8.9); runs under the Triton interpreter on the CPU.
+    """
+    D = q.shape[-1]
+    rot = hadamard_matrix(D, q.device) if rotate else None
+    q8, q_scale = quantize_fp8_rows(q, rot)  # [B, S, H, D], [B, S, H]
+    k8, k_scale = quantize_fp8_rows(k, rot)  # [B, T, D], [B, T]
+    w8 = w.float() * q_scale * (1.0 if scale is None else float(scale))
+    return fused_index_scores(q8, k8, w8, None, causal_offset, block_s, block_t, write_masked=write_masked,
+                              k_scale=k_scale, num_warps=num_warps, heads_per_step=heads_per_step)
+
+
+def fp8_index_scores_reference(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float | None,
+                               *, rotate: bool = True, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """PyTorch definition of `fp8_index_scores` without the mask: the same quantised operands, and
+    their products exact (two e4m3 mantissas fit in fp32's). Returns [B, S, T] in `dtype`: fp64
+    (the oracle) or fp32 (the CPU's emulation of the FP8 indexer: the kernel's arithmetic up to
+    the order of its fp32 sums). Intermediate: [B, S, H, T] in `dtype`."""
+    D = q.shape[-1]
+    rot = hadamard_matrix(D, q.device) if rotate else None
+    q8, q_scale = quantize_fp8_rows(q, rot)
+    k8, k_scale = quantize_fp8_rows(k, rot)
+    per_head = torch.relu(torch.einsum("bshd,btd->bsht", q8.to(dtype), k8.to(dtype)))
+    w8 = w.to(dtype) * q_scale.to(dtype) * (1.0 if scale is None else float(scale))
+    return torch.einsum("bsh,bsht->bst", w8, per_head) * k_scale.to(dtype).unsqueeze(1)

@@ -20,10 +20,70 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _visible_lse(q, k_base, vis, lo, n_max, scale_log2, K2N, stride_kn, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online log-sum-exp (log2 units) of the rows q [M, D] over the coarse keys lo <= c < vis[row]
+    of one (batch, kv head) (k_base: its key 0), BLOCK_N keys per step -> [M] fp32, -inf for a row
+    that sees no key."""
+    d = tl.arange(0, D)
+    m_i = tl.full([q.shape[0]], float("-inf"), tl.float32)
+    l_i = tl.zeros([q.shape[0]], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(0, n_max, BLOCK_N):
+        cols = n0 + offs_n
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + d[None, :], mask=cols[:, None] < K2N, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.where((cols[None, :] < vis[:, None]) & (cols[None, :] >= lo), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
+        m_i = m_new
+    return tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+
+
+@triton.jit
+def _coarse_lse_rows(Q, K2, VIS2, LO, LSE, b, hk, head, q_head, tok, ok, scale_log2, K2N,
+                     stride_qb, stride_qs, stride_kb, stride_kh, stride_kn, stride_lb, stride_lh,
+                     D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LO: tl.constexpr):
+    """The coarse lse of M query rows (tok [M]: positions in the chunk; head: their query heads,
+    [M] or one; q_head: head's offset into Q, [M, 1] or one) over the coarse keys of (batch b, kv
+    head hk) -> LSE[b, head, tok]."""
+    d = tl.arange(0, D)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + q_head + tok[:, None].to(tl.int64) * stride_qs + d[None, :],
+                mask=ok[:, None], other=0.0)
+    vis = tl.load(VIS2 + tok, mask=ok, other=0)
+    n_max = tl.max(vis, 0)
+    if HAS_LO:  # left padding: coarse keys before LO[b] do not exist
+        lo = tl.load(LO + b)
+    else:
+        lo = 0
+    k_base = K2 + b.to(tl.int64) * stride_kb + hk * stride_kh
+    lse = _visible_lse(q, k_base, vis, lo, n_max, scale_log2, K2N, stride_kn, D, BLOCK_N)
+    tl.store(LSE + b.to(tl.int64) * stride_lb + head * stride_lh + tok, lse, mask=ok)
+
+
+@triton.jit
+def group_mass(acc, Q, LSE, k, b, hk, tok, ok, n_heads, scale_log2, stride_qb, stride_qh, stride_qs,
+               stride_lb, stride_lh, G: tl.constexpr, D: tl.constexpr):
+    """acc [M, N] + the stage-1 mass of keys k [N, D] summed over the first n_heads heads of kv head
+    hk's group: sum_g exp2(q_g[tok] . k * scale_log2 - lse_g[tok]) (0 for rows whose lse is -inf)."""
+    d = tl.arange(0, D)
+    for g in range(n_heads):
+        head = hk * G + g
+        q = tl.load(Q + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+                    + tok[:, None].to(tl.int64) * stride_qs + d[None, :], mask=ok[:, None], other=0.0)
+        lse = tl.load(LSE + b.to(tl.int64) * stride_lb + head * stride_lh + tok, mask=ok, other=float("-inf"))
+        lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+        s = tl.dot(q, tl.trans(k)) * scale_log2 - lse_safe[:, None]
+        p = tl.math.exp2(s)
+        acc += tl.where((lse != float("-inf"))[:, None], p, 0.0)
+    return acc
+
+
+@triton.jit
 def _coarse_lse_kernel(
-    Q, K2, VIS2, LSE, scale_log2, S, K2N,
+    Q, K2, VIS2, LO, LSE, scale_log2, S, K2N,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_kn, stride_lb, stride_lh,
-    HK, G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+    HK, G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LO: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     bh = tl.program_id(2)
@@ -33,26 +93,28 @@ def _coarse_lse_kernel(
     tok = pid_s * BLOCK_S + offs_m // G
     head = hk * G + offs_m % G
     ok = tok < S
-    d = tl.arange(0, D)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh
-                + tok[:, None].to(tl.int64) * stride_qs + d[None, :], mask=ok[:, None], other=0.0)
-    vis = tl.load(VIS2 + tok, mask=ok, other=0)
-    n_max = tl.max(vis, 0)
-    m_i = tl.full([BLOCK_S * G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_S * G], tl.float32)
-    k_base = K2 + b.to(tl.int64) * stride_kb + hk * stride_kh
-    offs_n = tl.arange(0, BLOCK_N)
-    for n0 in range(0, n_max, BLOCK_N):
-        cols = n0 + offs_n
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + d[None, :], mask=cols[:, None] < K2N, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
-        s = tl.where(cols[None, :] < vis[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
-        m_i = m_new
-    lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))  # log2 units
-    tl.store(LSE + b.to(tl.int64) * stride_lb + head * stride_lh + tok, lse, mask=ok)
+    _coarse_lse_rows(Q, K2, VIS2, LO, LSE, b, hk, head, head[:, None].to(tl.int64) * stride_qh, tok, ok, scale_log2,
+                     K2N, stride_qb, stride_qs, stride_kb, stride_kh, stride_kn, stride_lb, stride_lh, D, BLOCK_N, HAS_LO)
+
+
+@triton.jit
+def _coarse_lse_head_kernel(
+    Q, K2, VIS2, LO, LSE, scale_log2, S, K2N,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_kn, stride_lb, stride_lh,
+    HK, G, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LO: tl.constexpr,
+):
+    """`_coarse_lse_kernel` for any group size: axis 0 = query tile, axis 1 = one query head of the
+    group, axis 2 = batch x kv head (M = BLOCK_S rows of one head)."""
+    pid_s = tl.program_id(0)
+    g = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // HK
+    hk = bh % HK
+    tok = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    head = hk * G + g
+    ok = tok < S
+    _coarse_lse_rows(Q, K2, VIS2, LO, LSE, b, hk, head, head.to(tl.int64) * stride_qh, tok, ok, scale_log2,
+                     K2N, stride_qb, stride_qs, stride_kb, stride_kh, stride_kn, stride_lb, stride_lh, D, BLOCK_N, HAS_LO)
 
 
 @triton.jit
@@ -79,15 +141,8 @@ def _fine_scores_kernel(
     if n_heads > 0:
         k = tl.load(K1 + b.to(tl.int64) * stride_kb + hk * stride_kh + cols[:, None].to(tl.int64) * stride_kn
                     + d[None, :], mask=cols[:, None] < K1N, other=0.0)
-        for g in range(n_heads):
-            head = hk * G + g
-            q = tl.load(Q + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-                        + tok[:, None].to(tl.int64) * stride_qs + d[None, :], mask=ok[:, None], other=0.0)
-            lse = tl.load(LSE + b.to(tl.int64) * stride_lb + head * stride_lh + tok, mask=ok, other=float("-inf"))
-            lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
-            s = tl.dot(q, tl.trans(k)) * scale_log2 - lse_safe[:, None]
-            p = tl.math.exp2(s)
-            acc += tl.where((lse != float("-inf"))[:, None], p, 0.0)
+        acc = group_mass(acc, Q, LSE, k, b, hk, tok, ok, n_heads, scale_log2, stride_qb, stride_qh, stride_qs,
+                         stride_lb, stride_lh, G, D)
     acc = tl.where(cols[None, :] < vis[:, None], acc, 0.0)
     tl.store(OUT + b.to(tl.int64) * stride_ob + hk.to(tl.int64) * stride_oh + tok[:, None].to(tl.int64) * stride_os
              + cols[None, :], acc, mask=ok[:, None] & (cols[None, :] < K1N))
@@ -113,9 +168,9 @@ def fused_stage1_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, vis
     scale_log2 = float(scale) * LOG2E
     bs_a = max(1, 128 // G)
     _coarse_lse_kernel[(triton.cdiv(C, bs_a), 1, B * Hk)](
-        q, k2, vis2, lse, scale_log2, C, K2,
+        q, k2, vis2, vis2, lse, scale_log2, C, K2,
         q.stride(0), q.stride(1), q.stride(2), k2.stride(0), k2.stride(1), k2.stride(2), lse.stride(0), lse.stride(1),
-        Hk, G=G, D=D, BLOCK_S=bs_a, BLOCK_N=block_n, num_warps=8 if bs_a * G >= 128 else 4,
+        Hk, G=G, D=D, BLOCK_S=bs_a, BLOCK_N=block_n, HAS_LO=False, num_warps=8 if bs_a * G >= 128 else 4,
     )
     out = torch.empty(B, Hk, C, K1, dtype=torch.float32, device=q.device)
     bs_b = max(16, block_s)
@@ -126,3 +181,37 @@ def fused_stage1_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, vis
         Hk, G=G, D=D, BLOCK_S=bs_b, BLOCK_C=block_c, num_warps=4,
     )
     return out
+
+
+def coarse_lse(q: torch.Tensor, k2: torch.Tensor, vis2: torch.Tensor, scale: float, *,
+               lo2: torch.Tensor | None = None, block_n: int = 64) -> torch.Tensor:
+    """The coarse level of stage 1 alone: lse [B, Hq, C] fp32 in log2 units (-inf for rows that see
+    no coarse key) of ``q_g[s] . k2[c2] * scale`` over ``lo2[b] <= c2 < vis2[s]``.
+
+    q [B, Hq, C, D] (HF layout), k2 [B, Hk, K2, D] in q's dtype, vis2 [C] int32, lo2 optional [B]
+    int32 first existing coarse key (left padding). D a power of two; any group size (a group of
+    a power of two runs with the group's heads folded into the tile rows)."""
+    B, Hq, C, D = q.shape
+    Hk, K2 = k2.shape[1], k2.shape[2]
+    G = Hq // Hk
+    if D & (D - 1) or D < 16:
+        raise ValueError(f"head dim {D} must be a power of two >= 16")
+    k2 = k2.to(q.dtype).contiguous()
+    vis2 = vis2.to(torch.int32).contiguous()
+    lse = torch.empty(B, Hq, C, dtype=torch.float32, device=q.device)
+    if G & (G - 1):
+        _coarse_lse_head_kernel[(triton.cdiv(C, 64), G, B * Hk)](
+            q, k2, vis2, lo2 if lo2 is not None else vis2, lse, float(scale) * LOG2E, C, K2,
+            q.stride(0), q.stride(1), q.stride(2), k2.stride(0), k2.stride(1), k2.stride(2),
+            lse.stride(0), lse.stride(1),
+            Hk, G, D=D, BLOCK_S=64, BLOCK_N=block_n, HAS_LO=lo2 is not None, num_warps=4,
+        )
+        return lse
+    bs_a = max(1, 128 // G)
+    _coarse_lse_kernel[(triton.cdiv(C, bs_a), 1, B * Hk)](
+        q, k2, vis2, lo2 if lo2 is not None else vis2, lse, float(scale) * LOG2E, C, K2,
+        q.stride(0), q.stride(1), q.stride(2), k2.stride(0), k2.stride(1), k2.stride(2), lse.stride(0), lse.stride(1),
+        Hk, G=G, D=D, BLOCK_S=bs_a, BLOCK_N=block_n, HAS_LO=lo2 is not None,
+        num_warps=8 if bs_a * G >= 128 else 4,
+    )
+    return lse

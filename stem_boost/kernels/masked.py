@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from ..selection import Selection
+
 
 def selection_mask(idx: torch.Tensor, counts: torch.Tensor, block_size: int, seq_k: int) -> torch.Tensor:
     """Boolean key mask of selection rows.
@@ -38,16 +40,12 @@ def sparse_attention_masked(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    idx: torch.Tensor,
-    counts: torch.Tensor,
+    selection: Selection,
     *,
-    block_size: int,
-    query_block: int = 1,
     causal: bool = True,
     sm_scale: float | None = None,
     return_lse: bool = False,
     sinks: torch.Tensor | None = None,
-    q_offset: int | None = None,
     max_chunk_bytes: int = 256 * 2**20,
 ):
     """Masked-dense sparse attention (fp32 accumulation), query chunks sized so that one chunk's
@@ -56,9 +54,11 @@ def sparse_attention_masked(
     B, S, Hq, Dqk = q.shape
     T, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
+    idx, counts = selection.idx, selection.counts
+    block_size, query_block = selection.block_size, selection.query_block
     Hsel = idx.shape[1]
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(Dqk)
-    offset = (T - S) if q_offset is None else q_offset
+    offset = selection.offset_for(S, T)
     acc_dtype = torch.promote_types(q.dtype, torch.float32)
     elem = torch.tensor([], dtype=acc_dtype).element_size()
     chunk = max(1, min(S, max_chunk_bytes // max(1, 2 * B * Hq * T * elem)))

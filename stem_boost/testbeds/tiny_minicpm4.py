@@ -18,7 +18,7 @@ SPARSE = dict(kernel_size=16, kernel_stride=8, init_blocks=1, block_size=32, win
 def build_testbed(seed: int = 0, dtype: str = "float32", device: str = "cpu", **overrides):
     """Tiny MiniCPM-4.1: 4 layers, hidden 128, 8 query / 2 kv heads (d 16), byte tokenizer.
     `overrides` change the config (e.g. ``num_hidden_layers=2``); ``sparse_config`` merges into SPARSE."""
-    from ..eval.tokenizers import ByteTokenizer
+    from ..text.tokenizers import ByteTokenizer
     from ..models.minicpm4 import MiniCPM4Config, MiniCPM4ForCausalLM
     from . import Testbed
 

@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from .configuration_minicpm4 import MiniCPM4Config
-from .infllmv2 import (
+from ...native.infllmv2 import (
     MINICPM41_SPARSE_CONFIG,
     BlockScores,
     BlockSelection,

@@ -27,7 +27,7 @@ from typing import Any
 
 from transformers.configuration_utils import PreTrainedConfig
 
-from .infllmv2 import InfLLMv2Params
+from ...native.infllmv2 import InfLLMv2Params
 
 __all__ = ["MiniCPM4Config"]
 

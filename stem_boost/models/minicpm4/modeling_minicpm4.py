@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -42,9 +43,13 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
-from ...kernels import HAS_TRITON, sparse_attention
+from ...compat import cache_argument
+from ...kernels import sparse_attention
+from ...kernels.dense import dense_causal_attention
+from ...native.infllmv2 import InfLLMv2Params, infllmv2_select
+from ...rope import apply_rope_half
+from ...selection import key_padding
 from .configuration_minicpm4 import MiniCPM4Config
-from .infllmv2 import BlockScores, BlockSelection, InfLLMv2Params, infllmv2_select, infllmv2_sparse_attention
 
 __all__ = ["MiniCPM4ForCausalLM", "MiniCPM4Model", "MiniCPM4PreTrainedModel"]
 
@@ -137,18 +142,9 @@ class MiniCPM4RoPE(nn.Module):
         return self._cos[position_ids], self._sin[position_ids]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary_pos_emb(q, k, cos, sin):
     """Rotate q [B, Hq, S, D] and k [B, Hk, S, D] in fp32 (official ``apply_rotary_pos_emb``)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    qf, kf = q.float(), k.float()
-    q_embed = qf * cos + _rotate_half(qf) * sin
-    k_embed = kf * cos + _rotate_half(kf) * sin
-    return q_embed.to(q.dtype), k_embed.to(k.dtype)
+    return apply_rope_half(q, k, cos, sin, 1, compute_dtype=torch.float32)
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -176,61 +172,84 @@ def _eager_attention(module, query, key, value, attention_mask, scaling, dropout
     return torch.matmul(w, value).transpose(1, 2).contiguous(), w
 
 
-#: Stem hook: ``rescore(block_scores, *, layer_idx, q, k, v) -> BlockScores`` (q, k post-RoPE, HF layout).
-RescoreHook = Callable[..., BlockScores]
+#: ``sparse_forward(module, q, k, v, params, q_nope=, k_nope=, batch_row=) -> out``: the InfLLMv2 path
+#: of one attention module on unpadded rows (``batch_row`` is a `BatchRow` when a padded batch runs row
+#: by row, else None); `stem_boost.wrap` installs Stem's in place of the native one.
+SparseForward = Callable[..., torch.Tensor]
 
 
-def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, block_size: int,
-                           *, q_offset: int, sm_scale: float) -> torch.Tensor:
-    """The native block-sparse attention: q [B, Hq, S, D], k / v [B, Hk, T, D], idx [B, Hk, S, K]
-    (left-packed block numbers, -1 padded) -> [B, Hq, S, D]. The shared Triton kernel in block mode
-    on CUDA (the official model calls OpenBMB's CUDA kernel here), :func:`infllmv2_sparse_attention`
-    elsewhere; the two agree (tests/test_infllmv2_kernel.py)."""
-    if q.is_cuda and HAS_TRITON:
-        return kernel_block_attention(q, k, v, idx, block_size, q_offset=q_offset, sm_scale=sm_scale)
-    return infllmv2_sparse_attention(q, k, v, idx, block_size, q_offset=q_offset, sm_scale=sm_scale)
+class BatchRow(NamedTuple):
+    """Which row of a padded batch a `sparse_forward` call runs: its index, the batch size, and
+    whether it is the first sparse row of this batch (rows too short to be sparse run dense)."""
 
-
-def kernel_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, block_size: int,
-                           *, q_offset: int, sm_scale: float) -> torch.Tensor:
-    """:func:`block_sparse_attention` through the shared kernel whatever the device (the Triton
-    interpreter on the CPU, where the index ranges are checked too): one row of blocks per query token."""
-    counts = (idx >= 0).sum(-1).to(torch.int32)
-    out = sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), idx, counts,
-                           block_size=block_size, query_block=1, sm_scale=sm_scale, q_offset=q_offset,
-                           check_indices=not q.is_cuda)
-    return out.transpose(1, 2)
+    index: int
+    count: int
+    first: bool
 
 
 def infllmv2_sparse_forward(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             params: InfLLMv2Params, *, q_nope: torch.Tensor | None = None,
-                            k_nope: torch.Tensor | None = None) -> torch.Tensor:
-    """The InfLLMv2 sparse path of one attention module: selection (with the module's ``rescore``
-    and ``selection_hook``), then ``module.sparse_attention_fn``. q [B, Hq, S, D] (RoPE applied),
-    k / v [B, Hk, T, D] (the whole cache); q_nope / k_nope: pre-RoPE copies for ``use_nope``.
-    Returns [B, Hq, S, D]. Shared by :class:`MiniCPM4Attention` and the remote-code adapter."""
+                            k_nope: torch.Tensor | None = None, batch_row: BatchRow | None = None
+                            ) -> torch.Tensor:
+    """The native InfLLMv2 sparse path: block selection, then block-sparse attention over it.
+
+    q [B, Hq, S, D] (RoPE applied), k / v [B, Hk, T, D] (the whole cache); q_nope / k_nope:
+    pre-RoPE copies for ``use_nope``. Returns [B, Hq, S, D]."""
     S, T = q.shape[2], k.shape[2]
     sel_q, sel_k = (q_nope, k_nope) if params.use_nope else (q, k)
-    rescore = None
-    if module.rescore is not None:
-        rescore = functools.partial(module.rescore, layer_idx=module.layer_idx, q=q, k=k, v=v)
     chunk = module.select_chunk_size or (1024 if q.is_cuda else 64)
-    selection = infllmv2_select(sel_q, sel_k, params, q_offset=T - S, chunk_size=chunk, rescore=rescore)
-    if module.selection_hook is not None:
-        module.selection_hook(module.layer_idx, selection)
-    return module.sparse_attention_fn(q, k, v, selection.idx, params.block_size, q_offset=T - S,
-                                      sm_scale=module.scaling)
+    blocks = infllmv2_select(sel_q, sel_k, params, q_offset=T - S, chunk_size=chunk)  # idx [B, Hk, S, K]
+    return attend_blocks(q, k, v, blocks.to_selection(), module.scaling)
+
+
+def attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection, sm_scale: float,
+                  backend: str = "auto") -> torch.Tensor:
+    """`sparse_attention` in the HF layout: q [B, Hq, S, D], k / v [B, Hk, T, D] -> [B, Hq, S, D]."""
+    out = sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), selection, sm_scale=sm_scale,
+                           backend=backend, check=not q.is_cuda)
+    return out.transpose(1, 2)
+
+
+def padded_sparse_forward(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          params: InfLLMv2Params, padding: torch.Tensor, *, q_nope: torch.Tensor | None = None,
+                          k_nope: torch.Tensor | None = None) -> torch.Tensor:
+    """InfLLMv2 on a padded batch, each row on its own tokens.
+
+    InfLLMv2's compression windows and key blocks are aligned to the sequence start, so a row is
+    cut to its real tokens (padding [B, T] bool, True = real; left or right padding) and runs alone:
+    the sparse path of `module.sparse_forward` when its own length is sparse, dense causal
+    attention otherwise. Padding query rows give zeros. Returns [B, Hq, S, D]."""
+    B, _, S, _ = q.shape
+    T = k.shape[2]
+    out = torch.zeros_like(q)
+    first = True
+    for b in range(B):
+        real = padding[b, -T:].nonzero().flatten()
+        if real.numel() == 0:
+            continue
+        t0, t1 = int(real[0]), int(real[-1]) + 1  # the row's keys
+        s0, s1 = max(t0 - (T - S), 0), t1 - (T - S)  # its queries (the last S of the T positions)
+        if s1 <= s0:
+            continue
+        rows = slice(b, b + 1)
+        qb, kb, vb = q[rows, :, s0:s1], k[rows, :, t0:t1], v[rows, :, t0:t1]
+        if params.is_sparse(t1 - t0):
+            qn = None if q_nope is None else q_nope[rows, :, s0:s1]
+            kn = None if k_nope is None else k_nope[rows, :, t0:t1]
+            out[rows, :, s0:s1] = module.sparse_forward(module, qb, kb, vb, params, q_nope=qn, k_nope=kn,
+                                                        batch_row=BatchRow(b, B, first))
+            first = False
+        else:
+            out[rows, :, s0:s1] = dense_causal_attention(qb, kb, vb, module.scaling)
+    return out
 
 
 class MiniCPM4Attention(nn.Module):
     """MiniCPM attention (``MiniCPMInfLLMv2Attention`` when ``sparse_config`` is set).
 
-    Hook points (all ``None`` by default = native behaviour):
-        ``rescore``: called per chunk between the native InfLLMv2 block scores and the top-k.
-        ``selection_hook(layer_idx, BlockSelection)``: sees every sparse selection.
-        ``sparse_attention_fn(q, k, v, idx, block_size, q_offset=, sm_scale=)``: the block-sparse
-        attention (default :func:`block_sparse_attention`: the shared Triton kernel on CUDA, the
-        PyTorch :func:`infllmv2_sparse_attention` elsewhere).
+    Hook point: ``sparse_forward`` (default :func:`infllmv2_sparse_forward`, the native selection
+    and block-sparse attention through ``stem_boost.sparse_attention``); ``stem_boost.wrap`` swaps
+    in Stem's. Padded batches run each row on its own tokens (:func:`padded_sparse_forward`).
     ``select_chunk_size``: query rows scored per selection step (``None``: 1024 on CUDA, 64 on the
     CPU; memory grows with it as ``B * Hk * chunk * n_blocks`` fp32 scores).
     """
@@ -252,9 +271,7 @@ class MiniCPM4Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.infllmv2: InfLLMv2Params | None = config.infllmv2
-        self.rescore: RescoreHook | None = None
-        self.selection_hook: Callable[[int, BlockSelection], None] | None = None
-        self.sparse_attention_fn: Callable[..., torch.Tensor] = block_sparse_attention
+        self.sparse_forward: SparseForward = infllmv2_sparse_forward
         self.select_chunk_size: int | None = None
         self.attn_chunk_size = 64
 
@@ -276,7 +293,7 @@ class MiniCPM4Attention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
-        has_padding: bool = False,
+        padding_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         B, S, _ = hidden_states.shape
@@ -300,12 +317,10 @@ class MiniCPM4Attention(nn.Module):
             out, _ = fn(self, q, k, v, attention_mask, scaling=self.scaling,
                         dropout=self.attention_dropout if self.training else 0.0)
         else:
-            if has_padding:
-                raise NotImplementedError(
-                    "InfLLMv2 sparse attention is implemented for unpadded batches only (all-ones attention_mask); "
-                    "run padded sequences one at a time"
-                )
-            out = infllmv2_sparse_forward(self, q, k, v, params, q_nope=q_nope, k_nope=k_nope)
+            if padding_mask is not None:
+                out = padded_sparse_forward(self, q, k, v, params, padding_mask, q_nope=q_nope, k_nope=k_nope)
+            else:
+                out = self.sparse_forward(self, q, k, v, params, q_nope=q_nope, k_nope=k_nope)
             out = out.transpose(1, 2)
         return self.o_proj(out.reshape(B, S, self.num_heads * self.head_dim))
 
@@ -332,10 +347,10 @@ class MiniCPM4DecoderLayer(nn.Module):
         self.residual_scale = config.scale_depth / math.sqrt(config.num_hidden_layers)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
-                has_padding=False, **kwargs):
+                padding_mask=None, **kwargs):
         residual = hidden_states
         h = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask,
-                           past_key_values, has_padding=has_padding)
+                           past_key_values, padding_mask=padding_mask)
         hidden_states = residual + h * self.residual_scale
         residual = hidden_states
         h = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -387,6 +402,7 @@ class MiniCPM4Model(MiniCPM4PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        past_key_values = cache_argument(past_key_values, kwargs)  # transformers >= 5.24: cache=
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -400,7 +416,8 @@ class MiniCPM4Model(MiniCPM4PreTrainedModel):
         B, S = inputs_embeds.shape[:2]
         if position_ids is None:
             position_ids = (torch.arange(S, device=inputs_embeds.device) + past_seen).unsqueeze(0).expand(B, -1)
-        has_padding = attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all())
+        padding_mask = (key_padding(attention_mask, attention_mask.shape[-1])  # [B, T], True = real token
+                        if attention_mask is not None else None)
         params = self.config.infllmv2
         if params is not None and params.is_sparse(past_seen + S):
             causal_mask = None  # every layer takes the sparse path, which needs no S x T mask
@@ -419,7 +436,7 @@ class MiniCPM4Model(MiniCPM4PreTrainedModel):
             if output_hidden_states:
                 all_hidden += (hidden_states,)
             hidden_states = layer(hidden_states, position_embeddings, causal_mask, past_key_values,
-                                  has_padding=has_padding)
+                                  padding_mask=padding_mask)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden += (hidden_states,)
@@ -459,7 +476,7 @@ class MiniCPM4ForCausalLM(MiniCPM4PreTrainedModel, GenerationMixin):
         self.model = decoder
 
     def attention_layers(self) -> list[MiniCPM4Attention]:
-        """The attention modules (to install ``rescore`` / ``selection_hook`` / kernels)."""
+        """The attention modules (their ``sparse_forward`` is the hook point `stem_boost.wrap` uses)."""
         return [layer.self_attn for layer in self.model.layers]
 
     def set_sparse_config(self, sparse_config: dict | None) -> None:
@@ -483,6 +500,7 @@ class MiniCPM4ForCausalLM(MiniCPM4PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        past_key_values = cache_argument(past_key_values, kwargs)  # transformers >= 5.24: cache=
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -1,0 +1,387 @@
+"""GPU benchmark of the DSA prefill kernels of issue 18, each against its peers in the same run.
+
+    python scripts/bench_dsa.py --out bench_dsa.json [--sections topk mla indexer] [--budget-s 170]
+
+Sections (each starts with a correctness check on fresh random inputs, seed printed):
+  topk     `kernels/dsa_topk.topk_rows` (radix select, Stem inside) on rows x keys fp32 scores, k 2048,
+           vs its PyTorch definition; peers: torch.topk, the current path's exact top-k (int64
+           composite key, as `chunked_index_topk`) + Stem's two-sort truncation (`truncate_by_score`).
+  mla      `kernels/mla_token.mla_token_attention` tile variants on the absorbed-MLA shape (Dqk 576,
+           Dv 512, one latent kv head, 128 and 64 heads, top-k 2048) vs `sparse_attention_reference`;
+           peer: `sparse_attention` token mode. FLOP = 2 * topk * heads * (576 + 512) per query.
+  indexer  the lightning indexer of one chunk of query rows at the end of a long sequence (64 heads x
+           128): current `chunked_index_topk` (bf16 fused scores + int64 top-k) vs the fused bf16 /
+           FP8 scores (causal tail unwritten) + `topk_rows(valid_len=)`; top-2048 overlap of the bf16
+           and FP8 selections with the fp32 definition.
+Times: `triton.testing.do_bench` medians (ms). A short table is printed last; everything goes to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from stem_boost.kernels.dsa_topk import topk_rows, topk_rows_reference  # noqa: E402
+from stem_boost.kernels.indexer_scores import (  # noqa: E402
+    fp8_index_scores,
+    fp8_index_scores_reference,
+    fused_index_scores,
+)
+from stem_boost.kernels.mla_token import mla_token_attention  # noqa: E402
+from stem_boost.kernels.reference import sparse_attention_reference  # noqa: E402
+from stem_boost.native.dsa_indexer import chunked_index_topk  # noqa: E402
+from stem_boost.selection import Selection  # noqa: E402
+
+ROWS: list[dict] = []  # the printed table
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def row(section: str, what: str, ms: float | None, extra: str = "") -> None:
+    ROWS.append(dict(section=section, what=what, ms=ms, extra=extra))
+    log(f"{section:8s} {what:48s} {'' if ms is None else f'{ms:9.3f} ms'} {extra}")
+
+
+DEV = "cuda"
+
+
+def bench(fn, rep: int = 100) -> float:
+    if DEV != "cuda":  # CPU smoke run of the script (TRITON_INTERPRET=1): one timed call
+        t = time.time()
+        fn()
+        return (time.time() - t) * 1e3
+    return float(do_bench(fn, warmup=10, rep=rep, return_mode="median"))
+
+
+def seed_all() -> int:
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    torch.manual_seed(seed)
+    return seed
+
+
+# ----------------------------------------------------------------------------------------- top-k
+def composite_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The current exact top-k (as chunked_index_topk's position tie rule): int64 (score image, -pos)."""
+    n = scores.shape[-1]
+    bits = (scores.float() + 0.0).contiguous().view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    rev = torch.arange(n - 1, -1, -1, device=scores.device, dtype=torch.int64)
+    return (ordered * (1 << 32) + rev).topk(k, dim=-1).indices
+
+
+def section_topk(args, res: dict) -> None:
+    R, T, k = args.topk_rows, args.topk_keys, args.k
+    dev = DEV
+    seed = seed_all()
+    log(f"topk: seed {seed}, rows {R}, keys {T}, k {k}")
+    # correctness on 256 rows with ties, -inf, bias, budgets, causal limits
+    nc = min(256, R)
+    s = torch.randn(1, nc, T, device=dev)
+    s[:, :, ::7] = torch.round(s[:, :, ::7] * 4) / 4
+    s[torch.rand_like(s) < 0.05] = float("-inf")
+    bias = torch.randn(1, T, device=dev) * 0.1
+    bud = torch.randint(0, k + 100, (1, nc), device=dev, dtype=torch.int32)
+    vl = torch.randint(1, T + 1, (1, nc), device=dev, dtype=torch.int32)
+    ok = True
+    for kw in (dict(), dict(key_bias=bias, budgets=bud, valid_len=vl)):
+        want = topk_rows_reference(s, k, **kw)
+        for bits, extra in ((8, {}), (11, {}), (8, dict(block=1024, stages=3)), (8, dict(method="sampled"))):
+            got = topk_rows(s, k, bits=bits, **extra, **kw)
+            ok &= torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    res["topk_correct"] = ok
+    row("topk", "exact vs PyTorch definition (256 rows)", None, f"{'PASS' if ok else 'FAIL'} seed {seed}")
+
+    scores = torch.randn(1, R, T, device=dev)
+    bias = torch.randn(1, T, device=dev) * 0.1
+    bud = torch.randint(k // 2, k + 1, (1, R), device=dev, dtype=torch.int32)
+    full = torch.full((1, R), T, device=dev, dtype=torch.int32)
+    causal = (T - R + 1 + torch.arange(R, device=dev, dtype=torch.int32)).view(1, R)  # rows at the end
+    gb = R * T * 4 / 1e9
+    res["topk"] = {}
+    for name, fn in [
+        ("torch.topk (values + indices, sorted)", lambda: scores.topk(k, dim=-1)),
+        ("torch.topk sorted=False", lambda: scores.topk(k, dim=-1, sorted=False)),
+        ("current exact top-k (int64 composite)", lambda: composite_topk(scores, k)),
+    ]:
+        ms = bench(fn)
+        res["topk"][name] = ms
+        row("topk", name, ms, f"{gb / ms:.0f} GB/s")
+
+    def current_stem():
+        from stem_boost.select import truncate_by_score
+        c = composite_topk(scores, k)
+        cs = scores.gather(-1, c) + bias.expand(R, -1).unsqueeze(0).gather(-1, c)
+        return truncate_by_score(c.to(torch.int32).unsqueeze(1), cs.unsqueeze(1), bud[0])
+
+    try:
+        ms = bench(current_stem, rep=50)
+        row("topk", "current top-k + OAM gather + truncate_by_score", ms)
+        res["topk"]["current stem"] = ms
+    except Exception as e:  # noqa: BLE001
+        row("topk", "current top-k + truncate_by_score", None, f"failed: {e!r}"[:120])
+    # (bits, block, warps, pipeline stages of the pass loops): the default first; the staged variants
+    # trade registers for loads in flight (`stem-boost build`: 1024 x 8 warps x 3 stages = 115 regs,
+    # 16 warps / SM, cp.async; the default has no load in flight while it counts)
+    for bits, block, warps, stages in [(8, 4096, 8, 1), (8, 1024, 8, 3), (8, 1024, 8, 2), (8, 2048, 8, 1),
+                                       (8, 2048, 4, 1), (11, 4096, 8, 1)]:  # run 2: 12-bit 91 ms
+        if time.time() - T0 > args.budget_s:
+            row("topk", "time budget reached", None)
+            return
+        name = f"topk_rows bits {bits} block {block} warps {warps} stages {stages}"
+        kw = dict(bits=bits, block=block, num_warps=warps, stages=stages)
+        try:
+            ms = bench(lambda: topk_rows(scores, k, **kw))
+            ms_stem = bench(lambda: topk_rows(scores, k, key_bias=bias, budgets=bud, valid_len=full, **kw))
+            ms_causal = bench(lambda: topk_rows(scores, k, key_bias=bias, budgets=bud, valid_len=causal, **kw))
+        except Exception as e:  # noqa: BLE001
+            row("topk", name, None, f"failed: {e!r}"[:120])
+            continue
+        res["topk"][name] = dict(plain=ms, stem=ms_stem, stem_causal_rows=ms_causal)
+        row("topk", name, ms, f"{gb / ms:.0f} GB/s; +Stem {ms_stem:.3f} ms; +Stem causal rows {ms_causal:.3f} ms")
+    # the sampled threshold + one read of each row (exact; a row whose sample misses takes the radix select)
+    for stages in (1, 2):
+        name = f"topk_rows sampled (capacity 4096, block 2048, 8 warps, stages {stages})"
+        kw = dict(method="sampled", stages=stages)
+        fell_back = torch.zeros(1, R, dtype=torch.int32, device=dev)
+        try:
+            ms = bench(lambda: topk_rows(scores, k, fell_back=fell_back, **kw))
+            rate = float(fell_back.float().mean())
+            ms_stem = bench(lambda: topk_rows(scores, k, key_bias=bias, budgets=bud, valid_len=full, **kw))
+            ms_causal = bench(lambda: topk_rows(scores, k, key_bias=bias, budgets=bud, valid_len=causal, **kw))
+        except Exception as e:  # noqa: BLE001
+            row("topk", name, None, f"failed: {e!r}"[:120])
+            continue
+        res["topk"][name] = dict(plain=ms, stem=ms_stem, stem_causal_rows=ms_causal, fallback_rate=rate)
+        row("topk", name, ms, f"{gb / ms:.0f} GB/s; +Stem {ms_stem:.3f} ms; +Stem causal rows {ms_causal:.3f} ms; "
+                              f"radix fallback on {rate:.2%} of rows")
+
+
+# ------------------------------------------------------------------------------------------- MLA
+def dsa_selection(S: int, T: int, k: int, dev: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows are the last S of T positions; each keeps min(k, pos + 1) random causal keys, ascending."""
+    offset = T - S
+    idx = torch.empty(1, 1, S, k, dtype=torch.int32, device=dev)
+    counts = torch.empty(1, 1, S, dtype=torch.int32, device=dev)
+    for s0 in range(0, S, 1024):
+        s1 = min(S, s0 + 1024)
+        pos = torch.arange(s0, s1, device=dev) + offset
+        r = torch.rand(s1 - s0, T, device=dev)
+        r = torch.where(torch.arange(T, device=dev)[None, :] <= pos[:, None], r, -1.0)
+        top = r.topk(k, dim=-1)
+        sel = torch.where(top.values >= 0, top.indices, T + 1).sort(dim=-1).values
+        counts[0, 0, s0:s1] = (sel <= T).sum(-1).to(torch.int32)
+        idx[0, 0, s0:s1] = torch.where(sel <= T, sel, -1).to(torch.int32)
+    return idx, counts
+
+
+MLA_VARIANTS = [  # runs 1-2 tried N 32 / 3 stages, DV_SPLIT 2, 128 heads, 16 warps, register prefetch: all slower
+    dict(BLOCK_H=64, BLOCK_N=64, DV_SPLIT=1, NUM_STAGES=2, num_warps=8),
+]
+
+
+def section_mla(args, res: dict) -> None:
+    from stem_boost.kernels import sparse_attention
+
+    dev, k = DEV, args.k
+    seed = seed_all()
+    res["mla"] = {}
+    for H in args.mla_heads:
+        S, T = args.mla_queries, args.mla_keys
+        log(f"mla: seed {seed}, heads {H}, queries {S} (the last of {T} keys), topk {k}")
+        # correctness on a small problem (fresh inputs), every variant
+        qs = torch.randn(1, 48, H, 576, device=dev).to(torch.bfloat16)
+        kvs = torch.randn(1, args.check_keys, 1, 576, device=dev).to(torch.bfloat16)
+        idx_s, cnt_s = dsa_selection(48, args.check_keys, k, dev)
+        cnt_s[0, 0, 0] = 0
+        want = sparse_attention_reference(qs.float(), kvs.float(), kvs[..., :512].float(),
+                                          Selection(idx=idx_s, counts=cnt_s), sm_scale=576 ** -0.5)
+        q = torch.randn(1, S, H, 576, device=dev).to(torch.bfloat16)
+        kv = torch.randn(1, T, 1, 576, device=dev).to(torch.bfloat16)
+        idx, counts = dsa_selection(S, T, k, dev)
+        flop = 2.0 * float(counts.sum()) * H * (576 + 512)
+        sel = Selection(idx=idx, counts=counts)
+        peer = bench(lambda: sparse_attention(q, kv, kv[..., :512], sel, check=False))
+        got = sparse_attention(qs, kvs, kvs[..., :512], Selection(idx=idx_s, counts=cnt_s))
+        err = float((got.float() - want).norm() / want.norm())
+        res["mla"][f"H{H} sparse_attention (peer)"] = dict(ms=peer, tflops=flop / peer / 1e9, err=err)
+        row("mla", f"H{H} sparse_attention token mode (peer)", peer, f"{flop / peer / 1e9:.0f} TFLOP/s err {err:.1e}")
+        for v in MLA_VARIANTS:
+            if v["BLOCK_H"] > max(64, H):
+                continue
+            if time.time() - T0 > args.budget_s:
+                row("mla", "time budget reached", None)
+                return
+            name = f"H{H} h{v['BLOCK_H']} n{v['BLOCK_N']} split{v['DV_SPLIT']} st{v['NUM_STAGES']} w{v['num_warps']}"
+            try:
+                got = mla_token_attention(qs, kvs, idx_s, cnt_s, sm_scale=576 ** -0.5, tiles=v)
+                err = float((got.float() - want).norm() / want.norm())
+                ms = bench(lambda: mla_token_attention(q, kv, idx, counts, sm_scale=576 ** -0.5, tiles=v))
+            except Exception as e:  # noqa: BLE001
+                row("mla", name, None, f"failed: {e!r}"[:160])
+                continue
+            res["mla"][name] = dict(ms=ms, tflops=flop / ms / 1e9, err=err)
+            row("mla", name, ms, f"{flop / ms / 1e9:.0f} TFLOP/s err {err:.1e} {'PASS' if err < 1e-2 else 'FAIL'}")
+
+
+# --------------------------------------------------------------------------------------- indexer
+def exact_scores(q, k, w, scale, offset):
+    """fp32 definition, head by head: [B, S, T] (masked -inf after the causal limit)."""
+    B, S, H, D = q.shape
+    out = torch.zeros(B, S, k.shape[1], device=q.device)
+    for h in range(H):
+        out += w[:, :, h, None].float() * torch.relu(q[:, :, h].float() @ k.float().transpose(1, 2) * scale)
+    vis = torch.arange(k.shape[1], device=q.device)[None, :] <= torch.arange(S, device=q.device)[:, None] + offset
+    return out.masked_fill(~vis, float("-inf"))
+
+
+def overlap(a: torch.Tensor, b: torch.Tensor, na: torch.Tensor) -> float:
+    """Mean over rows of |a & b| / |a| for -1 padded position lists."""
+    T = int(max(a.max(), b.max())) + 2
+    ma = torch.zeros(a.shape[0], a.shape[1], T, dtype=torch.bool, device=a.device)
+    mb = torch.zeros_like(ma)
+    ma.scatter_(-1, (a.long() + 1), True)
+    mb.scatter_(-1, (b.long() + 1), True)
+    ma[..., 0] = mb[..., 0] = False
+    return float(((ma & mb).sum(-1).float() / na.clamp(min=1).float()).mean())
+
+
+def section_indexer(args, res: dict) -> None:
+    dev, k = DEV, args.k
+    S, T, H, D = args.ix_queries, args.ix_keys, 64, 128
+    seed = seed_all()
+    log(f"indexer: seed {seed}, queries {S} (the last of {T}), {H} heads x {D}, top-{k}")
+    offset = T - S
+    q = torch.randn(1, S, H, D, device=dev).to(torch.bfloat16)
+    kk = torch.randn(1, T, D, device=dev).to(torch.bfloat16)
+    w = torch.randn(1, S, H, device=dev) * H ** -0.5
+    scale = D ** -0.5
+    valid_len = (offset + 1 + torch.arange(S, device=dev, dtype=torch.int32)).view(1, S)
+    res["indexer"] = {}
+    # correctness of the FP8 kernel vs its definition on 64 rows
+    sub = slice(max(0, S - 64), S)
+    got = fp8_index_scores(q[:, sub], kk, w[:, sub], scale)
+    ref = fp8_index_scores_reference(q[:, sub], kk, w[:, sub], scale)
+    err = float((got.double() - ref).norm() / ref.norm())
+    verdict = "PASS" if err < 1e-3 else "FAIL"
+    row("indexer", "fp8 kernel vs quantised definition (64 rows)", None, f"rel err {err:.1e} {verdict}")
+    res["indexer"]["fp8_kernel_err"] = err
+    flop = 2.0 * H * D * float(valid_len.sum())  # causal pairs only
+
+    def current():
+        return chunked_index_topk(q, kk, w, None, k, scale, score_dtype=torch.bfloat16)
+
+    def new(fp8: bool, bs: int = 64, bt: int = 128, nw: int | None = None):
+        fn = fp8_index_scores if fp8 else fused_index_scores
+        sc = fn(q, kk, w, scale, causal_offset=offset, block_s=bs, block_t=bt, write_masked=False, num_warps=nw)
+        return topk_rows(sc, k, valid_len=valid_len)
+
+    bias = torch.randn(1, T, device=dev) * 0.1
+    budgets = torch.randint(k // 2, k + 1, (1, S), device=dev, dtype=torch.int32)
+
+    def current_stem():
+        from stem_boost.select import truncate_by_score
+        top = current()
+        c = top.indices.long().clamp(min=0)
+        oam = torch.where(top.indices >= 0, top.scores + bias[0][c], float("-inf"))
+        return truncate_by_score(top.indices.unsqueeze(1), oam.unsqueeze(1), budgets[0])
+
+    def new_stem(fp8: bool):
+        fn = fp8_index_scores if fp8 else fused_index_scores
+        sc = fn(q, kk, w, scale, causal_offset=offset, write_masked=False)
+        return topk_rows(sc, k, key_bias=bias, budgets=budgets, valid_len=valid_len)
+
+    for name, fn in [("current chunked_index_topk (bf16 fused + int64 topk)", current),
+                     ("bf16 fused scores + topk_rows", lambda: new(False)),
+                     ("fp8 scores + topk_rows", lambda: new(True)),
+                     ("current + Stem step (OAM gather + truncate_by_score)", current_stem),
+                     ("bf16 scores + topk_rows with Stem inside", lambda: new_stem(False)),
+                     ("fp8 scores + topk_rows with Stem inside", lambda: new_stem(True))]:
+        try:
+            ms = bench(fn, rep=50)
+        except Exception as e:  # noqa: BLE001
+            row("indexer", name, None, f"failed: {e!r}"[:160])
+            continue
+        res["indexer"][name] = ms
+        row("indexer", name, ms)
+    for fp8 in (False, True):
+        for bs, bt, nw, hps in [(64, 128, 8, 1), (128, 128, 8, 1), (64, 128, 8, 4), (64, 128, 4, 1)]:
+            if time.time() - T0 > args.budget_s:
+                row("indexer", "time budget reached", None)
+                break
+            name = f"{'fp8' if fp8 else 'bf16'} scores only s{bs} t{bt} w{nw} heads/step {hps}"
+            fn = fp8_index_scores if fp8 else fused_index_scores
+            try:
+                ms = bench(lambda: fn(q, kk, w, scale, causal_offset=offset, block_s=bs, block_t=bt,
+                                      write_masked=False, num_warps=nw, heads_per_step=hps), rep=50)
+            except Exception as e:  # noqa: BLE001
+                row("indexer", name, None, f"failed: {e!r}"[:160])
+                continue
+            res["indexer"][name] = ms
+            row("indexer", name, ms, f"{flop / ms / 1e9:.0f} TFLOP/s (causal pairs)")
+    # selection overlap with the fp32 definition on 256 rows
+    n_ov = min(256, S)
+    sub = slice(S - n_ov, S)
+    ex = exact_scores(q[:, sub], kk, w[:, sub], scale, offset + S - n_ov)
+    ref_idx, ref_n = topk_rows(ex, k)
+    for name, fn in [("bf16", fused_index_scores), ("fp8", fp8_index_scores)]:
+        sc = fn(q[:, sub], kk, w[:, sub], scale, causal_offset=offset + S - n_ov)
+        got_idx, _ = topk_rows(sc, k)
+        ov = overlap(got_idx, ref_idx, ref_n)
+        res["indexer"][f"overlap_{name}"] = ov
+        row("indexer", f"top-{k} overlap with fp32: {name}", None, f"{ov:.4f} (random N(0,1) inputs)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", nargs="+", default=["topk", "mla", "indexer"])
+    ap.add_argument("--out", default="bench_dsa.json")
+    ap.add_argument("--budget-s", type=float, default=170.0, help="skip remaining MLA variants after this")
+    ap.add_argument("--k", type=int, default=2048, help="top-k (DeepSeek-V3.2: 2048)")
+    ap.add_argument("--check-keys", type=int, default=4096, help="keys of the MLA correctness problem")
+    ap.add_argument("--topk-rows", type=int, default=8192)
+    ap.add_argument("--topk-keys", type=int, default=65536)
+    ap.add_argument("--mla-heads", type=int, nargs="+", default=[128, 64])
+    ap.add_argument("--mla-queries", type=int, default=8192)
+    ap.add_argument("--mla-keys", type=int, default=32768)
+    ap.add_argument("--ix-queries", type=int, default=8192)
+    ap.add_argument("--ix-keys", type=int, default=65536)
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (tiny sizes)")
+    args = ap.parse_args()
+    global DEV
+    DEV = args.device
+    res: dict = dict(device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu", torch=torch.__version__,
+                     triton=triton.__version__,
+                     date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), args=vars(args))
+    log(f"{res['device']} torch {res['torch']} triton {res['triton']}")
+    for sec in args.sections:
+        try:
+            {"topk": section_topk, "mla": section_mla, "indexer": section_indexer}[sec](args, res)
+        except Exception as e:  # noqa: BLE001
+            import traceback
+            traceback.print_exc()
+            row(sec, "section failed", None, repr(e)[:200])
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+        Path(args.out).write_text(json.dumps(dict(res, rows=ROWS), indent=1))
+    print("\n| section | what | ms | notes |\n|---|---|---|---|")
+    for r in ROWS:
+        ms = "" if r["ms"] is None else f"{r['ms']:.3f}"
+        print(f"| {r['section']} | {r['what']} | {ms} | {r['extra']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Build report: every Triton kernel of the library compiled for a GPU architecture, without a GPU.
+
+Each case calls a host wrapper the way the model paths call it on a GPU (real head counts, head dims,
+block sizes, top-k; the key length of a 128K prefill where a constexpr depends on it) with CPU
+tensors inside `kernels.aot.compile_only`, so the kernels compile for sm_`arch` and do not run.
+The table gives registers per thread, spill bytes, shared memory, warps resident per SM and the
+tensor-core / TMA instructions of each specialisation (the JSON adds a hash of its PTX
+instructions): a spill, a Hopper dot that fell back to `mma.sync`, low occupancy or a compile
+error shows here on any machine, before device time is spent.
+
+    stem-boost build                       # sm_90 (H100 / H200), every case
+    stem-boost build --cases union select  # cases whose name contains one of the words
+    stem-boost build --json builds.json
+    stem-boost build --compare builds.json # after a change: which kernels compile to other code
+    stem-boost build --cases mla --dump asm/  # the TTGIR and PTX, to read what the pipeliner did
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+BF16 = torch.bfloat16
+ARCHS = (80, 86, 89, 90, 100)  # compute capabilities x10 the build can target (sm_90: what the tests hold)
+
+
+@dataclass
+class BuildCase:
+    """One host-wrapper call at production shapes; `run` makes its launches (compiled, not run)."""
+
+    name: str
+    what: str
+    run: Callable[[], None]
+
+
+def _lists(B: int, H: int, R: int, k: int, n_units: int, *, query_block: int, unit_rows: int = 1) -> tuple:
+    """Causally valid ascending lists: row r keeps min(k, visible) of its visible units (the last k)."""
+    visible = torch.clamp((torch.arange(R) * query_block + query_block - 1 + (n_units * unit_rows - R * query_block))
+                          // unit_rows + 1, 1, n_units)
+    counts = torch.clamp(visible, max=k).to(torch.int32)
+    cols = torch.arange(k)
+    idx = (visible[:, None] - counts[:, None] + cols[None]).to(torch.int32)
+    idx = torch.where(cols[None] < counts[:, None], idx, torch.full_like(idx, -1))
+    return idx.expand(B, H, R, k).contiguous(), counts.expand(B, H, R).contiguous()
+
+
+def union_case(G: int, Hkv: int, query_block: int = 1, D: int = 128, S: int = 256, T: int = 4096) -> BuildCase:
+    from ..kernels.block_union import block_union_attention
+
+    def run():
+        q = torch.randn(1, S, G * Hkv, D, dtype=BF16)
+        k, v = torch.randn(1, T, Hkv, D, dtype=BF16), torch.randn(1, T, Hkv, D, dtype=BF16)
+        R = -(-S // query_block)
+        idx, counts = _lists(1, Hkv, R, 16, T // 64, query_block=query_block, unit_rows=64)
+        block_union_attention(q, k, v, idx, counts, block_size=64, query_block=query_block)
+
+    rows = "per-token lists" if query_block == 1 else f"lists per {query_block} queries"
+    return BuildCase(f"union G{G}" + ("" if query_block == 1 else f" qb{query_block}"),
+                     f"block-sparse attention, {G * Hkv} q / {Hkv} kv heads, d {D}, blocks of 64, {rows}", run)
+
+
+def select_case(stem: str | None, G: int = 16, Hk: int = 2, S: int = 128, T: int = 131072) -> BuildCase:
+    """stem: None (native), "budgets" (Stem's bias and budgets given) or "mass" (budgets computed from
+    each chunk's pooled scores: the three-launch layout)."""
+    from ..kernels.infllmv2_select import infllmv2_select_fused
+    from ..native.infllmv2 import InfLLMv2Params
+
+    def run():
+        p = InfLLMv2Params()  # MiniCPM-4.1's sparse_config
+        q = torch.randn(1, G * Hk, S, 128, dtype=BF16)
+        k = torch.randn(1, Hk, T, 128, dtype=BF16)
+        kw = {}
+        if stem:
+            kw = dict(key_bias=torch.randn(1, Hk, T // p.block_size), kmax=p.topk + p.window_size // p.block_size)
+            if stem == "mass":
+                kw["chunk_budgets"] = lambda pooled, s0, s1: torch.full((s1 - s0,), 40, dtype=torch.int32)
+            else:
+                kw["budgets"] = torch.full((S,), 40, dtype=torch.int32)
+        infllmv2_select_fused(q, k, p, q_offset=T - S, **kw)
+
+    what = {None: "", "budgets": ", Stem's bias and budgets", "mass": ", Stem's bias, budgets from the pooled scores"}
+    return BuildCase(f"select {stem or 'native'}",
+                     f"InfLLMv2 stage 1 + pooling + top-k, MiniCPM-4.1 ({G * Hk} q / {Hk} kv heads), 128K keys"
+                     + what[stem], run)
+
+
+def select_g3_case(S: int = 128, T: int = 8192) -> BuildCase:
+    from ..kernels.infllmv2_select import infllmv2_select_fused
+    from ..native.infllmv2 import InfLLMv2Params
+
+    def run():
+        p = InfLLMv2Params(topk=12, window_size=256, block_size=64, dense_len=0)
+        q, k = torch.randn(1, 9, S, 64, dtype=BF16), torch.randn(1, 3, T, 64, dtype=BF16)
+        infllmv2_select_fused(q, k, p, q_offset=T - S)
+
+    return BuildCase("select G3", "InfLLMv2 selection, the SmolLM2 testbed (9 q / 3 kv heads, d 64: a group that is "
+                                  "not a power of two, per-head coarse lse)", run)
+
+
+def stage1_case(G: int = 16, Hk: int = 2, C: int = 128, T: int = 131072) -> BuildCase:
+    from ..kernels.infllmv2_scores import fused_stage1_scores
+
+    def run():
+        K1, K2 = T // 16, T // 64
+        q = torch.randn(1, G * Hk, C, 128, dtype=BF16)
+        k1, k2 = torch.randn(1, Hk, K1, 128, dtype=BF16), torch.randn(1, Hk, K2, 128, dtype=BF16)
+        vis = torch.full((C,), K1, dtype=torch.int32)
+        fused_stage1_scores(q, k1, k2, vis, vis // 4, 128 ** -0.5)
+
+    return BuildCase("stage1 scores", "InfLLMv2 stage-1 compressed scores, group-summed (the PyTorch selection's "
+                                      "GPU scorer), MiniCPM-4.1, 128K keys", run)
+
+
+def indexer_case(dtype: str, stem: bool = False, S: int = 128, T: int = 131072, head_dim: int = 128) -> BuildCase:
+    from ..kernels.dsa_topk import indexer_topk
+
+    def run():
+        q = torch.randn(1, S, 64, head_dim, dtype=BF16)
+        k = torch.randn(1, T, head_dim, dtype=BF16)
+        w = torch.randn(1, S, 64)
+        kw = dict(key_bias=torch.randn(1, T), budgets=torch.full((1, S), 1700, dtype=torch.int32)) if stem else {}
+        indexer_topk(q, k, w, head_dim ** -0.5, 2048, dtype=dtype, **kw)
+
+    if head_dim != 128:  # the smallest head dim the FP8 scorer takes (FP8 MMA: K >= 32)
+        return BuildCase(f"indexer {dtype} d{head_dim}", f"lightning indexer ({dtype}, 64 heads, d {head_dim}) + "
+                         "radix top-2048, 128K keys", run)
+    return BuildCase(f"indexer {dtype}" + (" stem" if stem else ""),
+                     f"DeepSeek-V3.2 lightning indexer ({dtype}, 64 heads, d 128) + radix top-2048, 128K keys"
+                     + (", Stem's bias and budgets" if stem else ""), run)
+
+
+def sampled_topk_case(R: int = 64, T: int = 131072) -> BuildCase:
+    from ..kernels.dsa_topk import topk_rows
+
+    def run():
+        topk_rows(torch.randn(1, R, T), 2048, key_bias=torch.randn(1, T), budgets=torch.full((1, R), 1700, dtype=torch.int32),
+                  valid_len=torch.full((1, R), T, dtype=torch.int32), method="sampled")
+
+    return BuildCase("topk sampled", "DSA top-2048 of 128K-key rows by a sampled threshold, one read of the row, "
+                                     "and the exact top-k of the kept keys (radix select as the fallback)", run)
+
+
+def stem_cut_case(R: int = 64, K: int = 2048, T: int = 131072) -> BuildCase:
+    from ..kernels.dsa_topk import candidate_cut
+
+    def run():
+        cand = torch.arange(K, dtype=torch.int32).expand(1, 1, R, K).contiguous()
+        scores = torch.randn(1, 1, R, K)
+        candidate_cut(cand, scores, torch.full((1, 1, R), 1700, dtype=torch.int32), key_bias=torch.randn(1, 1, T))
+
+    return BuildCase("stem cut", "Stem's cut of the DSA top-2048 candidates (OAM bias gathered, budget by bisection), "
+                                 "one pass", run)
+
+
+def mla_case(S: int = 64, T: int = 4096, heads: int = 128) -> BuildCase:
+    from ..kernels.dispatch import sparse_attention
+    from ..selection import Selection
+
+    def run():
+        q = torch.randn(1, S, heads, 576, dtype=BF16)
+        kv = torch.randn(1, T, 1, 576, dtype=BF16)
+        idx, counts = _lists(1, 1, S, 2048, T, query_block=1)
+        sel = Selection(idx=idx, counts=counts, block_size=1, query_block=1)
+        sparse_attention(q, kv, kv[..., :512], sel, backend="triton")
+
+    return BuildCase(f"mla token h{heads}", f"token-sparse absorbed MLA (DeepSeek-V3.2), {heads} heads, d 576 / 512, "
+                                             "top-2048", run)
+
+
+def mla_experimental_case(S: int = 64, T: int = 4096) -> BuildCase:
+    from ..kernels.mla_token import mla_token_attention
+
+    def run():
+        q = torch.randn(1, S, 128, 576, dtype=BF16)
+        kv = torch.randn(1, T, 1, 576, dtype=BF16)
+        idx, counts = _lists(1, 1, S, 2048, T, query_block=1)
+        mla_token_attention(q, kv, idx[:, 0], counts[:, 0])
+
+    return BuildCase("mla token split", "the heads-on-M MLA kernel with the value width split (mla_token.py)", run)
+
+
+def gqa_token_case() -> BuildCase:
+    from ..kernels.dispatch import sparse_attention
+    from ..selection import Selection
+
+    def run():
+        S, T = 64, 4096
+        q, k, v = torch.randn(1, S, 9, 64, dtype=BF16), torch.randn(1, T, 3, 64, dtype=BF16), torch.randn(1, T, 3, 64, dtype=BF16)
+        idx, counts = _lists(1, 1, S, 1024, T, query_block=1)
+        sparse_attention(q, k, v, Selection(idx=idx, counts=counts, block_size=1, query_block=1), backend="triton")
+
+    return BuildCase("gqa token", "token-sparse GQA attention (the SmolLM2 DSA testbed: 9 q / 3 kv heads, d 64)", run)
+
+
+def all_cases() -> list[BuildCase]:
+    return [
+        union_case(16, 2), union_case(8, 4), union_case(6, 8), union_case(4, 8), union_case(1, 16),
+        union_case(16, 2, query_block=64),
+        select_case(None), select_case("budgets"), select_case("mass"), select_g3_case(), stage1_case(),
+        indexer_case("bfloat16"), indexer_case("fp8"), indexer_case("fp8", head_dim=32), indexer_case("bfloat16", stem=True),
+        stem_cut_case(), sampled_topk_case(),
+        mla_case(), mla_case(heads=64), mla_experimental_case(), gqa_token_case(),
+    ]
+
+
+def build(cases: list[BuildCase], arch: int = 90, progress: bool = True, dump: str | None = None) -> list[dict]:
+    """Compile every case for sm_`arch`; one row per kernel specialisation (case name first).
+    dump: a folder to write each kernel's TTGIR and PTX to (`<case>.<kernel>.ttgir` / `.ptx`)."""
+    from tqdm.auto import tqdm
+
+    from ..kernels.aot import compile_only
+
+    rows = []
+    for case in tqdm(cases, desc=f"compiling for sm_{arch}", disable=not progress):
+        try:
+            with compile_only(arch, keep_asm=dump is not None) as builds:
+                case.run()
+        except Exception as e:  # a kernel this arch cannot build (e.g. FP8 before sm_89): report, go on
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            rows.append({"case": case.name, "name": "-", "error": f"{type(e).__name__}: {lines[-1] if lines else ''}"})
+            continue
+        if not builds:
+            raise RuntimeError(f"case {case.name!r} launched no Triton kernel")
+        rows += [{"case": case.name, **b.row()} for b in builds]
+        if dump is not None:
+            folder = Path(dump)
+            folder.mkdir(parents=True, exist_ok=True)
+            for n, b in enumerate(builds):
+                stem = f"{case.name.replace(' ', '_')}.{b.name}" + (f".{n}" if len(builds) > 1 else "")
+                for kind, text in b.asm.items():
+                    (folder / f"{stem}.{kind}").write_text(text)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The builds as an aligned text table; cases that failed to compile are listed under it."""
+    errors = [r for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r]
+    table = _aligned(rows) if rows else "(no kernel compiled)"
+    return table + "".join(f"\n{r['case']}: does not compile: {r['error']}" for r in errors)
+
+
+def _aligned(rows: list[dict]) -> str:
+    cols = ["case", "name", "num_warps", "num_stages", "registers", "spill_bytes", "shared_bytes", "warps_per_sm",
+            "wgmma", "tcgen05", "mma_sync", "tma", "seconds"]
+    heads = ["case", "kernel", "warps", "stages", "regs", "spill B", "smem B", "warps/SM", "wgmma", "tcgen05",
+             "mma.sync", "tma", "compile s"]
+    if not any(r.get("tcgen05") for r in rows):  # Blackwell only
+        cols, heads = [c for c in cols if c != "tcgen05"], [h for h in heads if h != "tcgen05"]
+    cells = [[f"{r[c]:.1f}" if c == "seconds" else str(r[c]) for c in cols] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+    line = lambda xs: "  ".join(x.ljust(w) for x, w in zip(xs, widths))  # noqa: E731
+    return "\n".join([line(heads), line(["-" * w for w in widths])] + [line(c) for c in cells])
+
+
+def compare_builds(old: list[dict], new: list[dict]) -> list[dict]:
+    """Per (case, kernel) of `new`: "same code" (equal PTX instructions), "changed" (with the
+    register / spill / warps-per-SM deltas) or "new"; kernels of a built case only in `old`: "gone"."""
+    before = {(r["case"], r["name"]): r for r in old}
+    out = []
+    for r in new:
+        o = before.pop((r["case"], r["name"]), None)
+        if "error" in r:
+            verdict = "does not compile"
+        elif o is None:
+            verdict = "new"
+        elif o.get("code_hash") and o.get("code_hash") == r["code_hash"]:
+            verdict = "same code"
+        else:
+            deltas = [f"{k} {o[k]} -> {r[k]}" for k in ("registers", "spill_bytes", "warps_per_sm", "shared_bytes")
+                      if k in o and o[k] != r[k]]
+            verdict = "changed" + (f" ({', '.join(deltas)})" if deltas else " (same registers, spills, occupancy)")
+        out.append({"case": r["case"], "name": r["name"], "verdict": verdict})
+    built = {r["case"] for r in new}  # cases left out of this build (--cases) are not "gone"
+    out += [{"case": c, "name": n, "verdict": "gone"} for c, n in before if c in built]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="stem-boost build", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, choices=sorted(ARCHS),
+                    help="compute capability x10: 90 Hopper (H100 / H200, the tested target), 100 Blackwell, "
+                         "80 / 86 / 89 Ampere / Ada (default %(default)s)")
+    ap.add_argument("--cases", nargs="*", default=None, help="words; keep cases whose name contains one")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--list", action="store_true", help="list the cases and exit")
+    ap.add_argument("--dump", default=None, metavar="DIR", help="write each kernel's TTGIR and PTX into DIR")
+    ap.add_argument("--compare", default=None, metavar="OLD_JSON",
+                    help="a --json file of an earlier build: say per kernel whether the code is the same "
+                         "(a refactor's check) or what changed")
+    args = ap.parse_args(argv)
+    cases = all_cases()
+    if args.list:
+        print("\n".join(f"{c.name:18s} {c.what}" for c in cases))
+        return 0
+    if args.cases:
+        cases = [c for c in cases if any(w in c.name for w in args.cases)]
+        if not cases:
+            names = ", ".join(c.name for c in all_cases())
+            raise SystemExit(f"--cases {' '.join(args.cases)} matches no case; cases: {names}")
+    old = None
+    if args.compare:
+        with open(args.compare) as f:
+            old = json.load(f)
+        if old.get("arch") != args.arch:
+            raise SystemExit(f"--compare {args.compare}: built for sm_{old.get('arch')}, this build is sm_{args.arch}")
+    rows = build(cases, args.arch, dump=args.dump)
+    print(format_table(rows))
+    if old is not None:
+        print()
+        for c in compare_builds(old["rows"], rows):
+            print(f"{c['case']:22s} {c['name']:24s} {c['verdict']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"arch": args.arch, "rows": rows}, f, indent=1)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Geometry of InfLLMv2's key compression (MiniCPM-4.1): windows, their count, what a query sees.
+
+Pure PyTorch, shared by the native selector (`stem_boost.native.infllmv2`) and the fused Triton
+selection (`kernels.infllmv2_select`). The official model's names: ``CompressK``,
+``calc_chunks_with_stride``, ``apply_mask_stage1``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["num_compressed", "compress_keys", "kernel_causal_offset", "visible_compressed"]
+
+
+def num_compressed(n_keys: int, kernel_size: int, stride: int) -> int:
+    """Number of complete compression windows (``calc_chunks_with_stride``)."""
+    return 0 if n_keys < kernel_size else (n_keys - kernel_size) // stride + 1
+
+
+def compress_keys(k: torch.Tensor, kernel_size: int, stride: int, *, max_windows_per_step: int = 4096) -> torch.Tensor:
+    """Mean-pool keys over windows ``[c*stride, c*stride + kernel_size)`` (``CompressK``).
+
+    Args:
+        k: [B, H, T, D] keys.
+    Returns:
+        [B, H, Nc, D] in ``k.dtype`` (mean accumulated in fp32), ``Nc = num_compressed(T, ...)``.
+    """
+    B, H, T, D = k.shape
+    n = num_compressed(T, kernel_size, stride)
+    out = k.new_empty(B, H, n, D)
+    for c0 in range(0, n, max_windows_per_step):  # bounded fp32 temporaries
+        c1 = min(n, c0 + max_windows_per_step)
+        span = k[:, :, c0 * stride : (c1 - 1) * stride + kernel_size]
+        out[:, :, c0:c1] = span.unfold(2, kernel_size, stride).float().mean(-1).to(k.dtype)
+    return out
+
+
+def _c_div(a: int, b: int) -> int:
+    """C integer division (truncation toward zero), as in the CUDA kernel."""
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b > 0) else -q
+
+
+def kernel_causal_offset(n_queries: int, n_compressed: int, stride: int) -> int:
+    """Offset term of ``apply_mask_stage1`` for a fresh prefill of ``n_queries`` tokens.
+
+    The kernel lets row r see ``(r + 1) / s - 1 + Kc - (Lq - s + 1) / s`` compressed keys. For a
+    fresh prefill (queries = keys = L tokens, windows of 2s) this is the exact causal count plus
+    ``D = Kc - trunc((L - s + 1) / s)``, which is -1 when ``L % s == s - 1`` and 0 otherwise.
+    """
+    return n_compressed - _c_div(n_queries - stride + 1, stride)
+
+
+def visible_compressed(q_pos: torch.Tensor, n_compressed: int, kernel_size: int, stride: int,
+                       offset: int = 0) -> torch.Tensor:
+    """Number of leading compressed keys visible to queries at absolute positions ``q_pos``.
+
+    A window ``[c*s, c*s + kernel)`` is visible to position p when it ends at or before p, i.e.
+    ``count = floor((p + 1 - kernel) / s) + 1``; ``offset`` adds the kernel's quirk term (see
+    :func:`kernel_causal_offset`). Clamped to ``[0, n_compressed]``.
+    """
+    cnt = torch.div(q_pos + 1 - kernel_size, stride, rounding_mode="floor") + 1 + offset
+    return cnt.clamp(0, n_compressed)

@@ -1,0 +1,535 @@
+"""Fused InfLLMv2 block selection (MiniCPM-4.1) with Stem inside: two Triton launches per query
+chunk, no torch sort / topk over [S, blocks], no host synchronisation per chunk.
+
+    idx, counts, n_forced = infllmv2_select_fused(q, k, params)                       # native
+    idx, counts, n_forced = infllmv2_select_fused(q, k, params, key_bias=bias,        # Stem
+                                                  budgets=k_free)
+
+Per chunk of C query rows (the PyTorch definition is `stem_boost.native.infllmv2`:
+`iter_block_scores` + `topk_blocks`, with Stem's `combine_scores(..., space="prob")`):
+  1. `_coarse_lse_kernel` (kernels/infllmv2_scores.py): lse_h[s] over the visible coarse keys.
+  2. `_pooled_scores_kernel`: for a tile of BLOCK_S query rows x BLOCK_B - 1 key blocks of one
+     (batch, kv head), the group-summed stage-1 scores of the fine compressed keys
+     ``score[s, c] = sum_g exp(q_g[s] . k1[c] * scale - lse_g[s])`` (0 where invisible; products in
+     the input dtype, fp32 accumulation, as the fused stage-1 kernel), rounded to the input dtype
+     as the official kernel stores them, max-pooled in registers onto blocks (block j takes the
+     compressed keys [jP - 1, jP + P), P = block_size / kernel_stride; -inf when none exists) and
+     written once: [B, Hk, C, NB] fp32, a quarter of the compressed scores.
+     Program roles: axis 0 = query tile, axis 1 = block tile, axis 2 = batch x kv head. Block tiles
+     overlap by one group of P keys so that key jP - 1 of the tile's first block is in the tile
+     (the shift is a register gather). Block tiles wholly after the query tile are skipped.
+  3. `_block_topk_kernel`: one program per (query row, batch x kv head). The row's pooled scores
+     stay in registers; forced blocks (init blocks, the diagonal block and the `local_blocks`
+     before it) are kept; the non-forced candidates are ranked by their score, or with Stem by
+     ``log(score) + key_bias[block]`` (score <= 0 -> -inf: `combine_scores` in "prob" space), and
+     the best k_free are kept (k_free = the row's budget, or natively k_total - n_forced). The k-th
+     key is found by a 32-step bisection on the order-preserving uint32 image of the float keys;
+     the tie rule is the library's: higher score first, equal scores -> smaller block index first
+     (`topk_blocks`). The kept blocks are written ascending with a prefix sum; slots after the
+     count get -1.
+Launches: step 1, then steps 2 + 3 in one (`_select_chunk_kernel`: a program pools every causal
+block of its BLOCK_S rows into an L2-resident scratch, then selects its rows one by one); with
+`fuse_topk=False` steps 2 and 3 are separate launches (`pooled_block_scores`, `block_topk`: more
+programs in flight, the pooled scores through HBM). Which is faster on a GPU is not measured yet.
+
+Left padding (`seq_start` [B] int32: the first real key position of each batch row). The rule:
+blocks stay absolute (block j = key positions [j * block_size, (j + 1) * block_size), the units
+the attention kernel reads), and so do the compression windows; a compressed key exists only when
+its whole window lies in [seq_start, T); blocks before seq_start's block are never candidates;
+the init blocks are the `init_blocks` blocks starting at seq_start's block; the kernel-offset
+quirk of a fresh prefill is not applied to padded rows. When seq_start is a multiple of the
+coarse stride (64 with MiniCPM-4.1's 128/64) every window and block of the row lines up with the
+unpadded sequence, and the selection equals that of the row run alone (no padding, no quirk),
+shifted by seq_start / block_size blocks. Other left paddings give a selection on the absolute
+grid (pad to a multiple of 64 to get the exact unpadded one).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from ..selection import Selection
+
+from .infllmv2_geometry import compress_keys, kernel_causal_offset, num_compressed, visible_compressed
+from .infllmv2_scores import LOG2E, coarse_lse, group_mass
+from .row_select import keep_largest, ordered_u32
+
+__all__ = ["block_topk", "infllmv2_select_fused", "infllmv2_selection", "pooled_block_scores"]
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << (max(1, x) - 1).bit_length()
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. stage-1 scores pooled onto key blocks
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _pooled_tile(
+    Q, K1, LSE, VIS1, LO1, OUT, b, hk, s_lo, jt0,
+    scale_log2, C, K1N, NBC,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_kn,
+    stride_lb, stride_lh,
+    stride_vb,
+    stride_ob, stride_oh, stride_os,
+    G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, HAS_LO: tl.constexpr, ROUND_BF16: tl.constexpr,
+    ROUND_FP16: tl.constexpr,
+):
+    """Pooled scores of BLOCK_S query rows [s_lo, s_lo + BLOCK_S) x key blocks [jt0, jt0 + BLOCK_B - 1)
+    of one (batch, kv head), stored to OUT[b, hk, row, block].
+
+    It computes the fine compressed keys [(jt0 - 1) * P, (jt0 + BLOCK_B - 1) * P): BLOCK_B groups of
+    P keys; block jt0 - 1 + g pools group g and the last key of group g - 1 (its key jP - 1)."""
+    BLOCK_C: tl.constexpr = BLOCK_B * P
+    tok = s_lo + tl.arange(0, BLOCK_S)
+    ok = tok < C
+    cols = (jt0 - 1) * P + tl.arange(0, BLOCK_C)
+    vis = tl.load(VIS1 + b * stride_vb + tok, mask=ok, other=0)
+    if HAS_LO:
+        lo = tl.load(LO1 + b)
+    else:
+        lo = 0
+    exists = (cols >= lo) & (cols >= 0) & (cols < K1N)
+    acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    if (jt0 - 1) * P < tl.max(vis, 0):  # some row of the tile sees some key of the tile
+        d = tl.arange(0, D)
+        k = tl.load(K1 + b.to(tl.int64) * stride_kb + hk * stride_kh + cols[:, None].to(tl.int64) * stride_kn
+                    + d[None, :], mask=exists[:, None], other=0.0)
+        acc = group_mass(acc, Q, LSE, k, b, hk, tok, ok, G, scale_log2, stride_qb, stride_qh, stride_qs,
+                         stride_lb, stride_lh, G, D)
+    visible = (cols[None, :] < vis[:, None]) & (cols[None, :] >= lo)
+    val = tl.where(visible, acc, 0.0)
+    if ROUND_BF16:
+        val = val.to(tl.bfloat16).to(tl.float32)
+    if ROUND_FP16:
+        val = val.to(tl.float16).to(tl.float32)
+    val = tl.where(exists[None, :], val, float("-inf"))
+    x3 = tl.reshape(val, [BLOCK_S, BLOCK_B, P])
+    gmax = tl.max(x3, 2)  # [BLOCK_S, BLOCK_B]: keys [jP, jP + P) of group g's block j
+    is_last = (tl.arange(0, P) == P - 1)[None, None, :]
+    glast = tl.max(tl.where(is_last, x3, float("-inf")), 2)  # key jP + P - 1
+    prev = tl.maximum(tl.arange(0, BLOCK_B) - 1, 0)
+    prev_last = tl.gather(glast, tl.broadcast_to(prev[None, :], [BLOCK_S, BLOCK_B]), 1)
+    pooled = tl.maximum(gmax, prev_last)
+    j = jt0 - 1 + tl.arange(0, BLOCK_B)
+    out_ok = ok[:, None] & (tl.arange(0, BLOCK_B)[None, :] >= 1) & (j[None, :] < NBC)
+    tl.store(OUT + b.to(tl.int64) * stride_ob + hk.to(tl.int64) * stride_oh + tok[:, None].to(tl.int64) * stride_os
+             + j[None, :], pooled, mask=out_ok)
+
+
+@triton.jit
+def _pooled_scores_kernel(
+    Q, K1, LSE, VIS1, LO1, OUT,
+    scale_log2, C, K1N, NBC, q_pos0,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_kn,
+    stride_lb, stride_lh,
+    stride_vb,
+    stride_ob, stride_oh, stride_os,
+    HK,
+    G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, HAS_LO: tl.constexpr, ROUND_BF16: tl.constexpr,
+    ROUND_FP16: tl.constexpr,
+):
+    """Program: axis 0 = BLOCK_S query rows, axis 1 = BLOCK_B - 1 key blocks, axis 2 = batch x kv
+    head (`_pooled_tile`); tiles wholly after the rows' last query block are skipped."""
+    pid_s = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    bh = tl.program_id(2)
+    jt0 = pid_j * (BLOCK_B - 1)
+    s_lo = pid_s * BLOCK_S
+    last_qb = (q_pos0 + tl.minimum(s_lo + BLOCK_S, C) - 1) // BLOCK_SIZE
+    if jt0 <= last_qb:
+        _pooled_tile(Q, K1, LSE, VIS1, LO1, OUT, bh // HK, bh % HK, s_lo, jt0,
+                     scale_log2, C, K1N, NBC,
+                     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_kn, stride_lb, stride_lh,
+                     stride_vb, stride_ob, stride_oh, stride_os,
+                     G, D, P, BLOCK_S, BLOCK_B, HAS_LO, ROUND_BF16, ROUND_FP16)
+
+
+def pooled_block_scores(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vis1: torch.Tensor, n_blocks: int,
+                        pool: int, scale: float, *, q_pos0: int, block_size: int, n_existing: int | None = None,
+                        lo1: torch.Tensor | None = None,
+                        round_to: torch.dtype | None = None, block_s: int = 64, block_b: int = 32) -> torch.Tensor:
+    """Group-summed stage-1 scores of the fine compressed keys, max-pooled onto key blocks.
+
+    Args:
+        q: [B, Hq, C, D] fp16/bf16 (or fp32), HF layout; k1: [B, Hk, K1, D] fine compressed keys
+            (the first `n_existing` exist; default all); lse: [B, Hq, C] fp32 coarse lse in log2
+            units (`coarse_lse`); vis1: [C] or [B, C] int32 visible fine keys per row;
+            lo1: optional [B] int32 first existing fine key (left padding).
+        n_blocks: blocks to write (NB); pool: block_size / kernel_stride (a power of two).
+        q_pos0, block_size: key position of row 0 and tokens per block (blocks after a row's
+            query block are left unwritten: they are never candidates).
+        round_to: round the compressed scores to this dtype before pooling (the official kernel
+            stores them in the input dtype); None: no rounding.
+    Returns [B, Hk, C, n_blocks] fp32, equal to `pool_block_scores(_group_compressed_scores(...))`.
+    """
+    B, Hq, C, D = q.shape
+    Hk, K1 = k1.shape[1], k1.shape[2]
+    G = Hq // Hk
+    if pool & (pool - 1) or D & (D - 1) or D < 16:
+        raise ValueError(f"pool ({pool}) and head dim ({D}) must be powers of two (head dim >= 16)")
+    n_existing = K1 if n_existing is None else int(n_existing)
+    k1 = k1.to(q.dtype).contiguous()
+    vis1 = vis1.to(torch.int32)
+    vis1 = (vis1.unsqueeze(0) if vis1.dim() == 1 else vis1).contiguous()
+    out = torch.empty(B, Hk, C, n_blocks, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(C, block_s), triton.cdiv(n_blocks, block_b - 1), B * Hk)
+    _pooled_scores_kernel[grid](
+        q, k1, lse, vis1, lo1 if lo1 is not None else vis1, out,
+        float(scale) * LOG2E, C, n_existing, n_blocks, q_pos0,
+        q.stride(0), q.stride(1), q.stride(2),
+        k1.stride(0), k1.stride(1), k1.stride(2),
+        lse.stride(0), lse.stride(1),
+        vis1.stride(0) if vis1.shape[0] > 1 else 0,
+        out.stride(0), out.stride(1), out.stride(2),
+        Hk, G=G, D=D, P=pool, BLOCK_SIZE=block_size, BLOCK_S=block_s, BLOCK_B=block_b, HAS_LO=lo1 is not None,
+        ROUND_BF16=round_to == torch.bfloat16, ROUND_FP16=round_to == torch.float16,
+        num_warps=4,
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. forced blocks + Stem + top-k per row
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _topk_row(
+    SCORES, BIAS, BUDGET, SEQ_START, IDX, CNT, NFORCED, c, b, hk,
+    row0, q_pos0, NBC, k_total,
+    stride_sb, stride_sh, stride_sc,
+    stride_bb, stride_bh,
+    stride_ub, stride_uh, stride_us,
+    stride_ib, stride_ih, stride_is,
+    stride_cb, stride_ch,
+    KMAX,
+    BLOCK_SIZE: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
+    NBP: tl.constexpr, KMAXP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BUDGET: tl.constexpr, HAS_SEQ_START: tl.constexpr, LOAD_CACHE: tl.constexpr,
+):
+    """Chunk row c of (batch b, kv head hk): NBP block scores in registers -> idx[row0 + c, :KMAX],
+    counts and n_forced (see the module docstring, step 3)."""
+    s = row0 + c  # row in the output (query index)
+    qb = (q_pos0 + c) // BLOCK_SIZE
+    if HAS_SEQ_START:
+        sb = tl.load(SEQ_START + b) // BLOCK_SIZE
+    else:
+        sb = 0
+    j = tl.arange(0, NBP)
+    cand = (j <= qb) & (j >= sb) & (j < NBC)
+    forced = cand & ((j < sb + INIT_BLOCKS) | (j >= qb - LOCAL_BLOCKS))
+    free = cand & (forced == 0)
+    n_forced = tl.sum(forced.to(tl.int32), 0)
+
+    score = tl.load(SCORES + b.to(tl.int64) * stride_sb + hk.to(tl.int64) * stride_sh + c.to(tl.int64) * stride_sc + j,
+                    mask=free, other=float("-inf"), cache_modifier=LOAD_CACHE)
+    score = tl.where(score == score, score, float("-inf"))  # NaN -> -inf
+    if HAS_BIAS:
+        bias = tl.load(BIAS + b.to(tl.int64) * stride_bb + hk.to(tl.int64) * stride_bh + j, mask=free, other=0.0)
+        logit = tl.log(tl.maximum(score, 1.1754943508222875e-38))
+        score = tl.where(score > 0, logit + bias, float("-inf"))
+        score = tl.where(score == score, score, float("-inf"))
+    key = ordered_u32(score)
+
+    if HAS_BUDGET:
+        k_free = tl.load(BUDGET + b.to(tl.int64) * stride_ub + hk.to(tl.int64) * stride_uh + c.to(tl.int64) * stride_us)
+    else:
+        k_free = k_total - n_forced
+    k_free = tl.maximum(k_free, 0)
+
+    keep = keep_largest(key, free, k_free, forced)  # ties: smaller block index first
+    count = tl.sum(keep.to(tl.int32), 0)
+    slot = tl.cumsum(keep.to(tl.int32), 0) - 1
+    out = IDX + b.to(tl.int64) * stride_ib + hk.to(tl.int64) * stride_ih + s.to(tl.int64) * stride_is
+    tl.store(out + slot, j, mask=keep & (slot < KMAX))
+    pad = tl.arange(0, KMAXP)
+    tl.store(out + pad, tl.full([KMAXP], -1, tl.int32), mask=(pad >= count) & (pad < KMAX))
+    tl.store(CNT + b * stride_cb + hk * stride_ch + s, tl.minimum(count, KMAX))
+    tl.store(NFORCED + b * stride_cb + hk * stride_ch + s, n_forced)
+
+
+@triton.jit
+def _block_topk_kernel(
+    SCORES, BIAS, BUDGET, SEQ_START, IDX, CNT, NFORCED,
+    row0, q_pos0, NBC, k_total,
+    stride_sb, stride_sh, stride_sc,
+    stride_bb, stride_bh,
+    stride_ub, stride_uh, stride_us,
+    stride_ib, stride_ih, stride_is,
+    stride_cb, stride_ch,
+    HK, KMAX,
+    BLOCK_SIZE: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
+    NBP: tl.constexpr, KMAXP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BUDGET: tl.constexpr, HAS_SEQ_START: tl.constexpr,
+):
+    """Program: axis 0 = one chunk row, axis 1 = batch x kv head (`_topk_row`)."""
+    bh = tl.program_id(1)
+    _topk_row(SCORES, BIAS, BUDGET, SEQ_START, IDX, CNT, NFORCED, tl.program_id(0), bh // HK, bh % HK,
+              row0, q_pos0, NBC, k_total,
+              stride_sb, stride_sh, stride_sc, stride_bb, stride_bh, stride_ub, stride_uh, stride_us,
+              stride_ib, stride_ih, stride_is, stride_cb, stride_ch, KMAX,
+              BLOCK_SIZE, INIT_BLOCKS, LOCAL_BLOCKS, NBP, KMAXP, HAS_BIAS, HAS_BUDGET, HAS_SEQ_START, "")
+
+
+@triton.jit
+def _select_chunk_kernel(
+    Q, K1, LSE, VIS1, LO1, SCRATCH, BIAS, BUDGET, SEQ_START, IDX, CNT, NFORCED,
+    scale_log2, C, K1N, NBC, row0, q_pos0, k_total,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_kn,
+    stride_lb, stride_lh,
+    stride_vb,
+    stride_sb, stride_sh, stride_sc,
+    stride_bb, stride_bh,
+    stride_ub, stride_uh, stride_us,
+    stride_ib, stride_ih, stride_is,
+    stride_cb, stride_ch,
+    HK, KMAX,
+    G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, HAS_LO: tl.constexpr, ROUND_BF16: tl.constexpr,
+    ROUND_FP16: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
+    NBP: tl.constexpr, KMAXP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BUDGET: tl.constexpr, HAS_SEQ_START: tl.constexpr,
+):
+    """Steps 2 and 3 in one launch. Program: axis 0 = BLOCK_S query rows, axis 1 = batch x kv head.
+    It pools every causal block of its rows (`_pooled_tile`, one block tile after the other) into
+    SCRATCH, waits for its own threads (the rows are its own: no other program reads them), then
+    selects row after row (`_topk_row`, SCRATCH re-read through L2)."""
+    pid_s = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HK
+    hk = bh % HK
+    s_lo = pid_s * BLOCK_S
+    last_qb = (q_pos0 + tl.minimum(s_lo + BLOCK_S, C) - 1) // BLOCK_SIZE
+    for jt in range(0, last_qb // (BLOCK_B - 1) + 1):
+        _pooled_tile(Q, K1, LSE, VIS1, LO1, SCRATCH, b, hk, s_lo, jt * (BLOCK_B - 1),
+                     scale_log2, C, K1N, NBC,
+                     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_kn, stride_lb, stride_lh,
+                     stride_vb, stride_sb, stride_sh, stride_sc,
+                     G, D, P, BLOCK_S, BLOCK_B, HAS_LO, ROUND_BF16, ROUND_FP16)
+    tl.debug_barrier()
+    for r in range(0, tl.minimum(BLOCK_S, C - s_lo)):
+        _topk_row(SCRATCH, BIAS, BUDGET, SEQ_START, IDX, CNT, NFORCED, s_lo + r, b, hk,
+                  row0, q_pos0, NBC, k_total,
+                  stride_sb, stride_sh, stride_sc, stride_bb, stride_bh, stride_ub, stride_uh, stride_us,
+                  stride_ib, stride_ih, stride_is, stride_cb, stride_ch, KMAX,
+                  BLOCK_SIZE, INIT_BLOCKS, LOCAL_BLOCKS, NBP, KMAXP, HAS_BIAS, HAS_BUDGET, HAS_SEQ_START, ".cg")
+
+
+def _budget_view(budgets: torch.Tensor | None, B: int, Hk: int, S: int):
+    """Budgets as a [B, Hk, S] int32 view (stride 0 where broadcast) from [S], [B, S] or [B, Hk, S]."""
+    if budgets is None:
+        return None
+    t = budgets.to(torch.int32)
+    if t.dim() == 1:
+        t = t.view(1, 1, S)
+    elif t.dim() == 2:
+        t = t.view(t.shape[0], 1, S)
+    if t.dim() != 3 or t.shape[-1] != S:
+        raise ValueError(f"budgets must be [S], [B, S] or [B, Hk, S] with S={S}; got {tuple(budgets.shape)}")
+    return t.contiguous().expand(B, Hk, S)
+
+
+def _row_topk_args(bias, budgets, seq_start, idx, counts, n_forced, n_blocks: int, kmax: int):
+    """The top-k step's launch arguments (`_topk_row`), shared by both kernels that run it: its
+    pointers (an absent input points at `counts`, never read), their strides, and its constexprs."""
+    absent = counts
+    pointers = (bias if bias is not None else absent, budgets if budgets is not None else absent,
+                seq_start if seq_start is not None else absent, idx, counts, n_forced)
+    strides = (*(bias.stride()[:2] if bias is not None else (0, 0)),
+               *(budgets.stride()[:3] if budgets is not None else (0, 0, 0)),
+               *idx.stride()[:3], *counts.stride()[:2])
+    flags = dict(NBP=max(16, _next_pow2(n_blocks)), KMAXP=max(16, _next_pow2(kmax)), HAS_BIAS=bias is not None,
+                 HAS_BUDGET=budgets is not None, HAS_SEQ_START=seq_start is not None)
+    return pointers, strides, flags
+
+
+def block_topk(scores: torch.Tensor, *, q_pos0: int, block_size: int, init_blocks: int, local_blocks: int,
+               k_total: int, key_bias: torch.Tensor | None = None, budgets: torch.Tensor | None = None,
+               seq_start: torch.Tensor | None = None, kmax: int, out: tuple | None = None, row0: int = 0):
+    """Forced blocks + the best non-forced candidates of every row (the `topk_blocks` rule).
+
+    Args:
+        scores: [B, Hk, C, NB] fp32 pooled block scores of C consecutive query rows, the first at
+            key position q_pos0 (row c's query block is (q_pos0 + c) // block_size).
+        key_bias: optional [B, Hk, >= NB] fp32 OAM bias per key block (Stem; log space).
+        budgets: optional [C], [B, C] or [B, Hk, C] non-forced blocks to keep per row (Stem);
+            None: natively k_total - n_forced.
+        seq_start: optional [B] int32 first real key position (see the module docstring).
+        kmax: width of the output lists (must cover forced + kept blocks of every row).
+        out: optional (idx [B, Hk, S, kmax], counts [B, Hk, S], n_forced [B, Hk, S]) written at rows
+            row0 .. row0 + C - 1 (the chunk loop writes straight into the final selection).
+    Returns (idx, counts, n_forced): ascending block lists, -1 padded; int32.
+    """
+    B, Hk, C, NB = scores.shape
+    if out is None:
+        idx = torch.empty(B, Hk, C, kmax, dtype=torch.int32, device=scores.device)
+        counts = torch.empty(B, Hk, C, dtype=torch.int32, device=scores.device)
+        n_forced = torch.empty_like(counts)
+        row0 = 0
+    else:
+        idx, counts, n_forced = out
+    bud = _budget_view(budgets, B, Hk, C) if budgets is not None and out is None else budgets
+    if key_bias is not None:
+        key_bias = key_bias.float().contiguous()
+    if C == 0:
+        return idx, counts, n_forced
+    pointers, strides, flags = _row_topk_args(key_bias, bud, seq_start, idx, counts, n_forced, NB, kmax)
+    _block_topk_kernel[(C, B * Hk)](
+        scores, *pointers,
+        row0, q_pos0, NB, k_total,
+        scores.stride(0), scores.stride(1), scores.stride(2),
+        *strides,
+        Hk, kmax,
+        BLOCK_SIZE=block_size, INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks, **flags,
+        num_warps=4 if NB <= 1024 else 8,
+    )
+    return idx, counts, n_forced
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole selection
+# ------------------------------------------------------------------------------------------------
+def infllmv2_select_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    params,
+    *,
+    q_offset: int | None = None,
+    key_bias: torch.Tensor | None = None,
+    budgets: torch.Tensor | None = None,
+    seq_start: torch.Tensor | None = None,
+    chunk_size: int = 16384,
+    emulate_kernel_offset: bool = True,
+    kmax: int | None = None,
+    k1: torch.Tensor | None = None,
+    k2: torch.Tensor | None = None,
+    fuse_topk: bool = True,
+    block_s: int = 64,
+    num_warps: int = 4,
+    chunk_budgets: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """InfLLMv2 block selection of queries q over keys k, with Stem's inputs optional.
+
+    Args:
+        q: [B, Hq, S, D] selection queries (HF layout; fp16 / bf16 on CUDA, any float under the
+            interpreter); k: [B, Hk, T, D] all keys; params: `InfLLMv2Params` (kernel_size,
+            kernel_stride, coarse_factor, block_size, init_blocks, local_blocks, k_total(T)).
+            D must be a power of two; any group size Hq / Hk.
+        q_offset: key position of q[:, :, 0] (default T - S).
+        key_bias: [B, Hk, >= NB] OAM bias per key block (added to log(score) of non-forced blocks).
+        budgets: int [S], [B, S] or [B, Hk, S]: non-forced blocks to keep per row (None: native).
+        seq_start: [B] int32 first real key position of each row (left padding; module docstring).
+        chunk_size: query rows per chunk (memory: B * Hk * chunk * NB fp32 pooled scores).
+        kmax: list width; default native k_total, or forced + max(budgets) (one host sync).
+        k1, k2: precomputed fine / coarse compressed keys (`compress_keys`), e.g. from a cache.
+        fuse_topk: steps 2 and 3 in one launch (`_select_chunk_kernel`: two launches per chunk in
+            all); False: `pooled_block_scores` then `block_topk` (three launches, more programs).
+        block_s: query rows per program of steps 2(-3) (64: the M of a Hopper wgmma; unmeasured).
+        chunk_budgets: budgets computed from each chunk's pooled scores instead of given up front
+            (Stem's mass schedule): called as chunk_budgets(pooled [B, Hk, C, NBC] fp32, s0, s1) for
+            query rows [s0, s1), it returns the rows' non-forced budgets ([C], [B, C] or [B, Hk, C],
+            at most the native k_total - forced). Such a chunk runs as three launches (the pooled
+            scores go through HBM once); not with `budgets`.
+        num_warps: warps of the fused step-2-3 program. 4 is the measured default; on sm_90 it
+            compiles to 255 registers with ~0.5 KB of spills per thread, 8 to ~220 and none
+            (`stem-boost build --cases select`); 8 is the candidate for the next GPU measurement.
+    Returns:
+        idx [B, Hk, S, kmax] int32 ascending (-1 padded), counts [B, Hk, S] int32, n_forced
+        [B, Hk, S] int32 (forced blocks among counts: not counted by the reduce contract).
+    The scores round to q's dtype before pooling when q is fp16 / bf16 (`score_dtype="auto"`).
+    """
+    B, Hq, S, D = q.shape
+    Hk, T = k.shape[1], k.shape[2]
+    G = Hq // Hk
+    if Hq % Hk or D & (D - 1) or D < 16:
+        raise ValueError(f"the fused selection needs Hq ({Hq}) a multiple of Hk ({Hk}) and D ({D}) a power of two >= 16")
+    p = params
+    offset = T - S if q_offset is None else int(q_offset)
+    if offset < 0 or offset + S > T:
+        raise ValueError(f"queries [{offset}, {offset + S}) must lie inside the {T} keys")
+    if k1 is None:
+        k1 = compress_keys(k, p.kernel_size, p.kernel_stride)
+    if k2 is None:
+        k2 = compress_keys(k, p.coarse_kernel_size, p.coarse_stride)
+    k1, k2 = k1.to(q.dtype).contiguous(), k2.to(q.dtype).contiguous()
+    K1, K2 = num_compressed(T, p.kernel_size, p.kernel_stride), num_compressed(T, p.coarse_kernel_size, p.coarse_stride)
+    fresh = emulate_kernel_offset and offset == 0 and S == T and S > 1 and seq_start is None
+    d1 = kernel_causal_offset(S, K1, p.kernel_stride) if fresh else 0
+    d2 = kernel_causal_offset(S, K2, p.coarse_stride) if fresh else 0
+    lo1 = lo2 = None
+    if seq_start is not None:
+        seq_start = seq_start.to(device=q.device, dtype=torch.int32).contiguous()
+        lo1 = ((seq_start + p.kernel_stride - 1) // p.kernel_stride).to(torch.int32)
+        lo2 = ((seq_start + p.coarse_stride - 1) // p.coarse_stride).to(torch.int32)
+    n_forced_max = p.init_blocks + p.local_blocks + 1
+    k_total = p.k_total(T)
+    if budgets is not None and chunk_budgets is not None:
+        raise ValueError("give budgets or chunk_budgets, not both")
+    if kmax is None:
+        kmax = k_total if budgets is None else n_forced_max + int(budgets.max())
+    nb_total = -(-T // p.block_size)
+    kmax = max(1, min(int(kmax), nb_total))
+    bud = _budget_view(budgets.to(q.device), B, Hk, S) if budgets is not None else None
+    round_to = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else None
+    scale = D ** -0.5
+    bias = key_bias.float().contiguous() if key_bias is not None else None
+
+    idx = torch.empty(B, Hk, S, kmax, dtype=torch.int32, device=q.device)
+    counts = torch.empty(B, Hk, S, dtype=torch.int32, device=q.device)
+    n_forced = torch.empty_like(counts)
+    for s0 in range(0, S, chunk_size):
+        s1 = min(S, s0 + chunk_size)
+        q_pos = torch.arange(s0 + offset, s1 + offset, device=q.device)
+        vis1 = visible_compressed(q_pos, K1, p.kernel_size, p.kernel_stride, d1).to(torch.int32)
+        vis2 = visible_compressed(q_pos, K2, p.coarse_kernel_size, p.coarse_stride, d2).to(torch.int32)
+        qc = q[:, :, s0:s1]
+        lse = coarse_lse(qc, k2, vis2, scale, lo2=lo2)
+        nbc = (s1 - 1 + offset) // p.block_size + 1
+        bud_c = bud[:, :, s0:s1] if bud is not None else None
+        if not fuse_topk or chunk_budgets is not None:  # steps 2 and 3 as two launches (pooled scores through HBM)
+            pooled = pooled_block_scores(qc, k1, lse, vis1, nbc, p.pool_size, scale, q_pos0=s0 + offset,
+                                         block_size=p.block_size, n_existing=K1, lo1=lo1, round_to=round_to)
+            if chunk_budgets is not None:
+                bud_c = _budget_view(chunk_budgets(pooled, s0, s1).to(q.device), B, Hk, s1 - s0)
+            block_topk(pooled, q_pos0=s0 + offset, block_size=p.block_size, init_blocks=p.init_blocks,
+                       local_blocks=p.local_blocks, k_total=k_total, key_bias=bias, budgets=bud_c,
+                       seq_start=seq_start, kmax=kmax, out=(idx, counts, n_forced), row0=s0)
+            continue
+        C = s1 - s0
+        scratch = torch.empty(B, Hk, C, nbc, dtype=torch.float32, device=q.device)
+        vis1_2d = vis1.unsqueeze(0)
+        pointers, strides, flags = _row_topk_args(bias, bud_c, seq_start, idx, counts, n_forced, nbc, kmax)
+        _select_chunk_kernel[(triton.cdiv(C, block_s), B * Hk)](
+            qc, k1, lse, vis1_2d, lo1 if lo1 is not None else vis1_2d, scratch, *pointers,
+            scale * LOG2E, C, K1, nbc, s0, s0 + offset, k_total,
+            qc.stride(0), qc.stride(1), qc.stride(2),
+            k1.stride(0), k1.stride(1), k1.stride(2),
+            lse.stride(0), lse.stride(1),
+            0,
+            scratch.stride(0), scratch.stride(1), scratch.stride(2),
+            *strides,
+            Hk, kmax,
+            G=G, D=D, P=p.pool_size, BLOCK_SIZE=p.block_size, BLOCK_S=block_s, BLOCK_B=32, HAS_LO=lo1 is not None,
+            ROUND_BF16=round_to == torch.bfloat16, ROUND_FP16=round_to == torch.float16,
+            INIT_BLOCKS=p.init_blocks, LOCAL_BLOCKS=p.local_blocks, **flags,
+            num_warps=num_warps,
+        )
+    return idx, counts, n_forced
+
+
+def infllmv2_selection(q: torch.Tensor, k: torch.Tensor, params, **kwargs):
+    """`infllmv2_select_fused` as a `stem_boost.selection.Selection` (per-token rows, blocks of
+    `params.block_size`, `n_forced` and `seq_start` filled in) for `sparse_attention`."""
+    idx, counts, n_forced = infllmv2_select_fused(q, k, params, **kwargs)
+    q_offset = kwargs.get("q_offset")
+    return Selection(idx=idx, counts=counts, block_size=params.block_size, query_block=1,
+                     q_offset=k.shape[2] - q.shape[2] if q_offset is None else int(q_offset),
+                     seq_start=kwargs.get("seq_start"), n_forced=n_forced)

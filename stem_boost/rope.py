@@ -1,0 +1,51 @@
+"""Rotary position embeddings, one helper per layout.
+
+Two layouts occur in the supported models:
+- "half" (`rotate_half`): the first and second halves of the rotary dims form the pairs
+  (Llama, MiniCPM-4, DeepSeek-V3.2's lightning indexer);
+- "interleaved": adjacent dims (x0, x1), (x2, x3), ... form the pairs (DeepSeek-V3.2's MLA rope
+  part, transformers' `apply_rotary_pos_emb_interleave`), returned de-interleaved as transformers does.
+
+cos / sin are [B, S, D] (or broadcastable); `unsqueeze_dim` inserts the head axis: 1 for
+q [B, H, S, D], 2 for q [B, S, H, D].
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["rotate_half", "apply_rope_half", "apply_rope_interleaved"]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [..., D]: (x1, x2) -> (-x2, x1) with x1, x2 the two halves of the last dim."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope_half(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    unsqueeze_dim: int = 1, *, compute_dtype: torch.dtype | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half-split RoPE on q and k; `compute_dtype=torch.float32` rotates in fp32 and casts back
+    (MiniCPM-4's official code does so)."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    qc = q if compute_dtype is None else q.to(compute_dtype)
+    kc = k if compute_dtype is None else k.to(compute_dtype)
+    q_embed = qc * cos + rotate_half(qc) * sin
+    k_embed = kc * cos + rotate_half(kc) * sin
+    if compute_dtype is not None:
+        q_embed, k_embed = q_embed.to(q.dtype), k_embed.to(k.dtype)
+    return q_embed, k_embed
+
+
+def apply_rope_interleaved(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interleaved RoPE: pairs (x[2i], x[2i+1]) rotated by the first half of cos / sin; the output
+    is de-interleaved ([rotated evens | rotated odds]), as transformers' DeepSeek-V3.2 returns it."""
+    cos = cos[..., : cos.shape[-1] // 2].unsqueeze(unsqueeze_dim)
+    sin = sin[..., : sin.shape[-1] // 2].unsqueeze(unsqueeze_dim)
+    q1, q2 = q[..., 0::2], q[..., 1::2]
+    k1, k2 = k[..., 0::2], k[..., 1::2]
+    q_embed = torch.cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin], dim=-1)
+    k_embed = torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1)
+    return q_embed, k_embed

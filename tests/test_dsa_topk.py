@@ -1,0 +1,182 @@
+"""The radix-select top-k (`kernels/dsa_topk.py`) against its PyTorch definition (Triton interpreter on CPU).
+
+Every case draws fresh random scores (seed logged) with ties, -inf (masked / acausal) keys, -0.0 and
++0.0, an OAM key bias, per-row budgets and causal limits, and checks the kept positions exactly.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+from stem_boost.kernels import HAS_TRITON
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
+
+
+def _scores(B: int, R: int, T: int, gen: torch.Generator, ties: bool) -> torch.Tensor:
+    s = torch.randn(B, R, T, generator=gen)
+    if ties:  # few distinct values: many exact ties, both zero signs
+        s = torch.round(s * 2) / 2
+        s[torch.rand(B, R, T, generator=gen) < 0.1] = -0.0
+    s[torch.rand(B, R, T, generator=gen) < 0.15] = float("-inf")
+    return s
+
+
+@pytest.mark.parametrize("case", [  # B, R, T, k, ties, bias, budgets, valid_len, bits, block
+    (1, 5, 37, 8, False, False, False, False, 11, 16),
+    (2, 4, 100, 16, True, False, False, False, 11, 32),
+    (2, 6, 130, 20, True, True, True, True, 8, 64),
+    (1, 7, 64, 64, True, True, False, True, 11, 16),      # k >= #valid in many rows
+    (1, 3, 50, 80, False, False, True, False, 8, 16),     # k > T
+    (2, 5, 300, 24, False, True, True, True, 12, 128),
+])
+def test_topk_rows_matches_definition(case):
+    from stem_boost.kernels.dsa_topk import topk_rows, topk_rows_reference
+
+    B, R, T, k, ties, bias, budgets, valid_len, bits, block = case
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    print(f"seed={seed}")
+    gen = torch.Generator().manual_seed(seed)
+    s = _scores(B, R, T, gen, ties)
+    kb = torch.round(torch.randn(B, T, generator=gen) * 2) / 4 if bias else None
+    bud = torch.randint(0, k + 3, (B, R), generator=gen, dtype=torch.int32) if budgets else None
+    vl = torch.randint(0, T + 1, (B, R), generator=gen, dtype=torch.int32) if valid_len else None
+    want_idx, want_n = topk_rows_reference(s, k, key_bias=kb, budgets=bud, valid_len=vl)
+    got_idx, got_n = topk_rows(s, k, key_bias=kb, budgets=bud, valid_len=vl, bits=bits, block=block)
+    assert torch.equal(got_n, want_n), f"seed={seed}"
+    assert torch.equal(got_idx, want_idx), f"seed={seed}"
+
+
+def test_topk_rows_pipelined_passes_match_definition(seed):
+    """`stages` > 1 (the pass loops software-pipelined on a GPU) selects exactly as the default."""
+    from stem_boost.kernels.dsa_topk import topk_rows, topk_rows_reference
+
+    gen = torch.Generator().manual_seed(seed)
+    B, R, T, k = 2, 5, 150, 20
+    s = _scores(B, R, T, gen, ties=True)
+    kb = torch.round(torch.randn(B, T, generator=gen) * 2) / 4
+    vl = torch.randint(0, T + 1, (B, R), generator=gen, dtype=torch.int32)
+    want = topk_rows_reference(s, k, key_bias=kb, valid_len=vl)
+    for stages in (2, 3):
+        got = topk_rows(s, k, key_bias=kb, valid_len=vl, block=32, stages=stages)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), stages
+
+
+def test_topk_rows_bf16_and_all_masked_rows():
+    from stem_boost.kernels.dsa_topk import topk_rows, topk_rows_reference
+
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    print(f"seed={seed}")
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randn(2, 4, 90, generator=gen).to(torch.bfloat16)  # bf16: many ties
+    s[0, 1] = float("-inf")  # a row with nothing valid
+    want = topk_rows_reference(s, 12)
+    got = topk_rows(s, 12, block=32)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), f"seed={seed}"
+    assert int(got[1][0, 1]) == 0 and bool((got[0][0, 1] == -1).all())
+
+
+def test_reference_is_torch_topk_on_distinct_scores():
+    """The oracle itself: on distinct scores the kept set is torch.topk's set."""
+    from stem_boost.kernels.dsa_topk import topk_rows_reference
+
+    s = torch.randn(2, 3, 200, dtype=torch.float64).float()
+    idx, n = topk_rows_reference(s, 17)
+    want = s.topk(17, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+    assert torch.equal(idx, want) and bool((n == 17).all())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "fp8", "bfloat16"])
+def test_indexer_topk_chunked_equals_whole(dtype):
+    """Chunked scoring + topk_rows (masked tails never written) == the definition on the whole matrix."""
+    from stem_boost.kernels.dsa_topk import indexer_topk, topk_rows_reference
+    from stem_boost.kernels.indexer_scores import fp8_index_scores, fused_index_scores
+
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    print(f"seed={seed}")
+    torch.manual_seed(seed)
+    B, S, T, H, D, k = 2, 24, 40, 2, 16, 9
+    q, kk, w = torch.randn(B, S, H, D), torch.randn(B, T, D), torch.randn(B, S, H)
+    bias = torch.randn(B, T) * 0.1
+    budgets = torch.randint(0, k + 2, (B, S), dtype=torch.int32)
+    got = indexer_topk(q, kk, w, 0.25, k, dtype=dtype, key_bias=bias, budgets=budgets, chunk_rows=7)
+    if dtype == "fp8":
+        full = fp8_index_scores(q, kk, w, 0.25, causal_offset=T - S, block_s=64, block_t=128)
+    elif dtype == "bfloat16":
+        full = fused_index_scores(q.to(torch.bfloat16), kk, w, 0.25, causal_offset=T - S)
+    else:
+        full = torch.einsum("bsh,bsht->bst", w, torch.relu(torch.einsum("bshd,btd->bsht", q, kk) * 0.25))
+        visible = torch.arange(T)[None, :] <= torch.arange(S)[:, None] + T - S
+        full = full.masked_fill(~visible, float("-inf"))
+    want = topk_rows_reference(full, k, key_bias=bias, budgets=budgets)
+    assert torch.equal(got[1], want[1]), f"seed={seed}"
+    if dtype == "float32":  # per-head fp32 sums in another order: compare the kept sets' scores, not positions
+        ref_scores = (full + bias[:, None, :]).gather(-1, want[0].clamp(min=0).long()).masked_fill(want[0] < 0, 0)
+        got_scores = (full + bias[:, None, :]).gather(-1, got[0].clamp(min=0).long()).masked_fill(got[0] < 0, 0)
+        torch.testing.assert_close(got_scores.sort(-1).values, ref_scores.sort(-1).values, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(got[0], want[0]), f"seed={seed}"
+
+
+@pytest.mark.parametrize("B,H,R,K,N,bias_heads", [(2, 1, 9, 24, 60, 1), (1, 3, 7, 40, 50, 3), (2, 2, 5, 17, 30, 1)])
+def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads):
+    """Stem's one-pass cut keeps, per row, its budget of candidates by score + gathered bias (higher
+    first, equal -> smaller key), with ties, -0.0, -inf and NaN scores, -1 holes, budgets above the
+    valid count and 0."""
+    from stem_boost.kernels.dsa_topk import candidate_cut
+
+    gen = torch.Generator().manual_seed(seed)
+    cand = torch.stack([torch.randperm(N, generator=gen)[:K].sort().values for _ in range(B * H * R)]).view(B, H, R, K)
+    holes = torch.rand(B, H, R, K, generator=gen) < 0.15
+    cand = torch.where(holes, -1, cand).int()
+    scores = torch.round(torch.randn(B, H, R, K, generator=gen) * 2) / 2  # many ties
+    scores[torch.rand(B, H, R, K, generator=gen) < 0.1] = -0.0
+    scores[torch.rand(B, H, R, K, generator=gen) < 0.1] = float("-inf")
+    scores[torch.rand(B, H, R, K, generator=gen) < 0.03] = float("nan")
+    bias = torch.randint(0, 3, (B, bias_heads, N), generator=gen).float() * 0.5
+    budgets = torch.randint(0, K + 3, (B, H, R), generator=gen)
+    budgets[0, 0, 0] = 0
+    idx, counts = candidate_cut(cand, scores, budgets, key_bias=bias)
+    for b in range(B):
+        for h in range(H):
+            for r in range(R):
+                c = cand[b, h, r]
+                s = scores[b, h, r] + bias[b, min(h, bias_heads - 1)].gather(0, c.clamp_min(0).long()) + 0.0
+                ok = (c >= 0) & (s > float("-inf"))
+                order = sorted((-float(s[j]), int(c[j])) for j in range(K) if ok[j])
+                want = sorted(key for _, key in order[: max(0, int(budgets[b, h, r]))])
+                n = int(counts[b, h, r])
+                assert n == len(want), (b, h, r)
+                assert idx[b, h, r, :n].tolist() == want, (b, h, r)
+                assert (idx[b, h, r, n:] == -1).all()
+
+
+@pytest.mark.parametrize("T,k,capacity,path", [
+    (20000, 64, 2048, "buffer"),    # the sample's threshold holds: every row takes the buffer
+    (700, 30, 1024, "buffer"),      # the whole row fits the buffer: no sample at all
+    (4000, 300, 256, "radix"),      # k > capacity: every row takes the radix select
+])
+def test_topk_rows_sampled_is_exact_on_both_paths(seed, T, k, capacity, path):
+    """`method="sampled"` keeps the reference's set (ties, -inf, OAM bias, budgets, causal limits),
+    through its buffer or, when the sample misses, through the radix select (`fell_back` says which)."""
+    from stem_boost.kernels.dsa_topk import topk_rows, topk_rows_reference
+
+    gen = torch.Generator().manual_seed(seed)
+    B, R = 2, 3
+    s = _scores(B, R, T, gen, ties=True)
+    kw = dict(key_bias=torch.round(torch.randn(B, T, generator=gen) * 2) / 4,
+              budgets=torch.randint(k // 2, k + 3, (B, R), generator=gen, dtype=torch.int32),
+              valid_len=torch.randint(T // 2, T + 1, (B, R), generator=gen, dtype=torch.int32))
+    for args in (dict(), kw):
+        fell_back = torch.full((B, R), -1, dtype=torch.int32)
+        got = topk_rows(s, k, method="sampled", capacity=capacity, block=256, fell_back=fell_back, **args)
+        want = topk_rows_reference(s, k, **args)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+        assert bool((fell_back == (1 if path == "radix" else 0)).all()), fell_back
+    with pytest.raises(ValueError, match="method='heap'"):
+        topk_rows(s, k, method="heap")

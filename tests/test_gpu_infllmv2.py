@@ -1,0 +1,116 @@
+"""GPU checks of the InfLLMv2 kernels at MiniCPM-4.1 shapes (run on the device: pytest -m gpu).
+
+Union-tile stage 2 (`kernels/block_union.py`) against the fp64 reference on fresh random inputs
+(seeds in the assertion messages), the union lists against their PyTorch definition.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _rel_err(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _reference(q, k, v, idx, counts, block_size, q_offset):
+    from stem_boost.kernels import sparse_attention_reference
+
+    if "selection" in inspect.signature(sparse_attention_reference).parameters:
+        from stem_boost.selection import Selection
+
+        sel = Selection(idx=idx, counts=counts, block_size=block_size, query_block=1, q_offset=q_offset)
+        return sparse_attention_reference(q, k, v, sel, return_lse=True)
+    return sparse_attention_reference(q, k, v, idx, counts, block_size=block_size, q_offset=q_offset, return_lse=True)
+
+
+def _lists(B, H, S, T, kmax, seed, jitter=0.5, block=64):
+    """InfLLMv2-like per-token lists on the GPU: forced block 0 + local window, the rest by a
+    per-query-block base score + per-token noise; ascending, -1 padded."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    nb = -(-T // block)
+    pos = torch.arange(S, device="cuda") + (T - S)
+    qb = pos // block
+    blk = torch.arange(nb, device="cuda")
+    base = torch.rand(B, H, nb, nb, device="cuda", generator=g)[:, :, qb]  # per query block
+    score = base + jitter * torch.rand(B, H, S, nb, device="cuda", generator=g)  # + per token
+    causal = blk <= qb[:, None]
+    forced = causal & ((blk < 1) | (blk >= qb[:, None] - 4))
+    score = torch.where(forced, 3.0, torch.where(causal, score, -1.0))
+    top = score.topk(min(kmax, nb), dim=-1)
+    sel = torch.where(top.values >= 0, top.indices, nb + 1).sort(dim=-1).values
+    idx = torch.where(sel > nb, -1, sel).to(torch.int32)
+    return idx.contiguous(), (idx >= 0).sum(-1).to(torch.int32)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 1e-2), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("G,Hkv,S,T,block_m,use_tma", [
+    (16, 2, 700, 700, 64, False), (16, 2, 700, 900, 128, True), (6, 4, 513, 513, 64, False),
+    (4, 8, 300, 300, 64, True), (8, 4, 400, 450, 128, False), (1, 2, 257, 257, 64, False),
+])
+def test_gpu_block_union_matches_reference(G, Hkv, S, T, block_m, use_tma, dtype, tol):
+    from stem_boost.kernels.block_union import block_union_attention
+
+    seed = 9000 + S + G
+    torch.manual_seed(seed)
+    q = torch.randn(2, S, Hkv * G, 128, device="cuda").to(dtype)
+    k = torch.randn(2, T, Hkv, 128, device="cuda").to(dtype)
+    v = torch.randn(2, T, Hkv, 128, device="cuda").to(dtype)
+    idx, counts = _lists(2, Hkv, S, T, 9, seed)
+    out, lse = block_union_attention(q, k, v, idx, counts, block_size=64, return_lse=True, block_m=block_m,
+                                     use_tma=use_tma and dtype != torch.float32)
+    ref, ref_lse = _reference(q.double(), k.double(), v.double(), idx, counts, 64, T - S)
+    assert not torch.isnan(out).any(), f"seed {seed}"
+    ok = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), ok), f"seed {seed}"
+    assert _rel_err(out, ref) < tol, f"seed {seed}"
+    assert _rel_err(lse[ok], ref_lse[ok]) < tol, f"seed {seed}"
+
+
+@pytest.mark.parametrize("qt", [4, 8, 10])
+def test_gpu_union_lists_match_definition(qt):
+    from stem_boost.kernels.block_union import union_block_lists, union_block_lists_torch
+
+    seed = 77 + qt
+    idx, counts = _lists(2, 2, 3000, 3000, 40, seed)
+    uidx, umask, ucount = union_block_lists(idx, counts, qt)
+    ridx, rmask, rcount = union_block_lists_torch(idx, counts, qt)
+    assert torch.equal(ucount, rcount), f"seed {seed}"
+    live = torch.arange(uidx.shape[-1], device="cuda") < ucount.unsqueeze(-1)
+    assert torch.equal(torch.where(live, uidx, -1), ridx[..., : uidx.shape[-1]]), f"seed {seed}"
+    assert torch.equal(torch.where(live, umask, 0), rmask[..., : uidx.shape[-1]]), f"seed {seed}"
+
+
+@pytest.mark.parametrize("S,stem,fuse_topk", [(8192, False, True), (8192, True, True), (12000, False, True),
+                                              (8192, True, False)])
+def test_gpu_fused_selection_agrees_with_pytorch(S, stem, fuse_topk):
+    """MiniCPM-4.1 sparse_config, bf16: >= 99.9% of the selected blocks equal the PyTorch selection's."""
+    from stem_boost.kernels.infllmv2_select import infllmv2_select_fused
+    from stem_boost.native.infllmv2 import MINICPM41_SPARSE_CONFIG, InfLLMv2Params, infllmv2_select
+
+    seed = 4242 + S + stem + 2 * fuse_topk
+    torch.manual_seed(seed)
+    p = InfLLMv2Params.from_sparse_config(MINICPM41_SPARSE_CONFIG)
+    q = torch.randn(1, 32, S, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, S, 128, device="cuda", dtype=torch.bfloat16)
+    nb = -(-S // 64)
+    kw, ref_kw = {}, {}
+    if stem:
+        bias = 0.2 * torch.randn(1, 2, nb, device="cuda")
+        budgets = torch.randint(0, 62, (S,), device="cuda", dtype=torch.int32)
+        kw, ref_kw = dict(key_bias=bias, budgets=budgets), dict(key_bias=bias, k_free=budgets)
+    idx, counts, _ = infllmv2_select_fused(q, k, p, fuse_topk=fuse_topk, **kw)
+    ref = infllmv2_select(q, k, p, chunk_size=1024, **ref_kw)
+
+    def member(t):
+        m = torch.zeros(*t.shape[:-1], nb + 1, dtype=torch.bool, device="cuda")
+        return m.scatter_(-1, torch.where(t >= 0, t.long(), nb), True)[..., :nb]
+
+    a, b = member(idx), member(ref.idx)
+    assert torch.equal(counts, ref.counts), f"seed {seed}"
+    assert float((a & b).sum()) / float(b.sum()) >= 0.999, f"seed {seed}"
