@@ -9,6 +9,12 @@ Sections (each starts with a correctness check on fresh random inputs, seed prin
   mla      `kernels/mla_token.mla_token_attention` tile variants on the absorbed-MLA shape (Dqk 576,
            Dv 512, one latent kv head, 128 and 64 heads, top-k 2048) vs `sparse_attention_reference`;
            peer: `sparse_attention` token mode. FLOP = 2 * topk * heads * (576 + 512) per query.
+  cut      `kernels/dsa_topk.candidate_cut` (Stem's cut of 2048 token candidates per row, OAM bias,
+           per-row budgets) at 1 / 2 / 4 / 8 warps a row on rows x 2048 candidates; each vs the
+           default's result (the same kept set and counts).
+  quant    the FP8 scorer's operand quantisation of one query chunk (rows x 64 heads x 128, bf16):
+           the fused Triton pass vs the PyTorch definition (five fp32 passes); same e4m3 codes on
+           >= 99.9% of entries, and the FP8 scores of the chunk with either.
   indexer  the lightning indexer of one chunk of query rows at the end of a long sequence (64 heads x
            128): current `chunked_index_topk` (bf16 fused scores + int64 top-k) vs the fused bf16 /
            FP8 scores (causal tail unwritten) + `topk_rows(valid_len=)`; top-2048 overlap of the bf16
@@ -31,11 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from stem_boost.kernels.dsa_topk import topk_rows, topk_rows_reference  # noqa: E402
+from stem_boost.kernels.dsa_topk import candidate_cut, topk_rows, topk_rows_reference  # noqa: E402
 from stem_boost.kernels.indexer_scores import (  # noqa: E402
     fp8_index_scores,
     fp8_index_scores_reference,
     fused_index_scores,
+    hadamard_matrix,
+    quantize_fp8_rows,
+    quantize_fp8_rows_fused,
 )
 from stem_boost.kernels.mla_token import mla_token_attention  # noqa: E402
 from stem_boost.kernels.reference import sparse_attention_reference  # noqa: E402
@@ -343,6 +352,67 @@ def section_indexer(args, res: dict) -> None:
         res["indexer"][f"overlap_{name}"] = ov
         row("indexer", f"top-{k} overlap with fp32: {name}", None, f"{ov:.4f} (random N(0,1) inputs)")
 
+# ------------------------------------------------------------------------------------ Stem's cut
+def section_cut(args, res) -> None:
+    """candidate_cut at several warp counts: R rows x K ascending candidates with scores, OAM bias
+    per key, TPD-like budgets (60-100% of K)."""
+    R, K, T = args.cut_rows, args.k, args.topk_keys
+    seed = seed_all()
+    log(f"cut: seed {seed}, {R} rows x {K} candidates over {T} keys")
+    cand = torch.sort(torch.stack([torch.randperm(T, device=DEV)[:K] for _ in range(min(R, 64))]), -1).values
+    cand = cand.repeat(-(-R // cand.shape[0]), 1)[:R].to(torch.int32).view(1, 1, R, K)
+    cand[..., -7:] = torch.where(torch.rand(1, 1, R, 1, device=DEV) < 0.1, -1, cand[..., -7:])  # some short rows
+    scores = torch.randn(1, 1, R, K, device=DEV).masked_fill(cand < 0, float("-inf"))
+    bias = torch.randn(1, 1, T, device=DEV) * 0.5
+    budgets = (K * (0.6 + 0.4 * torch.rand(1, 1, R, device=DEV))).to(torch.int32)
+    want_idx, want_n = candidate_cut(cand, scores, budgets, key_bias=bias)
+    res["cut"] = {}
+    for warps in (1, 2, 4, 8):
+        try:
+            idx, n = candidate_cut(cand, scores, budgets, key_bias=bias, num_warps=warps)
+            same = bool(torch.equal(idx, want_idx) and torch.equal(n, want_n))
+            ms = bench(lambda: candidate_cut(cand, scores, budgets, key_bias=bias, num_warps=warps))
+        except Exception as e:  # noqa: BLE001
+            row("cut", f"candidate_cut {warps} warps", None, f"failed: {e!r}"[:120])
+            continue
+        gb = R * K * 8 / 1e9 + R * K * 4 / 1e9
+        res["cut"][warps] = dict(ms=ms, same=same)
+        row("cut", f"candidate_cut {warps} warps", ms, f"{gb / ms:.0f} GB/s (reads + writes); same as default: {same}")
+
+
+# ---------------------------------------------------------------------------- FP8 quantisation
+def section_quant(args, res) -> None:
+    """The query chunk's e4m3 quantisation, fused vs the PyTorch definition, and the scores after."""
+    R, H, D, T = args.ix_queries, 64, 128, args.ix_keys
+    seed = seed_all()
+    log(f"quant: seed {seed}, {R} rows x {H} heads x {D}")
+    q = torch.randn(1, R, H, D, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(1, T, D, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(1, R, H, device=DEV) * H ** -0.5
+    rot = hadamard_matrix(D, DEV)
+    q8_ref, s_ref = quantize_fp8_rows(q, rot)
+    q8, sc = quantize_fp8_rows_fused(q)
+    same_codes = float((q8.view(torch.uint8) == q8_ref.view(torch.uint8)).float().mean())
+    scale_err = float(((sc - s_ref).abs() / s_ref).max())
+    ms_ref = bench(lambda: quantize_fp8_rows(q, rot))
+    ms_fused = bench(lambda: quantize_fp8_rows_fused(q))
+    gb = q.numel() * 3 / 1e9
+    res["quant"] = dict(torch_ms=ms_ref, fused_ms=ms_fused, same_codes=same_codes, max_scale_rel_err=scale_err)
+    row("quant", "quantize_fp8_rows (PyTorch definition)", ms_ref, "")
+    row("quant", "quantize_fp8_rows_fused (one Triton pass)", ms_fused,
+        f"{gb / ms_fused:.0f} GB/s; same e4m3 codes {same_codes:.5f}; max scale rel. diff {scale_err:.1e}")
+    off = T - R
+    k8 = quantize_fp8_rows_fused(k)
+    ms_scores_keys_once = bench(lambda: fp8_index_scores(q, k, w, D ** -0.5, causal_offset=off, write_masked=False, k_fp8=k8))
+    ms_scores = bench(lambda: fp8_index_scores(q, k, w, D ** -0.5, causal_offset=off, write_masked=False))
+    ms_bf16 = bench(lambda: fused_index_scores(q, k, w, D ** -0.5, causal_offset=off, write_masked=False))
+    ms_bf16_64 = bench(lambda: fused_index_scores(q, k, w, D ** -0.5, causal_offset=off, write_masked=False, block_s=64))
+    res["quant"].update(fp8_scores_ms=ms_scores, fp8_scores_keys_once_ms=ms_scores_keys_once, bf16_scores_ms=ms_bf16,
+                        bf16_scores_s64_ms=ms_bf16_64)
+    row("quant", "FP8 scores of the chunk (quantise q and k)", ms_scores, "")
+    row("quant", "FP8 scores of the chunk (keys quantised before)", ms_scores_keys_once, "")
+    row("quant", "bf16 scores of the chunk (default tile / 64 rows)", ms_bf16, f"64-row tile {ms_bf16_64:.3f} ms")
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -357,6 +427,7 @@ def main() -> int:
     ap.add_argument("--mla-queries", type=int, default=8192)
     ap.add_argument("--mla-keys", type=int, default=32768)
     ap.add_argument("--ix-queries", type=int, default=8192)
+    ap.add_argument("--cut-rows", type=int, default=32768)
     ap.add_argument("--ix-keys", type=int, default=65536)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (tiny sizes)")
     args = ap.parse_args()
@@ -368,7 +439,8 @@ def main() -> int:
     log(f"{res['device']} torch {res['torch']} triton {res['triton']}")
     for sec in args.sections:
         try:
-            {"topk": section_topk, "mla": section_mla, "indexer": section_indexer}[sec](args, res)
+            {"topk": section_topk, "mla": section_mla, "indexer": section_indexer, "cut": section_cut,
+             "quant": section_quant}[sec](args, res)
         except Exception as e:  # noqa: BLE001
             import traceback
             traceback.print_exc()

@@ -154,19 +154,20 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
     S = x.shape[1]
     with torch.no_grad():
         q_resid = attn.q_a_layernorm(attn.q_a_proj(x))
-        # the indexer + top-k three ways: torch.topk (no tie rule), the radix select (what the layer
-        # runs: the position tie rule, ascending candidates) and the sampled select (the same set)
+        # the indexer + top-k: the default (what `wrap` runs: auto dtype, sampled select) beside
+        # torch.topk (no tie rule), the radix select (the same set) and the other score dtypes
         default_dtype = StemConfig().indexer_score_dtype(x.device, attn.indexer.head_dim)  # what `wrap` runs
+        other_dtype = torch.bfloat16 if default_dtype == "fp8" else "fp8"
 
         def index_topk(score_dtype=default_dtype, **kw):
             return lambda: dsa_indexer_topk(attn.indexer, x, q_resid, pe, None, pos, max_bytes=2 * 2**30,
                                             score_dtype=score_dtype, **kw)
-        ms_index, _ = timed(index_topk(tie_break="none"))
-        ms_index_bf16, _ = timed(index_topk(score_dtype=torch.bfloat16))  # the previous default
-        ms_index_radix, _ = timed(index_topk())
-        ms_index_sampled, _ = timed(index_topk(topk_method="sampled"))
+        ms_index, _ = timed(index_topk())
+        ms_index_torch, _ = timed(index_topk(tie_break="none"))
+        ms_index_other, _ = timed(index_topk(score_dtype=other_dtype))
+        ms_index_radix, _ = timed(index_topk(topk_method="radix"))
         top = index_topk()()  # the Stem step below starts from the layer's own (ascending) candidates
-        sampled_same = bool(torch.equal(index_topk(topk_method="sampled")().indices, top.indices))
+        radix_same = bool(torch.equal(index_topk(topk_method="radix")().indices, top.indices))
         native = native_selection(top, q_offset=0, padding=None)
         kv_a = attn.kv_a_proj_with_mqa(x)
         latent = attn.kv_a_layernorm(kv_a[..., :512])
@@ -194,16 +195,28 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
         kern = lambda s: sparse_attention(q, kv, kv[..., :512], s.rows(S - chunk, S), check=False)
         ms_k_native, _ = timed(lambda: kern(native))
         ms_k_stem, _ = timed(lambda: kern(sel))
-    return dict(indexer_dtype=str(default_dtype), indexer_topk_bf16_ms=ms_index_bf16,
-                indexer_topk_ms=ms_index, indexer_topk_radix_ms=ms_index_radix, indexer_topk_sampled_ms=ms_index_sampled,
-                sampled_same_set=sampled_same,
+    return dict(indexer_dtype=str(default_dtype), indexer_other_dtype=str(other_dtype),
+                indexer_topk_ms=ms_index, indexer_topk_torch_ms=ms_index_torch, indexer_topk_other_dtype_ms=ms_index_other,
+                indexer_topk_radix_ms=ms_index_radix, radix_same_set=radix_same,
                 stem_step_ms=ms_stem_step, stem_step_radix_ms=ms_stem_radix,
                 stem_step_same_set=same_set, value_norms_ms=ms_norms, value_norms_per_head_ms=ms_norms_per_head,
                 value_norms_max_rel_err=norms_rel_err,
                 kernel_native_last_chunk_ms=ms_k_native, kernel_stem_last_chunk_ms=ms_k_stem, kernel_chunk=chunk)
 
 
-def bench_infllmv2(seqs, device):
+def smooth_hidden_states(S: int, width: int, window: int, device, dtype=torch.bfloat16) -> torch.Tensor:
+    """[1, S, width] hidden states, N(0, 1) at every position. window <= 1: i.i.d. across positions
+    (random weights then give near-independent block lists for neighbouring tokens, the worst case for
+    union tiles). window W > 1: each position is the normalised sum of W consecutive i.i.d. draws, so
+    neighbours share W - 1 of them, as neighbouring tokens of real text share most of their context."""
+    if window <= 1:
+        return torch.randn(1, S, width, device=device, dtype=dtype)
+    e = torch.randn(1, S + window, width, device=device, dtype=torch.float32)
+    c = torch.cumsum(e, dim=1)
+    return ((c[:, window:] - c[:, :-window]) / window ** 0.5).to(dtype)
+
+
+def bench_infllmv2(seqs, device, windows=(0,)):
     from stem_boost.models.minicpm4 import MiniCPM4Config, MiniCPM4ForCausalLM
     from stem_boost.native.infllmv2 import MINICPM41_SPARSE_CONFIG
 
@@ -216,11 +229,11 @@ def bench_infllmv2(seqs, device):
     attn.select_chunk_size = 1024
     rotary = model.model.rotary_emb
     rows = []
-    for S in seqs:
-        x = torch.randn(1, S, cfg.hidden_size, device=device, dtype=torch.bfloat16)
+    for S, window in ((S, w) for S in seqs for w in windows):
+        x = smooth_hidden_states(S, cfg.hidden_size, window, device)
         pos = torch.arange(S, device=device)[None]
         pe = rotary(pos)
-        row = dict(family="infllmv2", S=S)
+        row = dict(family="infllmv2", S=S, smooth_window=window)
 
         for name, kwargs in (("dense", dict(dense=True)), ("native_kernel", dict(reduce=0.0, beta=0.0)),
                              ("stem", dict(reduce=0.18))):
@@ -276,6 +289,8 @@ def main():
     ap.add_argument("--native-max-seq", type=int, default=0,
                     help="largest S to also time transformers' own DSA sdpa path at (0 = never; OOM from 16K)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--smooth", type=int, nargs="+", default=[0],
+                    help="InfLLMv2 hidden-state windows: 0 = i.i.d. positions; W > 1 = neighbours share W - 1 of W draws")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the Stem DSA forward")
     args = ap.parse_args()
     global PROFILE
@@ -288,7 +303,7 @@ def main():
         if family == "dsa":
             res["rows"] += bench_dsa(args.seqs, "cuda", args.native_max_seq)
         else:
-            res["rows"] += bench_infllmv2(args.seqs, "cuda")
+            res["rows"] += bench_infllmv2(args.seqs, "cuda", args.smooth)
         if args.out:
             args.out.write_text(json.dumps(res, indent=1))
     if args.out:
@@ -297,25 +312,26 @@ def main():
     print("| layer | S | dense ms | native ms | Stem ms | dense/native | Stem/native | achieved reduce | peak GiB dense / native / Stem |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in res["rows"]:
-        print(f"| {r['family']} | {r['S']} | {r['dense_ms']:.1f} | {r['native_kernel_ms']:.1f} | {r['stem_ms']:.1f} | "
+        print(f"| {r['family']}{' smooth ' + str(r['smooth_window']) if r.get('smooth_window') else ''} | {r['S']} | {r['dense_ms']:.1f} | {r['native_kernel_ms']:.1f} | {r['stem_ms']:.1f} | "
               f"{r['dense_ms'] / r['native_kernel_ms']:.2f} | {r['stem_over_native']:.3f} | {r['reduce_achieved']:.3f} | "
               f"{r['dense_gib']:.1f} / {r['native_kernel_gib']:.1f} / {r['stem_gib']:.1f} |")
     inf = [r for r in res["rows"] if "union_inflation_qt4" in r]
     if inf:
-        print("\n| InfLLMv2 S | selection ms | kernel ms (native) | blocks / token | union inflation QT 2 / 4 / 8 |")
+        print("\n| InfLLMv2 S (smooth window) | selection ms | kernel ms (native) | blocks / token | union inflation QT 2 / 4 / 8 |")
         print("|---|---|---|---|---|")
         for r in inf:
-            print(f"| {r['S']} | {r['native_selection_ms']:.1f} | {r['kernel_native_ms']:.1f} | "
+            print(f"| {r['S']} ({r.get('smooth_window', 0)}) | {r['native_selection_ms']:.1f} | {r['kernel_native_ms']:.1f} | "
                   f"{r['mean_blocks_per_token']:.1f} | {r['union_inflation_qt2']:.2f} / {r['union_inflation_qt4']:.2f} / "
                   f"{r['union_inflation_qt8']:.2f} |")
     dsa = [r for r in res["rows"] if "stem_step_radix_ms" in r]
     if dsa:
-        print("\n| DSA S | indexer dtype | indexer + top-k ms: torch.topk | radix | sampled | sampled = radix | "
-              "radix, bf16 scores | Stem step ms: fused | radix | same set | value norms ms: Gram | per head | max rel. diff |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("\n| DSA S | indexer + top-k ms: default (dtype, sampled) | other dtype | radix select | radix = sampled | "
+              "torch.topk | Stem step ms: fused | radix | same set | value norms ms: Gram | per head | max rel. diff |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in dsa:
-            print(f"| {r['S']} | {r['indexer_dtype']} | {r['indexer_topk_ms']:.1f} | {r['indexer_topk_radix_ms']:.1f} | "
-                  f"{r['indexer_topk_sampled_ms']:.1f} | {r['sampled_same_set']} | {r['indexer_topk_bf16_ms']:.1f} | "
+            print(f"| {r['S']} | {r['indexer_topk_ms']:.1f} ({r['indexer_dtype']}) | {r['indexer_topk_other_dtype_ms']:.1f} "
+                  f"({r['indexer_other_dtype']}) | {r['indexer_topk_radix_ms']:.1f} | {r['radix_same_set']} | "
+                  f"{r['indexer_topk_torch_ms']:.1f} | "
                   f"{r['stem_step_ms']:.1f} | "
                   f"{r['stem_step_radix_ms']:.1f} | {r['stem_step_same_set']} | {r['value_norms_ms']:.1f} | "
                   f"{r['value_norms_per_head_ms']:.1f} | {r['value_norms_max_rel_err']:.1e} |")

@@ -517,11 +517,16 @@ def test_fp8_indexer_on_the_cpu_keeps_the_top_k_of_the_quantised_definition():
     for b in range(B):
         for s in range(S):
             n = min(topk, s + 1)
-            want = set(torch.topk(ref[b, s], n).indices.tolist())
-            assert set(got.indices[b, s, :n].tolist()) == want
+            chosen = got.indices[b, s, :n]
+            assert len(set(chosen.tolist())) == n and bool((chosen <= s).all())
             assert (got.indices[b, s, n:] == -1).all()
-            torch.testing.assert_close(got.scores[b, s, :n].double().sort().values,
-                                       ref[b, s, sorted(want)].sort().values, rtol=1e-5, atol=1e-5)
+            # each chosen key's score is its fp64 definition's (fp32 rounding apart) ...
+            torch.testing.assert_close(got.scores[b, s, :n].double(), ref[b, s, chosen],
+                                       rtol=1e-5, atol=1e-5)
+            # ... and none of them falls below the definition's n-th best by more than that
+            # rounding: fp32 may order two keys whose fp64 scores differ in the 7th digit either way.
+            nth_best = torch.topk(ref[b, s], n).values[-1]
+            assert ref[b, s, chosen].min() >= nth_best - 1e-5 * (1 + nth_best.abs())
     exact = dsa.chunked_index_topk(q, k, w, None, topk, 0.3)
     assert not torch.allclose(got.scores, exact.scores)
 

@@ -108,3 +108,30 @@ def test_gpu_fp8_index_scores():
     overlap = sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a[0], b[0])) / (S * 2048)
     print(f"top-2048 overlap fp8 vs fp32: {overlap:.4f}")
     assert overlap > 0.8, f"seed={seed} overlap {overlap}"
+
+
+def test_gpu_fused_fp8_quantiser_and_keys_quantised_once():
+    """The one-pass quantiser gives the definition's e4m3 codes (>= 99.9%, the rest one step apart
+    from fp32 sum order) at indexer sizes; the chunked FP8 indexer, which quantises the keys once,
+    keeps the same top-k as the FP8 scores of the whole row block."""
+    from stem_boost.kernels.dsa_topk import topk_rows
+    from stem_boost.kernels.indexer_scores import (fp8_index_scores, hadamard_matrix, quantize_fp8_rows,
+                                                   quantize_fp8_rows_fused)
+    from stem_boost.native.dsa_indexer import chunked_index_topk
+
+    seed = _seed()
+    x = torch.randn(4096, 64, 128, device="cuda").to(torch.bfloat16) * 3
+    want8, want_s = quantize_fp8_rows(x, hadamard_matrix(128, "cuda"))
+    got8, got_s = quantize_fp8_rows_fused(x)
+    same = float((got8.view(torch.uint8) == want8.view(torch.uint8)).float().mean())
+    assert same > 0.999, f"seed={seed} same codes {same}"
+    torch.testing.assert_close(got_s, want_s, rtol=1e-5, atol=0, msg=f"seed={seed}")
+    S, H, D, k = 3000, 64, 128, 512
+    q = torch.randn(1, S, H, D, device="cuda").to(torch.bfloat16)
+    kk = torch.randn(1, S, D, device="cuda").to(torch.bfloat16)
+    w = torch.randn(1, S, H, device="cuda") * H ** -0.5
+    top = chunked_index_topk(q, kk, w, None, k, D ** -0.5, score_dtype="fp8", chunk_rows=700)
+    full = fp8_index_scores(q, kk, w, D ** -0.5, causal_offset=0)
+    want_idx, want_n = topk_rows(full, k)
+    assert torch.equal(top.indices, torch.where(torch.arange(k, device="cuda") < want_n[..., None], want_idx, -1)), \
+        f"seed={seed}"

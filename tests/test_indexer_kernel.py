@@ -86,3 +86,32 @@ def test_unwritten_masked_tiles():
                               heads_per_step=2)
     visible = torch.arange(64)[None, :] <= torch.arange(32)[:, None]
     assert torch.equal(part[:, visible], full[:, visible]), f"seed={seed}"
+
+
+@pytest.mark.parametrize("D,rotate", [(32, True), (64, True), (32, False)])
+def test_fused_fp8_quantiser_matches_its_definition(D, rotate):
+    """The one-pass Triton quantiser gives the PyTorch definition's e4m3 codes and scales (up to the
+    order of the rotation's fp32 sums: a code may move by one step where a value sits on a rounding
+    edge), and every row, a zero row included, is written."""
+    from stem_boost.kernels.indexer_scores import hadamard_matrix, quantize_fp8_rows, quantize_fp8_rows_fused
+
+    seed = _seeded()
+    x = (torch.randn(3, 37, D) * torch.rand(3, 37, 1) * 4).to(torch.bfloat16)
+    x[1, 5] = 0
+    want8, want_scale = quantize_fp8_rows(x, hadamard_matrix(D) if rotate else None)
+    got8, got_scale = quantize_fp8_rows_fused(x, rotate)
+    assert got8.shape == want8.shape and got_scale.shape == want_scale.shape
+    torch.testing.assert_close(got_scale, want_scale, rtol=1e-6, atol=0, msg=f"seed={seed}")
+    codes_got, codes_want = got8.view(torch.uint8).int(), want8.view(torch.uint8).int()
+    assert float((codes_got == codes_want).float().mean()) > 0.995, f"seed={seed}"
+    torch.testing.assert_close(got8.float(), want8.float(), rtol=0.07, atol=2**-9, msg=f"seed={seed}")
+    assert torch.equal(got8[1, 5].float(), torch.zeros(D)), f"seed={seed}"
+
+
+def test_fused_fp8_quantiser_names_what_it_takes():
+    from stem_boost.kernels.indexer_scores import quantize_fp8_rows_fused
+
+    with pytest.raises(ValueError, match="bfloat16 / float16"):
+        quantize_fp8_rows_fused(torch.randn(4, 32))
+    with pytest.raises(ValueError, match="power-of-two D"):
+        quantize_fp8_rows_fused(torch.randn(4, 48).to(torch.bfloat16))

@@ -17,6 +17,8 @@ fp32 multiplies per output.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -77,7 +79,7 @@ def _index_scores_kernel(
 
 
 def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float | None,
-                       causal_offset: int | None = None, block_s: int = 64, block_t: int = 128,
+                       causal_offset: int | None = None, block_s: int | None = None, block_t: int = 128,
                        *, write_masked: bool = True, k_scale: torch.Tensor | None = None,
                        num_warps: int | None = None, heads_per_step: int | None = None) -> torch.Tensor:
     """q [B, S, H, D] (bf16/fp16, or e4m3 with k e4m3), k [B, T, D], w [B, S, H] fp32 -> I [B, S, T] fp32.
@@ -88,11 +90,14 @@ def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale:
     only): tiles wholly after the diagonal are not written either (their content is undefined), for
     a caller that reads only keys t <= s + o (e.g. `dsa_topk.topk_rows(..., valid_len=)`).
     `k_scale` fp32 [B, T] or None multiplies each key's head sum (the FP8 path's key scales).
+    `block_s` None: 128 query rows a program for 16-bit q, 64 for e4m3 (the faster of each, H200).
     `heads_per_step` (1, 2 or 4, dividing H; default 1): head products written back to back (a tuning
     knob; Triton 3.6 still waits for each product before the next, see the DSA GPU log).
     """
     B, S, H, D = q.shape
     T = k.shape[1]
+    if block_s is None:  # measured on an H200: 128 query rows for 16-bit operands, 64 for e4m3
+        block_s = 64 if q.dtype == torch.float8_e4m3fn else 128
     if D & (D - 1) or D < 16:
         raise ValueError(f"index head dim {D} must be a power of two >= 16 for the fused kernel")
     if q.dtype != torch.float8_e4m3fn:
@@ -126,21 +131,54 @@ def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale:
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
+@functools.lru_cache(maxsize=16)
+def _sylvester_signs(n: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """The +-1 Sylvester-Hadamard matrix [n, n] on `device` (cached: built once per size and device)."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h.to(device=device, dtype=dtype)
+
+
 def hadamard_matrix(n: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The orthonormal Sylvester-Hadamard matrix [n, n] (n a power of two): entries +-1/sqrt(n)."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"the Hadamard rotation needs a power-of-two size; got {n}")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / n**0.5).to(device=device, dtype=dtype)
+    return (_sylvester_signs(n, "cpu", torch.float64) / n**0.5).to(device=device, dtype=dtype)
+
+
+@triton.jit
+def _quantize_rows_kernel(X, SIGNS, Y, SCALE, N, stride_x, stride_y, inv_sqrt_d,
+                          D: tl.constexpr, BLOCK_R: tl.constexpr, ROTATE: tl.constexpr):
+    """Program: BLOCK_R rows of x [N, D] (16-bit floats). The rotation x @ H (H = +-1 signs, exact
+    products, fp32 sums) / sqrt(D) on tensor cores, the row's amax scale, the e4m3 cast: one read of
+    x, one write of the e4m3 rows and their fp32 scales."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < N
+    cols = tl.arange(0, D)
+    x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=ok[:, None], other=0.0)
+    if ROTATE:
+        y = tl.dot(x, tl.load(SIGNS + cols[:, None] * D + cols[None, :])) * inv_sqrt_d
+    else:
+        y = x.to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(y), 1), 1e-12) / 448.0
+    v = tl.minimum(tl.maximum(y / scale[:, None], -448.0), 448.0)
+    # round to the e4m3 grid here (3 mantissa bits, exponent >= -6, ties to even), so the cast below
+    # is exact: the same codes on the GPU and under the interpreter, whose own cast mishandles a
+    # mantissa that rounds up into the next binade
+    exponent = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(exponent - 3), exact
+    v = ((v / step + 12582912.0) - 12582912.0) * step  # 1.5 * 2^23: round to an integer, ties to even
+    tl.store(Y + rows[:, None].to(tl.int64) * stride_y + cols[None, :], v.to(tl.float8e4nv), mask=ok[:, None])
+    tl.store(SCALE + rows, scale, mask=ok)
 
 
 def quantize_fp8_rows(x: torch.Tensor, rotation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] (D <= 128: one block per row) -> (e4m3 [..., D], fp32 scale [...]) with x ~ q8 * scale.
 
     `rotation` [D, D] (e.g. `hadamard_matrix(D)`) is applied first, in fp32. scale = amax / 448 per
-    row (at least 1e-12, so all-zero rows quantise to zeros).
+    row (at least 1e-12, so all-zero rows quantise to zeros). This is the definition; the FP8 scorer
+    on CUDA runs `quantize_fp8_rows_fused`, the same up to the order of the rotation's fp32 sums.
     """
     if x.shape[-1] > 128:
         raise ValueError(f"one fp8 block per row: D={x.shape[-1]} must be <= 128")
@@ -152,24 +190,60 @@ def quantize_fp8_rows(x: torch.Tensor, rotation: torch.Tensor | None = None) -> 
     return q8, scale
 
 
+def quantize_fp8_rows_fused(x: torch.Tensor, rotate: bool = True, block_rows: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_fp8_rows(x, hadamard_matrix(D) if rotate else None)` in one Triton pass.
+
+    x [..., D] bf16 / fp16 (D a power of two, 16..128) -> (e4m3 [..., D], fp32 scale [...]). The
+    PyTorch definition makes five passes over an fp32 copy of x (upcast, rotation, amax, divide,
+    cast); here each row is read once as 16-bit and written once as 8-bit.
+    """
+    D = x.shape[-1]
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the fused quantiser takes bfloat16 / float16 rows; got {x.dtype}")
+    if D > 128 or D < 16 or D & (D - 1):
+        raise ValueError(f"the fused quantiser takes a power-of-two D in 16..128; got {D}")
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, D)
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    N = rows.shape[0]
+    q8 = torch.empty(N, D, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(N, dtype=torch.float32, device=x.device)
+    if N:
+        signs = _sylvester_signs(D, str(x.device), x.dtype)
+        _quantize_rows_kernel[(triton.cdiv(N, block_rows),)](
+            rows, signs, q8, scale, N, rows.stride(0), q8.stride(0), D ** -0.5,
+            D=D, BLOCK_R=block_rows, ROTATE=rotate, num_warps=4)
+    return q8.view(*lead, D), scale.view(lead)
+
+
 def fp8_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float | None,
-                     causal_offset: int | None = None, block_s: int = 64, block_t: int = 128,
+                     causal_offset: int | None = None, block_s: int | None = None, block_t: int = 128,
                      *, rotate: bool = True, write_masked: bool = True, num_warps: int | None = None,
-                     heads_per_step: int | None = None) -> torch.Tensor:
+                     heads_per_step: int | None = None,
+                     k_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The lightning-indexer scores of `fused_index_scores`, computed with FP8 (e4m3) operands.
 
     q [B, S, H, D], k [B, T, D] any float dtype (D a power of two <= 128), w [B, S, H]; same result
     layout and masking as `fused_index_scores`. With `rotate` (default, DeepSeek-V3.2's recipe) q and
-    k are Hadamard-rotated before the per-row quantisation. Needs FP8 tensor cores on CUDA (compute
-    capability >= 8.9); runs under the Triton interpreter on the CPU.
+    k are Hadamard-rotated before the per-row quantisation. `k_fp8` = (e4m3 [B, T, D], fp32 [B, T]):
+    keys already quantised (`quantize_fp8`, once per sequence instead of once per query chunk).
+    Needs FP8 tensor cores on CUDA (compute capability >= 8.9); runs under the Triton interpreter on
+    the CPU.
     """
-    D = q.shape[-1]
-    rot = hadamard_matrix(D, q.device) if rotate else None
-    q8, q_scale = quantize_fp8_rows(q, rot)  # [B, S, H, D], [B, S, H]
-    k8, k_scale = quantize_fp8_rows(k, rot)  # [B, T, D], [B, T]
+    q8, q_scale = quantize_fp8(q, rotate)  # [B, S, H, D], [B, S, H]
+    k8, k_scale = k_fp8 if k_fp8 is not None else quantize_fp8(k, rotate)  # [B, T, D], [B, T]
     w8 = w.float() * q_scale * (1.0 if scale is None else float(scale))
     return fused_index_scores(q8, k8, w8, None, causal_offset, block_s, block_t, write_masked=write_masked,
                               k_scale=k_scale, num_warps=num_warps, heads_per_step=heads_per_step)
+
+
+def quantize_fp8(x: torch.Tensor, rotate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 scorer's operand quantisation: the fused Triton pass for 16-bit CUDA rows, else the
+    PyTorch definition (`quantize_fp8_rows`). x [..., D] -> (e4m3 [..., D], fp32 scale [...])."""
+    D = x.shape[-1]
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 16 <= D <= 128 and not D & (D - 1):
+        return quantize_fp8_rows_fused(x, rotate)
+    return quantize_fp8_rows(x, hadamard_matrix(D, x.device) if rotate else None)
 
 
 def fp8_index_scores_reference(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float | None,

@@ -411,7 +411,7 @@ def infllmv2_select_fused(
     kmax: int | None = None,
     k1: torch.Tensor | None = None,
     k2: torch.Tensor | None = None,
-    fuse_topk: bool = True,
+    fuse_topk: bool = False,
     block_s: int = 64,
     num_warps: int = 4,
     chunk_budgets: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
@@ -431,7 +431,8 @@ def infllmv2_select_fused(
         kmax: list width; default native k_total, or forced + max(budgets) (one host sync).
         k1, k2: precomputed fine / coarse compressed keys (`compress_keys`), e.g. from a cache.
         fuse_topk: steps 2 and 3 in one launch (`_select_chunk_kernel`: two launches per chunk in
-            all); False: `pooled_block_scores` then `block_topk` (three launches, more programs).
+            all); False (default): `pooled_block_scores` then `block_topk` (three launches, one
+            top-k program per row: 1.4-1.8x faster on an H200 at 32K-128K, the same lists).
         block_s: query rows per program of steps 2(-3) (64: the M of a Hopper wgmma; unmeasured).
         chunk_budgets: budgets computed from each chunk's pooled scores instead of given up front
             (Stem's mass schedule): called as chunk_budgets(pooled [B, Hk, C, NBC] fp32, s0, s1) for

@@ -57,9 +57,9 @@ from ..rope import apply_rope_half, apply_rope_interleaved
 
 try:  # the fused score kernels and the radix top-k need Triton (CUDA); the CPU path never calls them
     from ..kernels.dsa_topk import topk_rows
-    from ..kernels.indexer_scores import fp8_index_scores, fp8_index_scores_reference, fused_index_scores
+    from ..kernels.indexer_scores import fp8_index_scores, fp8_index_scores_reference, fused_index_scores, quantize_fp8
 except ImportError:  # pragma: no cover
-    fused_index_scores = fp8_index_scores = fp8_index_scores_reference = topk_rows = None
+    fused_index_scores = fp8_index_scores = fp8_index_scores_reference = quantize_fp8 = topk_rows = None
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
@@ -352,7 +352,7 @@ def chunked_index_topk(
     tie_break: str = "position",
     score_dtype: torch.dtype | str | None = None,
     radix_topk: bool | None = None,
-    topk_method: str = "radix",
+    topk_method: str = "sampled",
 ) -> IndexerTopK:
     """Top-k of ``I = sum_h w * relu(scale * q.k) (+ mask)`` chunk by chunk over queries.
 
@@ -372,7 +372,8 @@ def chunked_index_topk(
     so the FP8 selection's accuracy can be evaluated without a GPU). ``radix_topk`` (default: on CUDA with Triton):
     the per-row radix select `kernels.dsa_topk.topk_rows`, which reads each score row once and only
     up to the row's causal limit (the position tie rule; indices come out ascending by position).
-    ``topk_method``: that select's method, "radix" or "sampled" (`topk_rows(method=)`: the same set).
+    ``topk_method``: that select's method, "sampled" (default: one read of each row, the radix
+    select for the rare row whose sample misses) or "radix" (`topk_rows(method=)`: the same set).
 
     For each chunk only the key range ``[first, last]`` allowed by the mask for *some* row of the
     chunk is scored (causal prefix, left padding, unfilled static-cache slots are skipped).
@@ -409,6 +410,8 @@ def chunked_index_topk(
     skip_tail = radix_topk and fused and mask is None and pad is None  # the top-k reads rows only up to the diagonal
     # the fused kernel keeps the per-head scores in registers: only [B, rows, T] tensors remain
     rows = chunk_rows or chunk_rows_for_budget(B, 0 if fused else H, T, max_bytes)
+    # FP8 on CUDA: the keys are quantised once per sequence, each query chunk reads its key range
+    k_fp8 = quantize_fp8(k) if (fp8 and q.is_cuda) else None  # (e4m3 [B, T, D], fp32 [B, T])
     offset = T - S  # only used when mask is None
 
     for s0 in range(0, S, rows):
@@ -438,7 +441,8 @@ def chunked_index_topk(
             causal = s0 + offset - t0 if m is None else None
             if fp8:
                 idx_scores = fp8_index_scores(q[:, s0:s1], k[:, t0:t1], weights[:, s0:s1], softmax_scale,
-                                              causal_offset=causal, write_masked=not skip_tail)
+                                              causal_offset=causal, write_masked=not skip_tail,
+                                              k_fp8=(k_fp8[0][:, t0:t1], k_fp8[1][:, t0:t1]))
             else:
                 idx_scores = fused_index_scores(q[:, s0:s1].to(score_dtype), k[:, t0:t1], weights[:, s0:s1],
                                                 softmax_scale, causal_offset=causal, write_masked=not skip_tail)
@@ -514,7 +518,7 @@ def dsa_indexer_topk(
     tie_break: str = "position",
     score_dtype: torch.dtype | str | None = None,
     radix_topk: bool | None = None,
-    topk_method: str = "radix",
+    topk_method: str = "sampled",
 ) -> IndexerTopK:
     """Drop-in (same positional arguments as ``indexer.forward``) memory-bounded top-k.
 
