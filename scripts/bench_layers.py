@@ -34,8 +34,10 @@ import stem_boost  # noqa: E402
 PROFILE = False
 
 
-def timed(fn, rep_ms: int = 300) -> tuple[float, float]:
-    """(median ms, peak GiB above the baseline) of fn(); (nan, nan) if it runs out of memory."""
+def timed(fn, rep_ms: int = 300, min_reps: int = 5) -> tuple[float, float]:
+    """(median ms, peak GiB above the baseline) of fn(); (nan, nan) if it runs out of memory.
+    The median is over at least `min_reps` timed calls (do_bench's own count is rep_ms / the call's
+    time: a single call for a 128K layer)."""
     from triton.testing import do_bench
 
     try:
@@ -43,9 +45,13 @@ def timed(fn, rep_ms: int = 300) -> tuple[float, float]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
+        end.record()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        rep_ms = max(rep_ms, int(min_reps * start.elapsed_time(end)) + 1)
         ms = do_bench(fn, warmup=1, rep=rep_ms, return_mode="median")
         return ms, peak
     except torch.OutOfMemoryError:
@@ -177,7 +183,8 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
         per_head = aggregate_heads(latent_value_norms(latent, w_uv), 1)  # the per-head path it replaced
         norms_rel_err = float(((norms - per_head).abs() / per_head.clamp_min(1e-6)).max())
         del per_head
-        boost = lambda: stem_step(native, top.scores.unsqueeze(1), norms, 2048, cfg, seq_k=S)  # default: fused
+        boost = lambda: stem_step(native, top.scores.unsqueeze(1), norms, 2048, cfg, seq_k=S,  # noqa: E731
+                                  candidates_ascending=top.ascending)  # what the layer runs: fused
         sel, _ = boost()
         ms_stem_step, _ = timed(boost)
         # the previous GPU path (gathered OAM scores + radix select), side by side; both keep one set
@@ -259,6 +266,8 @@ def infllmv2_breakdown(attn, x, pe) -> dict:
     from stem_boost.kernels import sparse_attention
     from stem_boost.kernels.block_union import union_block_lists, union_inflation
     from stem_boost.native.infllmv2 import infllmv2_select
+    from stem_boost.adapters.infllmv2 import block_bias, query_block_plan
+    from stem_boost.config import StemConfig
     from stem_boost.models.minicpm4.modeling_minicpm4 import apply_rotary_pos_emb
 
     B, S, _ = x.shape
@@ -277,9 +286,26 @@ def infllmv2_breakdown(attn, x, pe) -> dict:
         # (random weights give near-independent lists; the SmolLM2 testbed's real lists: 1.2 at QT 4)
         inflation = {qt: union_inflation(union_block_lists(selection.idx, counts, qt, n_units=-(-S // 64))[2], counts, qt)
                      for qt in (2, 4, 8)}
+        # the same parts under Stem (reduce 0.18): its selection (bias + budgets inside) and the kernel
+        cfg = StemConfig(reduce=0.18)
+        p = attn.infllmv2
+        plan, _ = query_block_plan(p, S, S, cfg)
+        k_free = plan.budgets[torch.arange(S) // p.block_size].to(q.device)
+
+        def stem_select():
+            bias = block_bias(v, p.block_size, cfg)
+            return infllmv2_select(q, k, p, chunk_size=attn.select_chunk_size, key_bias=bias, k_free=k_free)
+        ms_sel_stem, _ = timed(stem_select)
+        stem_sel = stem_select().to_selection()
+        ms_kernel_stem, _ = timed(lambda: sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           stem_sel, check=False))
+        stem_inflation = union_inflation(union_block_lists(stem_sel.idx, stem_sel.counts, 4, n_units=-(-S // 64))[2],
+                                         stem_sel.counts, 4)
     return dict(native_selection_ms=ms_sel, kernel_native_ms=ms_kernel,
                 mean_blocks_per_token=float(counts.float().mean()),
-                union_inflation_qt2=inflation[2], union_inflation_qt4=inflation[4], union_inflation_qt8=inflation[8])
+                union_inflation_qt2=inflation[2], union_inflation_qt4=inflation[4], union_inflation_qt8=inflation[8],
+                stem_selection_ms=ms_sel_stem, kernel_stem_ms=ms_kernel_stem,
+                stem_blocks_per_token=float(stem_sel.counts.float().mean()), stem_union_inflation_qt4=stem_inflation)
 
 
 def main():
@@ -317,12 +343,14 @@ def main():
               f"{r['dense_gib']:.1f} / {r['native_kernel_gib']:.1f} / {r['stem_gib']:.1f} |")
     inf = [r for r in res["rows"] if "union_inflation_qt4" in r]
     if inf:
-        print("\n| InfLLMv2 S (smooth window) | selection ms | kernel ms (native) | blocks / token | union inflation QT 2 / 4 / 8 |")
-        print("|---|---|---|---|---|")
+        print("\n| InfLLMv2 S (smooth window) | selection ms | kernel ms (native) | blocks / token | union inflation QT 2 / 4 / 8 "
+              "| Stem: selection ms | kernel ms | blocks / token | inflation QT 4 |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in inf:
             print(f"| {r['S']} ({r.get('smooth_window', 0)}) | {r['native_selection_ms']:.1f} | {r['kernel_native_ms']:.1f} | "
                   f"{r['mean_blocks_per_token']:.1f} | {r['union_inflation_qt2']:.2f} / {r['union_inflation_qt4']:.2f} / "
-                  f"{r['union_inflation_qt8']:.2f} |")
+                  f"{r['union_inflation_qt8']:.2f} | {r['stem_selection_ms']:.1f} | {r['kernel_stem_ms']:.1f} | "
+                  f"{r['stem_blocks_per_token']:.1f} | {r['stem_union_inflation_qt4']:.2f} |")
     dsa = [r for r in res["rows"] if "stem_step_radix_ms" in r]
     if dsa:
         print("\n| DSA S | indexer + top-k ms: default (dtype, sampled) | other dtype | radix select | radix = sampled | "

@@ -139,13 +139,14 @@ def _ascending_candidates(cand_idx: torch.Tensor, scores: torch.Tensor,
 
 
 def _fused_truncate(cand_idx: torch.Tensor, scores: torch.Tensor, bias: torch.Tensor | None,
-                    budgets: torch.Tensor, row_chunk: int) -> Selection:
+                    budgets: torch.Tensor, row_chunk: int, ascending: bool) -> Selection:
     """Keep each row's budget of candidates by OAM score in one Triton pass over all rows
-    (`kernels.dsa_topk.candidate_cut`: bias gathered, 32-step bisection, kept keys written)."""
-    cand_idx, scores = _ascending_candidates(cand_idx, scores, row_chunk)
+    (`kernels.dsa_topk.candidate_cut`: bias gathered, 32-step bisection, kept keys written). The
+    lists keep the candidates' width (-1 after each row's count): no host sync for a narrower one."""
+    if not ascending:
+        cand_idx, scores = _ascending_candidates(cand_idx, scores, row_chunk)
     idx, counts = candidate_cut(cand_idx, scores, budgets, key_bias=bias)
-    kmax = max(1, int(counts.max())) if counts.numel() else 1
-    return Selection(idx=idx[..., :kmax], counts=counts)
+    return Selection(idx=idx, counts=counts)
 
 
 def _radix_truncate(cand_idx: torch.Tensor, scores: torch.Tensor, bias: torch.Tensor | None,
@@ -174,6 +175,7 @@ def stem_step(
     seq_k: int,
     method: str = "auto",
     row_chunk: int = 4096,
+    candidates_ascending: bool = False,
 ) -> tuple[Selection, RowPlans]:
     """Rescore the native token candidates with OAM and keep each row's budget.
 
@@ -185,7 +187,9 @@ def stem_step(
     (`stem_select`'s composite-key ranking) or "auto" (fused on CUDA, else sort when the candidate
     tensor has >= 2^20 entries, else exact). All keep the same set: higher OAM score first, ties to
     the smaller key index. Rows are processed `row_chunk` at a time ("fused": one launch for all,
-    its order check `row_chunk` rows at a time).
+    its order check `row_chunk` rows at a time). candidates_ascending: the caller guarantees each
+    row's live candidates ascending by key with the -1 slots after them (`IndexerTopK.ascending`),
+    so "fused" skips its order check.
     Returns the Stem Selection (same offset and extents as `native`) and the per-row plans.
     """
     if method not in TRUNCATE_METHODS:
@@ -212,7 +216,7 @@ def stem_step(
     if method in ("fused", "radix") and topk_rows is None:
         raise ValueError(f"method={method!r} needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
     if method == "fused":
-        sel = _fused_truncate(cand_idx, scores, bias, budgets, row_chunk)
+        sel = _fused_truncate(cand_idx, scores, bias, budgets, row_chunk, candidates_ascending)
         return replace(sel, q_offset=native.q_offset, seq_start=native.seq_start, seq_len=native.seq_len), plans
     idx = torch.full((B, Hsel, R, max(K, 1)), -1, dtype=torch.int32, device=cand_idx.device)
     counts = torch.zeros((B, Hsel, R), dtype=torch.int32, device=cand_idx.device)

@@ -251,7 +251,16 @@ def test_stem_step_sort_and_exact_paths_agree(schedule):
     if os.environ.get("TRITON_INTERPRET") == "1":  # the GPU's Triton paths, under the interpreter
         for method in ("radix", "fused"):
             gpu, _ = stem_step(native, scores, norms, K, cfg, seq_k=S, method=method, row_chunk=16)
-            assert torch.equal(exact.counts, gpu.counts) and torch.equal(exact.idx, gpu.idx), method
+            w = exact.idx.shape[-1]  # "fused" keeps the candidates' width: -1 after each count
+            assert torch.equal(exact.counts, gpu.counts) and torch.equal(exact.idx, gpu.idx[..., :w]), method
+            assert bool((gpu.idx[..., w:] == -1).all()), method
+        # the candidates already ascending (IndexerTopK.ascending): the fused cut skips its sort
+        asc_idx = torch.where(cand >= 0, cand, K + S).sort(-1)
+        asc = Selection.from_padded(torch.where(asc_idx.values < K + S, asc_idx.values, -1).int(), q_offset=0,
+                                    seq_start=native.seq_start, seq_len=native.seq_len)
+        asc_scores = scores.gather(-1, asc_idx.indices)
+        got, _ = stem_step(asc, asc_scores, norms, K, cfg, seq_k=S, method="fused", candidates_ascending=True)
+        assert torch.equal(got.counts, exact.counts) and torch.equal(got.idx[..., :exact.idx.shape[-1]], exact.idx)
     assert int(exact.counts[1, 0, :5].sum()) == 0  # padding rows of row 1 keep nothing
     assert plans.plans[1] is not None and plans.plans[1].budgets.numel() == S - 5
     with pytest.raises(ValueError, match="method='fast'"):

@@ -94,7 +94,8 @@ def stem_prefill(st: DSAState, native: Selection, top: IndexerTopK, key_norms: t
     if cfg.is_identity:
         sel, plans = native, None
     else:
-        sel, plans = stem_step(native, top.scores.unsqueeze(1), key_norms, st.index_topk, cfg, seq_k=seq_k)
+        sel, plans = stem_step(native, top.scores.unsqueeze(1), key_norms, st.index_topk, cfg, seq_k=seq_k,
+                               candidates_ascending=top.ascending)
     record_stats(st, native, sel, plans, cfg, seq_k)
     # kept only on request (StemConfig.keep_selections): at 128K tokens each is 1 GiB a layer
     st.last_native, st.last_stem = (native, sel) if cfg.keep_selections else (None, None)

@@ -307,10 +307,13 @@ def chunk_rows_for_budget(batch: int, n_heads: int, n_keys: int, max_bytes: int)
 class IndexerTopK(NamedTuple):
     """indices: int32 ``[B, S, topk]``, -1 where the row has fewer valid keys than topk.
     scores: fp32 ``[B, S, topk]`` index scores at those indices (mask included), -inf at -1 slots.
-    Sorted by descending score (ties: earlier key first, unless ``tie_break="none"``)."""
+    ascending: True when each row's valid indices come ascending by key position with the -1 slots
+    after them (the per-row Triton select on CUDA); False: by descending score (ties: earlier key
+    first, unless ``tie_break="none"``). Consumers that need key order skip their sort when True."""
 
     indices: torch.Tensor
     scores: torch.Tensor
+    ascending: bool = False
 
     def as_native_indices(self) -> torch.Tensor:
         """Indices safe for the model's ``scatter``: every -1 replaced by the row's best index (a
@@ -499,7 +502,7 @@ def chunked_index_topk(
         out_idx[:, s0:s1, :kk] = torch.where(sel_valid, top_i + t0, -1).to(torch.int32)
         out_scores[:, s0:s1, :kk] = torch.where(sel_valid, top_v, float("-inf"))
 
-    return IndexerTopK(out_idx, out_scores)
+    return IndexerTopK(out_idx, out_scores, ascending=bool(radix_topk))
 
 
 @torch.no_grad()
