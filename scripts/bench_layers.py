@@ -34,7 +34,10 @@ import stem_boost  # noqa: E402
 PROFILE = False
 
 
-def timed(fn, rep_ms: int = 300, min_reps: int = 5) -> tuple[float, float]:
+MIN_REPS = 3  # --min-reps
+
+
+def timed(fn, rep_ms: int = 300, min_reps: int | None = None) -> tuple[float, float]:
     """(median ms, peak GiB above the baseline) of fn(); (nan, nan) if it runs out of memory.
     The median is over at least `min_reps` timed calls (do_bench's own count is rep_ms / the call's
     time: a single call for a 128K layer)."""
@@ -51,7 +54,7 @@ def timed(fn, rep_ms: int = 300, min_reps: int = 5) -> tuple[float, float]:
         end.record()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-        rep_ms = max(rep_ms, int(min_reps * start.elapsed_time(end)) + 1)
+        rep_ms = max(rep_ms, int((min_reps or MIN_REPS) * start.elapsed_time(end)) + 1)
         ms = do_bench(fn, warmup=1, rep=rep_ms, return_mode="median")
         return ms, peak
     except torch.OutOfMemoryError:
@@ -317,10 +320,12 @@ def main():
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--smooth", type=int, nargs="+", default=[0],
                     help="InfLLMv2 hidden-state windows: 0 = i.i.d. positions; W > 1 = neighbours share W - 1 of W draws")
+    ap.add_argument("--min-reps", type=int, default=3,
+                    help="timed calls per median at least (5 made a 32K + 128K run of both families outlast 300 s)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the Stem DSA forward")
     args = ap.parse_args()
-    global PROFILE
-    PROFILE = args.profile
+    global PROFILE, MIN_REPS
+    PROFILE, MIN_REPS = args.profile, max(1, args.min_reps)
     if not torch.cuda.is_available():
         sys.exit("bench_layers.py needs a CUDA GPU")
     torch.manual_seed(int(time.time()))
