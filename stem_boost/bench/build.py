@@ -65,9 +65,11 @@ def union_case(G: int, Hkv: int, query_block: int = 1, D: int = 128, S: int = 25
                      f"block-sparse attention, {G * Hkv} q / {Hkv} kv heads, d {D}, blocks of 64, {rows}", run)
 
 
-def select_case(stem: str | None, G: int = 16, Hk: int = 2, S: int = 128, T: int = 131072) -> BuildCase:
+def select_case(stem: str | None, G: int = 16, Hk: int = 2, S: int = 128, T: int = 131072,
+                fused: bool = False) -> BuildCase:
     """stem: None (native), "budgets" (Stem's bias and budgets given) or "mass" (budgets computed from
-    each chunk's pooled scores: the three-launch layout)."""
+    each chunk's pooled scores). The default three-launch layout, or with `fused` the two-launch one
+    (`fuse_topk=True`: pooling and top-k in one program)."""
     from ..kernels.infllmv2_select import infllmv2_select_fused
     from ..native.infllmv2 import InfLLMv2Params
 
@@ -82,12 +84,12 @@ def select_case(stem: str | None, G: int = 16, Hk: int = 2, S: int = 128, T: int
                 kw["chunk_budgets"] = lambda pooled, s0, s1: torch.full((s1 - s0,), 40, dtype=torch.int32)
             else:
                 kw["budgets"] = torch.full((S,), 40, dtype=torch.int32)
-        infllmv2_select_fused(q, k, p, q_offset=T - S, **kw)
+        infllmv2_select_fused(q, k, p, q_offset=T - S, fuse_topk=fused, **kw)
 
     what = {None: "", "budgets": ", Stem's bias and budgets", "mass": ", Stem's bias, budgets from the pooled scores"}
-    return BuildCase(f"select {stem or 'native'}",
+    return BuildCase(f"select {stem or 'native'}{' fused' if fused else ''}",
                      f"InfLLMv2 stage 1 + pooling + top-k, MiniCPM-4.1 ({G * Hk} q / {Hk} kv heads), 128K keys"
-                     + what[stem], run)
+                     + what[stem] + (", pooling and top-k in one launch" if fused else ""), run)
 
 
 def select_g3_case(S: int = 128, T: int = 8192) -> BuildCase:
@@ -202,7 +204,8 @@ def all_cases() -> list[BuildCase]:
     return [
         union_case(16, 2), union_case(8, 4), union_case(6, 8), union_case(4, 8), union_case(1, 16),
         union_case(16, 2, query_block=64),
-        select_case(None), select_case("budgets"), select_case("mass"), select_g3_case(), stage1_case(),
+        select_case(None), select_case("budgets"), select_case("mass"), select_case(None, fused=True),
+        select_g3_case(), stage1_case(),
         indexer_case("bfloat16"), indexer_case("fp8"), indexer_case("fp8", head_dim=32), indexer_case("bfloat16", stem=True),
         stem_cut_case(), sampled_topk_case(),
         mla_case(), mla_case(heads=64), mla_experimental_case(), gqa_token_case(),
