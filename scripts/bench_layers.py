@@ -275,7 +275,7 @@ def infllmv2_breakdown(attn, x, pe) -> dict:
     from stem_boost.kernels import sparse_attention
     from stem_boost.kernels.block_union import union_block_lists, union_inflation
     from stem_boost.native.infllmv2 import infllmv2_select
-    from stem_boost.adapters.infllmv2 import block_bias, query_block_plan
+    from stem_boost.adapters.infllmv2 import stem_block_selection
     from stem_boost.config import StemConfig
     from stem_boost.models.minicpm4.modeling_minicpm4 import apply_rotary_pos_emb
 
@@ -297,13 +297,9 @@ def infllmv2_breakdown(attn, x, pe) -> dict:
                      for qt in (2, 4, 8)}
         # the same parts under Stem (reduce 0.18): its selection (bias + budgets inside) and the kernel
         cfg = StemConfig(reduce=0.18)
-        p = attn.infllmv2
-        plan, _ = query_block_plan(p, S, S, cfg)
-        k_free = plan.budgets[torch.arange(S) // p.block_size].to(q.device)
 
-        def stem_select():
-            bias = block_bias(v, p.block_size, cfg)
-            return infllmv2_select(q, k, p, chunk_size=attn.select_chunk_size, key_bias=bias, k_free=k_free)
+        def stem_select():  # what the wrapped layer runs: schedule, OAM bias, selection
+            return stem_block_selection(q, k, v, attn.infllmv2, cfg, attn.select_chunk_size)[0]
         ms_sel_stem, _ = timed(stem_select)
         stem_sel = stem_select().to_selection()
         ms_kernel_stem, _ = timed(lambda: sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

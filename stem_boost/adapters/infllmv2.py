@@ -32,7 +32,7 @@ from ..oam import block_max, oam_bias, value_norms
 from ..stats import LayerStats
 from ..tpd import BudgetPlan, block_available
 
-__all__ = ["is_infllmv2_attention", "wrap_modules", "unwrap_modules", "stem_sparse_forward"]
+__all__ = ["is_infllmv2_attention", "wrap_modules", "unwrap_modules", "stem_sparse_forward", "stem_block_selection"]
 
 
 def is_infllmv2_attention(module: torch.nn.Module) -> bool:
@@ -86,6 +86,26 @@ def mass_free_budgets(native_free_per_token: torch.Tensor, reduce: float):
     return budgets
 
 
+def stem_block_selection(sel_q: torch.Tensor, sel_k: torch.Tensor, v: torch.Tensor, params: InfLLMv2Params,
+                         cfg: StemConfig, chunk: int) -> tuple[BlockSelection, BudgetPlan, torch.Tensor]:
+    """Steps 1-3 of a Stem prefill: the budget schedule, the OAM bias and the native selector with
+    both inside. sel_q [B, Hq, S, D], sel_k / v [B, Hk, T, D] -> (blocks idx [B, Hk, S, K], the TPD
+    plan over query blocks, the native free budget per query token [S])."""
+    S, T = sel_q.shape[2], sel_k.shape[2]
+    # 1. the budget schedule: non-forced blocks per query token (rows of one query block share it)
+    plan, native_free = query_block_plan(params, T, S, cfg)
+    row_of_token = torch.arange(S) // params.block_size
+    k_free = plan.budgets[row_of_token].to(sel_q.device)  # [S]
+    budget_fn = (mass_free_budgets(native_free[row_of_token].to(sel_q.device), cfg.reduce)
+                 if cfg.schedule == "mass" else None)
+    # 2. OAM: the value-norm bias of every key block
+    bias = block_bias(v, params.block_size, cfg) if cfg.beta > 0 else None  # [B, Hk, n_blocks]
+    # 3. the native selector with Stem's bias and budgets: idx [B, Hk, S, K]
+    blocks = infllmv2_select(sel_q, sel_k, params, q_offset=T - S, chunk_size=chunk, key_bias=bias,
+                             k_free=k_free, free_budget_fn=budget_fn)
+    return blocks, plan, native_free[row_of_token]
+
+
 def stem_sparse_forward(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         params: InfLLMv2Params, *, q_nope: torch.Tensor | None = None,
                         k_nope: torch.Tensor | None = None, batch_row: BatchRow | None = None) -> torch.Tensor:
@@ -104,18 +124,7 @@ def stem_sparse_forward(module: torch.nn.Module, q: torch.Tensor, k: torch.Tenso
         blocks = infllmv2_select(sel_q, sel_k, params, q_offset=T - S, chunk_size=chunk)
         plan = native_free = None
     else:
-        # 1. the budget schedule: non-forced blocks per query token (rows of one query block share it)
-        plan, native_free = query_block_plan(params, T, S, cfg)
-        row_of_token = torch.arange(S) // params.block_size
-        k_free = plan.budgets[row_of_token].to(q.device)  # [S]
-        budget_fn = (mass_free_budgets(native_free[row_of_token].to(q.device), cfg.reduce)
-                     if cfg.schedule == "mass" else None)
-        # 2. OAM: the value-norm bias of every key block
-        bias = block_bias(v, params.block_size, cfg) if cfg.beta > 0 else None  # [B, Hk, n_blocks]
-        # 3. the native selector with Stem's bias and budgets: idx [B, Hk, S, K]
-        blocks = infllmv2_select(sel_q, sel_k, params, q_offset=T - S, chunk_size=chunk, key_bias=bias,
-                                 k_free=k_free, free_budget_fn=budget_fn)
-        native_free = native_free[row_of_token]
+        blocks, plan, native_free = stem_block_selection(sel_q, sel_k, v, params, cfg, chunk)
     if S > 1:
         record_stats(st, blocks, plan, native_free, batch_row)
     # 4. attention over the selected blocks (the shared kernel on GPUs)

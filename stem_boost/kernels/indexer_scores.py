@@ -190,6 +190,16 @@ def quantize_fp8_rows(x: torch.Tensor, rotation: torch.Tensor | None = None) -> 
     return q8, scale
 
 
+def fused_quantiser_refuses(x: torch.Tensor) -> str | None:
+    """Why `quantize_fp8_rows_fused` cannot take x [..., D], or None when it can."""
+    D = x.shape[-1]
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"the fused quantiser takes bfloat16 / float16 rows; got {x.dtype}"
+    if D > 128 or D < 16 or D & (D - 1):
+        return f"the fused quantiser takes a power-of-two D in 16..128; got {D}"
+    return None
+
+
 def quantize_fp8_rows_fused(x: torch.Tensor, rotate: bool = True, block_rows: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_fp8_rows(x, hadamard_matrix(D) if rotate else None)` in one Triton pass.
 
@@ -197,11 +207,10 @@ def quantize_fp8_rows_fused(x: torch.Tensor, rotate: bool = True, block_rows: in
     PyTorch definition makes five passes over an fp32 copy of x (upcast, rotation, amax, divide,
     cast); here each row is read once as 16-bit and written once as 8-bit.
     """
+    refusal = fused_quantiser_refuses(x)
+    if refusal:
+        raise ValueError(refusal)
     D = x.shape[-1]
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"the fused quantiser takes bfloat16 / float16 rows; got {x.dtype}")
-    if D > 128 or D < 16 or D & (D - 1):
-        raise ValueError(f"the fused quantiser takes a power-of-two D in 16..128; got {D}")
     lead = x.shape[:-1]
     rows = x.reshape(-1, D)
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
@@ -240,10 +249,9 @@ def fp8_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: f
 def quantize_fp8(x: torch.Tensor, rotate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The FP8 scorer's operand quantisation: the fused Triton pass for 16-bit CUDA rows, else the
     PyTorch definition (`quantize_fp8_rows`). x [..., D] -> (e4m3 [..., D], fp32 scale [...])."""
-    D = x.shape[-1]
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 16 <= D <= 128 and not D & (D - 1):
+    if x.is_cuda and fused_quantiser_refuses(x) is None:
         return quantize_fp8_rows_fused(x, rotate)
-    return quantize_fp8_rows(x, hadamard_matrix(D, x.device) if rotate else None)
+    return quantize_fp8_rows(x, hadamard_matrix(x.shape[-1], x.device) if rotate else None)
 
 
 def fp8_index_scores_reference(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float | None,
