@@ -144,8 +144,7 @@ def section_topk(args, res: dict) -> None:
     # (bits, block, warps, pipeline stages of the pass loops): the default first; the staged variants
     # trade registers for loads in flight (`stem-boost build`: 1024 x 8 warps x 3 stages = 115 regs,
     # 16 warps / SM, cp.async; the default has no load in flight while it counts)
-    for bits, block, warps, stages in [(8, 4096, 8, 1), (8, 1024, 8, 3), (8, 1024, 8, 2), (8, 2048, 8, 1),
-                                       (8, 2048, 4, 1), (11, 4096, 8, 1)]:  # run 2: 12-bit 91 ms
+    for bits, block, warps, stages in [(8, 4096, 8, 1)]:  # earlier runs: 1024 x 3 stages, 2048, 4 warps, 11-12 bits slower
         if time.time() - T0 > args.budget_s:
             row("topk", "time budget reached", None)
             return
@@ -161,9 +160,9 @@ def section_topk(args, res: dict) -> None:
         res["topk"][name] = dict(plain=ms, stem=ms_stem, stem_causal_rows=ms_causal)
         row("topk", name, ms, f"{gb / ms:.0f} GB/s; +Stem {ms_stem:.3f} ms; +Stem causal rows {ms_causal:.3f} ms")
     # the sampled threshold + one read of each row (exact; a row whose sample misses takes the radix select)
-    for stages in (1, 2):
-        name = f"topk_rows sampled (capacity 4096, block 2048, 8 warps, stages {stages})"
-        kw = dict(method="sampled", stages=stages)
+    for block, warps, stages in [(2048, 8, 1), (2048, 8, 2), (4096, 8, 1), (4096, 8, 2), (1024, 4, 1), (2048, 4, 2)]:
+        name = f"topk_rows sampled (capacity 4096, block {block}, {warps} warps, stages {stages})"
+        kw = dict(method="sampled", stages=stages, block=block, num_warps=warps)
         fell_back = torch.zeros(1, R, dtype=torch.int32, device=dev)
         try:
             ms = bench(lambda: topk_rows(scores, k, fell_back=fell_back, **kw))
@@ -196,8 +195,13 @@ def dsa_selection(S: int, T: int, k: int, dev: str) -> tuple[torch.Tensor, torch
     return idx, counts
 
 
-MLA_VARIANTS = [  # runs 1-2 tried N 32 / 3 stages, DV_SPLIT 2, 128 heads, 16 warps, register prefetch: all slower
+MLA_VARIANTS = [  # runs 1-2 tried N 32 / 3 stages / 16 warps, DV_SPLIT 2, 128 heads, a register prefetch: all slower
     dict(BLOCK_H=64, BLOCK_N=64, DV_SPLIT=1, NUM_STAGES=2, num_warps=8),
+    # the key positions a step ahead in registers: the pipeliner then keeps a gathered tile in flight
+    dict(BLOCK_H=64, BLOCK_N=32, DV_SPLIT=1, NUM_STAGES=3, num_warps=8, PREFETCH_IDX=True),
+    dict(BLOCK_H=64, BLOCK_N=32, DV_SPLIT=1, NUM_STAGES=4, num_warps=8, PREFETCH_IDX=True),
+    dict(BLOCK_H=64, BLOCK_N=16, DV_SPLIT=1, NUM_STAGES=4, num_warps=8, PREFETCH_IDX=True),
+    dict(BLOCK_H=64, BLOCK_N=64, DV_SPLIT=1, NUM_STAGES=2, num_warps=8, PREFETCH_IDX=True),
 ]
 
 
@@ -233,7 +237,8 @@ def section_mla(args, res: dict) -> None:
             if time.time() - T0 > args.budget_s:
                 row("mla", "time budget reached", None)
                 return
-            name = f"H{H} h{v['BLOCK_H']} n{v['BLOCK_N']} split{v['DV_SPLIT']} st{v['NUM_STAGES']} w{v['num_warps']}"
+            name = (f"H{H} h{v['BLOCK_H']} n{v['BLOCK_N']} split{v['DV_SPLIT']} st{v['NUM_STAGES']} w{v['num_warps']}"
+                    + (" idx ahead" if v.get("PREFETCH_IDX") else ""))
             try:
                 got = mla_token_attention(qs, kvs, idx_s, cnt_s, sm_scale=576 ** -0.5, tiles=v)
                 err = float((got.float() - want).norm() / want.norm())
@@ -325,16 +330,18 @@ def section_indexer(args, res: dict) -> None:
             continue
         res["indexer"][name] = ms
         row("indexer", name, ms)
+    # the score kernel alone: the default (weights a head ahead, scale folded into them) against the
+    # per-head weight load and the kept scale multiply (the previous kernel), each dtype's default tile
     for fp8 in (False, True):
-        for bs, bt, nw, hps in [(64, 128, 8, 1), (128, 128, 8, 1), (64, 128, 8, 4), (64, 128, 4, 1)]:
+        for pipeline, fold in ((True, True), (False, True), (False, False)):
             if time.time() - T0 > args.budget_s:
                 row("indexer", "time budget reached", None)
                 break
-            name = f"{'fp8' if fp8 else 'bf16'} scores only s{bs} t{bt} w{nw} heads/step {hps}"
+            name = f"{'fp8' if fp8 else 'bf16'} scores only, weights ahead {pipeline}, scale folded {fold}"
             fn = fp8_index_scores if fp8 else fused_index_scores
             try:
-                ms = bench(lambda: fn(q, kk, w, scale, causal_offset=offset, block_s=bs, block_t=bt,
-                                      write_masked=False, num_warps=nw, heads_per_step=hps), rep=50)
+                ms = bench(lambda: fn(q, kk, w, scale, causal_offset=offset, write_masked=False, pipeline=pipeline,
+                                      fold_scale=fold), rep=50)
             except Exception as e:  # noqa: BLE001
                 row("indexer", name, None, f"failed: {e!r}"[:160])
                 continue

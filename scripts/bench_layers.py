@@ -119,19 +119,30 @@ def bench_dsa(seqs, device, native_max_seq):
         if S == seqs[0]:
             row["indexer_overlap_vs_fp32"] = indexer_overlap(attn, x, pe, pos, min(S, 4096))
         if PROFILE:
-            stem_boost.wrap(holder, reduce=0.15)
-            with torch.no_grad():
-                attn(x, pe, None, position_ids=pos)
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
-                                                        torch.profiler.ProfilerActivity.CPU]) as prof:
-                    attn(x, pe, None, position_ids=pos)
-                    torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
-            stem_boost.unwrap(holder)
+            for name, kwargs in (("native", dict(reduce=0.0, beta=0.0)), ("stem", dict(reduce=0.15))):
+                stem_boost.wrap(holder, **kwargs)
+                profile_table(f"dsa {name} S={S}", lambda: attn(x, pe, None, position_ids=pos))
+                stem_boost.unwrap(holder)
         rows.append(row)
         print(json.dumps(row), flush=True)
         del x, pe
     return rows
+
+
+def profile_table(label: str, forward, rows: int = 18) -> None:
+    """Print the CUDA kernels of one forward (after a warm-up one), heaviest first: where the time goes."""
+    with torch.no_grad():
+        forward()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            forward()
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events) / 1e3
+    print(f"\n[profile] {label}: {total:.1f} ms of kernels", flush=True)
+    for e in events[:rows]:
+        print(f"[profile]   {e.device_time_total / 1e3:8.2f} ms {e.count:5d}x  {e.key[:90]}", flush=True)
 
 
 def indexer_overlap(attn, x, pe, pos, n_rows: int) -> float:
@@ -264,6 +275,11 @@ def bench_infllmv2(seqs, device, windows=(0,)):
             stem_boost.unwrap(model)
         row["stem_over_native"] = row["stem_ms"] / row["native_kernel_ms"]
         row["dense_over_stem"] = row["dense_ms"] / row["stem_ms"]
+        if PROFILE:
+            for name, kwargs in (("native", dict(reduce=0.0, beta=0.0)), ("stem", dict(reduce=0.18))):
+                stem_boost.wrap(model, **kwargs)
+                profile_table(f"infllmv2 {name} S={S} smooth={window}", lambda: attn(x, pe))
+                stem_boost.unwrap(model)
         row.update(infllmv2_breakdown(attn, x, pe))
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -324,7 +340,7 @@ def main():
                     help="InfLLMv2 hidden-state windows: 0 = i.i.d. positions; W > 1 = neighbours share W - 1 of W draws")
     ap.add_argument("--min-reps", type=int, default=3,
                     help="timed calls per median at least (5 made a 32K + 128K run of both families outlast 300 s)")
-    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the Stem DSA forward")
+    ap.add_argument("--profile", action="store_true", help="print the CUDA kernels of one native and one Stem forward of each layer (torch.profiler)")
     args = ap.parse_args()
     global PROFILE, MIN_REPS
     PROFILE, MIN_REPS = args.profile, max(1, args.min_reps)

@@ -159,6 +159,7 @@ def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads):
 @pytest.mark.parametrize("T,k,capacity,path", [
     (20000, 64, 2048, "buffer"),    # the sample's threshold holds: every row takes the buffer
     (700, 30, 1024, "buffer"),      # the whole row fits the buffer: no sample at all
+    (700, 650, 1024, "buffer"),     # ... and keeps all its valid keys where they are fewer than k
     (4000, 300, 256, "radix"),      # k > capacity: every row takes the radix select
 ])
 def test_topk_rows_sampled_is_exact_on_both_paths(seed, T, k, capacity, path):

@@ -15,10 +15,14 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed 
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("B,S,T,H,D,scale", [(1, 37, 50, 3, 16, 0.25), (2, 20, 20, 4, 32, None)])
-def test_fused_index_scores_match_unfused(B, S, T, H, D, scale, causal):
+@pytest.mark.parametrize("B,S,T,H,D,scale,pipeline", [(1, 37, 50, 3, 16, 0.25, True), (2, 20, 20, 4, 32, None, True),
+                                                      (1, 37, 50, 3, 16, -0.5, True), (1, 20, 40, 4, 16, 0.5, False)])
+def test_fused_index_scores_match_unfused(B, S, T, H, D, scale, pipeline, causal):
+    """A positive scale is folded into the weights, a negative one stays in the kernel (relu(c x) is
+    not c relu(x) for c < 0); the weights loaded a head ahead (pipeline) or per head."""
     from stem_boost.kernels.indexer_scores import fused_index_scores
 
+    _seeded()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q = torch.randn(B, S, H, D, device=device)
     k = torch.randn(B, T, D, device=device)
@@ -26,7 +30,8 @@ def test_fused_index_scores_match_unfused(B, S, T, H, D, scale, causal):
     ref = torch.einsum("bsh,bsht->bst", w.double(),
                        torch.relu(torch.einsum("bshd,btd->bsht", q.double(), k.double()) * (scale or 1.0)))
     offset = T - S
-    out = fused_index_scores(q, k, w, scale, causal_offset=offset if causal else None, block_s=16, block_t=16)
+    out = fused_index_scores(q, k, w, scale, causal_offset=offset if causal else None, block_s=16, block_t=16,
+                             pipeline=pipeline)
     if causal:
         visible = torch.arange(T, device=device)[None, :] <= torch.arange(S, device=device)[:, None] + offset
         assert torch.all(out[:, ~visible] == float("-inf"))

@@ -203,7 +203,6 @@ def _topk_rows_sampled_kernel(
     buf_p = BUF_POS + pid.to(tl.int64) * stride_fr
     offs0 = tl.arange(0, BLOCK)
     written = tl.zeros([], tl.int32)
-    n_valid = tl.zeros([], tl.int32)
     for start in tl.range(0, n_keys, BLOCK, num_stages=PASS_STAGES):
         offs = start + offs0
         key, valid = _ordered_key(s_row, b_row, offs, offs < n_keys, HAS_BIAS)
@@ -213,9 +212,11 @@ def _topk_rows_sampled_kernel(
         tl.store(buf_k + slot, key.to(tl.int32, bitcast=True), mask=fits)
         tl.store(buf_p + slot, offs, mask=fits)
         written += tl.sum(take.to(tl.int32), 0)
-        n_valid += tl.sum(valid.to(tl.int32), 0)
-    want = tl.minimum(want, n_valid)
-
+    # thr 0 takes every valid key: a row that fits its buffer keeps min(want, #valid) of them. A
+    # higher threshold that took fewer than `want` keys (a sample that missed, or fewer valid keys
+    # than `want`) falls back to the radix select, which counts the valid keys itself.
+    if (thr == 0) & (written <= CAP):
+        want = tl.minimum(want, written)
     fell_back = (written < want) | (written > CAP)
     tl.store(FELL_BACK + pid, fell_back.to(tl.int32))
     if fell_back:  # the sample missed: the exact radix select

@@ -25,6 +25,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _relu_scaled(qk, scale, HAS_SCALE: tl.constexpr):
+    """relu(scale * qk); without HAS_SCALE the host folded a positive scale into the head weights
+    (relu(c x) = c relu(x) for c > 0), which saves one multiply per score and head."""
+    if HAS_SCALE:
+        qk = qk * scale
+    return tl.maximum(qk, 0.0)
+
+
+@triton.jit
 def _index_scores_kernel(
     Q, K, W, KSCALE, OUT, scale, S, T, causal_offset,
     stride_qb, stride_qs, stride_qh,
@@ -33,7 +42,8 @@ def _index_scores_kernel(
     stride_ob, stride_os,
     stride_ksb,
     H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_KSCALE: tl.constexpr, WRITE_MASKED: tl.constexpr, HPS: tl.constexpr,
+    HAS_KSCALE: tl.constexpr, WRITE_MASKED: tl.constexpr, HPS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    PIPELINE: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -55,21 +65,30 @@ def _index_scores_kernel(
             n_heads = 0
     if not WRITE_MASKED:  # the caller reads only keys before each row's limit: skipped tiles stay unwritten
         write = write & (n_heads > 0)
-    # HPS heads per step (products written before the epilogues; whether they overlap is the compiler's call)
     kt = tl.trans(k)
-    for h in range(0, n_heads, HPS):
-        qk0 = tl.dot(tl.load(q_base + h * stride_qh, mask=s_ok[:, None], other=0.0), kt)
-        if HPS >= 2:
-            qk1 = tl.dot(tl.load(q_base + (h + 1) * stride_qh, mask=s_ok[:, None], other=0.0), kt)
-        if HPS >= 4:
-            qk2 = tl.dot(tl.load(q_base + (h + 2) * stride_qh, mask=s_ok[:, None], other=0.0), kt)
-            qk3 = tl.dot(tl.load(q_base + (h + 3) * stride_qh, mask=s_ok[:, None], other=0.0), kt)
-        acc += tl.load(w_base + h, mask=s_ok, other=0.0)[:, None] * tl.maximum(qk0 * scale, 0.0)
-        if HPS >= 2:
-            acc += tl.load(w_base + h + 1, mask=s_ok, other=0.0)[:, None] * tl.maximum(qk1 * scale, 0.0)
-        if HPS >= 4:
-            acc += tl.load(w_base + h + 2, mask=s_ok, other=0.0)[:, None] * tl.maximum(qk2 * scale, 0.0)
-            acc += tl.load(w_base + h + 3, mask=s_ok, other=0.0)[:, None] * tl.maximum(qk3 * scale, 0.0)
+    if PIPELINE:
+        # the next head's weights are loaded a head ahead: their latency hides behind this head's product
+        w_h = tl.load(w_base, mask=s_ok & (n_heads > 0), other=0.0)
+        for h in range(0, n_heads):
+            w_next = tl.load(w_base + h + 1, mask=s_ok & (h + 1 < n_heads), other=0.0)
+            qk = tl.dot(tl.load(q_base + h * stride_qh, mask=s_ok[:, None], other=0.0), kt)
+            acc += w_h[:, None] * _relu_scaled(qk, scale, HAS_SCALE)
+            w_h = w_next
+    else:
+        # HPS heads per step (products written before the epilogues; whether they overlap is the compiler's call)
+        for h in range(0, n_heads, HPS):
+            qk0 = tl.dot(tl.load(q_base + h * stride_qh, mask=s_ok[:, None], other=0.0), kt)
+            if HPS >= 2:
+                qk1 = tl.dot(tl.load(q_base + (h + 1) * stride_qh, mask=s_ok[:, None], other=0.0), kt)
+            if HPS >= 4:
+                qk2 = tl.dot(tl.load(q_base + (h + 2) * stride_qh, mask=s_ok[:, None], other=0.0), kt)
+                qk3 = tl.dot(tl.load(q_base + (h + 3) * stride_qh, mask=s_ok[:, None], other=0.0), kt)
+            acc += tl.load(w_base + h, mask=s_ok, other=0.0)[:, None] * _relu_scaled(qk0, scale, HAS_SCALE)
+            if HPS >= 2:
+                acc += tl.load(w_base + h + 1, mask=s_ok, other=0.0)[:, None] * _relu_scaled(qk1, scale, HAS_SCALE)
+            if HPS >= 4:
+                acc += tl.load(w_base + h + 2, mask=s_ok, other=0.0)[:, None] * _relu_scaled(qk2, scale, HAS_SCALE)
+                acc += tl.load(w_base + h + 3, mask=s_ok, other=0.0)[:, None] * _relu_scaled(qk3, scale, HAS_SCALE)
     if HAS_KSCALE:
         acc = acc * tl.load(KSCALE + b.to(tl.int64) * stride_ksb + offs_t, mask=t_ok, other=0.0)[None, :]
     if CAUSAL:
@@ -78,10 +97,14 @@ def _index_scores_kernel(
     tl.store(out, acc, mask=write)
 
 
+PIPELINE_HEADS = True  # the default of fused_index_scores(pipeline=); bench_dsa times both
+
+
 def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float | None,
                        causal_offset: int | None = None, block_s: int | None = None, block_t: int = 128,
                        *, write_masked: bool = True, k_scale: torch.Tensor | None = None,
-                       num_warps: int | None = None, heads_per_step: int | None = None) -> torch.Tensor:
+                       num_warps: int | None = None, heads_per_step: int | None = None,
+                       pipeline: bool | None = None, fold_scale: bool = True) -> torch.Tensor:
     """q [B, S, H, D] (bf16/fp16, or e4m3 with k e4m3), k [B, T, D], w [B, S, H] fp32 -> I [B, S, T] fp32.
 
     `scale=None` means the scale is already folded into w (scores relu(q.k) are then weighted).
@@ -93,6 +116,10 @@ def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale:
     `block_s` None: 128 query rows a program for 16-bit q, 64 for e4m3 (the faster of each, H200).
     `heads_per_step` (1, 2 or 4, dividing H; default 1): head products written back to back (a tuning
     knob; Triton 3.6 still waits for each product before the next, see the DSA GPU log).
+    `pipeline` (default: PIPELINE_HEADS): load each head's weights a head ahead, so that their
+    latency hides behind the previous head's product (heads_per_step is then ignored).
+    A positive `scale` is folded into the head weights (relu(c x) = c relu(x)): one multiply less
+    per score and head (`fold_scale=False` keeps the multiply: the benchmark's before).
     """
     B, S, H, D = q.shape
     T = k.shape[1]
@@ -106,7 +133,9 @@ def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale:
         raise ValueError(f"e4m3 q needs e4m3 k; got {k.dtype}")
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
-    w = w.float().contiguous()
+    scale = None if scale is None else float(scale)
+    fold = scale is None or (scale > 0.0 and fold_scale)
+    w = (w.float() * scale if fold and scale is not None else w.float()).contiguous()
     out = torch.empty(B, S, T, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(S, block_s), triton.cdiv(T, block_t), B)
     hps = heads_per_step or 1
@@ -115,14 +144,14 @@ def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale:
     if k_scale is not None:
         k_scale = k_scale.float().contiguous()
     _index_scores_kernel[grid](
-        q, k, w, k_scale if k_scale is not None else w, out, 1.0 if scale is None else float(scale), S, T,
+        q, k, w, k_scale if k_scale is not None else w, out, 1.0 if fold else scale, S, T,
         0 if causal_offset is None else int(causal_offset),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         w.stride(0), w.stride(1), out.stride(0), out.stride(1),
         k_scale.stride(0) if k_scale is not None else 0,
         H=H, D=D, BLOCK_S=block_s, BLOCK_T=block_t, CAUSAL=causal_offset is not None,
         HAS_KSCALE=k_scale is not None, WRITE_MASKED=write_masked or causal_offset is None,
-        HPS=hps,
+        HPS=hps, HAS_SCALE=not fold or not fold_scale, PIPELINE=PIPELINE_HEADS if pipeline is None else bool(pipeline),
         num_warps=num_warps or (8 if block_s * block_t >= 8192 else 4),
     )
     return out
@@ -228,7 +257,7 @@ def quantize_fp8_rows_fused(x: torch.Tensor, rotate: bool = True, block_rows: in
 def fp8_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float | None,
                      causal_offset: int | None = None, block_s: int | None = None, block_t: int = 128,
                      *, rotate: bool = True, write_masked: bool = True, num_warps: int | None = None,
-                     heads_per_step: int | None = None,
+                     heads_per_step: int | None = None, pipeline: bool | None = None, fold_scale: bool = True,
                      k_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The lightning-indexer scores of `fused_index_scores`, computed with FP8 (e4m3) operands.
 
@@ -243,7 +272,8 @@ def fp8_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: f
     k8, k_scale = k_fp8 if k_fp8 is not None else quantize_fp8(k, rotate)  # [B, T, D], [B, T]
     w8 = w.float() * q_scale * (1.0 if scale is None else float(scale))
     return fused_index_scores(q8, k8, w8, None, causal_offset, block_s, block_t, write_masked=write_masked,
-                              k_scale=k_scale, num_warps=num_warps, heads_per_step=heads_per_step)
+                              k_scale=k_scale, num_warps=num_warps, heads_per_step=heads_per_step,
+                              pipeline=pipeline, fold_scale=fold_scale)
 
 
 def quantize_fp8(x: torch.Tensor, rotate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,18 +45,22 @@ from .online_softmax import natural_lse, online_softmax_step
 
 
 @triton.jit
-def _gather_tile(idx_row, slot0, count, T, qpos, kv_base, stride_kt, dv0, do0,
+def _tile_positions(idx_row, slot0, count, BLOCK_N: tl.constexpr):
+    """Key positions of selection slots slot0 .. slot0 + BLOCK_N - 1 ([BLOCK_N] int32, -1 past count)."""
+    slot = slot0 + tl.arange(0, BLOCK_N)
+    return tl.load(idx_row + slot, mask=slot < count, other=-1)
+
+
+@triton.jit
+def _gather_tile(kpos, T, qpos, kv_base, stride_kt, dv0, do0,
                  BLOCK_N: tl.constexpr, DVP: tl.constexpr, DV: tl.constexpr, DR: tl.constexpr,
                  DV_SPLIT: tl.constexpr, CAUSAL: tl.constexpr):
-    """Gather the latent rows of selection slots slot0 .. slot0 + BLOCK_N - 1: the value part
-    [BLOCK_N, DVP] (channels dv0..), the other latent half (DV_SPLIT 2, channels do0..; else the
-    value part again), the rope part [BLOCK_N, DR] and the slot validity [BLOCK_N]. Invalid slots
-    read row 0 (a real row; masked in S), so the gathers need no predicate."""
-    offs_n = tl.arange(0, BLOCK_N)
+    """Gather the latent rows at key positions kpos [BLOCK_N]: the value part [BLOCK_N, DVP]
+    (channels dv0..), the other latent half (DV_SPLIT 2, channels do0..; else the value part
+    again), the rope part [BLOCK_N, DR] and the slot validity [BLOCK_N]. Invalid slots read row 0
+    (a real row; masked in S), so the gathers need no predicate."""
     d_v = tl.arange(0, DVP)
     d_r = tl.arange(0, DR)
-    slot = slot0 + offs_n
-    kpos = tl.load(idx_row + slot, mask=slot < count, other=-1)
     k_ok = (kpos >= 0) & (kpos < T)
     if CAUSAL:
         k_ok = k_ok & (kpos <= qpos)
@@ -81,6 +85,7 @@ def _mla_token_fwd(
     stride_lb, stride_lh,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DV: tl.constexpr, DR: tl.constexpr,
     DV_SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr, CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr,
+    PREFETCH_IDX: tl.constexpr,
 ):
     DVP: tl.constexpr = DV // DV_SPLIT  # value columns of this program
     s = tl.num_programs(0) - 1 - tl.program_id(0)  # late tokens (most keys) first
@@ -110,8 +115,17 @@ def _mla_token_fwd(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, DVP], tl.float32)
+    # PREFETCH_IDX: the next tile's key positions are loaded one step ahead into registers, so the
+    # gather's addresses do not wait on a load of the same step and the pipeliner can issue the
+    # gather NUM_STAGES - 1 steps ahead (else the index load takes a stage of its own)
+    kpos_next = _tile_positions(idx_row, 0, count, BLOCK_N)
     for start in tl.range(0, count, BLOCK_N, num_stages=NUM_STAGES):
-        k_v, k_o, k_r, k_ok = _gather_tile(idx_row, start, count, T, qpos, kv_base, stride_kt, dv0, DVP - dv0,
+        if PREFETCH_IDX:
+            kpos = kpos_next
+            kpos_next = _tile_positions(idx_row, start + BLOCK_N, count, BLOCK_N)
+        else:
+            kpos = _tile_positions(idx_row, start, count, BLOCK_N)
+        k_v, k_o, k_r, k_ok = _gather_tile(kpos, T, qpos, kv_base, stride_kt, dv0, DVP - dv0,
                                            BLOCK_N, DVP, DV, DR, DV_SPLIT, CAUSAL)
         qk = tl.dot(q_v, tl.trans(k_v))
         if DV_SPLIT == 2:
@@ -132,7 +146,7 @@ def _mla_token_fwd(
         tl.store(LSE + b * stride_lb + offs_h * stride_lh + s, lse, mask=h_ok)
 
 
-DEFAULT_TILES = dict(BLOCK_H=64, BLOCK_N=64, DV_SPLIT=1, NUM_STAGES=2, num_warps=8)
+DEFAULT_TILES = dict(BLOCK_H=64, BLOCK_N=64, DV_SPLIT=1, NUM_STAGES=2, num_warps=8, PREFETCH_IDX=False)
 
 
 def mla_token_attention(
@@ -202,6 +216,7 @@ def mla_token_attention(
             out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
             BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], DV=dv, DR=dr, DV_SPLIT=cfg["DV_SPLIT"],
-            NUM_STAGES=cfg["NUM_STAGES"], CAUSAL=causal, RETURN_LSE=return_lse, num_warps=cfg["num_warps"],
+            NUM_STAGES=cfg["NUM_STAGES"], CAUSAL=causal, RETURN_LSE=return_lse, PREFETCH_IDX=cfg["PREFETCH_IDX"],
+            num_warps=cfg["num_warps"],
         )
     return (out, lse) if return_lse else out
