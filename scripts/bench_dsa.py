@@ -169,12 +169,14 @@ def section_topk(args, res: dict) -> None:
             rate = float(fell_back.float().mean())
             ms_stem = bench(lambda: topk_rows(scores, k, key_bias=bias, budgets=bud, valid_len=full, **kw))
             ms_causal = bench(lambda: topk_rows(scores, k, key_bias=bias, budgets=bud, valid_len=causal, **kw))
+            ms_native = bench(lambda: topk_rows(scores, k, valid_len=causal, **kw))  # what the native layer runs
         except Exception as e:  # noqa: BLE001
             row("topk", name, None, f"failed: {e!r}"[:120])
             continue
-        res["topk"][name] = dict(plain=ms, stem=ms_stem, stem_causal_rows=ms_causal, fallback_rate=rate)
-        row("topk", name, ms, f"{gb / ms:.0f} GB/s; +Stem {ms_stem:.3f} ms; +Stem causal rows {ms_causal:.3f} ms; "
-                              f"radix fallback on {rate:.2%} of rows")
+        res["topk"][name] = dict(plain=ms, stem=ms_stem, stem_causal_rows=ms_causal, causal_rows=ms_native,
+                                 fallback_rate=rate)
+        row("topk", name, ms, f"causal rows {ms_native:.3f} ms; +Stem {ms_stem:.3f} ms; +Stem causal rows "
+                              f"{ms_causal:.3f} ms; radix fallback on {rate:.2%} of rows")
 
 
 # ------------------------------------------------------------------------------------------- MLA
@@ -196,7 +198,7 @@ def dsa_selection(S: int, T: int, k: int, dev: str) -> tuple[torch.Tensor, torch
 
 
 MLA_VARIANTS = [  # runs 1-2 tried N 32 / 3 stages / 16 warps, DV_SPLIT 2, 128 heads, a register prefetch: all slower
-    dict(BLOCK_H=64, BLOCK_N=64, DV_SPLIT=1, NUM_STAGES=2, num_warps=8),
+    dict(BLOCK_H=64, BLOCK_N=64, DV_SPLIT=1, NUM_STAGES=2, num_warps=8, PREFETCH_IDX=False),
     # the key positions a step ahead in registers: the pipeliner then keeps a gathered tile in flight
     dict(BLOCK_H=64, BLOCK_N=32, DV_SPLIT=1, NUM_STAGES=3, num_warps=8, PREFETCH_IDX=True),
     dict(BLOCK_H=64, BLOCK_N=32, DV_SPLIT=1, NUM_STAGES=4, num_warps=8, PREFETCH_IDX=True),
@@ -226,11 +228,14 @@ def section_mla(args, res: dict) -> None:
         idx, counts = dsa_selection(S, T, k, dev)
         flop = 2.0 * float(counts.sum()) * H * (576 + 512)
         sel = Selection(idx=idx, counts=counts)
-        peer = bench(lambda: sparse_attention(q, kv, kv[..., :512], sel, check=False))
-        got = sparse_attention(qs, kvs, kvs[..., :512], Selection(idx=idx_s, counts=cnt_s))
-        err = float((got.float() - want).norm() / want.norm())
-        res["mla"][f"H{H} sparse_attention (peer)"] = dict(ms=peer, tflops=flop / peer / 1e9, err=err)
-        row("mla", f"H{H} sparse_attention token mode (peer)", peer, f"{flop / peer / 1e9:.0f} TFLOP/s err {err:.1e}")
+        # the generic token kernel (triton_sparse.py: `tiles={}` keeps sparse_attention off the MLA route)
+        # and sparse_attention's default route (mla_token.py with its default tiles)
+        for label, tiles in (("generic token kernel (peer)", {}), ("default route", None)):
+            ms = bench(lambda: sparse_attention(q, kv, kv[..., :512], sel, check=False, tiles=tiles))
+            got = sparse_attention(qs, kvs, kvs[..., :512], Selection(idx=idx_s, counts=cnt_s), tiles=tiles)
+            err = float((got.float() - want).norm() / want.norm())
+            res["mla"][f"H{H} sparse_attention {label}"] = dict(ms=ms, tflops=flop / ms / 1e9, err=err)
+            row("mla", f"H{H} sparse_attention {label}", ms, f"{flop / ms / 1e9:.0f} TFLOP/s err {err:.1e}")
         for v in MLA_VARIANTS:
             if v["BLOCK_H"] > max(64, H):
                 continue

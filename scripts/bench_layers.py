@@ -32,6 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import stem_boost  # noqa: E402
 
 PROFILE = False
+T0 = time.time()
+
+
+def note(msg: str) -> None:
+    """Progress on stderr (a long row prints nothing else until it is done)."""
+    print(f"[{time.time() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 MIN_REPS = 3  # --min-reps
@@ -105,6 +111,7 @@ def bench_dsa(seqs, device, native_max_seq):
         for name, kwargs in (("dense", dict(dense=True)), ("native_kernel", dict(reduce=0.0, beta=0.0)),
                              ("stem", dict(reduce=0.15))):
             stem_boost.wrap(holder, **kwargs)
+            note(f"dsa S={S} {name}")
 
             def run():
                 with torch.no_grad():
@@ -115,6 +122,7 @@ def bench_dsa(seqs, device, native_max_seq):
             stem_boost.unwrap(holder)
         row["stem_over_native"] = row["stem_ms"] / row["native_kernel_ms"]
         row["native_over_dense"] = row["native_kernel_ms"] / row["dense_ms"]
+        note(f"dsa S={S} parts")
         row.update(dsa_breakdown(attn, x, pe, pos))
         if S == seqs[0]:
             row["indexer_overlap_vs_fp32"] = indexer_overlap(attn, x, pe, pos, min(S, 4096))
@@ -265,6 +273,7 @@ def bench_infllmv2(seqs, device, windows=(0,)):
         for name, kwargs in (("dense", dict(dense=True)), ("native_kernel", dict(reduce=0.0, beta=0.0)),
                              ("stem", dict(reduce=0.18))):
             stem_boost.wrap(model, **kwargs)
+            note(f"infllmv2 S={S} smooth={window} {name}")
 
             def run():
                 with torch.no_grad():
@@ -280,6 +289,7 @@ def bench_infllmv2(seqs, device, windows=(0,)):
                 stem_boost.wrap(model, **kwargs)
                 profile_table(f"infllmv2 {name} S={S} smooth={window}", lambda: attn(x, pe))
                 stem_boost.unwrap(model)
+        note(f"infllmv2 S={S} smooth={window} parts")
         row.update(infllmv2_breakdown(attn, x, pe))
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -27,7 +27,17 @@ def apply_rope_half(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
                     unsqueeze_dim: int = 1, *, compute_dtype: torch.dtype | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Half-split RoPE on q and k; `compute_dtype=torch.float32` rotates in fp32 and casts back
-    (MiniCPM-4's official code does so)."""
+    (MiniCPM-4's official code does so). On CUDA that fp32 rotation runs as one Triton pass per
+    tensor (`kernels.rope.rope_half_fused`: the same arithmetic, seven PyTorch passes fewer)."""
+    if compute_dtype == torch.float32 and q.is_cuda and unsqueeze_dim in (1, 2):
+        from .kernels import HAS_TRITON
+
+        if HAS_TRITON:
+            from .kernels.rope import fused_rope_refuses, rope_half_fused
+
+            if fused_rope_refuses(q, cos, unsqueeze_dim) is None and fused_rope_refuses(k, cos, unsqueeze_dim) is None \
+                    and sin.shape == cos.shape:
+                return rope_half_fused(q, cos, sin, unsqueeze_dim), rope_half_fused(k, cos, sin, unsqueeze_dim)
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
     qc = q if compute_dtype is None else q.to(compute_dtype)
     kc = k if compute_dtype is None else k.to(compute_dtype)

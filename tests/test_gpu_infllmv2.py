@@ -114,3 +114,26 @@ def test_gpu_fused_selection_agrees_with_pytorch(S, stem, fuse_topk):
     a, b = member(idx), member(ref.idx)
     assert torch.equal(counts, ref.counts), f"seed {seed}"
     assert float((a & b).sum()) / float(b.sum()) >= 0.999, f"seed {seed}"
+
+
+def test_minicpm_rope_on_cuda_is_the_fp32_definition(seed):
+    """MiniCPM-4's rotation on CUDA (the one-pass kernel) against PyTorch's fp32 ops on the same GPU,
+    at MiniCPM-4.1 shapes: bf16 values equal but for fp32 near-ties (at most one unit in the last place)."""
+    from stem_boost.models.minicpm4.modeling_minicpm4 import apply_rotary_pos_emb
+    from stem_boost.rope import rotate_half
+
+    B, S, D = 2, 4096, 128
+    q = torch.randn(B, S, 32, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(B, S, 2, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    pos = torch.randint(0, 131072, (B, S), device="cuda").float()
+    freqs = pos[..., None] * (10000.0 ** (-torch.arange(0, D, 2, device="cuda").float() / D))
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos(), emb.sin()
+    got_q, got_k = apply_rotary_pos_emb(q, k, cos, sin)
+    for x, got in ((q, got_q), (k, got_k)):
+        xf = x.float()
+        want = (xf * cos[:, None] + rotate_half(xf) * sin[:, None]).to(x.dtype)
+        diff = (got.float() - want.float()).abs()
+        assert bool((diff <= want.float().abs() * 2.0 ** -7).all()), f"seed={seed}"
+        assert float((got == want).float().mean()) > 0.999, f"seed={seed}"
+        assert got.stride() == x.stride()

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from stem_boost.kernels import HAS_TRITON, sparse_attention, sparse_attention_reference
+from stem_boost.kernels.dispatch import takes_mla_token_kernel
 from stem_boost.selection import Selection
 from tests.kernel_inputs import random_qkv, random_selection
 
@@ -73,10 +74,15 @@ def test_mla_absorbed_shape(dtype, tol):
     """DeepSeek MLA absorbed form: Dqk 576 = 512 latent + 64 rope, Dv 512 = k[..., :512], one kv head."""
     B, S, T, Hq = 1, 6, 40, 16
     q, k, v = random_qkv(B, S, T, Hq, 1, 576, 512, dtype, DEVICE, mla_absorbed=True)
-    idx, counts = random_selection(B, 1, S, T, block_size=1, query_block=1, kmax=24, device=DEVICE)
-    out = kernel(q, k, v, Selection(idx, counts, block_size=1), sm_scale=0.1)
-    ref = oracle(q, k, v, Selection(idx, counts, block_size=1), sm_scale=0.1)
+    idx, counts = random_selection(B, 1, S, T, block_size=1, query_block=1, kmax=100, device=DEVICE)
+    sel = Selection(idx, counts, block_size=1)
+    # 16-bit inputs take mla_token.py's kernel (key positions a step ahead, several steps), fp32 the generic one
+    assert takes_mla_token_kernel(q, k, v, sel) == (dtype != torch.float32)
+    out, lse = kernel(q, k, v, sel, sm_scale=0.1, return_lse=True)
+    ref, ref_lse = oracle(q, k, v, sel, sm_scale=0.1, return_lse=True)
     assert rel_err(out, ref) < tol
+    live = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), live) and rel_err(lse[live], ref_lse[live]) < tol
 
 
 @needs_triton

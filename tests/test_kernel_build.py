@@ -21,13 +21,16 @@ from stem_boost.bench.build import all_cases  # noqa: E402
 
 # Spills that stay, each with the measurement that keeps it:
 KNOWN_SPILLS = {
-    # 64 heads x 64 keys x 512 value columns per step: the fastest MLA tile measured (BENCHMARKS.md,
-    # token mode); BLOCK_N = 32 compiles spill-free and measured slower
-    ("mla token h128", "sparse_attn_fwd"), ("mla token h64", "sparse_attn_fwd"),
-    ("mla token split", "_mla_token_fwd"),  # the experimental heads-on-M kernel (spills on triton 3.9)
+    # 64 heads x 64 keys x 512 value columns per step with the key positions a step ahead: 32 bytes,
+    # the fastest MLA tile measured on an H200 (231 TFLOP/s against 210 without; BENCHMARKS.md §000)
+    ("mla token h128", "_mla_token_fwd"), ("mla token h64", "_mla_token_fwd"),
+    ("mla token split", "_mla_token_fwd"),  # the heads-on-M kernel with the value width split (spills on triton 3.9)
     # the two-launch selection (fuse_topk=True, not the default): 4 warps spill; 8 do not and
     # measured 30% slower on an H200 (BENCHMARKS.md §00)
     ("select native fused", "_select_chunk_kernel"),
+    # Stem's sampled top-k (bias + budgets, one stage): 152 bytes at 128 registers; the spill-free
+    # two-stage build measured slower with the bias (5.7 vs 3.9 ms, H200, BENCHMARKS.md §000)
+    ("topk sampled", "_topk_rows_sampled_kernel"),
 }
 
 
@@ -76,7 +79,7 @@ def test_attention_and_score_tiles_use_hopper_tensor_cores(builds):
         assert len(fwd) == 1, name
         assert fwd[0]["wgmma"] > 0 and fwd[0]["mma_sync"] == 0, (name, fwd[0])
         assert fwd[0]["tma"] > 0, (name, fwd[0])  # K / V blocks through tensor descriptors
-    for name, kernel in (("mla token h128", "sparse_attn_fwd"), ("select native", "_pooled_scores_kernel"),
+    for name, kernel in (("mla token h128", "_mla_token_fwd"), ("select native", "_pooled_scores_kernel"),
                          ("select budgets", "_pooled_scores_kernel"), ("select mass", "_pooled_scores_kernel"),
                          ("select native fused", "_select_chunk_kernel"),
                          ("indexer bfloat16", "_index_scores_kernel"),

@@ -10,11 +10,12 @@ Contract (every executor follows it; `sparse_attention_reference` is the oracle)
     it, also inside the diagonal block. Rows with 0 entries give zeros and lse = -inf. Units entirely
     after the row's last query position are an input error (wasted work), rejected when `check=True`.
     Returns out [B, S, Hq, Dv] (q's dtype) and, with return_lse, lse [B, Hq, S] fp32 (natural log).
-MLA absorbed shapes (Dqk 576, Dv 512, Hkv 1, v = k[..., :512]) take the kernel's fast path that reads
-each gathered key once for both products.
+MLA absorbed shapes (Dqk 576, Dv 512, Hkv 1, v = k[..., :512]) with token lists take
+`mla_token.py`'s kernel (heads on M; each gathered key is read once for both products).
 
 Executors (`backend=`): "triton" (CUDA tensors, or the CPU under TRITON_INTERPRET=1: block lists
-take the union-tile kernel of `block_union.py`, token lists and sinks `triton_sparse.py`), "masked"
+take the union-tile kernel of `block_union.py`, absorbed-MLA token lists `mla_token.py`, other token
+lists and sinks `triton_sparse.py`), "masked"
 (dense matmuls under the selection's mask, chunked: fast on CPUs), "reference" (gather + fp32
 softmax). "auto": Triton on CUDA; on the CPU masked when the selection covers at least 1/64 of the
 keys, else the gather (whose cost follows the selection, not the key length).
@@ -36,6 +37,7 @@ try:  # Triton is optional on the CPU; required for CUDA tensors.
 
     from .aot import compiling
     from .block_union import block_union_attention
+    from .mla_token import mla_token_attention
     from .triton_sparse import sparse_attn_fwd
 
     HAS_TRITON = True
@@ -248,8 +250,22 @@ def sparse_attention(
         return block_union_attention(q, k, v, idx, counts, block_size=selection.block_size,
                                      query_block=selection.query_block, q_offset=offset,
                                      sm_scale=scale, causal=causal, return_lse=return_lse)
+    if sinks is None and tiles is None and takes_mla_token_kernel(q, k, v, selection):
+        # one latent kv head whose first Dv channels are the values, one token list per query for all
+        # heads (DeepSeek-V3.2's DSA): heads on M, the key positions loaded a step ahead (mla_token.py)
+        return mla_token_attention(q, k, selection.idx[:, 0], selection.counts[:, 0], q_offset=offset,
+                                   sm_scale=scale, dv=v.shape[3], return_lse=return_lse, causal=causal)
     return _run_triton(q, k, v, selection, offset=offset, causal=causal, scale=scale, return_lse=return_lse,
                        sinks=sinks, tiles=tiles)
+
+
+def takes_mla_token_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Selection) -> bool:
+    """True for the absorbed-MLA token shape that `mla_token_attention` runs: 16-bit q / k, one kv head
+    with v its first Dv channels, per-token lists shared by all heads, Dv and Dqk - Dv powers of two >= 16."""
+    dv, dr = v.shape[3], q.shape[3] - v.shape[3]
+    return (selection.block_size == 1 and selection.query_block == 1 and selection.idx.shape[1] == 1
+            and k.shape[2] == 1 and q.dtype in (torch.bfloat16, torch.float16) and _v_is_k_prefix(k, v)
+            and dv >= 16 and dv & (dv - 1) == 0 and dr >= 16 and dr & (dr - 1) == 0)
 
 
 def _run_triton(q, k, v, selection: Selection, *, offset: int, causal: bool, scale: float, return_lse: bool,

@@ -72,6 +72,15 @@ def _next_pow2(x: int) -> int:
 # 2. stage-1 scores pooled onto key blocks
 # ------------------------------------------------------------------------------------------------
 @triton.jit
+def _stem_key(score, bias):
+    """Stem's ranking key of a pooled block score: log(score) + the block's OAM bias; score <= 0 or
+    NaN -> -inf (`combine_scores` in "prob" space)."""
+    logit = tl.log(tl.maximum(score, 1.1754943508222875e-38))
+    key = tl.where(score > 0, logit + bias, float("-inf"))
+    return tl.where(key == key, key, float("-inf"))
+
+
+@triton.jit
 def _pooled_tile(
     Q, K1, LSE, VIS1, LO1, OUT, b, hk, s_lo, jt0,
     scale_log2, C, K1N, NBC,
@@ -82,7 +91,7 @@ def _pooled_tile(
     stride_ob, stride_oh, stride_os,
     G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, HAS_LO: tl.constexpr, ROUND_BF16: tl.constexpr,
-    ROUND_FP16: tl.constexpr,
+    ROUND_FP16: tl.constexpr, BIAS=None, stride_bb=0, stride_bh=0, HAS_BIAS: tl.constexpr = False,
 ):
     """Pooled scores of BLOCK_S query rows [s_lo, s_lo + BLOCK_S) x key blocks [jt0, jt0 + BLOCK_B - 1)
     of one (batch, kv head), stored to OUT[b, hk, row, block].
@@ -121,6 +130,10 @@ def _pooled_tile(
     prev_last = tl.gather(glast, tl.broadcast_to(prev[None, :], [BLOCK_S, BLOCK_B]), 1)
     pooled = tl.maximum(gmax, prev_last)
     j = jt0 - 1 + tl.arange(0, BLOCK_B)
+    if HAS_BIAS:  # Stem's ranking key, written in place of the score (`_stem_key`: what block_topk would add)
+        bias = tl.load(BIAS + b.to(tl.int64) * stride_bb + hk.to(tl.int64) * stride_bh + j,
+                       mask=(j >= 0) & (j < NBC), other=0.0)
+        pooled = _stem_key(pooled, bias[None, :])
     out_ok = ok[:, None] & (tl.arange(0, BLOCK_B)[None, :] >= 1) & (j[None, :] < NBC)
     tl.store(OUT + b.to(tl.int64) * stride_ob + hk.to(tl.int64) * stride_oh + tok[:, None].to(tl.int64) * stride_os
              + j[None, :], pooled, mask=out_ok)
@@ -128,17 +141,18 @@ def _pooled_tile(
 
 @triton.jit
 def _pooled_scores_kernel(
-    Q, K1, LSE, VIS1, LO1, OUT,
+    Q, K1, LSE, VIS1, LO1, OUT, BIAS,
     scale_log2, C, K1N, NBC, q_pos0,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_kn,
     stride_lb, stride_lh,
     stride_vb,
     stride_ob, stride_oh, stride_os,
+    stride_bb, stride_bh,
     HK,
     G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, HAS_LO: tl.constexpr, ROUND_BF16: tl.constexpr,
-    ROUND_FP16: tl.constexpr,
+    ROUND_FP16: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """Program: axis 0 = BLOCK_S query rows, axis 1 = BLOCK_B - 1 key blocks, axis 2 = batch x kv
     head (`_pooled_tile`); tiles wholly after the rows' last query block are skipped."""
@@ -153,13 +167,14 @@ def _pooled_scores_kernel(
                      scale_log2, C, K1N, NBC,
                      stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_kn, stride_lb, stride_lh,
                      stride_vb, stride_ob, stride_oh, stride_os,
-                     G, D, P, BLOCK_S, BLOCK_B, HAS_LO, ROUND_BF16, ROUND_FP16)
+                     G, D, P, BLOCK_S, BLOCK_B, HAS_LO, ROUND_BF16, ROUND_FP16, BIAS, stride_bb, stride_bh, HAS_BIAS)
 
 
 def pooled_block_scores(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vis1: torch.Tensor, n_blocks: int,
                         pool: int, scale: float, *, q_pos0: int, block_size: int, n_existing: int | None = None,
                         lo1: torch.Tensor | None = None,
-                        round_to: torch.dtype | None = None, block_s: int = 64, block_b: int = 32) -> torch.Tensor:
+                        round_to: torch.dtype | None = None, block_s: int = 64, block_b: int = 32,
+                        key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Group-summed stage-1 scores of the fine compressed keys, max-pooled onto key blocks.
 
     Args:
@@ -172,7 +187,11 @@ def pooled_block_scores(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vi
             query block are left unwritten: they are never candidates).
         round_to: round the compressed scores to this dtype before pooling (the official kernel
             stores them in the input dtype); None: no rounding.
-    Returns [B, Hk, C, n_blocks] fp32, equal to `pool_block_scores(_group_compressed_scores(...))`.
+        key_bias: optional [B, Hk, >= n_blocks] fp32 OAM bias per block: each pooled score x is
+            written as Stem's ranking key log(x) + bias (x <= 0 -> -inf), so that the top-k reads
+            one array and computes nothing (`block_topk` without key_bias ranks these keys as is).
+    Returns [B, Hk, C, n_blocks] fp32, equal to `pool_block_scores(_group_compressed_scores(...))`
+    (or, with key_bias, its Stem keys).
     """
     B, Hq, C, D = q.shape
     Hk, K1 = k1.shape[1], k1.shape[2]
@@ -185,16 +204,21 @@ def pooled_block_scores(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vi
     vis1 = (vis1.unsqueeze(0) if vis1.dim() == 1 else vis1).contiguous()
     out = torch.empty(B, Hk, C, n_blocks, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(C, block_s), triton.cdiv(n_blocks, block_b - 1), B * Hk)
+    if key_bias is not None:
+        key_bias = key_bias.float().contiguous()
+        if key_bias.dim() != 3 or key_bias.shape[:2] != (B, Hk) or key_bias.shape[2] < n_blocks:
+            raise ValueError(f"key_bias must be [B={B}, Hk={Hk}, >= {n_blocks}]; got {tuple(key_bias.shape)}")
     _pooled_scores_kernel[grid](
-        q, k1, lse, vis1, lo1 if lo1 is not None else vis1, out,
+        q, k1, lse, vis1, lo1 if lo1 is not None else vis1, out, key_bias if key_bias is not None else out,
         float(scale) * LOG2E, C, n_existing, n_blocks, q_pos0,
         q.stride(0), q.stride(1), q.stride(2),
         k1.stride(0), k1.stride(1), k1.stride(2),
         lse.stride(0), lse.stride(1),
         vis1.stride(0) if vis1.shape[0] > 1 else 0,
         out.stride(0), out.stride(1), out.stride(2),
+        key_bias.stride(0) if key_bias is not None else 0, key_bias.stride(1) if key_bias is not None else 0,
         Hk, G=G, D=D, P=pool, BLOCK_SIZE=block_size, BLOCK_S=block_s, BLOCK_B=block_b, HAS_LO=lo1 is not None,
-        ROUND_BF16=round_to == torch.bfloat16, ROUND_FP16=round_to == torch.float16,
+        ROUND_BF16=round_to == torch.bfloat16, ROUND_FP16=round_to == torch.float16, HAS_BIAS=key_bias is not None,
         num_warps=4,
     )
     return out
@@ -236,9 +260,7 @@ def _topk_row(
     score = tl.where(score == score, score, float("-inf"))  # NaN -> -inf
     if HAS_BIAS:
         bias = tl.load(BIAS + b.to(tl.int64) * stride_bb + hk.to(tl.int64) * stride_bh + j, mask=free, other=0.0)
-        logit = tl.log(tl.maximum(score, 1.1754943508222875e-38))
-        score = tl.where(score > 0, logit + bias, float("-inf"))
-        score = tl.where(score == score, score, float("-inf"))
+        score = _stem_key(score, bias)
     key = ordered_u32(score)
 
     if HAS_BUDGET:
@@ -499,13 +521,17 @@ def infllmv2_select_fused(
         nbc = (s1 - 1 + offset) // p.block_size + 1
         bud_c = bud[:, :, s0:s1] if bud is not None else None
         if not fuse_topk or chunk_budgets is not None:  # steps 2 and 3 as two launches (pooled scores through HBM)
+            # Stem's bias goes into the pooled kernel (its keys written in place of the scores), except
+            # where the mass schedule needs the scores themselves for its budgets
+            bias_in_pool = bias is not None and chunk_budgets is None
             pooled = pooled_block_scores(qc, k1, lse, vis1, nbc, p.pool_size, scale, q_pos0=s0 + offset,
-                                         block_size=p.block_size, n_existing=K1, lo1=lo1, round_to=round_to)
+                                         block_size=p.block_size, n_existing=K1, lo1=lo1, round_to=round_to,
+                                         key_bias=bias if bias_in_pool else None)
             if chunk_budgets is not None:
                 bud_c = _budget_view(chunk_budgets(pooled, s0, s1).to(q.device), B, Hk, s1 - s0)
             block_topk(pooled, q_pos0=s0 + offset, block_size=p.block_size, init_blocks=p.init_blocks,
-                       local_blocks=p.local_blocks, k_total=k_total, key_bias=bias, budgets=bud_c,
-                       seq_start=seq_start, kmax=kmax, out=(idx, counts, n_forced), row0=s0)
+                       local_blocks=p.local_blocks, k_total=k_total, key_bias=None if bias_in_pool else bias,
+                       budgets=bud_c, seq_start=seq_start, kmax=kmax, out=(idx, counts, n_forced), row0=s0)
             continue
         C = s1 - s0
         scratch = torch.empty(B, Hk, C, nbc, dtype=torch.float32, device=q.device)

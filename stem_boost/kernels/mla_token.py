@@ -23,14 +23,15 @@ over 8 warps. DV_SPLIT = 2 gives each of two programs half of it ([64, 256]); bo
 (the QK^T part is split in the same two halves + rope, so the gathered tile is read once per
 program and its value half is reused as V).
 
-Measured (H200, triton 3.6, benchmarks/log_dsa_2026-12-02.md): 211 TFLOP/s at 128 heads and 210 at
-64 (the `sparse_attention` token path: 210-212 and 197-198); DV_SPLIT 2, N 32, 16 warps, 128 heads
-per program and a register prefetch of the next tile were all slower. The limit is the schedule
-Triton 3.6 gives an index-dependent load: the gathered tile is double-buffered, but its copy is
-issued after the current tile's products and waited for in full at the top of the next step, so
-each step pays the gather latency (~10k cycles a 64-key step against ~2k of tensor-core work).
-FlashMLA's producer warp group (gathering tile i + 1 while two consumer groups multiply tile i) is
-what would remove it; Triton 3.6's automatic warp specialisation fails on this loop.
+Key positions a step ahead (PREFETCH_IDX, the default): without it the pipeliner gives the load of
+a tile's positions a stage of its own and waits for every copy in flight at the top of each step;
+with the positions in registers a step early it issues the next gathered tile before the current
+tile's products. Measured (H200, triton 3.6, BENCHMARKS.md): 231 TFLOP/s at 128 and at 64 heads
+against 210 without (and against 211 / 197 for the generic `triton_sparse.py` token path). With
+N = 32 and 3-4 stages the gather runs two tiles ahead, but the smaller products lose more (199).
+DV_SPLIT 2, 16 warps and 128 heads per program were all slower. FlashMLA's producer warp group
+(gathering tile i + 1 while two consumer groups multiply tile i) is what would close the rest;
+Triton 3.6's automatic warp specialisation fails on this loop.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def _mla_token_fwd(
         tl.store(LSE + b * stride_lb + offs_h * stride_lh + s, lse, mask=h_ok)
 
 
-DEFAULT_TILES = dict(BLOCK_H=64, BLOCK_N=64, DV_SPLIT=1, NUM_STAGES=2, num_warps=8, PREFETCH_IDX=False)
+DEFAULT_TILES = dict(BLOCK_H=64, BLOCK_N=64, DV_SPLIT=1, NUM_STAGES=2, num_warps=8, PREFETCH_IDX=True)
 
 
 def mla_token_attention(
