@@ -31,7 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import stem_boost  # noqa: E402
 
-PROFILE = False
+PROFILE: bool | int = False  # --profile: True, or the longest profiled length (--profile-max-seq)
+
+
+def profiling(S: int) -> bool:
+    return PROFILE is True or (PROFILE is not False and S <= PROFILE)
 T0 = time.time()
 
 
@@ -126,7 +130,7 @@ def bench_dsa(seqs, device, native_max_seq):
         row.update(dsa_breakdown(attn, x, pe, pos))
         if S == seqs[0]:
             row["indexer_overlap_vs_fp32"] = indexer_overlap(attn, x, pe, pos, min(S, 4096))
-        if PROFILE:
+        if profiling(S):
             for name, kwargs in (("native", dict(reduce=0.0, beta=0.0)), ("stem", dict(reduce=0.15))):
                 stem_boost.wrap(holder, **kwargs)
                 profile_table(f"dsa {name} S={S}", lambda: attn(x, pe, None, position_ids=pos))
@@ -284,7 +288,7 @@ def bench_infllmv2(seqs, device, windows=(0,)):
             stem_boost.unwrap(model)
         row["stem_over_native"] = row["stem_ms"] / row["native_kernel_ms"]
         row["dense_over_stem"] = row["dense_ms"] / row["stem_ms"]
-        if PROFILE:
+        if profiling(S):
             for name, kwargs in (("native", dict(reduce=0.0, beta=0.0)), ("stem", dict(reduce=0.18))):
                 stem_boost.wrap(model, **kwargs)
                 profile_table(f"infllmv2 {name} S={S} smooth={window}", lambda: attn(x, pe))
@@ -351,9 +355,12 @@ def main():
     ap.add_argument("--min-reps", type=int, default=3,
                     help="timed calls per median at least (5 made a 32K + 128K run of both families outlast 300 s)")
     ap.add_argument("--profile", action="store_true", help="print the CUDA kernels of one native and one Stem forward of each layer (torch.profiler)")
+    ap.add_argument("--profile-max-seq", type=int, default=None, help="with --profile: only rows up to this length")
     args = ap.parse_args()
     global PROFILE, MIN_REPS
     PROFILE, MIN_REPS = args.profile, max(1, args.min_reps)
+    if args.profile and args.profile_max_seq:
+        PROFILE = args.profile_max_seq
     if not torch.cuda.is_available():
         sys.exit("bench_layers.py needs a CUDA GPU")
     torch.manual_seed(int(time.time()))
