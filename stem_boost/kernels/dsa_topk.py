@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_select import keep_largest, kth_largest_key, ordered_u32
+from .row_select import keep_largest, ordered_u32, rank_threshold
 
 
 @triton.jit
@@ -196,7 +196,7 @@ def _topk_rows_sampled_kernel(
         mean = (want * n_sampled).to(tl.float32) / (n_keys * 1.0)
         rank = tl.ceil(mean + 3.0 * tl.sqrt(mean) + 4.0).to(tl.int32)
         if rank <= tl.sum(s_valid.to(tl.int32), 0):
-            thr = kth_largest_key(s_key, s_valid, rank)
+            thr = rank_threshold(s_key, s_valid, rank)  # `rank` sampled keys at or above it
 
     # (b) one pass: keys >= thr and their positions, in position order, to the row's buffer
     buf_k = BUF_KEY + pid.to(tl.int64) * stride_fr

@@ -1,9 +1,15 @@
 """Select the k largest scores of a row held in registers (Triton helpers shared by the InfLLMv2
 block top-k and the DSA Stem cut; inlined into their kernels).
 
-A float score becomes an order-preserving uint32 key (`ordered_u32`); a 32-step bisection finds the
-k-th largest key among the valid entries, and the entries above it plus the first ties (by position,
-i.e. the smaller key or block index when the row is in ascending order) are kept (`keep_largest`).
+A float score becomes an order-preserving uint32 key (`ordered_u32`); a bisection over the key bits
+finds a threshold with the wanted count at or above it (`rank_threshold`), and the entries above it
+plus the first ties at it (by position, i.e. the smaller key or block index when the row is in
+ascending order) are kept (`keep_largest`).
+
+The bisection builds the threshold from the high bit down and stops as soon as exactly `want` valid
+keys lie at or above it: that set is then the answer (every tie at the threshold is kept), and it
+is the one the full 32 steps give. Scores spread over a few binades separate the want-th and the
+next key after about 12-20 of the 32 steps; each step is a reduction over the whole row.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["keep_largest", "kth_largest_key", "ordered_u32"]
+__all__ = ["keep_largest", "ordered_u32", "rank_threshold"]
 
 
 @triton.jit
@@ -23,23 +29,30 @@ def ordered_u32(x):
 
 
 @triton.jit
-def kth_largest_key(key, valid, want):
-    """The want-th largest of the `valid` uint32 keys of a 1-D block (0 when fewer are valid), by a
-    32-step bisection: the largest t with #{valid keys >= t} >= want."""
+def rank_threshold(key, valid, want):
+    """A threshold t over the `valid` uint32 keys of a 1-D block such that #{valid keys >= t} >= want
+    (t = 0 when fewer are valid) and no larger prefix of the want-th largest key does that: the
+    bisection stops at the first t with exactly `want` keys at or above it, else (ties at the edge)
+    after 32 steps at the want-th largest key itself."""
     thr = tl.zeros([], tl.uint32)
     one = tl.full([], 1, tl.uint32)
-    for i in tl.static_range(32):
-        cand_t = thr | (one << (31 - i))
+    i = tl.zeros([], tl.int32)
+    exact = tl.zeros([], tl.int32)
+    while (i < 32) & (exact == 0):
+        cand_t = thr | (one << (31 - i).to(tl.uint32))
         n_ge = tl.sum((valid & (key >= cand_t)).to(tl.int32), 0)
         thr = tl.where(n_ge >= want, cand_t, thr)
+        exact = (n_ge == want).to(tl.int32)
+        i += 1
     return thr
 
 
 @triton.jit
 def keep_largest(key, valid, want, forced):
     """Mask of the `forced` entries and the `want` largest keys among the `valid` ones of a 1-D block
-    (all of them when fewer are valid); equal keys at the edge go to the earlier positions first."""
-    thr = kth_largest_key(key, valid, want)
+    (all of them when fewer are valid); equal keys at the edge go to the earlier positions first.
+    When the bisection stopped early, #{keys >= thr} = want, so every key equal to thr is kept."""
+    thr = rank_threshold(key, valid, want)  # exactly want at or above it, or the want-th key (ties)
     gt = valid & (key > thr)
     eq = valid & (key == thr)
     need_eq = want - tl.sum(gt.to(tl.int32), 0)
