@@ -118,7 +118,8 @@ def test_gpu_fused_selection_agrees_with_pytorch(S, stem, fuse_topk):
 
 def test_minicpm_rope_on_cuda_is_the_fp32_definition(seed):
     """MiniCPM-4's rotation on CUDA (the one-pass kernel) against PyTorch's fp32 ops on the same GPU,
-    at MiniCPM-4.1 shapes: bf16 values equal but for fp32 near-ties (at most one unit in the last place)."""
+    at MiniCPM-4.1 shapes: bf16 values equal but for fp32 near-ties (at most one unit in the last place)
+    and cancelling pairs (the fp32 residual that the kernel's fused multiply-add keeps)."""
     from stem_boost.models.minicpm4.modeling_minicpm4 import apply_rotary_pos_emb
     from stem_boost.rope import rotate_half
 
@@ -134,6 +135,9 @@ def test_minicpm_rope_on_cuda_is_the_fp32_definition(seed):
         xf = x.float()
         want = (xf * cos[:, None] + rotate_half(xf) * sin[:, None]).to(x.dtype)
         diff = (got.float() - want.float()).abs()
-        assert bool((diff <= want.float().abs() * 2.0 ** -7).all()), f"seed={seed}"
+        # one bf16 unit, or the fp32 residual of a cancelling pair (the kernel's fused multiply-add
+        # keeps what PyTorch's separate products round away: x1 cos = x2 sin gives 0 there)
+        residual = xf.abs().amax(-1, keepdim=True) * 2.0 ** -22
+        assert bool((diff <= want.float().abs() * 2.0 ** -7 + residual).all()), f"seed={seed}"
         assert float((got == want).float().mean()) > 0.999, f"seed={seed}"
         assert got.stride() == x.stride()
