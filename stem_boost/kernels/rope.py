@@ -53,9 +53,12 @@ def _rope_half_kernel(X, COS, SIN, Y, H,
         x_row = X + b * stride_xb + s * stride_xs + h[:, None].to(tl.int64) * stride_xh
         x1 = tl.load(x_row + d[None, :], mask=ok, other=0.0).to(tl.float32)
         x2 = tl.load(x_row + HALF + d[None, :], mask=ok, other=0.0).to(tl.float32)
-        # rotate_half(x) = (-x2, x1): the first half is x1 cos - x2 sin, the second x2 cos + x1 sin
-        y1 = x1 * cos1[None, :] - x2 * sin1[None, :]
-        y2 = x2 * cos2[None, :] + x1 * sin2[None, :]
+        # rotate_half(x) = (-x2, x1): the first half is x1 cos - x2 sin, the second x2 cos + x1 sin.
+        # The multiply-adds are explicit: left to the compiler, the contraction it picks can differ
+        # between specialisations of this kernel (a batch of one vs several), and a padded row must
+        # get the values it gets alone
+        y1 = tl.fma(x1, cos1[None, :], -(x2 * sin1[None, :]))
+        y2 = tl.fma(x2, cos2[None, :], x1 * sin2[None, :])
         y_row = Y + b * stride_yb + s * stride_ys + h[:, None].to(tl.int64) * stride_yh
         tl.store(y_row + d[None, :], _to_output(y1, Y.dtype.element_ty), mask=ok)
         tl.store(y_row + HALF + d[None, :], _to_output(y2, Y.dtype.element_ty), mask=ok)
