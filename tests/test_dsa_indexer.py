@@ -420,6 +420,10 @@ def test_chunk_rows_for_budget():
     # the fp32 [B, rows, H, T] intermediate stays under the budget
     rows = dsa.chunk_rows_for_budget(1, 64, 131072, dsa.DEFAULT_MAX_BYTES)
     assert rows * 64 * 131072 * 4 <= dsa.DEFAULT_MAX_BYTES
+    # the fused scores + Triton top-k keep [B, rows, T] fp32 and the per-row buffers: 7x the rows
+    fused = dsa.chunk_rows_for_budget(1, 0, 131072, 2 * 2**30, per_key_bytes=4, per_row_bytes=8 * 4096 + 20 * 2048)
+    assert fused * (131072 * 4 + 8 * 4096 + 20 * 2048) <= 2 * 2**30 < (fused + 1) * (131072 * 4 + 8 * 4096 + 20 * 2048)
+    assert fused >= 7 * dsa.chunk_rows_for_budget(1, 0, 131072, 2 * 2**30)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -293,11 +293,14 @@ def valid_key_mask(mask_slice: torch.Tensor) -> torch.Tensor:
     return mask_slice > torch.finfo(mask_slice.dtype).min / 2
 
 
-def chunk_rows_for_budget(batch: int, n_heads: int, n_keys: int, max_bytes: int) -> int:
+def chunk_rows_for_budget(batch: int, n_heads: int, n_keys: int, max_bytes: int, *, per_key_bytes: int = 32,
+                          per_row_bytes: int = 0) -> int:
     """Query rows per chunk so that the fp32 ``[B, rows, H, T]`` scores plus the ``[B, rows, T]``
-    per-row tensors (fp32 index scores and their int32 image, int64 sort keys and positions, mask
-    and validity) stay under ``max_bytes``."""
-    per_row = batch * max(n_keys, 1) * (4 * n_heads + 32)
+    per-row tensors stay under ``max_bytes``: `per_key_bytes` per row and key (32 for the PyTorch
+    top-k: fp32 index scores and their int32 image, int64 sort keys and positions, mask and
+    validity; 4 for the fused scores read by the Triton top-k) and `per_row_bytes` per row (the
+    Triton top-k's candidate buffers and the [rows, k] outputs)."""
+    per_row = batch * (max(n_keys, 1) * (4 * n_heads + per_key_bytes) + per_row_bytes)
     return max(1, int(max_bytes // per_row))
 
 
@@ -412,7 +415,13 @@ def chunked_index_topk(
         radix_topk = q.is_cuda and topk_rows is not None and tie_break == "position"
     skip_tail = radix_topk and fused and mask is None and pad is None  # the top-k reads rows only up to the diagonal
     # the fused kernel keeps the per-head scores in registers: only [B, rows, T] tensors remain
-    rows = chunk_rows or chunk_rows_for_budget(B, 0 if fused else H, T, max_bytes)
+    if skip_tail:  # fp32 scores only ([B, rows, T]); per row the top-k's buffers (2 x 4096 int32) and
+        # its [rows, k] results (indices, counts, gathered scores, masks: about 20 bytes per slot)
+        rows = chunk_rows or chunk_rows_for_budget(B, 0, T, max_bytes, per_key_bytes=4,
+                                                   per_row_bytes=8 * 4096 + 20 * topk)
+        rows = rows if chunk_rows or rows < 128 else rows // 128 * 128  # whole 128-row score tiles
+    else:
+        rows = chunk_rows or chunk_rows_for_budget(B, 0 if fused else H, T, max_bytes)
     # FP8 on CUDA: the keys are quantised once per sequence, each query chunk reads its key range
     k_fp8 = quantize_fp8(k) if (fp8 and q.is_cuda) else None  # (e4m3 [B, T, D], fp32 [B, T])
     offset = T - S  # only used when mask is None
