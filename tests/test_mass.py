@@ -71,3 +71,38 @@ def test_wrap_with_mass_schedule_meets_the_contract(family):
     stem_boost.unwrap(model)
     assert st["config"]["schedule"] == "mass"
     assert abs(st["reduce_achieved"] - reduce) < 0.01, st["reduce_achieved"]
+
+
+def test_infllmv2_mass_budgets_from_the_top_k_equal_the_sorted_definition(seed):
+    """The mass schedule's per-chunk budgets (`adapters.infllmv2.mass_free_budgets`, from each row's
+    top blocks) equal its definition: rank every free block of the row by a full sort, take the top
+    native_free[c], and cut the lowest-mass pairs of the chunk (ties in a row, zero and -inf scores)."""
+    from stem_boost.adapters.infllmv2 import mass_free_budgets
+    from stem_boost.mass import mass_budgets
+    from stem_boost.native.infllmv2 import BlockScores
+
+    gen = torch.Generator().manual_seed(seed)
+    B, Hk, C, NB = 2, 2, 40, 30
+    scores = torch.rand(B, Hk, C, NB, generator=gen)
+    scores[..., 1::3] = scores[..., 0:NB - 1:3]  # ties inside a row (exact ties across rows would make
+    # the result depend on the order of each row's fp32 sum, which the two layouts do differently)
+    scores[torch.rand(B, Hk, C, NB, generator=gen) < 0.05] = 0.0
+    scores[torch.rand(B, Hk, C, NB, generator=gen) < 0.05] = float("-inf")
+    q_block = torch.arange(C) * NB // C  # [C]: the query block of each row
+    blocks = torch.arange(NB)
+    candidate = blocks[None, :] <= q_block[:, None]
+    forced = candidate & ((blocks[None, :] < 1) | (blocks[None, :] >= q_block[:, None] - 1))
+    native_free = torch.randint(0, 12, (C,), generator=gen)
+    bs = BlockScores(scores=scores, forced=forced, candidate=candidate, q_pos=q_block * 16, rows=slice(0, C),
+                     k_total=14, block_size=16)
+    got = mass_free_budgets(native_free, 0.3)(bs)
+
+    # the native free selection: the free blocks of the row, highest score first (a free block whose
+    # score is -inf still counts, as the native top-k keeps it when the budget reaches it)
+    free = (candidate & ~forced).expand_as(scores)
+    by_score = scores.sort(dim=-1, descending=True, stable=True).indices
+    free_first = (~free).gather(-1, by_score).to(torch.int8).sort(dim=-1, stable=True).indices
+    order = by_score.gather(-1, free_first)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(NB).expand_as(order))
+    want = mass_budgets(scores, free & (rank < native_free.view(1, 1, -1, 1)), 0.3, space="prob")
+    assert torch.equal(got, want), f"seed={seed}"

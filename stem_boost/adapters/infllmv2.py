@@ -74,14 +74,19 @@ def mass_free_budgets(native_free_per_token: torch.Tensor, reduce: float):
     `native_free[c]` non-forced candidates by native score) minus the `reduce` fraction of the chunk's
     pairs with the lowest mass (`stem_boost.mass`). Returns the per-chunk budget function."""
 
+    k_max = int(native_free_per_token.max()) if native_free_per_token.numel() else 0  # one sync per layer
+
     def budgets(bs: BlockScores) -> torch.Tensor:  # -> [B, Hk, C]
-        native_free = native_free_per_token[bs.rows]
-        free = (bs.candidate & ~bs.forced).expand_as(bs.scores)  # [C, NB] -> [B, Hk, C, NB]
-        ranked = bs.scores.masked_fill(~free, float("-inf")).sort(dim=-1, descending=True)
-        arange = torch.arange(free.shape[-1], device=free.device).expand_as(free)
-        rank = torch.empty_like(ranked.indices).scatter_(-1, ranked.indices, arange)
-        native_sel = free & (rank < native_free.view(1, 1, -1, 1))
-        return mass_budgets(bs.scores, native_sel, reduce, space="prob")
+        # the budgets depend only on the scores of each row's native free selection (its top
+        # native_free[c] non-forced candidates), so the top k_max of each row stand in for a sort of
+        # all its blocks; ties at the edge have equal scores, so which one is taken changes nothing
+        native_free = native_free_per_token[bs.rows]  # [C]
+        free = bs.candidate & ~bs.forced  # [C, NB]
+        k = max(1, min(k_max, free.shape[-1]))
+        top = bs.scores.masked_fill(~free, float("-inf")).topk(k, dim=-1).values  # [B, Hk, C, k]
+        n_sel = torch.minimum(native_free, free.sum(-1))  # [C]
+        sel = torch.arange(k, device=top.device) < n_sel.view(1, 1, -1, 1)  # [B, Hk, C, k] after broadcast
+        return mass_budgets(top, sel.expand_as(top), reduce, space="prob")
 
     return budgets
 
