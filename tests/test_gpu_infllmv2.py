@@ -141,3 +141,21 @@ def test_minicpm_rope_on_cuda_is_the_fp32_definition(seed):
         assert bool((diff <= want.float().abs() * 2.0 ** -7 + residual).all()), f"seed={seed}"
         assert float((got == want).float().mean()) > 0.999, f"seed={seed}"
         assert got.stride() == x.stride()
+
+
+def test_minicpm_rope_on_cuda_gives_a_row_its_solo_values(seed):
+    """The RoPE kernel compiled for a batch and for one row (another specialisation: batch stride 0)
+    gives bit-identical values: a padded batch's row must see what the row sees alone."""
+    from stem_boost.models.minicpm4.modeling_minicpm4 import apply_rotary_pos_emb
+
+    B, S, D = 3, 1000, 128
+    q = torch.randn(B, S, 32, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(B, S, 2, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    pos = torch.arange(S, device="cuda").float().expand(B, S)
+    freqs = pos[..., None] * (10000.0 ** (-torch.arange(0, D, 2, device="cuda").float() / D))
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos(), emb.sin()
+    batch_q, batch_k = apply_rotary_pos_emb(q, k, cos, sin)
+    for b in range(B):
+        solo_q, solo_k = apply_rotary_pos_emb(q[b:b + 1], k[b:b + 1], cos[:1], sin[:1])
+        assert torch.equal(batch_q[b:b + 1], solo_q) and torch.equal(batch_k[b:b + 1], solo_k), f"seed={seed} row {b}"

@@ -200,6 +200,17 @@ def gqa_token_case() -> BuildCase:
     return BuildCase("gqa token", "token-sparse GQA attention (the SmolLM2 DSA testbed: 9 q / 3 kv heads, d 64)", run)
 
 
+def rope_case(S: int = 4096) -> BuildCase:
+    from ..kernels.rope import rope_half_fused
+
+    def run():
+        q = torch.randn(2, S, 32, 128, dtype=BF16).transpose(1, 2)  # [B, H, S, D] view, as the attention has it
+        cos = torch.randn(2, S, 128)
+        rope_half_fused(q, cos, cos, head_axis=1)
+
+    return BuildCase("rope", "MiniCPM-4's fp32 half-split RoPE in one pass (32 heads, d 128, batch 2)", run)
+
+
 def all_cases() -> list[BuildCase]:
     return [
         union_case(16, 2), union_case(8, 4), union_case(6, 8), union_case(4, 8), union_case(1, 16),
@@ -208,7 +219,7 @@ def all_cases() -> list[BuildCase]:
         select_g3_case(), stage1_case(),
         indexer_case("bfloat16"), indexer_case("fp8"), indexer_case("fp8", head_dim=32), indexer_case("bfloat16", stem=True),
         stem_cut_case(), sampled_topk_case(),
-        mla_case(), mla_case(heads=64), mla_experimental_case(), gqa_token_case(),
+        mla_case(), mla_case(heads=64), mla_experimental_case(), gqa_token_case(), rope_case(),
     ]
 
 
