@@ -132,8 +132,10 @@ def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale:
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     scale = None if scale is None else float(scale)
-    fold = scale is None or (scale > 0.0 and fold_scale)
-    w = (w.float() * scale if fold and scale is not None else w.float()).contiguous()
+    # the multiply stays in the kernel for a scale relu does not commute with (<= 0), or on request
+    in_kernel = not fold_scale or (scale is not None and scale <= 0.0)
+    w = (w.float() * scale if scale is not None and not in_kernel else w.float()).contiguous()
+    kernel_scale = scale if scale is not None and in_kernel else 1.0
     out = torch.empty(B, S, T, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(S, block_s), triton.cdiv(T, block_t), B)
     hps = heads_per_step or 1
@@ -142,14 +144,14 @@ def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale:
     if k_scale is not None:
         k_scale = k_scale.float().contiguous()
     _index_scores_kernel[grid](
-        q, k, w, k_scale if k_scale is not None else w, out, 1.0 if fold else scale, S, T,
+        q, k, w, k_scale if k_scale is not None else w, out, kernel_scale, S, T,
         0 if causal_offset is None else int(causal_offset),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         w.stride(0), w.stride(1), out.stride(0), out.stride(1),
         k_scale.stride(0) if k_scale is not None else 0,
         H=H, D=D, BLOCK_S=block_s, BLOCK_T=block_t, CAUSAL=causal_offset is not None,
         HAS_KSCALE=k_scale is not None, WRITE_MASKED=write_masked or causal_offset is None,
-        HPS=hps, HAS_SCALE=not fold or not fold_scale, PIPELINE=(q.dtype == torch.float8_e4m3fn) if pipeline is None else bool(pipeline),
+        HPS=hps, HAS_SCALE=in_kernel, PIPELINE=(q.dtype == torch.float8_e4m3fn) if pipeline is None else bool(pipeline),
         num_warps=num_warps or (8 if block_s * block_t >= 8192 else 4),
     )
     return out
