@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import stem_boost  # noqa: E402
 
 PROFILE: bool | int = False  # --profile: True, or the longest profiled length (--profile-max-seq)
+ALL_PEERS = True  # --peers main: skip the part peers measured before (other dtype, radix, torch.topk)
 
 
 def profiling(S: int) -> bool:
@@ -113,7 +114,7 @@ def bench_dsa(seqs, device, native_max_seq):
         else:
             row["native_sdpa_ms"] = row["native_sdpa_gib"] = float("nan")
         for name, kwargs in (("dense", dict(dense=True)), ("native_kernel", dict(reduce=0.0, beta=0.0)),
-                             ("stem", dict(reduce=0.15))):
+                             ("stem", dict(reduce=0.15)), ("stem_step1", dict(reduce=0.15, budget_step=1))):
             stem_boost.wrap(holder, **kwargs)
             note(f"dsa S={S} {name}")
 
@@ -121,10 +122,11 @@ def bench_dsa(seqs, device, native_max_seq):
                 with torch.no_grad():
                     attn(x, pe, None, position_ids=pos)
             row[f"{name}_ms"], row[f"{name}_gib"] = timed(run)
-            if name == "stem":
-                row["reduce_achieved"] = stem_boost.stats(holder)["reduce_achieved"]
+            if name.startswith("stem"):
+                row[f"reduce_achieved{name[4:]}"] = stem_boost.stats(holder)["reduce_achieved"]
             stem_boost.unwrap(holder)
         row["stem_over_native"] = row["stem_ms"] / row["native_kernel_ms"]
+        row["stem_step1_over_native"] = row["stem_step1_ms"] / row["native_kernel_ms"]
         row["native_over_dense"] = row["native_kernel_ms"] / row["dense_ms"]
         note(f"dsa S={S} parts")
         row.update(dsa_breakdown(attn, x, pe, pos))
@@ -201,11 +203,16 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
             return lambda: dsa_indexer_topk(attn.indexer, x, q_resid, pe, None, pos, max_bytes=2 * 2**30,
                                             score_dtype=score_dtype, **kw)
         ms_index, _ = timed(index_topk())
-        ms_index_torch, _ = timed(index_topk(tie_break="none"))
-        ms_index_other, _ = timed(index_topk(score_dtype=other_dtype))
-        ms_index_radix, _ = timed(index_topk(topk_method="radix"))
+        nan = float("nan")
+        ms_index_torch = ms_index_other = ms_index_radix = ms_stem_radix = ms_norms_per_head = nan
+        radix_same = same_set = None
+        if ALL_PEERS:
+            ms_index_torch, _ = timed(index_topk(tie_break="none"))
+            ms_index_other, _ = timed(index_topk(score_dtype=other_dtype))
+            ms_index_radix, _ = timed(index_topk(topk_method="radix"))
         top = index_topk()()  # the Stem step below starts from the layer's own (ascending) candidates
-        radix_same = bool(torch.equal(index_topk(topk_method="radix")().indices, top.indices))
+        if ALL_PEERS:
+            radix_same = bool(torch.equal(index_topk(topk_method="radix")().indices, top.indices))
         native = native_selection(top, q_offset=0, padding=None)
         kv_a = attn.kv_a_proj_with_mqa(x)
         latent = attn.kv_a_layernorm(kv_a[..., :512])
@@ -219,22 +226,30 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
                                   candidates_ascending=top.ascending)  # what the layer runs: fused
         sel, _ = boost()
         ms_stem_step, _ = timed(boost)
-        # the previous GPU path (gathered OAM scores + radix select), side by side; both keep one set
-        radix = lambda: stem_step(native, top.scores.unsqueeze(1), norms, 2048, cfg, seq_k=S, method="radix")  # noqa: E731
-        ms_stem_radix, _ = timed(radix)
-        sel_radix, _ = radix()
-        same_set = bool(torch.equal(sel.counts, sel_radix.counts)
-                        and torch.equal(sel.idx, sel_radix.idx[..., :sel.idx.shape[-1]]))
-        del sel_radix
+        # the exact TPD line (budget_step=1) beside the default 64-key budget quantum
+        sel_step1, _ = stem_step(native, top.scores.unsqueeze(1), norms, 2048, StemConfig(reduce=0.15, budget_step=1),
+                                 seq_k=S, candidates_ascending=top.ascending)
+        if ALL_PEERS:
+            # the previous GPU path (gathered OAM scores + radix select), side by side; both keep one set
+            radix = lambda: stem_step(native, top.scores.unsqueeze(1), norms, 2048, cfg, seq_k=S, method="radix")  # noqa: E731
+            ms_stem_radix, _ = timed(radix)
+            sel_radix, _ = radix()
+            same_set = bool(torch.equal(sel.counts, sel_radix.counts)
+                            and torch.equal(sel.idx, sel_radix.idx[..., :sel.idx.shape[-1]]))
+            del sel_radix
+            ms_norms_per_head, _ = timed(lambda: aggregate_heads(latent_value_norms(latent, w_uv), 1))
         ms_norms, _ = timed(lambda: latent_value_rms(latent, w_uv))
-        ms_norms_per_head, _ = timed(lambda: aggregate_heads(latent_value_norms(latent, w_uv), 1))
         chunk = min(S, 16384)
         q = torch.randn(1, chunk, 128, 576, device=x.device, dtype=x.dtype)
         kv = torch.randn(1, S, 1, 576, device=x.device, dtype=x.dtype)
         kern = lambda s: sparse_attention(q, kv, kv[..., :512], s.rows(S - chunk, S), check=False)
         ms_k_native, _ = timed(lambda: kern(native))
         ms_k_stem, _ = timed(lambda: kern(sel))
-    return dict(indexer_dtype=str(default_dtype), indexer_other_dtype=str(other_dtype),
+        ms_k_stem_step1, _ = timed(lambda: kern(sel_step1))
+        pairs = lambda s: int(s.rows(S - chunk, S).counts.sum())  # noqa: E731
+    return dict(kernel_stem_step1_last_chunk_ms=ms_k_stem_step1, last_chunk_pairs_native=pairs(native),
+                last_chunk_pairs_stem=pairs(sel), last_chunk_pairs_stem_step1=pairs(sel_step1),
+                indexer_dtype=str(default_dtype), indexer_other_dtype=str(other_dtype),
                 indexer_topk_ms=ms_index, indexer_topk_torch_ms=ms_index_torch, indexer_topk_other_dtype_ms=ms_index_other,
                 indexer_topk_radix_ms=ms_index_radix, radix_same_set=radix_same,
                 stem_step_ms=ms_stem_step, stem_step_radix_ms=ms_stem_radix,
@@ -354,11 +369,15 @@ def main():
                     help="InfLLMv2 hidden-state windows: 0 = i.i.d. positions; W > 1 = neighbours share W - 1 of W draws")
     ap.add_argument("--min-reps", type=int, default=3,
                     help="timed calls per median at least (5 made a 32K + 128K run of both families outlast 300 s)")
+    ap.add_argument("--peers", choices=["all", "main"], default="all",
+                    help="DSA parts: 'main' skips the slower peers of the indexer / Stem step (other score dtype, radix "
+                         "select, torch.topk, per-head value norms)")
     ap.add_argument("--profile", action="store_true", help="print the CUDA kernels of one native and one Stem forward of each layer (torch.profiler)")
     ap.add_argument("--profile-max-seq", type=int, default=None, help="with --profile: only rows up to this length")
     args = ap.parse_args()
-    global PROFILE, MIN_REPS
-    PROFILE, MIN_REPS = args.profile, max(1, args.min_reps)
+    global PROFILE, MIN_REPS, ALL_PEERS
+    PROFILE, MIN_REPS, ALL_PEERS = args.profile, max(1, args.min_reps), args.peers == "all"
+
     if args.profile and args.profile_max_seq:
         PROFILE = args.profile_max_seq
     if not torch.cuda.is_available():
@@ -393,6 +412,14 @@ def main():
                   f"{r['stem_blocks_per_token']:.1f} | {r['stem_union_inflation_qt4']:.2f} |")
     dsa = [r for r in res["rows"] if "stem_step_radix_ms" in r]
     if dsa:
+        print("\n| DSA S | Stem ms: budget step 64 (default) | step 1 (exact line) | kernel ms, last 16K queries: native | "
+              "Stem step 64 | Stem step 1 | pairs there: Stem / native, step 64 | step 1 |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in dsa:
+            print(f"| {r['S']} | {r['stem_ms']:.1f} | {r['stem_step1_ms']:.1f} | {r['kernel_native_last_chunk_ms']:.2f} | "
+                  f"{r['kernel_stem_last_chunk_ms']:.2f} | {r['kernel_stem_step1_last_chunk_ms']:.2f} | "
+                  f"{r['last_chunk_pairs_stem'] / r['last_chunk_pairs_native']:.4f} | "
+                  f"{r['last_chunk_pairs_stem_step1'] / r['last_chunk_pairs_native']:.4f} |")
         print("\n| DSA S | indexer + top-k ms: default (dtype, sampled) | other dtype | radix select | radix = sampled | "
               "torch.topk | Stem step ms: fused | radix | same set | value norms ms: Gram | per head | max rel. diff |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")

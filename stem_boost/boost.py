@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .config import StemConfig
+from .kernels.dispatch import TOKEN_KEY_STEP
 from .mass import mass_budgets
 from .oam import combine_scores, oam_bias
 from .select import candidates_by_index, stem_select, truncate_by_score
@@ -29,7 +30,7 @@ try:  # the Triton paths (CUDA, or the CPU under TRITON_INTERPRET=1)
 except ImportError:  # pragma: no cover
     candidate_cut = topk_rows = None
 
-__all__ = ["plan_for", "RowPlans", "row_budgets", "stem_step", "TRUNCATE_METHODS"]
+__all__ = ["plan_for", "RowPlans", "row_budgets", "stem_step", "token_budget_step", "TRUNCATE_METHODS"]
 
 TRUNCATE_METHODS = ("auto", "fused", "radix", "sort", "exact")
 SORT_PATH_MIN_ENTRIES = 1 << 20  # "auto": candidate tensors at least this large take the sort path
@@ -37,7 +38,7 @@ SORT_PATH_MIN_ENTRIES = 1 << 20  # "auto": candidate tensors at least this large
 
 @functools.lru_cache(maxsize=64)
 def _cached_plan(available_key: tuple, k_native: int, reduce: float, alpha_min: float,
-                 schedule: str = "tpd") -> BudgetPlan:
+                 schedule: str = "tpd", step: int = 1) -> BudgetPlan:
     kind, a, b = available_key
     if kind == "arange":  # available_i = a + i + 1 for i < b (token rows, queries at offset a)
         available = torch.arange(b, dtype=torch.long) + a + 1
@@ -45,20 +46,29 @@ def _cached_plan(available_key: tuple, k_native: int, reduce: float, alpha_min: 
         available = torch.tensor(a, dtype=torch.long)
     if schedule in ("uniform", "mass"):  # mass: the per-row budgets come from the scores (stem_step)
         return plan_uniform(available, k_native, reduce)
-    return plan_budgets(available, k_native, reduce, alpha_min=alpha_min)
+    return plan_budgets(available, k_native, reduce, alpha_min=alpha_min, step=step)
 
 
-def plan_for(available: torch.Tensor, k_native: int, cfg: StemConfig) -> BudgetPlan:
+def token_budget_step(k_native: int, cfg: StemConfig) -> int:
+    """The TPD budget quantum of token rows: ``cfg.budget_step``, or by default the token
+    executors' key step (`TOKEN_KEY_STEP`, 64) when the native budget spans at least 16 such steps
+    (DeepSeek-V3.2's 2048: a budget moves by at most 1.6%), else 1 (the exact schedule)."""
+    if cfg.budget_step is not None:
+        return cfg.budget_step
+    return TOKEN_KEY_STEP if k_native >= 16 * TOKEN_KEY_STEP else 1
+
+
+def plan_for(available: torch.Tensor, k_native: int, cfg: StemConfig, step: int = 1) -> BudgetPlan:
     """Budget plan for these rows under ``cfg.schedule`` ("tpd": Token Position-Decay;
     "uniform": the same fraction of every row, the TPD-off ablation), cached per row structure
-    (a sequence length is solved once)."""
+    (a sequence length is solved once). step: the TPD budget quantum (`tpd.plan_budgets`)."""
     a = available.detach().cpu().long()
     n = a.numel()
     if n and bool((a == torch.arange(n) + a[0]).all()):
         key = ("arange", int(a[0]) - 1, n)
     else:
         key = ("list", tuple(a.tolist()), n)
-    return _cached_plan(key, int(k_native), float(cfg.reduce), float(cfg.alpha_min), cfg.schedule)
+    return _cached_plan(key, int(k_native), float(cfg.reduce), float(cfg.alpha_min), cfg.schedule, int(step))
 
 
 @dataclass
@@ -82,8 +92,10 @@ class RowPlans:
 def row_budgets(native: Selection, seq_q: int, seq_k: int, k_native: int, cfg: StemConfig) -> RowPlans:
     """TPD / uniform budgets of token rows (query_block = 1, unit = 1 token), each batch row planned
     on its own positions: a real query at own position p (0 = the row's first real token) has
-    p + 1 causally valid keys."""
+    p + 1 causally valid keys. TPD budgets are multiples of `token_budget_step` (below the
+    causal limit)."""
     B, R = native.batch, native.n_rows
+    step = token_budget_step(k_native, cfg)
     q_pos = torch.arange(R) + native.offset_for(seq_q, seq_k)  # key position of each query row
     starts = [0] * B if native.seq_start is None else native.seq_start.tolist()
     real = native.real_rows(seq_q, seq_k).cpu()  # [B, R]
@@ -94,7 +106,7 @@ def row_budgets(native: Selection, seq_q: int, seq_k: int, k_native: int, cfg: S
         if not bool(rows.any()):
             plans.append(None)
             continue
-        plan = plan_for(q_pos[rows] - starts[b] + 1, k_native, cfg)
+        plan = plan_for(q_pos[rows] - starts[b] + 1, k_native, cfg, step)
         budgets[b, rows] = plan.budgets
         plans.append(plan)
     device = native.idx.device

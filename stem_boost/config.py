@@ -38,6 +38,12 @@ class StemConfig:
                 128), bfloat16 on other CUDA GPUs, float32 elsewhere.
     dense:      True runs full causal attention with no selector at all (the dense baseline that
                 sparse attention is compared with; the other knobs are ignored).
+    budget_step: the quantum of TPD budgets on token lists (DSA), in keys: each row's budget is
+                rounded to a multiple of it, so the kernel's last step over a decayed row is full.
+                None (default): the token kernels' key step (64) when the native budget is at least
+                16 of them (DeepSeek-V3.2's 2048), else 1; 1: the exact schedule. The reduction
+                solve still meets `reduce` over all rows. Block selections (InfLLMv2) ignore it:
+                every block is a whole kernel step already.
     keep_selections: True keeps each sparse layer's native and Stem selection of the last prefill on
                 its device, for `stem_boost.last_selections` and the distributed digests. Off by
                 default: a DeepSeek-V3.2 layer's top-2048 lists at 128K tokens are 1 GiB each.
@@ -65,6 +71,7 @@ class StemConfig:
     layer_reduce: tuple[float, ...] | None = None
     dense: bool = False
     keep_selections: bool = False
+    budget_step: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.reduce, (int, float)) or not 0.0 <= self.reduce <= MAX_REDUCE:
@@ -87,6 +94,9 @@ class StemConfig:
             raise ValueError(f"dense={self.dense!r} must be True or False")
         if not isinstance(self.keep_selections, bool):
             raise ValueError(f"keep_selections={self.keep_selections!r} must be True or False")
+        if self.budget_step is not None and (isinstance(self.budget_step, bool) or not isinstance(self.budget_step, int)
+                                             or self.budget_step < 1):
+            raise ValueError(f"budget_step={self.budget_step!r}; allowed: None (automatic) or an int >= 1")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
         if self.layer_reduce is not None:

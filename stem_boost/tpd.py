@@ -95,6 +95,13 @@ def _decay(rows: torch.Tensor, k_start: int, alpha: float, k_min: int) -> torch.
     return torch.floor(line).to(torch.long).clamp_(min=k_min, max=k_start)
 
 
+def _quantise(k: torch.LongTensor, step: int, k_min: int, k_max: int) -> torch.LongTensor:
+    """k rounded to the nearest multiple of ``step`` (halves up), clamped to [k_min, k_max]."""
+    if step == 1:
+        return k
+    return (torch.div(k + step // 2, step, rounding_mode="floor") * step).clamp_(min=k_min, max=k_max)
+
+
 def _available(n_valid: torch.Tensor, n_first: int, n_last: int) -> torch.Tensor:
     """Non-forced keys among ``n_valid`` causally valid ones, where the first ``n_first`` and the
     last ``n_last`` are forced (their union counted once). All arguments broadcast, [R]."""
@@ -215,6 +222,7 @@ def plan_budgets(
     *,
     alpha_min: float = 0.0,
     k_min: int = 1,
+    step: int = 1,
 ) -> BudgetPlan:
     """Solve the TPD ``alpha`` that removes a fraction ``reduce`` of the native (query, key) pairs.
 
@@ -225,6 +233,11 @@ def plan_budgets(
         reduce: requested reduction r in [0, 0.9].
         alpha_min: smallest alpha allowed, in [0, 1].
         k_min: floor of the schedule, in [0, k_native].
+        step: budget quantum, >= 1: each row's k(i) is rounded to the nearest multiple of ``step``
+            (halves up; then clamped to [k_min, k_native]) before the causal clamp, so that a
+            kernel walking a row's list ``step`` entries at a time never runs a partly empty step
+            on a decayed row. 1 keeps the exact schedule. Rounding keeps k(i) monotone in i and in
+            alpha, so the solve below is unchanged and still meets ``reduce`` over all rows.
 
     native_pairs = sum_i min(k_native, available_i); stem_pairs(alpha) = sum_i min(k(i), available_i)
     with k = decay_budgets(R, k_native, alpha). stem_pairs is a non-decreasing, right-continuous
@@ -249,6 +262,7 @@ def plan_budgets(
     k_native = _check_int("k_native", k_native, 1)
     alpha_min = _check_float("alpha_min", alpha_min, 0.0, 1.0)
     k_min = _check_int("k_min", k_min, 0, k_native)
+    step = _check_int("step", step, 1)
     if not isinstance(available, torch.Tensor) or available.dim() != 1:
         raise ValueError("available must be a 1-D tensor [R]")
     if available.is_floating_point() or available.is_complex() or available.dtype == torch.bool:
@@ -263,7 +277,7 @@ def plan_budgets(
     rows = torch.arange(n_rows, dtype=torch.float64)
 
     def budgets_at(alpha: float) -> torch.Tensor:
-        return torch.minimum(_decay(rows, k_native, alpha, k_min), avail)
+        return torch.minimum(_quantise(_decay(rows, k_native, alpha, k_min), step, k_min, k_native), avail)
 
     def pairs_at(alpha: float) -> int:
         return int(budgets_at(alpha).sum())
@@ -339,6 +353,7 @@ def plan_uniform(
     reduce = float(reduce)
     k_native = _check_int("k_native", k_native, 1)
     k_min = _check_int("k_min", k_min, 0, k_native)
+    step = _check_int("step", step, 1)
     if not isinstance(available, torch.Tensor) or available.dim() != 1:
         raise ValueError("available must be a 1-D tensor [R]")
     if available.is_floating_point() or available.is_complex() or available.dtype == torch.bool:

@@ -192,9 +192,42 @@ def test_plan_rejects_reduce_outside_range(reduce):
     assert f"reduce={reduce!r}" in str(err.value) and "[0, 0.9]" in str(err.value)
 
 
+@SETTINGS
+@given(
+    step=st.sampled_from([2, 4, 8, 16]),
+    steps_native=st.integers(2, 8),
+    rows_factor=st.floats(3.0, 8.0),
+    reduce=st.floats(0.02, 0.3),
+)
+def test_plan_with_a_budget_step(step, steps_native, rows_factor, reduce):
+    # every budget that the causal limit does not cut is a multiple of the step (or the native
+    # budget), the schedule is the rounded decay line, and the solve still meets `reduce`
+    k_native = step * steps_native
+    n_rows = int(rows_factor * k_native)
+    available = token_available(n_rows)
+    plan = plan_budgets(available, k_native, reduce, step=step)
+    line = decay_budgets(n_rows, k_native, plan.alpha, k_min=1)
+    rounded = (torch.div(line + step // 2, step, rounding_mode="floor") * step).clamp(1, k_native)
+    assert torch.equal(plan.budgets, torch.minimum(rounded, available))
+    uncut = plan.budgets < available
+    assert bool((plan.budgets[uncut] % step == 0).all())
+    assert bool((rounded[1:] <= rounded[:-1]).all())  # still a decay: early rows keep more
+    assert plan.stem_pairs == int(plan.budgets.sum()) and plan.reachable
+    # the step's granularity moves the achieved reduction by at most one row's step
+    assert abs(plan.reduce_achieved - reduce) <= max(0.005, step / plan.native_pairs)
+    assert torch.equal(plan_budgets(available, k_native, 0.0, step=step).budgets, available.clamp(max=k_native))
+
+
+def test_plan_step_one_is_the_exact_schedule():
+    available = token_available(700)
+    a, b = plan_budgets(available, 48, 0.2), plan_budgets(available, 48, 0.2, step=1)
+    assert torch.equal(a.budgets, b.budgets) and a.alpha == b.alpha
+
+
 @pytest.mark.parametrize(
     "kwargs, word",
     [
+        (dict(k_native=4, reduce=0.1, step=0), "step"),
         (dict(k_native=0, reduce=0.1), "k_native"),
         (dict(k_native=4, reduce=0.1, alpha_min=-0.1), "alpha_min"),
         (dict(k_native=4, reduce=0.1, alpha_min=1.5), "alpha_min"),
@@ -231,3 +264,36 @@ def test_tpd_never_drops_forced_keys(k_native, n_rows, n_forced, reduce, seed):
                 want_forced = {int(x) for x in forced[bi, hi, r] if x >= 0}
                 assert want_forced <= set(row)
                 assert len(row) - len(want_forced) <= int(plan.budgets[r])
+
+
+# ----------------------------------------------------------------------------- token rows (boost)
+def test_token_rows_budgets_are_multiples_of_the_kernel_step():
+    # DeepSeek-V3.2's native budget (2048) spans 32 token-kernel steps: the default budgets are
+    # multiples of the step below the causal limit, and the solve still removes `reduce` of the pairs
+    from stem_boost.boost import row_budgets, token_budget_step
+    from stem_boost.config import StemConfig
+    from stem_boost.kernels.dispatch import TOKEN_KEY_STEP
+    from stem_boost.kernels.mla_token import DEFAULT_TILES
+    from stem_boost.selection import Selection
+
+    assert DEFAULT_TILES["BLOCK_N"] == TOKEN_KEY_STEP  # the step the budgets are rounded to
+    cfg = StemConfig(reduce=0.15)
+    assert token_budget_step(2048, cfg) == TOKEN_KEY_STEP and token_budget_step(64, cfg) == 1
+    assert token_budget_step(2048, StemConfig(budget_step=1)) == 1
+    S = 12288
+    native = Selection(idx=torch.zeros(1, 1, S, 1, dtype=torch.int32), counts=torch.ones(1, 1, S, dtype=torch.int32))
+    plans = row_budgets(native, S, S, 2048, cfg)
+    budgets, avail = plans.budgets[0], torch.arange(S) + 1
+    uncut = budgets < avail
+    assert bool((budgets[uncut] % TOKEN_KEY_STEP == 0).all()) and bool(uncut.any())
+    assert abs(plans.plans[0].reduce_achieved - 0.15) < 1e-3
+    exact = row_budgets(native, S, S, 2048, StemConfig(reduce=0.15, budget_step=1)).budgets[0]
+    assert abs(int(exact.sum()) - int(budgets.sum())) <= TOKEN_KEY_STEP  # the same pairs, rounded rows
+
+
+@pytest.mark.parametrize("bad", [0, -64, 1.5, True, "64"])
+def test_config_rejects_a_bad_budget_step(bad):
+    from stem_boost.config import StemConfig
+
+    with pytest.raises(ValueError, match="budget_step"):
+        StemConfig(budget_step=bad)

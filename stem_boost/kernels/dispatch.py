@@ -48,6 +48,10 @@ try:  # Triton is optional on the CPU; required for CUDA tensors.
 except Exception:  # pragma: no cover - exercised only where triton is missing
     HAS_TRITON = False
 
+# Selection entries a token-list executor takes per step of its key loop (`mla_token.py` and
+# `triton_sparse.py` both run BLOCK_N = 64): a row of 64 m + 1 entries costs m + 1 full steps.
+TOKEN_KEY_STEP = 64
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CPU_DTYPES = _DTYPES + (torch.float64,)  # the PyTorch executors also run fp64 (exactness checks on the CPU)
 BACKENDS = ("auto", "triton", "masked", "reference")
@@ -172,7 +176,7 @@ def _tiles(G: int, Dqk: int, Dv: int, block_size: int, query_block: int, elem_by
     block_h = min(_next_pow2(G), m_target)
     block_t = max(1, min(query_block, m_target // block_h))
     block_h = max(block_h, 16 // block_t)  # tl.dot needs M >= 16 (padded head rows are masked)
-    block_n = 64 if block_size == 1 else min(block_size, 64)
+    block_n = TOKEN_KEY_STEP if block_size == 1 else min(block_size, 64)
     num_warps = 8 if big else 4
     if big and elem_bytes == 4:  # fp32 MLA (a correctness path): keep the Q and K tiles in shared memory
         block_h, block_t, block_n = min(block_h, 32), 1, 16
