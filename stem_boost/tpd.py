@@ -353,7 +353,6 @@ def plan_uniform(
     reduce = float(reduce)
     k_native = _check_int("k_native", k_native, 1)
     k_min = _check_int("k_min", k_min, 0, k_native)
-    step = _check_int("step", step, 1)
     if not isinstance(available, torch.Tensor) or available.dim() != 1:
         raise ValueError("available must be a 1-D tensor [R]")
     if available.is_floating_point() or available.is_complex() or available.dtype == torch.bool:
