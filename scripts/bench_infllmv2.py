@@ -315,9 +315,71 @@ def run_select(args, device, results, log):
         torch.cuda.empty_cache()
 
 
+POOLED_TILES = [  # (block_s, block_b, num_warps, num_stages); the first is the default
+    (64, 32, 4, None), (64, 32, 4, 1), (64, 32, 4, 2), (64, 32, 8, None), (128, 32, 8, None), (128, 32, 8, 2),
+    (64, 16, 4, None), (64, 64, 4, None), (64, 64, 8, None), (32, 64, 4, None),
+]
+
+
+def run_pooled(args, device, results, log):
+    """The pooled stage-1 kernel alone (`pooled_block_scores`) on the last chunk of 16384 query rows
+    of S keys (the heaviest chunk of a prefill), MiniCPM-4.1 shapes, per program tile; each tile's
+    output is compared with the default tile's. FLOP: 2 x D x G x the causally visible (row, fine
+    compressed key) pairs x 2 kv heads; exps: G x those pairs x 2."""
+    from stem_boost.kernels.infllmv2_geometry import compress_keys, num_compressed, visible_compressed
+    from stem_boost.kernels.infllmv2_scores import coarse_lse
+    from stem_boost.kernels.infllmv2_select import pooled_block_scores
+    from stem_boost.native.infllmv2 import MINICPM41_SPARSE_CONFIG, InfLLMv2Params
+
+    p = InfLLMv2Params.from_sparse_config(MINICPM41_SPARSE_CONFIG)
+    Hq, Hk = 32, 2
+    for S in args.seqs:
+        seed = args.seed + S
+        torch.manual_seed(seed)
+        C = min(S, 16384)
+        q = torch.randn(1, Hq, C, D, device=device, dtype=torch.bfloat16)
+        k = torch.randn(1, Hk, S, D, device=device, dtype=torch.bfloat16)
+        k1 = compress_keys(k, p.kernel_size, p.kernel_stride).contiguous()
+        k2 = compress_keys(k, p.coarse_kernel_size, p.coarse_stride).contiguous()
+        K1 = num_compressed(S, p.kernel_size, p.kernel_stride)
+        K2 = num_compressed(S, p.coarse_kernel_size, p.coarse_stride)
+        q_pos = torch.arange(S - C, S, device=device)
+        vis1 = visible_compressed(q_pos, K1, p.kernel_size, p.kernel_stride, 0).to(torch.int32)
+        vis2 = visible_compressed(q_pos, K2, p.coarse_kernel_size, p.coarse_stride, 0).to(torch.int32)
+        scale = D ** -0.5
+        lse = coarse_lse(q, k2, vis2, scale)
+        lse_ms = bench(lambda: coarse_lse(q, k2, vis2, scale))
+        nbc = (S - 1) // p.block_size + 1
+        pairs = float(vis1.long().sum()) * Hk
+        base = None
+        for bs_, bb_, nw_, ns_ in POOLED_TILES:
+            name = f"block_s {bs_} block_b {bb_} warps {nw_} stages {ns_ or 'default'}"
+            fn = lambda: pooled_block_scores(q, k1, lse, vis1, nbc, p.pool_size, scale, q_pos0=S - C,  # noqa: E731
+                                             block_size=p.block_size, n_existing=K1, round_to=torch.bfloat16,
+                                             block_s=bs_, block_b=bb_, num_warps=nw_, num_stages=ns_)
+            try:
+                out = fn()
+                ms = bench(fn)
+            except Exception as err:  # a tile that does not compile is reported, not fatal
+                log(f"pooled S={S} {name}: FAILED {type(err).__name__}: {str(err)[:160]}")
+                continue
+            if base is None:
+                base = out
+            ok = torch.isfinite(base)
+            equal = bool(torch.equal(out[ok], base[ok]) and torch.equal(torch.isfinite(out), ok))
+            row = dict(S=S, C=C, seed=seed, tile=name, ms=ms, coarse_lse_ms=lse_ms,
+                       tflops=2 * D * (Hq // Hk) * pairs / ms / 1e9, gexp_per_s=(Hq // Hk) * pairs / ms / 1e6,
+                       equal_to_default=equal)
+            results["pooled"].append(row)
+            log(f"pooled S={S} C={C} {name}: {ms:.3f} ms {row['tflops']:.0f} TF/s {row['gexp_per_s']:.0f} Gexp/s "
+                f"equal {equal} (coarse lse {lse_ms:.3f} ms)")
+        del q, k, k1, k2, base
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", nargs="+", default=["stage2"], choices=["stage2", "select"])
+    ap.add_argument("--parts", nargs="+", default=["stage2"], choices=["stage2", "select", "pooled"])
     ap.add_argument("--seqs", nargs="+", type=int, default=[32768])
     ap.add_argument("--groups", nargs="+", type=int, default=[16, 4, 6, 8])
     ap.add_argument("--jitters", nargs="+", type=float, default=[0.5])
@@ -344,7 +406,7 @@ def main():
 
     results = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
                    date=time.strftime("%Y-%m-%d"),
-                   argv=sys.argv, checks=[], stage2=[], select=[])
+                   argv=sys.argv, checks=[], stage2=[], select=[], pooled=[])
     import triton
 
     results["triton"] = triton.__version__
@@ -353,9 +415,17 @@ def main():
         run_select(args, device, results, log)
     if "stage2" in args.parts:
         run_stage2(args, device, results, log)
+    if "pooled" in args.parts:
+        run_pooled(args, device, results, log)
     results["seconds"] = time.time() - t0
     if out_dir:
         (out_dir / "bench_infllmv2.json").write_text(json.dumps(results, indent=1))
+    if results["pooled"]:
+        print("\n| S (last C rows) | pooled stage-1 tile | ms | TFLOP/s | G exp/s | equal to the default | coarse lse ms |")
+        print("|---|---|---|---|---|---|---|")
+        for r in results["pooled"]:
+            print(f"| {r['S']} ({r['C']}) | {r['tile']} | {r['ms']:.3f} | {r['tflops']:.0f} | {r['gexp_per_s']:.0f} | "
+                  f"{r['equal_to_default']} | {r['coarse_lse_ms']:.3f} |")
     print("\n| S | G | jitter | variant | ms | TFLOP/s | of dense | dense ms | union inflation | union ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results["stage2"]:

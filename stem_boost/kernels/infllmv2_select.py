@@ -174,7 +174,8 @@ def pooled_block_scores(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vi
                         pool: int, scale: float, *, q_pos0: int, block_size: int, n_existing: int | None = None,
                         lo1: torch.Tensor | None = None,
                         round_to: torch.dtype | None = None, block_s: int = 64, block_b: int = 32,
-                        key_bias: torch.Tensor | None = None) -> torch.Tensor:
+                        key_bias: torch.Tensor | None = None, num_warps: int = 4,
+                        num_stages: int | None = None) -> torch.Tensor:
     """Group-summed stage-1 scores of the fine compressed keys, max-pooled onto key blocks.
 
     Args:
@@ -190,6 +191,9 @@ def pooled_block_scores(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vi
         key_bias: optional [B, Hk, >= n_blocks] fp32 OAM bias per block: each pooled score x is
             written as Stem's ranking key log(x) + bias (x <= 0 -> -inf), so that the top-k reads
             one array and computes nothing (`block_topk` without key_bias ranks these keys as is).
+        block_s, block_b, num_warps, num_stages: the program tile (BLOCK_S query rows x BLOCK_B - 1
+            blocks), its warps and the software-pipeline depth of the loop over the group's heads
+            (None: Triton's default); `scripts/bench_infllmv2.py --parts pooled` compares them.
     Returns [B, Hk, C, n_blocks] fp32, equal to `pool_block_scores(_group_compressed_scores(...))`
     (or, with key_bias, its Stem keys).
     """
@@ -219,7 +223,7 @@ def pooled_block_scores(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vi
         key_bias.stride(0) if key_bias is not None else 0, key_bias.stride(1) if key_bias is not None else 0,
         Hk, G=G, D=D, P=pool, BLOCK_SIZE=block_size, BLOCK_S=block_s, BLOCK_B=block_b, HAS_LO=lo1 is not None,
         ROUND_BF16=round_to == torch.bfloat16, ROUND_FP16=round_to == torch.float16, HAS_BIAS=key_bias is not None,
-        num_warps=4,
+        num_warps=num_warps, **({} if num_stages is None else dict(num_stages=num_stages)),
     )
     return out
 
