@@ -22,6 +22,8 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed 
     (1, 6, 40, 4, 32, 16, dict(BLOCK_N=16, DV_SPLIT=1, NUM_STAGES=1, num_warps=4)),
     (2, 5, 33, 20, 32, 16, dict(BLOCK_H=16, BLOCK_N=16, DV_SPLIT=2, NUM_STAGES=2, num_warps=4)),
     (1, 7, 70, 4, 32, 16, dict(BLOCK_N=16, DV_SPLIT=1, NUM_STAGES=3, num_warps=4, PREFETCH_IDX=True)),
+    # head chunks on their own grid axis (the order before HEADS_INNER): the same values
+    (2, 5, 33, 20, 32, 16, dict(BLOCK_H=16, BLOCK_N=16, DV_SPLIT=2, NUM_STAGES=2, num_warps=4, HEADS_INNER=False)),
 ])
 def test_mla_token_matches_reference(case, dtype, tol):
     from stem_boost.kernels.mla_token import mla_token_attention

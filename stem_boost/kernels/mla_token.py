@@ -12,8 +12,11 @@ Same semantics as `sparse_attention(q, kv, kv[..., :dv], idx, counts, block_size
 oracle `sparse_attention_reference`): query s sits at position q_offset + s and, with causal=True,
 keys after it are masked.
 
-Program roles: axis 0 = one query token, axis 1 = (chunk of BLOCK_H heads, part of the value
-width), axis 2 = batch. All heads of a token share its selection, so heads go on M (64 per
+Program roles: axis 0 = (one query token, chunk of BLOCK_H heads or part of the value width),
+the head chunk fastest (HEADS_INNER, the default: the programs of one token run side by side, so
+the second one's gathers find the first one's latent rows in L2; with H = 128 two programs read
+each selected row), axis 2 = batch. HEADS_INNER=False puts the head chunks on axis 1 (the
+previous order: a token's second program ran a whole pass over the tokens later). All heads of a token share its selection, so heads go on M (64 per
 program: one m64 wgmma tile per warpgroup row block). Inner loop over BLOCK_N selected keys: the
 latent rows are gathered by index (`tl.range(num_stages=...)` pipelines the gather: the next
 tiles are in flight while the current one is multiplied), S = Q K^T over the 576 channels, online
@@ -86,11 +89,16 @@ def _mla_token_fwd(
     stride_lb, stride_lh,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DV: tl.constexpr, DR: tl.constexpr,
     DV_SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr, CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr,
-    PREFETCH_IDX: tl.constexpr,
+    PREFETCH_IDX: tl.constexpr, HEADS_INNER: tl.constexpr,
 ):
     DVP: tl.constexpr = DV // DV_SPLIT  # value columns of this program
-    s = tl.num_programs(0) - 1 - tl.program_id(0)  # late tokens (most keys) first
-    pid_h = tl.program_id(1)
+    if HEADS_INNER:  # axis 0 = token x head chunk, head chunk fastest: a token's programs run together
+        n_h = tl.cdiv(H, BLOCK_H) * DV_SPLIT
+        s = S - 1 - tl.program_id(0) // n_h  # late tokens (most keys) first
+        pid_h = tl.program_id(0) % n_h
+    else:
+        s = tl.num_programs(0) - 1 - tl.program_id(0)
+        pid_h = tl.program_id(1)
     b = tl.program_id(2)
     part = pid_h % DV_SPLIT
     h0 = (pid_h // DV_SPLIT) * BLOCK_H
@@ -147,7 +155,8 @@ def _mla_token_fwd(
         tl.store(LSE + b * stride_lb + offs_h * stride_lh + s, lse, mask=h_ok)
 
 
-DEFAULT_TILES = dict(BLOCK_H=64, BLOCK_N=64, DV_SPLIT=1, NUM_STAGES=2, num_warps=8, PREFETCH_IDX=True)
+DEFAULT_TILES = dict(BLOCK_H=64, BLOCK_N=64, DV_SPLIT=1, NUM_STAGES=2, num_warps=8, PREFETCH_IDX=True,
+                     HEADS_INNER=True)
 
 
 def mla_token_attention(
@@ -206,7 +215,8 @@ def mla_token_attention(
     out = torch.empty(B, S, H, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device) if return_lse else out
     block_h = max(16, min(cfg["BLOCK_H"], triton.next_power_of_2(H)))
-    grid = (S, triton.cdiv(H, block_h) * cfg["DV_SPLIT"], B)
+    n_h = triton.cdiv(H, block_h) * cfg["DV_SPLIT"]
+    grid = (S * n_h, 1, B) if cfg["HEADS_INNER"] else (S, n_h, B)
     if S and B:
         _mla_token_fwd[grid](
             q, kv, idx, counts, out, lse,
@@ -218,6 +228,7 @@ def mla_token_attention(
             lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
             BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], DV=dv, DR=dr, DV_SPLIT=cfg["DV_SPLIT"],
             NUM_STAGES=cfg["NUM_STAGES"], CAUSAL=causal, RETURN_LSE=return_lse, PREFETCH_IDX=cfg["PREFETCH_IDX"],
+            HEADS_INNER=cfg["HEADS_INNER"],
             num_warps=cfg["num_warps"],
         )
     return (out, lse) if return_lse else out
