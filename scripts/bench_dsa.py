@@ -47,6 +47,7 @@ from stem_boost.kernels.indexer_scores import (  # noqa: E402
     quantize_fp8_rows_fused,
 )
 from stem_boost.kernels.mla_token import mla_token_attention  # noqa: E402
+from stem_boost.kernels.mla_token_sm90 import mla_token_attention_sm90, supports_sm90  # noqa: E402
 from stem_boost.kernels.reference import sparse_attention_reference  # noqa: E402
 from stem_boost.native.dsa_indexer import chunked_index_topk  # noqa: E402
 from stem_boost.selection import Selection  # noqa: E402
@@ -253,6 +254,24 @@ def section_mla(args, res: dict) -> None:
                 continue
             res["mla"][name] = dict(ms=ms, tflops=flop / ms / 1e9, err=err)
             row("mla", name, ms, f"{flop / ms / 1e9:.0f} TFLOP/s err {err:.1e} {'PASS' if err < 1e-2 else 'FAIL'}")
+        if not supports_sm90(q, 512):
+            continue
+        for split in (True, False):  # the Gluon kernel: S split by keys across the warpgroups, or replicated
+            name = f"H{H} sm90 gluon {'split keys' if split else 'replicated S'}"
+            try:
+                got, lse = mla_token_attention_sm90(qs, kvs, idx_s[:, 0], cnt_s[:, 0], sm_scale=576 ** -0.5,
+                                                    return_lse=True, tiles=dict(SPLIT_KEYS=split))
+                _, lse_want = mla_token_attention(qs, kvs, idx_s, cnt_s, sm_scale=576 ** -0.5, return_lse=True)
+                err = float((got.float() - want).norm() / want.norm())
+                lse_err = float((lse - lse_want).nan_to_num(0.0, 0.0, 0.0).abs().max())
+                ms = bench(lambda: mla_token_attention_sm90(q, kv, idx[:, 0], counts[:, 0], sm_scale=576 ** -0.5,
+                                                            tiles=dict(SPLIT_KEYS=split)))
+            except Exception as e:  # noqa: BLE001
+                row("mla", name, None, f"failed: {e!r}"[:300])
+                continue
+            res["mla"][name] = dict(ms=ms, tflops=flop / ms / 1e9, err=err, lse_err=lse_err)
+            row("mla", name, ms, f"{flop / ms / 1e9:.0f} TFLOP/s err {err:.1e} lse {lse_err:.1e} "
+                f"{'PASS' if err < 1e-2 and lse_err < 1e-3 else 'FAIL'}")
 
 
 # --------------------------------------------------------------------------------------- indexer
