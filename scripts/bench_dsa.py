@@ -208,6 +208,17 @@ MLA_VARIANTS = [  # earlier runs tried N 16 / 32 with 3-4 stages, 16 warps, DV_S
 ]
 
 
+SM90_VARIANTS = [  # the Gluon kernel: gather issued a step early; S split by keys or replicated; Q K^T first
+    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=False),
+    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=False, EARLY_QK=False),
+    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=True),
+    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=False, EARLY_QK=True),
+    dict(BLOCK_N=32, NUM_BUF=3, SPLIT_KEYS=True, EARLY_QK=True),
+    dict(BLOCK_N=32, NUM_BUF=3, SPLIT_KEYS=False, EARLY_QK=True),
+    dict(BLOCK_N=32, NUM_BUF=4, SPLIT_KEYS=False, EARLY_QK=True),
+]
+
+
 def section_mla(args, res: dict) -> None:
     from stem_boost.kernels import sparse_attention
 
@@ -256,16 +267,17 @@ def section_mla(args, res: dict) -> None:
             row("mla", name, ms, f"{flop / ms / 1e9:.0f} TFLOP/s err {err:.1e} {'PASS' if err < 1e-2 else 'FAIL'}")
         if not supports_sm90(q, 512):
             continue
-        for split in (True, False):  # the Gluon kernel: S split by keys across the warpgroups, or replicated
-            name = f"H{H} sm90 gluon {'split keys' if split else 'replicated S'}"
+        for v in SM90_VARIANTS:  # the Gluon kernel (mla_token_sm90.py)
+            name = (f"H{H} sm90 n{v['BLOCK_N']} buf{v['NUM_BUF']} " + ("split keys" if v["SPLIT_KEYS"] else "replicated S")
+                    + (" early QK" if v["EARLY_QK"] else ""))
             try:
                 got, lse = mla_token_attention_sm90(qs, kvs, idx_s[:, 0], cnt_s[:, 0], sm_scale=576 ** -0.5,
-                                                    return_lse=True, tiles=dict(SPLIT_KEYS=split))
+                                                    return_lse=True, tiles=v)
                 _, lse_want = mla_token_attention(qs, kvs, idx_s, cnt_s, sm_scale=576 ** -0.5, return_lse=True)
                 err = float((got.float() - want).norm() / want.norm())
                 lse_err = float((lse - lse_want).nan_to_num(0.0, 0.0, 0.0).abs().max())
                 ms = bench(lambda: mla_token_attention_sm90(q, kv, idx[:, 0], counts[:, 0], sm_scale=576 ** -0.5,
-                                                            tiles=dict(SPLIT_KEYS=split)))
+                                                            tiles=v))
             except Exception as e:  # noqa: BLE001
                 row("mla", name, None, f"failed: {e!r}"[:300])
                 continue

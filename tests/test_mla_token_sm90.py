@@ -18,13 +18,18 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("split_keys", [True, False])
+@pytest.mark.parametrize("tiles", [
+    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=False),
+    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=False, EARLY_QK=True),
+    dict(BLOCK_N=32, NUM_BUF=3, SPLIT_KEYS=True, EARLY_QK=True),
+    dict(BLOCK_N=32, NUM_BUF=4, SPLIT_KEYS=False, EARLY_QK=False),
+])
 @pytest.mark.parametrize("B,S,T,H,kmax,dtype", [
     (1, 70, 300, 128, 200, torch.bfloat16),  # DeepSeek-V3.2's 128 heads, rows of 0..200 keys (ragged last tile)
     (2, 33, 90, 64, 90, torch.float16),      # 64 heads (tensor parallel 2), a batch
     (1, 20, 64, 20, 64, torch.bfloat16),     # a head count that is not a multiple of 64 (masked head rows)
 ])
-def test_sm90_mla_token_matches_reference(B, S, T, H, kmax, dtype, split_keys):
+def test_sm90_mla_token_matches_reference(B, S, T, H, kmax, dtype, tiles):
     from stem_boost.kernels.mla_token_sm90 import mla_token_attention_sm90
 
     seed = int(torch.randint(0, 2**31 - 1, (1,)))
@@ -39,7 +44,7 @@ def test_sm90_mla_token_matches_reference(B, S, T, H, kmax, dtype, split_keys):
     want, want_lse = sparse_attention_reference(q.double(), kv.double(), kv[..., :512].double(), sel,
                                                 sm_scale=576 ** -0.5, return_lse=True)
     got, got_lse = mla_token_attention_sm90(q, kv, idx[:, 0], counts[:, 0], sm_scale=576 ** -0.5,
-                                            return_lse=True, tiles=dict(SPLIT_KEYS=split_keys))
+                                            return_lse=True, tiles=tiles)
     assert got.shape == (B, S, H, 512) and got.dtype == dtype
     err = float((got.double() - want).norm() / want.norm())
     assert err < 1e-2, f"seed={seed} rel err {err}"

@@ -40,8 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 __all__ = ["mla_token_attention_sm90", "SM90_TILES"]
 
 BLOCK_H = 64
-BLOCK_N = 64
-SM90_TILES = dict(SPLIT_KEYS=True)
+SM90_TILES = dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=False)
 
 
 @gluon.jit
@@ -80,17 +79,20 @@ def _mla_token_sm90_fwd(
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
     BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr,
-    CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, SPLIT_KEYS: gl.constexpr,
+    CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, SPLIT_KEYS: gl.constexpr, NUM_BUF: gl.constexpr,
+    EARLY_QK: gl.constexpr,
 ):
     gl.static_assert(gl.num_warps() == 8, "two warpgroups")
     dtype: gl.constexpr = Q.dtype.element_ty
     # ---- layouts: gathers (16-byte cp.async per thread, a warp per row), the two products, shared tiles
     v_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [8, 1], [1, 0])  # [*, 512]: a warp reads 512 B of a row
     r_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])  # [*, 64]
-    if SPLIT_KEYS:  # S [64 heads, 64 keys]: warpgroup g takes keys 32 g .. 32 g + 31
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, 32, 16])
+    if SPLIT_KEYS:  # S [64 heads, BLOCK_N keys]: warpgroup g takes the keys of its half
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                           instr_shape=[16, BLOCK_N // 2, 16])
     else:  # each warpgroup the whole S (the Triton kernel's choice)
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1], instr_shape=[16, 64, 16])
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, 256, 16])
     qv_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, DV], dtype)
     qr_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, DR], dtype)
@@ -120,8 +122,8 @@ def _mla_token_sm90_fwd(
     q_r = gl.load(q_row + hr[:, None] * stride_qh + (DV + d_r)[None, :], mask=(hr < H)[:, None], other=0.0)
     qv_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, DV], qv_smem_layout, q_v)
     qr_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, DR], qr_smem_layout, q_r)
-    kv_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, DV], kv_smem_layout)
-    kr_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, DR], kr_smem_layout)
+    kv_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_N, DV], kv_smem_layout)
+    kr_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_N, DR], kr_smem_layout)
     if SPLIT_KEYS:
         p_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, BLOCK_N], p_smem_layout)
 
@@ -135,34 +137,48 @@ def _mla_token_sm90_fwd(
     acc = warpgroup_mma_init(gl.zeros([BLOCK_H, DV], gl.float32, layout=o_layout))  # the loop carries it in flight
     s_zero = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=s_layout)
 
-    # prologue: tile 0 in flight, tile 1's positions in registers
-    _issue_gather(kv_base, stride_kt, _positions(idx_row, 0, count, rows_v, BLOCK_N),
-                  _positions(idx_row, 0, count, rows_r, BLOCK_N), T, qpos,
-                  kv_smem.index(0), kr_smem.index(0), v_layout, r_layout, DV, DR, CAUSAL)
-    cp.commit_group()
-    next_v = _positions(idx_row, BLOCK_N, count, rows_v, BLOCK_N)
-    next_r = _positions(idx_row, BLOCK_N, count, rows_r, BLOCK_N)
+    # prologue: tiles 0 .. NUM_BUF - 2 in flight, the positions of tile NUM_BUF - 1 in registers
+    for j in gl.static_range(NUM_BUF - 1):
+        _issue_gather(kv_base, stride_kt, _positions(idx_row, j * BLOCK_N, count, rows_v, BLOCK_N),
+                      _positions(idx_row, j * BLOCK_N, count, rows_r, BLOCK_N), T, qpos,
+                      kv_smem.index(j), kr_smem.index(j), v_layout, r_layout, DV, DR, CAUSAL)
+        cp.commit_group()
+    next_v = _positions(idx_row, (NUM_BUF - 1) * BLOCK_N, count, rows_v, BLOCK_N)
+    next_r = _positions(idx_row, (NUM_BUF - 1) * BLOCK_N, count, rows_r, BLOCK_N)
     kpos_s = _positions(idx_row, 0, count, cols_s, BLOCK_N)
     for i in range(n_tiles):
-        buf = i % 2
-        # P V of the previous step read the other buffer (and P): wait for it in both warpgroups
-        acc = warpgroup_mma_wait(0, deps=(acc,))
-        gl.thread_barrier()
-        # tile i + 1 into the other buffer (positions past count read row 0 and are never used)
-        _issue_gather(kv_base, stride_kt, next_v, next_r, T, qpos, kv_smem.index(1 - buf), kr_smem.index(1 - buf),
-                      v_layout, r_layout, DV, DR, CAUSAL)
-        cp.commit_group()
-        next_v = _positions(idx_row, (i + 2) * BLOCK_N, count, rows_v, BLOCK_N)
-        next_r = _positions(idx_row, (i + 2) * BLOCK_N, count, rows_r, BLOCK_N)
-        kpos_next_s = _positions(idx_row, (i + 1) * BLOCK_N, count, cols_s, BLOCK_N)
-        cp.wait_group(1)  # tile i has landed (this thread's copies)
-        fence_async_shared()
-        gl.thread_barrier()  # ... and every thread's
-
+        buf = i % NUM_BUF
+        free = (i + NUM_BUF - 1) % NUM_BUF  # the buffer of tile i - 1, refilled with tile i + NUM_BUF - 1
         k_v = kv_smem.index(buf)
         k_r = kr_smem.index(buf)
-        qk = warpgroup_mma(qv_smem, k_v.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        qk = warpgroup_mma(qr_smem, k_r.permute((1, 0)), qk, is_async=True)
+        if EARLY_QK:
+            # Q K^T of tile i queued behind P V of tile i - 1 (the tensor cores never wait for the refill)
+            cp.wait_group(NUM_BUF - 2)  # tile i has landed (this thread's copies) ...
+            fence_async_shared()
+            gl.thread_barrier()  # ... and every thread's
+            qk = warpgroup_mma(qv_smem, k_v.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            qk = warpgroup_mma(qr_smem, k_r.permute((1, 0)), qk, is_async=True)
+            acc = warpgroup_mma_wait(2, deps=(acc,))  # P V (i - 1) done: its buffer and P are free
+            gl.thread_barrier()
+            _issue_gather(kv_base, stride_kt, next_v, next_r, T, qpos, kv_smem.index(free), kr_smem.index(free),
+                          v_layout, r_layout, DV, DR, CAUSAL)
+            cp.commit_group()
+        else:
+            # P V (i - 1) done in both warpgroups, then the refill, then tile i
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            gl.thread_barrier()
+            _issue_gather(kv_base, stride_kt, next_v, next_r, T, qpos, kv_smem.index(free), kr_smem.index(free),
+                          v_layout, r_layout, DV, DR, CAUSAL)
+            cp.commit_group()
+            cp.wait_group(NUM_BUF - 1)
+            fence_async_shared()
+            gl.thread_barrier()
+            qk = warpgroup_mma(qv_smem, k_v.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            qk = warpgroup_mma(qr_smem, k_r.permute((1, 0)), qk, is_async=True)
+        # positions past count read row 0 and are never used
+        next_v = _positions(idx_row, (i + NUM_BUF) * BLOCK_N, count, rows_v, BLOCK_N)
+        next_r = _positions(idx_row, (i + NUM_BUF) * BLOCK_N, count, rows_r, BLOCK_N)
+        kpos_next_s = _positions(idx_row, (i + 1) * BLOCK_N, count, cols_s, BLOCK_N)
         qk = warpgroup_mma_wait(0, deps=(qk,))
 
         k_ok = (kpos_s >= 0) & (kpos_s < T)
@@ -255,7 +271,7 @@ def mla_token_attention_sm90(
             idx.stride(0), idx.stride(1), counts.stride(0),
             out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
-            BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, DV=dv, DR=Dqk - dv, CAUSAL=causal, RETURN_LSE=return_lse,
-            SPLIT_KEYS=cfg["SPLIT_KEYS"], num_warps=8,
+            BLOCK_H=BLOCK_H, BLOCK_N=cfg["BLOCK_N"], DV=dv, DR=Dqk - dv, CAUSAL=causal, RETURN_LSE=return_lse,
+            SPLIT_KEYS=cfg["SPLIT_KEYS"], NUM_BUF=cfg["NUM_BUF"], EARLY_QK=cfg["EARLY_QK"], num_warps=8,
         )
     return (out, lse) if return_lse else out
