@@ -79,7 +79,8 @@ def test_attention_and_score_tiles_use_hopper_tensor_cores(builds):
         assert len(fwd) == 1, name
         assert fwd[0]["wgmma"] > 0 and fwd[0]["mma_sync"] == 0, (name, fwd[0])
         assert fwd[0]["tma"] > 0, (name, fwd[0])  # K / V blocks through tensor descriptors
-    for name, kernel in (("mla token h128", "_mla_token_fwd"), ("select native", "_pooled_scores_kernel"),
+    for name, kernel in (("mla token h128", "_mla_token_fwd"), ("mla token sm90", "_mla_token_sm90_fwd"),
+                         ("select native", "_pooled_scores_kernel"),
                          ("select budgets", "_pooled_scores_kernel"), ("select mass", "_pooled_scores_kernel"),
                          ("select native fused", "_select_chunk_kernel"),
                          ("indexer bfloat16", "_index_scores_kernel"),

@@ -19,7 +19,8 @@ pytestmark = [
 
 
 @pytest.mark.parametrize("tiles", [
-    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=False),
+    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=False),
+    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=True, ROW_SUM_AT_END=True),
     dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=False, EARLY_QK=True),
     dict(BLOCK_N=32, NUM_BUF=3, SPLIT_KEYS=True, EARLY_QK=True),
     dict(BLOCK_N=32, NUM_BUF=4, SPLIT_KEYS=False, EARLY_QK=False),

@@ -11,7 +11,8 @@ Contract (every executor follows it; `sparse_attention_reference` is the oracle)
     after the row's last query position are an input error (wasted work), rejected when `check=True`.
     Returns out [B, S, Hq, Dv] (q's dtype) and, with return_lse, lse [B, Hq, S] fp32 (natural log).
 MLA absorbed shapes (Dqk 576, Dv 512, Hkv 1, v = k[..., :512]) with token lists take
-`mla_token.py`'s kernel (heads on M; each gathered key is read once for both products).
+`mla_token_sm90.py`'s Gluon kernel on Hopper GPUs and `mla_token.py`'s Triton kernel elsewhere (heads
+on M; each gathered key is read once for both products).
 
 Executors (`backend=`): "triton" (CUDA tensors, or the CPU under TRITON_INTERPRET=1: block lists
 take the union-tile kernel of `block_union.py`, absorbed-MLA token lists `mla_token.py`, other token
@@ -47,6 +48,11 @@ try:  # Triton is optional on the CPU; required for CUDA tensors.
         _interpreter_compat.apply()
 except Exception:  # pragma: no cover - exercised only where triton is missing
     HAS_TRITON = False
+
+try:  # the Hopper MLA kernel is Gluon code: an API change in a later Triton costs only this route
+    from .mla_token_sm90 import mla_token_attention_sm90, supports_sm90
+except Exception:  # pragma: no cover - Triton without a Gluon that this kernel compiles with
+    supports_sm90 = None
 
 # Selection entries a token-list executor takes per step of its key loop (`mla_token.py` and
 # `triton_sparse.py` both run BLOCK_N = 64): a row of 64 m + 1 entries costs m + 1 full steps.
@@ -256,9 +262,12 @@ def sparse_attention(
                                      sm_scale=scale, causal=causal, return_lse=return_lse)
     if sinks is None and tiles is None and takes_mla_token_kernel(q, k, v, selection):
         # one latent kv head whose first Dv channels are the values, one token list per query for all
-        # heads (DeepSeek-V3.2's DSA): heads on M, the key positions loaded a step ahead (mla_token.py)
-        return mla_token_attention(q, k, selection.idx[:, 0], selection.counts[:, 0], q_offset=offset,
-                                   sm_scale=scale, dv=v.shape[3], return_lse=return_lse, causal=causal)
+        # heads (DeepSeek-V3.2's DSA): heads on M; on Hopper the Gluon kernel (mla_token_sm90.py: the
+        # gather a step early, Q K^T split by keys across the warpgroups), elsewhere mla_token.py
+        mla = mla_token_attention_sm90 if supports_sm90 is not None and supports_sm90(q, v.shape[3]) \
+            else mla_token_attention
+        return mla(q, k, selection.idx[:, 0], selection.counts[:, 0], q_offset=offset,
+                   sm_scale=scale, dv=v.shape[3], return_lse=return_lse, causal=causal)
     return _run_triton(q, k, v, selection, offset=offset, causal=causal, scale=scale, return_lse=return_lse,
                        sinks=sinks, tiles=tiles)
 

@@ -37,10 +37,16 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma, warpgroup_mma_init,
                                                               warpgroup_mma_wait)
 
-__all__ = ["mla_token_attention_sm90", "SM90_TILES"]
+__all__ = ["mla_token_attention_sm90", "SM90_TILES", "supports_sm90"]
+
+# cp.async from a pointer tensor into shared memory: `async_load` from Triton 3.7 on (the older name is
+# removed there), `async_copy_global_to_shared` in 3.6
+_async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
+# a barrier of the program's threads: `barrier` from Triton 3.7 on, `thread_barrier` in 3.6
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 BLOCK_H = 64
-SM90_TILES = dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=False)
+SM90_TILES = dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=False)
 
 
 @gluon.jit
@@ -65,8 +71,8 @@ def _issue_gather(kv_base, stride_kt, kpos_v, kpos_r, T, qpos, kv_buf, kr_buf,
     row_r = kv_base + gl.where(ok_r, kpos_r, 0).to(gl.int64) * stride_kt
     d_v = gl.arange(0, DV, layout=gl.SliceLayout(0, v_layout))
     d_r = gl.arange(0, DR, layout=gl.SliceLayout(0, r_layout))
-    cp.async_copy_global_to_shared(kv_buf, row_v[:, None] + d_v[None, :])
-    cp.async_copy_global_to_shared(kr_buf, row_r[:, None] + (DV + d_r)[None, :])
+    _async_load(kv_buf, row_v[:, None] + d_v[None, :])
+    _async_load(kr_buf, row_r[:, None] + (DV + d_r)[None, :])
 
 
 @gluon.jit
@@ -80,7 +86,7 @@ def _mla_token_sm90_fwd(
     stride_lb, stride_lh,
     BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr,
     CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, SPLIT_KEYS: gl.constexpr, NUM_BUF: gl.constexpr,
-    EARLY_QK: gl.constexpr,
+    EARLY_QK: gl.constexpr, ROW_SUM_AT_END: gl.constexpr,
 ):
     gl.static_assert(gl.num_warps() == 8, "two warpgroups")
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -136,6 +142,7 @@ def _mla_token_sm90_fwd(
     l_i = gl.zeros([BLOCK_H], gl.float32, layout=rows_s)
     acc = warpgroup_mma_init(gl.zeros([BLOCK_H, DV], gl.float32, layout=o_layout))  # the loop carries it in flight
     s_zero = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=s_layout)
+    l_part = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=s_layout)
 
     # prologue: tiles 0 .. NUM_BUF - 2 in flight, the positions of tile NUM_BUF - 1 in registers
     for j in gl.static_range(NUM_BUF - 1):
@@ -155,24 +162,23 @@ def _mla_token_sm90_fwd(
             # Q K^T of tile i queued behind P V of tile i - 1 (the tensor cores never wait for the refill)
             cp.wait_group(NUM_BUF - 2)  # tile i has landed (this thread's copies) ...
             fence_async_shared()
-            gl.thread_barrier()  # ... and every thread's
+            _cta_barrier()  # ... and every thread's
             qk = warpgroup_mma(qv_smem, k_v.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             qk = warpgroup_mma(qr_smem, k_r.permute((1, 0)), qk, is_async=True)
             acc = warpgroup_mma_wait(2, deps=(acc,))  # P V (i - 1) done: its buffer and P are free
-            gl.thread_barrier()
+            _cta_barrier()
             _issue_gather(kv_base, stride_kt, next_v, next_r, T, qpos, kv_smem.index(free), kr_smem.index(free),
                           v_layout, r_layout, DV, DR, CAUSAL)
             cp.commit_group()
         else:
-            # P V (i - 1) done in both warpgroups, then the refill, then tile i
+            # P V (i - 1) done and tile i landed, in every thread (one barrier); then the refill and tile i
             acc = warpgroup_mma_wait(0, deps=(acc,))
-            gl.thread_barrier()
+            cp.wait_group(NUM_BUF - 2)
+            fence_async_shared()
+            _cta_barrier()
             _issue_gather(kv_base, stride_kt, next_v, next_r, T, qpos, kv_smem.index(free), kr_smem.index(free),
                           v_layout, r_layout, DV, DR, CAUSAL)
             cp.commit_group()
-            cp.wait_group(NUM_BUF - 1)
-            fence_async_shared()
-            gl.thread_barrier()
             qk = warpgroup_mma(qv_smem, k_v.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             qk = warpgroup_mma(qr_smem, k_r.permute((1, 0)), qk, is_async=True)
         # positions past count read row 0 and are never used
@@ -189,13 +195,16 @@ def _mla_token_sm90_fwd(
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
         p = gl.exp2(qk - m_use[:, None])
         alpha = gl.exp2(m_i - m_use)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
+        if ROW_SUM_AT_END:  # per-element partial sums: no cross-warpgroup reduction in the loop
+            l_part = l_part * alpha[:, None] + p
+        else:
+            l_i = l_i * alpha + gl.sum(p, axis=1)
         m_i = m_new
         acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
         if SPLIT_KEYS:
             p_smem.store(p.to(dtype))
             fence_async_shared()
-            gl.thread_barrier()
+            _cta_barrier()
             acc = warpgroup_mma(p_smem, k_v, acc, is_async=True)
         else:
             p_op = gl.convert_layout(p.to(dtype), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
@@ -203,6 +212,8 @@ def _mla_token_sm90_fwd(
         kpos_s = kpos_next_s
     acc = warpgroup_mma_wait(0, deps=(acc,))
     cp.wait_group(0)
+    if ROW_SUM_AT_END:
+        l_i = gl.sum(l_part, axis=1)
 
     # ---- epilogue: normalise, store out [BLOCK_H, DV] and the natural-log lse
     l_div = gl.where(l_i == 0.0, 1.0, l_i)
@@ -272,6 +283,7 @@ def mla_token_attention_sm90(
             out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
             BLOCK_H=BLOCK_H, BLOCK_N=cfg["BLOCK_N"], DV=dv, DR=Dqk - dv, CAUSAL=causal, RETURN_LSE=return_lse,
-            SPLIT_KEYS=cfg["SPLIT_KEYS"], NUM_BUF=cfg["NUM_BUF"], EARLY_QK=cfg["EARLY_QK"], num_warps=8,
+            SPLIT_KEYS=cfg["SPLIT_KEYS"], NUM_BUF=cfg["NUM_BUF"], EARLY_QK=cfg["EARLY_QK"],
+            ROW_SUM_AT_END=cfg["ROW_SUM_AT_END"], num_warps=8,
         )
     return (out, lse) if return_lse else out
