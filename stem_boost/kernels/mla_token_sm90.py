@@ -46,7 +46,7 @@ _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 BLOCK_H = 64
-SM90_TILES = dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=False)
+SM90_TILES = dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=True)
 
 
 @gluon.jit
