@@ -213,6 +213,11 @@ SM90_VARIANTS = [  # the Gluon kernel (first session 7 calls: N 32 with 3-4 buff
     dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=True),
     dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=True, ROW_SUM_AT_END=True),
     dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=False, EARLY_QK=False, ROW_SUM_AT_END=False),
+    # each warpgroup its own 64 keys of a 128-key tile (Q K^T n64: half the shared-memory reads of Q a key),
+    # one buffer (the gather is not overlapped), P in the tile's rope columns
+    dict(BLOCK_N=128, NUM_BUF=1, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=False, P_IN_ROPE=True),
+    dict(BLOCK_N=128, NUM_BUF=1, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=True, P_IN_ROPE=True),
+    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=True, P_IN_ROPE=True),
 ]
 
 
@@ -266,7 +271,7 @@ def section_mla(args, res: dict) -> None:
             continue
         for v in SM90_VARIANTS:  # the Gluon kernel (mla_token_sm90.py)
             name = (f"H{H} sm90 n{v['BLOCK_N']} buf{v['NUM_BUF']} " + ("split keys" if v["SPLIT_KEYS"] else "replicated S")
-                    + (" early QK" if v["EARLY_QK"] else "") + (" row sums at end" if v["ROW_SUM_AT_END"] else ""))
+                    + (" early QK" if v["EARLY_QK"] else "") + (" row sums at end" if v["ROW_SUM_AT_END"] else "") + (" P in rope" if v.get("P_IN_ROPE") else ""))
             try:
                 got, lse = mla_token_attention_sm90(qs, kvs, idx_s[:, 0], cnt_s[:, 0], sm_scale=576 ** -0.5,
                                                     return_lse=True, tiles=v)

@@ -23,6 +23,7 @@ pytestmark = [
     dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=True, ROW_SUM_AT_END=True),
     dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=False, EARLY_QK=True),
     dict(BLOCK_N=32, NUM_BUF=3, SPLIT_KEYS=True, EARLY_QK=True),
+    dict(BLOCK_N=128, NUM_BUF=1, SPLIT_KEYS=True, ROW_SUM_AT_END=False, P_IN_ROPE=True),
     dict(BLOCK_N=32, NUM_BUF=4, SPLIT_KEYS=False, EARLY_QK=False),
 ])
 @pytest.mark.parametrize("B,S,T,H,kmax,dtype", [

@@ -46,7 +46,7 @@ _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 BLOCK_H = 64
-SM90_TILES = dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=True)
+SM90_TILES = dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=True, P_IN_ROPE=False)
 
 
 @gluon.jit
@@ -86,7 +86,7 @@ def _mla_token_sm90_fwd(
     stride_lb, stride_lh,
     BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr,
     CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, SPLIT_KEYS: gl.constexpr, NUM_BUF: gl.constexpr,
-    EARLY_QK: gl.constexpr, ROW_SUM_AT_END: gl.constexpr,
+    EARLY_QK: gl.constexpr, ROW_SUM_AT_END: gl.constexpr, P_IN_ROPE: gl.constexpr,
 ):
     gl.static_assert(gl.num_warps() == 8, "two warpgroups")
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -130,7 +130,10 @@ def _mla_token_sm90_fwd(
     qr_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, DR], qr_smem_layout, q_r)
     kv_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_N, DV], kv_smem_layout)
     kr_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_N, DR], kr_smem_layout)
-    if SPLIT_KEYS:
+    gl.static_assert(NUM_BUF > 1 or not EARLY_QK, "Q K^T ahead of the refill needs a second buffer")
+    gl.static_assert(not P_IN_ROPE or (SPLIT_KEYS and BLOCK_N * DR == BLOCK_H * BLOCK_N),
+                     "P [BLOCK_H, BLOCK_N] fits the rope columns [BLOCK_N, DR] when DR == BLOCK_H")
+    if SPLIT_KEYS and not P_IN_ROPE:
         p_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, BLOCK_N], p_smem_layout)
 
     idx_row = IDX + b.to(gl.int64) * stride_ib + s.to(gl.int64) * stride_ir
@@ -171,14 +174,24 @@ def _mla_token_sm90_fwd(
                           v_layout, r_layout, DV, DR, CAUSAL)
             cp.commit_group()
         else:
-            # P V (i - 1) done and tile i landed, in every thread (one barrier); then the refill and tile i
             acc = warpgroup_mma_wait(0, deps=(acc,))
-            cp.wait_group(NUM_BUF - 2)
-            fence_async_shared()
-            _cta_barrier()
-            _issue_gather(kv_base, stride_kt, next_v, next_r, T, qpos, kv_smem.index(free), kr_smem.index(free),
-                          v_layout, r_layout, DV, DR, CAUSAL)
-            cp.commit_group()
+            if NUM_BUF == 1:
+                # one buffer: P V (i - 1) done in every thread, then tile i is gathered and waited for
+                _cta_barrier()
+                _issue_gather(kv_base, stride_kt, next_v, next_r, T, qpos, k_v, k_r, v_layout, r_layout, DV, DR,
+                              CAUSAL)
+                cp.commit_group()
+                cp.wait_group(0)
+                fence_async_shared()
+                _cta_barrier()
+            else:
+                # P V (i - 1) done and tile i landed, in every thread (one barrier); then the refill
+                cp.wait_group(NUM_BUF - 2)
+                fence_async_shared()
+                _cta_barrier()
+                _issue_gather(kv_base, stride_kt, next_v, next_r, T, qpos, kv_smem.index(free),
+                              kr_smem.index(free), v_layout, r_layout, DV, DR, CAUSAL)
+                cp.commit_group()
             qk = warpgroup_mma(qv_smem, k_v.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             qk = warpgroup_mma(qr_smem, k_r.permute((1, 0)), qk, is_async=True)
         # positions past count read row 0 and are never used
@@ -202,6 +215,9 @@ def _mla_token_sm90_fwd(
         m_i = m_new
         acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
         if SPLIT_KEYS:
+            if P_IN_ROPE:  # P takes the rope columns of the key tile, read by Q K^T only: both Q K^T done
+                p_smem = k_r._reinterpret(dtype, [BLOCK_H, BLOCK_N], p_smem_layout)
+                _cta_barrier()
             p_smem.store(p.to(dtype))
             fence_async_shared()
             _cta_barrier()
@@ -284,6 +300,6 @@ def mla_token_attention_sm90(
             lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
             BLOCK_H=BLOCK_H, BLOCK_N=cfg["BLOCK_N"], DV=dv, DR=Dqk - dv, CAUSAL=causal, RETURN_LSE=return_lse,
             SPLIT_KEYS=cfg["SPLIT_KEYS"], NUM_BUF=cfg["NUM_BUF"], EARLY_QK=cfg["EARLY_QK"],
-            ROW_SUM_AT_END=cfg["ROW_SUM_AT_END"], num_warps=8,
+            ROW_SUM_AT_END=cfg["ROW_SUM_AT_END"], P_IN_ROPE=cfg["P_IN_ROPE"], num_warps=8,
         )
     return (out, lse) if return_lse else out
