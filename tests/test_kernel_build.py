@@ -25,8 +25,8 @@ KNOWN_SPILLS = {
     # the fastest MLA tile measured on an H200 (231 TFLOP/s against 210 without; BENCHMARKS.md §000)
     ("mla token h128", "_mla_token_fwd"), ("mla token h64", "_mla_token_fwd"),
     ("mla token split", "_mla_token_fwd"),  # the heads-on-M kernel with the value width split (spills on triton 3.9)
-    # the Gluon MLA kernel with row sums kept per element: 0 bytes on triton 3.6, 12 on 3.9; 326 against
-    # 311 TFLOP/s with the sums reduced every step (H200, triton 3.6, BENCHMARKS.md §00000)
+    # the Gluon MLA kernel's 128-key tile: 12 bytes on triton 3.6 (0 on 3.9); 333 TFLOP/s against 325 for
+    # the spill-free 64-key tile with two buffers (H200, triton 3.6, BENCHMARKS.md §00000)
     ("mla token sm90", "_mla_token_sm90_fwd"),
     # the two-launch selection (fuse_topk=True, not the default): 4 warps spill; 8 do not and
     # measured 30% slower on an H200 (BENCHMARKS.md §00)

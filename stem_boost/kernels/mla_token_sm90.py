@@ -33,6 +33,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language import _core as _gl_core
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma, warpgroup_mma_init,
                                                               warpgroup_mma_wait)
@@ -44,9 +45,11 @@ __all__ = ["mla_token_attention_sm90", "SM90_TILES", "supports_sm90"]
 _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
 # a barrier of the program's threads: `barrier` from Triton 3.7 on, `thread_barrier` in 3.6
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+# a shared-memory view with another shape: `reinterpret` from Triton 3.7 on, `_reinterpret` in 3.6
+_PUBLIC_REINTERPRET = hasattr(_gl_core.shared_memory_descriptor, "reinterpret")
 
 BLOCK_H = 64
-SM90_TILES = dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=True, P_IN_ROPE=False)
+SM90_TILES = dict(BLOCK_N=128, NUM_BUF=1, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=False, P_IN_ROPE=True)
 
 
 @gluon.jit
@@ -87,6 +90,7 @@ def _mla_token_sm90_fwd(
     BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, DR: gl.constexpr,
     CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, SPLIT_KEYS: gl.constexpr, NUM_BUF: gl.constexpr,
     EARLY_QK: gl.constexpr, ROW_SUM_AT_END: gl.constexpr, P_IN_ROPE: gl.constexpr,
+    PUBLIC_REINTERPRET: gl.constexpr,
 ):
     gl.static_assert(gl.num_warps() == 8, "two warpgroups")
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -216,7 +220,10 @@ def _mla_token_sm90_fwd(
         acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
         if SPLIT_KEYS:
             if P_IN_ROPE:  # P takes the rope columns of the key tile, read by Q K^T only: both Q K^T done
-                p_smem = k_r._reinterpret(dtype, [BLOCK_H, BLOCK_N], p_smem_layout)
+                if PUBLIC_REINTERPRET:
+                    p_smem = k_r.reinterpret(dtype, [BLOCK_H, BLOCK_N], p_smem_layout)
+                else:
+                    p_smem = k_r._reinterpret(dtype, [BLOCK_H, BLOCK_N], p_smem_layout)
                 _cta_barrier()
             p_smem.store(p.to(dtype))
             fence_async_shared()
@@ -300,6 +307,7 @@ def mla_token_attention_sm90(
             lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
             BLOCK_H=BLOCK_H, BLOCK_N=cfg["BLOCK_N"], DV=dv, DR=Dqk - dv, CAUSAL=causal, RETURN_LSE=return_lse,
             SPLIT_KEYS=cfg["SPLIT_KEYS"], NUM_BUF=cfg["NUM_BUF"], EARLY_QK=cfg["EARLY_QK"],
-            ROW_SUM_AT_END=cfg["ROW_SUM_AT_END"], P_IN_ROPE=cfg["P_IN_ROPE"], num_warps=8,
+            ROW_SUM_AT_END=cfg["ROW_SUM_AT_END"], P_IN_ROPE=cfg["P_IN_ROPE"],
+            PUBLIC_REINTERPRET=_PUBLIC_REINTERPRET, num_warps=8,
         )
     return (out, lse) if return_lse else out
