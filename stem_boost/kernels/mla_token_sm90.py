@@ -12,13 +12,18 @@ shows two costs the Triton language cannot avoid on this shape:
      step i + 1: it overlaps that product only, not Q K^T and the softmax;
   2. Q K^T ([64 heads, 64 keys]) is a chained dot, so Triton gives it all 8 warps along M: with 64
      rows both warpgroups compute the same product (twice the tensor work of Q K^T).
-Here the program (one token x 64 heads, 8 warps = 2 warpgroups) does, per step i:
-  wait P V (i - 1); barrier; issue the cp.async gather of tile i + 1 into the free buffer;
-  wait tile i; S = Q K^T split by keys across the warpgroups (SPLIT_KEYS: each 64 x 32, no
-  duplicate) or replicated (each 64 x 64, P stays in registers); online softmax in base 2; P to
-  shared memory (SPLIT_KEYS); O += P V with the value width split across the warpgroups (each
-  64 x 256, 128 fp32 registers a thread).
-Shared memory: Q 72 KB + two [64, 576] key buffers 144 KB (+ P 8 KB): one program per SM, as before.
+Here a program is one token x 64 heads, 8 warps = 2 warpgroups, and the schedule is explicit. The
+default tile (SM90_TILES, measured on an H200: BENCHMARKS.md §00000) takes 128 selected keys a step
+and gives each warpgroup its own 64 of them for S = Q K^T (64 x 64 each: Q, read from shared memory
+by every wgmma, is read once per 64 keys per warpgroup, half of what 32-key products read); P goes
+through shared memory, into the tile's rope columns (dead once Q K^T is done), and O += P V splits
+the 512-wide value across the warpgroups (each 64 x 256, 128 fp32 registers a thread). Per step:
+wait P V (i - 1); barrier; cp.async gather of tile i; wait; Q K^T; online softmax in base 2 (the
+max crosses the warpgroups); P to shared memory; P V. Shared memory: Q 72 KB + the 128-key tile
+144 KB, so the gather is not overlapped (333 TFLOP/s). The other tiles keep two 64-key buffers and
+refill the free one before Q K^T (NUM_BUF = 2: 325 TFLOP/s with ROW_SUM_AT_END, the softmax sums
+kept per element until the end), optionally with Q K^T queued behind the previous P V (EARLY_QK)
+or S replicated in both warpgroups with P in registers (SPLIT_KEYS=False).
 
 Program roles: axis 0 = (token, chunk of 64 heads), the head chunk fastest and late tokens first;
 axis 2 = batch. Only for CUDA tensors on sm_90 (Gluon has no CPU interpreter); `mla_token.py` is the
