@@ -412,8 +412,10 @@ def main():
                   f"{r['stem_blocks_per_token']:.1f} | {r['stem_union_inflation_qt4']:.2f} |")
     dsa = [r for r in res["rows"] if "stem_step_radix_ms" in r]
     if dsa:
-        print("\n| DSA S | Stem ms: budget step 64 (default) | step 1 (exact line) | kernel ms, last 16K queries: native | "
-              "Stem step 64 | Stem step 1 | pairs there: Stem / native, step 64 | step 1 |")
+        from stem_boost.kernels.dispatch import TOKEN_KEY_STEP as step
+
+        print(f"\n| DSA S | Stem ms: budget step {step} (default) | step 1 (exact line) | kernel ms, last 16K queries: "
+              f"native | Stem step {step} | Stem step 1 | pairs there: Stem / native, step {step} | step 1 |")
         print("|---|---|---|---|---|---|---|---|")
         for r in dsa:
             print(f"| {r['S']} | {r['stem_ms']:.1f} | {r['stem_step1_ms']:.1f} | {r['kernel_native_last_chunk_ms']:.2f} | "

@@ -51,8 +51,8 @@ def _cached_plan(available_key: tuple, k_native: int, reduce: float, alpha_min: 
 
 def token_budget_step(k_native: int, cfg: StemConfig) -> int:
     """The TPD budget quantum of token rows: ``cfg.budget_step``, or by default the token
-    executors' key step (`TOKEN_KEY_STEP`, 64) when the native budget spans at least 16 such steps
-    (DeepSeek-V3.2's 2048: a budget moves by at most 1.6%), else 1 (the exact schedule)."""
+    executors' key step (`TOKEN_KEY_STEP`, 128) when the native budget spans at least 16 such steps
+    (DeepSeek-V3.2's 2048: a budget moves by at most 3.1%), else 1 (the exact schedule)."""
     if cfg.budget_step is not None:
         return cfg.budget_step
     return TOKEN_KEY_STEP if k_native >= 16 * TOKEN_KEY_STEP else 1

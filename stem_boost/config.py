@@ -40,7 +40,7 @@ class StemConfig:
                 sparse attention is compared with; the other knobs are ignored).
     budget_step: the quantum of TPD budgets on token lists (DSA), in keys: each row's budget is
                 rounded to a multiple of it, so the kernel's last step over a decayed row is full.
-                None (default): the token kernels' key step (64) when the native budget is at least
+                None (default): the token kernels' key step (128) when the native budget is at least
                 16 of them (DeepSeek-V3.2's 2048), else 1; 1: the exact schedule. The reduction
                 solve still meets `reduce` over all rows. Block selections (InfLLMv2) ignore it:
                 every block is a whole kernel step already.

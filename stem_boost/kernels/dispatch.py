@@ -54,9 +54,13 @@ try:  # the Hopper MLA kernel is Gluon code: an API change in a later Triton cos
 except Exception:  # pragma: no cover - Triton without a Gluon that this kernel compiles with
     supports_sm90 = None
 
-# Selection entries a token-list executor takes per step of its key loop (`mla_token.py` and
-# `triton_sparse.py` both run BLOCK_N = 64): a row of 64 m + 1 entries costs m + 1 full steps.
-TOKEN_KEY_STEP = 64
+# Selection entries the Triton token-list kernels take per step of their key loop (`mla_token.py` and
+# `triton_sparse.py` both run BLOCK_N = 64).
+TOKEN_TILE_N = 64
+# The step that every token-list executor's steps divide: the Hopper MLA kernel's default tile
+# (`mla_token_sm90.py`) takes 128 keys a step, so a row of 128 m + 1 entries costs m + 1 full steps
+# there. TPD budgets on token lists are rounded to it (`boost.token_budget_step`).
+TOKEN_KEY_STEP = 128
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CPU_DTYPES = _DTYPES + (torch.float64,)  # the PyTorch executors also run fp64 (exactness checks on the CPU)
@@ -182,7 +186,7 @@ def _tiles(G: int, Dqk: int, Dv: int, block_size: int, query_block: int, elem_by
     block_h = min(_next_pow2(G), m_target)
     block_t = max(1, min(query_block, m_target // block_h))
     block_h = max(block_h, 16 // block_t)  # tl.dot needs M >= 16 (padded head rows are masked)
-    block_n = TOKEN_KEY_STEP if block_size == 1 else min(block_size, 64)
+    block_n = TOKEN_TILE_N if block_size == 1 else min(block_size, 64)
     num_warps = 8 if big else 4
     if big and elem_bytes == 4:  # fp32 MLA (a correctness path): keep the Q and K tiles in shared memory
         block_h, block_t, block_n = min(block_h, 32), 1, 16
