@@ -40,6 +40,7 @@ Triton 3.6's automatic warp specialisation fails on this loop.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -159,6 +160,73 @@ DEFAULT_TILES = dict(BLOCK_H=64, BLOCK_N=64, DV_SPLIT=1, NUM_STAGES=2, num_warps
                      HEADS_INNER=True)
 
 
+class MLATokenCall(NamedTuple):
+    """A checked token-sparse absorbed-MLA call, ready for either kernel (this one, `mla_token_sm90.py`):
+    q [B, S, H, Dqk], kv [B, T, Dqk], idx [B, S, Kmax] int32, counts [B, S] int32 (unit stride on the
+    last dim), out [B, S, H, dv] and lse [B, H, S] fp32 (out itself without return_lse) allocated."""
+
+    q: torch.Tensor
+    kv: torch.Tensor
+    idx: torch.Tensor
+    counts: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor
+    q_offset: int
+    sm_scale: float
+    return_lse: bool
+
+    def kernel_args(self) -> tuple:
+        """The positional arguments both kernels take: tensors, log2 scale, sizes, strides."""
+        q, kv, idx, counts, out, lse = self.q, self.kv, self.idx, self.counts, self.out, self.lse
+        B, S, H, _ = q.shape
+        return (q, kv, idx, counts, out, lse,
+                self.sm_scale * 1.4426950408889634, S, kv.shape[1], self.q_offset, H,
+                q.stride(0), q.stride(1), q.stride(2),
+                kv.stride(0), kv.stride(1),
+                idx.stride(0), idx.stride(1), counts.stride(0),
+                out.stride(0), out.stride(1), out.stride(2),
+                lse.stride(0) if self.return_lse else 0, lse.stride(1) if self.return_lse else 0)
+
+    def result(self):
+        return (self.out, self.lse) if self.return_lse else self.out
+
+
+def prepare_mla_token_call(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor, *,
+                           q_offset: int | None, sm_scale: float | None, dv: int, return_lse: bool) -> MLATokenCall:
+    """Check the shapes of a token-sparse absorbed-MLA call (see `mla_token_attention`), make the last
+    dims unit-stride and the lists int32, resolve q_offset (T - S) and sm_scale (1 / sqrt(Dqk)), and
+    allocate the outputs. Raises ValueError naming the argument and what is allowed."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, S, H, Dqk]; got {tuple(q.shape)}")
+    if kv.dim() == 4:
+        if kv.shape[2] != 1:
+            raise ValueError(f"kv must have one kv head [B, T, 1, Dqk]; got {tuple(kv.shape)}")
+        kv = kv[:, :, 0]
+    B, S, H, Dqk = q.shape
+    if kv.dim() != 3 or kv.shape[0] != B or kv.shape[2] != Dqk:
+        raise ValueError(f"kv {tuple(kv.shape)} must be [B={B}, T, 1, Dqk={Dqk}]")
+    if kv.dtype != q.dtype:
+        raise ValueError(f"q and kv must share one dtype; got {q.dtype}, {kv.dtype}")
+    T = kv.shape[1]
+    if idx.dim() == 4:
+        if idx.shape[1] != 1:
+            raise ValueError(f"idx must hold one selection for all heads [B, 1, S, Kmax]; got {tuple(idx.shape)}")
+        idx = idx[:, 0]
+        counts = counts[:, 0]
+    if idx.shape[:2] != (B, S) or counts.shape != (B, S):
+        raise ValueError(f"idx {tuple(idx.shape)} / counts {tuple(counts.shape)} must be [B={B}, S={S}, Kmax] / [B, S]")
+    offset = T - S if q_offset is None else int(q_offset)
+    scale = 1.0 / math.sqrt(Dqk) if sm_scale is None else float(sm_scale)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    kv = kv if kv.stride(-1) == 1 else kv.contiguous()
+    idx = idx.to(torch.int32)
+    idx = idx if idx.stride(-1) == 1 else idx.contiguous()
+    counts = counts.to(torch.int32).contiguous()
+    out = torch.empty(B, S, H, dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device) if return_lse else out
+    return MLATokenCall(q, kv, idx, counts, out, lse, offset, scale, return_lse)
+
+
 def mla_token_attention(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -179,25 +247,9 @@ def mla_token_attention(
     T - S, `sm_scale` to 1 / sqrt(Dqk). `tiles` overrides DEFAULT_TILES (benchmarks).
     Returns out [B, S, H, dv] and, with return_lse, lse [B, H, S] fp32.
     """
-    if q.dim() != 4:
-        raise ValueError(f"q must be [B, S, H, Dqk]; got {tuple(q.shape)}")
-    if kv.dim() == 4:
-        if kv.shape[2] != 1:
-            raise ValueError(f"kv must have one kv head [B, T, 1, Dqk]; got {tuple(kv.shape)}")
-        kv = kv[:, :, 0]
-    B, S, H, Dqk = q.shape
-    if kv.dim() != 3 or kv.shape[0] != B or kv.shape[2] != Dqk:
-        raise ValueError(f"kv {tuple(kv.shape)} must be [B={B}, T, 1, Dqk={Dqk}]")
-    if kv.dtype != q.dtype:
-        raise ValueError(f"q and kv must share one dtype; got {q.dtype}, {kv.dtype}")
-    T = kv.shape[1]
-    if idx.dim() == 4:
-        if idx.shape[1] != 1:
-            raise ValueError(f"idx must hold one selection for all heads [B, 1, S, Kmax]; got {tuple(idx.shape)}")
-        idx = idx[:, 0]
-        counts = counts[:, 0]
-    if idx.shape[:2] != (B, S) or counts.shape != (B, S):
-        raise ValueError(f"idx {tuple(idx.shape)} / counts {tuple(counts.shape)} must be [B={B}, S={S}, Kmax] / [B, S]")
+    call = prepare_mla_token_call(q, kv, idx, counts, q_offset=q_offset, sm_scale=sm_scale, dv=dv,
+                                  return_lse=return_lse)
+    B, S, H, Dqk = call.q.shape
     cfg = dict(DEFAULT_TILES)
     cfg.update(tiles or {})
     dr = Dqk - dv
@@ -205,30 +257,15 @@ def mla_token_attention(
     for name, d in (("Dqk - dv", dr), ("dv / DV_SPLIT", dvp)):
         if d < 16 or d & (d - 1):
             raise ValueError(f"{name} = {d} must be a power of two >= 16")
-    offset = T - S if q_offset is None else int(q_offset)
-    scale = 1.0 / math.sqrt(Dqk) if sm_scale is None else float(sm_scale)
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    kv = kv if kv.stride(-1) == 1 else kv.contiguous()
-    idx = idx.to(torch.int32)
-    idx = idx if idx.stride(-1) == 1 else idx.contiguous()
-    counts = counts.to(torch.int32).contiguous()
-    out = torch.empty(B, S, H, dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device) if return_lse else out
     block_h = max(16, min(cfg["BLOCK_H"], triton.next_power_of_2(H)))
     n_h = triton.cdiv(H, block_h) * cfg["DV_SPLIT"]
     grid = (S * n_h, 1, B) if cfg["HEADS_INNER"] else (S, n_h, B)
     if S and B:
         _mla_token_fwd[grid](
-            q, kv, idx, counts, out, lse,
-            scale * 1.4426950408889634, S, T, offset, H,
-            q.stride(0), q.stride(1), q.stride(2),
-            kv.stride(0), kv.stride(1),
-            idx.stride(0), idx.stride(1), counts.stride(0),
-            out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
+            *call.kernel_args(),
             BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], DV=dv, DR=dr, DV_SPLIT=cfg["DV_SPLIT"],
             NUM_STAGES=cfg["NUM_STAGES"], CAUSAL=causal, RETURN_LSE=return_lse, PREFETCH_IDX=cfg["PREFETCH_IDX"],
             HEADS_INNER=cfg["HEADS_INNER"],
             num_warps=cfg["num_warps"],
         )
-    return (out, lse) if return_lse else out
+    return call.result()

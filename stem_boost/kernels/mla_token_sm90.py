@@ -32,16 +32,15 @@ portable path and the oracle for it on the GPU, `sparse_attention_reference` for
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language import _core as _gl_core
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma, warpgroup_mma_init,
                                                               warpgroup_mma_wait)
+
+from .mla_token import prepare_mla_token_call
 
 __all__ = ["mla_token_attention_sm90", "SM90_TILES", "supports_sm90"]
 
@@ -51,7 +50,7 @@ _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
 # a barrier of the program's threads: `barrier` from Triton 3.7 on, `thread_barrier` in 3.6
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 # a shared-memory view with another shape: `reinterpret` from Triton 3.7 on, `_reinterpret` in 3.6
-_PUBLIC_REINTERPRET = hasattr(_gl_core.shared_memory_descriptor, "reinterpret")
+_PUBLIC_REINTERPRET = hasattr(gl.shared_memory_descriptor, "reinterpret")
 
 BLOCK_H = 64
 SM90_TILES = dict(BLOCK_N=128, NUM_BUF=1, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=False, P_IN_ROPE=True)
@@ -278,41 +277,21 @@ def mla_token_attention_sm90(
     tiles: dict | None = None,
 ):
     """Same arguments and results as `mla_token.mla_token_attention` (q [B, S, H, 576], kv [B, T, 576]
-    or [B, T, 1, 576], idx [B, S, Kmax], counts [B, S]); Dqk = 576 and dv = 512 only."""
-    if kv.dim() == 4:
-        kv = kv[:, :, 0]
-    B, S, H, Dqk = q.shape
-    if dv != 512 or Dqk != 576:
-        raise ValueError(f"the sm_90 MLA kernel takes Dqk 576 / dv 512; got Dqk {Dqk}, dv {dv}")
-    if kv.shape != (B, kv.shape[1], Dqk) or kv.dtype != q.dtype:
-        raise ValueError(f"kv {tuple(kv.shape)} {kv.dtype} must be [B={B}, T, {Dqk}] in q's dtype {q.dtype}")
-    if idx.shape[:2] != (B, S) or counts.shape != (B, S):
-        raise ValueError(f"idx {tuple(idx.shape)} / counts {tuple(counts.shape)} must be [B={B}, S={S}, Kmax] / [B, S]")
+    or [B, T, 1, 576], idx [B, S, Kmax] or [B, 1, S, Kmax], counts to match); Dqk = 576 and dv = 512 only."""
+    if dv != 512 or q.shape[-1] != 576:
+        raise ValueError(f"the sm_90 MLA kernel takes Dqk 576 / dv 512; got Dqk {q.shape[-1]}, dv {dv}")
+    call = prepare_mla_token_call(q, kv, idx, counts, q_offset=q_offset, sm_scale=sm_scale, dv=dv,
+                                  return_lse=return_lse)
+    B, S, H, Dqk = call.q.shape
     cfg = dict(SM90_TILES)
     cfg.update(tiles or {})
-    T = kv.shape[1]
-    offset = T - S if q_offset is None else int(q_offset)
-    scale = 1.0 / math.sqrt(Dqk) if sm_scale is None else float(sm_scale)
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    kv = kv if kv.stride(-1) == 1 else kv.contiguous()
-    idx = idx.to(torch.int32)
-    idx = idx if idx.stride(-1) == 1 else idx.contiguous()
-    counts = counts.to(torch.int32).contiguous()
-    out = torch.empty(B, S, H, dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device) if return_lse else out
     grid = (S * triton.cdiv(H, BLOCK_H), 1, B)
     if S and B:
         _mla_token_sm90_fwd[grid](
-            q, kv, idx, counts, out, lse,
-            scale * 1.4426950408889634, S, T, offset, H,
-            q.stride(0), q.stride(1), q.stride(2),
-            kv.stride(0), kv.stride(1),
-            idx.stride(0), idx.stride(1), counts.stride(0),
-            out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
+            *call.kernel_args(),
             BLOCK_H=BLOCK_H, BLOCK_N=cfg["BLOCK_N"], DV=dv, DR=Dqk - dv, CAUSAL=causal, RETURN_LSE=return_lse,
             SPLIT_KEYS=cfg["SPLIT_KEYS"], NUM_BUF=cfg["NUM_BUF"], EARLY_QK=cfg["EARLY_QK"],
             ROW_SUM_AT_END=cfg["ROW_SUM_AT_END"], P_IN_ROPE=cfg["P_IN_ROPE"],
             PUBLIC_REINTERPRET=_PUBLIC_REINTERPRET, num_warps=8,
         )
-    return (out, lse) if return_lse else out
+    return call.result()
