@@ -1,6 +1,6 @@
 """GPU benchmark of the DSA prefill kernels of issue 18, each against its peers in the same run.
 
-    python scripts/bench_dsa.py --out bench_dsa.json [--sections topk mla indexer] [--budget-s 170]
+    python scripts/bench_dsa.py --out bench_dsa.json [--sections topk mla indexer cut quant lengths] [--budget-s 170]
 
 Sections (each starts with a correctness check on fresh random inputs, seed printed):
   topk     `kernels/dsa_topk.topk_rows` (radix select, Stem inside) on rows x keys fp32 scores, k 2048,
@@ -15,6 +15,8 @@ Sections (each starts with a correctness check on fresh random inputs, seed prin
   quant    the FP8 scorer's operand quantisation of one query chunk (rows x 64 heads x 128, bf16):
            the fused Triton pass vs the PyTorch definition (five fp32 passes); same e4m3 codes on
            >= 99.9% of entries, and the FP8 scores of the chunk with either.
+  lengths  the default MLA route at uniform row lengths (`--lengths`), a least-squares fit of time =
+           fixed + per_key * L: the fixed part is what a row pays whatever its budget.
   indexer  the lightning indexer of one chunk of query rows at the end of a long sequence (64 heads x
            128): current `chunked_index_topk` (bf16 fused scores + int64 top-k) vs the fused bf16 /
            FP8 scores (causal tail unwritten) + `topk_rows(valid_len=)`; top-2048 overlap of the bf16
@@ -48,6 +50,7 @@ from stem_boost.kernels.indexer_scores import (  # noqa: E402
 )
 from stem_boost.kernels.mla_token import mla_token_attention  # noqa: E402
 from stem_boost.kernels.mla_token_sm90 import mla_token_attention_sm90, supports_sm90  # noqa: E402
+from stem_boost.kernels.mla_token_ws import mla_token_attention_ws  # noqa: E402
 from stem_boost.kernels.reference import sparse_attention_reference  # noqa: E402
 from stem_boost.native.dsa_indexer import chunked_index_topk  # noqa: E402
 from stem_boost.selection import Selection  # noqa: E402
@@ -209,16 +212,19 @@ MLA_VARIANTS = [  # earlier runs tried N 16 / 32 with 3-4 stages, 16 warps, DV_S
 
 
 SM90_VARIANTS = [  # the Gluon kernel (first session 7 calls: N 32 with 3-4 buffers ran 224 TFLOP/s against 316 at N 64)
-    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=False),
-    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=True),
-    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=True, ROW_SUM_AT_END=True),
-    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=False, EARLY_QK=False, ROW_SUM_AT_END=False),
+    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=False, P_IN_ROPE=False),
+    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=True, P_IN_ROPE=False),
+    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=True, ROW_SUM_AT_END=True, P_IN_ROPE=False),
+    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=False, EARLY_QK=False, ROW_SUM_AT_END=False, P_IN_ROPE=False),
     # each warpgroup its own 64 keys of a 128-key tile (Q K^T n64: half the shared-memory reads of Q a key),
     # one buffer (the gather is not overlapped), P in the tile's rope columns
     dict(BLOCK_N=128, NUM_BUF=1, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=False, P_IN_ROPE=True),
     dict(BLOCK_N=128, NUM_BUF=1, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=True, P_IN_ROPE=True),
     dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=True, P_IN_ROPE=True),
 ]
+
+
+WS_VARIANTS = [dict(CONSUMER_REGS=216), dict(CONSUMER_REGS=232), dict(CONSUMER_REGS=200)]
 
 
 def section_mla(args, res: dict) -> None:
@@ -286,6 +292,60 @@ def section_mla(args, res: dict) -> None:
             res["mla"][name] = dict(ms=ms, tflops=flop / ms / 1e9, err=err, lse_err=lse_err)
             row("mla", name, ms, f"{flop / ms / 1e9:.0f} TFLOP/s err {err:.1e} lse {lse_err:.1e} "
                 f"{'PASS' if err < 1e-2 and lse_err < 1e-3 else 'FAIL'}")
+        for v in WS_VARIANTS:  # the warp-specialised kernel (mla_token_ws.py)
+            name = f"H{H} ws consumer regs {v['CONSUMER_REGS']}"
+            try:
+                got, lse = mla_token_attention_ws(qs, kvs, idx_s[:, 0], cnt_s[:, 0], sm_scale=576 ** -0.5,
+                                                  return_lse=True, tiles=v)
+                _, lse_want = mla_token_attention(qs, kvs, idx_s, cnt_s, sm_scale=576 ** -0.5, return_lse=True)
+                err = float((got.float() - want).norm() / want.norm())
+                lse_err = float((lse - lse_want).nan_to_num(0.0, 0.0, 0.0).abs().max())
+                ms = bench(lambda: mla_token_attention_ws(q, kv, idx[:, 0], counts[:, 0], sm_scale=576 ** -0.5,
+                                                          tiles=v))
+            except Exception as e:  # noqa: BLE001
+                row("mla", name, None, f"failed: {e!r}"[:300])
+                continue
+            res["mla"][name] = dict(ms=ms, tflops=flop / ms / 1e9, err=err, lse_err=lse_err)
+            row("mla", name, ms, f"{flop / ms / 1e9:.0f} TFLOP/s err {err:.1e} lse {lse_err:.1e} "
+                f"{'PASS' if err < 1e-2 and lse_err < 1e-3 else 'FAIL'}")
+
+
+def section_lengths(args, res: dict) -> None:
+    """The default MLA route at uniform row lengths L: time = fixed + per_key * L per program, fitted by
+    least squares. The fixed part (Q in, O out, the first gather) is paid by every row whatever its
+    budget, so it is what keeps a Stem row from running in proportion to its keys."""
+    from stem_boost.kernels import sparse_attention
+
+    dev = DEV
+    seed = seed_all()
+    H, S, T = args.mla_heads[0], args.mla_queries, args.mla_keys
+    log(f"lengths: seed {seed}, heads {H}, queries {S} (the last of {T} keys)")
+    q = torch.randn(1, S, H, 576, device=dev).to(torch.bfloat16)
+    kv = torch.randn(1, T, 1, 576, device=dev).to(torch.bfloat16)
+    lengths, times = [], []
+    res["lengths"] = {}
+    for L in args.lengths:
+        idx, counts = dsa_selection(S, T, L, dev)
+        sel = Selection(idx=idx, counts=counts)
+        ms = bench(lambda: sparse_attention(q, kv, kv[..., :512], sel, check=False))
+        flop = 2.0 * float(counts.sum()) * H * (576 + 512)
+        lengths.append(float(counts.float().mean()))
+        times.append(ms)
+        res["lengths"][str(L)] = dict(ms=ms, tflops=flop / ms / 1e9, mean_count=lengths[-1])
+        row("lengths", f"H{H} rows of {L} keys", ms, f"{flop / ms / 1e9:.0f} TFLOP/s")
+        if supports_sm90(q, 512):  # the warp-specialised kernel beside the route, same lists
+            ms_ws = bench(lambda: mla_token_attention_ws(q, kv, idx[:, 0], counts[:, 0], sm_scale=576 ** -0.5))
+            res["lengths"][str(L)].update(ws_ms=ms_ws, ws_tflops=flop / ms_ws / 1e9)
+            row("lengths", f"H{H} rows of {L} keys, warp-specialised", ms_ws, f"{flop / ms_ws / 1e9:.0f} TFLOP/s")
+    if len(lengths) >= 2:
+        x = torch.tensor(lengths, dtype=torch.float64)
+        y = torch.tensor(times, dtype=torch.float64)
+        A = torch.stack([torch.ones_like(x), x], dim=1)
+        fixed, per_key = torch.linalg.lstsq(A, y[:, None]).solution[:, 0].tolist()
+        res["lengths"]["fit"] = dict(fixed_ms=fixed, per_key_ms=per_key, fixed_in_keys=fixed / per_key)
+        row("lengths", "fit: fixed + per_key * L", fixed,
+            f"fixed = {fixed / per_key:.0f} keys a row; at L 2048 the fixed part is "
+            f"{fixed / (fixed + per_key * 2048):.1%} of the time")
 
 
 # --------------------------------------------------------------------------------------- indexer
@@ -471,6 +531,8 @@ def main() -> int:
     ap.add_argument("--mla-heads", type=int, nargs="+", default=[128, 64])
     ap.add_argument("--mla-queries", type=int, default=8192)
     ap.add_argument("--mla-keys", type=int, default=32768)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 1536, 2048],
+                    help="row lengths of the lengths section (uniform rows)")
     ap.add_argument("--ix-queries", type=int, default=8192)
     ap.add_argument("--cut-rows", type=int, default=32768)
     ap.add_argument("--ix-keys", type=int, default=65536)
@@ -485,7 +547,7 @@ def main() -> int:
     for sec in args.sections:
         try:
             {"topk": section_topk, "mla": section_mla, "indexer": section_indexer, "cut": section_cut,
-             "quant": section_quant}[sec](args, res)
+             "quant": section_quant, "lengths": section_lengths}[sec](args, res)
         except Exception as e:  # noqa: BLE001
             import traceback
             traceback.print_exc()

@@ -19,12 +19,12 @@ pytestmark = [
 
 
 @pytest.mark.parametrize("tiles", [
-    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=False),
-    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=True, ROW_SUM_AT_END=True),
-    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=False, EARLY_QK=True),
-    dict(BLOCK_N=32, NUM_BUF=3, SPLIT_KEYS=True, EARLY_QK=True),
+    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=False, P_IN_ROPE=False),
+    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=True, EARLY_QK=True, ROW_SUM_AT_END=True, P_IN_ROPE=False),
+    dict(BLOCK_N=64, NUM_BUF=2, SPLIT_KEYS=False, EARLY_QK=True, P_IN_ROPE=False),
+    dict(BLOCK_N=32, NUM_BUF=3, SPLIT_KEYS=True, EARLY_QK=True, P_IN_ROPE=False),
     dict(BLOCK_N=128, NUM_BUF=1, SPLIT_KEYS=True, ROW_SUM_AT_END=False, P_IN_ROPE=True),
-    dict(BLOCK_N=32, NUM_BUF=4, SPLIT_KEYS=False, EARLY_QK=False),
+    dict(BLOCK_N=32, NUM_BUF=4, SPLIT_KEYS=False, EARLY_QK=False, P_IN_ROPE=False),
 ])
 @pytest.mark.parametrize("B,S,T,H,kmax,dtype", [
     (1, 70, 300, 128, 200, torch.bfloat16),  # DeepSeek-V3.2's 128 heads, rows of 0..200 keys (ragged last tile)

@@ -40,17 +40,12 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma, warpgroup_mma_init,
                                                               warpgroup_mma_wait)
 
+from .gluon_shims import PUBLIC_REINTERPRET as _PUBLIC_REINTERPRET
+from .gluon_shims import async_load as _async_load
+from .gluon_shims import cta_barrier as _cta_barrier
 from .mla_token import prepare_mla_token_call
 
 __all__ = ["mla_token_attention_sm90", "SM90_TILES", "supports_sm90"]
-
-# cp.async from a pointer tensor into shared memory: `async_load` from Triton 3.7 on (the older name is
-# removed there), `async_copy_global_to_shared` in 3.6
-_async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
-# a barrier of the program's threads: `barrier` from Triton 3.7 on, `thread_barrier` in 3.6
-_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
-# a shared-memory view with another shape: `reinterpret` from Triton 3.7 on, `_reinterpret` in 3.6
-_PUBLIC_REINTERPRET = hasattr(gl.shared_memory_descriptor, "reinterpret")
 
 BLOCK_H = 64
 SM90_TILES = dict(BLOCK_N=128, NUM_BUF=1, SPLIT_KEYS=True, EARLY_QK=False, ROW_SUM_AT_END=False, P_IN_ROPE=True)
