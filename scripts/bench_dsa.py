@@ -224,7 +224,7 @@ SM90_VARIANTS = [  # the Gluon kernel (first session 7 calls: N 32 with 3-4 buff
 ]
 
 
-WS_VARIANTS = [dict(CONSUMER_REGS=216), dict(CONSUMER_REGS=232), dict(CONSUMER_REGS=200)]
+WS_VARIANTS = [dict(CONSUMER_REGS=r, EARLY_QK_L=e) for e in (False, True) for r in (216, 232)]
 
 
 def section_mla(args, res: dict) -> None:
@@ -293,7 +293,7 @@ def section_mla(args, res: dict) -> None:
             row("mla", name, ms, f"{flop / ms / 1e9:.0f} TFLOP/s err {err:.1e} lse {lse_err:.1e} "
                 f"{'PASS' if err < 1e-2 and lse_err < 1e-3 else 'FAIL'}")
         for v in WS_VARIANTS:  # the warp-specialised kernel (mla_token_ws.py)
-            name = f"H{H} ws consumer regs {v['CONSUMER_REGS']}"
+            name = f"H{H} ws consumer regs {v['CONSUMER_REGS']}" + (" next S early" if v["EARLY_QK_L"] else "")
             try:
                 got, lse = mla_token_attention_ws(qs, kvs, idx_s[:, 0], cnt_s[:, 0], sm_scale=576 ** -0.5,
                                                   return_lse=True, tiles=v)

@@ -279,10 +279,11 @@ def test_token_rows_budgets_are_multiples_of_the_kernel_step():
     from stem_boost.kernels.dispatch import TOKEN_KEY_STEP
     from stem_boost.kernels.mla_token import DEFAULT_TILES
     from stem_boost.kernels.mla_token_sm90 import SM90_TILES
+    from stem_boost.kernels.mla_token_ws import KEYS_PER_STEP
     from stem_boost.selection import Selection
 
-    # the step the budgets are rounded to: the Hopper kernel's tile, a multiple of the Triton kernel's
-    assert SM90_TILES["BLOCK_N"] == TOKEN_KEY_STEP and TOKEN_KEY_STEP % DEFAULT_TILES["BLOCK_N"] == 0
+    # the step the budgets are rounded to: the Hopper kernels' step, a multiple of the Triton kernel's
+    assert KEYS_PER_STEP == SM90_TILES["BLOCK_N"] == TOKEN_KEY_STEP and TOKEN_KEY_STEP % DEFAULT_TILES["BLOCK_N"] == 0
     cfg = StemConfig(reduce=0.15)
     assert token_budget_step(2048, cfg) == TOKEN_KEY_STEP and token_budget_step(64, cfg) == 1
     assert token_budget_step(2048, StemConfig(budget_step=1)) == 1

@@ -11,8 +11,8 @@ Contract (every executor follows it; `sparse_attention_reference` is the oracle)
     after the row's last query position are an input error (wasted work), rejected when `check=True`.
     Returns out [B, S, Hq, Dv] (q's dtype) and, with return_lse, lse [B, Hq, S] fp32 (natural log).
 MLA absorbed shapes (Dqk 576, Dv 512, Hkv 1, v = k[..., :512]) with token lists take
-`mla_token_sm90.py`'s Gluon kernel on Hopper GPUs and `mla_token.py`'s Triton kernel elsewhere (heads
-on M; each gathered key is read once for both products).
+`mla_token_ws.py`'s warp-specialised Gluon kernel on Hopper GPUs and `mla_token.py`'s Triton kernel
+elsewhere (heads on M; each gathered key is read once for both products).
 
 Executors (`backend=`): "triton" (CUDA tensors, or the CPU under TRITON_INTERPRET=1: block lists
 take the union-tile kernel of `block_union.py`, absorbed-MLA token lists `mla_token.py`, other token
@@ -50,16 +50,16 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
     HAS_TRITON = False
 
 try:  # the Hopper MLA kernel is Gluon code: an API change in a later Triton costs only this route
-    from .mla_token_sm90 import mla_token_attention_sm90, supports_sm90
+    from .mla_token_sm90 import supports_sm90
+    from .mla_token_ws import mla_token_attention_ws
 except Exception:  # pragma: no cover - Triton without a Gluon that this kernel compiles with
     supports_sm90 = None
 
 # Selection entries the Triton token-list kernels take per step of their key loop (`mla_token.py` and
 # `triton_sparse.py` both run BLOCK_N = 64).
 TOKEN_TILE_N = 64
-# The step that every token-list executor's steps divide: the Hopper MLA kernel's default tile
-# (`mla_token_sm90.py`) takes 128 keys a step, so a row of 128 m + 1 entries costs m + 1 full steps
-# there. TPD budgets on token lists are rounded to it (`boost.token_budget_step`).
+# The step that every token-list executor's steps divide: the Hopper MLA kernel (`mla_token_ws.py`)
+# takes 128 keys a step, so a row of 128 m + 1 entries costs m + 1 full steps there. TPD budgets on token lists are rounded to it (`boost.token_budget_step`).
 TOKEN_KEY_STEP = 128
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -266,9 +266,9 @@ def sparse_attention(
                                      sm_scale=scale, causal=causal, return_lse=return_lse)
     if sinks is None and tiles is None and takes_mla_token_kernel(q, k, v, selection):
         # one latent kv head whose first Dv channels are the values, one token list per query for all
-        # heads (DeepSeek-V3.2's DSA): heads on M; on Hopper the Gluon kernel (mla_token_sm90.py: the
-        # gather a step early, Q K^T split by keys across the warpgroups), elsewhere mla_token.py
-        mla = mla_token_attention_sm90 if supports_sm90 is not None and supports_sm90(q, v.shape[3]) \
+        # heads (DeepSeek-V3.2's DSA): heads on M; on Hopper the warp-specialised Gluon kernel
+        # (mla_token_ws.py: a producer warpgroup gathers while two consumers compute), elsewhere mla_token.py
+        mla = mla_token_attention_ws if supports_sm90 is not None and supports_sm90(q, v.shape[3]) \
             else mla_token_attention
         return mla(q, k, selection.idx[:, 0], selection.counts[:, 0], q_offset=offset,
                    sm_scale=scale, dv=v.shape[3], return_lse=return_lse, causal=causal)

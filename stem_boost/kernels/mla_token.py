@@ -161,7 +161,8 @@ DEFAULT_TILES = dict(BLOCK_H=64, BLOCK_N=64, DV_SPLIT=1, NUM_STAGES=2, num_warps
 
 
 class MLATokenCall(NamedTuple):
-    """A checked token-sparse absorbed-MLA call, ready for either kernel (this one, `mla_token_sm90.py`):
+    """A checked token-sparse absorbed-MLA call, ready for any of the three kernels (this one,
+    `mla_token_sm90.py`, `mla_token_ws.py`):
     q [B, S, H, Dqk], kv [B, T, Dqk], idx [B, S, Kmax] int32, counts [B, S] int32 (unit stride on the
     last dim), out [B, S, H, dv] and lse [B, H, S] fp32 (out itself without return_lse) allocated."""
 

@@ -38,19 +38,22 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_init,
+                                                              warpgroup_mma_wait)
 
 from .gluon_shims import PUBLIC_REINTERPRET
 from .gluon_shims import async_load as gluon_async_load
 from .gluon_shims import cta_barrier
 from .mla_token import prepare_mla_token_call
 
-__all__ = ["mla_token_attention_ws", "WS_TILES"]
+__all__ = ["mla_token_attention_ws", "WS_TILES", "KEYS_PER_STEP"]
 
 BLOCK_H = 64  # heads per program (M of every product)
 BLOCK_K = 64  # keys per consumer per step (a step takes 2 * BLOCK_K)
-HALF = 256  # output columns per consumer
-WS_TILES = dict(CONSUMER_REGS=216)
+KEYS_PER_STEP = 2 * BLOCK_K  # selected keys a step (a row's last step is padded to it)
+# measured on an H200 (BENCHMARKS.md §000000): 232 registers a consumer thread 373 TFLOP/s, 216 370; the
+# next step's S queued early gave nothing (372)
+WS_TILES = dict(CONSUMER_REGS=232, EARLY_QK_L=False)
 REINTERPRET_IS_PUBLIC = gl.constexpr(PUBLIC_REINTERPRET)
 # quarters of a step's tile, in the producer's refill order
 Q_K0L = gl.constexpr(0)  # block 0, latent columns 0..255: read by consumer 0 (S and P V)
@@ -161,7 +164,7 @@ def _finite(m):
 def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H,
               lse_ptr, stride_lh, q_l, q_v2, q_r, k_l, k_v2, k_r, p_1, positions, row_max, row_sum,
               q_ready, ready, free, max_ready, p_ready, p_1_free,
-              DV: gl.constexpr, CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr):
+              DV: gl.constexpr, CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, EARLY_QK_L: gl.constexpr):
     """Consumer c (4 warps): S over block c's keys, O over output columns [256 c, 256 c + 256).
 
     The running max goes one way per step: consumer 0 publishes max(m, its row max) and starts its first
@@ -188,11 +191,17 @@ def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh
     acc = gl.zeros([64, 256], gl.float32, layout=o_layout)
     s_zero = gl.zeros([64, 64], gl.float32, layout=s_layout)
     mbarrier.wait(q_ready, 0)
+    if c == 0 and EARLY_QK_L:  # the next step's S is carried in flight across steps
+        mbarrier.wait(ready.index(Q_K0L), 0, pred=n_steps > 0)
+        qk = warpgroup_mma(q_l, k_l.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    else:
+        qk = s_zero
     for i in range(n_steps):
         phase = i & 1
         if c == 0:
-            mbarrier.wait(ready.index(Q_K0L), phase)
-            qk = warpgroup_mma(q_l, k_l.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            if not EARLY_QK_L:
+                mbarrier.wait(ready.index(Q_K0L), phase)
+                qk = warpgroup_mma(q_l, k_l.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             mbarrier.wait(ready.index(Q_K0R), phase)
             qk = warpgroup_mma(q_v2, k_v2.index(0).permute((1, 0)), qk, is_async=True)
             qk = warpgroup_mma(q_r, k_r.index(0).permute((1, 0)), qk, is_async=True)
@@ -222,7 +231,14 @@ def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh
             mbarrier.arrive(free.index(Q_K0R), count=1)  # this consumer is done with block 0 R
             mbarrier.wait(p_ready.index(1), phase)
             acc = warpgroup_mma(p_1, k_l.index(1), acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(acc,))
+            if EARLY_QK_L:
+                # the next step's S over block 0 L (released first, so usually landed) queued behind this
+                # P V; after the last step it reads stale rows once and is never used
+                mbarrier.wait(ready.index(Q_K0L), phase ^ 1, pred=i + 1 < n_steps)
+                qk = warpgroup_mma(q_l, k_l.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                acc = warpgroup_mma_wait(1, deps=(acc,))
+            else:
+                acc = warpgroup_mma_wait(0, deps=(acc,))
             _release(free.index(Q_K1L))
             mbarrier.arrive(p_1_free, count=1)
         else:
@@ -257,6 +273,8 @@ def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh
             _release(free.index(Q_K0R))
 
     # ---- epilogue: the two partial row sums added, O [64, 256] of this consumer's columns, lse
+    if c == 0 and EARLY_QK_L:  # the stale S after the last step
+        qk = warpgroup_mma_wait(0, deps=(qk,))
     row_sum.slice(c * 64, 64).store(l_i)
     _release(max_ready.index(c))
     mbarrier.wait(max_ready.index(1 - c), n_steps & 1)
@@ -284,13 +302,23 @@ def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh
         gl.store(lse_ptr + hs * stride_lh, lse, mask=hs < H)
 
 
+# consumer 0 with and without the next step's S queued early (EARLY_QK_L is fixed per function)
 @gluon.jit
 def _consumer_0(T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh,
                 q_l, q_v2, q_r, k_l, k_v2, k_r, p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready,
                 p_1_free, DV: gl.constexpr, CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr):
     _consumer(0, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh,
               q_l, q_v2, q_r, k_l, k_v2, k_r, p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready,
-              p_1_free, DV, CAUSAL, RETURN_LSE)
+              p_1_free, DV, CAUSAL, RETURN_LSE, False)
+
+
+@gluon.jit
+def _consumer_0_early(T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh,
+                q_l, q_v2, q_r, k_l, k_v2, k_r, p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready,
+                p_1_free, DV: gl.constexpr, CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr):
+    _consumer(0, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh,
+              q_l, q_v2, q_r, k_l, k_v2, k_r, p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready,
+              p_1_free, DV, CAUSAL, RETURN_LSE, True)
 
 
 @gluon.jit
@@ -299,7 +327,7 @@ def _consumer_1(T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_pt
                 p_1_free, DV: gl.constexpr, CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr):
     _consumer(1, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh,
               q_l, q_v2, q_r, k_l, k_v2, k_r, p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready,
-              p_1_free, DV, CAUSAL, RETURN_LSE)
+              p_1_free, DV, CAUSAL, RETURN_LSE, False)
 
 
 @gluon.jit
@@ -312,7 +340,7 @@ def _mla_token_ws_fwd(
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
     DV: gl.constexpr, DR: gl.constexpr, CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, EARLY_QK_L: gl.constexpr,
 ):
     gl.static_assert(DV == 512 and DR == 64, "the absorbed DeepSeek MLA widths")
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -364,15 +392,25 @@ def _mla_token_ws_fwd(
     mbarrier.init(p_1_free, count=1)
     fence_async_shared()
 
-    consumer_args = (T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh,
-                     q_l, q_v2, q_r, k_l, k_v2, k_r, p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready,
-                     p_ready, p_1_free, DV, CAUSAL, RETURN_LSE)
-    gl.warp_specialize([
-        (_producer, (q_row, stride_qh, h0, H, kv_base, stride_kt, idx_row, count, T, qpos, n_steps,
-                     q_l, q_v2, q_r, k_l, k_v2, k_r, positions, q_ready, ready, free, DV, DR, CAUSAL)),
-        (_consumer_0, consumer_args),
-        (_consumer_1, consumer_args),
-    ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+    # (the argument tuples are written inline: a tuple held in a variable turns its constexprs into values)
+    if EARLY_QK_L:
+        gl.warp_specialize([
+            (_producer, (q_row, stride_qh, h0, H, kv_base, stride_kt, idx_row, count, T, qpos, n_steps, q_l, q_v2, q_r, k_l, k_v2,
+         k_r, positions, q_ready, ready, free, DV, DR, CAUSAL)),
+            (_consumer_0_early, (T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh, q_l, q_v2, q_r, k_l, k_v2, k_r,
+         p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready, p_1_free, DV, CAUSAL, RETURN_LSE)),
+            (_consumer_1, (T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh, q_l, q_v2, q_r, k_l, k_v2, k_r,
+         p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready, p_1_free, DV, CAUSAL, RETURN_LSE)),
+        ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+    else:
+        gl.warp_specialize([
+            (_producer, (q_row, stride_qh, h0, H, kv_base, stride_kt, idx_row, count, T, qpos, n_steps, q_l, q_v2, q_r, k_l, k_v2,
+         k_r, positions, q_ready, ready, free, DV, DR, CAUSAL)),
+            (_consumer_0, (T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh, q_l, q_v2, q_r, k_l, k_v2, k_r,
+         p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready, p_1_free, DV, CAUSAL, RETURN_LSE)),
+            (_consumer_1, (T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh, q_l, q_v2, q_r, k_l, k_v2, k_r,
+         p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready, p_1_free, DV, CAUSAL, RETURN_LSE)),
+        ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
 def mla_token_attention_ws(
@@ -404,7 +442,7 @@ def mla_token_attention_ws(
     if S and B:
         _mla_token_ws_fwd[grid](
             *call.kernel_args(),
-            DV=dv, DR=Dqk - dv, CAUSAL=causal, RETURN_LSE=return_lse, CONSUMER_REGS=cfg["CONSUMER_REGS"],
+            DV=dv, DR=Dqk - dv, CAUSAL=causal, RETURN_LSE=return_lse, CONSUMER_REGS=cfg["CONSUMER_REGS"], EARLY_QK_L=cfg["EARLY_QK_L"],
             num_warps=4,
         )
     return call.result()
