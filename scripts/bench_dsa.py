@@ -227,6 +227,13 @@ SM90_VARIANTS = [  # the Gluon kernel (first session 7 calls: N 32 with 3-4 buff
 WS_VARIANTS = [dict(CONSUMER_REGS=r, EARLY_QK_L=e) for e in (False, True) for r in (216, 232)]
 
 
+def sm90_variant_name(v: dict) -> str:
+    """A row label for a tile of the 128-key Gluon kernel (mla_token_sm90.py)."""
+    return (f"sm90 n{v['BLOCK_N']} buf{v['NUM_BUF']} " + ("split keys" if v["SPLIT_KEYS"] else "replicated S")
+            + (" early QK" if v["EARLY_QK"] else "") + (" row sums at end" if v["ROW_SUM_AT_END"] else "")
+            + (" P in rope" if v.get("P_IN_ROPE") else ""))
+
+
 def section_mla(args, res: dict) -> None:
     from stem_boost.kernels import sparse_attention
 
@@ -275,33 +282,17 @@ def section_mla(args, res: dict) -> None:
             row("mla", name, ms, f"{flop / ms / 1e9:.0f} TFLOP/s err {err:.1e} {'PASS' if err < 1e-2 else 'FAIL'}")
         if not supports_sm90(q, 512):
             continue
-        for v in SM90_VARIANTS:  # the Gluon kernel (mla_token_sm90.py)
-            name = (f"H{H} sm90 n{v['BLOCK_N']} buf{v['NUM_BUF']} " + ("split keys" if v["SPLIT_KEYS"] else "replicated S")
-                    + (" early QK" if v["EARLY_QK"] else "") + (" row sums at end" if v["ROW_SUM_AT_END"] else "") + (" P in rope" if v.get("P_IN_ROPE") else ""))
+        gluon = [(sm90_variant_name(v), mla_token_attention_sm90, v) for v in SM90_VARIANTS]  # mla_token_sm90.py
+        gluon += [(f"ws consumer regs {v['CONSUMER_REGS']}" + (" next S early" if v["EARLY_QK_L"] else ""),
+                   mla_token_attention_ws, v) for v in WS_VARIANTS]  # the warp-specialised kernel (mla_token_ws.py)
+        for label, kernel, v in gluon:
+            name = f"H{H} {label}"
             try:
-                got, lse = mla_token_attention_sm90(qs, kvs, idx_s[:, 0], cnt_s[:, 0], sm_scale=576 ** -0.5,
-                                                    return_lse=True, tiles=v)
+                got, lse = kernel(qs, kvs, idx_s[:, 0], cnt_s[:, 0], sm_scale=576 ** -0.5, return_lse=True, tiles=v)
                 _, lse_want = mla_token_attention(qs, kvs, idx_s, cnt_s, sm_scale=576 ** -0.5, return_lse=True)
                 err = float((got.float() - want).norm() / want.norm())
                 lse_err = float((lse - lse_want).nan_to_num(0.0, 0.0, 0.0).abs().max())
-                ms = bench(lambda: mla_token_attention_sm90(q, kv, idx[:, 0], counts[:, 0], sm_scale=576 ** -0.5,
-                                                            tiles=v))
-            except Exception as e:  # noqa: BLE001
-                row("mla", name, None, f"failed: {e!r}"[:300])
-                continue
-            res["mla"][name] = dict(ms=ms, tflops=flop / ms / 1e9, err=err, lse_err=lse_err)
-            row("mla", name, ms, f"{flop / ms / 1e9:.0f} TFLOP/s err {err:.1e} lse {lse_err:.1e} "
-                f"{'PASS' if err < 1e-2 and lse_err < 1e-3 else 'FAIL'}")
-        for v in WS_VARIANTS:  # the warp-specialised kernel (mla_token_ws.py)
-            name = f"H{H} ws consumer regs {v['CONSUMER_REGS']}" + (" next S early" if v["EARLY_QK_L"] else "")
-            try:
-                got, lse = mla_token_attention_ws(qs, kvs, idx_s[:, 0], cnt_s[:, 0], sm_scale=576 ** -0.5,
-                                                  return_lse=True, tiles=v)
-                _, lse_want = mla_token_attention(qs, kvs, idx_s, cnt_s, sm_scale=576 ** -0.5, return_lse=True)
-                err = float((got.float() - want).norm() / want.norm())
-                lse_err = float((lse - lse_want).nan_to_num(0.0, 0.0, 0.0).abs().max())
-                ms = bench(lambda: mla_token_attention_ws(q, kv, idx[:, 0], counts[:, 0], sm_scale=576 ** -0.5,
-                                                          tiles=v))
+                ms = bench(lambda: kernel(q, kv, idx[:, 0], counts[:, 0], sm_scale=576 ** -0.5, tiles=v))
             except Exception as e:  # noqa: BLE001
                 row("mla", name, None, f"failed: {e!r}"[:300])
                 continue

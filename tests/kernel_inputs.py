@@ -39,3 +39,37 @@ def random_qkv(B, S, T, Hq, Hkv, Dqk, Dv, dtype, device="cpu", mla_absorbed=Fals
     k = torch.randn(B, T, Hkv, Dqk, device=device).to(dtype)
     v = k[..., :Dv] if mla_absorbed else torch.randn(B, T, Hkv, Dv, device=device).to(dtype)
     return q, k, v
+
+
+def check_mla_token_kernel(kernel, B: int, S: int, T: int, H: int, kmax: int, dtype: torch.dtype, tiles, *,
+                           same_without_lse: bool = False) -> None:
+    """A Hopper MLA token kernel (`kernel(q, kv, idx, counts, ...)`, the `mla_token.py` contract) on fresh
+    random inputs (seed printed) against `sparse_attention_reference` in fp64: the output, the lse and
+    an empty row (zeros, lse -inf); ragged rows of 0..kmax causal keys. same_without_lse: the call
+    without lse gives the same output bit for bit."""
+    from stem_boost.kernels import sparse_attention_reference
+    from stem_boost.selection import Selection
+
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    print(f"seed={seed}")
+    torch.manual_seed(seed)
+    q = torch.randn(B, S, H, 576, device="cuda").to(dtype)
+    kv = torch.randn(B, T, 1, 576, device="cuda").to(dtype)
+    idx, counts = random_selection(B, 1, S, T, block_size=1, query_block=1, kmax=kmax, device="cuda")
+    counts[0, 0, 0] = 0  # an empty row: zeros, lse -inf
+    idx[0, 0, 0] = -1
+    sel = Selection(idx=idx, counts=counts)
+    want, want_lse = sparse_attention_reference(q.double(), kv.double(), kv[..., :512].double(), sel,
+                                                sm_scale=576 ** -0.5, return_lse=True)
+    got, got_lse = kernel(q, kv, idx[:, 0], counts[:, 0], sm_scale=576 ** -0.5, return_lse=True, tiles=tiles)
+    torch.cuda.synchronize()
+    assert got.shape == (B, S, H, 512) and got.dtype == dtype
+    err = float((got.double() - want).norm() / want.norm())
+    assert err < 1e-2, f"seed={seed} rel err {err}"
+    live = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(got_lse), live), f"seed={seed}"
+    assert float((got_lse[live].double() - want_lse[live]).abs().max()) < 1e-2, f"seed={seed}"
+    assert bool((got[0, 0] == 0).all())
+    if same_without_lse:
+        again = kernel(q, kv, idx[:, 0], counts[:, 0], sm_scale=576 ** -0.5, tiles=tiles)
+        assert torch.equal(again, got), f"seed={seed}"

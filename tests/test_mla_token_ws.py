@@ -7,9 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stem_boost.kernels import sparse_attention_reference
-from stem_boost.selection import Selection
-from tests.kernel_inputs import random_selection
+from tests.kernel_inputs import check_mla_token_kernel
 
 pytestmark = [
     pytest.mark.gpu,
@@ -27,30 +25,7 @@ pytestmark = [
 def test_ws_mla_token_matches_reference(B, S, T, H, kmax, dtype, tiles):
     from stem_boost.kernels.mla_token_ws import mla_token_attention_ws
 
-    seed = int(torch.randint(0, 2**31 - 1, (1,)))
-    print(f"seed={seed}")
-    torch.manual_seed(seed)
-    q = torch.randn(B, S, H, 576, device="cuda").to(dtype)
-    kv = torch.randn(B, T, 1, 576, device="cuda").to(dtype)
-    idx, counts = random_selection(B, 1, S, T, block_size=1, query_block=1, kmax=kmax, device="cuda")
-    counts[0, 0, 0] = 0  # an empty row: zeros, lse -inf
-    idx[0, 0, 0] = -1
-    sel = Selection(idx=idx, counts=counts)
-    want, want_lse = sparse_attention_reference(q.double(), kv.double(), kv[..., :512].double(), sel,
-                                                sm_scale=576 ** -0.5, return_lse=True)
-    got, got_lse = mla_token_attention_ws(q, kv, idx[:, 0], counts[:, 0], sm_scale=576 ** -0.5,
-                                          return_lse=True, tiles=tiles)
-    torch.cuda.synchronize()
-    assert got.shape == (B, S, H, 512) and got.dtype == dtype
-    err = float((got.double() - want).norm() / want.norm())
-    assert err < 1e-2, f"seed={seed} rel err {err}"
-    live = torch.isfinite(want_lse)
-    assert torch.equal(torch.isfinite(got_lse), live), f"seed={seed}"
-    assert float((got_lse[live].double() - want_lse[live]).abs().max()) < 1e-2, f"seed={seed}"
-    assert bool((got[0, 0] == 0).all())
-    # without lse: the same output
-    again = mla_token_attention_ws(q, kv, idx[:, 0], counts[:, 0], sm_scale=576 ** -0.5, tiles=tiles)
-    assert torch.equal(again, got), f"seed={seed}"
+    check_mla_token_kernel(mla_token_attention_ws, B, S, T, H, kmax, dtype, tiles, same_without_lse=True)
 
 
 def test_ws_rejects_unknown_tiles_and_other_widths():

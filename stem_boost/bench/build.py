@@ -187,28 +187,22 @@ def mla_experimental_case(S: int = 64, T: int = 4096) -> BuildCase:
     return BuildCase("mla token split", "the heads-on-M MLA kernel with the value width split (mla_token.py)", run)
 
 
-def mla_sm90_case(S: int = 64, T: int = 4096) -> BuildCase:
+def mla_gluon_case(kernel: str, S: int = 64, T: int = 4096) -> BuildCase:
+    """A Hopper MLA token kernel in Gluon, 128 heads: "sm90" (mla_token_sm90.py, the 128-key tile) or
+    "ws" (mla_token_ws.py, warp-specialised: the route)."""
     from ..kernels.mla_token_sm90 import mla_token_attention_sm90
-
-    def run():
-        q = torch.randn(1, S, 128, 576, dtype=BF16)
-        kv = torch.randn(1, T, 1, 576, dtype=BF16)
-        idx, counts = _lists(1, 1, S, 2048, T, query_block=1)
-        mla_token_attention_sm90(q, kv, idx[:, 0], counts[:, 0], return_lse=True)
-
-    return BuildCase("mla token sm90", "the Hopper MLA token kernel in Gluon (mla_token_sm90.py), 128 heads", run)
-
-
-def mla_ws_case(S: int = 64, T: int = 4096) -> BuildCase:
     from ..kernels.mla_token_ws import mla_token_attention_ws
 
+    fn, what = {"sm90": (mla_token_attention_sm90, "the Hopper MLA token kernel in Gluon (mla_token_sm90.py)"),
+                "ws": (mla_token_attention_ws, "the warp-specialised Hopper MLA token kernel (mla_token_ws.py)")}[kernel]
+
     def run():
         q = torch.randn(1, S, 128, 576, dtype=BF16)
         kv = torch.randn(1, T, 1, 576, dtype=BF16)
         idx, counts = _lists(1, 1, S, 2048, T, query_block=1)
-        mla_token_attention_ws(q, kv, idx[:, 0], counts[:, 0], return_lse=True)
+        fn(q, kv, idx[:, 0], counts[:, 0], return_lse=True)
 
-    return BuildCase("mla token ws", "the warp-specialised Hopper MLA token kernel (mla_token_ws.py), 128 heads", run)
+    return BuildCase(f"mla token {kernel}", f"{what}, 128 heads", run)
 
 
 def gqa_token_case() -> BuildCase:
@@ -243,7 +237,7 @@ def all_cases() -> list[BuildCase]:
         select_g3_case(), stage1_case(),
         indexer_case("bfloat16"), indexer_case("fp8"), indexer_case("fp8", head_dim=32), indexer_case("bfloat16", stem=True),
         stem_cut_case(), sampled_topk_case(),
-        mla_case(), mla_case(heads=64), mla_experimental_case(), mla_sm90_case(), mla_ws_case(), gqa_token_case(), rope_case(),
+        mla_case(), mla_case(heads=64), mla_experimental_case(), mla_gluon_case("sm90"), mla_gluon_case("ws"), gqa_token_case(), rope_case(),
     ]
 
 

@@ -302,34 +302,6 @@ def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh
         gl.store(lse_ptr + hs * stride_lh, lse, mask=hs < H)
 
 
-# consumer 0 with and without the next step's S queued early (EARLY_QK_L is fixed per function)
-@gluon.jit
-def _consumer_0(T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh,
-                q_l, q_v2, q_r, k_l, k_v2, k_r, p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready,
-                p_1_free, DV: gl.constexpr, CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr):
-    _consumer(0, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh,
-              q_l, q_v2, q_r, k_l, k_v2, k_r, p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready,
-              p_1_free, DV, CAUSAL, RETURN_LSE, False)
-
-
-@gluon.jit
-def _consumer_0_early(T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh,
-                q_l, q_v2, q_r, k_l, k_v2, k_r, p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready,
-                p_1_free, DV: gl.constexpr, CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr):
-    _consumer(0, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh,
-              q_l, q_v2, q_r, k_l, k_v2, k_r, p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready,
-              p_1_free, DV, CAUSAL, RETURN_LSE, True)
-
-
-@gluon.jit
-def _consumer_1(T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh,
-                q_l, q_v2, q_r, k_l, k_v2, k_r, p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready,
-                p_1_free, DV: gl.constexpr, CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr):
-    _consumer(1, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh,
-              q_l, q_v2, q_r, k_l, k_v2, k_r, p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready,
-              p_1_free, DV, CAUSAL, RETURN_LSE, False)
-
-
 @gluon.jit
 def _mla_token_ws_fwd(
     Q, KV, IDX, CNT, O, LSE,
@@ -392,25 +364,18 @@ def _mla_token_ws_fwd(
     mbarrier.init(p_1_free, count=1)
     fence_async_shared()
 
-    # (the argument tuples are written inline: a tuple held in a variable turns its constexprs into values)
-    if EARLY_QK_L:
-        gl.warp_specialize([
-            (_producer, (q_row, stride_qh, h0, H, kv_base, stride_kt, idx_row, count, T, qpos, n_steps, q_l, q_v2, q_r, k_l, k_v2,
-         k_r, positions, q_ready, ready, free, DV, DR, CAUSAL)),
-            (_consumer_0_early, (T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh, q_l, q_v2, q_r, k_l, k_v2, k_r,
-         p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready, p_1_free, DV, CAUSAL, RETURN_LSE)),
-            (_consumer_1, (T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh, q_l, q_v2, q_r, k_l, k_v2, k_r,
-         p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready, p_1_free, DV, CAUSAL, RETURN_LSE)),
-        ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
-    else:
-        gl.warp_specialize([
-            (_producer, (q_row, stride_qh, h0, H, kv_base, stride_kt, idx_row, count, T, qpos, n_steps, q_l, q_v2, q_r, k_l, k_v2,
-         k_r, positions, q_ready, ready, free, DV, DR, CAUSAL)),
-            (_consumer_0, (T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh, q_l, q_v2, q_r, k_l, k_v2, k_r,
-         p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready, p_1_free, DV, CAUSAL, RETURN_LSE)),
-            (_consumer_1, (T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh, q_l, q_v2, q_r, k_l, k_v2, k_r,
-         p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready, p_1_free, DV, CAUSAL, RETURN_LSE)),
-        ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+    # The argument tuples are written inline: a tuple held in a variable turns its constexprs (the
+    # consumer's index, the flags) into runtime values.
+    gl.warp_specialize([
+        (_producer, (q_row, stride_qh, h0, H, kv_base, stride_kt, idx_row, count, T, qpos, n_steps, q_l, q_v2, q_r,
+                     k_l, k_v2, k_r, positions, q_ready, ready, free, DV, DR, CAUSAL)),
+        (_consumer, (0, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh, q_l, q_v2, q_r, k_l,
+                     k_v2, k_r, p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready, p_1_free,
+                     DV, CAUSAL, RETURN_LSE, EARLY_QK_L)),
+        (_consumer, (1, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh, q_l, q_v2, q_r, k_l,
+                     k_v2, k_r, p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready, p_1_free,
+                     DV, CAUSAL, RETURN_LSE, False)),
+    ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
 def mla_token_attention_ws(
