@@ -368,7 +368,8 @@ def main():
     ap.add_argument("--smooth", type=int, nargs="+", default=[0],
                     help="InfLLMv2 hidden-state windows: 0 = i.i.d. positions; W > 1 = neighbours share W - 1 of W draws")
     ap.add_argument("--min-reps", type=int, default=3,
-                    help="timed calls per median at least (5 made a 32K + 128K run of both families outlast 300 s)")
+                    help="timed calls per median at least (5 made a 32K + 128K run of both families outlast 300 s; "
+                         "a 128K Stem / native ratio needs 7: with 3 a median moved by up to 40 ms, BENCHMARKS.md §000000)")
     ap.add_argument("--peers", choices=["all", "main"], default="all",
                     help="DSA parts: 'main' skips the slower peers of the indexer / Stem step (other score dtype, radix "
                          "select, torch.topk, per-head value norms)")
