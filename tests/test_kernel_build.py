@@ -45,7 +45,7 @@ def builds(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("build") / "builds.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(out.parent / "triton_cache")  # a cold build: what a GPU would compile
-    res = subprocess.run([sys.executable, "-m", "stem_boost.bench.build", "--json", str(out)], env=env,
+    res = subprocess.run([sys.executable, "-m", "stem_boost.bench.build", "--json", str(out), "--jobs", "2"], env=env,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     rows = json.loads(out.read_text())["rows"]
@@ -66,7 +66,8 @@ def test_every_case_compiles_for_sm90(builds):
     assert [r for r in builds if "error" in r] == []
     for name, rows in cases.items():
         for r in rows:
-            assert r["registers"] > 0 and r["num_warps"] in (1, 2, 4, 8, 16), (name, r)
+            # 12: a warp-specialised kernel (a producer warpgroup and two consumers)
+            assert r["registers"] > 0 and r["num_warps"] in (1, 2, 4, 8, 12, 16), (name, r)
             assert r["shared_bytes"] <= 227 * 1024, (name, r)  # an H100 / H200 block's shared memory
             assert len(r["code_hash"]) == 16, (name, r)
 

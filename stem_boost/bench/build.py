@@ -241,33 +241,66 @@ def all_cases() -> list[BuildCase]:
     ]
 
 
-def build(cases: list[BuildCase], arch: int = 90, progress: bool = True, dump: str | None = None) -> list[dict]:
-    """Compile every case for sm_`arch`; one row per kernel specialisation (case name first).
-    dump: a folder to write each kernel's TTGIR and PTX to (`<case>.<kernel>.ttgir` / `.ptx`)."""
-    from tqdm.auto import tqdm
-
+def build_case(case: BuildCase, arch: int = 90, dump: str | None = None) -> list[dict]:
+    """Compile one case for sm_`arch`: one row per kernel specialisation (case name first), or one row
+    with "error" where the arch cannot build it (e.g. FP8 before sm_89)."""
     from ..kernels.aot import compile_only
 
-    rows = []
-    for case in tqdm(cases, desc=f"compiling for sm_{arch}", disable=not progress):
-        try:
-            with compile_only(arch, keep_asm=dump is not None) as builds:
-                case.run()
-        except Exception as e:  # a kernel this arch cannot build (e.g. FP8 before sm_89): report, go on
-            lines = [ln for ln in str(e).splitlines() if ln.strip()]
-            rows.append({"case": case.name, "name": "-", "error": f"{type(e).__name__}: {lines[-1] if lines else ''}"})
-            continue
-        if not builds:
-            raise RuntimeError(f"case {case.name!r} launched no Triton kernel")
-        rows += [{"case": case.name, **b.row()} for b in builds]
-        if dump is not None:
-            folder = Path(dump)
-            folder.mkdir(parents=True, exist_ok=True)
-            for n, b in enumerate(builds):
-                stem = f"{case.name.replace(' ', '_')}.{b.name}" + (f".{n}" if len(builds) > 1 else "")
-                for kind, text in b.asm.items():
-                    (folder / f"{stem}.{kind}").write_text(text)
-    return rows
+    try:
+        with compile_only(arch, keep_asm=dump is not None) as builds:
+            case.run()
+    except Exception as e:  # a kernel this arch cannot build: report, go on
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        return [{"case": case.name, "name": "-", "error": f"{type(e).__name__}: {lines[-1] if lines else ''}"}]
+    if not builds:
+        raise RuntimeError(f"case {case.name!r} launched no Triton kernel")
+    if dump is not None:
+        folder = Path(dump)
+        folder.mkdir(parents=True, exist_ok=True)
+        for n, b in enumerate(builds):
+            stem = f"{case.name.replace(' ', '_')}.{b.name}" + (f".{n}" if len(builds) > 1 else "")
+            for kind, text in b.asm.items():
+                (folder / f"{stem}.{kind}").write_text(text)
+    return [{"case": case.name, **b.row()} for b in builds]
+
+
+_POOL_CASES: list[BuildCase] = []  # the cases a forked worker of `build(jobs > 1)` compiles by index
+
+
+def _build_in_worker(i: int, arch: int, dump: str | None) -> list[dict]:
+    return build_case(_POOL_CASES[i], arch, dump)
+
+
+def build(cases: list[BuildCase], arch: int = 90, progress: bool = True, dump: str | None = None,
+          jobs: int = 1) -> list[dict]:
+    """Compile every case for sm_`arch`; one row per kernel specialisation (case name first), in the
+    order of `cases`. dump: a folder to write each kernel's TTGIR and PTX to (`<case>.<kernel>.ttgir`
+    / `.ptx`). jobs > 1: that many forked processes (Triton's front end and ptxas are single-threaded:
+    two cores halve the wall time)."""
+    import multiprocessing
+    from functools import partial
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(cases), desc=f"compiling for sm_{arch}", disable=not progress)
+    if jobs <= 1 or len(cases) <= 1:
+        rows = []
+        for case in cases:
+            rows += build_case(case, arch, dump)
+            bar.update()
+        bar.close()
+        return rows
+    _POOL_CASES[:] = cases
+    try:
+        with multiprocessing.get_context("fork").Pool(min(jobs, len(cases))) as pool:
+            per_case = []
+            for r in pool.imap(partial(_build_in_worker, arch=arch, dump=dump), range(len(cases))):
+                per_case.append(r)
+                bar.update()
+    finally:
+        _POOL_CASES.clear()
+        bar.close()
+    return [row for rows in per_case for row in rows]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -323,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--dump", default=None, metavar="DIR", help="write each kernel's TTGIR and PTX into DIR")
+    ap.add_argument("--jobs", type=int, default=1, metavar="N",
+                    help="compile in N processes (default %(default)s; one per core halves the wall time)")
     ap.add_argument("--compare", default=None, metavar="OLD_JSON",
                     help="a --json file of an earlier build: say per kernel whether the code is the same "
                          "(a refactor's check) or what changed")
@@ -342,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
             old = json.load(f)
         if old.get("arch") != args.arch:
             raise SystemExit(f"--compare {args.compare}: built for sm_{old.get('arch')}, this build is sm_{args.arch}")
-    rows = build(cases, args.arch, dump=args.dump)
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs {args.jobs}: must be at least 1")
+    rows = build(cases, args.arch, dump=args.dump, jobs=args.jobs)
     print(format_table(rows))
     if old is not None:
         print()
