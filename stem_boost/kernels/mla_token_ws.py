@@ -19,14 +19,19 @@ heads, 12 warps) splits into three partitions (`gl.warp_specialize`):
 The tile is held as two 64-key blocks, each split into L (latent columns 0..255) and R (columns
 256..511 and the 64 rope columns); a quarter is (block, half). Per step, consumer c:
   1. S_c [64 heads, 64 keys] = Q K_c^T (3 wgmma: q_L K_L^T + q_V2 K_V2^T + q_rope K_rope^T)
-  2. its row max to shared memory, the other's read back: both hold the same running max M
-  3. P_c = exp2(S_c - M), O_c *= exp2(M_old - M), O_c += P_c V_c[:, own half] (P from registers)
-  4. P_c to shared memory for the other consumer (P_0 over block 0's rope columns, dead by then)
-  5. O_c += P_other V_other[:, own half] (P from shared memory)
-A quarter is released when its last reader is done: block 0 L by consumer 0 alone, block 1 R by
-consumer 1 alone, block 0 R and block 1 L by both (one reads it for S, the other for P V); the
-producer refills them in that order, so the next step's gather runs under this step's products.
-Row sums stay per consumer until the end. Shared memory: Q 72 KB + two blocks 144 KB + P_1 8 KB.
+  2. the running max, one way: consumer 0 publishes m_0 = max(m, rowmax S_0) and goes on; consumer 1
+     takes m_1 = max(m_0, rowmax S_1) and publishes it back
+  3. P_c = exp2(S_c - m_c), O_c *= exp2(m_old - m_c), O_c += P_c V_c[:, own half]
+  4. consumer 0 rescales O_0, its row sums and P_0 by exp2(m_0 - m_1) once m_1 is known; each P_c
+     goes to shared memory for the other consumer (P_0 over block 0's rope columns, dead by then)
+  5. O_c += P_other V_other[:, own half]
+Both products read P from shared memory (P from registers spilled more). A quarter is released when
+its last reader is done: block 0 L by consumer 0 alone, block 1 R by consumer 1 alone, block 0 R and
+block 1 L by both (one reads it for S, the other for P V); the producer refills them in that order,
+so the next step's gather runs under this step's products. The key positions of a step are staged
+in shared memory a step ahead (the consumers mask S with them). Row sums stay per consumer until
+the end. Shared memory: Q 72 KB + two blocks 144 KB + P_1 8 KB + positions: 226 KB. Measured on an
+H200: 373 TFLOP/s at 131072 keys, 399 at 32768 (BENCHMARKS.md §000000).
 
 Only for CUDA tensors on sm_90 (Gluon has no CPU interpreter); `mla_token.py` is the portable path.
 """
