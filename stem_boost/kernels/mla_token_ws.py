@@ -25,7 +25,8 @@ The tile is held as two 64-key blocks, each split into L (latent columns 0..255)
   4. consumer 0 rescales O_0, its row sums and P_0 by exp2(m_0 - m_1) once m_1 is known; each P_c
      goes to shared memory for the other consumer (P_0 over block 0's rope columns, dead by then)
   5. O_c += P_other V_other[:, own half]
-Both products read P from shared memory (P from registers spilled more). A quarter is released when
+Both products read P from shared memory (P from registers for the own
+product, FlashMLA's choice, compiled to as many spills and was not timed). A quarter is released when
 its last reader is done: block 0 L by consumer 0 alone, block 1 R by consumer 1 alone, block 0 R and
 block 1 L by both (one reads it for S, the other for P V); the producer refills them in that order,
 so the next step's gather runs under this step's products. The key positions of a step are staged
