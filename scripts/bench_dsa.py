@@ -16,7 +16,8 @@ Sections (each starts with a correctness check on fresh random inputs, seed prin
            the fused Triton pass vs the PyTorch definition (five fp32 passes); same e4m3 codes on
            >= 99.9% of entries, and the FP8 scores of the chunk with either.
   lengths  the default MLA route at uniform row lengths (`--lengths`), a least-squares fit of time =
-           fixed + per_key * L: the fixed part is what a row pays whatever its budget.
+           fixed + per_key * L: the fixed part is what a row pays whatever its budget; peer on Hopper:
+           the 128-key Gluon tile (`mla_token_sm90.py`).
   indexer  the lightning indexer of one chunk of query rows at the end of a long sequence (64 heads x
            128): current `chunked_index_topk` (bf16 fused scores + int64 top-k) vs the fused bf16 /
            FP8 scores (causal tail unwritten) + `topk_rows(valid_len=)`; top-2048 overlap of the bf16
@@ -324,10 +325,10 @@ def section_lengths(args, res: dict) -> None:
         times.append(ms)
         res["lengths"][str(L)] = dict(ms=ms, tflops=flop / ms / 1e9, mean_count=lengths[-1])
         row("lengths", f"H{H} rows of {L} keys", ms, f"{flop / ms / 1e9:.0f} TFLOP/s")
-        if supports_sm90(q, 512):  # the warp-specialised kernel beside the route, same lists
-            ms_ws = bench(lambda: mla_token_attention_ws(q, kv, idx[:, 0], counts[:, 0], sm_scale=576 ** -0.5))
-            res["lengths"][str(L)].update(ws_ms=ms_ws, ws_tflops=flop / ms_ws / 1e9)
-            row("lengths", f"H{H} rows of {L} keys, warp-specialised", ms_ws, f"{flop / ms_ws / 1e9:.0f} TFLOP/s")
+        if supports_sm90(q, 512):  # the route is the warp-specialised kernel: the 128-key tile beside it, same lists
+            ms_tile = bench(lambda: mla_token_attention_sm90(q, kv, idx[:, 0], counts[:, 0], sm_scale=576 ** -0.5))
+            res["lengths"][str(L)].update(tile128_ms=ms_tile, tile128_tflops=flop / ms_tile / 1e9)
+            row("lengths", f"H{H} rows of {L} keys, 128-key tile (peer)", ms_tile, f"{flop / ms_tile / 1e9:.0f} TFLOP/s")
     if len(lengths) >= 2:
         x = torch.tensor(lengths, dtype=torch.float64)
         y = torch.tensor(times, dtype=torch.float64)

@@ -45,8 +45,8 @@ def builds(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("build") / "builds.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(out.parent / "triton_cache")  # a cold build: what a GPU would compile
-    res = subprocess.run([sys.executable, "-m", "stem_boost.bench.build", "--json", str(out), "--jobs", "2"], env=env,
-                         capture_output=True, text=True, timeout=900)
+    res = subprocess.run([sys.executable, "-m", "stem_boost.bench.build", "--json", str(out), "--jobs", "2"],
+                         env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     rows = json.loads(out.read_text())["rows"]
     assert json.loads(out.read_text())["arch"] == 90

@@ -237,7 +237,8 @@ def all_cases() -> list[BuildCase]:
         select_g3_case(), stage1_case(),
         indexer_case("bfloat16"), indexer_case("fp8"), indexer_case("fp8", head_dim=32), indexer_case("bfloat16", stem=True),
         stem_cut_case(), sampled_topk_case(),
-        mla_case(), mla_case(heads=64), mla_experimental_case(), mla_gluon_case("sm90"), mla_gluon_case("ws"), gqa_token_case(), rope_case(),
+        mla_case(), mla_case(heads=64), mla_experimental_case(), mla_gluon_case("sm90"), mla_gluon_case("ws"),
+        gqa_token_case(), rope_case(),
     ]
 
 

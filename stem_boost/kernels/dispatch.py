@@ -59,7 +59,8 @@ except Exception:  # pragma: no cover - Triton without a Gluon that this kernel 
 # `triton_sparse.py` both run BLOCK_N = 64).
 TOKEN_TILE_N = 64
 # The step that every token-list executor's steps divide: the Hopper MLA kernel (`mla_token_ws.py`)
-# takes 128 keys a step, so a row of 128 m + 1 entries costs m + 1 full steps there. TPD budgets on token lists are rounded to it (`boost.token_budget_step`).
+# takes 128 keys a step, so a row of 128 m + 1 entries costs m + 1 full steps there. TPD budgets on
+# token lists are rounded to it (`boost.token_budget_step`).
 TOKEN_KEY_STEP = 128
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -68,6 +68,15 @@ Q_K1L = gl.constexpr(3)  # block 1, latent columns 0..255: consumer 1 (S), consu
 
 
 @gluon.jit
+def _valid_keys(pos, T, qpos, CAUSAL: gl.constexpr):
+    """Which key positions name a real key the query may see: in [0, T), and at or before qpos if causal."""
+    ok = (pos >= 0) & (pos < T)
+    if CAUSAL:
+        ok = ok & (pos <= qpos)
+    return ok
+
+
+@gluon.jit
 def _copy_rows(dst, row_ptrs, col0, layout: gl.constexpr, COLS: gl.constexpr):
     """cp.async row_ptrs[r][col0:col0 + COLS] into dst [R, COLS] (row_ptrs [R] in SliceLayout(1, layout))."""
     d = col0 + gl.arange(0, COLS, layout=gl.SliceLayout(0, layout))
@@ -84,9 +93,7 @@ def _gather_block(dst, positions, kv_base, stride_kt, T, qpos, col0, layout: gl.
     rows: gl.constexpr = gl.SliceLayout(1, layout)
     for r0 in gl.static_range(0, 64, 16):
         pos = positions.slice(r0, 16).load(rows)
-        ok = (pos >= 0) & (pos < T)
-        if CAUSAL:
-            ok = ok & (pos <= qpos)
+        ok = _valid_keys(pos, T, qpos, CAUSAL)
         _copy_rows(dst.slice(r0, 16, dim=0), kv_base + gl.where(ok, pos, 0).to(gl.int64) * stride_kt, col0,
                    layout, COLS)
 
@@ -153,10 +160,7 @@ def _release(bar):
 @gluon.jit
 def _masked_scores(qk, kpos, T, qpos, qk_scale_log2, CAUSAL: gl.constexpr):
     """S in log2 units, -inf where the slot holds no valid key (past count, out of range, after qpos)."""
-    k_ok = (kpos >= 0) & (kpos < T)
-    if CAUSAL:
-        k_ok = k_ok & (kpos <= qpos)
-    return gl.where(k_ok[None, :], qk * qk_scale_log2, float("-inf"))
+    return gl.where(_valid_keys(kpos, T, qpos, CAUSAL)[None, :], qk * qk_scale_log2, float("-inf"))
 
 
 @gluon.jit
