@@ -112,7 +112,8 @@ def section_topk(args, res: dict) -> None:
     ok = True
     for kw in (dict(), dict(key_bias=bias, budgets=bud, valid_len=vl)):
         want = topk_rows_reference(s, k, **kw)
-        for bits, extra in ((8, {}), (11, {}), (8, dict(block=1024, stages=3)), (8, dict(method="sampled"))):
+        for bits, extra in ((8, {}), (11, {}), (8, dict(block=1024, stages=3)), (8, dict(method="sampled")),
+                            (8, dict(method="warp")), (8, dict(method="warp", samples=2048, num_warps=4))):
             got = topk_rows(s, k, bits=bits, **extra, **kw)
             ok &= torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     res["topk_correct"] = ok
@@ -164,10 +165,19 @@ def section_topk(args, res: dict) -> None:
             continue
         res["topk"][name] = dict(plain=ms, stem=ms_stem, stem_causal_rows=ms_causal)
         row("topk", name, ms, f"{gb / ms:.0f} GB/s; +Stem {ms_stem:.3f} ms; +Stem causal rows {ms_causal:.3f} ms")
-    # the sampled threshold + one read of each row (exact; a row whose sample misses takes the radix select)
-    for block, warps, stages in [(2048, 8, 1), (2048, 8, 2), (4096, 8, 1), (4096, 8, 2), (1024, 4, 1), (2048, 4, 2)]:
-        name = f"topk_rows sampled (capacity 4096, block {block}, {warps} warps, stages {stages})"
-        kw = dict(method="sampled", stages=stages, block=block, num_warps=warps)
+    # the sampled threshold + one read of each row (exact; a row whose sample misses takes the radix
+    # select): one row a program ("sampled") or one row a warp ("warp"); the first of each is its default
+    variants = [(f"sampled (capacity 4096, block {block}, {warps} warps, stages {stages})",
+                 dict(method="sampled", stages=stages, block=block, num_warps=warps))
+                for block, warps, stages in [(2048, 8, 2), (2048, 8, 1), (4096, 8, 2)]]
+    variants += [(f"warp ({warps} rows a program, block {block}, stages {stages}, {samples} samples)",
+                  dict(method="warp", stages=stages, block=block, num_warps=warps, samples=samples))
+                 for warps, block, stages, samples in [(8, 256, 2, 1024), (8, 256, 2, 2048), (4, 256, 2, 1024),
+                                                       (8, 128, 3, 1024), (8, 512, 1, 1024), (8, 256, 1, 1024),
+                                                       (16, 256, 2, 1024), (4, 128, 2, 512)]]
+    spread = torch.randint(1, T + 1, (1, R), device=dev, dtype=torch.int32)  # rows of a whole causal layer
+    for label, kw in variants:
+        name = f"topk_rows {label}"
         fell_back = torch.zeros(1, R, dtype=torch.int32, device=dev)
         try:
             ms = bench(lambda: topk_rows(scores, k, fell_back=fell_back, **kw))
@@ -175,13 +185,15 @@ def section_topk(args, res: dict) -> None:
             ms_stem = bench(lambda: topk_rows(scores, k, key_bias=bias, budgets=bud, valid_len=full, **kw))
             ms_causal = bench(lambda: topk_rows(scores, k, key_bias=bias, budgets=bud, valid_len=causal, **kw))
             ms_native = bench(lambda: topk_rows(scores, k, valid_len=causal, **kw))  # what the native layer runs
+            ms_spread = bench(lambda: topk_rows(scores, k, valid_len=spread, **kw))
         except Exception as e:  # noqa: BLE001
             row("topk", name, None, f"failed: {e!r}"[:120])
             continue
         res["topk"][name] = dict(plain=ms, stem=ms_stem, stem_causal_rows=ms_causal, causal_rows=ms_native,
-                                 fallback_rate=rate)
-        row("topk", name, ms, f"causal rows {ms_native:.3f} ms; +Stem {ms_stem:.3f} ms; +Stem causal rows "
-                              f"{ms_causal:.3f} ms; radix fallback on {rate:.2%} of rows")
+                                 spread_rows=ms_spread, fallback_rate=rate)
+        row("topk", name, ms, f"causal rows {ms_native:.3f} ms; rows of 1..T keys {ms_spread:.3f} ms; +Stem "
+                              f"{ms_stem:.3f} ms; +Stem causal rows {ms_causal:.3f} ms; radix fallback on "
+                              f"{rate:.2%} of rows")
 
 
 # ------------------------------------------------------------------------------------------- MLA

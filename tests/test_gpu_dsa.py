@@ -18,7 +18,7 @@ def _seed() -> int:
     return seed
 
 
-@pytest.mark.parametrize("bits,method", [(8, "radix"), (11, "radix"), (8, "sampled")])
+@pytest.mark.parametrize("bits,method", [(8, "radix"), (11, "radix"), (8, "sampled"), (8, "warp")])
 def test_gpu_topk_rows_exact_at_64k_keys(bits, method):
     """256 rows x 65536 keys, k 2048, with ties, -inf, OAM bias, budgets and causal limits."""
     from stem_boost.kernels.dsa_topk import topk_rows, topk_rows_reference

@@ -150,19 +150,25 @@ def _row_setup(SCORES, BIAS, BUDGETS, VALID_LEN, IDX, pid, R, T, k, stride_sb, s
 
 @triton.jit
 def _topk_rows_kernel(
-    SCORES, BIAS, BUDGETS, VALID_LEN, IDX, COUNTS,
+    SCORES, BIAS, BUDGETS, VALID_LEN, IDX, COUNTS, FLAGS,
     R, T, k,
     stride_sb, stride_sr, stride_bb, stride_ib, stride_ir,
     HAS_BIAS: tl.constexpr, HAS_BUDGETS: tl.constexpr, HAS_VALID_LEN: tl.constexpr,
     BITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_OUT: tl.constexpr, PASS_STAGES: tl.constexpr = 1,
+    ONLY_FLAGGED: tl.constexpr = False,
 ):
+    """Program: one row, the radix select. ONLY_FLAGGED: only rows with FLAGS[row] != 0 (the rows
+    whose sample missed in `_topk_rows_warp_kernel`); the others return at once."""
     pid = tl.program_id(0)
-    s_row, b_row, i_row, n_keys, want = _row_setup(SCORES, BIAS, BUDGETS, VALID_LEN, IDX, pid, R, T, k, stride_sb,
-                                                   stride_sr, stride_bb, stride_ib, stride_ir, HAS_BUDGETS,
-                                                   HAS_VALID_LEN)
-
-    _radix_select_row(s_row, b_row, i_row, COUNTS, pid, n_keys, want, k, HAS_BIAS, BITS, BLOCK, BLOCK_OUT,
-                      PASS_STAGES)
+    run = True
+    if ONLY_FLAGGED:
+        run = tl.load(FLAGS + pid) != 0
+    if run:
+        s_row, b_row, i_row, n_keys, want = _row_setup(SCORES, BIAS, BUDGETS, VALID_LEN, IDX, pid, R, T, k,
+                                                       stride_sb, stride_sr, stride_bb, stride_ib, stride_ir,
+                                                       HAS_BUDGETS, HAS_VALID_LEN)
+        _radix_select_row(s_row, b_row, i_row, COUNTS, pid, n_keys, want, k, HAS_BIAS, BITS, BLOCK, BLOCK_OUT,
+                          PASS_STAGES)
 
 
 @triton.jit
@@ -239,6 +245,184 @@ def _topk_rows_sampled_kernel(
             tl.store(i_row + out, tl.full([BLOCK_OUT], -1, tl.int32), mask=(out >= count) & (out < k))
 
 
+@triton.jit
+def _row_counts(x):
+    """Per-row totals [ROWS] of a warp-per-row tile x [32, ROWS, C] (lanes, rows, chunks): a sum over
+    the chunks in each thread, then over the lanes of the row's warp (shuffles)."""
+    return tl.sum(tl.sum(x.to(tl.int32), 2), 0)
+
+
+@triton.jit
+def _rows_threshold(key, want, done):
+    """Per row of a warp-per-row tile key [32, ROWS, C] (uint32, 0 where invalid): the bisection of
+    `row_select.rank_threshold`, all rows at once. A row stops at the first prefix with exactly
+    `want` keys at or above it (`done` [ROWS] starts True for rows that need no threshold); the
+    loop ends when every row of the program has stopped, after 32 steps at most. Every candidate
+    prefix has a bit set, so invalid keys (0) never count. Returns the thresholds [ROWS] (uint32)."""
+    thr = tl.zeros_like(want).to(tl.uint32)
+    exact = done.to(tl.int32)
+    i = tl.zeros([], tl.int32)
+    while (i < 32) & (tl.min(exact, 0) == 0):
+        cand = thr | (tl.full([], 1, tl.uint32) << (31 - i).to(tl.uint32))
+        n_ge = _row_counts(key >= cand[None, :, None])
+        move = (n_ge >= want) & (exact == 0)
+        thr = tl.where(move, cand, thr)
+        exact = exact | (move & (n_ge == want)).to(tl.int32)
+        i += 1
+    return thr
+
+
+@triton.jit
+def _rows_compact(take, written):
+    """Slots of the taken entries of a warp-per-row tile take [32, ROWS, C], in position order (key
+    c * 32 + lane of a step), after the `written` [ROWS] entries each row already holds: a scan
+    over the lanes (within the warp) and an exclusive sum over the chunks (within the thread).
+    Returns (slot [32, ROWS, C], how many each row took [ROWS])."""
+    t = take.to(tl.int32)
+    per_chunk = tl.sum(t, 0)[None, :, :]  # [1, ROWS, C], kept 3-D: every scan stays in one layout
+    before = tl.cumsum(per_chunk, 2) - per_chunk
+    slot = written[None, :, None] + before + tl.cumsum(t, 0) - 1
+    return slot, tl.sum(tl.sum(per_chunk, 2), 0)
+
+
+@triton.jit(do_not_specialize=["UNIT"])
+def _topk_rows_warp_kernel(
+    SCORES, BIAS, BUDGETS, VALID_LEN, IDX, COUNTS, BUF_KEY, BUF_POS, FELL_BACK,
+    N_ROWS, R, T, k, UNIT,
+    stride_sb, stride_sr, stride_bb, stride_ib, stride_ir, stride_fr,
+    HAS_BIAS: tl.constexpr, HAS_BUDGETS: tl.constexpr, HAS_VALID_LEN: tl.constexpr,
+    ROWS: tl.constexpr, NR: tl.constexpr, STAGES: tl.constexpr,
+    SAMPLE_CHUNKS: tl.constexpr, GROUP: tl.constexpr, SPACING: tl.constexpr, CAP: tl.constexpr,
+):
+    """Program: ROWS rows, one per warp (num_warps = ROWS), so that every reduction and scan of a
+    row stays inside its warp (shuffles, no block barrier). Tiles are [32, ROWS, chunks]: lane l
+    of the warp of a row holds key l of each 32-key chunk of it. UNIT is 1, passed at run time so
+    that the compiler cannot prove the lanes' addresses contiguous: every load and store then
+    keeps this layout (lanes on the first axis, one warp a row), where a vectorised one would put
+    several warps on a row and route the scans through shared memory. The steps are those of
+    `_topk_rows_sampled_kernel`: (a) a threshold from a sample held in registers, (b) one pass
+    over the row keeps the keys at or above it, with their positions, in the row's buffer of CAP,
+    (c) the exact top-`want` of the buffer by bisection over the buffer, written ascending by
+    position. A row whose sample missed is only flagged (FELL_BACK): `topk_rows` then runs the
+    radix select on the flagged rows."""
+    pid = tl.program_id(0)
+    g = pid * ROWS + tl.arange(0, ROWS)  # flattened row ids b * R + r
+    row_ok = g < N_ROWS
+    b = g // R
+    r = g % R
+    s_row = SCORES + b.to(tl.int64) * stride_sb + r.to(tl.int64) * stride_sr  # [ROWS] pointers
+    b_row = BIAS + b.to(tl.int64) * stride_bb
+    i_row = IDX + b.to(tl.int64) * stride_ib + r.to(tl.int64) * stride_ir
+    n_keys = tl.zeros([ROWS], tl.int32) + T
+    if HAS_VALID_LEN:
+        n_keys = tl.minimum(tl.maximum(tl.load(VALID_LEN + g, mask=row_ok, other=0), 0), T)
+    n_keys = tl.where(row_ok, n_keys, 0)
+    want = tl.zeros([ROWS], tl.int32) + k
+    if HAS_BUDGETS:
+        want = tl.minimum(tl.maximum(tl.load(BUDGETS + g, mask=row_ok, other=0), 0), k)
+    lane = tl.arange(0, 32)[:, None, None] * UNIT  # [32, 1, 1]
+    s3 = s_row[None, :, None]
+    b3 = b_row[None, :, None]
+    n3 = n_keys[None, :, None]
+
+    # (a) the threshold: the rank-th largest sampled key (GROUP consecutive keys every SPACING),
+    # rank = the expected count above the want-th largest key + 3 standard deviations + 4
+    j = tl.arange(0, SAMPLE_CHUNKS)[None, None, :] * 32 + lane  # [32, 1, SC]
+    pos = (j // GROUP) * SPACING + j % GROUP
+    in_sample = pos < n3
+    s_key, s_valid = _ordered_key(s3, b3, pos, in_sample, HAS_BIAS)
+    n_sampled = _row_counts(in_sample)
+    mean = (want * n_sampled).to(tl.float32) / tl.maximum(n_keys, 1).to(tl.float32)
+    rank = tl.ceil(mean + 3.0 * tl.sqrt(mean) + 4.0).to(tl.int32)
+    sampled = (n_keys > CAP) & (rank <= _row_counts(s_valid))
+    thr = _rows_threshold(s_key, rank, sampled == 0)
+    thr = tl.where(sampled, thr, 0)
+
+    # (b) one pass: keys >= thr and their positions, in position order, to each row's buffer
+    buf_k = BUF_KEY + g.to(tl.int64)[None, :, None] * stride_fr
+    buf_p = BUF_POS + g.to(tl.int64)[None, :, None] * stride_fr
+    chunk = tl.arange(0, NR)[None, None, :] * 32 + lane  # [32, 1, NR]
+    written = tl.zeros([ROWS], tl.int32)
+    for start in tl.range(0, tl.max(n_keys, 0), NR * 32, num_stages=STAGES):
+        offs = start + chunk
+        key, valid = _ordered_key(s3, b3, offs, offs < n3, HAS_BIAS)
+        take = valid & (key >= thr[None, :, None])
+        slot, n_take = _rows_compact(take, written)
+        fits = take & (slot < CAP)
+        tl.store(buf_k + slot, key.to(tl.int32, bitcast=True), mask=fits)
+        tl.store(buf_p + slot, offs + tl.zeros_like(slot), mask=fits)
+        written += n_take
+    # thr 0 took every valid key: such a row keeps min(want, #valid). A sampled threshold that took
+    # fewer than `want` keys, or a buffer that overflowed, sends the row to the radix select.
+    want = tl.where((thr == 0) & (written <= CAP), tl.minimum(want, written), want)
+    fell_back = row_ok & ((written < want) | (written > CAP))
+    tl.store(FELL_BACK + g, fell_back.to(tl.int32), mask=row_ok)
+    n_buf = tl.where(fell_back | (row_ok == 0), 0, written)
+    nb3 = n_buf[None, :, None]
+    tl.debug_barrier()  # the buffers were written by other threads of each warp
+
+    # (c) the exact top-`want` of each buffer: the bisection over the buffer (loaded a chunk group
+    # at a time), then the keys above the threshold and the first ties at it, ascending by position
+    buf_max = tl.max(n_buf, 0)
+    thr = tl.zeros([ROWS], tl.uint32)
+    exact = (n_buf == 0) | (want == 0)
+    i = tl.zeros([], tl.int32)
+    while (i < 32) & (tl.min(exact.to(tl.int32), 0) == 0):
+        cand = thr | (tl.full([], 1, tl.uint32) << (31 - i).to(tl.uint32))
+        ge = tl.zeros([32, ROWS, NR], tl.int32)
+        for c0 in range(0, buf_max, NR * 32):
+            c = c0 + chunk
+            kk = tl.load(buf_k + c, mask=c < nb3, other=0).to(tl.uint32, bitcast=True)
+            ge += (kk >= cand[None, :, None]).to(tl.int32)
+        n_ge = _row_counts(ge)
+        move = (n_ge >= want) & (exact == 0)
+        thr = tl.where(move, cand, thr)
+        exact = exact | (move & (n_ge == want))
+        i += 1
+    thr = tl.where(want == 0, 0xFFFFFFFF, thr)
+    gt = tl.zeros([32, ROWS, NR], tl.int32)
+    for c0 in range(0, buf_max, NR * 32):
+        c = c0 + chunk
+        kk = tl.load(buf_k + c, mask=c < nb3, other=0).to(tl.uint32, bitcast=True)
+        gt += (kk > thr[None, :, None]).to(tl.int32)
+    need_eq = want - _row_counts(gt)
+    count = tl.zeros([ROWS], tl.int32)
+    eq_seen = tl.zeros([ROWS], tl.int32)
+    o3 = i_row[None, :, None]
+    for c0 in range(0, buf_max, NR * 32):
+        c = c0 + chunk
+        live = c < nb3
+        kk = tl.load(buf_k + c, mask=live, other=0).to(tl.uint32, bitcast=True)
+        eq = live & (kk == thr[None, :, None])
+        eq_slot, n_eq = _rows_compact(eq, eq_seen)  # the tie's rank among the row's ties
+        take = (live & (kk > thr[None, :, None])) | (eq & (eq_slot < need_eq[None, :, None]))
+        slot, n_take = _rows_compact(take, count)
+        tl.store(o3 + slot, tl.load(buf_p + c, mask=take, other=0), mask=take)
+        count += n_take
+        eq_seen += n_eq
+    done = row_ok & (fell_back == 0)
+    tl.store(COUNTS + g, count, mask=done)
+    for o0 in range(0, k, NR * 32):
+        o = o0 + chunk
+        tl.store(o3 + o, tl.full([32, ROWS, NR], -1, tl.int32),
+                 mask=done[None, :, None] & (o >= count[None, :, None]) & (o < k))
+
+
+TOPK_METHODS = ("radix", "sampled", "warp")
+
+
+def warp_topk_capacity(k: int, fraction: float) -> int:
+    """Buffer entries a row needs in `topk_rows(method="warp")` when a `fraction` of its keys is
+    sampled: the threshold is the sample's (m + 3 sqrt(m) + 4)-th largest key (m = k * fraction,
+    the expected count above the k-th largest key), so about that many / fraction keys pass it, with
+    a standard deviation of sqrt(that) / fraction. Room for 4.5 standard deviations more, in whole
+    128-key chunks: a buffer overflows (and its row takes the radix select) in about 1 row in 10^5."""
+    m = k * fraction
+    passing = m + 3.0 * m ** 0.5 + 4.0
+    need = (passing + 4.5 * passing ** 0.5) / fraction
+    return max(128, -(-int(need) // 128) * 128)
+
+
 def topk_rows(
     scores: torch.Tensor,
     k: int,
@@ -251,8 +435,9 @@ def topk_rows(
     num_warps: int = 8,
     stages: int | None = None,
     method: str = "radix",
-    capacity: int = 4096,
+    capacity: int | None = None,
     fell_back: torch.Tensor | None = None,
+    samples: int = 2048,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k key positions of every row of `scores`, ascending by position, with Stem's step inside.
 
@@ -270,12 +455,16 @@ def topk_rows(
     through shared memory at the cost of registers; default: 2 for "sampled" without a key bias,
     else 1 — H200, 8192 rows x 65536 keys: sampled 3.4 ms at 2 stages vs 4.1 at 1, but with the
     bias's second load stream 5.7 vs 3.9; the radix select is fastest at 1).
-    method: "radix" (the radix select above: about five reads of each row) or "sampled" (a
+    method: "radix" (the radix select above: about five reads of each row), "sampled" (a
     threshold from a 1/32 sample, then one read of the row that keeps the keys above it in a buffer
     of `capacity` per row, and the exact top-k of that buffer; a row whose sample misses takes the
-    radix select: the result is the same set either way). For k = 2048 the buffer receives about
-    2900 +- 300 keys: the default capacity 4096 overflows in about 1 row in 10^4. The buffers cost B * R * capacity * 8 bytes.
-    fell_back: optional int32 [B, R], filled by "sampled" with 1 where a row took the radix select.
+    radix select: the result is the same set either way; for k = 2048 the buffer receives about
+    2900 +- 300 keys: the default capacity 4096 overflows in about 1 row in 10^4) or "warp" (the
+    same steps with one row a warp, `num_warps` rows a program, so that no step of a row waits at a
+    block barrier; at most `samples` sampled keys a row, held in registers; `block` keys a row a
+    step (default 256); `capacity` default `warp_topk_capacity`; the rows whose sample missed take
+    the radix select in a second launch). The buffers cost B * R * capacity * 8 bytes.
+    fell_back: optional int32 [B, R], filled by "sampled" / "warp" with 1 where a row took the radix select.
     """
     if scores.dim() != 3:
         raise ValueError(f"scores must be [B, R, T]; got {tuple(scores.shape)}")
@@ -304,13 +493,55 @@ def topk_rows(
             raise ValueError(f"{name} must be [B={B}, R={R}]; got {tuple(t.shape)}")
     budgets = budgets.to(device=device, dtype=torch.int32).contiguous() if budgets is not None else None
     valid_len = valid_len.to(device=device, dtype=torch.int32).contiguous() if valid_len is not None else None
-    if method not in ("radix", "sampled"):
-        raise ValueError(f"method={method!r}; allowed: 'radix', 'sampled'")
+    if method not in TOPK_METHODS:
+        raise ValueError(f"method={method!r}; allowed: {', '.join(map(repr, TOPK_METHODS))}")
+    if fell_back is not None and (fell_back.shape != (B, R) or fell_back.dtype != torch.int32
+                                  or not fell_back.is_contiguous()):
+        raise ValueError(f"fell_back must be a contiguous int32 [B={B}, R={R}] tensor; got "
+                         f"{fell_back.dtype} {tuple(fell_back.shape)}")
+    has = dict(HAS_BIAS=key_bias is not None, HAS_BUDGETS=budgets is not None, HAS_VALID_LEN=valid_len is not None)
+    row_args = (scores, key_bias if key_bias is not None else scores, budgets if budgets is not None else counts,
+                valid_len if valid_len is not None else counts, idx, counts)
+    strides = (scores.stride(0), scores.stride(1), key_bias.stride(0) if key_bias is not None else 0,
+               idx.stride(0), idx.stride(1))
+    block_out = min(1024, triton.next_power_of_2(k))
+
+    def radix(flags: torch.Tensor | None, radix_block: int, radix_stages: int, warps: int) -> None:
+        """The radix select on every row, or only on the rows with flags != 0."""
+        _topk_rows_kernel[(B * R,)](
+            *row_args, flags if flags is not None else counts, R, T, k, *strides, **has, BITS=bits,
+            BLOCK=min(radix_block, triton.next_power_of_2(max(T, 16))), BLOCK_OUT=block_out,
+            PASS_STAGES=radix_stages, ONLY_FLAGGED=flags is not None, num_warps=warps)
+
+    if method == "warp":
+        if num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps={num_warps}; allowed for method='warp' (one row a warp): 1, 2, 4, 8, 16")
+        block = block or 256
+        if block < 32 or block & (block - 1):
+            raise ValueError(f"block={block}; allowed for method='warp': a power of two >= 32 (keys a row a step)")
+        if samples < 32 or samples & (samples - 1):
+            raise ValueError(f"samples={samples}; allowed: a power of two >= 32")
+        group = 8  # 8 consecutive keys (one 32-byte sector) every `spacing`: at most `samples` keys a row
+        spacing = max(256, -(-T // (samples // group) // group) * group)
+        sample_chunks = max(1, min(samples, triton.next_power_of_2(-(-T // spacing) * group)) // 32)
+        capacity = capacity or warp_topk_capacity(k, group / spacing)
+        if capacity < 16:
+            raise ValueError(f"capacity={capacity}; allowed: >= 16")
+        buf_key = torch.empty(B * R, capacity, dtype=torch.int32, device=device)
+        buf_pos = torch.empty_like(buf_key)
+        flags = fell_back if fell_back is not None else torch.empty(B, R, dtype=torch.int32, device=device)
+        _topk_rows_warp_kernel[(triton.cdiv(B * R, num_warps),)](
+            *row_args, buf_key, buf_pos, flags, B * R, R, T, k, 1, *strides, buf_key.stride(0), **has,
+            ROWS=num_warps, NR=block // 32, STAGES=2 if stages is None else stages, SAMPLE_CHUNKS=sample_chunks,
+            GROUP=group, SPACING=spacing, CAP=capacity, num_warps=num_warps)
+        radix(flags, 4096, 1, 8)  # the rows whose sample missed (about 1 in 10^3); the others return at once
+        return idx, counts
     block = block or (2048 if method == "sampled" else 4096)
     if stages is None:
         stages = 2 if method == "sampled" and key_bias is None else 1
     block = min(block, triton.next_power_of_2(max(T, 16)))
     if method == "sampled":
+        capacity = capacity or 4096
         if capacity < 16 or capacity & (capacity - 1):
             raise ValueError(f"capacity={capacity}; allowed: a power of two >= 16")
         group, spacing = 8, 256  # 8 consecutive keys (one 32-byte sector) every 256: 1/32 of the row
@@ -319,29 +550,13 @@ def topk_rows(
         buf_pos = torch.empty_like(buf_key)
         if fell_back is None:
             fell_back = torch.empty(B, R, dtype=torch.int32, device=device)
-        elif fell_back.shape != (B, R) or fell_back.dtype != torch.int32 or not fell_back.is_contiguous():
-            raise ValueError(f"fell_back must be a contiguous int32 [B={B}, R={R}] tensor; got "
-                             f"{fell_back.dtype} {tuple(fell_back.shape)}")
         _topk_rows_sampled_kernel[(B * R,)](
-            scores, key_bias if key_bias is not None else scores, budgets if budgets is not None else counts,
-            valid_len if valid_len is not None else counts, idx, counts, buf_key, buf_pos, fell_back,
-            R, T, k,
-            scores.stride(0), scores.stride(1), key_bias.stride(0) if key_bias is not None else 0,
-            idx.stride(0), idx.stride(1), buf_key.stride(0),
-            HAS_BIAS=key_bias is not None, HAS_BUDGETS=budgets is not None, HAS_VALID_LEN=valid_len is not None,
-            BITS=bits, BLOCK=block, BLOCK_OUT=min(1024, triton.next_power_of_2(k)), PASS_STAGES=stages,
+            *row_args, buf_key, buf_pos, fell_back, R, T, k, *strides, buf_key.stride(0), **has,
+            BITS=bits, BLOCK=block, BLOCK_OUT=block_out, PASS_STAGES=stages,
             N_SAMPLE=n_sample, GROUP=group, SPACING=spacing, CAP=capacity, num_warps=num_warps,
         )
         return idx, counts
-    _topk_rows_kernel[(B * R,)](
-        scores, key_bias if key_bias is not None else scores, budgets if budgets is not None else counts,
-        valid_len if valid_len is not None else counts, idx, counts,
-        R, T, k,
-        scores.stride(0), scores.stride(1), key_bias.stride(0) if key_bias is not None else 0,
-        idx.stride(0), idx.stride(1),
-        HAS_BIAS=key_bias is not None, HAS_BUDGETS=budgets is not None, HAS_VALID_LEN=valid_len is not None,
-        BITS=bits, BLOCK=block, BLOCK_OUT=min(1024, triton.next_power_of_2(k)), PASS_STAGES=stages, num_warps=num_warps,
-    )
+    radix(None, block, stages, num_warps)
     return idx, counts
 
 
