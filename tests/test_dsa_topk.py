@@ -156,15 +156,18 @@ def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads):
                 assert (idx[b, h, r, n:] == -1).all()
 
 
+@pytest.mark.parametrize("method", ["sampled", "warp"])
 @pytest.mark.parametrize("T,k,capacity,path", [
     (20000, 64, 2048, "buffer"),    # the sample's threshold holds: every row takes the buffer
     (700, 30, 1024, "buffer"),      # the whole row fits the buffer: no sample at all
     (700, 650, 1024, "buffer"),     # ... and keeps all its valid keys where they are fewer than k
     (4000, 300, 256, "radix"),      # k > capacity: every row takes the radix select
 ])
-def test_topk_rows_sampled_is_exact_on_both_paths(seed, T, k, capacity, path):
-    """`method="sampled"` keeps the reference's set (ties, -inf, OAM bias, budgets, causal limits),
-    through its buffer or, when the sample misses, through the radix select (`fell_back` says which)."""
+def test_topk_rows_sampled_is_exact_on_both_paths(seed, T, k, capacity, path, method):
+    """`method="sampled"` (one row a program) and `"warp"` (one row a warp, here 4 rows a program
+    over 6 rows: the second program half empty) keep the reference's set (ties, -inf, OAM bias,
+    budgets, causal limits), through the buffer or, when the sample misses, through the radix
+    select (`fell_back` says which)."""
     from stem_boost.kernels.dsa_topk import topk_rows, topk_rows_reference
 
     gen = torch.Generator().manual_seed(seed)
@@ -175,7 +178,8 @@ def test_topk_rows_sampled_is_exact_on_both_paths(seed, T, k, capacity, path):
               valid_len=torch.randint(T // 2, T + 1, (B, R), generator=gen, dtype=torch.int32))
     for args in (dict(), kw):
         fell_back = torch.full((B, R), -1, dtype=torch.int32)
-        got = topk_rows(s, k, method="sampled", capacity=capacity, block=256, fell_back=fell_back, **args)
+        tiles = dict(block=256) if method == "sampled" else dict(block=64, num_warps=4)
+        got = topk_rows(s, k, method=method, capacity=capacity, fell_back=fell_back, **tiles, **args)
         want = topk_rows_reference(s, k, **args)
         assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
         assert bool((fell_back == (1 if path == "radix" else 0)).all()), fell_back

@@ -34,11 +34,18 @@ candidates (OAM bias gathered at their keys, the row's budget by bisection) in o
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from .row_select import keep_largest, ordered_u32, rank_threshold
+
+
+def interpreting() -> bool:
+    """True under Triton's CPU interpreter (TRITON_INTERPRET=1), which runs no inline PTX."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -273,16 +280,60 @@ def _rows_threshold(key, want, done):
 
 
 @triton.jit
-def _rows_compact(take, written):
-    """Slots of the taken entries of a warp-per-row tile take [32, ROWS, C], in position order (key
-    c * 32 + lane of a step), after the `written` [ROWS] entries each row already holds: a scan
-    over the lanes (within the warp) and an exclusive sum over the chunks (within the thread).
-    Returns (slot [32, ROWS, C], how many each row took [ROWS])."""
+def _lane_ranks(take, BALLOT: tl.constexpr):
+    """For a warp-per-row tile take [32, ROWS, C] (lane l of a row's warp holds key l of each
+    32-key chunk): how many keys before each lane's in its chunk are taken, and how many the whole
+    chunk takes (the same in every lane), both [32, ROWS, C] int32. BALLOT (compiled CUDA): one
+    warp vote and two population counts a chunk; else (the CPU interpreter) a scan and a sum over
+    the lanes, the same numbers."""
     t = take.to(tl.int32)
-    per_chunk = tl.sum(t, 0)[None, :, :]  # [1, ROWS, C], kept 3-D: every scan stays in one layout
-    before = tl.cumsum(per_chunk, 2) - per_chunk
-    slot = written[None, :, None] + before + tl.cumsum(t, 0) - 1
-    return slot, tl.sum(tl.sum(per_chunk, 2), 0)
+    if BALLOT:
+        before, total = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .pred p;
+            .reg .b32 m, lt;
+            setp.ne.b32 p, $2, 0;
+            vote.sync.ballot.b32 m, p, 0xffffffff;
+            mov.u32 lt, %lanemask_lt;
+            and.b32 lt, lt, m;
+            popc.b32 $0, lt;
+            popc.b32 $1, m;
+            }""",
+            constraints="=r,=r,r", args=[t], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        before = tl.cumsum(t, 0) - t
+        total = tl.sum(t, 0)[None, :, :] + tl.zeros_like(t)
+    return before, total
+
+
+@triton.jit
+def _rows_compact(take, written, BALLOT: tl.constexpr):
+    """Slots of the taken entries of a warp-per-row tile take [32, ROWS, C], in position order (key
+    c * 32 + lane of a step), after the `written` [32, ROWS, 1] entries each row already holds (the
+    same in every lane). Returns (slot [32, ROWS, C], written + what the tile took [32, ROWS, 1]):
+    nothing crosses a lane but the vote (or the interpreter's scan) of `_lane_ranks`."""
+    before, total = _lane_ranks(take, BALLOT)
+    chunks_before = tl.cumsum(total, 2) - total  # within the thread
+    return written + chunks_before + before, written + tl.sum(total, 2, keep_dims=True)
+
+
+@triton.jit
+def _scores_at(S, B_ROW, offs, in_row, HAS_BIAS: tl.constexpr):
+    """Scores (+ bias) at `offs` as fp32, -inf outside the row: the loads of `_ordered_key`, apart
+    so that the main pass can issue a step's loads one step ahead."""
+    s = tl.load(S + offs, mask=in_row, other=float("-inf")).to(tl.float32)
+    if HAS_BIAS:
+        s = s + tl.load(B_ROW + offs, mask=in_row, other=0.0).to(tl.float32)
+    return s
+
+
+@triton.jit
+def _key_of(s):
+    """The order-preserving uint32 image of fp32 scores s, 0 for -inf and NaN (never selected):
+    bits ^ 0x80000000 for s >= 0, ~bits below (-0.0 taken as +0.0)."""
+    bits = (s + 0.0).to(tl.int32, bitcast=True)
+    key = (bits ^ ((bits >> 31) | -2147483648)).to(tl.uint32, bitcast=True)  # arithmetic shift: 0 or -1
+    return tl.where(s > float("-inf"), key, 0)
 
 
 @triton.jit(do_not_specialize=["UNIT"])
@@ -291,20 +342,22 @@ def _topk_rows_warp_kernel(
     N_ROWS, R, T, k, UNIT,
     stride_sb, stride_sr, stride_bb, stride_ib, stride_ir, stride_fr,
     HAS_BIAS: tl.constexpr, HAS_BUDGETS: tl.constexpr, HAS_VALID_LEN: tl.constexpr,
-    ROWS: tl.constexpr, NR: tl.constexpr, STAGES: tl.constexpr,
+    ROWS: tl.constexpr, NR: tl.constexpr, SCAN_CHUNKS: tl.constexpr,
     SAMPLE_CHUNKS: tl.constexpr, GROUP: tl.constexpr, SPACING: tl.constexpr, CAP: tl.constexpr,
+    BALLOT: tl.constexpr,
 ):
-    """Program: ROWS rows, one per warp (num_warps = ROWS), so that every reduction and scan of a
-    row stays inside its warp (shuffles, no block barrier). Tiles are [32, ROWS, chunks]: lane l
-    of the warp of a row holds key l of each 32-key chunk of it. UNIT is 1, passed at run time so
-    that the compiler cannot prove the lanes' addresses contiguous: every load and store then
-    keeps this layout (lanes on the first axis, one warp a row), where a vectorised one would put
-    several warps on a row and route the scans through shared memory. The steps are those of
-    `_topk_rows_sampled_kernel`: (a) a threshold from a sample held in registers, (b) one pass
-    over the row keeps the keys at or above it, with their positions, in the row's buffer of CAP,
-    (c) the exact top-`want` of the buffer by bisection over the buffer, written ascending by
-    position. A row whose sample missed is only flagged (FELL_BACK): `topk_rows` then runs the
-    radix select on the flagged rows."""
+    """Program: ROWS rows, one per warp (num_warps = ROWS), so that no step of a row waits at a
+    block barrier: a row's counts and prefix sums are warp votes (or shuffles) only. Tiles are
+    [32, ROWS, chunks]: lane l of the warp of a row holds key l of each 32-key chunk of it. UNIT is
+    1, passed at run time so that the compiler cannot prove the lanes' addresses contiguous: every
+    load and store then keeps this layout, where a vectorised one would put several warps on a
+    row and route the scans through shared memory. The steps are those of
+    `_topk_rows_sampled_kernel`: (a) a threshold from a sample held in registers; (b) one pass over
+    the row (NR chunks a step, the next step's loads issued before this step's work) keeps the keys
+    at or above it, with their positions, in the row's buffer of CAP; (c) the exact top-`want` of
+    the buffer by bisection over it (SCAN_CHUNKS chunks a load), written ascending by position. A
+    row whose sample missed is only flagged (FELL_BACK): `topk_rows` then runs the radix select on
+    the flagged rows."""
     pid = tl.program_id(0)
     g = pid * ROWS + tl.arange(0, ROWS)  # flattened row ids b * R + r
     row_ok = g < N_ROWS
@@ -330,48 +383,55 @@ def _topk_rows_warp_kernel(
     j = tl.arange(0, SAMPLE_CHUNKS)[None, None, :] * 32 + lane  # [32, 1, SC]
     pos = (j // GROUP) * SPACING + j % GROUP
     in_sample = pos < n3
-    s_key, s_valid = _ordered_key(s3, b3, pos, in_sample, HAS_BIAS)
+    s_key = _key_of(_scores_at(s3, b3, pos, in_sample, HAS_BIAS))
     n_sampled = _row_counts(in_sample)
     mean = (want * n_sampled).to(tl.float32) / tl.maximum(n_keys, 1).to(tl.float32)
     rank = tl.ceil(mean + 3.0 * tl.sqrt(mean) + 4.0).to(tl.int32)
-    sampled = (n_keys > CAP) & (rank <= _row_counts(s_valid))
+    sampled = (n_keys > CAP) & (rank <= _row_counts(s_key != 0))
     thr = _rows_threshold(s_key, rank, sampled == 0)
     thr = tl.where(sampled, thr, 0)
+    thr3 = thr[None, :, None]
 
     # (b) one pass: keys >= thr and their positions, in position order, to each row's buffer
     buf_k = BUF_KEY + g.to(tl.int64)[None, :, None] * stride_fr
     buf_p = BUF_POS + g.to(tl.int64)[None, :, None] * stride_fr
     chunk = tl.arange(0, NR)[None, None, :] * 32 + lane  # [32, 1, NR]
-    written = tl.zeros([ROWS], tl.int32)
-    for start in tl.range(0, tl.max(n_keys, 0), NR * 32, num_stages=STAGES):
+    written = tl.zeros([32, ROWS, 1], tl.int32)
+    n_max = tl.max(n_keys, 0)
+    s_next = _scores_at(s3, b3, chunk, chunk < n3, HAS_BIAS)
+    for start in range(0, n_max, NR * 32):
         offs = start + chunk
-        key, valid = _ordered_key(s3, b3, offs, offs < n3, HAS_BIAS)
-        take = valid & (key >= thr[None, :, None])
-        slot, n_take = _rows_compact(take, written)
+        s = s_next
+        s_next = _scores_at(s3, b3, offs + NR * 32, offs + NR * 32 < n3, HAS_BIAS)  # in flight meanwhile
+        key = _key_of(s)
+        take = (key >= thr3) & (key != 0)
+        slot, written_after = _rows_compact(take, written, BALLOT)
         fits = take & (slot < CAP)
         tl.store(buf_k + slot, key.to(tl.int32, bitcast=True), mask=fits)
         tl.store(buf_p + slot, offs + tl.zeros_like(slot), mask=fits)
-        written += n_take
+        written = written_after
+    written_rows = tl.max(tl.max(written, 2), 0)  # [ROWS] (every lane holds the same count)
     # thr 0 took every valid key: such a row keeps min(want, #valid). A sampled threshold that took
     # fewer than `want` keys, or a buffer that overflowed, sends the row to the radix select.
-    want = tl.where((thr == 0) & (written <= CAP), tl.minimum(want, written), want)
-    fell_back = row_ok & ((written < want) | (written > CAP))
+    want = tl.where((thr == 0) & (written_rows <= CAP), tl.minimum(want, written_rows), want)
+    fell_back = row_ok & ((written_rows < want) | (written_rows > CAP))
     tl.store(FELL_BACK + g, fell_back.to(tl.int32), mask=row_ok)
-    n_buf = tl.where(fell_back | (row_ok == 0), 0, written)
+    n_buf = tl.where(fell_back | (row_ok == 0), 0, written_rows)
     nb3 = n_buf[None, :, None]
     tl.debug_barrier()  # the buffers were written by other threads of each warp
 
-    # (c) the exact top-`want` of each buffer: the bisection over the buffer (loaded a chunk group
-    # at a time), then the keys above the threshold and the first ties at it, ascending by position
+    # (c) the exact top-`want` of each buffer: the bisection over the buffer, then the keys above the
+    # threshold and the first ties at it, ascending by position
+    scan = tl.arange(0, SCAN_CHUNKS)[None, None, :] * 32 + lane  # [32, 1, SCAN_CHUNKS]
     buf_max = tl.max(n_buf, 0)
     thr = tl.zeros([ROWS], tl.uint32)
     exact = (n_buf == 0) | (want == 0)
     i = tl.zeros([], tl.int32)
     while (i < 32) & (tl.min(exact.to(tl.int32), 0) == 0):
         cand = thr | (tl.full([], 1, tl.uint32) << (31 - i).to(tl.uint32))
-        ge = tl.zeros([32, ROWS, NR], tl.int32)
-        for c0 in range(0, buf_max, NR * 32):
-            c = c0 + chunk
+        ge = tl.zeros([32, ROWS, SCAN_CHUNKS], tl.int32)
+        for c0 in range(0, buf_max, SCAN_CHUNKS * 32):
+            c = c0 + scan
             kk = tl.load(buf_k + c, mask=c < nb3, other=0).to(tl.uint32, bitcast=True)
             ge += (kk >= cand[None, :, None]).to(tl.int32)
         n_ge = _row_counts(ge)
@@ -380,35 +440,56 @@ def _topk_rows_warp_kernel(
         exact = exact | (move & (n_ge == want))
         i += 1
     thr = tl.where(want == 0, 0xFFFFFFFF, thr)
-    gt = tl.zeros([32, ROWS, NR], tl.int32)
-    for c0 in range(0, buf_max, NR * 32):
-        c = c0 + chunk
+    gt = tl.zeros([32, ROWS, SCAN_CHUNKS], tl.int32)
+    for c0 in range(0, buf_max, SCAN_CHUNKS * 32):
+        c = c0 + scan
         kk = tl.load(buf_k + c, mask=c < nb3, other=0).to(tl.uint32, bitcast=True)
         gt += (kk > thr[None, :, None]).to(tl.int32)
-    need_eq = want - _row_counts(gt)
-    count = tl.zeros([ROWS], tl.int32)
-    eq_seen = tl.zeros([ROWS], tl.int32)
+    need_eq = (want - _row_counts(gt))[None, :, None]
+    thr3 = thr[None, :, None]
+    count = tl.zeros([32, ROWS, 1], tl.int32)
+    eq_seen = tl.zeros([32, ROWS, 1], tl.int32)
     o3 = i_row[None, :, None]
-    for c0 in range(0, buf_max, NR * 32):
-        c = c0 + chunk
+    for c0 in range(0, buf_max, SCAN_CHUNKS * 32):
+        c = c0 + scan
         live = c < nb3
         kk = tl.load(buf_k + c, mask=live, other=0).to(tl.uint32, bitcast=True)
-        eq = live & (kk == thr[None, :, None])
-        eq_slot, n_eq = _rows_compact(eq, eq_seen)  # the tie's rank among the row's ties
-        take = (live & (kk > thr[None, :, None])) | (eq & (eq_slot < need_eq[None, :, None]))
-        slot, n_take = _rows_compact(take, count)
+        eq = live & (kk == thr3)
+        eq_rank, eq_after = _rows_compact(eq, eq_seen, BALLOT)  # the tie's rank among the row's ties
+        take = (live & (kk > thr3)) | (eq & (eq_rank < need_eq))
+        slot, count_after = _rows_compact(take, count, BALLOT)
         tl.store(o3 + slot, tl.load(buf_p + c, mask=take, other=0), mask=take)
-        count += n_take
-        eq_seen += n_eq
+        count = count_after
+        eq_seen = eq_after
     done = row_ok & (fell_back == 0)
-    tl.store(COUNTS + g, count, mask=done)
-    for o0 in range(0, k, NR * 32):
-        o = o0 + chunk
-        tl.store(o3 + o, tl.full([32, ROWS, NR], -1, tl.int32),
-                 mask=done[None, :, None] & (o >= count[None, :, None]) & (o < k))
+    count_rows = tl.max(tl.max(count, 2), 0)
+    tl.store(COUNTS + g, count_rows, mask=done)
+    for o0 in range(0, k, SCAN_CHUNKS * 32):
+        o = o0 + scan
+        tl.store(o3 + o, tl.full([32, ROWS, SCAN_CHUNKS], -1, tl.int32),
+                 mask=done[None, :, None] & (o >= count) & (o < k))
 
 
 TOPK_METHODS = ("radix", "sampled", "warp")
+
+
+def warp_topk_sample(T: int, samples: int = 1024) -> tuple[int, int]:
+    """The sample of `topk_rows(method="warp")` for rows of up to T keys: (group, spacing), `group`
+    consecutive keys (8: one 32-byte sector) every `spacing` (at least 256, so at most 1/32 of a
+    row; more for long rows, so that a row holds at most `samples` of them)."""
+    group = 8
+    return group, max(256, -(-T // (samples // group) // group) * group)
+
+
+def topk_buffer_bytes(T: int, k: int, method: str = "warp", samples: int = 1024) -> int:
+    """Bytes of scratch a row costs in `topk_rows` with the default capacity: the candidate keys and
+    positions (int32 each) of "sampled" / "warp"; 0 for "radix"."""
+    if method == "radix":
+        return 0
+    if method == "sampled":
+        return 8 * 4096
+    group, spacing = warp_topk_sample(T, samples)
+    return 8 * warp_topk_capacity(k, group / spacing)
 
 
 def warp_topk_capacity(k: int, fraction: float) -> int:
@@ -437,7 +518,7 @@ def topk_rows(
     method: str = "radix",
     capacity: int | None = None,
     fell_back: torch.Tensor | None = None,
-    samples: int = 2048,
+    samples: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k key positions of every row of `scores`, ascending by position, with Stem's step inside.
 
@@ -521,8 +602,7 @@ def topk_rows(
             raise ValueError(f"block={block}; allowed for method='warp': a power of two >= 32 (keys a row a step)")
         if samples < 32 or samples & (samples - 1):
             raise ValueError(f"samples={samples}; allowed: a power of two >= 32")
-        group = 8  # 8 consecutive keys (one 32-byte sector) every `spacing`: at most `samples` keys a row
-        spacing = max(256, -(-T // (samples // group) // group) * group)
+        group, spacing = warp_topk_sample(T, samples)
         sample_chunks = max(1, min(samples, triton.next_power_of_2(-(-T // spacing) * group)) // 32)
         capacity = capacity or warp_topk_capacity(k, group / spacing)
         if capacity < 16:
@@ -532,8 +612,8 @@ def topk_rows(
         flags = fell_back if fell_back is not None else torch.empty(B, R, dtype=torch.int32, device=device)
         _topk_rows_warp_kernel[(triton.cdiv(B * R, num_warps),)](
             *row_args, buf_key, buf_pos, flags, B * R, R, T, k, 1, *strides, buf_key.stride(0), **has,
-            ROWS=num_warps, NR=block // 32, STAGES=2 if stages is None else stages, SAMPLE_CHUNKS=sample_chunks,
-            GROUP=group, SPACING=spacing, CAP=capacity, num_warps=num_warps)
+            ROWS=num_warps, NR=block // 32, SCAN_CHUNKS=16, SAMPLE_CHUNKS=sample_chunks,
+            GROUP=group, SPACING=spacing, CAP=capacity, BALLOT=not interpreting(), num_warps=num_warps)
         radix(flags, 4096, 1, 8)  # the rows whose sample missed (about 1 in 10^3); the others return at once
         return idx, counts
     block = block or (2048 if method == "sampled" else 4096)

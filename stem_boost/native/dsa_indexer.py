@@ -56,10 +56,11 @@ from ..config import FP8_INDEXER_HEAD_DIMS
 from ..rope import apply_rope_half, apply_rope_interleaved
 
 try:  # the fused score kernels and the radix top-k need Triton (CUDA); the CPU path never calls them
-    from ..kernels.dsa_topk import topk_rows
+    from ..kernels.dsa_topk import topk_buffer_bytes, topk_rows
     from ..kernels.indexer_scores import fp8_index_scores, fp8_index_scores_reference, fused_index_scores, quantize_fp8
 except ImportError:  # pragma: no cover
     fused_index_scores = fp8_index_scores = fp8_index_scores_reference = quantize_fp8 = topk_rows = None
+    topk_buffer_bytes = None
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
@@ -358,7 +359,7 @@ def chunked_index_topk(
     tie_break: str = "position",
     score_dtype: torch.dtype | str | None = None,
     radix_topk: bool | None = None,
-    topk_method: str = "sampled",
+    topk_method: str = "warp",
 ) -> IndexerTopK:
     """Top-k of ``I = sum_h w * relu(scale * q.k) (+ mask)`` chunk by chunk over queries.
 
@@ -378,8 +379,9 @@ def chunked_index_topk(
     so the FP8 selection's accuracy can be evaluated without a GPU). ``radix_topk`` (default: on CUDA with Triton):
     the per-row radix select `kernels.dsa_topk.topk_rows`, which reads each score row once and only
     up to the row's causal limit (the position tie rule; indices come out ascending by position).
-    ``topk_method``: that select's method, "sampled" (default: one read of each row, the radix
-    select for the rare row whose sample misses) or "radix" (`topk_rows(method=)`: the same set).
+    ``topk_method``: that select's method (`topk_rows(method=)`, the same set from each): "warp"
+    (default: one read of each row, one row a warp; the radix select for the rare row whose sample
+    misses), "sampled" (the same steps, one row a program) or "radix".
 
     For each chunk only the key range ``[first, last]`` allowed by the mask for *some* row of the
     chunk is scored (causal prefix, left padding, unfilled static-cache slots are skipped).
@@ -415,10 +417,10 @@ def chunked_index_topk(
         radix_topk = q.is_cuda and topk_rows is not None and tie_break == "position"
     skip_tail = radix_topk and fused and mask is None and pad is None  # the top-k reads rows only up to the diagonal
     # the fused kernel keeps the per-head scores in registers: only [B, rows, T] tensors remain
-    if skip_tail:  # fp32 scores only ([B, rows, T]); per row the top-k's buffers (2 x 4096 int32) and
+    if skip_tail:  # fp32 scores only ([B, rows, T]); per row the top-k's candidate buffers and
         # its [rows, k] results (indices, counts, gathered scores, masks: about 20 bytes per slot)
         rows = chunk_rows or chunk_rows_for_budget(B, 0, T, max_bytes, per_key_bytes=4,
-                                                   per_row_bytes=8 * 4096 + 20 * topk)
+                                                   per_row_bytes=topk_buffer_bytes(T, topk, topk_method) + 20 * topk)
         rows = rows if chunk_rows or rows < 128 else rows // 128 * 128  # whole 128-row score tiles
     else:
         rows = chunk_rows or chunk_rows_for_budget(B, 0 if fused else H, T, max_bytes)
@@ -530,7 +532,7 @@ def dsa_indexer_topk(
     tie_break: str = "position",
     score_dtype: torch.dtype | str | None = None,
     radix_topk: bool | None = None,
-    topk_method: str = "sampled",
+    topk_method: str = "warp",
 ) -> IndexerTopK:
     """Drop-in (same positional arguments as ``indexer.forward``) memory-bounded top-k.
 
