@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["rotate_half", "apply_rope_half", "apply_rope_interleaved"]
+__all__ = ["rotate_half", "apply_rope_half", "apply_rope_interleaved", "is_stock_interleaved_rope"]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -59,3 +59,36 @@ def apply_rope_interleaved(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, 
     q_embed = torch.cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin], dim=-1)
     k_embed = torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1)
     return q_embed, k_embed
+
+
+_INTERLEAVED_BODY = (  # its statements as `ast.unparse` writes them, without whitespace
+    "cos=cos[...,:cos.shape[-1]//2].unsqueeze(unsqueeze_dim)",
+    "sin=sin[...,:sin.shape[-1]//2].unsqueeze(unsqueeze_dim)",
+    "q1,q2=(q[...,0::2],q[...,1::2])",
+    "k1,k2=(k[...,0::2],k[...,1::2])",
+    "q_embed=torch.cat([q1*cos-q2*sin,q2*cos+q1*sin],dim=-1)",
+    "k_embed=torch.cat([k1*cos-k2*sin,k2*cos+k1*sin],dim=-1)",
+    "return(q_embed,k_embed)",
+)
+
+
+def is_stock_interleaved_rope(fn) -> bool:
+    """True when `fn` is transformers' `apply_rotary_pos_emb_interleave` as written in its
+    DeepSeek-V3.2 modeling file (5.17-5.24): the same statements, whitespace, comments and
+    docstring aside. Only then may a layer's rotation be replaced by `apply_rope_interleaved`'s
+    fused kernel; a model module that swapped in its own function keeps it."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.FunctionDef):
+        return False
+    body = tree.body[0].body
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+        body = body[1:]  # the docstring
+    statements = tuple("".join(ast.unparse(node).split()) for node in body)
+    return statements == _INTERLEAVED_BODY

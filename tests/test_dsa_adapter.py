@@ -388,3 +388,34 @@ def test_absorbed_layer_path_gives_the_expanded_paths_logits(family, tmp_path, m
     assert selection_digest(model) == want_digest
     real = mask.bool()
     assert (got - want)[real].abs().max().item() <= 1e-4
+
+
+def test_absorbed_queries_rotate_in_place_bit_for_bit(seed):
+    """With `rotation=`, the absorbed queries' rope columns are written by the fused interleaved
+    rotation straight from the unrotated q_rot (bf16, a strided view as the layer's projection
+    gives it), and equal bit for bit transformers' `apply_rotary_pos_emb_interleave` then a copy;
+    that function is recognised as the stock one (and a different one is not)."""
+    from transformers.models.deepseek_v32 import modeling_deepseek_v32 as mod
+
+    from stem_boost.adapters import dsa
+    from stem_boost.rope import apply_rope_half
+
+    B, H, S, nope, rope, L = 2, 3, 9, 8, 64, 16
+    gen = torch.Generator().manual_seed(seed)
+    q_states = torch.randn(B, S, H, nope + rope, generator=gen).to(torch.bfloat16).transpose(1, 2)
+    q_pass, q_rot = q_states[..., :nope], q_states[..., nope:]  # [B, H, S, *] views, as in the layer
+    k_rot = torch.randn(B, 1, S, rope, generator=gen).to(torch.bfloat16)
+    angles = torch.rand(B, S, rope // 2, generator=gen) * 6.0
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(torch.bfloat16)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(torch.bfloat16)
+    w_uk = torch.randn(H, nope, L, generator=gen).to(torch.bfloat16)
+    q_ref, k_ref = mod.apply_rotary_pos_emb_interleave(q_rot, k_rot, cos, sin)
+    assert dsa.fused_rotation_applies(mod.apply_rotary_pos_emb_interleave, q_rot, k_rot, cos, sin)
+    assert not dsa.fused_rotation_applies(apply_rope_half, q_rot, k_rot, cos, sin)
+    assert not dsa.fused_rotation_applies(mod.apply_rotary_pos_emb_interleave, q_rot.float(), k_rot.float(),
+                                          cos.float(), sin.float())
+    for s0, s1 in ((0, 4), (4, S)):
+        want = dsa.absorbed_queries(q_pass, q_ref, w_uk, s0, s1)
+        got = dsa.absorbed_queries(q_pass, q_rot, w_uk, s0, s1, rotation=(cos, sin))
+        assert torch.equal(got, want), (s0, s1)
+    assert torch.equal(dsa.rope_interleaved_fused(k_rot, cos, sin), k_ref)

@@ -185,3 +185,30 @@ def test_topk_rows_sampled_is_exact_on_both_paths(seed, T, k, capacity, path, me
         assert bool((fell_back == (1 if path == "radix" else 0)).all()), fell_back
     with pytest.raises(ValueError, match="method='heap'"):
         topk_rows(s, k, method="heap")
+
+
+@pytest.mark.parametrize("method", ["radix", "sampled", "warp"])
+def test_topk_rows_writes_into_slices_with_scores(seed, method):
+    """`out=` / `out_scores=` slices of larger tensors get the reference's indices and each kept
+    key's score without the bias (-inf after the count); the entries outside the slice stay."""
+    from stem_boost.kernels.dsa_topk import topk_rows, topk_rows_reference
+
+    gen = torch.Generator().manual_seed(seed)
+    B, R, T, k = 2, 5, 3000, 40
+    s = _scores(B, R, T, gen, ties=True)
+    kw = dict(key_bias=torch.round(torch.randn(B, T, generator=gen) * 2) / 4,
+              budgets=torch.randint(k // 2, k + 3, (B, R), generator=gen, dtype=torch.int32),
+              valid_len=torch.randint(T // 2, T + 1, (B, R), generator=gen, dtype=torch.int32))
+    idx_all = torch.full((B, R + 3, k + 4), 7, dtype=torch.int32)
+    scores_all = torch.full((B, R + 3, k + 4), 7.0)
+    out, out_scores = idx_all[:, 2:2 + R, :k], scores_all[:, 2:2 + R, :k]
+    _, n = topk_rows(s, k, method=method, out=out, out_scores=out_scores, **kw)
+    want_idx, want_n = topk_rows_reference(s, k, **kw)
+    assert torch.equal(n, want_n) and torch.equal(out, want_idx)
+    want_scores = torch.where(want_idx >= 0, s.gather(-1, want_idx.clamp_min(0).long()), float("-inf"))
+    assert torch.equal(out_scores, want_scores)
+    outside = torch.ones_like(idx_all, dtype=torch.bool)
+    outside[:, 2:2 + R, :k] = False
+    assert bool((idx_all[outside] == 7).all()) and bool((scores_all[outside] == 7.0).all())
+    with pytest.raises(ValueError, match="out_scores must be"):
+        topk_rows(s, k, method=method, out=out, out_scores=torch.empty(B, R, k))

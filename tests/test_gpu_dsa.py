@@ -135,3 +135,22 @@ def test_gpu_fused_fp8_quantiser_and_keys_quantised_once():
     want_idx, want_n = topk_rows(full, k)
     assert torch.equal(top.indices, torch.where(torch.arange(k, device="cuda") < want_n[..., None], want_idx, -1)), \
         f"seed={seed}"
+
+
+def test_gpu_fused_interleaved_rope_equals_the_model_function():
+    """On the GPU too, the fused interleaved rotation equals transformers' DeepSeek-V3.2 function
+    bit for bit (bf16, the layer's strided query view, 128 heads x 2048 tokens)."""
+    from transformers.models.deepseek_v32 import modeling_deepseek_v32 as mod
+
+    from stem_boost.kernels.rope import rope_interleaved_fused
+
+    seed = _seed()
+    B, H, S = 1, 128, 2048
+    q_rot = torch.randn(B, S, H, 192, device="cuda").to(torch.bfloat16).transpose(1, 2)[..., 128:]
+    k_rot = torch.randn(B, 1, S, 64, device="cuda").to(torch.bfloat16)
+    angles = torch.rand(B, S, 32, device="cuda") * 100.0
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(torch.bfloat16)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(torch.bfloat16)
+    q_ref, k_ref = mod.apply_rotary_pos_emb_interleave(q_rot, k_rot, cos, sin)
+    assert torch.equal(rope_interleaved_fused(q_rot, cos, sin), q_ref), f"seed={seed}"
+    assert torch.equal(rope_interleaved_fused(k_rot, cos, sin), k_ref), f"seed={seed}"

@@ -51,3 +51,37 @@ def test_fused_rope_names_what_it_takes():
         rope_half_fused(x, cos, cos)
     with pytest.raises(ValueError, match="cos / sin must be"):
         rope_half_fused(torch.randn(1, 2, 3, 16), torch.randn(1, 4, 16), torch.randn(1, 4, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,S,D,cos_batch", [(2, 5, 7, 64, 2), (1, 20, 3, 16, 1)])
+def test_fused_interleaved_rope_equals_the_pytorch_ops_bit_for_bit(seed, dtype, B, H, S, D, cos_batch):
+    """`rope_interleaved_fused` rounds each product and sum to the 16-bit dtype as PyTorch's ops do,
+    so it equals `apply_rope_interleaved` exactly, from a strided view and into a strided `out`."""
+    from stem_boost.kernels.rope import rope_interleaved_fused
+    from stem_boost.rope import apply_rope_interleaved
+
+    x = (torch.randn(B, S, H, D + 8) * 3).to(dtype).transpose(1, 2)[..., 8:]  # [B, H, S, D] strided view
+    angles = torch.rand(cos_batch, S, D // 2) * 50.0
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(dtype)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(dtype)
+    want, _ = apply_rope_interleaved(x, x[:, :1], cos, sin)
+    assert torch.equal(rope_interleaved_fused(x, cos, sin), want)
+    buf = torch.full((B, H, S, D + 5), 3.0, dtype=dtype)
+    rope_interleaved_fused(x, cos, sin, out=buf[..., 5:])
+    assert torch.equal(buf[..., 5:], want) and bool((buf[..., :5] == 3.0).all())
+
+
+def test_fused_interleaved_rope_names_what_it_takes():
+    from stem_boost.kernels.rope import rope_interleaved_fused
+
+    x = torch.randn(1, 2, 3, 8, dtype=torch.bfloat16)
+    cos = torch.randn(1, 3, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="x.dtype=torch.float32"):
+        rope_interleaved_fused(x.float(), cos.float(), cos.float())
+    with pytest.raises(ValueError, match="cos must be torch.bfloat16"):
+        rope_interleaved_fused(x, cos.float(), cos)
+    with pytest.raises(ValueError, match="D = 2 x a power of two"):
+        rope_interleaved_fused(x[..., :6], cos[..., :6], cos[..., :6])
+    with pytest.raises(ValueError, match="out must be"):
+        rope_interleaved_fused(x, cos, cos, out=torch.empty(1, 2, 3, 8))

@@ -29,8 +29,14 @@ from ..kernels import sparse_attention
 from ..kernels.dense import dense_causal_attention
 from ..native.dsa_indexer import IndexerTopK, dsa_indexer_topk
 from ..oam import aggregate_heads, value_norms
+from ..rope import is_stock_interleaved_rope
 from ..selection import Selection, extents_from_padding, key_padding
 from ..stats import LayerStats
+
+try:  # the fused rotation needs Triton; the absorbed path (CUDA only) is the one that uses it
+    from ..kernels.rope import fused_interleaved_refuses, rope_interleaved_fused
+except ImportError:  # pragma: no cover
+    fused_interleaved_refuses = rope_interleaved_fused = None
 
 INDEXER_ATTRS = ("index_topk", "wq_b", "wk", "weights_proj")
 ABSORBED_CHUNK = 16384  # query rows per absorbed-MLA attention call
@@ -140,21 +146,28 @@ def attend_expanded(self, query_states, key_states, value_states, sel: Selection
     return sparse_attention(q, k, v, sel, sm_scale=self.scaling, backend=backend, check=False)
 
 
-def absorbed_queries(q_pass: torch.Tensor, q_rot: torch.Tensor, w_uk: torch.Tensor, s0: int, s1: int) -> torch.Tensor:
+def absorbed_queries(q_pass: torch.Tensor, q_rot: torch.Tensor, w_uk: torch.Tensor, s0: int, s1: int,
+                     rotation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The absorbed-MLA queries [q_nope W_UK | q_rope] of query rows s0:s1, without a concatenation.
 
     q_pass [B, H, S, nope], q_rot [B, H, S, rope], w_uk [H, nope, L] -> [B, s1 - s0, H, L + rope], a
     view of head-major storage [B, H, s1 - s0, L + rope]: the matmul writes each head's latent
-    columns in place (its output row stride is L + rope) and the rope columns are copied beside
+    columns in place (its output row stride is L + rope) and the rope columns are written beside
     them. Concatenating the two parts instead copied every 576-wide query row once more, from
-    strided inputs: about 8% of a DeepSeek-V3.2 layer's CUDA time at 64K tokens.
+    strided inputs: about 8% of a DeepSeek-V3.2 layer's CUDA time at 64K tokens. `rotation` (cos,
+    sin [B, S, rope]): q_rot is not rotated yet, and the interleaved rotation
+    (`kernels.rope.rope_interleaved_fused`) writes the rope columns straight from it.
     """
     B, H, _, _ = q_pass.shape
     L, rope = w_uk.shape[-1], q_rot.shape[-1]
     q = q_pass.new_empty(B, H, s1 - s0, L + rope)
     for b in range(B):  # one batched matmul over the heads: [H, n, nope] @ [H, nope, L]
         torch.bmm(q_pass[b, :, s0:s1], w_uk, out=q[b, :, :, :L])
-    q[..., L:] = q_rot[:, :, s0:s1]
+    if rotation is None:
+        q[..., L:] = q_rot[:, :, s0:s1]
+    else:
+        cos, sin = rotation
+        rope_interleaved_fused(q_rot[:, :, s0:s1], cos[:, s0:s1], sin[:, s0:s1], out=q[..., L:])
     return q.transpose(1, 2)
 
 
@@ -164,12 +177,14 @@ def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
     return w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
 
 
-def attend_absorbed(self, q_pass, q_rot, latent, k_rot, sel: Selection) -> torch.Tensor:
+def attend_absorbed(self, q_pass, q_rot, latent, k_rot, sel: Selection,
+                    rotation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Absorbed MLA: [q_nope W_UK | q_rope] . [c | k_rope], softmax, . c, then W_UV (the CUDA path).
 
     q_pass [B, H, S, nope], q_rot [B, H, S, rope], latent [B, 1, S, L], k_rot [B, 1, S, rope]
     -> [B, S, H, v_head_dim]. Query rows go ABSORBED_CHUNK at a time, which bounds the absorbed
-    queries ([B, chunk, H, L + rope]) instead of [B, S, H, L + rope].
+    queries ([B, chunk, H, L + rope]) instead of [B, S, H, L + rope]. `rotation` (cos, sin): q_rot
+    is still unrotated (`absorbed_queries` rotates it chunk by chunk).
     """
     H, L = self.num_heads, self.kv_lora_rank
     w_uk, w_uv = absorbed_weights(self)  # [H, nope, L], [H, Dv, L]
@@ -178,11 +193,20 @@ def attend_absorbed(self, q_pass, q_rot, latent, k_rot, sel: Selection) -> torch
     out = q_pass.new_empty(B, S, H, self.v_head_dim)
     for s0 in range(0, S, ABSORBED_CHUNK):
         s1 = min(S, s0 + ABSORBED_CHUNK)
-        q = absorbed_queries(q_pass, q_rot, w_uk, s0, s1)  # [B, n, H, L + rope]
+        q = absorbed_queries(q_pass, q_rot, w_uk, s0, s1, rotation)  # [B, n, H, L + rope]
         out_lat = sparse_attention(q, kv, kv[..., :L], sel.rows(s0, s1), sm_scale=self.scaling, check=False)
         for b in range(B):  # [H, n, L] @ [H, L, Dv], written straight into out's [H, n, Dv] view
             torch.bmm(out_lat[b].transpose(0, 1), w_uv.transpose(1, 2), out=out[b, s0:s1].transpose(0, 1))
     return out
+
+
+def fused_rotation_applies(rope, q_rot: torch.Tensor, k_rot: torch.Tensor, cos: torch.Tensor,
+                           sin: torch.Tensor) -> bool:
+    """Whether the layer's interleaved RoPE may run as `rope_interleaved_fused` (the same bits): the
+    model module's function is transformers' own and the kernel takes both tensors."""
+    return (rope_interleaved_fused is not None and is_stock_interleaved_rope(rope)
+            and fused_interleaved_refuses(q_rot, cos, sin) is None
+            and fused_interleaved_refuses(k_rot, cos, sin) is None)
 
 
 def uses_absorbed_path(hidden_states: torch.Tensor, cfg: StemConfig, past_key_values) -> bool:
@@ -217,11 +241,16 @@ def stem_dsa_forward(
     latent = self.kv_a_layernorm(kv_pass).view(B, 1, S, self.kv_lora_rank)
     k_rot = k_rot.view(B, 1, S, self.qk_rope_head_dim)
     cos, sin = position_embeddings
-    q_rot, k_rot = rope(q_rot, k_rot, cos, sin)
-
-    past_len = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
     # absorbed MLA: the kernel's fast path on GPUs (576-d latent keys, the latent as values)
     absorbed = uses_absorbed_path(hidden_states, cfg, past_key_values)
+    rotation = None  # (cos, sin) when the queries' rotation is left to the absorbed-query build
+    if absorbed and fused_rotation_applies(rope, q_rot, k_rot, cos, sin):
+        k_rot = rope_interleaved_fused(k_rot, cos, sin)  # [B, 1, S, rope]; q_rot stays unrotated
+        rotation = (cos, sin)
+    else:
+        q_rot, k_rot = rope(q_rot, k_rot, cos, sin)
+
+    past_len = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
     key_states = value_states = None
     if not absorbed:
         key_states, value_states = mla_keys_values(self, latent, k_rot, past_key_values)
@@ -266,7 +295,7 @@ def stem_dsa_forward(
 
     # ---- attention on the selected token lists
     if absorbed:
-        out = attend_absorbed(self, q_pass, q_rot, latent, k_rot, sel)
+        out = attend_absorbed(self, q_pass, q_rot, latent, k_rot, sel, rotation)
     else:
         query_states = torch.cat((q_pass, q_rot), dim=-1)
         out = attend_expanded(self, query_states, key_states, value_states, sel, cfg.backend)

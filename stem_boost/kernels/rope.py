@@ -103,3 +103,76 @@ def rope_half_fused(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_
             HALF=D // 2, BLOCK_H=min(block_h, triton.next_power_of_2(H)), num_warps=4,
         )
     return y
+
+
+@triton.jit
+def _rope_interleaved_kernel(X, COS, SIN, Y, H,
+                             stride_xb, stride_xh, stride_xs, stride_yb, stride_yh, stride_ys,
+                             stride_cb, stride_cs, stride_sb, stride_ss,
+                             HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program: one token s of batch row b, every head. Pairs (x[2i], x[2i+1]) turn by cos[i], sin[i];
+    the output is de-interleaved: y[i] = x[2i] cos - x[2i+1] sin, y[HALF + i] = x[2i+1] cos + x[2i] sin,
+    each product and each sum rounded to the output dtype, as the PyTorch ops on 16-bit tensors do."""
+    s = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    d = tl.arange(0, HALF)
+    dt = Y.dtype.element_ty
+    c = tl.load(COS + b * stride_cb + s * stride_cs + d).to(tl.float32)[None, :]
+    sn = tl.load(SIN + b * stride_sb + s * stride_ss + d).to(tl.float32)[None, :]
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        ok = (h < H)[:, None]
+        x_row = X + b * stride_xb + s * stride_xs + h[:, None].to(tl.int64) * stride_xh
+        x1 = tl.load(x_row + 2 * d[None, :], mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(x_row + 2 * d[None, :] + 1, mask=ok, other=0.0).to(tl.float32)
+        y1 = _to_output(_to_output(x1 * c, dt).to(tl.float32) - _to_output(x2 * sn, dt).to(tl.float32), dt)
+        y2 = _to_output(_to_output(x2 * c, dt).to(tl.float32) + _to_output(x1 * sn, dt).to(tl.float32), dt)
+        y_row = Y + b * stride_yb + s * stride_ys + h[:, None].to(tl.int64) * stride_yh
+        tl.store(y_row + d[None, :], y1, mask=ok)
+        tl.store(y_row + HALF + d[None, :], y2, mask=ok)
+
+
+def fused_interleaved_refuses(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> str | None:
+    """Why `rope_interleaved_fused` cannot take x [B, H, S, D] with this cos / sin, or None."""
+    if x.dim() != 4:
+        return f"x must be [B, H, S, D]; got {tuple(x.shape)}"
+    B, _, S, D = x.shape
+    half = D // 2
+    if D % 2 or half < 2 or half & (half - 1):
+        return f"the fused rotation takes D = 2 x a power of two >= 4; got D={D}"
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"x.dtype={x.dtype}; allowed: bfloat16, float16 (each op rounds to it, as PyTorch's do)"
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype != x.dtype or t.dim() != 3 or t.shape[0] not in (1, B) or tuple(t.shape[1:]) != (S, D):
+            return f"{name} must be {x.dtype} [B={B} or 1, S={S}, D={D}]; got {t.dtype} {tuple(t.shape)}"
+    return None
+
+
+def rope_interleaved_fused(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None,
+                           block_h: int = 16) -> torch.Tensor:
+    """`stem_boost.rope.apply_rope_interleaved` of one tensor x [B, H, S, D] (bf16 / fp16, any
+    strides with a unit last stride) in one pass, bit for bit: PyTorch runs it as six elementwise
+    passes and a concatenation (at 128K tokens x 128 heads x 64 that is about 2 GB read and written
+    seven times). `out` [B, H, S, D] (unit last stride; a view into a larger buffer, e.g. the rope
+    columns of the absorbed-MLA queries) receives the result; None: a new contiguous tensor."""
+    refusal = fused_interleaved_refuses(x, cos, sin)
+    if refusal:
+        raise ValueError(refusal)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    elif out.shape != x.shape or out.dtype != x.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {x.dtype} {tuple(x.shape)} with a unit last stride; got "
+                         f"{out.dtype} {tuple(out.shape)} strides {out.stride()}")
+    B, H, S, D = x.shape
+    if x.numel():
+        _rope_interleaved_kernel[(S, B)](
+            x, cos, sin, out, H, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
+            sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(1),
+            HALF=D // 2, BLOCK_H=min(block_h, triton.next_power_of_2(H)), num_warps=4,
+        )
+    return out

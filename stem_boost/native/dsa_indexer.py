@@ -493,6 +493,14 @@ def chunked_index_topk(
             idx_scores = idx_scores + m
 
         kk = min(topk, tc)
+        if radix_topk and t0 == 0:  # the Triton select writes the chunk's indices and scores in place
+            valid_len = None
+            if skip_tail:
+                s_pos = torch.arange(s0, s1, device=device) + offset + 1
+                valid_len = s_pos.clamp(max=tc).to(torch.int32).expand(B, c)
+            topk_rows(idx_scores, kk, valid_len=valid_len, method=topk_method, out=out_idx[:, s0:s1, :kk],
+                      out_scores=out_scores[:, s0:s1, :kk])
+            continue
         if radix_topk:  # one radix select per row (Triton), ascending positions, -1 / count after
             valid_len = None
             if skip_tail:
