@@ -212,3 +212,20 @@ def test_topk_rows_writes_into_slices_with_scores(seed, method):
     assert bool((idx_all[outside] == 7).all()) and bool((scores_all[outside] == 7.0).all())
     with pytest.raises(ValueError, match="out_scores must be"):
         topk_rows(s, k, method=method, out=out, out_scores=torch.empty(B, R, k))
+
+
+def test_the_warp_vote_is_used_only_on_one_row_a_warp():
+    """`lanes_on_first_axis` reads where the compiler put the vote's lanes: the layout Triton 3.6
+    makes (32 lanes on the first axis) passes; Triton 3.9's (lanes over rows and chunks) and a TTGIR
+    without the vote do not, so the kernel then scans instead."""
+    from stem_boost.kernels.dsa_topk import lanes_on_first_axis
+
+    vote = ('%r:2 = tt.elementwise_inline_asm "{ vote.sync.ballot.b32 m, p, 0xffffffff; }" {constraints = "=r,=r,r"} '
+            '%t : tensor<32x4x8xi32, {layout}> -> tensor<32x4x8xi32, {layout}>')
+    good = ("#blocked = #ttg.blocked<{sizePerThread = [1, 1, 1], threadsPerWarp = [32, 1, 1], warpsPerCTA = [1, 4, 1], "
+            "order = [0, 1, 2]}>\n")
+    bad = ("#blocked1 = #ttg.blocked<{sizePerThread = [1, 1, 1], threadsPerWarp = [1, 4, 8], warpsPerCTA = [4, 1, 1], "
+           "order = [2, 1, 0]}>\n")
+    assert lanes_on_first_axis(good + bad + vote.replace("{layout}", "#blocked"))
+    assert not lanes_on_first_axis(good + bad + vote.replace("{layout}", "#blocked1"))
+    assert not lanes_on_first_axis(good + bad)

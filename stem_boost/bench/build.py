@@ -148,6 +148,18 @@ def sampled_topk_case(R: int = 64, T: int = 131072) -> BuildCase:
                                      "and the exact top-k of the kept keys (radix select as the fallback)", run)
 
 
+def warp_topk_case(R: int = 64, T: int = 131072) -> BuildCase:
+    from ..kernels.dsa_topk import topk_rows
+
+    def run():  # as the chunked indexer calls it: causal row lengths, indices and scores into the result
+        idx, scores = torch.empty(1, R, 2048, dtype=torch.int32), torch.empty(1, R, 2048)
+        topk_rows(torch.randn(1, R, T), 2048, valid_len=torch.full((1, R), T, dtype=torch.int32), method="warp",
+                  out=idx, out_scores=scores)
+
+    return BuildCase("topk warp", "DSA top-2048 of 128K-key rows, one row a warp (the default): a sampled "
+                                  "threshold, one read of the row, the exact top-k of the kept keys", run)
+
+
 def stem_cut_case(R: int = 64, K: int = 2048, T: int = 131072) -> BuildCase:
     from ..kernels.dsa_topk import candidate_cut
 
@@ -229,6 +241,18 @@ def rope_case(S: int = 4096) -> BuildCase:
     return BuildCase("rope", "MiniCPM-4's fp32 half-split RoPE in one pass (32 heads, d 128, batch 2)", run)
 
 
+def rope_interleaved_case(S: int = 4096) -> BuildCase:
+    from ..kernels.rope import rope_interleaved_fused
+
+    def run():  # DeepSeek-V3.2's MLA rope columns: a strided view of the query projection
+        q = torch.randn(1, S, 128, 192, dtype=BF16).transpose(1, 2)[..., 128:]
+        cos = torch.randn(1, S, 64, dtype=BF16)
+        rope_interleaved_fused(q, cos, cos, out=torch.empty(1, 128, S, 576, dtype=BF16)[..., 512:])
+
+    return BuildCase("rope interleaved", "DeepSeek-V3.2's interleaved MLA RoPE in one pass into the absorbed "
+                                         "queries (128 heads, d 64)", run)
+
+
 def all_cases() -> list[BuildCase]:
     return [
         union_case(16, 2), union_case(8, 4), union_case(6, 8), union_case(4, 8), union_case(1, 16),
@@ -236,9 +260,9 @@ def all_cases() -> list[BuildCase]:
         select_case(None), select_case("budgets"), select_case("mass"), select_case(None, fused=True),
         select_g3_case(), stage1_case(),
         indexer_case("bfloat16"), indexer_case("fp8"), indexer_case("fp8", head_dim=32), indexer_case("bfloat16", stem=True),
-        stem_cut_case(), sampled_topk_case(),
+        stem_cut_case(), sampled_topk_case(), warp_topk_case(),
         mla_case(), mla_case(heads=64), mla_experimental_case(), mla_gluon_case("sm90"), mla_gluon_case("ws"),
-        gqa_token_case(), rope_case(),
+        gqa_token_case(), rope_case(), rope_interleaved_case(),
     ]
 
 

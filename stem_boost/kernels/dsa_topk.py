@@ -35,6 +35,7 @@ candidates (OAM bias gathered at their keys, the row's budget by bisection) in o
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import triton
@@ -461,8 +462,9 @@ def _topk_rows_warp_kernel(
     eq_seen = tl.zeros([32, ROWS, 1], tl.int32)
     o3 = i_row[None, :, None]
     so3 = SCORES_OUT + out_offset[None, :, None]
-    for c0 in range(0, buf_max, SCAN_CHUNKS * 32):
-        c = c0 + scan
+    half = tl.arange(0, SCAN_CHUNKS // 2)[None, None, :] * 32 + lane  # the writing pass: half the chunks a
+    for c0 in range(0, buf_max, SCAN_CHUNKS * 16):  # step, as it holds five tiles (registers, not spills)
+        c = c0 + half
         live = c < nb3
         kk = tl.load(buf_k + c, mask=live, other=0).to(tl.uint32, bitcast=True)
         eq = live & (kk == thr3)
@@ -487,6 +489,33 @@ def _topk_rows_warp_kernel(
 
 
 TOPK_METHODS = ("radix", "sampled", "warp")
+_BALLOT_LAYOUT: dict[tuple, bool] = {}  # launch constexprs -> whether the compiled vote sees one row a warp
+
+
+def lanes_on_first_axis(ttgir: str) -> bool:
+    """Whether the warp vote of `_lane_ranks` in this TTGIR runs on tiles whose first axis is the
+    warp's 32 lanes, one element a lane (layout `threadsPerWarp = [32, 1, 1]`): only then is a
+    ballot over the warp a ballot over one row's 32-key chunk. The layout is the compiler's choice
+    (Triton 3.6 makes this one from the kernel's tiles; 3.9 another), so it is read, not assumed."""
+    layouts = dict(re.findall(r"^(#[\w.]+) = (.*)$", ttgir, re.M))
+    votes = [line for line in ttgir.splitlines() if "elementwise_inline_asm" in line and "vote.sync.ballot" in line]
+    for line in votes:
+        operand = re.search(r": tensor<32x\d+x\d+xi32, (#[\w.]+)>", line)
+        layout = layouts.get(operand.group(1), "") if operand else ""
+        if "sizePerThread = [1, 1, 1]" not in layout or "threadsPerWarp = [32, 1, 1]" not in layout:
+            return False
+    return bool(votes)
+
+
+def ballot_layout_holds(args: tuple, launch: dict) -> bool:
+    """`lanes_on_first_axis` for the warp kernel compiled with BALLOT=True at these constexprs (once
+    per process and launch configuration; the compile is the launch's own, cached by Triton). False:
+    the kernel takes the scans over the lanes instead, slower but correct in any layout."""
+    key = tuple(sorted(launch.items()))
+    if key not in _BALLOT_LAYOUT:
+        compiled = _topk_rows_warp_kernel.warmup(*args, grid=(1,), BALLOT=True, **launch)
+        _BALLOT_LAYOUT[key] = lanes_on_first_axis(compiled.asm["ttgir"])
+    return _BALLOT_LAYOUT[key]
 
 
 def warp_topk_sample(T: int, samples: int = 1024) -> tuple[int, int]:
@@ -646,11 +675,11 @@ def topk_rows(
         buf_key = torch.empty(B * R, capacity, dtype=torch.int32, device=device)
         buf_pos = torch.empty_like(buf_key)
         flags = fell_back if fell_back is not None else torch.empty(B, R, dtype=torch.int32, device=device)
-        _topk_rows_warp_kernel[(triton.cdiv(B * R, num_warps),)](
-            *row_args, buf_key, buf_pos, flags, scores_out, B * R, R, T, k, 1, *strides, buf_key.stride(0), **has,
-            ROWS=num_warps, NR=block // 32, SCAN_CHUNKS=16, SAMPLE_CHUNKS=sample_chunks,
-            GROUP=group, SPACING=spacing, CAP=capacity, BALLOT=not interpreting(),
-            WRITE_SCORES=out_scores is not None, num_warps=num_warps)
+        args = (*row_args, buf_key, buf_pos, flags, scores_out, B * R, R, T, k, 1, *strides, buf_key.stride(0))
+        launch = dict(has, ROWS=num_warps, NR=block // 32, SCAN_CHUNKS=16, SAMPLE_CHUNKS=sample_chunks, GROUP=group,
+                      SPACING=spacing, CAP=capacity, WRITE_SCORES=out_scores is not None, num_warps=num_warps)
+        ballot = not interpreting() and ballot_layout_holds(args, launch)
+        _topk_rows_warp_kernel[(triton.cdiv(B * R, num_warps),)](*args, BALLOT=ballot, **launch)
         radix(flags, 4096, 1, 8)  # the rows whose sample missed (about 1 in 10^3); the others return at once
         return idx, counts
     num_warps = num_warps or 8
