@@ -50,16 +50,30 @@ def interpreting() -> bool:
 
 
 @triton.jit
-def _ordered_key(S, B_ROW, offs, in_row, HAS_BIAS: tl.constexpr):
-    """uint32 order-preserving image of score (+ bias) at `offs`; 0 where invalid (-inf, NaN, outside)."""
+def _scores_at(S, B_ROW, offs, in_row, HAS_BIAS: tl.constexpr):
+    """Scores (+ bias) at `offs` as fp32, -inf outside the row (apart from `_key_of`, so that the
+    warp kernel's main pass can issue a step's loads one step ahead)."""
     s = tl.load(S + offs, mask=in_row, other=float("-inf")).to(tl.float32)
     if HAS_BIAS:
         s = s + tl.load(B_ROW + offs, mask=in_row, other=0.0).to(tl.float32)
-    s = s + 0.0  # -0.0 -> +0.0 (equal scores must give equal keys)
-    valid = in_row & (s > float("-inf"))  # False for -inf and NaN
-    bits = s.to(tl.uint32, bitcast=True)
-    key = tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
-    return tl.where(valid, key, 0), valid
+    return s
+
+
+@triton.jit
+def _key_of(s):
+    """The order-preserving uint32 image of fp32 scores s, 0 for -inf and NaN (never selected):
+    bits ^ 0x80000000 for s >= 0, ~bits below (-0.0 taken as +0.0)."""
+    bits = (s + 0.0).to(tl.int32, bitcast=True)
+    key = (bits ^ ((bits >> 31) | -2147483648)).to(tl.uint32, bitcast=True)  # arithmetic shift: 0 or -1
+    return tl.where(s > float("-inf"), key, 0)
+
+
+@triton.jit
+def _ordered_key(S, B_ROW, offs, in_row, HAS_BIAS: tl.constexpr):
+    """uint32 order-preserving image of score (+ bias) at `offs`, and whether it is valid: the key
+    is 0 exactly where it is not (-inf, NaN, outside the row; a finite or +inf score's key is not)."""
+    key = _key_of(_scores_at(S, B_ROW, offs, in_row, HAS_BIAS))
+    return key, key != 0
 
 
 @triton.jit
@@ -325,25 +339,6 @@ def _rows_compact(take, written, BALLOT: tl.constexpr):
     before, total = _lane_ranks(take, BALLOT)
     chunks_before = tl.cumsum(total, 2) - total  # within the thread
     return written + chunks_before + before, written + tl.sum(total, 2, keep_dims=True)
-
-
-@triton.jit
-def _scores_at(S, B_ROW, offs, in_row, HAS_BIAS: tl.constexpr):
-    """Scores (+ bias) at `offs` as fp32, -inf outside the row: the loads of `_ordered_key`, apart
-    so that the main pass can issue a step's loads one step ahead."""
-    s = tl.load(S + offs, mask=in_row, other=float("-inf")).to(tl.float32)
-    if HAS_BIAS:
-        s = s + tl.load(B_ROW + offs, mask=in_row, other=0.0).to(tl.float32)
-    return s
-
-
-@triton.jit
-def _key_of(s):
-    """The order-preserving uint32 image of fp32 scores s, 0 for -inf and NaN (never selected):
-    bits ^ 0x80000000 for s >= 0, ~bits below (-0.0 taken as +0.0)."""
-    bits = (s + 0.0).to(tl.int32, bitcast=True)
-    key = (bits ^ ((bits >> 31) | -2147483648)).to(tl.uint32, bitcast=True)  # arithmetic shift: 0 or -1
-    return tl.where(s > float("-inf"), key, 0)
 
 
 @triton.jit(do_not_specialize=["UNIT"])
