@@ -35,8 +35,9 @@ def value_norms(v: torch.Tensor) -> torch.Tensor:
     """
     if v.dim() != 4:
         raise ValueError(f"v must be [B, T, H, Dv], got shape {tuple(v.shape)}")
-    norms = torch.linalg.vector_norm(v, dim=-1, dtype=torch.float32)  # [B, T, H]
-    return norms.transpose(1, 2).contiguous()
+    # fp32 accumulation for 16- and 32-bit values; fp64 values keep fp64 until the result
+    norms = torch.linalg.vector_norm(v, dim=-1, dtype=torch.promote_types(v.dtype, torch.float32))  # [B, T, H]
+    return norms.float().transpose(1, 2).contiguous()
 
 
 def block_max(norms: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -178,7 +178,7 @@ def test_topk_rows_sampled_is_exact_on_both_paths(seed, T, k, capacity, path, me
               valid_len=torch.randint(T // 2, T + 1, (B, R), generator=gen, dtype=torch.int32))
     for args in (dict(), kw):
         fell_back = torch.full((B, R), -1, dtype=torch.int32)
-        tiles = dict(block=256) if method == "sampled" else dict(block=64, num_warps=4)
+        tiles = dict(block=256) if method == "sampled" else dict(block=256, num_warps=4)
         got = topk_rows(s, k, method=method, capacity=capacity, fell_back=fell_back, **tiles, **args)
         want = topk_rows_reference(s, k, **args)
         assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])

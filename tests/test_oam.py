@@ -248,3 +248,16 @@ def test_raising_value_norm_never_lowers_rank_zscore(b, r, n_keys, factor, beta,
     for (bi, hi, ri, key), slot in before.items():
         if key == j and above[bi, j]:
             assert after[bi, hi, ri, key] <= slot
+
+
+def test_value_norms_take_every_float_dtype(seed):
+    """bf16 / fp32 values are summed in fp32, fp64 values in fp64; the result is fp32 [B, H, T] either
+    way, the fp64 one rounded once from the exact norm."""
+    from stem_boost.oam import value_norms
+
+    v = torch.randn(2, 7, 3, 16, dtype=torch.float64)
+    want = v.norm(dim=-1).transpose(1, 2)
+    got = value_norms(v)
+    assert got.dtype == torch.float32 and got.shape == (2, 3, 7)
+    assert torch.equal(got, want.float())
+    torch.testing.assert_close(value_norms(v.to(torch.bfloat16)), want.float(), rtol=1e-2, atol=1e-2)
