@@ -109,7 +109,10 @@ def test_fused_fp8_quantiser_matches_its_definition(D, rotate):
     torch.testing.assert_close(got_scale, want_scale, rtol=1e-6, atol=0, msg=f"seed={seed}")
     codes_got, codes_want = got8.view(torch.uint8).int(), want8.view(torch.uint8).int()
     assert float((codes_got == codes_want).float().mean()) > 0.995, f"seed={seed}"
-    torch.testing.assert_close(got8.float(), want8.float(), rtol=0.07, atol=2**-9, msg=f"seed={seed}")
+    # one e4m3 step is at most 1/8 of the value (3 mantissa bits; 2^-9 below the normals): a value on a
+    # rounding edge (seed 1310791358: 336.00003 by the definition's sums, just under 336 by the kernel's)
+    # may take either neighbour, 352 or 320
+    torch.testing.assert_close(got8.float(), want8.float(), rtol=0.125, atol=2**-9, msg=f"seed={seed}")
     assert torch.equal(got8[1, 5].float(), torch.zeros(D)), f"seed={seed}"
 
 
