@@ -11,7 +11,8 @@
 4. Speed: on every call of a jit function (a kernel and each jit helper it calls) the interpreter
    re-lists the members of triton.language with `inspect.getmembers` to find the builtins it
    patches, which was 40% of the time of a selection kernel with nested helpers. We list them once
-   per module and patch the same builtins.
+   per module and patch the same builtins; a helper's call, inside the scope its kernel patched,
+   finds them patched and skips the walk.
 None changes what a compiled kernel computes; they only let CPU CI run the real kernel code, on
 every triton version in the supported range (3.6 - 3.9).
 """
@@ -75,6 +76,8 @@ def apply() -> None:
         if members is None:  # the first call is a kernel launch, outside any patch scope
             members = [(n, m) for n, m in itp.inspect.getmembers(pkg) if tl.core.is_builtin(m)]
             builtins_of[id(pkg)] = members
+        if members and getattr(pkg, members[0][0], None) is not members[0][1]:
+            return  # a helper inside a patch scope: the kernel's call patched every builtin already
         for name, member in members:
             # as the interpreter does: inside a patch scope (a helper called by a kernel) the members
             # are already patched, no longer builtins, and stay as they are
