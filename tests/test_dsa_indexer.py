@@ -394,8 +394,9 @@ def test_no_mask_is_causal():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the radix select runs under the interpreter on CPUs")
 def test_radix_topk_equals_the_position_tie_topk():
     """The GPU's radix select (`kernels.dsa_topk.topk_rows`, here under the interpreter; and its
-    sampled method) keeps the same keys and scores as the exact position-tie top-k, with ties, a
-    padding mask and a causal tail."""
+    sampled and warp methods) keeps the same keys and scores as the exact position-tie top-k, with
+    ties, a padding mask, a causal tail, and a [B, S, T] mask that hides every row's first keys (the
+    chunks then score from key t0 > 0 and the indices are shifted back)."""
     g = torch.Generator().manual_seed(_fresh_seed())
     B, S, P, H, D = 2, 9, 4, 2, 8
     T = S + P
@@ -405,7 +406,9 @@ def test_radix_topk_equals_the_position_tie_topk():
     w = torch.randn(B, S, H, generator=g)
     pad = torch.ones(B, T, dtype=torch.bool)
     pad[1, :3] = False
-    for mask, method in ((None, "radix"), (pad, "radix"), (None, "sampled"), (pad, "sampled")):
+    later = torch.arange(T)[None, :] <= torch.arange(S)[:, None] + P  # causal, queries at the end
+    later = (later & (torch.arange(T)[None, :] >= 2)).expand(B, S, T)  # and keys 0, 1 hidden from all
+    for mask, method in [(m, meth) for m in (None, pad, later) for meth in ("radix", "sampled", "warp")]:
         want = dsa.chunked_index_topk(q, k, w, mask, 5, 0.3, chunk_rows=4, radix_topk=False)
         got = dsa.chunked_index_topk(q, k, w, mask, 5, 0.3, chunk_rows=4, radix_topk=True, topk_method=method)
         for b in range(B):

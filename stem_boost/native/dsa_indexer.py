@@ -493,24 +493,17 @@ def chunked_index_topk(
             idx_scores = idx_scores + m
 
         kk = min(topk, tc)
-        if radix_topk and t0 == 0:  # the Triton select writes the chunk's indices and scores in place
-            valid_len = None
-            if skip_tail:
-                s_pos = torch.arange(s0, s1, device=device) + offset + 1
-                valid_len = s_pos.clamp(max=tc).to(torch.int32).expand(B, c)
-            topk_rows(idx_scores, kk, valid_len=valid_len, method=topk_method, out=out_idx[:, s0:s1, :kk],
-                      out_scores=out_scores[:, s0:s1, :kk])
-            continue
-        if radix_topk:  # one radix select per row (Triton), ascending positions, -1 / count after
+        if radix_topk:  # one select per row (Triton): indices ascending, -1 / -inf after the count,
+            # written with their scores straight into the chunk's rows of the result
             valid_len = None
             if skip_tail:
                 s_pos = torch.arange(s0, s1, device=device) + offset - t0 + 1
                 valid_len = s_pos.clamp(max=tc).to(torch.int32).expand(B, c)
-            top_i, n_top = topk_rows(idx_scores, kk, valid_len=valid_len, method=topk_method)
-            live = torch.arange(kk, device=device) < n_top[..., None]
-            top_v = idx_scores.gather(-1, top_i.clamp_min(0).long())
-            out_idx[:, s0:s1, :kk] = torch.where(live, top_i + t0, -1).to(torch.int32)
-            out_scores[:, s0:s1, :kk] = torch.where(live, top_v, float("-inf"))
+            chunk_idx = out_idx[:, s0:s1, :kk]
+            topk_rows(idx_scores, kk, valid_len=valid_len, method=topk_method, out=chunk_idx,
+                      out_scores=out_scores[:, s0:s1, :kk])
+            if t0:  # key positions of the scored range [t0, t1) -> of the sequence
+                chunk_idx.copy_(torch.where(chunk_idx >= 0, chunk_idx + t0, -1))
             continue
         if tie_break == "position":
             top_i = _topk_position_ties(idx_scores, kk)
