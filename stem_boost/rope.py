@@ -12,6 +12,8 @@ q [B, H, S, D], 2 for q [B, S, H, D].
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["rotate_half", "apply_rope_half", "apply_rope_interleaved", "is_stock_interleaved_rope"]
@@ -72,11 +74,13 @@ _INTERLEAVED_BODY = (  # its statements as `ast.unparse` writes them, without wh
 )
 
 
+@functools.lru_cache(maxsize=64)
 def is_stock_interleaved_rope(fn) -> bool:
     """True when `fn` is transformers' `apply_rotary_pos_emb_interleave` as written in its
     DeepSeek-V3.2 modeling file (5.17-5.24): the same statements, whitespace, comments and
     docstring aside. Only then may a layer's rotation be replaced by `apply_rope_interleaved`'s
-    fused kernel; a model module that swapped in its own function keeps it."""
+    fused kernel; a model module that swapped in its own function keeps it. Cached per function:
+    every layer's forward asks, and the answer needs its source parsed."""
     import ast
     import inspect
     import textwrap
