@@ -3,7 +3,8 @@
 #   .venv         the oldest:  transformers 5.17, triton 3.6 (the README's install)
 #   .venv-newest  the newest:  transformers 5.24, triton 3.9
 # CPU torch is pinned; the Triton kernels run under TRITON_INTERPRET=1. Arguments go to pytest
-# (both runs). STEM_TEST_ENVS="oldest" (or "newest") runs one environment only.
+# (both runs). The two environments run at the same time, each on one core; STEM_TEST_ENVS="oldest"
+# (or "newest") runs one environment only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,12 +31,38 @@ suite() {  # suite VENV NAME [pytest args]: the whole suite in VENV
     TRITON_INTERPRET=1 "$venv/bin/python" -m pytest -q -x "$@"
 }
 
-export TRITON_INTERPRET=1
-envs=${STEM_TEST_ENVS:-"oldest newest"}
-for env in $envs; do
+run_env() {  # run_env NAME [pytest args]: set up one environment and run the suite in it
+    local env=$1
+    shift
     case $env in
         oldest) setup .venv "${OLDEST[@]}" && suite .venv oldest "$@" ;;
         newest) setup .venv-newest "${NEWEST[@]}" && suite .venv-newest newest "$@" ;;
-        *) echo "STEM_TEST_ENVS: unknown environment '$env' (allowed: oldest, newest)" >&2; exit 2 ;;
+        *) echo "STEM_TEST_ENVS: unknown environment '$env' (allowed: oldest, newest)" >&2; return 2 ;;
     esac
+}
+
+export TRITON_INTERPRET=1
+envs=${STEM_TEST_ENVS:-"oldest newest"}
+read -r -a env_list <<<"$envs"
+if [ "${#env_list[@]}" -eq 1 ]; then
+    run_env "${env_list[0]}" "$@"
+    exit $?
+fi
+
+# Several environments: each runs in its own process at the same time (the interpreted kernels
+# are single-threaded Python, so two suites fill two cores), one BLAS thread each so they do not
+# fight over the cores. Every output line carries its environment's name.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
+pids=()
+for env in "${env_list[@]}"; do
+    ( run_env "$env" "$@" 2>&1 | sed -u "s/^/[$env] /"; exit "${PIPESTATUS[0]}" ) &
+    pids+=($!)
 done
+status=0
+for i in "${!pids[@]}"; do
+    if ! wait "${pids[$i]}"; then
+        echo "== tests, ${env_list[$i]}: FAILED" >&2
+        status=1
+    fi
+done
+exit $status
