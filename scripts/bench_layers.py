@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import stem_boost  # noqa: E402
 
 PROFILE: bool | int = False  # --profile: True, or the longest profiled length (--profile-max-seq)
+PROFILE_OPS = False  # --profile-ops: also the PyTorch operators behind the kernels
 ALL_PEERS = True  # --peers main: skip the part peers measured before (other dtype, radix, torch.topk)
 
 
@@ -157,6 +158,18 @@ def profile_table(label: str, forward, rows: int = 18) -> None:
     print(f"\n[profile] {label}: {total:.1f} ms of kernels", flush=True)
     for e in events[:rows]:
         print(f"[profile]   {e.device_time_total / 1e3:8.2f} ms {e.count:5d}x  {e.key[:90]}", flush=True)
+    if PROFILE_OPS:  # which PyTorch operators (with their input shapes) launched the kernels
+        with torch.no_grad(), torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+                record_shapes=True) as prof:
+            forward()
+            torch.cuda.synchronize()
+        ops = [e for e in prof.key_averages(group_by_input_shape=True)
+               if e.self_device_time_total > 0 and e.key.startswith("aten::")]
+        ops.sort(key=lambda e: -e.self_device_time_total)
+        for e in ops[:rows]:
+            print(f"[profile op] {e.self_device_time_total / 1e3:8.2f} ms {e.count:5d}x  {e.key} "
+                  f"{str(e.input_shapes)[:110]}", flush=True)
 
 
 def indexer_overlap(attn, x, pe, pos, n_rows: int) -> float:
@@ -374,10 +387,13 @@ def main():
                     help="DSA parts: 'main' skips the slower peers of the indexer / Stem step (other score dtype, radix "
                          "select, torch.topk, per-head value norms)")
     ap.add_argument("--profile", action="store_true", help="print the CUDA kernels of one native and one Stem forward of each layer (torch.profiler)")
+    ap.add_argument("--profile-ops", action="store_true",
+                    help="with --profile: also the PyTorch operators (and input shapes) that launched kernels")
     ap.add_argument("--profile-max-seq", type=int, default=None, help="with --profile: only rows up to this length")
     args = ap.parse_args()
-    global PROFILE, MIN_REPS, ALL_PEERS
+    global PROFILE, PROFILE_OPS, MIN_REPS, ALL_PEERS
     PROFILE, MIN_REPS, ALL_PEERS = args.profile, max(1, args.min_reps), args.peers == "all"
+    PROFILE_OPS = args.profile_ops
 
     if args.profile and args.profile_max_seq:
         PROFILE = args.profile_max_seq

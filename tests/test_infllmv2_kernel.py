@@ -205,6 +205,85 @@ def test_block_topk_ties_and_budgets():
     assert torch.all(idx[..., ref_idx.shape[-1]:] == -1), f"seed {seed}"
 
 
+def _row_lists(B: int, Hsel: int, S: int, T: int, query_block: int, bs: int, kmax: int, gen: torch.Generator):
+    """Random causal block lists, one per query_block tokens (query s at key T - S + s):
+    idx [B, Hsel, R, kmax] ascending, -1 padded, counts [B, Hsel, R] in 0..kmax."""
+    R = -(-S // query_block)
+    idx = torch.full((B, Hsel, R, kmax), -1, dtype=torch.int32)
+    counts = torch.zeros(B, Hsel, R, dtype=torch.int32)
+    for b in range(B):
+        for h in range(Hsel):
+            for r in range(R):
+                last = min(S - 1, r * query_block + query_block - 1) + T - S
+                n_valid = last // bs + 1
+                n = int(torch.randint(0, min(kmax, n_valid) + 1, (1,), generator=gen))
+                idx[b, h, r, :n] = torch.randperm(n_valid, generator=gen)[:n].sort().values.to(torch.int32)
+                counts[b, h, r] = n
+    return idx, counts
+
+
+def _row_reference(q, k, v, idx, counts, query_block: int, bs: int, offset: int) -> torch.Tensor:
+    """fp64 causal attention of each token over its row's blocks -> [B, S, Hq, Dv]."""
+    rows = torch.arange(q.shape[1]) // query_block
+    ref, _ = _reference(q.double(), k.double(), v.double(), idx[:, :, rows].contiguous(),
+                        counts[:, :, rows].contiguous(), bs, offset, True)
+    return ref
+
+
+@pytest.mark.parametrize(
+    "G,Hsel,query_block,block_m,S,dtype",
+    [
+        (6, 2, 16, 32, 45, torch.float32),   # a 32-row tile splits tokens 5 | 6 (6 heads each)
+        (3, 1, 32, 32, 70, torch.float32),   # a shared selection head, a partial last tile
+        (16, 2, 8, 128, 40, torch.bfloat16),  # 8 tokens x 16 heads a tile, bf16
+        (1, 2, 64, 64, 100, torch.float32),  # G = 1: 64 tokens a tile
+    ],
+)
+def test_block_union_flat_row_tiles(G, Hsel, query_block, block_m, S, dtype, seed):
+    """Tiles of block_m consecutive (token, head) rows over row lists equal the reference for any G,
+    also where a tile splits a token's heads, and equal the token tiles' output."""
+    from stem_boost.kernels.block_union import block_union_attention
+
+    gen = torch.Generator().manual_seed(seed)
+    B, Hkv, D, bs = 2, 2, 16, 16
+    T = S + 23
+    idx, counts = _row_lists(B, Hsel, S, T, query_block, bs, 4, gen)
+    q = torch.randn(B, S, Hkv * G, D, generator=gen).to(dtype)
+    k = torch.randn(B, T, Hkv, D, generator=gen).to(dtype)
+    v = torch.randn(B, T, Hkv, D, generator=gen).to(dtype)
+    out, lse = block_union_attention(q, k, v, idx, counts, block_size=bs, query_block=query_block, block_m=block_m,
+                                     flat_rows=True, return_lse=True)
+    ref = _row_reference(q, k, v, idx, counts, query_block, bs, T - S)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert float((out.double() - ref).norm() / ref.norm()) < tol, f"seed {seed}"
+    tokens = block_union_attention(q, k, v, idx, counts, block_size=bs, query_block=query_block, flat_rows=False,
+                                   return_lse=True)
+    assert float((out.double() - tokens[0].double()).norm() / ref.norm()) < tol, f"seed {seed}"
+    finite = torch.isfinite(tokens[1])
+    assert torch.equal(finite, torch.isfinite(lse)), f"seed {seed}: the same rows see no key"
+    assert float((lse - tokens[1])[finite].abs().max()) < (1e-4 if dtype == torch.float32 else 2e-2), f"seed {seed}"
+
+
+def test_block_union_flat_rows_default_and_refusal(seed):
+    """Flat tiles are the default where they fit (the same output as token tiles), and asking for
+    them where a tile would cross a selection row names the values."""
+    from stem_boost.kernels import block_union
+    from stem_boost.kernels.block_union import block_union_attention
+
+    gen = torch.Generator().manual_seed(seed)
+    B, S, T, Hkv, G, D, bs, qb = 1, 40, 40, 1, 4, 16, 16, 32  # 32 x 4 = 128 rows: fits FLAT_BLOCK_M
+    assert (qb * G) % block_union.FLAT_BLOCK_M == 0
+    idx, counts = _row_lists(B, Hkv, S, T, qb, bs, 3, gen)
+    q, k, v = (torch.randn(B, n, h, D, generator=gen) for n, h in ((S, Hkv * G), (T, Hkv), (T, Hkv)))
+    ref = _row_reference(q, k, v, idx, counts, qb, bs, 0)
+    out = block_union_attention(q, k, v, idx, counts, block_size=bs, query_block=qb)
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-5, f"seed {seed}"
+    with pytest.raises(ValueError, match=r"query_block \* G \(8 \* 4\).*block_m \(64\)"):
+        block_union_attention(q, k, v, idx[:, :, :1].expand(-1, -1, 5, -1).contiguous(),
+                              counts[:, :, :1].expand(-1, -1, 5).contiguous(), block_size=bs, query_block=8,
+                              block_m=64, flat_rows=True)
+
+
 @pytest.mark.parametrize("query_block,qt", [(8, 4), (8, 3), (16, 16)])
 def test_block_union_rows_of_several_tokens(query_block, qt):
     """Selections with one row per query_block tokens: the row walk (QT | query_block) and the union
@@ -214,24 +293,12 @@ def test_block_union_rows_of_several_tokens(query_block, qt):
     seed = 600 + query_block + qt
     gen = torch.Generator().manual_seed(seed)
     B, S, T, Hkv, G, D, bs = 1, 45, 120, 2, 4, 16, 16
-    R = -(-S // query_block)
-    offset = T - S
-    idx = torch.full((B, Hkv, R, 5), -1, dtype=torch.int32)
-    counts = torch.zeros(B, Hkv, R, dtype=torch.int32)
-    for h in range(Hkv):
-        for r in range(R):
-            last = min(S - 1, r * query_block + query_block - 1) + offset
-            n_valid = last // bs + 1
-            n = int(torch.randint(0, min(5, n_valid) + 1, (1,), generator=gen))
-            idx[0, h, r, :n] = torch.randperm(n_valid, generator=gen)[:n].sort().values.to(torch.int32)
-            counts[0, h, r] = n
+    idx, counts = _row_lists(B, Hkv, S, T, query_block, bs, 5, gen)
     q = torch.randn(B, S, Hkv * G, D, generator=gen)
     k = torch.randn(B, T, Hkv, D, generator=gen)
     v = torch.randn(B, T, Hkv, D, generator=gen)
     out = block_union_attention(q, k, v, idx, counts, block_size=bs, query_block=query_block, tokens_per_tile=qt)
-    rows = torch.arange(S) // query_block
-    ref, _ = _reference(q.double(), k.double(), v.double(), idx[:, :, rows].contiguous(), counts[:, :, rows].contiguous(),
-                        bs, offset, True)
+    ref = _row_reference(q, k, v, idx, counts, query_block, bs, T - S)
     assert float((out.double() - ref).norm() / ref.norm()) < 1e-5, f"seed {seed}"
     u = union_block_lists(idx, counts, qt, query_block=query_block, seq_q=S)
     r_ = union_block_lists_torch(idx, counts, qt, query_block=query_block, seq_q=S)

@@ -25,6 +25,7 @@ def rel_err(a, b):
         (1, 150, 128, 1, 576, 512, 1, 1, 1, True),     # DeepSeek-V3.2 absorbed MLA
         (1, 130, 16, 16, 192, 128, 1, 1, 1, False),    # expanded MLA, one selection for all heads
         (1, 100, 9, 3, 64, 64, 64, 64, 3, False),      # SmolLM2 (G = 3, padded head rows)
+        (1, 333, 24, 4, 128, 128, 64, 64, 4, False),   # G = 6: flat tiles of 128 (token, head) rows
     ],
 )
 def test_gpu_kernel_matches_reference(B, S, Hq, Hkv, Dqk, Dv, bs, qb, hsel, mla, dtype, tol):

@@ -4,7 +4,8 @@
     one selection per 64-query block and kv head; densities 10-30% of the causal key blocks.
     `--groups` runs other GQA group sizes G (Hq = G x Hkv, Hkv = 2 / 4 / 8 / 8 for G = 16 / 8 / 6 / 4).
     Columns: what `sparse_attention(q, k, v, selection)` runs by default (the union-tile executor,
-    `kernels/block_union.py`: 64-row tiles of QT tokens x G heads, TMA loads) and the 1-token-row
+    `kernels/block_union.py`: tiles of 128 (token, head) rows, TMA loads; its other tiles beside it,
+    `UNION_VARIANTS`) and the 1-token-row
     tile of `kernels/triton_sparse.py` (forced with `tiles=`, tuned). Peers: dense causal SDPA
     (flash), FlexAttention with the same BlockMask (`Selection.to_block_mask`).
 (b) token mode, DeepSeek-V3.2 absorbed MLA: 128 heads, Dqk 576 (512 latent + 64 rope), Dv 512 (the
@@ -131,6 +132,12 @@ def _group_heads(G: int) -> tuple[int, int]:
     return (32, 32 // G) if 32 % G == 0 else (8 * G, 8)
 
 
+#: block_union_attention tiles timed beside the default (flat tiles of 128 / 64 (token, head) rows,
+#: and the tiles of whole tokens that were the default before flat tiles)
+UNION_VARIANTS = {"flat M128": dict(flat_rows=True, block_m=128), "flat M128 s3": dict(flat_rows=True, block_m=128, num_stages=3),
+                  "flat M64": dict(flat_rows=True, block_m=64), "token tiles": dict(flat_rows=False)}
+
+
 def run_block_mode(seqs, densities, device, results, tiles_grid, groups=(16,)):
     for G in groups:
         _run_block_mode_group(seqs, densities, device, results, tiles_grid, G)
@@ -139,6 +146,7 @@ def run_block_mode(seqs, densities, device, results, tiles_grid, groups=(16,)):
 def _run_block_mode_group(seqs, densities, device, results, tiles_grid, G: int):
     from torch.nn.attention.flex_attention import flex_attention
 
+    from ..kernels.block_union import block_union_attention
 
     flex = torch.compile(flex_attention, dynamic=False)
     (Hq, Hkv), D, block = _group_heads(G), 128, 64
@@ -173,13 +181,23 @@ def _run_block_mode_group(seqs, densities, device, results, tiles_grid, G: int):
             except Exception as e:
                 print(f"  default executor: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 union_ms, union_err = float("nan"), float("nan")
+            variants = {}
+            for name, kwargs in UNION_VARIANTS.items():  # the default executor's tiles, side by side
+                try:
+                    variants[name] = bench(lambda: block_union_attention(q, k, v, idx, counts, block_size=block,
+                                                                         query_block=block, **kwargs), rep_ms=100)
+                except Exception as e:
+                    print(f"  union variant {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    variants[name] = float("nan")
             tf = 4 * pairs * Hq * D / ms / 1e9
             flex_tf = 4 * pairs * Hq * D / flex_ms / 1e9
             union_tf = 4 * pairs * Hq * D / union_ms / 1e9
             row = dict(mode="block", G=G, Hq=Hq, Hkv=Hkv, S=S, density=dens, actual_density=pairs / dense_pairs, ms=ms,
                        tflops=tf, dense_ms=dense_ms, dense_tflops=dense_tf, flex_ms=flex_ms, flex_tflops=flex_tf,
                        tf_vs_dense=tf / dense_tf, speedup_vs_dense=dense_ms / ms, speedup_vs_flex=flex_ms / ms,
-                       tiles=tiles, union_ms=union_ms, union_rel_err_vs_kernel=union_err, union_tflops=union_tf, union_tf_vs_dense=union_tf / dense_tf)
+                       tiles=tiles, union_ms=union_ms, union_rel_err_vs_kernel=union_err, union_tflops=union_tf, union_tf_vs_dense=union_tf / dense_tf,
+                       union_variants_ms=variants,
+                       union_variants_tf_vs_dense={n: 4 * pairs * Hq * D / t / 1e9 / dense_tf for n, t in variants.items()})
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
             del bm
@@ -332,6 +350,15 @@ def main(argv=None) -> int:
                   f"{r['dense_ms']:.2f} | {r['dense_tflops']:.0f} | {r['tf_vs_dense']:.2f} | {r['flex_ms']:.2f} | "
                   f"{r['speedup_vs_flex']:.2f} | {r['speedup_vs_dense']:.2f} | {r['union_ms']:.2f} | "
                   f"{r['union_tf_vs_dense']:.2f} |")
+    names = list(UNION_VARIANTS)
+    print("\n| G | S | default ms | " + " | ".join(f"{n} ms" for n in names) + " | default / dense TF | "
+          + " | ".join(f"{n} / dense TF" for n in names) + " |")
+    print("|---" * (3 + 2 * len(names) + 1) + "|")
+    for r in results["rows"]:
+        if r["mode"] == "block":
+            v, f = r["union_variants_ms"], r["union_variants_tf_vs_dense"]
+            print(f"| {r['G']} | {r['S']} | {r['union_ms']:.2f} | " + " | ".join(f"{v[n]:.2f}" for n in names)
+                  + f" | {r['union_tf_vs_dense']:.2f} | " + " | ".join(f"{f[n]:.2f}" for n in names) + " |")
     print("\n| mode | S | topk | default ms | its TFLOP/s | generic token kernel ms | its TFLOP/s | peak GiB | "
           "dense(expanded) ms | masked SDPA ms | x vs dense |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -21,6 +21,13 @@ Two launches:
      where some row of the tile did not select the block or the block crosses the diagonal, online
      softmax in base 2 with fp32 accumulation. Blocks longer than BLOCK_N take SUB steps.
 
+Flat tiles (lists of several tokens a row, query_block * G a multiple of BLOCK_M): a program takes
+BLOCK_M consecutive (token, head) rows of one kv head, token-major, which may split a token's
+heads across two tiles. Every tile lies in one selection row, so it walks that row with no mask
+but the causal one, and no row is padding whatever G is (G = 6 with token tiles: 10 tokens fill
+60 of 64 rows and a tile can straddle two rows). BLOCK_M 128 with 8 warps (`FLAT_BLOCK_M`) halves
+the K / V loads per query row against 64.
+
 Contract (as `sparse_attention` in block mode):
     q [B, S, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv], Hq = G * Hkv; fp16 / bf16 / fp32.
     idx [B, Hsel, R, Kmax] int32, Hsel in {1, Hkv}, R = ceil(S / query_block): key-block numbers,
@@ -201,20 +208,31 @@ def _block_union_fwd(
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
     CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr, ROW_LISTS: tl.constexpr, QUERY_BLOCK: tl.constexpr,
+    FLAT_ROWS: tl.constexpr = False,
 ):
     """Program: query tile of QT tokens x the G heads of kv head `kvh` (M = QT * G live rows of
-    BLOCK_M), over the union of the tile's block lists; see the module docstring."""
+    BLOCK_M), over the union of the tile's block lists; with FLAT_ROWS (row lists only), BLOCK_M
+    consecutive (token, head) rows of the kv head, which may split a token's heads across two
+    tiles. See the module docstring."""
     pid_t = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest tiles (last queries) first
     pid_bh = tl.program_id(1)
     kvh = pid_bh % HKV
     b = pid_bh // HKV
 
-    t0 = pid_t * QT
     offs_m = tl.arange(0, BLOCK_M)
-    tin = offs_m // G  # token of the row inside the tile
-    tok = t0 + tin
-    head = kvh * G + offs_m % G
-    row_ok = (offs_m < QT * G) & (tok < S)
+    if FLAT_ROWS:  # rows pid_t * BLOCK_M + m of the kv head's (token, head) rows, token-major
+        flat = pid_t * BLOCK_M + offs_m
+        t0 = (pid_t * BLOCK_M) // G
+        tok = flat // G
+        tin = tok - t0
+        head = kvh * G + flat % G
+        row_ok = tok < S
+    else:  # QT whole tokens x G heads
+        t0 = pid_t * QT
+        tin = offs_m // G  # token of the row inside the tile
+        tok = t0 + tin
+        head = kvh * G + offs_m % G
+        row_ok = (offs_m < QT * G) & (tok < S)
     qpos = tok + q_offset
     # bits of the tile's tokens that exist: a union entry with all of them set needs no token mask
     n_tok = tl.minimum(S - t0, QT)
@@ -266,7 +284,10 @@ def _block_union_fwd(
         else:
             crosses = k_last >= T
         if crosses | ((bits & full_bits) != full_bits):
-            keep = (((bits >> tin) & 1) != 0)[:, None] & (kpos[None, :] < T)
+            if ROW_LISTS:  # every row of the tile selected the block
+                keep = tl.broadcast_to((kpos < T)[None, :], [BLOCK_M, BLOCK_N])
+            else:
+                keep = (((bits >> tin) & 1) != 0)[:, None] & (kpos[None, :] < T)
             if CAUSAL:
                 keep = keep & (kpos[None, :] <= qpos[:, None])
             qk = tl.where(keep, qk, float("-inf"))
@@ -291,6 +312,10 @@ def union_tile_config(G: int, block_m: int = 64) -> dict:
     rows = max(16, _next_pow2(qt * G))
     return dict(tokens_per_tile=qt, BLOCK_M=rows, BLOCK_N=64, num_warps=4 if rows <= 64 else 8, num_stages=2)
 
+
+#: rows of a flat tile (`block_union_attention(flat_rows=...)`): M = 128 with 8 warps, as dense
+#: flash kernels use, which the token tiles cannot (a larger union)
+FLAT_BLOCK_M = 128
 
 _ALLOCATOR_SET = False
 
@@ -317,7 +342,8 @@ def block_union_attention(
     causal: bool = True,
     return_lse: bool = False,
     tokens_per_tile: int | None = None,
-    block_m: int = 64,
+    block_m: int | None = None,
+    flat_rows: bool | None = None,
     use_tma: bool | None = None,
     num_warps: int | None = None,
     num_stages: int = 2,
@@ -332,7 +358,12 @@ def block_union_attention(
             query_block = 1, a row per token); block_size: tokens per key block (a power of two
             >= 16); q_offset: key position of query 0 (default T - S). When QT divides
             query_block, a tile's tokens share one row: the kernel walks it directly (no union).
-        tokens_per_tile / block_m: QT tokens per program (default `union_tile_config(G, block_m)`).
+        tokens_per_tile / block_m: QT tokens per program (default `union_tile_config(G, block_m)`,
+            block_m 64).
+        flat_rows: tiles of block_m consecutive (token, head) rows of a kv head (default block_m
+            `FLAT_BLOCK_M`) instead of whole tokens; needs query_block > 1 with query_block * G a
+            multiple of block_m, so that a tile lies in one selection row and no row is padding
+            whatever G is. None: on whenever that holds.
         use_tma: load K/V blocks through tensor descriptors (default: on CUDA when the head dims
             are powers of two; measured 12% faster on an H200, benchmarks/log_infllmv2_2026-12-02.md).
         warp_specialize: Triton's warp specialisation of the block loop (experimental).
@@ -350,7 +381,15 @@ def block_union_attention(
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size={block_size}; allowed: a power of two >= 16")
     G = Hq // Hkv
-    cfg = union_tile_config(G, block_m)
+    flat_m = FLAT_BLOCK_M if block_m is None else int(block_m)
+    flat_fits = query_block > 1 and tokens_per_tile is None and (query_block * G) % flat_m == 0
+    if flat_rows and not flat_fits:
+        raise ValueError(f"flat_rows needs query_block * G ({query_block} * {G}) to be a multiple of block_m ({flat_m}) "
+                         f"and tokens_per_tile unset (got {tokens_per_tile})")
+    flat = flat_fits if flat_rows is None else bool(flat_rows)
+    cfg = union_tile_config(G, 64 if block_m is None else block_m)
+    if flat:
+        cfg.update(BLOCK_M=flat_m, num_warps=4 if flat_m <= 64 else 8)
     if tokens_per_tile is not None:
         cfg["tokens_per_tile"] = int(tokens_per_tile)
         cfg["BLOCK_M"] = max(16, _next_pow2(cfg["tokens_per_tile"] * G))
@@ -361,8 +400,8 @@ def block_union_attention(
     offset = (T - S) if q_offset is None else int(q_offset)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    row_lists = query_block > 1 and query_block % qt == 0
-    n_tiles = -(-S // qt)
+    row_lists = flat or (query_block > 1 and query_block % qt == 0)
+    n_tiles = -(-S * G // cfg["BLOCK_M"]) if flat else -(-S // qt)
     if row_lists:
         uidx, umask, ucount = idx.to(torch.int32).contiguous(), None, counts.to(torch.int32).contiguous()
     else:
@@ -392,7 +431,7 @@ def block_union_attention(
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SUB=block_size // block_n,
         D=D, DP=dp, DV=Dv, DVP=dvp, CAUSAL=causal, RETURN_LSE=return_lse, USE_TMA=use_tma,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", WARP_SPECIALIZE=bool(warp_specialize),
-        ROW_LISTS=row_lists, QUERY_BLOCK=query_block,
+        ROW_LISTS=row_lists, QUERY_BLOCK=query_block, FLAT_ROWS=flat,
         num_warps=cfg["num_warps"], num_stages=num_stages,
     )
     return (out, lse) if return_lse else out

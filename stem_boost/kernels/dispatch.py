@@ -259,8 +259,9 @@ def sparse_attention(
         return sparse_attention_reference(q, k, v, selection, causal=causal, sm_scale=scale,
                                           return_lse=return_lse, sinks=sinks)
     if selection.block_size > 1 and sinks is None and tiles is None:
-        # block lists: query tiles of several tokens x a GQA group (M = 64 rows for any group size) over
-        # the union of their rows' lists, a per-token mask keeping per-token lists exact (block_union.py)
+        # block lists (block_union.py): per-token lists take query tiles of several tokens x a GQA group
+        # (M = 64 rows for any group size) over the union of their lists, a per-token mask keeping them
+        # exact; lists of several tokens a row take tiles of 128 (token, head) rows inside one row
         idx, counts = ascending_lists(selection.idx.to(torch.int32), selection.counts.to(torch.int32))
         return block_union_attention(q, k, v, idx, counts, block_size=selection.block_size,
                                      query_block=selection.query_block, q_offset=offset,

@@ -24,9 +24,21 @@ def compress_keys(k: torch.Tensor, kernel_size: int, stride: int, *, max_windows
         k: [B, H, T, D] keys.
     Returns:
         [B, H, Nc, D] in ``k.dtype`` (mean accumulated in fp32), ``Nc = num_compressed(T, ...)``.
+    A kernel that is a multiple of the stride (MiniCPM-4.1: 32 / 16 and 128 / 64) reads k once:
+    fp32 sums of stride-wide chunks, then r = kernel / stride of them per window (the same mean,
+    summed in another order).
     """
     B, H, T, D = k.shape
     n = num_compressed(T, kernel_size, stride)
+    if n > 0 and kernel_size % stride == 0:
+        # a window is kernel_size / stride consecutive chunks of `stride` keys: sum each chunk once in
+        # fp32 (one read of k, no [.., n, D, kernel] temporary), then add r shifted chunk sums
+        r = kernel_size // stride
+        chunks = k[:, :, : (n + r - 1) * stride].unflatten(2, (n + r - 1, stride)).sum(3, dtype=torch.float32)
+        total = chunks[:, :, :n].clone()
+        for j in range(1, r):
+            total += chunks[:, :, j : j + n]
+        return (total / kernel_size).to(k.dtype)
     out = k.new_empty(B, H, n, D)
     for c0 in range(0, n, max_windows_per_step):  # bounded fp32 temporaries
         c1 = min(n, c0 + max_windows_per_step)
