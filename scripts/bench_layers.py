@@ -328,10 +328,13 @@ def bench_infllmv2(seqs, device, windows=(0,)):
     return rows
 
 
+UNION_TILE_PEERS = {"s3": dict(num_stages=3), "s4": dict(num_stages=4)}  # the default: 2 stages
+
+
 def infllmv2_breakdown(attn, x, pe) -> dict:
     """Milliseconds of the parts: native InfLLMv2 selection (PyTorch), the kernel on its selection."""
     from stem_boost.kernels import sparse_attention
-    from stem_boost.kernels.block_union import union_block_lists, union_inflation
+    from stem_boost.kernels.block_union import block_union_attention, union_block_lists, union_inflation
     from stem_boost.native.infllmv2 import infllmv2_select
     from stem_boost.adapters.infllmv2 import stem_block_selection
     from stem_boost.config import StemConfig
@@ -349,6 +352,10 @@ def infllmv2_breakdown(attn, x, pe) -> dict:
         counts = selection.counts
         ms_kernel, _ = timed(lambda: sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                       selection, check=False))
+        # the union tiles at other pipeline depths on the same lists (peers of the default)
+        qT, kT, vT = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        tile_peers = {name: timed(lambda: block_union_attention(qT, kT, vT, selection.idx, counts, block_size=64,
+                                                                **kw))[0] for name, kw in UNION_TILE_PEERS.items()}
         # how much work the union tiles add on these lists: union entries x QT / per-token entries
         # (random weights give near-independent lists; the SmolLM2 testbed's real lists: 1.2 at QT 4)
         inflation = {qt: union_inflation(union_block_lists(selection.idx, counts, qt, n_units=-(-S // 64))[2], counts, qt)
@@ -365,6 +372,7 @@ def infllmv2_breakdown(attn, x, pe) -> dict:
         stem_inflation = union_inflation(union_block_lists(stem_sel.idx, stem_sel.counts, 4, n_units=-(-S // 64))[2],
                                          stem_sel.counts, 4)
     return dict(native_selection_ms=ms_sel, kernel_native_ms=ms_kernel,
+                **{f"kernel_native_{name}_ms": ms for name, ms in tile_peers.items()},
                 mean_blocks_per_token=float(counts.float().mean()),
                 union_inflation_qt2=inflation[2], union_inflation_qt4=inflation[4], union_inflation_qt8=inflation[8],
                 stem_selection_ms=ms_sel_stem, kernel_stem_ms=ms_kernel_stem,
@@ -419,11 +427,14 @@ def main():
               f"{r['dense_gib']:.1f} / {r['native_kernel_gib']:.1f} / {r['stem_gib']:.1f} |")
     inf = [r for r in res["rows"] if "union_inflation_qt4" in r]
     if inf:
-        print("\n| InfLLMv2 S (smooth window) | selection ms | kernel ms (native) | blocks / token | union inflation QT 2 / 4 / 8 "
+        print("\n| InfLLMv2 S (smooth window) | selection ms | kernel ms (native) | the same, "
+              + " / ".join(UNION_TILE_PEERS) + " | blocks / token | union inflation QT 2 / 4 / 8 "
               "| Stem: selection ms | kernel ms | blocks / token | inflation QT 4 |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in inf:
+            peers = " / ".join(f"{r.get(f'kernel_native_{n}_ms', float('nan')):.1f}" for n in UNION_TILE_PEERS)
             print(f"| {r['S']} ({r.get('smooth_window', 0)}) | {r['native_selection_ms']:.1f} | {r['kernel_native_ms']:.1f} | "
+                  f"{peers} | "
                   f"{r['mean_blocks_per_token']:.1f} | {r['union_inflation_qt2']:.2f} / {r['union_inflation_qt4']:.2f} / "
                   f"{r['union_inflation_qt8']:.2f} | {r['stem_selection_ms']:.1f} | {r['kernel_stem_ms']:.1f} | "
                   f"{r['stem_blocks_per_token']:.1f} | {r['stem_union_inflation_qt4']:.2f} |")

@@ -314,8 +314,10 @@ def union_tile_config(G: int, block_m: int = 64) -> dict:
 
 
 #: rows of a flat tile (`block_union_attention(flat_rows=...)`): M = 128 with 8 warps, as dense
-#: flash kernels use, which the token tiles cannot (a larger union)
+#: flash kernels use, which the token tiles cannot (a larger union); and its pipeline depth: on an
+#: H200 three stages ran 5-9% faster than two at G = 4 / 6 / 8 / 16 (BENCHMARKS.md)
 FLAT_BLOCK_M = 128
+FLAT_STAGES = 3
 
 _ALLOCATOR_SET = False
 
@@ -346,7 +348,7 @@ def block_union_attention(
     flat_rows: bool | None = None,
     use_tma: bool | None = None,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     warp_specialize: bool = False,
     union: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ):
@@ -366,6 +368,7 @@ def block_union_attention(
             whatever G is. None: on whenever that holds.
         use_tma: load K/V blocks through tensor descriptors (default: on CUDA when the head dims
             are powers of two; measured 12% faster on an H200, benchmarks/log_infllmv2_2026-12-02.md).
+        num_warps, num_stages: override the tile's (token tiles 4 / 2, flat tiles 8 / `FLAT_STAGES`).
         warp_specialize: Triton's warp specialisation of the block loop (experimental).
         union: a precomputed `union_block_lists(idx, counts, QT)` (e.g. shared by several layers).
     Returns out [B, S, Hq, Dv] (and lse [B, Hq, S] fp32 with return_lse).
@@ -389,13 +392,15 @@ def block_union_attention(
     flat = flat_fits if flat_rows is None else bool(flat_rows)
     cfg = union_tile_config(G, 64 if block_m is None else block_m)
     if flat:
-        cfg.update(BLOCK_M=flat_m, num_warps=4 if flat_m <= 64 else 8)
+        cfg.update(BLOCK_M=flat_m, num_warps=4 if flat_m <= 64 else 8, num_stages=FLAT_STAGES)
     if tokens_per_tile is not None:
         cfg["tokens_per_tile"] = int(tokens_per_tile)
         cfg["BLOCK_M"] = max(16, _next_pow2(cfg["tokens_per_tile"] * G))
         cfg["num_warps"] = 4 if cfg["BLOCK_M"] <= 64 else 8
     if num_warps is not None:
         cfg["num_warps"] = num_warps
+    if num_stages is not None:
+        cfg["num_stages"] = num_stages
     qt = cfg["tokens_per_tile"]
     offset = (T - S) if q_offset is None else int(q_offset)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
@@ -432,6 +437,6 @@ def block_union_attention(
         D=D, DP=dp, DV=Dv, DVP=dvp, CAUSAL=causal, RETURN_LSE=return_lse, USE_TMA=use_tma,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", WARP_SPECIALIZE=bool(warp_specialize),
         ROW_LISTS=row_lists, QUERY_BLOCK=query_block, FLAT_ROWS=flat,
-        num_warps=cfg["num_warps"], num_stages=num_stages,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return (out, lse) if return_lse else out
