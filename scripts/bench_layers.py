@@ -328,7 +328,7 @@ def bench_infllmv2(seqs, device, windows=(0,)):
     return rows
 
 
-UNION_TILE_PEERS = {"s3": dict(num_stages=3), "s4": dict(num_stages=4)}  # the default: 2 stages
+UNION_TILE_PEERS = {"s2": dict(num_stages=2), "s4": dict(num_stages=4)}  # the default: 3 stages
 
 
 def infllmv2_breakdown(attn, x, pe) -> dict:

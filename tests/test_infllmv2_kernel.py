@@ -271,7 +271,7 @@ def test_block_union_flat_rows_default_and_refusal(seed):
     from stem_boost.kernels.block_union import block_union_attention
 
     gen = torch.Generator().manual_seed(seed)
-    B, S, T, Hkv, G, D, bs, qb = 1, 40, 40, 1, 4, 16, 16, 32  # 32 x 4 = 128 rows: fits FLAT_BLOCK_M
+    B, S, T, Hkv, G, D, bs, qb = 1, 40, 40, 1, 4, 16, 16, 32  # 32 x 4 = 128 rows: a multiple of FLAT_BLOCK_M
     assert (qb * G) % block_union.FLAT_BLOCK_M == 0
     idx, counts = _row_lists(B, Hkv, S, T, qb, bs, 3, gen)
     q, k, v = (torch.randn(B, n, h, D, generator=gen) for n, h in ((S, Hkv * G), (T, Hkv), (T, Hkv)))

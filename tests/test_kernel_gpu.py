@@ -13,7 +13,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def rel_err(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    """||a - b|| / ||b||; the absolute error where b is all zeros (every row of a small random
+    selection can be empty: about one seed in 200 for the 100-token case)."""
+    diff, norm = (a.double() - b.double()).norm(), b.double().norm()
+    return float(diff / norm) if norm > 0 else float(diff)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])

@@ -4,7 +4,7 @@
     one selection per 64-query block and kv head; densities 10-30% of the causal key blocks.
     `--groups` runs other GQA group sizes G (Hq = G x Hkv, Hkv = 2 / 4 / 8 / 8 for G = 16 / 8 / 6 / 4).
     Columns: what `sparse_attention(q, k, v, selection)` runs by default (the union-tile executor,
-    `kernels/block_union.py`: tiles of 128 (token, head) rows, 3 stages, TMA loads; its other tiles beside it,
+    `kernels/block_union.py`: tiles of 64 (token, head) rows, 3 stages, TMA loads; its other tiles beside it,
     `UNION_VARIANTS`) and the 1-token-row
     tile of `kernels/triton_sparse.py` (forced with `tiles=`, tuned). Peers: dense causal SDPA
     (flash), FlexAttention with the same BlockMask (`Selection.to_block_mask`).
@@ -132,11 +132,10 @@ def _group_heads(G: int) -> tuple[int, int]:
     return (32, 32 // G) if 32 % G == 0 else (8 * G, 8)
 
 
-#: block_union_attention tiles timed beside the default (flat tiles of 128 (token, head) rows, 3
+#: block_union_attention tiles timed beside the default (flat tiles of 64 (token, head) rows, 3
 #: stages): other depths and M, and the tiles of whole tokens that were the default before flat tiles
-UNION_VARIANTS = {"flat M128 s2": dict(flat_rows=True, block_m=128, num_stages=2),
-                  "flat M128 s4": dict(flat_rows=True, block_m=128, num_stages=4),
-                  "flat M64 s3": dict(flat_rows=True, block_m=64, num_stages=3),
+UNION_VARIANTS = {"flat M64 s2": dict(flat_rows=True, block_m=64, num_stages=2),
+                  "flat M128 s3": dict(flat_rows=True, block_m=128, num_stages=3),
                   "token tiles": dict(flat_rows=False)}
 
 

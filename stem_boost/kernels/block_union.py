@@ -25,8 +25,9 @@ Flat tiles (lists of several tokens a row, query_block * G a multiple of BLOCK_M
 BLOCK_M consecutive (token, head) rows of one kv head, token-major, which may split a token's
 heads across two tiles. Every tile lies in one selection row, so it walks that row with no mask
 but the causal one, and no row is padding whatever G is (G = 6 with token tiles: 10 tokens fill
-60 of 64 rows and a tile can straddle two rows). BLOCK_M 128 with 8 warps (`FLAT_BLOCK_M`) halves
-the K / V loads per query row against 64.
+60 of 64 rows and a tile can straddle two rows). BLOCK_M 64 with 4 warps and three stages
+(`FLAT_BLOCK_M`, `FLAT_STAGES`): BLOCK_M 128 with 8 warps halves the K / V loads per query row,
+yet ran 1-6% slower on an H200.
 
 Contract (as `sparse_attention` in block mode):
     q [B, S, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv], Hq = G * Hkv; fp16 / bf16 / fp32.
@@ -307,16 +308,18 @@ def _block_union_fwd(
 
 def union_tile_config(G: int, block_m: int = 64) -> dict:
     """Tile for a GQA group of G heads: QT = block_m // G tokens (at least 1, at most 32), so
-    M = QT * G live rows of BLOCK_M = next_pow2(QT * G) (G = 6: 10 tokens, 60 of 64 rows)."""
+    M = QT * G live rows of BLOCK_M = next_pow2(QT * G) (G = 6: 10 tokens, 60 of 64 rows).
+    Three pipeline stages: 7-8% faster than two on MiniCPM-4.1's 128K lists on an H200, four
+    20-30% slower (BENCHMARKS.md)."""
     qt = max(1, min(32, block_m // G))
     rows = max(16, _next_pow2(qt * G))
-    return dict(tokens_per_tile=qt, BLOCK_M=rows, BLOCK_N=64, num_warps=4 if rows <= 64 else 8, num_stages=2)
+    return dict(tokens_per_tile=qt, BLOCK_M=rows, BLOCK_N=64, num_warps=4 if rows <= 64 else 8, num_stages=3)
 
 
-#: rows of a flat tile (`block_union_attention(flat_rows=...)`): M = 128 with 8 warps, as dense
-#: flash kernels use, which the token tiles cannot (a larger union); and its pipeline depth: on an
-#: H200 three stages ran 5-9% faster than two at G = 4 / 6 / 8 / 16 (BENCHMARKS.md)
-FLAT_BLOCK_M = 128
+#: rows of a flat tile (`block_union_attention(flat_rows=...)`) and its pipeline depth. Measured on
+#: an H200 at G = 4 / 6 / 8 / 16 (BENCHMARKS.md): 3 stages beat 2 by 5-9% (M 128) and M 64 with 4
+#: warps beat M 128 with 8 by 1-6%, at 0.81-0.85 of dense SDPA's rate at 128K.
+FLAT_BLOCK_M = 64
 FLAT_STAGES = 3
 
 _ALLOCATOR_SET = False
@@ -368,7 +371,8 @@ def block_union_attention(
             whatever G is. None: on whenever that holds.
         use_tma: load K/V blocks through tensor descriptors (default: on CUDA when the head dims
             are powers of two; measured 12% faster on an H200, benchmarks/log_infllmv2_2026-12-02.md).
-        num_warps, num_stages: override the tile's (token tiles 4 / 2, flat tiles 8 / `FLAT_STAGES`).
+        num_warps, num_stages: override the tile's (token tiles `union_tile_config`, flat tiles 4 warps
+            at M 64, 8 above, and `FLAT_STAGES`).
         warp_specialize: Triton's warp specialisation of the block loop (experimental).
         union: a precomputed `union_block_lists(idx, counts, QT)` (e.g. shared by several layers).
     Returns out [B, S, Hq, Dv] (and lse [B, Hq, S] fp32 with return_lse).

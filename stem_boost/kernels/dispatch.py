@@ -261,7 +261,7 @@ def sparse_attention(
     if selection.block_size > 1 and sinks is None and tiles is None:
         # block lists (block_union.py): per-token lists take query tiles of several tokens x a GQA group
         # (M = 64 rows for any group size) over the union of their lists, a per-token mask keeping them
-        # exact; lists of several tokens a row take tiles of 128 (token, head) rows inside one row
+        # exact; lists of several tokens a row take tiles of 64 (token, head) rows inside one row
         idx, counts = ascending_lists(selection.idx.to(torch.int32), selection.counts.to(torch.int32))
         return block_union_attention(q, k, v, idx, counts, block_size=selection.block_size,
                                      query_block=selection.query_block, q_offset=offset,
