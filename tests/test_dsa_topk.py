@@ -229,3 +229,18 @@ def test_the_warp_vote_is_used_only_on_one_row_a_warp():
     assert lanes_on_first_axis(good + bad + vote.replace("{layout}", "#blocked"))
     assert not lanes_on_first_axis(good + bad + vote.replace("{layout}", "#blocked1"))
     assert not lanes_on_first_axis(good + bad)
+
+
+def test_warp_kernel_compiles_once_for_a_prefills_chunks():
+    """The chunks of a causal prefill have row lengths T = c, 2c, ... up to 128K: the warp top-k's
+    compile-time parameters take at most a few values over them (one per power-of-two sample size),
+    so a first long prefill compiles the kernel a few times, not once per chunk (the sample spacing
+    and the buffer's capacity, which follow T, are run-time arguments)."""
+    from stem_boost.kernels.dsa_topk import warp_kernel_constexprs, warp_topk_capacity, warp_topk_sample
+
+    lengths = range(3584, 131072 + 1, 3584)
+    variants = {tuple(sorted(warp_kernel_constexprs(T).items())) for T in lengths}
+    assert len(variants) <= 4, f"{len(variants)} compiled variants for {len(lengths)} chunk lengths"
+    spacings = {warp_topk_sample(T)[1] for T in lengths}
+    capacities = {warp_topk_capacity(2048, 8 / warp_topk_sample(T)[1]) for T in lengths}
+    assert len(spacings) > 10 and len(capacities) > 5  # what would have been a compile each

@@ -341,14 +341,14 @@ def _rows_compact(take, written, BALLOT: tl.constexpr):
     return written + chunks_before + before, written + tl.sum(total, 2, keep_dims=True)
 
 
-@triton.jit(do_not_specialize=["UNIT"])
+@triton.jit(do_not_specialize=["UNIT", "SPACING", "CAP"])
 def _topk_rows_warp_kernel(
     SCORES, BIAS, BUDGETS, VALID_LEN, IDX, COUNTS, BUF_KEY, BUF_POS, FELL_BACK, SCORES_OUT,
-    N_ROWS, R, T, k, UNIT,
+    N_ROWS, R, T, k, UNIT, SPACING, CAP,
     stride_sb, stride_sr, stride_bb, stride_ib, stride_ir, stride_fr,
     HAS_BIAS: tl.constexpr, HAS_BUDGETS: tl.constexpr, HAS_VALID_LEN: tl.constexpr,
     ROWS: tl.constexpr, NR: tl.constexpr, SCAN_CHUNKS: tl.constexpr,
-    SAMPLE_CHUNKS: tl.constexpr, GROUP: tl.constexpr, SPACING: tl.constexpr, CAP: tl.constexpr,
+    SAMPLE_CHUNKS: tl.constexpr, GROUP: tl.constexpr,
     BALLOT: tl.constexpr, WRITE_SCORES: tl.constexpr,
 ):
     """Program: ROWS rows, one per warp (num_warps = ROWS), so that no step of a row waits at a
@@ -356,7 +356,9 @@ def _topk_rows_warp_kernel(
     [32, ROWS, chunks]: lane l of the warp of a row holds key l of each 32-key chunk of it. UNIT is
     1, passed at run time so that the compiler cannot prove the lanes' addresses contiguous: every
     load and store then keeps this layout, where a vectorised one would put several warps on a
-    row and route the scans through shared memory. The steps are those of
+    row and route the scans through shared memory. SPACING and CAP follow the row length T (each
+    chunk of a causal prefill has its own): run-time values, so that one compiled kernel serves
+    every chunk (as constexprs they cost a compile per chunk: minutes on a first 128K prefill). The steps are those of
     `_topk_rows_sampled_kernel`: (a) a threshold from a sample held in registers; (b) one pass over
     the row (NR chunks a step, the next step's loads issued before this step's work) keeps the keys
     at or above it, with their positions, in the row's buffer of CAP; (c) the exact top-`want` of
@@ -521,6 +523,16 @@ def warp_topk_sample(T: int, samples: int = 1024) -> tuple[int, int]:
     return group, max(256, -(-T // (samples // group) // group) * group)
 
 
+def warp_kernel_constexprs(T: int, num_warps: int = 4, block: int = 256, samples: int = 1024) -> dict:
+    """The compile-time parameters of `topk_rows(method="warp")` on rows of up to T keys (besides
+    the HAS_* / WRITE_SCORES flags): one set serves every T with the same power-of-two sample size,
+    so a causal prefill's chunks, each with its own T, share one or two compiled kernels."""
+    group, spacing = warp_topk_sample(T, samples)
+    sample_chunks = max(1, min(samples, triton.next_power_of_2(-(-T // spacing) * group)) // 32)
+    return dict(ROWS=num_warps, NR=block // 32, SCAN_CHUNKS=16, SAMPLE_CHUNKS=sample_chunks, GROUP=group,
+                num_warps=num_warps)
+
+
 def topk_buffer_bytes(T: int, k: int, method: str = "warp", samples: int = 1024) -> int:
     """Bytes of scratch a row costs in `topk_rows` with the default capacity: the candidate keys and
     positions (int32 each) of "sampled" / "warp"; 0 for "radix"."""
@@ -663,16 +675,15 @@ def topk_rows(
         if samples < 32 or samples & (samples - 1):
             raise ValueError(f"samples={samples}; allowed: a power of two >= 32")
         group, spacing = warp_topk_sample(T, samples)
-        sample_chunks = max(1, min(samples, triton.next_power_of_2(-(-T // spacing) * group)) // 32)
         capacity = capacity or warp_topk_capacity(k, group / spacing)
         if capacity < 16:
             raise ValueError(f"capacity={capacity}; allowed: >= 16")
         buf_key = torch.empty(B * R, capacity, dtype=torch.int32, device=device)
         buf_pos = torch.empty_like(buf_key)
         flags = fell_back if fell_back is not None else torch.empty(B, R, dtype=torch.int32, device=device)
-        args = (*row_args, buf_key, buf_pos, flags, scores_out, B * R, R, T, k, 1, *strides, buf_key.stride(0))
-        launch = dict(has, ROWS=num_warps, NR=block // 32, SCAN_CHUNKS=16, SAMPLE_CHUNKS=sample_chunks, GROUP=group,
-                      SPACING=spacing, CAP=capacity, WRITE_SCORES=out_scores is not None, num_warps=num_warps)
+        args = (*row_args, buf_key, buf_pos, flags, scores_out, B * R, R, T, k, 1, spacing, capacity, *strides,
+                buf_key.stride(0))
+        launch = dict(has, **warp_kernel_constexprs(T, num_warps, block, samples), WRITE_SCORES=out_scores is not None)
         ballot = not interpreting() and ballot_layout_holds(args, launch)
         _topk_rows_warp_kernel[(triton.cdiv(B * R, num_warps),)](*args, BALLOT=ballot, **launch)
         radix(flags, 4096, 1, 8)  # the rows whose sample missed (about 1 in 10^3); the others return at once
