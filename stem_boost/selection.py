@@ -16,6 +16,10 @@ Layout (B batch rows, Hsel selection heads, R query rows, Kmax list width):
                                        positions [seq_start, seq_start + seq_len); None = no padding
     n_forced int32 [B, Hsel, R]        live entries kept because the native method forces them (sinks,
                                        init / local / diagonal blocks): not counted by the reduce contract
+    ordered                            True: the producer guarantees every row's live entries strictly
+                                       ascending with -1 after them, so `sparse_attention`'s block path
+                                       skips its check (a host synchronisation per call); False: checked,
+                                       and rows that are not sorted and de-duplicated there
 Hsel is 1 (one selection for all heads: DSA) or the number of KV heads (one per GQA group: InfLLMv2).
 """
 
@@ -83,6 +87,7 @@ class Selection:
     seq_start: torch.Tensor | None = None
     seq_len: torch.Tensor | None = None
     n_forced: torch.Tensor | None = None
+    ordered: bool = False
 
     # ------------------------------------------------------------------ construction
     @classmethod

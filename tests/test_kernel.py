@@ -196,3 +196,36 @@ def test_cuda_without_triton_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(sa, "HAS_TRITON", False)
     with pytest.raises(RuntimeError, match="install triton"):
         sa.sparse_attention(q.as_subclass(FakeCuda), k, v, Selection(idx, counts))
+
+
+def test_ordered_selection_skips_the_order_check(monkeypatch, seed):
+    """A Selection marked `ordered` (its producer writes every row ascending) reaches the block
+    kernel without the order check and its host synchronisation, with the reference's output; an
+    unmarked one is still checked. InfLLMv2's selections come marked, and are ascending."""
+    from stem_boost.kernels import dispatch
+    from stem_boost.native.infllmv2 import InfLLMv2Params, infllmv2_select
+
+    gen = torch.Generator().manual_seed(seed)
+    B, S, Hq, Hkv, D, bs = 1, 96, 4, 2, 16, 16
+    q, k, v = (torch.randn(B, S, h, D, generator=gen) for h in (Hq, Hkv, Hkv))
+    idx, counts = random_selection(B, Hkv, S, S, block_size=bs, query_block=1, kmax=4, generator=gen)
+    live = torch.arange(4) < counts[..., None]  # random_selection's live entries come in random order
+    idx = torch.where(live, torch.where(live, idx, 1 << 20).sort(-1).values, -1).to(torch.int32)
+    ref = sparse_attention_reference(q.double(), k.double(), v.double(), Selection(idx, counts, block_size=bs))
+
+    def no_check(*args):
+        raise AssertionError("the order check ran")
+
+    monkeypatch.setattr(dispatch, "ascending_lists", no_check)
+    out = sparse_attention(q, k, v, Selection(idx, counts, block_size=bs, ordered=True), backend="triton")
+    assert float((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)) < 1e-5, f"seed {seed}"
+    with pytest.raises(AssertionError, match="order check ran"):
+        sparse_attention(q, k, v, Selection(idx, counts, block_size=bs), backend="triton")
+
+    params = InfLLMv2Params(kernel_size=16, kernel_stride=8, init_blocks=1, block_size=16, window_size=32, topk=4,
+                            dense_len=0)
+    sel = infllmv2_select(q.transpose(1, 2), k.transpose(1, 2), params, chunk_size=40).to_selection()
+    assert sel.ordered
+    live = torch.arange(sel.kmax) < sel.counts[..., None]
+    gaps = sel.idx[..., 1:] - sel.idx[..., :-1]
+    assert bool(((gaps > 0) | ~live[..., 1:]).all()) and bool((sel.idx[~live] == -1).all()), f"seed {seed}"

@@ -161,7 +161,7 @@ def _run_block_mode_group(seqs, densities, device, results, tiles_grid, G: int):
         dense_tf = 4 * dense_pairs * Hq * D / dense_ms / 1e9
         for dens in densities:
             idx, counts = block_selection(S, Hkv, dens, block, device)
-            sel = Selection(idx=idx, counts=counts, block_size=block, query_block=block)
+            sel = Selection(idx=idx, counts=counts, block_size=block, query_block=block, ordered=True)  # sorted, unique
             pairs = selected_pairs_block(counts, block)
             first = S == seqs[0] and dens == densities[0]
             grid = tiles_grid if first or "block_tiles" not in results else [results["block_tiles"]]

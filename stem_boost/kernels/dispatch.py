@@ -262,7 +262,9 @@ def sparse_attention(
         # block lists (block_union.py): per-token lists take query tiles of several tokens x a GQA group
         # (M = 64 rows for any group size) over the union of their lists, a per-token mask keeping them
         # exact; lists of several tokens a row take tiles of 64 (token, head) rows inside one row
-        idx, counts = ascending_lists(selection.idx.to(torch.int32), selection.counts.to(torch.int32))
+        idx, counts = selection.idx.to(torch.int32), selection.counts.to(torch.int32)
+        if not selection.ordered:  # a host synchronisation: ~0.2 ms a call at 32K (BENCHMARKS.md)
+            idx, counts = ascending_lists(idx, counts)
         return block_union_attention(q, k, v, idx, counts, block_size=selection.block_size,
                                      query_block=selection.query_block, q_offset=offset,
                                      sm_scale=scale, causal=causal, return_lse=return_lse)

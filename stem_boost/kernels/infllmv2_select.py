@@ -566,4 +566,4 @@ def infllmv2_selection(q: torch.Tensor, k: torch.Tensor, params, **kwargs):
     q_offset = kwargs.get("q_offset")
     return Selection(idx=idx, counts=counts, block_size=params.block_size, query_block=1,
                      q_offset=k.shape[2] - q.shape[2] if q_offset is None else int(q_offset),
-                     seq_start=kwargs.get("seq_start"), n_forced=n_forced)
+                     seq_start=kwargs.get("seq_start"), n_forced=n_forced, ordered=True)

@@ -484,7 +484,8 @@ class BlockSelection:
         idx = self.idx if self.idx.shape[-1] else torch.full((*self.idx.shape[:3], 1), -1, dtype=torch.int32,
                                                               device=self.idx.device)
         return Selection(idx=idx, counts=self.counts, block_size=self.block_size, query_block=1,
-                         q_offset=self.q_offset, n_forced=(self.forced & (self.idx >= 0)).sum(-1).to(torch.int32))
+                         q_offset=self.q_offset, n_forced=(self.forced & (self.idx >= 0)).sum(-1).to(torch.int32),
+                         ordered=True)  # both selectors write each row ascending (the class's contract)
 
     def split_forced(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(forced_idx, cand_idx, cand_scores)`` for Stem's ``stem_select``.
