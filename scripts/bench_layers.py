@@ -362,9 +362,10 @@ def infllmv2_breakdown(attn, x, pe) -> dict:
                      for qt in (2, 4, 8)}
         # the same parts under Stem (reduce 0.18): its selection (bias + budgets inside) and the kernel
         cfg = StemConfig(reduce=0.18)
+        plan_cache = {}  # as a wrapped layer keeps its schedules by length
 
         def stem_select():  # what the wrapped layer runs: schedule, OAM bias, selection
-            return stem_block_selection(q, k, v, attn.infllmv2, cfg, attn.select_chunk_size)[0]
+            return stem_block_selection(q, k, v, attn.infllmv2, cfg, attn.select_chunk_size, plan_cache)[0]
         ms_sel_stem, _ = timed(stem_select)
         stem_sel = stem_select().to_selection()
         ms_kernel_stem, _ = timed(lambda: sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

@@ -350,3 +350,32 @@ def test_mass_schedule_in_the_fused_selection_equals_pytorch(seed):
     native = infllmv2_select(q, k, p, use_fused=False, chunk_size=112)
     assert 0 < int(fused.counts.sum()) < int(native.counts.sum())
     assert bool((fused.counts <= native.counts).all())
+
+
+def test_stem_schedule_cached_per_length_and_no_device_read_for_the_list_width(seed):
+    """A layer plans each (keys, queries) length once (`token_plan` with the layer's cache) and hands
+    the selector its list width from the host: the fused selection (Triton interpreter) then gives
+    the same blocks as when it reads max(budgets) from the device."""
+    from stem_boost.adapters.infllmv2 import token_plan
+    from stem_boost.config import StemConfig
+    from stem_boost.native.infllmv2 import InfLLMv2Params, infllmv2_select
+
+    params = InfLLMv2Params.from_sparse_config(dict(kernel_size=8, kernel_stride=4, init_blocks=1, block_size=16,
+                                                    window_size=32, topk=12, use_nope=False, dense_len=64))
+    cfg = StemConfig(reduce=0.3)
+    cache: dict = {}
+    S = 160
+    a = token_plan(params, S, S, cfg, torch.device("cpu"), cache)
+    assert token_plan(params, S, S, cfg, torch.device("cpu"), cache) is a  # planned once per length
+    assert token_plan(params, S + 16, S + 16, cfg, torch.device("cpu"), cache) is not a
+    assert a.k_free.shape == (S,) and a.k_free_max == int(a.k_free.max())
+    assert torch.equal(a.k_free, a.plan.budgets[torch.arange(S) // params.block_size])
+
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(1, 4, S, 16, generator=gen), torch.randn(1, 2, S, 16, generator=gen)
+    bias = torch.randn(1, 2, S // params.block_size, generator=gen)
+    kw = dict(key_bias=bias, k_free=a.k_free, use_fused=True, chunk_size=64)
+    read = infllmv2_select(q, k, params, **kw)
+    given = infllmv2_select(q, k, params, k_free_max=a.k_free_max, **kw)
+    assert torch.equal(read.idx, given.idx) and torch.equal(read.counts, given.counts), f"seed {seed}"
+    assert int(read.counts.min()) < int(read.counts.max())  # the budgets vary along the rows

@@ -18,7 +18,7 @@ A padded batch reaches this function one row at a time, cut to its real tokens (
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,6 +49,7 @@ class InfState:
     stats: LayerStats
     saved_forward: object
     last_selection: BlockSelection | None = None
+    plans: dict = field(default_factory=dict)  # budget schedules by (T, S, device): `token_plan`
 
 
 def query_block_plan(params: InfLLMv2Params, T: int, S: int, cfg: StemConfig) -> tuple[BudgetPlan, torch.Tensor]:
@@ -91,24 +92,58 @@ def mass_free_budgets(native_free_per_token: torch.Tensor, reduce: float):
     return budgets
 
 
-def stem_block_selection(sel_q: torch.Tensor, sel_k: torch.Tensor, v: torch.Tensor, params: InfLLMv2Params,
-                         cfg: StemConfig, chunk: int) -> tuple[BlockSelection, BudgetPlan, torch.Tensor]:
-    """Steps 1-3 of a Stem prefill: the budget schedule, the OAM bias and the native selector with
-    both inside. sel_q [B, Hq, S, D], sel_k / v [B, Hk, T, D] -> (blocks idx [B, Hk, S, K], the TPD
-    plan over query blocks, the native free budget per query token [S])."""
-    S, T = sel_q.shape[2], sel_k.shape[2]
-    # 1. the budget schedule: non-forced blocks per query token (rows of one query block share it)
+@dataclass
+class TokenPlan:
+    """A prefill's budget schedule, per query token, where the selector reads it.
+
+    plan: the TPD plan over query blocks (CPU); k_free [S] long on the device: non-forced blocks each
+    query token keeps; native_free [S] long (CPU): the native free budget per token; k_free_max:
+    max(k_free), known on the host (the selector's list width without asking the device)."""
+
+    plan: BudgetPlan
+    k_free: torch.Tensor
+    native_free: torch.Tensor
+    k_free_max: int
+
+
+def token_plan(params: InfLLMv2Params, T: int, S: int, cfg: StemConfig, device: torch.device,
+               cache: dict | None = None) -> TokenPlan:
+    """`query_block_plan` spread over the S query tokens, its budgets copied to `device` once per
+    (T, S) when `cache` (a layer's) is given: the plan depends only on the lengths and the config,
+    and a copy from the host every forward is a host synchronisation (the GPU idles while Python
+    launches the selection after it)."""
+    key = (T, S, str(device))
+    if cache is not None and key in cache:
+        return cache[key]
     plan, native_free = query_block_plan(params, T, S, cfg)
     row_of_token = torch.arange(S) // params.block_size
-    k_free = plan.budgets[row_of_token].to(sel_q.device)  # [S]
-    budget_fn = (mass_free_budgets(native_free[row_of_token].to(sel_q.device), cfg.reduce)
-                 if cfg.schedule == "mass" else None)
+    budgets = plan.budgets[row_of_token]  # [S]
+    out = TokenPlan(plan=plan, k_free=budgets.to(device), native_free=native_free[row_of_token],
+                    k_free_max=int(budgets.max()) if S else 0)
+    if cache is not None:
+        if len(cache) >= 8:  # a few lengths at a time (a benchmark's, a padded batch's rows)
+            cache.pop(next(iter(cache)))
+        cache[key] = out
+    return out
+
+
+def stem_block_selection(sel_q: torch.Tensor, sel_k: torch.Tensor, v: torch.Tensor, params: InfLLMv2Params,
+                         cfg: StemConfig, chunk: int, plan_cache: dict | None = None
+                         ) -> tuple[BlockSelection, BudgetPlan, torch.Tensor]:
+    """Steps 1-3 of a Stem prefill: the budget schedule, the OAM bias and the native selector with
+    both inside. sel_q [B, Hq, S, D], sel_k / v [B, Hk, T, D] -> (blocks idx [B, Hk, S, K], the TPD
+    plan over query blocks, the native free budget per query token [S]). `plan_cache`: a layer's
+    cache of schedules by length (`token_plan`)."""
+    S, T = sel_q.shape[2], sel_k.shape[2]
+    # 1. the budget schedule: non-forced blocks per query token (rows of one query block share it)
+    tp = token_plan(params, T, S, cfg, sel_q.device, plan_cache)
+    budget_fn = mass_free_budgets(tp.native_free.to(sel_q.device), cfg.reduce) if cfg.schedule == "mass" else None
     # 2. OAM: the value-norm bias of every key block
     bias = block_bias(v, params.block_size, cfg) if cfg.beta > 0 else None  # [B, Hk, n_blocks]
     # 3. the native selector with Stem's bias and budgets: idx [B, Hk, S, K]
     blocks = infllmv2_select(sel_q, sel_k, params, q_offset=T - S, chunk_size=chunk, key_bias=bias,
-                             k_free=k_free, free_budget_fn=budget_fn)
-    return blocks, plan, native_free[row_of_token]
+                             k_free=tp.k_free, k_free_max=tp.k_free_max, free_budget_fn=budget_fn)
+    return blocks, tp.plan, tp.native_free
 
 
 def stem_sparse_forward(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -129,7 +164,7 @@ def stem_sparse_forward(module: torch.nn.Module, q: torch.Tensor, k: torch.Tenso
         blocks = infllmv2_select(sel_q, sel_k, params, q_offset=T - S, chunk_size=chunk)
         plan = native_free = None
     else:
-        blocks, plan, native_free = stem_block_selection(sel_q, sel_k, v, params, cfg, chunk)
+        blocks, plan, native_free = stem_block_selection(sel_q, sel_k, v, params, cfg, chunk, st.plans)
     if S > 1:
         record_stats(st, blocks, plan, native_free, batch_row)
     # 4. attention over the selected blocks (the shared kernel on GPUs)

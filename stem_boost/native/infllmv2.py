@@ -529,6 +529,7 @@ def infllmv2_select(
     emulate_kernel_offset: bool = True,
     score_dtype: torch.dtype | str | None = "auto",
     use_fused: bool | None = None,
+    k_free_max: int | None = None,
 ) -> BlockSelection:
     """InfLLMv2 block selection for queries ``q`` over keys ``k``; native unless Stem's inputs are given.
 
@@ -538,6 +539,8 @@ def infllmv2_select(
         k_free: [S] or [B, Hk, S] long, non-forced blocks to keep per query row (replaces the
             native ``k_total - n_forced``).
         free_budget_fn: computes ``k_free`` of a chunk from its native scores (the mass schedule).
+    k_free_max: max(k_free) when the caller knows it on the host (the fused selection's list width
+        then needs no device-to-host read).
     use_fused: the fused Triton selection (`kernels.infllmv2_select`; default: on CUDA with fp16 /
         bf16 queries, unless an explicit `score_dtype` asks for the PyTorch path); it returns the
         same blocks (ties: the smaller block) without their scores. `free_budget_fn` runs there on
@@ -558,7 +561,10 @@ def infllmv2_select(
                 return free_budget_fn(BlockScores(scores=pooled, forced=forced, candidate=candidate, q_pos=q_pos,
                                                   rows=slice(s0, s1), k_total=params.k_total(k.shape[2]),
                                                   block_size=params.block_size))
-        idx, counts, _ = infllmv2_select_fused(q, k, params, q_offset=offset, key_bias=key_bias,
+        kmax = None
+        if k_free is not None and k_free_max is not None and chunk_budgets is None:
+            kmax = params.init_blocks + params.local_blocks + 1 + int(k_free_max)  # forced + the largest budget
+        idx, counts, _ = infllmv2_select_fused(q, k, params, q_offset=offset, key_bias=key_bias, kmax=kmax,
                                                budgets=None if chunk_budgets else k_free, chunk_budgets=chunk_budgets,
                                                emulate_kernel_offset=emulate_kernel_offset,
                                                # the mass schedule's budgets depend on the chunk: the same rows as
