@@ -218,7 +218,7 @@ def test_the_warp_vote_is_used_only_on_one_row_a_warp():
     """`lanes_on_first_axis` reads where the compiler put the vote's lanes: the layout Triton 3.6
     makes (32 lanes on the first axis) passes; Triton 3.9's (lanes over rows and chunks) and a TTGIR
     without the vote do not, so the kernel then scans instead."""
-    from stem_boost.kernels.dsa_topk import lanes_on_first_axis
+    from stem_boost.kernels.warp_rows import lanes_on_first_axis
 
     vote = ('%r:2 = tt.elementwise_inline_asm "{ vote.sync.ballot.b32 m, p, 0xffffffff; }" {constraints = "=r,=r,r"} '
             '%t : tensor<32x4x8xi32, {layout}> -> tensor<32x4x8xi32, {layout}>')

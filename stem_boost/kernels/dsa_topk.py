@@ -35,13 +35,13 @@ candidates (OAM bias gathered at their keys, the row's budget by bisection) in o
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 import triton
 import triton.language as tl
 
 from .row_select import keep_largest, ordered_u32, rank_threshold
+from .warp_rows import ballot_layout_holds, row_counts, rows_compact, rows_threshold
 
 
 def interpreting() -> bool:
@@ -276,71 +276,6 @@ def _topk_rows_sampled_kernel(
             tl.store(i_row + out, tl.full([BLOCK_OUT], -1, tl.int32), mask=(out >= count) & (out < k))
 
 
-@triton.jit
-def _row_counts(x):
-    """Per-row totals [ROWS] of a warp-per-row tile x [32, ROWS, C] (lanes, rows, chunks): a sum over
-    the chunks in each thread, then over the lanes of the row's warp (shuffles)."""
-    return tl.sum(tl.sum(x.to(tl.int32), 2), 0)
-
-
-@triton.jit
-def _rows_threshold(key, want, done):
-    """Per row of a warp-per-row tile key [32, ROWS, C] (uint32, 0 where invalid): the bisection of
-    `row_select.rank_threshold`, all rows at once. A row stops at the first prefix with exactly
-    `want` keys at or above it (`done` [ROWS] starts True for rows that need no threshold); the
-    loop ends when every row of the program has stopped, after 32 steps at most. Every candidate
-    prefix has a bit set, so invalid keys (0) never count. Returns the thresholds [ROWS] (uint32)."""
-    thr = tl.zeros_like(want).to(tl.uint32)
-    exact = done.to(tl.int32)
-    i = tl.zeros([], tl.int32)
-    while (i < 32) & (tl.min(exact, 0) == 0):
-        cand = thr | (tl.full([], 1, tl.uint32) << (31 - i).to(tl.uint32))
-        n_ge = _row_counts(key >= cand[None, :, None])
-        move = (n_ge >= want) & (exact == 0)
-        thr = tl.where(move, cand, thr)
-        exact = exact | (move & (n_ge == want)).to(tl.int32)
-        i += 1
-    return thr
-
-
-@triton.jit
-def _lane_ranks(take, BALLOT: tl.constexpr):
-    """For a warp-per-row tile take [32, ROWS, C] (lane l of a row's warp holds key l of each
-    32-key chunk): how many keys before each lane's in its chunk are taken, and how many the whole
-    chunk takes (the same in every lane), both [32, ROWS, C] int32. BALLOT (compiled CUDA): one
-    warp vote and two population counts a chunk; else (the CPU interpreter) a scan and a sum over
-    the lanes, the same numbers."""
-    t = take.to(tl.int32)
-    if BALLOT:
-        before, total = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .pred p;
-            .reg .b32 m, lt;
-            setp.ne.b32 p, $2, 0;
-            vote.sync.ballot.b32 m, p, 0xffffffff;
-            mov.u32 lt, %lanemask_lt;
-            and.b32 lt, lt, m;
-            popc.b32 $0, lt;
-            popc.b32 $1, m;
-            }""",
-            constraints="=r,=r,r", args=[t], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-    else:
-        before = tl.cumsum(t, 0) - t
-        total = tl.sum(t, 0)[None, :, :] + tl.zeros_like(t)
-    return before, total
-
-
-@triton.jit
-def _rows_compact(take, written, BALLOT: tl.constexpr):
-    """Slots of the taken entries of a warp-per-row tile take [32, ROWS, C], in position order (key
-    c * 32 + lane of a step), after the `written` [32, ROWS, 1] entries each row already holds (the
-    same in every lane). Returns (slot [32, ROWS, C], written + what the tile took [32, ROWS, 1]):
-    nothing crosses a lane but the vote (or the interpreter's scan) of `_lane_ranks`."""
-    before, total = _lane_ranks(take, BALLOT)
-    chunks_before = tl.cumsum(total, 2) - total  # within the thread
-    return written + chunks_before + before, written + tl.sum(total, 2, keep_dims=True)
-
-
 @triton.jit(do_not_specialize=["UNIT", "SPACING", "CAP"])
 def _topk_rows_warp_kernel(
     SCORES, BIAS, BUDGETS, VALID_LEN, IDX, COUNTS, BUF_KEY, BUF_POS, FELL_BACK, SCORES_OUT,
@@ -392,11 +327,11 @@ def _topk_rows_warp_kernel(
     pos = (j // GROUP) * SPACING + j % GROUP
     in_sample = pos < n3
     s_key = _key_of(_scores_at(s3, b3, pos, in_sample, HAS_BIAS))
-    n_sampled = _row_counts(in_sample)
+    n_sampled = row_counts(in_sample)
     mean = (want * n_sampled).to(tl.float32) / tl.maximum(n_keys, 1).to(tl.float32)
     rank = tl.ceil(mean + 3.0 * tl.sqrt(mean) + 4.0).to(tl.int32)
-    sampled = (n_keys > CAP) & (rank <= _row_counts(s_key != 0))
-    thr = _rows_threshold(s_key, rank, sampled == 0)
+    sampled = (n_keys > CAP) & (rank <= row_counts(s_key != 0))
+    thr = rows_threshold(s_key, rank, sampled == 0)
     thr = tl.where(sampled, thr, 0)
     thr3 = thr[None, :, None]
 
@@ -413,7 +348,7 @@ def _topk_rows_warp_kernel(
         s_next = _scores_at(s3, b3, offs + NR * 32, offs + NR * 32 < n3, HAS_BIAS)  # in flight meanwhile
         key = _key_of(s)
         take = (key >= thr3) & (key != 0)
-        slot, written_after = _rows_compact(take, written, BALLOT)
+        slot, written_after = rows_compact(take, written, BALLOT)
         fits = take & (slot < CAP)
         tl.store(buf_k + slot, key.to(tl.int32, bitcast=True), mask=fits)
         tl.store(buf_p + slot, offs + tl.zeros_like(slot), mask=fits)
@@ -442,7 +377,7 @@ def _topk_rows_warp_kernel(
             c = c0 + scan
             kk = tl.load(buf_k + c, mask=c < nb3, other=0).to(tl.uint32, bitcast=True)
             ge += (kk >= cand[None, :, None]).to(tl.int32)
-        n_ge = _row_counts(ge)
+        n_ge = row_counts(ge)
         move = (n_ge >= want) & (exact == 0)
         thr = tl.where(move, cand, thr)
         exact = exact | (move & (n_ge == want))
@@ -453,7 +388,7 @@ def _topk_rows_warp_kernel(
         c = c0 + scan
         kk = tl.load(buf_k + c, mask=c < nb3, other=0).to(tl.uint32, bitcast=True)
         gt += (kk > thr[None, :, None]).to(tl.int32)
-    need_eq = (want - _row_counts(gt))[None, :, None]
+    need_eq = (want - row_counts(gt))[None, :, None]
     thr3 = thr[None, :, None]
     count = tl.zeros([32, ROWS, 1], tl.int32)
     eq_seen = tl.zeros([32, ROWS, 1], tl.int32)
@@ -465,9 +400,9 @@ def _topk_rows_warp_kernel(
         live = c < nb3
         kk = tl.load(buf_k + c, mask=live, other=0).to(tl.uint32, bitcast=True)
         eq = live & (kk == thr3)
-        eq_rank, eq_after = _rows_compact(eq, eq_seen, BALLOT)  # the tie's rank among the row's ties
+        eq_rank, eq_after = rows_compact(eq, eq_seen, BALLOT)  # the tie's rank among the row's ties
         take = (live & (kk > thr3)) | (eq & (eq_rank < need_eq))
-        slot, count_after = _rows_compact(take, count, BALLOT)
+        slot, count_after = rows_compact(take, count, BALLOT)
         kept = tl.load(buf_p + c, mask=take, other=0)
         tl.store(o3 + slot, kept, mask=take)
         if WRITE_SCORES:  # the score without the bias: gathered from the row (read moments ago, in L2)
@@ -486,35 +421,6 @@ def _topk_rows_warp_kernel(
 
 
 TOPK_METHODS = ("radix", "sampled", "warp")
-_BALLOT_LAYOUT: dict[tuple, bool] = {}  # launch constexprs -> whether the compiled vote sees one row a warp
-
-
-def lanes_on_first_axis(ttgir: str) -> bool:
-    """Whether the warp vote of `_lane_ranks` in this TTGIR runs on tiles whose first axis is the
-    warp's 32 lanes, one element a lane (layout `threadsPerWarp = [32, 1, 1]`): only then is a
-    ballot over the warp a ballot over one row's 32-key chunk. The layout is the compiler's choice
-    (Triton 3.6 makes this one from the kernel's tiles; 3.9 another), so it is read, not assumed."""
-    layouts = dict(re.findall(r"^(#[\w.]+) = (.*)$", ttgir, re.M))
-    votes = [line for line in ttgir.splitlines() if "elementwise_inline_asm" in line and "vote.sync.ballot" in line]
-    for line in votes:
-        operand = re.search(r": tensor<32x\d+x\d+xi32, (#[\w.]+)>", line)
-        layout = layouts.get(operand.group(1), "") if operand else ""
-        if "sizePerThread = [1, 1, 1]" not in layout or "threadsPerWarp = [32, 1, 1]" not in layout:
-            return False
-    return bool(votes)
-
-
-def ballot_layout_holds(args: tuple, launch: dict) -> bool:
-    """`lanes_on_first_axis` for the warp kernel compiled with BALLOT=True at these constexprs (once
-    per process and launch configuration; the compile is the launch's own, cached by Triton). False:
-    the kernel takes the scans over the lanes instead, slower but correct in any layout."""
-    key = tuple(sorted(launch.items()))
-    if key not in _BALLOT_LAYOUT:
-        compiled = _topk_rows_warp_kernel.warmup(*args, grid=(1,), BALLOT=True, **launch)
-        _BALLOT_LAYOUT[key] = lanes_on_first_axis(compiled.asm["ttgir"])
-    return _BALLOT_LAYOUT[key]
-
-
 def warp_topk_sample(T: int, samples: int = 1024) -> tuple[int, int]:
     """The sample of `topk_rows(method="warp")` for rows of up to T keys: (group, spacing), `group`
     consecutive keys (8: one 32-byte sector) every `spacing` (at least 256, so at most 1/32 of a
@@ -684,7 +590,7 @@ def topk_rows(
         args = (*row_args, buf_key, buf_pos, flags, scores_out, B * R, R, T, k, 1, spacing, capacity, *strides,
                 buf_key.stride(0))
         launch = dict(has, **warp_kernel_constexprs(T, num_warps, block, samples), WRITE_SCORES=out_scores is not None)
-        ballot = not interpreting() and ballot_layout_holds(args, launch)
+        ballot = not interpreting() and ballot_layout_holds(_topk_rows_warp_kernel, args, launch)
         _topk_rows_warp_kernel[(triton.cdiv(B * R, num_warps),)](*args, BALLOT=ballot, **launch)
         radix(flags, 4096, 1, 8)  # the rows whose sample missed (about 1 in 10^3); the others return at once
         return idx, counts
