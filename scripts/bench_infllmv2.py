@@ -266,6 +266,16 @@ def run_select(args, device, results, log):
                    fused3_ms=bench(lambda: infllmv2_select_fused(q, k, p, fuse_topk=False)),
                    # 8 warps: spill-free on sm_90 (`stem-boost build --cases select`), 4 is the default
                    fused_w8_ms=bench(lambda: infllmv2_select_fused(q, k, p, num_warps=8)))
+        # step 3 with one row a warp (block_topk(method="warp")), native and with Stem's inputs
+        row["warp_topk_ms"] = bench(lambda: infllmv2_select_fused(q, k, p, topk_method="warp"))
+        row["warp_topk_stem_ms"] = bench(lambda: infllmv2_select_fused(q, k, p, key_bias=bias, budgets=budgets,
+                                                                       kmax=p.k_total(S), topk_method="warp"))
+        idx_w, cnt_w, _ = infllmv2_select_fused(q, k, p, topk_method="warp")
+        idx_ws, cnt_ws, _ = infllmv2_select_fused(q, k, p, key_bias=bias, budgets=budgets, kmax=p.k_total(S),
+                                                  topk_method="warp")
+        row["warp_topk_equal"] = bool(torch.equal(idx_w, idx_n) and torch.equal(cnt_w, cnt_n)
+                                      and torch.equal(idx_ws, idx_s) and torch.equal(cnt_ws, cnt_s))
+        del idx_w, cnt_w, idx_ws, cnt_ws
         idx8, cnt8, _ = infllmv2_select_fused(q, k, p, num_warps=8)
         row["fused_w8_equal"] = bool(torch.equal(idx8, idx_n) and torch.equal(cnt8, cnt_n))
         del idx8, cnt8
@@ -433,13 +443,14 @@ def main():
               f"{r['ratio']:.2f} | {r['dense_ms']:.2f} | {r['union_inflation']:.2f} | "
               f"{'' if r['union_ms'] is None else format(r['union_ms'], '.2f')} |")
     if results["select"]:
-        print("\n| S | fused sel ms (3 launches / 8 warps) | fused Stem ms | fused mass ms | torch sel ms | torch Stem ms | "
+        print("\n| S | fused sel ms (3 launches / 8 warps) | one row a warp: native / Stem ms (same lists) | fused Stem ms | fused mass ms | torch sel ms | torch Stem ms | "
               "torch mass ms | agree native / Stem / mass | stage2 union ms (native / Stem) | current stage2 ms | dense ms | "
               "inflation QT4 |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         nan = float("nan")
         for r in results["select"]:
-            print(f"| {r['S']} | {r['fused_ms']:.2f} ({r['fused3_ms']:.2f} / {r['fused_w8_ms']:.2f}) | {r['fused_stem_ms']:.2f} | "
+            print(f"| {r['S']} | {r['fused_ms']:.2f} ({r['fused3_ms']:.2f} / {r['fused_w8_ms']:.2f}) | "
+                  f"{r['warp_topk_ms']:.2f} / {r['warp_topk_stem_ms']:.2f} ({r['warp_topk_equal']}) | {r['fused_stem_ms']:.2f} | "
                   f"{r['fused_mass_ms']:.2f} | {r.get('torch_ms', nan):.1f} | {r.get('torch_stem_ms', nan):.1f} | "
                   f"{r.get('torch_mass_ms', nan):.1f} | {r.get('agree_native', nan):.5f} / {r.get('agree_stem', nan):.5f} / "
                   f"{r.get('agree_mass', nan):.5f} | {r['stage2_native_ms']:.2f} / {r['stage2_stem_ms']:.2f} | "

@@ -180,8 +180,10 @@ def test_fused_selection_left_padding_equals_unpadded_row():
     assert torch.equal(counts[0], row0.counts[0]), f"seed {seed}"
 
 
-def test_block_topk_ties_and_budgets():
-    """The top-k kernel alone on scores with many exact ties, -inf and NaN: the `topk_blocks` rule."""
+@pytest.mark.parametrize("method", ["program", "warp"])
+def test_block_topk_ties_and_budgets(method):
+    """The top-k kernel alone on scores with many exact ties, -inf and NaN: the `topk_blocks` rule
+    (one row a program, and one row a warp)."""
     from stem_boost.kernels.infllmv2_select import block_topk
     from stem_boost.native.infllmv2 import topk_blocks
 
@@ -198,8 +200,9 @@ def test_block_topk_ties_and_budgets():
     cand = blk[None] <= qb[:, None]
     forced = cand & ((blk[None] < 2) | (blk[None] >= qb[:, None] - 3))
     idx, counts, n_forced = block_topk(scores, q_pos0=q_pos0, block_size=bs, init_blocks=2, local_blocks=3,
-                                       k_total=12, budgets=budgets, kmax=NB)
+                                       k_total=12, budgets=budgets, kmax=NB, method=method)
     ref_idx, _, _, ref_counts = topk_blocks(scores, forced, cand, k_free=budgets)
+    assert torch.equal(n_forced, forced.sum(-1).to(torch.int32).expand(B, Hk, C)), f"seed {seed}"
     assert torch.equal(counts, ref_counts), f"seed {seed}"
     assert torch.equal(idx[..., : ref_idx.shape[-1]], ref_idx), f"seed {seed}"
     assert torch.all(idx[..., ref_idx.shape[-1]:] == -1), f"seed {seed}"
@@ -379,3 +382,37 @@ def test_stem_schedule_cached_per_length_and_no_device_read_for_the_list_width(s
     given = infllmv2_select(q, k, params, k_free_max=a.k_free_max, **kw)
     assert torch.equal(read.idx, given.idx) and torch.equal(read.counts, given.counts), f"seed {seed}"
     assert int(read.counts.min()) < int(read.counts.max())  # the budgets vary along the rows
+
+
+@pytest.mark.parametrize("NB,C,rows", [(37, 45, 4), (300, 21, 8), (12, 7, 2)])
+def test_block_topk_one_row_a_warp_equals_one_row_a_program(NB, C, rows, seed):
+    """`block_topk(method="warp")` writes the lists, counts and forced counts of the measured
+    default on random scores: natively, with Stem's bias and budgets, and with left padding; chunk
+    rows not a multiple of the rows a program, rows of one to ten 32-block chunks."""
+    from stem_boost.kernels.infllmv2_select import block_topk
+
+    gen = torch.Generator().manual_seed(seed)
+    B, Hk, bs = 2, 2, 16
+    q_pos0 = NB * bs - C
+    scores = torch.randn(B, Hk, C, NB, generator=gen)
+    scores[torch.rand(B, Hk, C, NB, generator=gen) < 0.05] = float("-inf")
+    bias = torch.randn(B, Hk, NB, generator=gen)
+    budgets = torch.randint(0, 14, (B, Hk, C), generator=gen)
+    seq_start = torch.tensor([0, 3 * bs + 5], dtype=torch.int32)
+    for kw in (dict(), dict(key_bias=bias, budgets=budgets), dict(seq_start=seq_start, budgets=budgets)):
+        common = dict(q_pos0=q_pos0, block_size=bs, init_blocks=1, local_blocks=2, k_total=10, kmax=min(NB, 17), **kw)
+        ref = block_topk(scores, method="program", **common)
+        got = block_topk(scores, method="warp", rows_per_program=rows, **common)
+        for name, a, r in zip(("idx", "counts", "n_forced"), got, ref):
+            assert torch.equal(a, r), f"seed {seed}: {name} differs with {sorted(kw)}"
+
+
+def test_block_topk_refuses_unknown_method_and_rows():
+    from stem_boost.kernels.infllmv2_select import block_topk
+
+    scores = torch.randn(1, 1, 4, 8)
+    common = dict(q_pos0=60, block_size=16, init_blocks=1, local_blocks=1, k_total=4, kmax=8)
+    with pytest.raises(ValueError, match="method='radix'; allowed: program, warp"):
+        block_topk(scores, method="radix", **common)
+    with pytest.raises(ValueError, match="rows_per_program=3; allowed"):
+        block_topk(scores, method="warp", rows_per_program=3, **common)

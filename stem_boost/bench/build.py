@@ -66,10 +66,11 @@ def union_case(G: int, Hkv: int, query_block: int = 1, D: int = 128, S: int = 25
 
 
 def select_case(stem: str | None, G: int = 16, Hk: int = 2, S: int = 128, T: int = 131072,
-                fused: bool = False) -> BuildCase:
+                fused: bool = False, topk_method: str = "program") -> BuildCase:
     """stem: None (native), "budgets" (Stem's bias and budgets given) or "mass" (budgets computed from
     each chunk's pooled scores). The default three-launch layout, or with `fused` the two-launch one
-    (`fuse_topk=True`: pooling and top-k in one program)."""
+    (`fuse_topk=True`: pooling and top-k in one program); topk_method: the three-launch top-k's
+    ("program" or "warp": one row a warp)."""
     from ..kernels.infllmv2_select import infllmv2_select_fused
     from ..native.infllmv2 import InfLLMv2Params
 
@@ -84,12 +85,14 @@ def select_case(stem: str | None, G: int = 16, Hk: int = 2, S: int = 128, T: int
                 kw["chunk_budgets"] = lambda pooled, s0, s1: torch.full((s1 - s0,), 40, dtype=torch.int32)
             else:
                 kw["budgets"] = torch.full((S,), 40, dtype=torch.int32)
-        infllmv2_select_fused(q, k, p, q_offset=T - S, fuse_topk=fused, **kw)
+        infllmv2_select_fused(q, k, p, q_offset=T - S, fuse_topk=fused, topk_method=topk_method, **kw)
 
     what = {None: "", "budgets": ", Stem's bias and budgets", "mass": ", Stem's bias, budgets from the pooled scores"}
-    return BuildCase(f"select {stem or 'native'}{' fused' if fused else ''}",
+    warp = topk_method == "warp"
+    return BuildCase(f"select {stem or 'native'}{' fused' if fused else ''}{' warp-topk' if warp else ''}",
                      f"InfLLMv2 stage 1 + pooling + top-k, MiniCPM-4.1 ({G * Hk} q / {Hk} kv heads), 128K keys"
-                     + what[stem] + (", pooling and top-k in one launch" if fused else ""), run)
+                     + what[stem] + (", pooling and top-k in one launch" if fused else "")
+                     + (", the top-k one row a warp" if warp else ""), run)
 
 
 def select_g3_case(S: int = 128, T: int = 8192) -> BuildCase:
@@ -258,6 +261,7 @@ def all_cases() -> list[BuildCase]:
         union_case(16, 2), union_case(8, 4), union_case(6, 8), union_case(4, 8), union_case(1, 16),
         union_case(16, 2, query_block=64),
         select_case(None), select_case("budgets"), select_case("mass"), select_case(None, fused=True),
+        select_case(None, topk_method="warp"), select_case("budgets", topk_method="warp"),
         select_g3_case(), stage1_case(),
         indexer_case("bfloat16"), indexer_case("fp8"), indexer_case("fp8", head_dim=32), indexer_case("bfloat16", stem=True),
         stem_cut_case(), sampled_topk_case(), warp_topk_case(),

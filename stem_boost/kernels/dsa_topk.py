@@ -34,19 +34,12 @@ candidates (OAM bias gathered at their keys, the row's budget by bisection) in o
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .row_select import keep_largest, ordered_u32, rank_threshold
 from .warp_rows import ballot_layout_holds, row_counts, rows_compact, rows_threshold
-
-
-def interpreting() -> bool:
-    """True under Triton's CPU interpreter (TRITON_INTERPRET=1), which runs no inline PTX."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -590,7 +583,7 @@ def topk_rows(
         args = (*row_args, buf_key, buf_pos, flags, scores_out, B * R, R, T, k, 1, spacing, capacity, *strides,
                 buf_key.stride(0))
         launch = dict(has, **warp_kernel_constexprs(T, num_warps, block, samples), WRITE_SCORES=out_scores is not None)
-        ballot = not interpreting() and ballot_layout_holds(_topk_rows_warp_kernel, args, launch)
+        ballot = ballot_layout_holds(_topk_rows_warp_kernel, args, launch)
         _topk_rows_warp_kernel[(triton.cdiv(B * R, num_warps),)](*args, BALLOT=ballot, **launch)
         radix(flags, 4096, 1, 8)  # the rows whose sample missed (about 1 in 10^3); the others return at once
         return idx, counts

@@ -60,8 +60,12 @@ from ..selection import Selection
 from .infllmv2_geometry import compress_keys, kernel_causal_offset, num_compressed, visible_compressed
 from .infllmv2_scores import LOG2E, coarse_lse, group_mass
 from .row_select import keep_largest, ordered_u32
+from .warp_rows import ballot_layout_holds, row_counts, rows_compact, rows_threshold
 
 __all__ = ["block_topk", "infllmv2_select_fused", "infllmv2_selection", "pooled_block_scores"]
+
+
+BLOCK_TOPK_METHODS = ("program", "warp")
 
 
 def _next_pow2(x: int) -> int:
@@ -307,6 +311,79 @@ def _block_topk_kernel(
               BLOCK_SIZE, INIT_BLOCKS, LOCAL_BLOCKS, NBP, KMAXP, HAS_BIAS, HAS_BUDGET, HAS_SEQ_START, "")
 
 
+@triton.jit(do_not_specialize=["UNIT"])
+def _block_topk_warp_kernel(
+    SCORES, BIAS, BUDGET, SEQ_START, IDX, CNT, NFORCED,
+    row0, q_pos0, NBC, k_total, C, UNIT,
+    stride_sb, stride_sh, stride_sc,
+    stride_bb, stride_bh,
+    stride_ub, stride_uh, stride_us,
+    stride_ib, stride_ih, stride_is,
+    stride_cb, stride_ch,
+    HK, KMAX,
+    BLOCK_SIZE: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
+    NCH: tl.constexpr, NPAD: tl.constexpr, ROWS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BUDGET: tl.constexpr, HAS_SEQ_START: tl.constexpr, BALLOT: tl.constexpr,
+):
+    """`_topk_row` with one row a warp (`kernels/warp_rows.py`): axis 0 = ROWS chunk rows (num_warps
+    = ROWS), axis 1 = batch x kv head. Tiles are [32 lanes, ROWS, NCH]: lane l holds block
+    ch * 32 + l of chunk ch. The same rule and result as `_topk_row`; the bisection's counts and the
+    compaction of the kept blocks stay inside each row's warp (no block barrier). UNIT is 1, passed
+    at run time so that the lanes' addresses are not provably contiguous (see warp_rows)."""
+    bh = tl.program_id(1)
+    b = bh // HK
+    hk = bh % HK
+    c = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # chunk rows [ROWS]
+    row_ok = c < C
+    qb = (q_pos0 + c) // BLOCK_SIZE
+    if HAS_SEQ_START:
+        sb = tl.load(SEQ_START + b) // BLOCK_SIZE
+    else:
+        sb = 0
+    lane = tl.arange(0, 32)[:, None, None] * UNIT  # [32, 1, 1]
+    j = tl.arange(0, NCH)[None, None, :] * 32 + lane  # [32, 1, NCH] block numbers
+    qb3 = qb[None, :, None]
+    ok3 = row_ok[None, :, None]
+    c3 = c[None, :, None]
+    cand = (j <= qb3) & (j >= sb) & (j < NBC) & ok3
+    forced = cand & ((j < sb + INIT_BLOCKS) | (j >= qb3 - LOCAL_BLOCKS))
+    free = cand & (forced == 0)
+    n_forced = row_counts(forced)  # [ROWS]
+
+    score = tl.load(SCORES + b.to(tl.int64) * stride_sb + hk.to(tl.int64) * stride_sh + c3.to(tl.int64) * stride_sc
+                    + j, mask=free, other=float("-inf"))
+    score = tl.where(score == score, score, float("-inf"))  # NaN -> -inf
+    if HAS_BIAS:
+        bias = tl.load(BIAS + b.to(tl.int64) * stride_bb + hk.to(tl.int64) * stride_bh + j, mask=free, other=0.0)
+        score = _stem_key(score, bias)
+    key = tl.where(free, ordered_u32(score), 0)  # every free block's key is non-zero, even at -inf
+
+    if HAS_BUDGET:
+        k_free = tl.load(BUDGET + b.to(tl.int64) * stride_ub + hk.to(tl.int64) * stride_uh
+                         + c.to(tl.int64) * stride_us, mask=row_ok, other=0)
+    else:
+        k_free = k_total - n_forced
+    want = tl.maximum(k_free, 0)
+    thr = rows_threshold(key, want, row_ok == 0)[None, :, None]
+    gt = (key > thr) & free
+    eq = (key == thr) & free
+    need_eq = (want - row_counts(gt))[None, :, None]
+    none_yet = tl.zeros([32, ROWS, 1], tl.int32)
+    eq_rank, _ = rows_compact(eq, none_yet, BALLOT)  # ties: the smaller block first
+    keep = forced | gt | (eq & (eq_rank < need_eq))
+    slot, _ = rows_compact(keep, none_yet, BALLOT)
+    count = row_counts(keep)
+
+    s3 = (row0 + c3).to(tl.int64)
+    out = IDX + b.to(tl.int64) * stride_ib + hk.to(tl.int64) * stride_ih + s3 * stride_is
+    tl.store(out + slot, j + tl.zeros_like(slot), mask=keep & (slot < KMAX))
+    pad = tl.arange(0, NPAD)[None, None, :] * 32 + lane
+    tl.store(out + pad, tl.full([32, ROWS, NPAD], -1, tl.int32), mask=(pad >= count[None, :, None]) & (pad < KMAX) & ok3)
+    s = row0 + c
+    tl.store(CNT + b * stride_cb + hk * stride_ch + s, tl.minimum(count, KMAX), mask=row_ok)
+    tl.store(NFORCED + b * stride_cb + hk * stride_ch + s, n_forced, mask=row_ok)
+
+
 @triton.jit
 def _select_chunk_kernel(
     Q, K1, LSE, VIS1, LO1, SCRATCH, BIAS, BUDGET, SEQ_START, IDX, CNT, NFORCED,
@@ -382,7 +459,8 @@ def _row_topk_args(bias, budgets, seq_start, idx, counts, n_forced, n_blocks: in
 
 def block_topk(scores: torch.Tensor, *, q_pos0: int, block_size: int, init_blocks: int, local_blocks: int,
                k_total: int, key_bias: torch.Tensor | None = None, budgets: torch.Tensor | None = None,
-               seq_start: torch.Tensor | None = None, kmax: int, out: tuple | None = None, row0: int = 0):
+               seq_start: torch.Tensor | None = None, kmax: int, out: tuple | None = None, row0: int = 0,
+               method: str = "program", rows_per_program: int = 4):
     """Forced blocks + the best non-forced candidates of every row (the `topk_blocks` rule).
 
     Args:
@@ -395,8 +473,15 @@ def block_topk(scores: torch.Tensor, *, q_pos0: int, block_size: int, init_block
         kmax: width of the output lists (must cover forced + kept blocks of every row).
         out: optional (idx [B, Hk, S, kmax], counts [B, Hk, S], n_forced [B, Hk, S]) written at rows
             row0 .. row0 + C - 1 (the chunk loop writes straight into the final selection).
+        method: "program" (one row a program of 4-8 warps: the measured default) or "warp" (one
+            row a warp, `rows_per_program` rows a program: no block barrier in the bisection; the
+            same lists, not yet timed on a GPU).
     Returns (idx, counts, n_forced): ascending block lists, -1 padded; int32.
     """
+    if method not in BLOCK_TOPK_METHODS:
+        raise ValueError(f"method={method!r}; allowed: {', '.join(BLOCK_TOPK_METHODS)}")
+    if rows_per_program not in (1, 2, 4, 8, 16):
+        raise ValueError(f"rows_per_program={rows_per_program}; allowed: 1, 2, 4, 8, 16 (one row a warp)")
     B, Hk, C, NB = scores.shape
     if out is None:
         idx = torch.empty(B, Hk, C, kmax, dtype=torch.int32, device=scores.device)
@@ -411,6 +496,16 @@ def block_topk(scores: torch.Tensor, *, q_pos0: int, block_size: int, init_block
     if C == 0:
         return idx, counts, n_forced
     pointers, strides, flags = _row_topk_args(key_bias, bud, seq_start, idx, counts, n_forced, NB, kmax)
+    if method == "warp":
+        nbp, kmaxp = flags.pop("NBP"), flags.pop("KMAXP")
+        args = (scores, *pointers, row0, q_pos0, NB, k_total, C, 1,
+                scores.stride(0), scores.stride(1), scores.stride(2), *strides, Hk, kmax)
+        launch = dict(flags, BLOCK_SIZE=block_size, INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
+                      NCH=max(1, nbp // 32), NPAD=max(1, kmaxp // 32), ROWS=rows_per_program,
+                      num_warps=rows_per_program)
+        ballot = ballot_layout_holds(_block_topk_warp_kernel, args, launch)
+        _block_topk_warp_kernel[(triton.cdiv(C, rows_per_program), B * Hk)](*args, BALLOT=ballot, **launch)
+        return idx, counts, n_forced
     _block_topk_kernel[(C, B * Hk)](
         scores, *pointers,
         row0, q_pos0, NB, k_total,
@@ -444,6 +539,7 @@ def infllmv2_select_fused(
     block_s: int = 64,
     num_warps: int = 4,
     chunk_budgets: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
+    topk_method: str = "program",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """InfLLMv2 block selection of queries q over keys k, with Stem's inputs optional.
 
@@ -468,6 +564,8 @@ def infllmv2_select_fused(
             query rows [s0, s1), it returns the rows' non-forced budgets ([C], [B, C] or [B, Hk, C],
             at most the native k_total - forced). Such a chunk runs as three launches (the pooled
             scores go through HBM once); not with `budgets`.
+        topk_method: step 3 of the three-launch path (`block_topk(method=...)`): "program" (the
+            measured default) or "warp" (one row a warp).
         num_warps: warps of the fused step-2-3 program. 4 is the measured default; on sm_90 it
             compiles to 255 registers with ~0.5 KB of spills per thread, 8 to ~220 and none
             (`stem-boost build --cases select`); 8 is the candidate for the next GPU measurement.
@@ -535,7 +633,8 @@ def infllmv2_select_fused(
                 bud_c = _budget_view(chunk_budgets(pooled, s0, s1).to(q.device), B, Hk, s1 - s0)
             block_topk(pooled, q_pos0=s0 + offset, block_size=p.block_size, init_blocks=p.init_blocks,
                        local_blocks=p.local_blocks, k_total=k_total, key_bias=None if bias_in_pool else bias,
-                       budgets=bud_c, seq_start=seq_start, kmax=kmax, out=(idx, counts, n_forced), row0=s0)
+                       budgets=bud_c, seq_start=seq_start, kmax=kmax, out=(idx, counts, n_forced), row0=s0,
+                       method=topk_method)
             continue
         C = s1 - s0
         scratch = torch.empty(B, Hk, C, nbc, dtype=torch.float32, device=q.device)

@@ -12,12 +12,13 @@ numbers. Used by the DSA top-k (`dsa_topk.topk_rows(method="warp")`) and the Inf
 
 from __future__ import annotations
 
+import os
 import re
 
 import triton
 import triton.language as tl
 
-__all__ = ["ballot_layout_holds", "lane_ranks", "lanes_on_first_axis", "row_counts", "rows_compact",
+__all__ = ["ballot_layout_holds", "interpreting", "lane_ranks", "lanes_on_first_axis", "row_counts", "rows_compact",
            "rows_threshold"]
 
 
@@ -86,6 +87,11 @@ def rows_compact(take, written, BALLOT: tl.constexpr):
     return written + chunks_before + before, written + tl.sum(total, 2, keep_dims=True)
 
 
+def interpreting() -> bool:
+    """True under Triton's CPU interpreter (TRITON_INTERPRET=1), which runs no inline PTX."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 _BALLOT_LAYOUT: dict[tuple, bool] = {}  # (kernel, launch constexprs) -> whether the compiled vote sees one row a warp
 
 
@@ -108,7 +114,10 @@ def ballot_layout_holds(kernel, args: tuple, launch: dict) -> bool:
     """`lanes_on_first_axis` for a warp-per-row `kernel` (a jit function with a BALLOT constexpr)
     compiled with BALLOT=True at these arguments and constexprs (once per process, kernel and
     launch configuration; the compile is the launch's own, cached by Triton). False: the kernel
-    takes the scans over the lanes instead, slower but correct in any layout."""
+    takes the scans over the lanes instead, slower but correct in any layout (and always under the
+    interpreter, which runs no inline PTX)."""
+    if interpreting():
+        return False
     key = (kernel.fn.__qualname__, tuple(sorted(launch.items())))
     if key not in _BALLOT_LAYOUT:
         compiled = kernel.warmup(*args, grid=(1,), BALLOT=True, **launch)
