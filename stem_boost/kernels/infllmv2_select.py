@@ -236,6 +236,27 @@ def pooled_block_scores(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vi
 # 3. forced blocks + Stem + top-k per row
 # ------------------------------------------------------------------------------------------------
 @triton.jit
+def _row_masks(j, qb, sb, NBC, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr):
+    """(forced, free) for blocks j of rows whose query block is qb (-1: no row) and whose first real
+    block is sb: the candidates are the causal, existing blocks from sb on; the init blocks, the
+    diagonal block and the LOCAL_BLOCKS before it are forced, the others free."""
+    cand = (j <= qb) & (j >= sb) & (j < NBC)
+    forced = cand & ((j < sb + INIT_BLOCKS) | (j >= qb - LOCAL_BLOCKS))
+    return forced, cand & (forced == 0)
+
+
+@triton.jit
+def _row_keys(S_ROW, B_ROW, j, free, HAS_BIAS: tl.constexpr, LOAD_CACHE: tl.constexpr):
+    """Order-preserving uint32 ranking keys of blocks j of a row (pooled scores at S_ROW, OAM bias at
+    B_ROW): the score (NaN -> -inf), or Stem's key log(score) + bias (`_stem_key`)."""
+    score = tl.load(S_ROW + j, mask=free, other=float("-inf"), cache_modifier=LOAD_CACHE)
+    score = tl.where(score == score, score, float("-inf"))  # NaN -> -inf
+    if HAS_BIAS:
+        score = _stem_key(score, tl.load(B_ROW + j, mask=free, other=0.0))
+    return ordered_u32(score)
+
+
+@triton.jit
 def _topk_row(
     SCORES, BIAS, BUDGET, SEQ_START, IDX, CNT, NFORCED, c, b, hk,
     row0, q_pos0, NBC, k_total,
@@ -258,18 +279,10 @@ def _topk_row(
     else:
         sb = 0
     j = tl.arange(0, NBP)
-    cand = (j <= qb) & (j >= sb) & (j < NBC)
-    forced = cand & ((j < sb + INIT_BLOCKS) | (j >= qb - LOCAL_BLOCKS))
-    free = cand & (forced == 0)
+    forced, free = _row_masks(j, qb, sb, NBC, INIT_BLOCKS, LOCAL_BLOCKS)
     n_forced = tl.sum(forced.to(tl.int32), 0)
-
-    score = tl.load(SCORES + b.to(tl.int64) * stride_sb + hk.to(tl.int64) * stride_sh + c.to(tl.int64) * stride_sc + j,
-                    mask=free, other=float("-inf"), cache_modifier=LOAD_CACHE)
-    score = tl.where(score == score, score, float("-inf"))  # NaN -> -inf
-    if HAS_BIAS:
-        bias = tl.load(BIAS + b.to(tl.int64) * stride_bb + hk.to(tl.int64) * stride_bh + j, mask=free, other=0.0)
-        score = _stem_key(score, bias)
-    key = ordered_u32(score)
+    key = _row_keys(SCORES + b.to(tl.int64) * stride_sb + hk.to(tl.int64) * stride_sh + c.to(tl.int64) * stride_sc,
+                    BIAS + b.to(tl.int64) * stride_bb + hk.to(tl.int64) * stride_bh, j, free, HAS_BIAS, LOAD_CACHE)
 
     if HAS_BUDGET:
         k_free = tl.load(BUDGET + b.to(tl.int64) * stride_ub + hk.to(tl.int64) * stride_uh + c.to(tl.int64) * stride_us)
@@ -342,21 +355,13 @@ def _block_topk_warp_kernel(
         sb = 0
     lane = tl.arange(0, 32)[:, None, None] * UNIT  # [32, 1, 1]
     j = tl.arange(0, NCH)[None, None, :] * 32 + lane  # [32, 1, NCH] block numbers
-    qb3 = qb[None, :, None]
     ok3 = row_ok[None, :, None]
     c3 = c[None, :, None]
-    cand = (j <= qb3) & (j >= sb) & (j < NBC) & ok3
-    forced = cand & ((j < sb + INIT_BLOCKS) | (j >= qb3 - LOCAL_BLOCKS))
-    free = cand & (forced == 0)
+    forced, free = _row_masks(j, tl.where(ok3, qb[None, :, None], -1), sb, NBC, INIT_BLOCKS, LOCAL_BLOCKS)
     n_forced = row_counts(forced)  # [ROWS]
-
-    score = tl.load(SCORES + b.to(tl.int64) * stride_sb + hk.to(tl.int64) * stride_sh + c3.to(tl.int64) * stride_sc
-                    + j, mask=free, other=float("-inf"))
-    score = tl.where(score == score, score, float("-inf"))  # NaN -> -inf
-    if HAS_BIAS:
-        bias = tl.load(BIAS + b.to(tl.int64) * stride_bb + hk.to(tl.int64) * stride_bh + j, mask=free, other=0.0)
-        score = _stem_key(score, bias)
-    key = tl.where(free, ordered_u32(score), 0)  # every free block's key is non-zero, even at -inf
+    key = _row_keys(SCORES + b.to(tl.int64) * stride_sb + hk.to(tl.int64) * stride_sh + c3.to(tl.int64) * stride_sc,
+                    BIAS + b.to(tl.int64) * stride_bb + hk.to(tl.int64) * stride_bh, j, free, HAS_BIAS, "")
+    key = tl.where(free, key, 0)  # every free block's key is non-zero, even at -inf
 
     if HAS_BUDGET:
         k_free = tl.load(BUDGET + b.to(tl.int64) * stride_ub + hk.to(tl.int64) * stride_uh
