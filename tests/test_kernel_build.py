@@ -37,6 +37,10 @@ KNOWN_SPILLS = {
     # Stem's sampled top-k (bias + budgets, one stage): 152 bytes at 128 registers; the spill-free
     # two-stage build measured slower with the bias (5.7 vs 3.9 ms, H200, BENCHMARKS.md §000)
     ("topk sampled", "_topk_rows_sampled_kernel"),
+    # the InfLLMv2 block top-k with one row a warp (opt-in, not yet timed): no spill on triton 3.6 (the GPU
+    # image, 228-236 registers); on 3.9 the scan build with Stem's budgets takes 168 registers for 12 warps
+    # an SM and spills 32 bytes
+    ("select budgets warp-topk", "_block_topk_warp_kernel"),
 }
 
 

@@ -335,14 +335,16 @@ def _block_topk_warp_kernel(
     stride_cb, stride_ch,
     HK, KMAX,
     BLOCK_SIZE: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
-    NCH: tl.constexpr, NPAD: tl.constexpr, ROWS: tl.constexpr,
+    NCH: tl.constexpr, WCH: tl.constexpr, NPAD: tl.constexpr, ROWS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BUDGET: tl.constexpr, HAS_SEQ_START: tl.constexpr, BALLOT: tl.constexpr,
 ):
     """`_topk_row` with one row a warp (`kernels/warp_rows.py`): axis 0 = ROWS chunk rows (num_warps
     = ROWS), axis 1 = batch x kv head. Tiles are [32 lanes, ROWS, NCH]: lane l holds block
     ch * 32 + l of chunk ch. The same rule and result as `_topk_row`; the bisection's counts and the
-    compaction of the kept blocks stay inside each row's warp (no block barrier). UNIT is 1, passed
-    at run time so that the lanes' addresses are not provably contiguous (see warp_rows)."""
+    compaction of the kept blocks stay inside each row's warp (no block barrier). The bisection holds
+    the row's keys; the writing pass reloads them WCH chunks a step (the row is in cache), which
+    keeps the kernel from spilling. UNIT is 1, passed at run time so that the lanes' addresses are
+    not provably contiguous (see warp_rows)."""
     bh = tl.program_id(1)
     b = bh // HK
     hk = bh % HK
@@ -370,18 +372,26 @@ def _block_topk_warp_kernel(
         k_free = k_total - n_forced
     want = tl.maximum(k_free, 0)
     thr = rows_threshold(key, want, row_ok == 0)[None, :, None]
-    gt = (key > thr) & free
-    eq = (key == thr) & free
-    need_eq = (want - row_counts(gt))[None, :, None]
-    none_yet = tl.zeros([32, ROWS, 1], tl.int32)
-    eq_rank, _ = rows_compact(eq, none_yet, BALLOT)  # ties: the smaller block first
-    keep = forced | gt | (eq & (eq_rank < need_eq))
-    slot, _ = rows_compact(keep, none_yet, BALLOT)
-    count = row_counts(keep)
+    need_eq = (want - row_counts((key > thr) & free))[None, :, None]
 
+    # the writing pass, WCH chunks a step (the keys are recomputed from the row, which is in cache):
+    # the blocks above the threshold, the first ties at it and the forced ones, ascending
     s3 = (row0 + c3).to(tl.int64)
     out = IDX + b.to(tl.int64) * stride_ib + hk.to(tl.int64) * stride_ih + s3 * stride_is
-    tl.store(out + slot, j + tl.zeros_like(slot), mask=keep & (slot < KMAX))
+    eq_seen = tl.zeros([32, ROWS, 1], tl.int32)
+    count = tl.zeros([32, ROWS, 1], tl.int32)
+    for c0 in range(0, NCH, WCH):
+        jw = (c0 + tl.arange(0, WCH))[None, None, :] * 32 + lane
+        forced_w, free_w = _row_masks(jw, tl.where(ok3, qb[None, :, None], -1), sb, NBC, INIT_BLOCKS, LOCAL_BLOCKS)
+        key_w = _row_keys(SCORES + b.to(tl.int64) * stride_sb + hk.to(tl.int64) * stride_sh
+                          + c3.to(tl.int64) * stride_sc, BIAS + b.to(tl.int64) * stride_bb
+                          + hk.to(tl.int64) * stride_bh, jw, free_w, HAS_BIAS, "")
+        eq = (key_w == thr) & free_w
+        eq_rank, eq_seen = rows_compact(eq, eq_seen, BALLOT)  # ties: the smaller block first
+        keep = forced_w | ((key_w > thr) & free_w) | (eq & (eq_rank < need_eq))
+        slot, count = rows_compact(keep, count, BALLOT)
+        tl.store(out + slot, jw + tl.zeros_like(slot), mask=keep & (slot < KMAX))
+    count = tl.max(tl.max(count, 2), 0)  # [ROWS] (every lane holds the row's count)
     pad = tl.arange(0, NPAD)[None, None, :] * 32 + lane
     tl.store(out + pad, tl.full([32, ROWS, NPAD], -1, tl.int32), mask=(pad >= count[None, :, None]) & (pad < KMAX) & ok3)
     s = row0 + c
@@ -506,7 +516,8 @@ def block_topk(scores: torch.Tensor, *, q_pos0: int, block_size: int, init_block
         args = (scores, *pointers, row0, q_pos0, NB, k_total, C, 1,
                 scores.stride(0), scores.stride(1), scores.stride(2), *strides, Hk, kmax)
         launch = dict(flags, BLOCK_SIZE=block_size, INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
-                      NCH=max(1, nbp // 32), NPAD=max(1, kmaxp // 32), ROWS=rows_per_program,
+                      NCH=max(1, nbp // 32), WCH=min(max(1, nbp // 32), 8), NPAD=max(1, kmaxp // 32),
+                      ROWS=rows_per_program,
                       num_warps=rows_per_program)
         ballot = ballot_layout_holds(_block_topk_warp_kernel, args, launch)
         _block_topk_warp_kernel[(triton.cdiv(C, rows_per_program), B * Hk)](*args, BALLOT=ballot, **launch)
