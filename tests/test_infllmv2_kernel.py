@@ -210,7 +210,9 @@ def test_block_topk_ties_and_budgets(method):
 
 def _row_lists(B: int, Hsel: int, S: int, T: int, query_block: int, bs: int, kmax: int, gen: torch.Generator):
     """Random causal block lists, one per query_block tokens (query s at key T - S + s):
-    idx [B, Hsel, R, kmax] ascending, -1 padded, counts [B, Hsel, R] in 0..kmax."""
+    idx [B, Hsel, R, kmax] ascending, -1 padded, counts [B, Hsel, R] in 0..kmax; the last row of
+    each (batch, head) is never empty, so that no selection is empty as a whole (a reference of
+    zeros has no relative error)."""
     R = -(-S // query_block)
     idx = torch.full((B, Hsel, R, kmax), -1, dtype=torch.int32)
     counts = torch.zeros(B, Hsel, R, dtype=torch.int32)
@@ -219,7 +221,7 @@ def _row_lists(B: int, Hsel: int, S: int, T: int, query_block: int, bs: int, kma
             for r in range(R):
                 last = min(S - 1, r * query_block + query_block - 1) + T - S
                 n_valid = last // bs + 1
-                n = int(torch.randint(0, min(kmax, n_valid) + 1, (1,), generator=gen))
+                n = int(torch.randint(int(r == R - 1), min(kmax, n_valid) + 1, (1,), generator=gen))
                 idx[b, h, r, :n] = torch.randperm(n_valid, generator=gen)[:n].sort().values.to(torch.int32)
                 counts[b, h, r] = n
     return idx, counts
