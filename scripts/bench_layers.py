@@ -49,6 +49,9 @@ def note(msg: str) -> None:
 MIN_REPS = 3  # --min-reps
 
 
+LAST_FIRST_CALL_S = [float("nan")]  # wall seconds of the last `timed` call's first, untimed run
+
+
 def timed(fn, rep_ms: int = 300, min_reps: int | None = None) -> tuple[float, float]:
     """(median ms, peak GiB above the baseline) of fn(); (nan, nan) if it runs out of memory.
     The median is over at least `min_reps` timed calls (do_bench's own count is rep_ms / the call's
@@ -61,10 +64,12 @@ def timed(fn, rep_ms: int = 300, min_reps: int | None = None) -> tuple[float, fl
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
         start.record()
         fn()
         end.record()
         torch.cuda.synchronize()
+        LAST_FIRST_CALL_S[0] = time.perf_counter() - t0  # compiles included: a first call's cost to a user
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
         rep_ms = max(rep_ms, int((min_reps or MIN_REPS) * start.elapsed_time(end)) + 1)
         ms = do_bench(fn, warmup=1, rep=rep_ms, return_mode="median")
@@ -123,6 +128,7 @@ def bench_dsa(seqs, device, native_max_seq):
                 with torch.no_grad():
                     attn(x, pe, None, position_ids=pos)
             row[f"{name}_ms"], row[f"{name}_gib"] = timed(run)
+            row[f"{name}_first_call_s"] = LAST_FIRST_CALL_S[0]
             if name.startswith("stem"):
                 row[f"reduce_achieved{name[4:]}"] = stem_boost.stats(holder)["reduce_achieved"]
             stem_boost.unwrap(holder)
@@ -311,6 +317,7 @@ def bench_infllmv2(seqs, device, windows=(0,)):
                 with torch.no_grad():
                     attn(x, pe)
             row[f"{name}_ms"], row[f"{name}_gib"] = timed(run)
+            row[f"{name}_first_call_s"] = LAST_FIRST_CALL_S[0]
             if name == "stem":
                 row["reduce_achieved"] = stem_boost.stats(model)["reduce_achieved"]
             stem_boost.unwrap(model)
@@ -420,12 +427,16 @@ def main():
     if args.out:
         args.out.write_text(json.dumps(res, indent=1))
     print(f"\n{res['device']}  torch {res['torch']}")
-    print("| layer | S | dense ms | native ms | Stem ms | dense/native | Stem/native | achieved reduce | peak GiB dense / native / Stem |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| layer | S | dense ms | native ms | Stem ms | dense/native | Stem/native | achieved reduce | peak GiB dense / native / Stem "
+          "| first forward s (compiles): dense / native / Stem |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    nan = float("nan")
     for r in res["rows"]:
         print(f"| {r['family']}{' smooth ' + str(r['smooth_window']) if r.get('smooth_window') else ''} | {r['S']} | {r['dense_ms']:.1f} | {r['native_kernel_ms']:.1f} | {r['stem_ms']:.1f} | "
               f"{r['dense_ms'] / r['native_kernel_ms']:.2f} | {r['stem_over_native']:.3f} | {r['reduce_achieved']:.3f} | "
-              f"{r['dense_gib']:.1f} / {r['native_kernel_gib']:.1f} / {r['stem_gib']:.1f} |")
+              f"{r['dense_gib']:.1f} / {r['native_kernel_gib']:.1f} / {r['stem_gib']:.1f} | "
+              f"{r.get('dense_first_call_s', nan):.1f} / {r.get('native_kernel_first_call_s', nan):.1f} / "
+              f"{r.get('stem_first_call_s', nan):.1f} |")
     inf = [r for r in res["rows"] if "union_inflation_qt4" in r]
     if inf:
         print("\n| InfLLMv2 S (smooth window) | selection ms | kernel ms (native) | the same, "
