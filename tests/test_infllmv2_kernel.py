@@ -287,6 +287,10 @@ def test_block_union_flat_rows_default_and_refusal(seed):
         block_union_attention(q, k, v, idx[:, :, :1].expand(-1, -1, 5, -1).contiguous(),
                               counts[:, :, :1].expand(-1, -1, 5).contiguous(), block_size=bs, query_block=8,
                               block_m=64, flat_rows=True)
+    with pytest.raises(ValueError, match="block_m=48 with flat_rows; allowed: a power of two >= 16"):
+        block_union_attention(q, k, v, idx, counts, block_size=bs, query_block=qb, block_m=48, flat_rows=True)
+    out48 = block_union_attention(q, k, v, idx, counts, block_size=bs, query_block=qb, block_m=48)  # token tiles
+    assert float((out48.double() - ref).norm() / ref.norm()) < 1e-5, f"seed {seed}"
 
 
 @pytest.mark.parametrize("query_block,qt", [(8, 4), (8, 3), (16, 16)])

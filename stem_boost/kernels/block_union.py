@@ -389,7 +389,10 @@ def block_union_attention(
         raise ValueError(f"block_size={block_size}; allowed: a power of two >= 16")
     G = Hq // Hkv
     flat_m = FLAT_BLOCK_M if block_m is None else int(block_m)
-    flat_fits = query_block > 1 and tokens_per_tile is None and (query_block * G) % flat_m == 0
+    flat_pow2 = flat_m >= 16 and not flat_m & (flat_m - 1)
+    if flat_rows and not flat_pow2:
+        raise ValueError(f"block_m={flat_m} with flat_rows; allowed: a power of two >= 16")
+    flat_fits = flat_pow2 and query_block > 1 and tokens_per_tile is None and (query_block * G) % flat_m == 0
     if flat_rows and not flat_fits:
         raise ValueError(f"flat_rows needs query_block * G ({query_block} * {G}) to be a multiple of block_m ({flat_m}) "
                          f"and tokens_per_tile unset (got {tokens_per_tile})")
