@@ -357,10 +357,9 @@ def infllmv2_breakdown(attn, x, pe) -> dict:
         ms_sel, _ = timed(lambda: infllmv2_select(q, k, attn.infllmv2, chunk_size=attn.select_chunk_size))
         selection = sel.to_selection()
         counts = selection.counts
-        ms_kernel, _ = timed(lambda: sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                      selection, check=False))
+        qT, kT, vT = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # the kernels' layout
+        ms_kernel, _ = timed(lambda: sparse_attention(qT, kT, vT, selection, check=False))
         # the union tiles at other pipeline depths on the same lists (peers of the default)
-        qT, kT, vT = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         tile_peers = {name: timed(lambda: block_union_attention(qT, kT, vT, selection.idx, counts, block_size=64,
                                                                 **kw))[0] for name, kw in UNION_TILE_PEERS.items()}
         # how much work the union tiles add on these lists: union entries x QT / per-token entries
@@ -375,8 +374,7 @@ def infllmv2_breakdown(attn, x, pe) -> dict:
             return stem_block_selection(q, k, v, attn.infllmv2, cfg, attn.select_chunk_size, plan_cache)[0]
         ms_sel_stem, _ = timed(stem_select)
         stem_sel = stem_select().to_selection()
-        ms_kernel_stem, _ = timed(lambda: sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                           stem_sel, check=False))
+        ms_kernel_stem, _ = timed(lambda: sparse_attention(qT, kT, vT, stem_sel, check=False))
         stem_inflation = union_inflation(union_block_lists(stem_sel.idx, stem_sel.counts, 4, n_units=-(-S // 64))[2],
                                          stem_sel.counts, 4)
     return dict(native_selection_ms=ms_sel, kernel_native_ms=ms_kernel,

@@ -105,4 +105,3 @@ def test_generate_with_cache_after_boosted_prefill(tmp_path):
     assert gen.shape == (1, 205)
     # 200 tokens is short (mostly stem rows): part of the request is reachable, never more
     assert 0.0 < stem_boost.stats(model)["reduce_achieved"] <= 0.18 + 0.005
-

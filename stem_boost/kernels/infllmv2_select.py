@@ -359,11 +359,12 @@ def _block_topk_warp_kernel(
     j = tl.arange(0, NCH)[None, None, :] * 32 + lane  # [32, 1, NCH] block numbers
     ok3 = row_ok[None, :, None]
     c3 = c[None, :, None]
-    forced, free = _row_masks(j, tl.where(ok3, qb[None, :, None], -1), sb, NBC, INIT_BLOCKS, LOCAL_BLOCKS)
+    qb3 = tl.where(ok3, qb[None, :, None], -1)  # -1: no row, no candidate
+    s_row = SCORES + b.to(tl.int64) * stride_sb + hk.to(tl.int64) * stride_sh + c3.to(tl.int64) * stride_sc
+    b_row = BIAS + b.to(tl.int64) * stride_bb + hk.to(tl.int64) * stride_bh
+    forced, free = _row_masks(j, qb3, sb, NBC, INIT_BLOCKS, LOCAL_BLOCKS)
     n_forced = row_counts(forced)  # [ROWS]
-    key = _row_keys(SCORES + b.to(tl.int64) * stride_sb + hk.to(tl.int64) * stride_sh + c3.to(tl.int64) * stride_sc,
-                    BIAS + b.to(tl.int64) * stride_bb + hk.to(tl.int64) * stride_bh, j, free, HAS_BIAS, "")
-    key = tl.where(free, key, 0)  # every free block's key is non-zero, even at -inf
+    key = tl.where(free, _row_keys(s_row, b_row, j, free, HAS_BIAS, ""), 0)  # a free block's key is never 0
 
     if HAS_BUDGET:
         k_free = tl.load(BUDGET + b.to(tl.int64) * stride_ub + hk.to(tl.int64) * stride_uh
@@ -382,10 +383,8 @@ def _block_topk_warp_kernel(
     count = tl.zeros([32, ROWS, 1], tl.int32)
     for c0 in range(0, NCH, WCH):
         jw = (c0 + tl.arange(0, WCH))[None, None, :] * 32 + lane
-        forced_w, free_w = _row_masks(jw, tl.where(ok3, qb[None, :, None], -1), sb, NBC, INIT_BLOCKS, LOCAL_BLOCKS)
-        key_w = _row_keys(SCORES + b.to(tl.int64) * stride_sb + hk.to(tl.int64) * stride_sh
-                          + c3.to(tl.int64) * stride_sc, BIAS + b.to(tl.int64) * stride_bb
-                          + hk.to(tl.int64) * stride_bh, jw, free_w, HAS_BIAS, "")
+        forced_w, free_w = _row_masks(jw, qb3, sb, NBC, INIT_BLOCKS, LOCAL_BLOCKS)
+        key_w = _row_keys(s_row, b_row, jw, free_w, HAS_BIAS, "")
         eq = (key_w == thr) & free_w
         eq_rank, eq_seen = rows_compact(eq, eq_seen, BALLOT)  # ties: the smaller block first
         keep = forced_w | ((key_w > thr) & free_w) | (eq & (eq_rank < need_eq))
@@ -393,7 +392,8 @@ def _block_topk_warp_kernel(
         tl.store(out + slot, jw + tl.zeros_like(slot), mask=keep & (slot < KMAX))
     count = tl.max(tl.max(count, 2), 0)  # [ROWS] (every lane holds the row's count)
     pad = tl.arange(0, NPAD)[None, None, :] * 32 + lane
-    tl.store(out + pad, tl.full([32, ROWS, NPAD], -1, tl.int32), mask=(pad >= count[None, :, None]) & (pad < KMAX) & ok3)
+    tl.store(out + pad, tl.full([32, ROWS, NPAD], -1, tl.int32),
+             mask=(pad >= count[None, :, None]) & (pad < KMAX) & ok3)
     s = row0 + c
     tl.store(CNT + b * stride_cb + hk * stride_ch + s, tl.minimum(count, KMAX), mask=row_ok)
     tl.store(NFORCED + b * stride_cb + hk * stride_ch + s, n_forced, mask=row_ok)
@@ -549,6 +549,7 @@ def infllmv2_select_fused(
     chunk_size: int = 16384,
     emulate_kernel_offset: bool = True,
     kmax: int | None = None,
+    budgets_max: int | None = None,
     k1: torch.Tensor | None = None,
     k2: torch.Tensor | None = None,
     fuse_topk: bool = False,
@@ -569,7 +570,8 @@ def infllmv2_select_fused(
         budgets: int [S], [B, S] or [B, Hk, S]: non-forced blocks to keep per row (None: native).
         seq_start: [B] int32 first real key position of each row (left padding; module docstring).
         chunk_size: query rows per chunk (memory: B * Hk * chunk * NB fp32 pooled scores).
-        kmax: list width; default native k_total, or forced + max(budgets) (one host sync).
+        kmax: list width; default native k_total, or forced + max(budgets) (one host sync, unless
+            the caller knows max(budgets) on the host and gives it as `budgets_max`).
         k1, k2: precomputed fine / coarse compressed keys (`compress_keys`), e.g. from a cache.
         fuse_topk: steps 2 and 3 in one launch (`_select_chunk_kernel`: two launches per chunk in
             all); False (default): `pooled_block_scores` then `block_topk` (three launches, one
@@ -618,7 +620,7 @@ def infllmv2_select_fused(
     if budgets is not None and chunk_budgets is not None:
         raise ValueError("give budgets or chunk_budgets, not both")
     if kmax is None:
-        kmax = k_total if budgets is None else n_forced_max + int(budgets.max())
+        kmax = k_total if budgets is None else n_forced_max + int(budgets.max() if budgets_max is None else budgets_max)
     nb_total = -(-T // p.block_size)
     kmax = max(1, min(int(kmax), nb_total))
     bud = _budget_view(budgets.to(q.device), B, Hk, S) if budgets is not None else None

@@ -561,11 +561,9 @@ def infllmv2_select(
                 return free_budget_fn(BlockScores(scores=pooled, forced=forced, candidate=candidate, q_pos=q_pos,
                                                   rows=slice(s0, s1), k_total=params.k_total(k.shape[2]),
                                                   block_size=params.block_size))
-        kmax = None
-        if k_free is not None and k_free_max is not None and chunk_budgets is None:
-            kmax = params.init_blocks + params.local_blocks + 1 + int(k_free_max)  # forced + the largest budget
-        idx, counts, _ = infllmv2_select_fused(q, k, params, q_offset=offset, key_bias=key_bias, kmax=kmax,
-                                               budgets=None if chunk_budgets else k_free, chunk_budgets=chunk_budgets,
+        idx, counts, _ = infllmv2_select_fused(q, k, params, q_offset=offset, key_bias=key_bias,
+                                               budgets=None if chunk_budgets else k_free, budgets_max=k_free_max,
+                                               chunk_budgets=chunk_budgets,
                                                emulate_kernel_offset=emulate_kernel_offset,
                                                # the mass schedule's budgets depend on the chunk: the same rows as
                                                # the PyTorch path; otherwise the kernel's own (larger) chunks
