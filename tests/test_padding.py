@@ -53,18 +53,33 @@ def logits_of(model, device: str = "cpu"):
     return run
 
 
-def check_rows_equal_solo(model, forward, rows, side, cfg, atol=1e-4, is_sparse=lambda n: True):
+def kept_keys(sel, b: int, span: slice) -> list[list[frozenset]]:
+    """The kept key units of batch row b's real query rows (`span`), per selection head and row, as
+    sets of positions relative to the row's first real token (token lists: unit = one key)."""
+    idx, counts = sel.idx[b, :, span].tolist(), sel.counts[b, :, span].tolist()
+    start = span.start
+    return [[frozenset(k - start for k in row[:n]) for row, n in zip(rows, ns)] for rows, ns in zip(idx, counts)]
+
+
+def check_rows_equal_solo(model, forward, rows, side, cfg, atol=1e-4, is_sparse=lambda n: True,
+                          same_selections=False):
     """forward(ids, mask, position_ids) -> logits [B, L, V]; compares each row with its solo run
-    (logits, and the row's pairs in `stats()`: 0 for a row too short to be sparse)."""
-    stem_boost.wrap(model, **cfg)
+    (logits, and the row's pairs in `stats()`: 0 for a row too short to be sparse). same_selections:
+    also every layer's kept keys of the row (`stem_boost.last_selections`, token lists), exactly."""
+    stem_boost.wrap(model, **cfg, **(dict(keep_selections=True) if same_selections else {}))
     ids, mask, pos = padded_batch(rows, side)
     with torch.no_grad():
         batch = forward(ids, mask, pos)
         batch_stats = stem_boost.stats(model)
+        batch_sels = stem_boost.last_selections(model) if same_selections else []
         for b, r in enumerate(rows):
             alone = forward(r[None], None, None)
             alone_stats = stem_boost.stats(model)
-            got = batch[b, real_span(mask[b])]
+            span = real_span(mask[b])
+            for layer, (sel_b, sel_a) in enumerate(zip(batch_sels, stem_boost.last_selections(model))):
+                assert kept_keys(sel_b, b, span) == kept_keys(sel_a, 0, slice(0, r.numel())), \
+                    f"row {b} ({side}, {cfg}): layer {layer} keeps other keys in the batch than alone"
+            got = batch[b, span]
             diff = (got - alone[0]).abs().max().item()
             assert diff <= atol, f"row {b} ({side}, {cfg}): max |batch - alone| = {diff:.2e}"
             solo_rows = alone_stats["rows"] if is_sparse(r.numel()) else [dict(stem_pairs=0, native_pairs=0)]

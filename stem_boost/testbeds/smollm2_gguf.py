@@ -110,6 +110,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device 
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
                                                          attn_implementation=attn_implementation)
+            _drop_gguf_quantizer(model)
             if cache:
                 _save_cache(model, tok, cdir)
             model = model.to(dtype)
@@ -123,15 +124,26 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device 
     return model, tok
 
 
+def _drop_gguf_quantizer(model) -> None:
+    """Make a model read from GGUF a plain one: transformers de-quantizes GGUF weights at load time
+    but keeps its quantizer, which then refuses `.float()` / `.half()` (a model loaded from the
+    de-quantized copy has none). The same model on every load, first or cached."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    for attr in ("quantization_method",):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def _save_cache(model, tok, cdir: Path) -> None:
     """Save the fp32 de-quantized model and the tokenizer (atomically: `done` is written last)."""
     try:
         cdir.mkdir(parents=True, exist_ok=True)
         from safetensors.torch import save_file
 
-        cfg = model.config.to_dict()
-        cfg.pop("quantization_config", None)  # the weights are plain fp32 now, not a GGUF checkpoint
-        type(model.config).from_dict(cfg).save_pretrained(str(cdir))
+        model.config.save_pretrained(str(cdir))
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
                  if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
         save_file(state, str(cdir / "model.safetensors"), metadata={"format": "pt"})
