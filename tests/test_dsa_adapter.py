@@ -419,3 +419,25 @@ def test_absorbed_queries_rotate_in_place_bit_for_bit(seed):
         got = dsa.absorbed_queries(q_pass, q_rot, w_uk, s0, s1, rotation=(cos, sin))
         assert torch.equal(got, want), (s0, s1)
     assert torch.equal(dsa.rope_interleaved_fused(k_rot, cos, sin), k_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_latent_value_rms_in_half_precision_equals_the_fp32_gram_product(dtype, seed):
+    """A half-precision latent takes the tensor-core quadratic form (G as hi + lo halves, under the
+    interpreter here): equal to the fp32 Gram product on the same (rounded) latent to 2e-5
+    relative, for ragged T, two batch rows and a latent of DeepSeek-V3.2's width."""
+    from stem_boost.adapters import dsa
+    from stem_boost.kernels.quadratic_form import quadratic_form_sqrt
+
+    gen = torch.Generator().manual_seed(seed)
+    B, T, H, Dv, L = 2, 37, 4, 8, 512
+    latent = torch.randn(B, T, L, generator=gen).to(dtype)
+    w_uv = torch.randn(H, Dv, L, generator=gen) * 0.05
+    w = w_uv.float()
+    gram = torch.einsum("hvl,hvm->lm", w, w) / H
+    want = ((latent.float() @ gram) * latent.float()).sum(-1).clamp_min(0).sqrt()[:, None]  # [B, 1, T]
+    got = dsa.latent_value_rms(latent, w_uv)
+    assert got.shape == (B, 1, T) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="L=24; allowed: a power of two"):
+        quadratic_form_sqrt(torch.randn(1, 3, 24, dtype=dtype), torch.eye(24))

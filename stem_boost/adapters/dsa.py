@@ -33,10 +33,12 @@ from ..rope import is_stock_interleaved_rope
 from ..selection import Selection, extents_from_padding, key_padding
 from ..stats import LayerStats
 
-try:  # the fused rotation needs Triton; the absorbed path (CUDA only) is the one that uses it
+try:  # the fused rotation and the value norms need Triton; the absorbed path (CUDA only) uses them
+    from ..kernels.quadratic_form import quadratic_form_sqrt
     from ..kernels.rope import fused_interleaved_refuses, rope_interleaved_fused
+    from ..kernels.warp_rows import interpreting
 except ImportError:  # pragma: no cover
-    fused_interleaved_refuses = rope_interleaved_fused = None
+    fused_interleaved_refuses = rope_interleaved_fused = quadratic_form_sqrt = None
 
 INDEXER_ATTRS = ("index_topk", "wq_b", "wk", "weights_proj")
 ABSORBED_CHUNK = 16384  # query rows per absorbed-MLA attention call
@@ -121,15 +123,22 @@ def latent_value_norms(latent: torch.Tensor, w_uv: torch.Tensor, chunk: int = 40
     return out
 
 
-def latent_value_rms(latent: torch.Tensor, w_uv: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+def latent_value_rms(latent: torch.Tensor, w_uv: torch.Tensor, chunk: int = 16384, *,
+                     tensor_cores: bool = True) -> torch.Tensor:
     """RMS over the heads of ||W_UV^h c_t||, from one L x L Gram matrix instead of every head's values.
 
     mean_h ||W_UV^h c||^2 = c^T G c with G = mean_h (W_UV^h)^T W_UV^h [L, L]: 2 L^2 FLOP a token
-    instead of 2 H Dv L (32x fewer at DeepSeek-V3.2's L 512, 128 heads x Dv 128), in fp32.
+    instead of 2 H Dv L (32x fewer at DeepSeek-V3.2's L 512, 128 heads x Dv 128), in fp32; a
+    half-precision latent on CUDA takes `kernels.quadratic_form` (G split into two half-precision
+    parts on the tensor cores, about 1e-5 relative from the fp32 product; tensor_cores=False: the
+    fp32 product always).
     latent [B, T, L], w_uv [H, Dv, L] -> [B, 1, T] fp32 (per chunk of T: [B, chunk, L] fp32).
     """
     w = w_uv.float()
     gram = torch.einsum("hvl,hvm->lm", w, w) / w.shape[0]  # [L, L], symmetric
+    if tensor_cores and quadratic_form_sqrt is not None and latent.dtype in (torch.bfloat16, torch.float16) and (
+            latent.is_cuda or interpreting()):
+        return quadratic_form_sqrt(latent, gram)  # the same in one Triton pass on the tensor cores
     B, T, _ = latent.shape
     out = torch.empty(B, 1, T, dtype=torch.float32, device=latent.device)
     for t0 in range(0, T, chunk):

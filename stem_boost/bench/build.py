@@ -256,6 +256,16 @@ def rope_interleaved_case(S: int = 4096) -> BuildCase:
                                          "queries (128 heads, d 64)", run)
 
 
+def value_rms_case(T: int = 4096, L: int = 512) -> BuildCase:
+    from ..kernels.quadratic_form import quadratic_form_sqrt
+
+    def run():
+        quadratic_form_sqrt(torch.randn(1, T, L, dtype=BF16), torch.randn(L, L))
+
+    return BuildCase("value rms", "DeepSeek-V3.2's OAM value RMS: sqrt(c^T G c) per latent row, G as two bf16 "
+                                  "halves on the tensor cores (L 512)", run)
+
+
 def all_cases() -> list[BuildCase]:
     return [
         union_case(16, 2), union_case(8, 4), union_case(6, 8), union_case(4, 8), union_case(1, 16),
@@ -266,7 +276,7 @@ def all_cases() -> list[BuildCase]:
         indexer_case("bfloat16"), indexer_case("fp8"), indexer_case("fp8", head_dim=32), indexer_case("bfloat16", stem=True),
         stem_cut_case(), sampled_topk_case(), warp_topk_case(),
         mla_case(), mla_case(heads=64), mla_experimental_case(), mla_gluon_case("sm90"), mla_gluon_case("ws"),
-        gqa_token_case(), rope_case(), rope_interleaved_case(),
+        gqa_token_case(), rope_case(), rope_interleaved_case(), value_rms_case(),
     ]
 
 
