@@ -304,3 +304,24 @@ def test_config_rejects_a_bad_budget_step(bad):
 
     with pytest.raises(ValueError, match="budget_step"):
         StemConfig(budget_step=bad)
+
+
+@pytest.mark.parametrize("schedule", ["tpd", "uniform"])
+def test_unpadded_row_budgets_equal_the_per_row_plan_and_are_reused(schedule):
+    """Without padding, `row_budgets` takes the cached device plan (no host synchronisation): the
+    same budgets as the per-row path (a zero-start padded description of the same rows), for two
+    batch rows and a query offset (a continued prefill), and the same tensors on the next call."""
+    from stem_boost.boost import row_budgets
+    from stem_boost.config import StemConfig
+    from stem_boost.selection import Selection
+
+    B, S, T, K = 2, 300, 420, 64
+    cfg = StemConfig(reduce=0.2, schedule=schedule)
+    idx = torch.zeros(B, 1, S, 1, dtype=torch.int32)
+    unpadded = Selection(idx=idx, counts=torch.ones(B, 1, S, dtype=torch.int32))
+    padded = Selection(idx=idx, counts=torch.ones(B, 1, S, dtype=torch.int32),
+                       seq_start=torch.zeros(B, dtype=torch.int32), seq_len=torch.full((B,), T, dtype=torch.int32))
+    fast, slow = row_budgets(unpadded, S, T, K, cfg), row_budgets(padded, S, T, K, cfg)
+    assert torch.equal(fast.budgets, slow.budgets) and torch.equal(fast.real_rows, slow.real_rows)
+    assert [p.reduce_achieved for p in fast.plans] == [p.reduce_achieved for p in slow.plans]
+    assert row_budgets(unpadded, S, T, K, cfg).budgets is fast.budgets
