@@ -76,7 +76,8 @@ def check_rows_equal_solo(model, forward, rows, side, cfg, atol=1e-4, is_sparse=
             alone = forward(r[None], None, None)
             alone_stats = stem_boost.stats(model)
             span = real_span(mask[b])
-            for layer, (sel_b, sel_a) in enumerate(zip(batch_sels, stem_boost.last_selections(model))):
+            alone_sels = stem_boost.last_selections(model) if same_selections else []
+            for layer, (sel_b, sel_a) in enumerate(zip(batch_sels, alone_sels)):
                 assert kept_keys(sel_b, b, span) == kept_keys(sel_a, 0, slice(0, r.numel())), \
                     f"row {b} ({side}, {cfg}): layer {layer} keeps other keys in the batch than alone"
             got = batch[b, span]
