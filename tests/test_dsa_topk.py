@@ -187,6 +187,22 @@ def test_topk_rows_sampled_is_exact_on_both_paths(seed, T, k, capacity, path, me
         topk_rows(s, k, method="heap")
 
 
+def test_warp_fallback_walks_many_rows_a_program(seed, monkeypatch):
+    """The radix launch over the rows whose sample missed runs a few programs that walk all rows
+    (here 2 programs over 7 rows, every row flagged: k above the buffer), with the reference's set."""
+    from stem_boost.kernels import dsa_topk
+
+    monkeypatch.setattr(dsa_topk, "FALLBACK_PROGRAMS", 2)
+    gen = torch.Generator().manual_seed(seed)
+    B, R, T, k = 1, 7, 3000, 300
+    s = _scores(B, R, T, gen, ties=True)
+    valid_len = torch.randint(T // 2, T + 1, (B, R), generator=gen, dtype=torch.int32)
+    fell_back = torch.zeros(B, R, dtype=torch.int32)
+    got = dsa_topk.topk_rows(s, k, method="warp", capacity=256, valid_len=valid_len, fell_back=fell_back)
+    want = dsa_topk.topk_rows_reference(s, k, valid_len=valid_len)
+    assert bool(fell_back.all()) and torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
 @pytest.mark.parametrize("method", ["radix", "sampled", "warp"])
 def test_topk_rows_writes_into_slices_with_scores(seed, method):
     """`out=` / `out_scores=` slices of larger tensors get the reference's indices and each kept

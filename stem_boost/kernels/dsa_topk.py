@@ -171,28 +171,45 @@ def _row_setup(SCORES, BIAS, BUDGETS, VALID_LEN, IDX, pid, R, T, k, stride_sb, s
 
 
 @triton.jit
+def _radix_topk_row(SCORES, BIAS, BUDGETS, VALID_LEN, IDX, COUNTS, SCORES_OUT, row, R, T, k,
+                    stride_sb, stride_sr, stride_bb, stride_ib, stride_ir,
+                    HAS_BIAS: tl.constexpr, HAS_BUDGETS: tl.constexpr, HAS_VALID_LEN: tl.constexpr,
+                    BITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_OUT: tl.constexpr, PASS_STAGES: tl.constexpr,
+                    WRITE_SCORES: tl.constexpr):
+    """The radix select of row `row` = b * R + r."""
+    s_row, b_row, i_row, n_keys, want = _row_setup(SCORES, BIAS, BUDGETS, VALID_LEN, IDX, row, R, T, k,
+                                                   stride_sb, stride_sr, stride_bb, stride_ib, stride_ir,
+                                                   HAS_BUDGETS, HAS_VALID_LEN)
+    o_row = SCORES_OUT + (row // R).to(tl.int64) * stride_ib + (row % R).to(tl.int64) * stride_ir
+    _radix_select_row(s_row, b_row, i_row, COUNTS, row, n_keys, want, k, HAS_BIAS, BITS, BLOCK, BLOCK_OUT,
+                      PASS_STAGES, o_row, WRITE_SCORES)
+
+
+@triton.jit
 def _topk_rows_kernel(
     SCORES, BIAS, BUDGETS, VALID_LEN, IDX, COUNTS, FLAGS, SCORES_OUT,
-    R, T, k,
+    N_ROWS, R, T, k,
     stride_sb, stride_sr, stride_bb, stride_ib, stride_ir,
     HAS_BIAS: tl.constexpr, HAS_BUDGETS: tl.constexpr, HAS_VALID_LEN: tl.constexpr,
     BITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_OUT: tl.constexpr, PASS_STAGES: tl.constexpr = 1,
     ONLY_FLAGGED: tl.constexpr = False, WRITE_SCORES: tl.constexpr = False,
 ):
-    """Program: one row, the radix select. ONLY_FLAGGED: only rows with FLAGS[row] != 0 (the rows
-    whose sample missed in `_topk_rows_warp_kernel`); the others return at once. WRITE_SCORES: the
-    kept keys' scores too, at SCORES_OUT (the strides of IDX)."""
+    """Program: one row, the radix select. ONLY_FLAGGED: a few programs walk all N_ROWS rows (row
+    pid, pid + programs, ...) and select only those with FLAGS[row] != 0 (the rows whose sample
+    missed in `_topk_rows_warp_kernel`, about 1 in 10^3): a program a row that only read its flag
+    cost 0.15 ms a launch, 6 ms of a 128K prefill's 40 chunks. WRITE_SCORES: the kept keys' scores
+    too, at SCORES_OUT (the strides of IDX)."""
     pid = tl.program_id(0)
-    run = True
     if ONLY_FLAGGED:
-        run = tl.load(FLAGS + pid) != 0
-    if run:
-        s_row, b_row, i_row, n_keys, want = _row_setup(SCORES, BIAS, BUDGETS, VALID_LEN, IDX, pid, R, T, k,
-                                                       stride_sb, stride_sr, stride_bb, stride_ib, stride_ir,
-                                                       HAS_BUDGETS, HAS_VALID_LEN)
-        o_row = SCORES_OUT + (pid // R).to(tl.int64) * stride_ib + (pid % R).to(tl.int64) * stride_ir
-        _radix_select_row(s_row, b_row, i_row, COUNTS, pid, n_keys, want, k, HAS_BIAS, BITS, BLOCK, BLOCK_OUT,
-                          PASS_STAGES, o_row, WRITE_SCORES)
+        for row in range(pid, N_ROWS, tl.num_programs(0)):
+            if tl.load(FLAGS + row) != 0:
+                _radix_topk_row(SCORES, BIAS, BUDGETS, VALID_LEN, IDX, COUNTS, SCORES_OUT, row, R, T, k,
+                                stride_sb, stride_sr, stride_bb, stride_ib, stride_ir, HAS_BIAS, HAS_BUDGETS,
+                                HAS_VALID_LEN, BITS, BLOCK, BLOCK_OUT, PASS_STAGES, WRITE_SCORES)
+    else:
+        _radix_topk_row(SCORES, BIAS, BUDGETS, VALID_LEN, IDX, COUNTS, SCORES_OUT, pid, R, T, k,
+                        stride_sb, stride_sr, stride_bb, stride_ib, stride_ir, HAS_BIAS, HAS_BUDGETS,
+                        HAS_VALID_LEN, BITS, BLOCK, BLOCK_OUT, PASS_STAGES, WRITE_SCORES)
 
 
 @triton.jit
@@ -414,6 +431,7 @@ def _topk_rows_warp_kernel(
 
 
 TOPK_METHODS = ("radix", "sampled", "warp")
+FALLBACK_PROGRAMS = 256  # programs of the radix launch over the rows whose sample missed (two waves on an H200)
 def warp_topk_sample(T: int, samples: int = 1024) -> tuple[int, int]:
     """The sample of `topk_rows(method="warp")` for rows of up to T keys: (group, spacing), `group`
     consecutive keys (8: one 32-byte sector) every `spacing` (at least 256, so at most 1/32 of a
@@ -558,8 +576,9 @@ def topk_rows(
 
     def radix(flags: torch.Tensor | None, radix_block: int, radix_stages: int, warps: int) -> None:
         """The radix select on every row, or only on the rows with flags != 0."""
-        _topk_rows_kernel[(B * R,)](
-            *row_args, flags if flags is not None else counts, scores_out, R, T, k, *strides, **has, BITS=bits,
+        grid = (B * R,) if flags is None else (min(B * R, FALLBACK_PROGRAMS),)
+        _topk_rows_kernel[grid](
+            *row_args, flags if flags is not None else counts, scores_out, B * R, R, T, k, *strides, **has, BITS=bits,
             BLOCK=min(radix_block, triton.next_power_of_2(max(T, 16))), BLOCK_OUT=block_out,
             PASS_STAGES=radix_stages, ONLY_FLAGGED=flags is not None, WRITE_SCORES=out_scores is not None,
             num_warps=warps)
