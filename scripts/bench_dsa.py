@@ -1,6 +1,6 @@
 """GPU benchmark of the DSA prefill kernels of issue 18, each against its peers in the same run.
 
-    python scripts/bench_dsa.py --out bench_dsa.json [--sections topk mla indexer cut quant lengths] [--budget-s 170]
+    python scripts/bench_dsa.py --out bench_dsa.json [--sections topk mla indexer cut quant lengths fallback] [--budget-s 170]
 
 Sections (each starts with a correctness check on fresh random inputs, seed printed):
   topk     `kernels/dsa_topk.topk_rows` (radix select, Stem inside) on rows x keys fp32 scores, k 2048,
@@ -9,6 +9,7 @@ Sections (each starts with a correctness check on fresh random inputs, seed prin
   mla      `kernels/mla_token.mla_token_attention` tile variants on the absorbed-MLA shape (Dqk 576,
            Dv 512, one latent kv head, 128 and 64 heads, top-k 2048) vs `sparse_attention_reference`;
            peer: `sparse_attention` token mode. FLOP = 2 * topk * heads * (576 + 512) per query.
+  fallback what a row whose sample missed costs the warp top-k (its radix select) per fallback tile.
   cut      `kernels/dsa_topk.candidate_cut` (Stem's cut of 2048 token candidates per row, OAM bias,
            per-row budgets) at 1 / 2 / 4 / 8 warps a row on rows x 2048 candidates; each vs the
            default's result (the same kept set and counts).
@@ -488,6 +489,36 @@ def section_cut(args, res) -> None:
         row("cut", f"candidate_cut {warps} warps", ms, f"{gb / ms:.0f} GB/s (reads + writes); same as default: {same}")
 
 
+# ------------------------------------------------------------------ the top-k's radix fallback
+FALLBACK_TILES = [(4096, 8), (8192, 16), (4096, 16), (2048, 16), (8192, 8)]  # (keys a step, warps); first: default
+
+
+def section_fallback(args, res) -> None:
+    """What a row whose sample missed costs `topk_rows(method="warp")`: one row of --fallback-keys
+    fp32 scores with a capacity too small for its keys (so it always takes the radix select), per
+    fallback tile; a launch over a chunk waits for its slowest such row (about one a 3584-row chunk
+    at 128K). Peer: the same row with the default capacity (no fallback). Each result vs the
+    reference's set."""
+    T, k = args.fallback_keys, args.k
+    seed = seed_all()
+    log(f"fallback: seed {seed}, one row of {T} keys, k {k}")
+    s = torch.randn(1, 1, T, device=DEV)
+    want = topk_rows_reference(s, k)
+    res["fallback"] = {}
+    for tile in [None, *FALLBACK_TILES]:
+        kw = dict(method="warp") if tile is None else dict(method="warp", capacity=256, fallback=tile)
+        name = "no fallback (default capacity)" if tile is None else f"fallback {tile[0]} keys x {tile[1]} warps"
+        try:
+            got = topk_rows(s, k, **kw)
+            same = bool(torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))
+            ms = bench(lambda: topk_rows(s, k, **kw))
+        except Exception as e:  # noqa: BLE001
+            row("fallback", name, None, f"failed: {e!r}"[:120])
+            continue
+        res["fallback"][name] = dict(ms=ms, same=same)
+        row("fallback", name, ms, f"same set as the reference: {same}")
+
+
 # ---------------------------------------------------------------------------- FP8 quantisation
 def section_quant(args, res) -> None:
     """The query chunk's e4m3 quantisation, fused vs the PyTorch definition, and the scores after."""
@@ -538,6 +569,7 @@ def main() -> int:
                     help="row lengths of the lengths section (uniform rows)")
     ap.add_argument("--ix-queries", type=int, default=8192)
     ap.add_argument("--cut-rows", type=int, default=32768)
+    ap.add_argument("--fallback-keys", type=int, default=131072, help="keys of the fallback section's row")
     ap.add_argument("--ix-keys", type=int, default=65536)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (tiny sizes)")
     args = ap.parse_args()
@@ -550,7 +582,7 @@ def main() -> int:
     for sec in args.sections:
         try:
             {"topk": section_topk, "mla": section_mla, "indexer": section_indexer, "cut": section_cut,
-             "quant": section_quant, "lengths": section_lengths}[sec](args, res)
+             "quant": section_quant, "lengths": section_lengths, "fallback": section_fallback}[sec](args, res)
         except Exception as e:  # noqa: BLE001
             import traceback
             traceback.print_exc()

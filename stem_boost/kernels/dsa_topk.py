@@ -432,6 +432,7 @@ def _topk_rows_warp_kernel(
 
 TOPK_METHODS = ("radix", "sampled", "warp")
 FALLBACK_PROGRAMS = 256  # programs of the radix launch over the rows whose sample missed (two waves on an H200)
+FALLBACK_BLOCK, FALLBACK_WARPS = 4096, 8  # its tile (`scripts/bench_dsa.py --sections fallback` compares others)
 def warp_topk_sample(T: int, samples: int = 1024) -> tuple[int, int]:
     """The sample of `topk_rows(method="warp")` for rows of up to T keys: (group, spacing), `group`
     consecutive keys (8: one 32-byte sector) every `spacing` (at least 256, so at most 1/32 of a
@@ -490,6 +491,7 @@ def topk_rows(
     samples: int = 1024,
     out: torch.Tensor | None = None,
     out_scores: torch.Tensor | None = None,
+    fallback: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k key positions of every row of `scores`, ascending by position, with Stem's step inside.
 
@@ -522,7 +524,8 @@ def topk_rows(
     (without the bias), -inf after the row's count; the kernels of "warp" and "radix" write it as
     they write the indices ("sampled": one gather after).
     num_warps default: 4 for "warp" (rows a program; H200, 8192 rows x 65536 keys: 1.56 ms against
-    1.61 at 8), else 8.
+    1.61 at 8), else 8. fallback: (keys a step, warps) of "warp"'s radix select over the rows whose
+    sample missed (default `FALLBACK_BLOCK`, `FALLBACK_WARPS`; a tuning knob, the same set).
     """
     if scores.dim() != 3:
         raise ValueError(f"scores must be [B, R, T]; got {tuple(scores.shape)}")
@@ -604,7 +607,10 @@ def topk_rows(
         launch = dict(has, **warp_kernel_constexprs(T, num_warps, block, samples), WRITE_SCORES=out_scores is not None)
         ballot = ballot_layout_holds(_topk_rows_warp_kernel, args, launch)
         _topk_rows_warp_kernel[(triton.cdiv(B * R, num_warps),)](*args, BALLOT=ballot, **launch)
-        radix(flags, 4096, 1, 8)  # the rows whose sample missed (about 1 in 10^3); the others return at once
+        # the rows whose sample missed (about 1 in 4000: ~1 a chunk of 3584 rows), 16 warps over 8192 keys a step: a
+        # launch costs one row's select, whose latency (5 passes over up to 128K keys) one CTA carries alone
+        fb_block, fb_warps = fallback or (FALLBACK_BLOCK, FALLBACK_WARPS)
+        radix(flags, fb_block, 1, fb_warps)
         return idx, counts
     num_warps = num_warps or 8
     block = block or (2048 if method == "sampled" else 4096)
