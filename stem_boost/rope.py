@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-__all__ = ["rotate_half", "apply_rope_half", "apply_rope_interleaved", "is_stock_interleaved_rope"]
+__all__ = ["rotate_half", "apply_rope_half", "apply_rope_interleaved", "is_stock_half_rope", "is_stock_interleaved_rope"]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -74,13 +74,23 @@ _INTERLEAVED_BODY = (  # its statements as `ast.unparse` writes them, without wh
 )
 
 
-@functools.lru_cache(maxsize=64)
-def is_stock_interleaved_rope(fn) -> bool:
-    """True when `fn` is transformers' `apply_rotary_pos_emb_interleave` as written in its
-    DeepSeek-V3.2 modeling file (5.17-5.24): the same statements, whitespace, comments and
-    docstring aside. Only then may a layer's rotation be replaced by `apply_rope_interleaved`'s
-    fused kernel; a model module that swapped in its own function keeps it. Cached per function:
-    every layer's forward asks, and the answer needs its source parsed."""
+_HALF_BODY = (  # transformers' `apply_rotary_pos_emb` (DeepSeek-V3.2's indexer, Llama, ...), as for the above
+    "cos=cos.unsqueeze(unsqueeze_dim)",
+    "sin=sin.unsqueeze(unsqueeze_dim)",
+    "q_embed=q*cos+rotate_half(q)*sin",
+    "k_embed=k*cos+rotate_half(k)*sin",
+    "return(q_embed,k_embed)",
+)
+_ROTATE_HALF_BODY = (  # transformers' `rotate_half`
+    "x1=x[...,:x.shape[-1]//2]",
+    "x2=x[...,x.shape[-1]//2:]",
+    "returntorch.cat((-x2,x1),dim=-1)",
+)
+
+
+def _statements(fn) -> tuple[str, ...] | None:
+    """The statements of function `fn` as `ast.unparse` writes them, without whitespace, its
+    docstring left out; None when its source cannot be read."""
     import ast
     import inspect
     import textwrap
@@ -88,11 +98,29 @@ def is_stock_interleaved_rope(fn) -> bool:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):
-        return False
+        return None
     if len(tree.body) != 1 or not isinstance(tree.body[0], ast.FunctionDef):
-        return False
+        return None
     body = tree.body[0].body
     if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
         body = body[1:]  # the docstring
-    statements = tuple("".join(ast.unparse(node).split()) for node in body)
-    return statements == _INTERLEAVED_BODY
+    return tuple("".join(ast.unparse(node).split()) for node in body)
+
+
+@functools.lru_cache(maxsize=64)
+def is_stock_interleaved_rope(fn) -> bool:
+    """True when `fn` is transformers' `apply_rotary_pos_emb_interleave` as written in its
+    DeepSeek-V3.2 modeling file (5.17-5.24): the same statements, whitespace, comments and
+    docstring aside. Only then may a layer's rotation be replaced by `apply_rope_interleaved`'s
+    fused kernel; a model module that swapped in its own function keeps it. Cached per function:
+    every layer's forward asks, and the answer needs its source parsed."""
+    return _statements(fn) == _INTERLEAVED_BODY
+
+
+@functools.lru_cache(maxsize=64)
+def is_stock_half_rope(fn) -> bool:
+    """True when `fn` is transformers' `apply_rotary_pos_emb` (the half-split rotation in the
+    tensors' own dtype) and the `rotate_half` it calls (from its module) is transformers' too: only
+    then may `kernels.rope.rope_half_rounded_fused` replace it (the same bits, one pass)."""
+    rotate = getattr(fn, "__globals__", {}).get("rotate_half")
+    return _statements(fn) == _HALF_BODY and rotate is not None and _statements(rotate) == _ROTATE_HALF_BODY

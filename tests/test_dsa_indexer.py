@@ -563,3 +563,20 @@ def test_auto_indexer_dtype_follows_the_gpu_and_the_head_dim(monkeypatch, capabi
     assert StemConfig().indexer_dtype_on(torch.device("cpu"), head_dim) == "float32"
     assert StemConfig(indexer_dtype="float32").indexer_dtype_on(cuda, head_dim) == "float32"
     assert StemConfig().indexer_score_dtype(cuda, head_dim) == ("fp8" if want == "fp8" else torch.bfloat16)
+
+
+def test_fused_indexer_rope_gives_the_models_q_and_k_bit_for_bit(tiny_models, monkeypatch):
+    """The indexer's half-split rotation in place by one Triton pass (`fused_rope=True`, the CUDA
+    default; here under the interpreter) gives transformers' q and k exactly (bf16 DeepSeek-V3.2)."""
+    calls_fused = []
+    fused = dsa.rope_half_rounded_fused
+    monkeypatch.setattr(dsa, "rope_half_rounded_fused", lambda *a, **k: calls_fused.append(1) or fused(*a, **k))
+    model, seed = _reloaded(tiny_models, "deepseek_v32", torch.bfloat16)
+    calls = _run_prefill_decode(model, seed)
+    ix = model.model.layers[0].self_attn.indexer
+    hs, q_resid, pe = calls[0][0]["args"][:3]
+    with torch.no_grad():
+        q_ref, k_ref = dsa.indexer_qk(ix, hs, q_resid, pe, fused_rope=False)
+        q, k = dsa.indexer_qk(ix, hs, q_resid, pe, fused_rope=True)
+    assert len(calls_fused) == 2  # q and k, by the kernel
+    assert q.dtype == torch.bfloat16 and torch.equal(q, q_ref) and torch.equal(k, k_ref)

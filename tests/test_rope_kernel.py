@@ -85,3 +85,55 @@ def test_fused_interleaved_rope_names_what_it_takes():
         rope_interleaved_fused(x[..., :6], cos[..., :6], cos[..., :6])
     with pytest.raises(ValueError, match="out must be"):
         rope_interleaved_fused(x, cos, cos, out=torch.empty(1, 2, 3, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_axis,B,H,S,cos_batch", [(2, 2, 5, 7, 2), (1, 1, 20, 3, 1)])
+def test_fused_half_rope_in_the_tensor_dtype_equals_transformers_bit_for_bit(seed, dtype, head_axis, B, H, S, cos_batch):
+    """`rope_half_rounded_fused` rounds each product and the sum to the 16-bit dtype as PyTorch's
+    ops do, so it equals transformers' own `apply_rotary_pos_emb` (DeepSeek-V3.2's indexer rotation)
+    exactly: from the rope channels of wider heads, in place, and the stock-function check holds."""
+    from transformers.models.deepseek_v32 import modeling_deepseek_v32 as hf
+
+    from stem_boost.kernels.rope import rope_half_rounded_fused
+    from stem_boost.rope import is_stock_half_rope
+
+    D = 64
+    gen = torch.Generator().manual_seed(seed)
+    shape = (B, S, H, D + 64) if head_axis == 2 else (B, H, S, D + 64)
+    full = (torch.randn(*shape, generator=gen) * 3).to(dtype)
+    x = full[..., :D]  # the rope channels first, as DeepSeek-V3.2's indexer has them
+    angles = torch.rand(cos_batch, S, D // 2, generator=gen) * 50.0
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(dtype)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(dtype)
+    assert is_stock_half_rope(hf.apply_rotary_pos_emb)
+    want, _ = hf.apply_rotary_pos_emb(x, x, cos, sin, unsqueeze_dim=head_axis)
+    assert torch.equal(rope_half_rounded_fused(x, cos, sin, head_axis=head_axis), want)
+    rest = full[..., D:].clone()
+    rope_half_rounded_fused(x, cos, sin, head_axis=head_axis, out=x)  # in place
+    assert torch.equal(full[..., :D], want) and torch.equal(full[..., D:], rest)
+    with pytest.raises(ValueError, match="x.dtype=torch.float32"):
+        rope_half_rounded_fused(x.float(), cos.float(), sin.float(), head_axis=head_axis)
+    with pytest.raises(ValueError, match="sin must be"):
+        rope_half_rounded_fused(x, cos, sin.float(), head_axis=head_axis)
+
+
+def rotate_half(x):  # not transformers' swap: (x2, -x1)
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((x2, -x1), dim=-1)
+
+
+def swapped_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):  # transformers' body, this module's rotate_half
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
+
+
+def test_a_swapped_in_rotation_is_not_taken_for_the_stock_one():
+    """A module whose `rotate_half` (or apply function) differs from transformers' keeps its own."""
+    from stem_boost.rope import apply_rope_half, is_stock_half_rope
+
+    assert not is_stock_half_rope(swapped_apply_rotary_pos_emb) and not is_stock_half_rope(apply_rope_half)

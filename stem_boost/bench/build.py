@@ -256,6 +256,18 @@ def rope_interleaved_case(S: int = 4096) -> BuildCase:
                                          "queries (128 heads, d 64)", run)
 
 
+def rope_half_rounded_case(S: int = 4096) -> BuildCase:
+    from ..kernels.rope import rope_half_rounded_fused
+
+    def run():  # DeepSeek-V3.2's indexer queries: the 64 rope channels of 64 heads x 128, in place
+        q = torch.randn(1, S, 64, 128, dtype=BF16)
+        cos = torch.randn(1, S, 64, dtype=BF16)
+        rope_half_rounded_fused(q[..., :64], cos, cos, head_axis=2, out=q[..., :64])
+
+    return BuildCase("rope half rounded", "DeepSeek-V3.2's indexer RoPE (half-split, bf16 rounding as PyTorch's ops) "
+                                          "in place, one pass (64 heads, d 64 of 128)", run)
+
+
 def value_rms_case(T: int = 4096, L: int = 512) -> BuildCase:
     from ..kernels.quadratic_form import quadratic_form_sqrt
 
@@ -276,7 +288,7 @@ def all_cases() -> list[BuildCase]:
         indexer_case("bfloat16"), indexer_case("fp8"), indexer_case("fp8", head_dim=32), indexer_case("bfloat16", stem=True),
         stem_cut_case(), sampled_topk_case(), warp_topk_case(),
         mla_case(), mla_case(heads=64), mla_experimental_case(), mla_gluon_case("sm90"), mla_gluon_case("ws"),
-        gqa_token_case(), rope_case(), rope_interleaved_case(), value_rms_case(),
+        gqa_token_case(), rope_case(), rope_interleaved_case(), rope_half_rounded_case(), value_rms_case(),
     ]
 
 

@@ -64,6 +64,75 @@ def _rope_half_kernel(X, COS, SIN, Y, H,
         tl.store(y_row + HALF + d[None, :], _to_output(y2, Y.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _rope_half_rounded_kernel(X, COS, SIN, Y, H,
+                              stride_xb, stride_xh, stride_xs, stride_yb, stride_yh, stride_ys,
+                              stride_cb, stride_cs, stride_sb, stride_ss,
+                              HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program: one token s of batch row b, every head. transformers' `apply_rotary_pos_emb` in the
+    tensor's dtype: y = x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1), each product
+    and the sum rounded to the output dtype, as the PyTorch ops on 16-bit tensors do. Y may be X
+    (in place): a program reads its heads' elements before it writes them."""
+    s = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    d = tl.arange(0, HALF)
+    dt = Y.dtype.element_ty
+    cos1 = tl.load(COS + b * stride_cb + s * stride_cs + d).to(tl.float32)[None, :]
+    cos2 = tl.load(COS + b * stride_cb + s * stride_cs + HALF + d).to(tl.float32)[None, :]
+    sin1 = tl.load(SIN + b * stride_sb + s * stride_ss + d).to(tl.float32)[None, :]
+    sin2 = tl.load(SIN + b * stride_sb + s * stride_ss + HALF + d).to(tl.float32)[None, :]
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        ok = (h < H)[:, None]
+        x_row = X + b * stride_xb + s * stride_xs + h[:, None].to(tl.int64) * stride_xh
+        x1 = tl.load(x_row + d[None, :], mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(x_row + HALF + d[None, :], mask=ok, other=0.0).to(tl.float32)
+        y1 = _to_output(_to_output(x1 * cos1, dt).to(tl.float32) + _to_output(-x2 * sin1, dt).to(tl.float32), dt)
+        y2 = _to_output(_to_output(x2 * cos2, dt).to(tl.float32) + _to_output(x1 * sin2, dt).to(tl.float32), dt)
+        y_row = Y + b * stride_yb + s * stride_ys + h[:, None].to(tl.int64) * stride_yh
+        tl.store(y_row + d[None, :], y1, mask=ok)
+        tl.store(y_row + HALF + d[None, :], y2, mask=ok)
+
+
+def rope_half_rounded_fused(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_axis: int = 2,
+                            out: torch.Tensor | None = None, block_h: int = 16) -> torch.Tensor:
+    """transformers' `apply_rotary_pos_emb` of one tensor in its own 16-bit dtype, bit for bit, in
+    one pass: x [B, H, S, D] (head_axis 1) or [B, S, H, D] (head_axis 2), any strides with a unit
+    last stride (e.g. the rope channels of DeepSeek-V3.2's indexer queries, a slice of each head);
+    cos / sin [B or 1, S, D] in x's dtype. PyTorch runs it as five elementwise passes and the half
+    swap's concatenation (at 128K tokens x 64 indexer heads x 64 rope channels about 6 ms of an
+    H200 layer). `out`: where to write (x's shape and dtype, unit last stride; x itself for an
+    in-place rotation); None: a new tensor."""
+    refusal = fused_rope_refuses(x, cos, head_axis)
+    if refusal is None and x.dtype not in (torch.bfloat16, torch.float16):
+        refusal = f"x.dtype={x.dtype}; allowed: bfloat16, float16 (each op rounds to it, as PyTorch's do)"
+    for name, t in (("cos", cos), ("sin", sin)):
+        if refusal is None and (t.dtype != x.dtype or t.shape != cos.shape):
+            refusal = f"{name} must be {x.dtype} {tuple(cos.shape)}; got {t.dtype} {tuple(t.shape)}"
+    if refusal:
+        raise ValueError(refusal)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    elif out.shape != x.shape or out.dtype != x.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {x.dtype} {tuple(x.shape)} with a unit last stride; got "
+                         f"{out.dtype} {tuple(out.shape)} strides {out.stride()}")
+    B, D = x.shape[0], x.shape[-1]
+    H, S = x.shape[head_axis], x.shape[3 - head_axis]
+    if x.numel():
+        _rope_half_rounded_kernel[(S, B)](
+            x, cos, sin, out, H, x.stride(0), x.stride(head_axis), x.stride(3 - head_axis),
+            out.stride(0), out.stride(head_axis), out.stride(3 - head_axis),
+            cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
+            sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(1),
+            HALF=D // 2, BLOCK_H=min(block_h, triton.next_power_of_2(H)), num_warps=4,
+        )
+    return out
+
+
 def fused_rope_refuses(x: torch.Tensor, cos: torch.Tensor, head_axis: int) -> str | None:
     """Why `rope_half_fused` cannot take x (with this cos and head axis), or None when it can."""
     if x.dim() != 4 or head_axis not in (1, 2):

@@ -53,14 +53,15 @@ from typing import Any, NamedTuple
 import torch
 
 from ..config import FP8_INDEXER_HEAD_DIMS
-from ..rope import apply_rope_half, apply_rope_interleaved
+from ..rope import apply_rope_half, apply_rope_interleaved, is_stock_half_rope
 
 try:  # the fused score kernels and the radix top-k need Triton (CUDA); the CPU path never calls them
     from ..kernels.dsa_topk import topk_buffer_bytes, topk_rows
     from ..kernels.indexer_scores import fp8_index_scores, fp8_index_scores_reference, fused_index_scores, quantize_fp8
+    from ..kernels.rope import fused_rope_refuses, rope_half_rounded_fused
 except ImportError:  # pragma: no cover
     fused_index_scores = fp8_index_scores = fp8_index_scores_reference = quantize_fp8 = topk_rows = None
-    topk_buffer_bytes = None
+    topk_buffer_bytes = fused_rope_refuses = rope_half_rounded_fused = None
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
@@ -216,8 +217,14 @@ def indexer_qk(
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     past_key_values: Any = None,
     variant: IndexerVariant | None = None,
+    fused_rope: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q ``[B, S, H, D]`` and k ``[B, T, D]`` (model dtype) as the native forward builds them.
+
+    ``fused_rope`` (None: on CUDA): transformers' own half-split rotation in a 16-bit dtype is
+    applied in place by one Triton pass (`kernels.rope.rope_half_rounded_fused`, the same bits)
+    instead of the model function's six PyTorch passes; any other rotation, dtype or an autograd
+    graph keeps the model's function.
 
     With ``past_key_values`` the new keys are appended through
     ``past_key_values.update_indexer(k, indexer.layer_idx)`` and the full cached keys are returned
@@ -238,13 +245,34 @@ def indexer_qk(
     k = k.unsqueeze(2)  # [B, S, 1, D]
 
     rope_slice = slice(0, R) if variant.rope_first else slice(D - R, D)
-    q_rot, k_rot = rope(q[..., rope_slice], k[..., rope_slice], cos, sin, unsqueeze_dim=2)
-    q = with_rotated_part(q, q_rot, rope_slice)  # [B, S, H, D]
-    k = with_rotated_part(k, k_rot, rope_slice).squeeze(2)  # [B, S, D]
+    if fused_rope is None:
+        fused_rope = q.is_cuda
+    if fused_rope and _rotates_in_place(rope, variant, q[..., rope_slice], k[..., rope_slice], cos, sin):
+        rope_half_rounded_fused(q[..., rope_slice], cos, sin, head_axis=2, out=q[..., rope_slice])
+        rope_half_rounded_fused(k[..., rope_slice], cos, sin, head_axis=2, out=k[..., rope_slice])
+        k = k.squeeze(2)
+    else:
+        q_rot, k_rot = rope(q[..., rope_slice], k[..., rope_slice], cos, sin, unsqueeze_dim=2)
+        q = with_rotated_part(q, q_rot, rope_slice)  # [B, S, H, D]
+        k = with_rotated_part(k, k_rot, rope_slice).squeeze(2)  # [B, S, D]
 
     if past_key_values is not None:
         k = past_key_values.update_indexer(k, indexer.layer_idx)
     return q, k
+
+
+def _rotates_in_place(rope, variant: IndexerVariant, q_rope: torch.Tensor, k_rope: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether `rope_half_rounded_fused` may rotate these rope channels in place for the model's
+    function `rope`: transformers' stock half-split rotation, Triton, no autograd graph, and shapes
+    and dtypes the kernel takes."""
+    if rope_half_rounded_fused is None or variant.rope != "half" or not is_stock_half_rope(rope):
+        return False
+    if torch.is_grad_enabled() and (q_rope.requires_grad or k_rope.requires_grad):
+        return False
+    if q_rope.dtype not in (torch.bfloat16, torch.float16) or cos.dtype != q_rope.dtype or sin.shape != cos.shape:
+        return False
+    return all(fused_rope_refuses(x, cos, 2) is None for x in (q_rope, k_rope)) and sin.dtype == cos.dtype
 
 
 def with_rotated_part(x: torch.Tensor, x_rot: torch.Tensor, rope_slice: slice) -> torch.Tensor:
