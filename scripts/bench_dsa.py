@@ -171,10 +171,11 @@ def section_topk(args, res: dict) -> None:
     variants = [(f"sampled (capacity 4096, block {block}, {warps} warps, stages {stages})",
                  dict(method="sampled", stages=stages, block=block, num_warps=warps))
                 for block, warps, stages in [(2048, 8, 2), (2048, 8, 1), (4096, 8, 2)]]
-    variants += [(f"warp ({warps} rows a program, block {block}, {samples} samples)",
-                  dict(method="warp", block=block, num_warps=warps, samples=samples))
-                 for warps, block, samples in [(8, 256, 1024), (8, 128, 1024), (4, 256, 1024), (8, 512, 1024),
-                                               (16, 256, 1024), (4, 128, 1024), (8, 256, 512), (8, 256, 2048)]]
+    variants += [(f"warp ({warps} rows a program, block {block}, {samples} samples, margin {margin})",
+                  dict(method="warp", block=block, num_warps=warps, samples=samples, margin=margin))
+                 for warps, block, samples, margin in [
+                     (4, 256, 1024, 3.0), (4, 256, 1024, 3.5), (4, 256, 1024, 4.0), (4, 256, 1024, 5.0),
+                     (8, 256, 1024, 3.0), (4, 128, 1024, 3.0), (4, 256, 2048, 3.0)]]
     spread = torch.randint(1, T + 1, (1, R), device=dev, dtype=torch.int32)  # rows of a whole causal layer
     for label, kw in variants:
         name = f"topk_rows {label}"

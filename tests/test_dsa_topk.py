@@ -187,6 +187,24 @@ def test_topk_rows_sampled_is_exact_on_both_paths(seed, T, k, capacity, path, me
         topk_rows(s, k, method="heap")
 
 
+@pytest.mark.parametrize("margin", [0.0, 5.0])
+def test_warp_topk_margin_moves_the_threshold_not_the_set(seed, margin):
+    """The sample's threshold margin (standard deviations) changes how many keys the buffer takes
+    and how often a row falls back, never the kept set; the default capacity grows with it; a
+    negative margin is refused."""
+    from stem_boost.kernels.dsa_topk import topk_rows, topk_rows_reference, warp_topk_capacity
+
+    gen = torch.Generator().manual_seed(seed)
+    B, R, T, k = 1, 6, 20000, 64
+    s = _scores(B, R, T, gen, ties=True)
+    got = topk_rows(s, k, method="warp", margin=margin)
+    want = topk_rows_reference(s, k)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert warp_topk_capacity(2048, 1 / 128, 4.0) > warp_topk_capacity(2048, 1 / 128, 3.0)
+    with pytest.raises(ValueError, match="margin=-1"):
+        topk_rows(s, k, method="warp", margin=-1)
+
+
 def test_warp_fallback_walks_many_rows_a_program(seed, monkeypatch):
     """The radix launch over the rows whose sample missed runs a few programs that walk all rows
     (here 2 programs over 7 rows, every row flagged: k above the buffer), with the reference's set."""

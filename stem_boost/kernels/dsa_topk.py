@@ -289,7 +289,7 @@ def _topk_rows_sampled_kernel(
 @triton.jit(do_not_specialize=["UNIT", "SPACING", "CAP"])
 def _topk_rows_warp_kernel(
     SCORES, BIAS, BUDGETS, VALID_LEN, IDX, COUNTS, BUF_KEY, BUF_POS, FELL_BACK, SCORES_OUT,
-    N_ROWS, R, T, k, UNIT, SPACING, CAP,
+    N_ROWS, R, T, k, UNIT, SPACING, CAP, MARGIN,
     stride_sb, stride_sr, stride_bb, stride_ib, stride_ir, stride_fr,
     HAS_BIAS: tl.constexpr, HAS_BUDGETS: tl.constexpr, HAS_VALID_LEN: tl.constexpr,
     ROWS: tl.constexpr, NR: tl.constexpr, SCAN_CHUNKS: tl.constexpr,
@@ -339,7 +339,7 @@ def _topk_rows_warp_kernel(
     s_key = _key_of(_scores_at(s3, b3, pos, in_sample, HAS_BIAS))
     n_sampled = row_counts(in_sample)
     mean = (want * n_sampled).to(tl.float32) / tl.maximum(n_keys, 1).to(tl.float32)
-    rank = tl.ceil(mean + 3.0 * tl.sqrt(mean) + 4.0).to(tl.int32)
+    rank = tl.ceil(mean + MARGIN * tl.sqrt(mean) + 4.0).to(tl.int32)
     sampled = (n_keys > CAP) & (rank <= row_counts(s_key != 0))
     thr = rows_threshold(s_key, rank, sampled == 0)
     thr = tl.where(sampled, thr, 0)
@@ -462,15 +462,18 @@ def topk_buffer_bytes(T: int, k: int, method: str = "warp", samples: int = 1024)
     return 8 * warp_topk_capacity(k, group / spacing)
 
 
-def warp_topk_capacity(k: int, fraction: float) -> int:
+def warp_topk_capacity(k: int, fraction: float, margin: float = 3.0) -> int:
     """Buffer entries a row needs in `topk_rows(method="warp")` when a `fraction` of its keys is
-    sampled: the threshold is the sample's (m + 3 sqrt(m) + 4)-th largest key (m = k * fraction,
+    sampled: the threshold is the sample's (m + margin sqrt(m) + 4)-th largest key (m = k * fraction,
     the expected count above the k-th largest key), so about that many / fraction keys pass it, with
-    a standard deviation of sqrt(that) / fraction. Room for 4.5 standard deviations more, in whole
-    128-key chunks: a buffer overflows (and its row takes the radix select) in about 1 row in 10^5."""
+    a standard deviation of sqrt(that) / fraction, skewed upwards (the passing share of a row is
+    Beta-distributed). Room for 7 standard deviations more, in whole 128-key chunks: at 128K keys,
+    k 2048, a 1/128 sample and margin 3 (rank 32 of 1024 samples), a buffer of 9216 overflows in
+    about 1 row in 10^7 (Beta(32, 993) x T above it; 4.5 standard deviations, 7424 entries, did in
+    5 in 10^5). Capacity costs memory only: the passes over a buffer stop at what was written."""
     m = k * fraction
-    passing = m + 3.0 * m ** 0.5 + 4.0
-    need = (passing + 4.5 * passing ** 0.5) / fraction
+    passing = m + margin * m ** 0.5 + 4.0
+    need = (passing + 7.0 * passing ** 0.5) / fraction
     return max(128, -(-int(need) // 128) * 128)
 
 
@@ -492,6 +495,7 @@ def topk_rows(
     out: torch.Tensor | None = None,
     out_scores: torch.Tensor | None = None,
     fallback: tuple[int, int] | None = None,
+    margin: float = 3.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k key positions of every row of `scores`, ascending by position, with Stem's step inside.
 
@@ -526,6 +530,11 @@ def topk_rows(
     num_warps default: 4 for "warp" (rows a program; H200, 8192 rows x 65536 keys: 1.56 ms against
     1.61 at 8), else 8. fallback: (keys a step, warps) of "warp"'s radix select over the rows whose
     sample missed (default `FALLBACK_BLOCK`, `FALLBACK_WARPS`; a tuning knob, the same set).
+    margin: "warp"'s sampled threshold is the sample's (m + margin sqrt(m) + 4)-th largest key (m
+    the sample's expected count above the k-th key). At margin 3 a 128K-key row gets fewer than k
+    keys above it, and takes the radix select, about 1 time in 4000 (Beta(32, 993) model; 0.02-0.04%
+    measured): about one row a 3584-row chunk, each such launch as long as one row's select (0.14
+    ms on an H200, 5.7 ms of a 128K prefill). 4: about 1 in 10^5, for 12% more keys in the buffer.
     """
     if scores.dim() != 3:
         raise ValueError(f"scores must be [B, R, T]; got {tuple(scores.shape)}")
@@ -596,14 +605,16 @@ def topk_rows(
         if samples < 32 or samples & (samples - 1):
             raise ValueError(f"samples={samples}; allowed: a power of two >= 32")
         group, spacing = warp_topk_sample(T, samples)
-        capacity = capacity or warp_topk_capacity(k, group / spacing)
+        if not margin >= 0:
+            raise ValueError(f"margin={margin!r}; allowed: >= 0 (standard deviations of the sample's threshold rank)")
+        capacity = capacity or warp_topk_capacity(k, group / spacing, margin)
         if capacity < 16:
             raise ValueError(f"capacity={capacity}; allowed: >= 16")
         buf_key = torch.empty(B * R, capacity, dtype=torch.int32, device=device)
         buf_pos = torch.empty_like(buf_key)
         flags = fell_back if fell_back is not None else torch.empty(B, R, dtype=torch.int32, device=device)
-        args = (*row_args, buf_key, buf_pos, flags, scores_out, B * R, R, T, k, 1, spacing, capacity, *strides,
-                buf_key.stride(0))
+        args = (*row_args, buf_key, buf_pos, flags, scores_out, B * R, R, T, k, 1, spacing, capacity, float(margin),
+                *strides, buf_key.stride(0))
         launch = dict(has, **warp_kernel_constexprs(T, num_warps, block, samples), WRITE_SCORES=out_scores is not None)
         ballot = ballot_layout_holds(_topk_rows_warp_kernel, args, launch)
         _topk_rows_warp_kernel[(triton.cdiv(B * R, num_warps),)](*args, BALLOT=ballot, **launch)
