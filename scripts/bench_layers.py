@@ -12,7 +12,9 @@ infllmv2: a MiniCPM-4.1-8B attention layer (hidden 4096, 32 q / 2 kv heads, d 12
           sparse_config), random bf16 weights. (a) dense SDPA (stem_boost.wrap(dense=True): the same
           layer, every causal key), (b) native InfLLMv2 selection + our kernel, (c) Stem at
           reduce=0.18. Selection included in every time.
-Times: triton.testing.do_bench median (CUDA events); memory: peak allocated during one forward.
+Times: medians of CUDA-event timed calls; native and Stem alternate call by call (`timed_interleaved`,
+on copies of the layer), so that a GPU slowing as it heats weighs on both alike; dense and the parts
+are timed alone (triton.testing.do_bench). Memory: peak allocated during one forward.
 
     python scripts/bench_layers.py --family dsa --seqs 32768 65536 131072 --out dsa.json
 """
@@ -20,7 +22,9 @@ Times: triton.testing.do_bench median (CUDA events); memory: peak allocated duri
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -52,6 +56,12 @@ MIN_REPS = 3  # --min-reps
 LAST_FIRST_CALL_S = [float("nan")]  # wall seconds of the last `timed` call's first, untimed run
 
 
+def _no_grad(fn):
+    """fn() under torch.no_grad()."""
+    with torch.no_grad():
+        return fn()
+
+
 def timed(fn, rep_ms: int = 300, min_reps: int | None = None) -> tuple[float, float]:
     """(median ms, peak GiB above the baseline) of fn(); (nan, nan) if it runs out of memory.
     The median is over at least `min_reps` timed calls (do_bench's own count is rep_ms / the call's
@@ -76,6 +86,65 @@ def timed(fn, rep_ms: int = 300, min_reps: int | None = None) -> tuple[float, fl
         return ms, peak
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
+        return float("nan"), float("nan")
+
+
+def timed_interleaved(fns: dict, rep_ms: int = 300, min_reps: int | None = None) -> dict:
+    """{name: (median ms, peak GiB above the baseline, first call s)} of several forwards timed in
+    alternation: after one first call each (compiles, peak memory), rounds call every fn once, the
+    order rotating from round to round, each call between its own CUDA events. A GPU that slows as
+    it heats (or a clock that drifts) then weighs on every fn alike, where timing one after the other
+    penalised the later one: the ratio of two of them is the quantity a bar reads. (nan, nan, nan)
+    for a fn that runs out of memory."""
+    out, last = {}, {}
+    for name, fn in fns.items():
+        ms, gib = timed_first_call(fn)
+        out[name] = (ms, gib, LAST_FIRST_CALL_S[0])
+        last[name] = ms
+    live = [n for n in fns if last[n] == last[n]]  # not nan
+    if not live:
+        return out
+    rounds = max(min_reps or MIN_REPS, int(rep_ms / max(sum(last[n] for n in live), 1e-3)) + 1)
+    times = {n: [] for n in live}
+    for r in range(rounds):
+        order = live[r % len(live):] + live[:r % len(live)]
+        events = []
+        for n in order:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fns[n]()
+            end.record()
+            events.append((n, start, end))
+        torch.cuda.synchronize()
+        for n, start, end in events:
+            times[n].append(start.elapsed_time(end))
+    for n in live:
+        out[n] = (statistics.median(times[n]), out[n][1], out[n][2])
+    return out
+
+
+def timed_first_call(fn) -> tuple[float, float]:
+    """(ms, peak GiB above the baseline) of one first call of fn, its wall seconds (compiles
+    included) in LAST_FIRST_CALL_S; (nan, nan) if it runs out of memory."""
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        LAST_FIRST_CALL_S[0] = time.perf_counter() - t0
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end), peak
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        LAST_FIRST_CALL_S[0] = float("nan")
         return float("nan"), float("nan")
 
 
@@ -119,19 +188,34 @@ def bench_dsa(seqs, device, native_max_seq):
             row["native_sdpa_ms"], row["native_sdpa_gib"] = timed(native, rep_ms=100)
         else:
             row["native_sdpa_ms"] = row["native_sdpa_gib"] = float("nan")
-        for name, kwargs in (("dense", dict(dense=True)), ("native_kernel", dict(reduce=0.0, beta=0.0)),
-                             ("stem", dict(reduce=0.15)), ("stem_step1", dict(reduce=0.15, budget_step=1))):
-            stem_boost.wrap(holder, **kwargs)
-            note(f"dsa S={S} {name}")
+        # dense alone first; native and the two Stem forms interleaved (`timed_interleaved`), each on
+        # its own copy of the layer (the same weights), wrapped once
+        stem_boost.wrap(holder, dense=True)
+        note(f"dsa S={S} dense")
 
-            def run():
-                with torch.no_grad():
-                    attn(x, pe, None, position_ids=pos)
-            row[f"{name}_ms"], row[f"{name}_gib"] = timed(run)
-            row[f"{name}_first_call_s"] = LAST_FIRST_CALL_S[0]
+        def run_dense():
+            with torch.no_grad():
+                attn(x, pe, None, position_ids=pos)
+        row["dense_ms"], row["dense_gib"] = timed(run_dense)
+        row["dense_first_call_s"] = LAST_FIRST_CALL_S[0]
+        stem_boost.unwrap(holder)
+        configs = {"native_kernel": dict(reduce=0.0, beta=0.0), "stem": dict(reduce=0.15),
+                   "stem_step1": dict(reduce=0.15, budget_step=1)}
+        layers = {name: (holder, attn) if i == 0 else (_Wrapper(copy.deepcopy(attn), cfg), None)
+                  for i, name in enumerate(configs)}
+        fns = {}
+        for name, kwargs in configs.items():
+            h, _ = layers[name]
+            stem_boost.wrap(h, **kwargs)
+            fns[name] = (lambda a: lambda: _no_grad(lambda: a(x, pe, None, position_ids=pos)))(h.attn)
+        note(f"dsa S={S} native / Stem / Stem step 1, interleaved")
+        for name, (ms, gib, first_s) in timed_interleaved(fns).items():
+            row[f"{name}_ms"], row[f"{name}_gib"], row[f"{name}_first_call_s"] = ms, gib, first_s
             if name.startswith("stem"):
-                row[f"reduce_achieved{name[4:]}"] = stem_boost.stats(holder)["reduce_achieved"]
-            stem_boost.unwrap(holder)
+                row[f"reduce_achieved{name[4:]}"] = stem_boost.stats(layers[name][0])["reduce_achieved"]
+        for h, _ in layers.values():
+            stem_boost.unwrap(h)
+        del layers, fns
         row["stem_over_native"] = row["stem_ms"] / row["native_kernel_ms"]
         row["stem_step1_over_native"] = row["stem_step1_ms"] / row["native_kernel_ms"]
         row["native_over_dense"] = row["native_kernel_ms"] / row["dense_ms"]
@@ -312,19 +396,26 @@ def bench_infllmv2(seqs, device, windows=(0,)):
         pe = rotary(pos)
         row = dict(family="infllmv2", S=S, smooth_window=window)
 
-        for name, kwargs in (("dense", dict(dense=True)), ("native_kernel", dict(reduce=0.0, beta=0.0)),
-                             ("stem", dict(reduce=0.18))):
-            stem_boost.wrap(model, **kwargs)
-            note(f"infllmv2 S={S} smooth={window} {name}")
-
-            def run():
-                with torch.no_grad():
-                    attn(x, pe)
-            row[f"{name}_ms"], row[f"{name}_gib"] = timed(run)
-            row[f"{name}_first_call_s"] = LAST_FIRST_CALL_S[0]
-            if name == "stem":
-                row["reduce_achieved"] = stem_boost.stats(model)["reduce_achieved"]
-            stem_boost.unwrap(model)
+        # dense alone first; native and Stem interleaved (`timed_interleaved`) on two copies of the
+        # one-layer model (the same weights), each wrapped once
+        stem_boost.wrap(model, dense=True)
+        note(f"infllmv2 S={S} smooth={window} dense")
+        row["dense_ms"], row["dense_gib"] = timed(lambda: _no_grad(lambda: attn(x, pe)))
+        row["dense_first_call_s"] = LAST_FIRST_CALL_S[0]
+        stem_boost.unwrap(model)
+        configs = {"native_kernel": dict(reduce=0.0, beta=0.0), "stem": dict(reduce=0.18)}
+        models = {"native_kernel": model, "stem": copy.deepcopy(model)}
+        fns = {}
+        for name, kwargs in configs.items():
+            stem_boost.wrap(models[name], **kwargs)
+            fns[name] = (lambda a: lambda: _no_grad(lambda: a(x, pe)))(models[name].model.layers[0].self_attn)
+        note(f"infllmv2 S={S} smooth={window} native / Stem, interleaved")
+        for name, (ms, gib, first_s) in timed_interleaved(fns).items():
+            row[f"{name}_ms"], row[f"{name}_gib"], row[f"{name}_first_call_s"] = ms, gib, first_s
+        row["reduce_achieved"] = stem_boost.stats(models["stem"])["reduce_achieved"]
+        for m in models.values():
+            stem_boost.unwrap(m)
+        del models, fns
         row["stem_over_native"] = row["stem_ms"] / row["native_kernel_ms"]
         row["dense_over_stem"] = row["dense_ms"] / row["stem_ms"]
         if profiling(S):
