@@ -450,6 +450,28 @@ def section_indexer(args, res: dict) -> None:
                 continue
             res["indexer"][name] = ms
             row("indexer", name, ms, f"{flop / ms / 1e9:.0f} TFLOP/s (causal pairs)")
+    # the FP8 score kernel's program tile (query rows x keys, warps): a wider key tile reads each
+    # query tile's 64 heads half as often (the per-head q loads are most of the kernel's L2 traffic:
+    # about 0.5 TB at 128K tokens with 64 x 128), at half the programs an SM (158 registers against 92)
+    for bs, bt, nw in FP8_SCORE_TILES:
+        if time.time() - T0 > args.budget_s:
+            row("indexer", "time budget reached", None)
+            break
+        name = f"fp8 scores only, tile {bs} x {bt}, {nw} warps"
+        try:
+            got = fp8_index_scores(q, kk, w, scale, causal_offset=offset, write_masked=False, block_s=bs, block_t=bt,
+                                   num_warps=nw)
+            ms = bench(lambda: fp8_index_scores(q, kk, w, scale, causal_offset=offset, write_masked=False, block_s=bs,
+                                                block_t=bt, num_warps=nw), rep=50)
+        except Exception as e:  # noqa: BLE001
+            row("indexer", name, None, f"failed: {e!r}"[:160])
+            continue
+        base = fp8_index_scores(q, kk, w, scale, causal_offset=offset, write_masked=False)
+        live = torch.arange(T, device=dev)[None, :] < valid_len[0][:, None]
+        same = bool(torch.equal(got[0][live], base[0][live]))
+        res["indexer"][name] = dict(ms=ms, same_as_default=same)
+        row("indexer", name, ms, f"{flop / ms / 1e9:.0f} TFLOP/s (causal pairs); equal to the default tile: {same}")
+        del got, base, live
     # selection overlap with the fp32 definition on 256 rows
     n_ov = min(256, S)
     sub = slice(S - n_ov, S)
@@ -518,6 +540,9 @@ def section_fallback(args, res) -> None:
             continue
         res["fallback"][name] = dict(ms=ms, same=same)
         row("fallback", name, ms, f"same set as the reference: {same}")
+
+
+FP8_SCORE_TILES = [(64, 128, 8), (64, 256, 8), (128, 128, 8)]  # (query rows, keys, warps); the first is the default
 
 
 # ---------------------------------------------------------------------------- FP8 quantisation
