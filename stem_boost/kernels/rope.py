@@ -39,40 +39,11 @@ def _to_output(y, dtype: tl.constexpr):
 def _rope_half_kernel(X, COS, SIN, Y, H,
                       stride_xb, stride_xh, stride_xs, stride_yb, stride_yh, stride_ys,
                       stride_cb, stride_cs, stride_sb, stride_ss,
-                      HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    s = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
-    d = tl.arange(0, HALF)
-    cos1 = tl.load(COS + b * stride_cb + s * stride_cs + d).to(tl.float32)
-    cos2 = tl.load(COS + b * stride_cb + s * stride_cs + HALF + d).to(tl.float32)
-    sin1 = tl.load(SIN + b * stride_sb + s * stride_ss + d).to(tl.float32)
-    sin2 = tl.load(SIN + b * stride_sb + s * stride_ss + HALF + d).to(tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)
-        ok = (h < H)[:, None]
-        x_row = X + b * stride_xb + s * stride_xs + h[:, None].to(tl.int64) * stride_xh
-        x1 = tl.load(x_row + d[None, :], mask=ok, other=0.0).to(tl.float32)
-        x2 = tl.load(x_row + HALF + d[None, :], mask=ok, other=0.0).to(tl.float32)
-        # rotate_half(x) = (-x2, x1): the first half is x1 cos - x2 sin, the second x2 cos + x1 sin.
-        # The multiply-adds are explicit: left to the compiler, the contraction it picks can differ
-        # between specialisations of this kernel (a batch of one vs several), and a padded row must
-        # get the values it gets alone
-        y1 = tl.fma(x1, cos1[None, :], -(x2 * sin1[None, :]))
-        y2 = tl.fma(x2, cos2[None, :], x1 * sin2[None, :])
-        y_row = Y + b * stride_yb + s * stride_ys + h[:, None].to(tl.int64) * stride_yh
-        tl.store(y_row + d[None, :], _to_output(y1, Y.dtype.element_ty), mask=ok)
-        tl.store(y_row + HALF + d[None, :], _to_output(y2, Y.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _rope_half_rounded_kernel(X, COS, SIN, Y, H,
-                              stride_xb, stride_xh, stride_xs, stride_yb, stride_yh, stride_ys,
-                              stride_cb, stride_cs, stride_sb, stride_ss,
-                              HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Program: one token s of batch row b, every head. transformers' `apply_rotary_pos_emb` in the
-    tensor's dtype: y = x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1), each product
-    and the sum rounded to the output dtype, as the PyTorch ops on 16-bit tensors do. Y may be X
-    (in place): a program reads its heads' elements before it writes them."""
+                      HALF: tl.constexpr, BLOCK_H: tl.constexpr, ROUND_EACH_OP: tl.constexpr = False):
+    """Program: one token s of batch row b, every head (BLOCK_H a step). ROUND_EACH_OP: each product
+    and the sum rounded to the output dtype, as transformers' `apply_rotary_pos_emb` on 16-bit
+    tensors does; else fp32 throughout, one rounding at the end (MiniCPM-4's fp32 rotation). Y may
+    be X (in place): a program reads its heads' elements before it writes them."""
     s = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     d = tl.arange(0, HALF)
@@ -87,8 +58,16 @@ def _rope_half_rounded_kernel(X, COS, SIN, Y, H,
         x_row = X + b * stride_xb + s * stride_xs + h[:, None].to(tl.int64) * stride_xh
         x1 = tl.load(x_row + d[None, :], mask=ok, other=0.0).to(tl.float32)
         x2 = tl.load(x_row + HALF + d[None, :], mask=ok, other=0.0).to(tl.float32)
-        y1 = _to_output(_to_output(x1 * cos1, dt).to(tl.float32) + _to_output(-x2 * sin1, dt).to(tl.float32), dt)
-        y2 = _to_output(_to_output(x2 * cos2, dt).to(tl.float32) + _to_output(x1 * sin2, dt).to(tl.float32), dt)
+        # rotate_half(x) = (-x2, x1): the first half is x1 cos - x2 sin, the second x2 cos + x1 sin
+        if ROUND_EACH_OP:
+            y1 = _to_output(_to_output(x1 * cos1, dt).to(tl.float32) + _to_output(-x2 * sin1, dt).to(tl.float32), dt)
+            y2 = _to_output(_to_output(x2 * cos2, dt).to(tl.float32) + _to_output(x1 * sin2, dt).to(tl.float32), dt)
+        else:
+            # The multiply-adds are explicit: left to the compiler, the contraction it picks can differ
+            # between specialisations of this kernel (a batch of one vs several), and a padded row must
+            # get the values it gets alone
+            y1 = _to_output(tl.fma(x1, cos1, -(x2 * sin1)), dt)
+            y2 = _to_output(tl.fma(x2, cos2, x1 * sin2), dt)
         y_row = Y + b * stride_yb + s * stride_ys + h[:, None].to(tl.int64) * stride_yh
         tl.store(y_row + d[None, :], y1, mask=ok)
         tl.store(y_row + HALF + d[None, :], y2, mask=ok)
@@ -111,6 +90,14 @@ def rope_half_rounded_fused(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
             refusal = f"{name} must be {x.dtype} {tuple(cos.shape)}; got {t.dtype} {tuple(t.shape)}"
     if refusal:
         raise ValueError(refusal)
+    return _rotate_rounded(_rope_half_kernel, x, cos, sin, out, head_axis, block_h, ROUND_EACH_OP=True)
+
+
+def _rotate_rounded(kernel, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None,
+                    head_axis: int, block_h: int, **constexprs) -> torch.Tensor:
+    """Launch a one-token-a-program rotation `kernel` (X, COS, SIN, Y, H, x / y strides (b, h, s), cos
+    / sin strides (b, s), HALF, BLOCK_H) on checked inputs: x [B, H, S, D] or [B, S, H, D] (head_axis
+    1 or 2) into `out` (validated) or a new tensor."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     cos = cos if cos.stride(-1) == 1 else cos.contiguous()
@@ -123,12 +110,12 @@ def rope_half_rounded_fused(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     B, D = x.shape[0], x.shape[-1]
     H, S = x.shape[head_axis], x.shape[3 - head_axis]
     if x.numel():
-        _rope_half_rounded_kernel[(S, B)](
+        kernel[(S, B)](
             x, cos, sin, out, H, x.stride(0), x.stride(head_axis), x.stride(3 - head_axis),
             out.stride(0), out.stride(head_axis), out.stride(3 - head_axis),
             cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
             sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(1),
-            HALF=D // 2, BLOCK_H=min(block_h, triton.next_power_of_2(H)), num_warps=4,
+            HALF=D // 2, BLOCK_H=min(block_h, triton.next_power_of_2(H)), num_warps=4, **constexprs,
         )
     return out
 
@@ -227,21 +214,4 @@ def rope_interleaved_fused(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     refusal = fused_interleaved_refuses(x, cos, sin)
     if refusal:
         raise ValueError(refusal)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
-    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
-    if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    elif out.shape != x.shape or out.dtype != x.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out must be {x.dtype} {tuple(x.shape)} with a unit last stride; got "
-                         f"{out.dtype} {tuple(out.shape)} strides {out.stride()}")
-    B, H, S, D = x.shape
-    if x.numel():
-        _rope_interleaved_kernel[(S, B)](
-            x, cos, sin, out, H, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
-            sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(1),
-            HALF=D // 2, BLOCK_H=min(block_h, triton.next_power_of_2(H)), num_warps=4,
-        )
-    return out
+    return _rotate_rounded(_rope_interleaved_kernel, x, cos, sin, out, 1, block_h)
