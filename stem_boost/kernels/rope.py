@@ -12,6 +12,10 @@ runs that as seven passes over fp32 copies of x (upcast, two products, the half 
 negation, the sum, the downcast): at 128K tokens x 32 heads x 128 that is ~10 ms of a MiniCPM-4.1
 layer on an H200. Here each element is read once and written once.
 
+`rope_half_rounded_fused` is the same rotation as transformers' `apply_rotary_pos_emb` computes it
+on 16-bit tensors (each product and the sum rounded to the dtype: the same bits), in place if asked
+(DeepSeek-V3.2's indexer queries); `rope_interleaved_fused` is its interleaved MLA rotation.
+
 Program roles: axis 0 = one token s, axis 1 = batch row b; the program rotates every head of that
 token (BLOCK_H heads per step) with the token's cos / sin loaded once.
 """
