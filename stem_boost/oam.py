@@ -24,6 +24,13 @@ _BIAS_NORMS = ("zscore", "raw")
 _SCORE_SPACES = ("logit", "prob")
 
 
+def work_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype OAM computes in for t: float32 for 16- and 32-bit floats, float64 for float64 (a
+    float64 model, e.g. a test that needs a batch row to match its solo run beyond fp32 rounding,
+    keeps its precision through the rescoring)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def value_norms(v: torch.Tensor) -> torch.Tensor:
     """L2 norm of every value vector.
 
@@ -31,13 +38,13 @@ def value_norms(v: torch.Tensor) -> torch.Tensor:
         v: [B, T, H, Dv] value states (any float dtype).
 
     Returns:
-        [B, H, T] float32 norms.
+        [B, H, T] norms in float32 (float64 for float64 values).
     """
     if v.dim() != 4:
         raise ValueError(f"v must be [B, T, H, Dv], got shape {tuple(v.shape)}")
-    # fp32 accumulation for 16- and 32-bit values; fp64 values keep fp64 until the result
-    norms = torch.linalg.vector_norm(v, dim=-1, dtype=torch.promote_types(v.dtype, torch.float32))  # [B, T, H]
-    return norms.float().transpose(1, 2).contiguous()
+    # fp32 accumulation for 16- and 32-bit values; fp64 values keep fp64
+    norms = torch.linalg.vector_norm(v, dim=-1, dtype=work_dtype(v))  # [B, T, H]
+    return norms.transpose(1, 2).contiguous()
 
 
 def block_max(norms: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -71,7 +78,7 @@ def aggregate_heads(norms: torch.Tensor, n_sel: int, how: str = "rms") -> torch.
         how: "rms" (root-mean-square, default), "max" or "mean".
 
     Returns:
-        [B, n_sel, N] float32.
+        [B, n_sel, N] in float32 (float64 for float64 norms).
     """
     if norms.dim() != 3:
         raise ValueError(f"norms must be [B, H, N], got shape {tuple(norms.shape)}")
@@ -80,7 +87,7 @@ def aggregate_heads(norms: torch.Tensor, n_sel: int, how: str = "rms") -> torch.
         raise ValueError(f"n_sel={n_sel!r} must divide the number of heads H={h} (1 <= n_sel <= H)")
     if how not in _HEAD_AGGREGATES:
         raise ValueError(f"how={how!r} is not one of {_HEAD_AGGREGATES}")
-    grouped = norms.float().view(b, n_sel, h // n_sel, n)
+    grouped = norms.to(work_dtype(norms)).view(b, n_sel, h // n_sel, n)
     if how == "rms":
         return grouped.square().mean(dim=2).sqrt()
     if how == "max":
@@ -109,7 +116,7 @@ def oam_bias(
         eps: floor for the norms before the log and added to the std.
 
     Returns:
-        [B, Hs, N] float32, >= 0.
+        [B, Hs, N] float32 (float64 for float64 norms), >= 0.
 
     Note: with "raw" a key's bias depends only on its own norm, so raising its norm never lowers
     its rank. With "zscore" that holds for keys at or above the mean log-norm; raising a key that
@@ -127,11 +134,11 @@ def oam_bias(
     elif valid.shape != (b, n) or valid.dtype != torch.bool:
         raise ValueError(f"valid must be a bool tensor [B, N] = {(b, n)}, got {valid.dtype} {tuple(valid.shape)}")
     mask = valid[:, None, :]  # [B, 1, N]
-    log_n = norms.float().clamp(min=eps).log()
+    log_n = norms.to(work_dtype(norms)).clamp(min=eps).log()
     if norm == "raw":
         score = log_n
     else:
-        weight = mask.to(torch.float32)
+        weight = mask.to(log_n.dtype)
         count = weight.sum(dim=-1, keepdim=True).clamp(min=1.0)
         mean = (log_n * weight).sum(dim=-1, keepdim=True) / count
         var = ((log_n - mean).square() * weight).sum(dim=-1, keepdim=True) / count
@@ -151,14 +158,16 @@ def combine_scores(native: torch.Tensor, bias: torch.Tensor, space: str = "logit
         space: "logit" or "prob".
 
     Returns:
-        float32 scores of the broadcast shape; masked native entries are -inf.
+        scores of the broadcast shape in float32 (float64 when either input is); masked native
+        entries are -inf.
     """
     if space not in _SCORE_SPACES:
         raise ValueError(f"space={space!r} is not one of {_SCORE_SPACES}")
-    native = native.float()
+    dtype = torch.promote_types(work_dtype(native), work_dtype(bias))
+    native = native.to(dtype)
     if space == "logit":
         logit, masked = native, native == float("-inf")
     else:
-        logit = native.clamp(min=torch.finfo(torch.float32).tiny).log()
+        logit = native.clamp(min=torch.finfo(dtype).tiny).log()
         masked = native <= 0
-    return (logit + bias.float()).masked_fill(masked, float("-inf"))
+    return (logit + bias.to(dtype)).masked_fill(masked, float("-inf"))

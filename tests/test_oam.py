@@ -251,13 +251,17 @@ def test_raising_value_norm_never_lowers_rank_zscore(b, r, n_keys, factor, beta,
 
 
 def test_value_norms_take_every_float_dtype(seed):
-    """bf16 / fp32 values are summed in fp32, fp64 values in fp64; the result is fp32 [B, H, T] either
-    way, the fp64 one rounded once from the exact norm."""
-    from stem_boost.oam import value_norms
+    """bf16 / fp32 values are summed in fp32 and give fp32 norms; fp64 values stay fp64 (an fp64
+    model keeps its precision through the rescoring: `oam.work_dtype`)."""
+    from stem_boost.oam import aggregate_heads, combine_scores, oam_bias, value_norms
 
     v = torch.randn(2, 7, 3, 16, dtype=torch.float64)
     want = v.norm(dim=-1).transpose(1, 2)
     got = value_norms(v)
-    assert got.dtype == torch.float32 and got.shape == (2, 3, 7)
-    assert torch.equal(got, want.float())
+    assert got.dtype == torch.float64 and got.shape == (2, 3, 7)
+    torch.testing.assert_close(got, want, rtol=1e-15, atol=0)
+    assert value_norms(v.float()).dtype == value_norms(v.to(torch.bfloat16)).dtype == torch.float32
     torch.testing.assert_close(value_norms(v.to(torch.bfloat16)), want.float(), rtol=1e-2, atol=1e-2)
+    assert aggregate_heads(got, 1).dtype == oam_bias(got, beta=0.2).dtype == torch.float64
+    assert combine_scores(torch.randn(3), torch.randn(3, dtype=torch.float64)).dtype == torch.float64
+    assert combine_scores(torch.randn(3, dtype=torch.bfloat16), torch.randn(3)).dtype == torch.float32

@@ -61,11 +61,26 @@ def kept_keys(sel, b: int, span: slice) -> list[list[frozenset]]:
     return [[frozenset(k - start for k in row[:n]) for row, n in zip(rows, ns)] for rows, ns in zip(idx, counts)]
 
 
+def near_tie_swaps(batch_keys: list[list[frozenset]], alone_keys: list[list[frozenset]]) -> int:
+    """How many query rows keep other keys in the batch than alone, each by one swapped key (what a
+    near tie at the row's cut does when the batch's BLAS rounds a score differently); any other
+    difference (another count, several keys) fails."""
+    swaps = 0
+    for heads_b, heads_a in zip(batch_keys, alone_keys):
+        for got, want in zip(heads_b, heads_a):
+            if got != want:
+                assert len(got - want) == len(want - got) == 1, f"not a near-tie swap: {sorted(got ^ want)}"
+                swaps += 1
+    return swaps
+
+
 def check_rows_equal_solo(model, forward, rows, side, cfg, atol=1e-4, is_sparse=lambda n: True,
-                          same_selections=False):
+                          same_selections=False, max_swaps=0):
     """forward(ids, mask, position_ids) -> logits [B, L, V]; compares each row with its solo run
     (logits, and the row's pairs in `stats()`: 0 for a row too short to be sparse). same_selections:
-    also every layer's kept keys of the row (`stem_boost.last_selections`, token lists), exactly."""
+    also every layer's kept keys of the row (`stem_boost.last_selections`, token lists), up to
+    `max_swaps` near-tie swaps over all layers (`near_tie_swaps`); a row with a swap attends to
+    another key, so its logits are not compared."""
     stem_boost.wrap(model, **cfg, **(dict(keep_selections=True) if same_selections else {}))
     ids, mask, pos = padded_batch(rows, side)
     with torch.no_grad():
@@ -77,12 +92,12 @@ def check_rows_equal_solo(model, forward, rows, side, cfg, atol=1e-4, is_sparse=
             alone_stats = stem_boost.stats(model)
             span = real_span(mask[b])
             alone_sels = stem_boost.last_selections(model) if same_selections else []
-            for layer, (sel_b, sel_a) in enumerate(zip(batch_sels, alone_sels)):
-                assert kept_keys(sel_b, b, span) == kept_keys(sel_a, 0, slice(0, r.numel())), \
-                    f"row {b} ({side}, {cfg}): layer {layer} keeps other keys in the batch than alone"
+            swaps = sum(near_tie_swaps(kept_keys(sel_b, b, span), kept_keys(sel_a, 0, slice(0, r.numel())))
+                        for sel_b, sel_a in zip(batch_sels, alone_sels))
+            assert swaps <= max_swaps, f"row {b} ({side}, {cfg}): {swaps} near-tie swaps (allowed {max_swaps})"
             got = batch[b, span]
             diff = (got - alone[0]).abs().max().item()
-            assert diff <= atol, f"row {b} ({side}, {cfg}): max |batch - alone| = {diff:.2e}"
+            assert swaps or diff <= atol, f"row {b} ({side}, {cfg}): max |batch - alone| = {diff:.2e}"
             solo_rows = alone_stats["rows"] if is_sparse(r.numel()) else [dict(stem_pairs=0, native_pairs=0)]
             assert batch_stats["rows"][b]["stem_pairs"] == solo_rows[0]["stem_pairs"], (b, side, cfg)
             assert batch_stats["rows"][b]["native_pairs"] == solo_rows[0]["native_pairs"], (b, side, cfg)

@@ -187,14 +187,16 @@ def test_stem_wrap_reaches_the_requested_reduction(dsa_model, heldout_ids):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batch_rows_equal_solo_runs(dsa_model, heldout_ids, side):
     """The real-weights DSA testbed: a padded batch of three rows of different lengths gives each
-    row, in every layer, the keys it keeps alone (exactly), and its logits (<= 1e-4), under Stem
-    with TPD and with the mass schedule. In fp64: in fp32 the BLAS rounds a batched matmul
-    differently from a single row's (7.6e-6 after three layers), and a near-tied selection then
-    flips (seed 1635999258 did so once in about ten); that is the model's arithmetic, not the
-    padding this test checks. The logits' bound: with equal selections in all 30 layers, rounding
-    differences of 1e-15 in the attention (a batch's reductions are not a row's) grow through
-    SmolLM2's massive activations (a residual of ~1e3 behind norms of gain ~300) to ~1e-5 at the
-    logits; a different selection in any layer is caught by the selection check itself."""
+    row, in every layer, the keys it keeps alone, and its logits (<= 1e-4), under Stem with TPD and
+    with the mass schedule. The model runs in fp64, but its indexer scores in fp32 (as
+    transformers' DeepSeek-V3.2 indexer does), and the BLAS rounds a batched fp32 matmul
+    differently from a single row's: two candidates 1 ulp apart alone can tie in the batch (seed
+    1635063757: keys 4 and 29 of row 52 in layer 5, 5.46096134 vs 5.46096182), and the cut then
+    keeps the other one. That is the indexer's arithmetic, not the padding this test checks: up to
+    two such one-key swaps are allowed over the 30 layers, and a row with one is not compared by
+    its logits. With equal selections the logits' rounding differences (1e-15 in the attention)
+    grow through SmolLM2's massive activations (a residual of ~1e3 behind norms of gain ~300) to
+    ~1e-5."""
     from tests.test_padding import check_rows_equal_solo, logits_of
 
     start = int(torch.randint(0, heldout_ids.numel() - 200, (1,)))
@@ -204,6 +206,6 @@ def test_padded_batch_rows_equal_solo_runs(dsa_model, heldout_ids, side):
     try:
         for cfg in (dict(reduce=0.15), dict(reduce=0.15, schedule="mass")):
             check_rows_equal_solo(dsa_model, logits_of(dsa_model), rows, side, cfg, atol=1e-4,
-                                  same_selections=True)
+                                  same_selections=True, max_swaps=2)
     finally:
         dsa_model.float()
