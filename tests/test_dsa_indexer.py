@@ -411,6 +411,7 @@ def test_radix_topk_equals_the_position_tie_topk():
     for mask, method in [(m, meth) for m in (None, pad, later) for meth in ("radix", "sampled", "warp")]:
         want = dsa.chunked_index_topk(q, k, w, mask, 5, 0.3, chunk_rows=4, radix_topk=False)
         got = dsa.chunked_index_topk(q, k, w, mask, 5, 0.3, chunk_rows=4, radix_topk=True, topk_method=method)
+        assert want.counts is None and torch.equal(got.counts, (got.indices >= 0).sum(-1).int())
         for b in range(B):
             for s in range(S):
                 pairs = lambda t: sorted((int(i), float(v)) for i, v in zip(t.indices[b, s], t.scores[b, s]) if i >= 0)

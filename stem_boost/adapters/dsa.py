@@ -88,9 +88,13 @@ def head_norm_reducer(module: torch.nn.Module):
 
 
 def native_selection(top: IndexerTopK, q_offset: int, padding: torch.Tensor | None) -> Selection:
-    """The native top-k as a Selection: idx [B, 1, S, K] (-1 tail kept), counts = valid entries,
-    with each batch row's real-token extent from the [B, T] padding mask (True = real)."""
+    """The native top-k as a Selection: idx [B, 1, S, K] (-1 tail kept), counts = valid entries
+    (the select's own counts when it reported them: no pass over [B, S, K]), with each batch row's
+    real-token extent from the [B, T] padding mask (True = real)."""
     seq_start, seq_len = extents_from_padding(padding)
+    if top.counts is not None:
+        return Selection(idx=top.indices.unsqueeze(1), counts=top.counts.unsqueeze(1), q_offset=q_offset,
+                         seq_start=seq_start, seq_len=seq_len)
     return Selection.from_padded(top.indices.unsqueeze(1), q_offset=q_offset, seq_start=seq_start, seq_len=seq_len)
 
 

@@ -341,11 +341,14 @@ class IndexerTopK(NamedTuple):
     scores: fp32 ``[B, S, topk]`` index scores at those indices (mask included), -inf at -1 slots.
     ascending: True when each row's valid indices come ascending by key position with the -1 slots
     after them (the per-row Triton select on CUDA); False: by descending score (ties: earlier key
-    first, unless ``tie_break="none"``). Consumers that need key order skip their sort when True."""
+    first, unless ``tie_break="none"``). Consumers that need key order skip their sort when True.
+    counts: int32 ``[B, S]`` valid indices per row when the select reported them (the Triton path),
+    else None (count the non-negative indices)."""
 
     indices: torch.Tensor
     scores: torch.Tensor
     ascending: bool = False
+    counts: torch.Tensor | None = None
 
     def as_native_indices(self) -> torch.Tensor:
         """Indices safe for the model's ``scatter``: every -1 replaced by the row's best index (a
@@ -422,6 +425,7 @@ def chunked_index_topk(
     device = q.device
     out_idx = torch.full((B, S, topk), -1, dtype=torch.int32, device=device)
     out_scores = torch.full((B, S, topk), float("-inf"), dtype=torch.float32, device=device)
+    out_counts = torch.zeros(B, S, dtype=torch.int32, device=device)  # rows the select reaches overwrite theirs
     if S == 0 or topk == 0:
         return IndexerTopK(out_idx, out_scores)
 
@@ -528,8 +532,9 @@ def chunked_index_topk(
                 s_pos = torch.arange(s0, s1, device=device) + offset - t0 + 1
                 valid_len = s_pos.clamp(max=tc).to(torch.int32).expand(B, c)
             chunk_idx = out_idx[:, s0:s1, :kk]
-            topk_rows(idx_scores, kk, valid_len=valid_len, method=topk_method, out=chunk_idx,
-                      out_scores=out_scores[:, s0:s1, :kk])
+            _, chunk_counts = topk_rows(idx_scores, kk, valid_len=valid_len, method=topk_method, out=chunk_idx,
+                                        out_scores=out_scores[:, s0:s1, :kk])
+            out_counts[:, s0:s1] = chunk_counts
             if t0:  # key positions of the scored range [t0, t1) -> of the sequence
                 chunk_idx.copy_(torch.where(chunk_idx >= 0, chunk_idx + t0, -1))
             continue
@@ -542,7 +547,7 @@ def chunked_index_topk(
         out_idx[:, s0:s1, :kk] = torch.where(sel_valid, top_i + t0, -1).to(torch.int32)
         out_scores[:, s0:s1, :kk] = torch.where(sel_valid, top_v, float("-inf"))
 
-    return IndexerTopK(out_idx, out_scores, ascending=bool(radix_topk))
+    return IndexerTopK(out_idx, out_scores, ascending=bool(radix_topk), counts=out_counts if radix_topk else None)
 
 
 @torch.no_grad()
