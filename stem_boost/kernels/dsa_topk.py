@@ -196,9 +196,10 @@ def _topk_rows_kernel(
 ):
     """Program: one row, the radix select. ONLY_FLAGGED: a few programs walk all N_ROWS rows (row
     pid, pid + programs, ...) and select only those with FLAGS[row] != 0 (the rows whose sample
-    missed in `_topk_rows_warp_kernel`, about 1 in 10^3): a program a row that only read its flag
-    cost 0.15 ms a launch, 6 ms of a 128K prefill's 40 chunks. WRITE_SCORES: the kept keys' scores
-    too, at SCORES_OUT (the strides of IDX)."""
+    missed in `_topk_rows_warp_kernel`, about 1 in 4000). Such a launch lasts as long as its
+    slowest flagged row's select on one CTA (about 0.14 ms for 128K keys on an H200), so a chunk
+    with one pays that, and one without pays little. WRITE_SCORES: the kept keys' scores too, at
+    SCORES_OUT (the strides of IDX)."""
     pid = tl.program_id(0)
     if ONLY_FLAGGED:
         for row in range(pid, N_ROWS, tl.num_programs(0)):
@@ -433,6 +434,8 @@ def _topk_rows_warp_kernel(
 TOPK_METHODS = ("radix", "sampled", "warp")
 FALLBACK_PROGRAMS = 256  # programs of the radix launch over the rows whose sample missed (two waves on an H200)
 FALLBACK_BLOCK, FALLBACK_WARPS = 4096, 8  # its tile (`scripts/bench_dsa.py --sections fallback` compares others)
+
+
 def warp_topk_sample(T: int, samples: int = 1024) -> tuple[int, int]:
     """The sample of `topk_rows(method="warp")` for rows of up to T keys: (group, spacing), `group`
     consecutive keys (8: one 32-byte sector) every `spacing` (at least 256, so at most 1/32 of a

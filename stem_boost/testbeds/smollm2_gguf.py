@@ -130,9 +130,8 @@ def _drop_gguf_quantizer(model) -> None:
     de-quantized copy has none). The same model on every load, first or cached."""
     model.hf_quantizer = None
     model.is_quantized = False
-    for attr in ("quantization_method",):
-        if hasattr(model, attr):
-            delattr(model, attr)
+    if hasattr(model, "quantization_method"):
+        del model.quantization_method
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 
