@@ -451,42 +451,27 @@ def section_indexer(args, res: dict) -> None:
                 continue
             res["indexer"][name] = ms
             row("indexer", name, ms, f"{flop / ms / 1e9:.0f} TFLOP/s (causal pairs)")
-    # the FP8 score kernel's program tile (query rows x keys, warps): a wider key tile reads each
-    # query tile's 64 heads half as often (the per-head q loads are most of the kernel's L2 traffic:
-    # about 0.5 TB at 128K tokens with 64 x 128), at half the programs an SM (158 registers against 92)
-    for bs, bt, nw in FP8_SCORE_TILES:
-        if time.time() - T0 > args.budget_s:
-            row("indexer", "time budget reached", None)
-            break
-        name = f"fp8 scores only, tile {bs} x {bt}, {nw} warps"
-        try:
-            got = fp8_index_scores(q, kk, w, scale, causal_offset=offset, write_masked=False, block_s=bs, block_t=bt,
-                                   num_warps=nw)
-            ms = bench(lambda: fp8_index_scores(q, kk, w, scale, causal_offset=offset, write_masked=False, block_s=bs,
-                                                block_t=bt, num_warps=nw), rep=50)
-        except Exception as e:  # noqa: BLE001
-            row("indexer", name, None, f"failed: {e!r}"[:160])
-            continue
-        base = fp8_index_scores(q, kk, w, scale, causal_offset=offset, write_masked=False)
-        live = torch.arange(T, device=dev)[None, :] < valid_len[0][:, None]
-        same = bool(torch.equal(got[0][live], base[0][live]))
-        res["indexer"][name] = dict(ms=ms, same_as_default=same)
-        row("indexer", name, ms, f"{flop / ms / 1e9:.0f} TFLOP/s (causal pairs); equal to the default tile: {same}")
-        del got, base, live
-    # the experimental layout: a query block's 64 heads on M, the queries loaded once, the keys walked
-    # (`fp8_index_scores_qheads`): keys reloaded per query block instead of queries per key tile
+    # the FP8 score kernel's tiles (query rows x keys, warps: a wider key tile reads each query tile's
+    # 64 heads half as often; the per-head q loads are most of the kernel's L2 traffic, about 0.5 TB at
+    # 128K tokens with 64 x 128) and the experimental layout with a query block's 64 heads on M
+    # (`fp8_index_scores_qheads`: the queries loaded once, the keys walked), each against the default
     base = fp8_index_scores(q, kk, w, scale, causal_offset=offset, write_masked=False)
     live = torch.arange(T, device=dev)[None, :] < valid_len[0][:, None]
-    for bq, bt, nw in QHEADS_TILES:
+    variants = [(f"fp8 scores only, tile {bs} x {bt}, {nw} warps",
+                 lambda bs=bs, bt=bt, nw=nw: fp8_index_scores(q, kk, w, scale, causal_offset=offset, write_masked=False,
+                                                             block_s=bs, block_t=bt, num_warps=nw))
+                for bs, bt, nw in FP8_SCORE_TILES]
+    variants += [(f"fp8 scores only, heads on M: {bq} queries x 64 heads, {bt} keys a step, {nw} warps",
+                  lambda bq=bq, bt=bt, nw=nw: fp8_index_scores_qheads(q, kk, w, scale, offset, block_q=bq, block_t=bt,
+                                                                      num_warps=nw, write_masked=False))
+                 for bq, bt, nw in QHEADS_TILES]
+    for name, fn in variants:
         if time.time() - T0 > args.budget_s:
             row("indexer", "time budget reached", None)
             break
-        name = f"fp8 scores only, heads on M: {bq} queries x 64 heads, {bt} keys a step, {nw} warps"
         try:
-            got = fp8_index_scores_qheads(q, kk, w, scale, offset, block_q=bq, block_t=bt, num_warps=nw,
-                                          write_masked=False)
-            ms = bench(lambda: fp8_index_scores_qheads(q, kk, w, scale, offset, block_q=bq, block_t=bt, num_warps=nw,
-                                                       write_masked=False), rep=50)
+            got = fn()
+            ms = bench(fn, rep=50)
         except Exception as e:  # noqa: BLE001
             row("indexer", name, None, f"failed: {e!r}"[:160])
             continue
