@@ -62,6 +62,23 @@ def _no_grad(fn):
         return fn()
 
 
+def first_call(fn) -> tuple[float, float]:
+    """(ms, peak GiB above the baseline) of a first call of fn (compiles included), its wall seconds
+    in LAST_FIRST_CALL_S (a first call's cost to a user). Raises torch.OutOfMemoryError."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    LAST_FIRST_CALL_S[0] = time.perf_counter() - t0
+    return start.elapsed_time(end), (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
 def timed(fn, rep_ms: int = 300, min_reps: int | None = None) -> tuple[float, float]:
     """(median ms, peak GiB above the baseline) of fn(); (nan, nan) if it runs out of memory.
     The median is over at least `min_reps` timed calls (do_bench's own count is rep_ms / the call's
@@ -69,21 +86,9 @@ def timed(fn, rep_ms: int = 300, min_reps: int | None = None) -> tuple[float, fl
     from triton.testing import do_bench
 
     try:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t0 = time.perf_counter()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        LAST_FIRST_CALL_S[0] = time.perf_counter() - t0  # compiles included: a first call's cost to a user
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-        rep_ms = max(rep_ms, int((min_reps or MIN_REPS) * start.elapsed_time(end)) + 1)
-        ms = do_bench(fn, warmup=1, rep=rep_ms, return_mode="median")
-        return ms, peak
+        first_ms, peak = first_call(fn)
+        rep_ms = max(rep_ms, int((min_reps or MIN_REPS) * first_ms) + 1)
+        return do_bench(fn, warmup=1, rep=rep_ms, return_mode="median"), peak
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return float("nan"), float("nan")
@@ -91,20 +96,24 @@ def timed(fn, rep_ms: int = 300, min_reps: int | None = None) -> tuple[float, fl
 
 def timed_interleaved(fns: dict, rep_ms: int = 300, min_reps: int | None = None) -> dict:
     """{name: (median ms, peak GiB above the baseline, first call s)} of several forwards timed in
-    alternation: after one first call each (compiles, peak memory), rounds call every fn once, the
-    order rotating from round to round, each call between its own CUDA events. A GPU that slows as
-    it heats (or a clock that drifts) then weighs on every fn alike, where timing one after the other
-    penalised the later one: the ratio of two of them is the quantity a bar reads. (nan, nan, nan)
-    for a fn that runs out of memory."""
-    out, last = {}, {}
+    alternation: after one first call each (`first_call`: compiles, peak memory), rounds call every
+    fn once, the order rotating from round to round, each call between its own CUDA events. A GPU
+    that slows as it heats (or a clock that drifts) then weighs on every fn alike, where timing one
+    after the other penalised the later one: the ratio of two of them is the quantity a bar reads.
+    (nan, nan, nan) for a fn that runs out of memory."""
+    out = {}
     for name, fn in fns.items():
-        ms, gib = timed_first_call(fn)
-        out[name] = (ms, gib, LAST_FIRST_CALL_S[0])
-        last[name] = ms
-    live = [n for n in fns if last[n] == last[n]]  # not nan
+        try:
+            ms, gib = first_call(fn)
+            out[name] = (ms, gib, LAST_FIRST_CALL_S[0])
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            out[name] = (float("nan"), float("nan"), float("nan"))
+    live = [n for n in fns if out[n][0] == out[n][0]]  # not nan
     if not live:
         return out
-    rounds = max(min_reps or MIN_REPS, int(rep_ms / max(sum(last[n] for n in live), 1e-3)) + 1)
+    # at least min_reps rounds, more while they fit in rep_ms (first calls, compiles included, as the estimate)
+    rounds = max(min_reps or MIN_REPS, int(rep_ms / max(sum(out[n][0] for n in live), 1e-3)) + 1)
     times = {n: [] for n in live}
     for r in range(rounds):
         order = live[r % len(live):] + live[:r % len(live)]
@@ -123,29 +132,20 @@ def timed_interleaved(fns: dict, rep_ms: int = 300, min_reps: int | None = None)
     return out
 
 
-def timed_first_call(fn) -> tuple[float, float]:
-    """(ms, peak GiB above the baseline) of one first call of fn, its wall seconds (compiles
-    included) in LAST_FIRST_CALL_S; (nan, nan) if it runs out of memory."""
-    try:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        LAST_FIRST_CALL_S[0] = time.perf_counter() - t0
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end), peak
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        LAST_FIRST_CALL_S[0] = float("nan")
-        return float("nan"), float("nan")
+def time_configs_interleaved(row: dict, models: dict, configs: dict, forward) -> None:
+    """Wrap models[name] (copies of one layer, the same weights) with configs[name] once, time
+    forward(model) of all of them in alternation (`timed_interleaved`) and write each name's
+    `{name}_ms`, `_gib`, `_first_call_s` (and for the Stem ones `reduce_achieved{suffix}`) into row."""
+    fns = {}
+    for name, kwargs in configs.items():
+        stem_boost.wrap(models[name], **kwargs)
+        fns[name] = (lambda m: lambda: _no_grad(lambda: forward(m)))(models[name])
+    for name, (ms, gib, first_s) in timed_interleaved(fns).items():
+        row[f"{name}_ms"], row[f"{name}_gib"], row[f"{name}_first_call_s"] = ms, gib, first_s
+        if name.startswith("stem"):
+            row[f"reduce_achieved{name[4:]}"] = stem_boost.stats(models[name])["reduce_achieved"]
+    for m in models.values():
+        stem_boost.unwrap(m)
 
 
 class _Wrapper(torch.nn.Module):
@@ -192,30 +192,15 @@ def bench_dsa(seqs, device, native_max_seq):
         # its own copy of the layer (the same weights), wrapped once
         stem_boost.wrap(holder, dense=True)
         note(f"dsa S={S} dense")
-
-        def run_dense():
-            with torch.no_grad():
-                attn(x, pe, None, position_ids=pos)
-        row["dense_ms"], row["dense_gib"] = timed(run_dense)
+        row["dense_ms"], row["dense_gib"] = timed(lambda: _no_grad(lambda: attn(x, pe, None, position_ids=pos)))
         row["dense_first_call_s"] = LAST_FIRST_CALL_S[0]
         stem_boost.unwrap(holder)
         configs = {"native_kernel": dict(reduce=0.0, beta=0.0), "stem": dict(reduce=0.15),
                    "stem_step1": dict(reduce=0.15, budget_step=1)}
-        layers = {name: (holder, attn) if i == 0 else (_Wrapper(copy.deepcopy(attn), cfg), None)
-                  for i, name in enumerate(configs)}
-        fns = {}
-        for name, kwargs in configs.items():
-            h, _ = layers[name]
-            stem_boost.wrap(h, **kwargs)
-            fns[name] = (lambda a: lambda: _no_grad(lambda: a(x, pe, None, position_ids=pos)))(h.attn)
+        holders = {name: holder if i == 0 else _Wrapper(copy.deepcopy(attn), cfg) for i, name in enumerate(configs)}
         note(f"dsa S={S} native / Stem / Stem step 1, interleaved")
-        for name, (ms, gib, first_s) in timed_interleaved(fns).items():
-            row[f"{name}_ms"], row[f"{name}_gib"], row[f"{name}_first_call_s"] = ms, gib, first_s
-            if name.startswith("stem"):
-                row[f"reduce_achieved{name[4:]}"] = stem_boost.stats(layers[name][0])["reduce_achieved"]
-        for h, _ in layers.values():
-            stem_boost.unwrap(h)
-        del layers, fns
+        time_configs_interleaved(row, holders, configs, lambda h: h.attn(x, pe, None, position_ids=pos))
+        del holders
         row["stem_over_native"] = row["stem_ms"] / row["native_kernel_ms"]
         row["stem_step1_over_native"] = row["stem_step1_ms"] / row["native_kernel_ms"]
         row["native_over_dense"] = row["native_kernel_ms"] / row["dense_ms"]
@@ -405,17 +390,9 @@ def bench_infllmv2(seqs, device, windows=(0,)):
         stem_boost.unwrap(model)
         configs = {"native_kernel": dict(reduce=0.0, beta=0.0), "stem": dict(reduce=0.18)}
         models = {"native_kernel": model, "stem": copy.deepcopy(model)}
-        fns = {}
-        for name, kwargs in configs.items():
-            stem_boost.wrap(models[name], **kwargs)
-            fns[name] = (lambda a: lambda: _no_grad(lambda: a(x, pe)))(models[name].model.layers[0].self_attn)
         note(f"infllmv2 S={S} smooth={window} native / Stem, interleaved")
-        for name, (ms, gib, first_s) in timed_interleaved(fns).items():
-            row[f"{name}_ms"], row[f"{name}_gib"], row[f"{name}_first_call_s"] = ms, gib, first_s
-        row["reduce_achieved"] = stem_boost.stats(models["stem"])["reduce_achieved"]
-        for m in models.values():
-            stem_boost.unwrap(m)
-        del models, fns
+        time_configs_interleaved(row, models, configs, lambda m: m.model.layers[0].self_attn(x, pe))
+        del models
         row["stem_over_native"] = row["stem_ms"] / row["native_kernel_ms"]
         row["dense_over_stem"] = row["dense_ms"] / row["stem_ms"]
         if profiling(S):
