@@ -268,12 +268,21 @@ def fp8_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: f
     Needs FP8 tensor cores on CUDA (compute capability >= 8.9); runs under the Triton interpreter on
     the CPU.
     """
-    q8, q_scale = quantize_fp8(q, rotate)  # [B, S, H, D], [B, S, H]
-    k8, k_scale = k_fp8 if k_fp8 is not None else quantize_fp8(k, rotate)  # [B, T, D], [B, T]
-    w8 = w.float() * q_scale * (1.0 if scale is None else float(scale))
+    q8, k8, w8, k_scale = fp8_operands(q, k, w, scale, rotate, k_fp8)
     return fused_index_scores(q8, k8, w8, None, causal_offset, block_s, block_t, write_masked=write_masked,
                               k_scale=k_scale, num_warps=num_warps, heads_per_step=heads_per_step,
                               pipeline=pipeline, fold_scale=fold_scale)
+
+
+def fp8_operands(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float | None, rotate: bool = True,
+                 k_fp8: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """The FP8 scorers' operands: e4m3 q [B, S, H, D] and k [B, T, D] (`quantize_fp8`, or the keys
+    already quantised: `k_fp8`), the head weights with the query scales and `scale` folded in
+    (fp32 [B, S, H]) and the key scales (fp32 [B, T]): relu(sq sk q8.k8) = sq sk relu(q8.k8)."""
+    q8, q_scale = quantize_fp8(q, rotate)  # [B, S, H, D], [B, S, H]
+    k8, k_scale = k_fp8 if k_fp8 is not None else quantize_fp8(k, rotate)  # [B, T, D], [B, T]
+    w8 = w.float() * q_scale * (1.0 if scale is None else float(scale))
+    return q8, k8, w8, k_scale
 
 
 def quantize_fp8(x: torch.Tensor, rotate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,9 +372,8 @@ def fp8_index_scores_qheads(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, s
     T = k.shape[1]
     if (block_q * H) & (block_q * H - 1) or D & (D - 1):
         raise ValueError(f"block_q x heads ({block_q} x {H}) and the head dim ({D}) must be powers of two")
-    q8, q_scale = quantize_fp8(q, rotate)  # [B, S, H, D], [B, S, H]
-    k8, k_scale = k_fp8 if k_fp8 is not None else quantize_fp8(k, rotate)  # [B, T, D], [B, T]
-    w8 = (w.float() * q_scale * (1.0 if scale is None else float(scale))).contiguous()
+    q8, k8, w8, k_scale = fp8_operands(q, k, w, scale, rotate, k_fp8)
+    w8 = w8.contiguous()
     q8 = q8 if q8.stride(-1) == 1 else q8.contiguous()
     k8 = k8 if k8.stride(-1) == 1 else k8.contiguous()
     k_scale = k_scale.float().contiguous()
