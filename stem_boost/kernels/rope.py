@@ -86,15 +86,21 @@ def rope_half_rounded_fused(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     swap's concatenation (at 128K tokens x 64 indexer heads x 64 rope channels about 6 ms of an
     H200 layer). `out`: where to write (x's shape and dtype, unit last stride; x itself for an
     in-place rotation); None: a new tensor."""
+    refusal = rounded_rope_refuses(x, cos, sin, head_axis)
+    if refusal:
+        raise ValueError(refusal)
+    return _rotate_rounded(_rope_half_kernel, x, cos, sin, out, head_axis, block_h, ROUND_EACH_OP=True)
+
+
+def rounded_rope_refuses(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_axis: int) -> str | None:
+    """Why `rope_half_rounded_fused` cannot take x (with this cos / sin and head axis), or None."""
     refusal = fused_rope_refuses(x, cos, head_axis)
     if refusal is None and x.dtype not in (torch.bfloat16, torch.float16):
         refusal = f"x.dtype={x.dtype}; allowed: bfloat16, float16 (each op rounds to it, as PyTorch's do)"
     for name, t in (("cos", cos), ("sin", sin)):
         if refusal is None and (t.dtype != x.dtype or t.shape != cos.shape):
             refusal = f"{name} must be {x.dtype} {tuple(cos.shape)}; got {t.dtype} {tuple(t.shape)}"
-    if refusal:
-        raise ValueError(refusal)
-    return _rotate_rounded(_rope_half_kernel, x, cos, sin, out, head_axis, block_h, ROUND_EACH_OP=True)
+    return refusal
 
 
 def _rotate_rounded(kernel, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None,

@@ -58,10 +58,10 @@ from ..rope import apply_rope_half, apply_rope_interleaved, is_stock_half_rope
 try:  # the fused score kernels and the radix top-k need Triton (CUDA); the CPU path never calls them
     from ..kernels.dsa_topk import topk_buffer_bytes, topk_rows
     from ..kernels.indexer_scores import fp8_index_scores, fp8_index_scores_reference, fused_index_scores, quantize_fp8
-    from ..kernels.rope import fused_rope_refuses, rope_half_rounded_fused
+    from ..kernels.rope import rope_half_rounded_fused, rounded_rope_refuses
 except ImportError:  # pragma: no cover
     fused_index_scores = fp8_index_scores = fp8_index_scores_reference = quantize_fp8 = topk_rows = None
-    topk_buffer_bytes = fused_rope_refuses = rope_half_rounded_fused = None
+    topk_buffer_bytes = rounded_rope_refuses = rope_half_rounded_fused = None
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
@@ -270,9 +270,7 @@ def _rotates_in_place(rope, variant: IndexerVariant, q_rope: torch.Tensor, k_rop
         return False
     if torch.is_grad_enabled() and (q_rope.requires_grad or k_rope.requires_grad):
         return False
-    if q_rope.dtype not in (torch.bfloat16, torch.float16) or cos.dtype != q_rope.dtype or sin.shape != cos.shape:
-        return False
-    return all(fused_rope_refuses(x, cos, 2) is None for x in (q_rope, k_rope)) and sin.dtype == cos.dtype
+    return all(rounded_rope_refuses(x, cos, sin, 2) is None for x in (q_rope, k_rope))
 
 
 def with_rotated_part(x: torch.Tensor, x_rot: torch.Tensor, rope_slice: slice) -> torch.Tensor:
