@@ -434,6 +434,7 @@ def _topk_rows_warp_kernel(
 TOPK_METHODS = ("radix", "sampled", "warp")
 FALLBACK_PROGRAMS = 256  # programs of the radix launch over the rows whose sample missed (two waves on an H200)
 FALLBACK_BLOCK, FALLBACK_WARPS = 4096, 8  # its tile (`scripts/bench_dsa.py --sections fallback` compares others)
+SAMPLE_MARGIN = 3.0  # the warp top-k's threshold rank: the sample's expected count + this many standard deviations
 
 
 def warp_topk_sample(T: int, samples: int = 1024) -> tuple[int, int]:
@@ -465,7 +466,7 @@ def topk_buffer_bytes(T: int, k: int, method: str = "warp", samples: int = 1024)
     return 8 * warp_topk_capacity(k, group / spacing)
 
 
-def warp_topk_capacity(k: int, fraction: float, margin: float = 3.0) -> int:
+def warp_topk_capacity(k: int, fraction: float, margin: float = SAMPLE_MARGIN) -> int:
     """Buffer entries a row needs in `topk_rows(method="warp")` when a `fraction` of its keys is
     sampled: the threshold is the sample's (m + margin sqrt(m) + 4)-th largest key (m = k * fraction,
     the expected count above the k-th largest key), so about that many / fraction keys pass it, with
@@ -498,7 +499,7 @@ def topk_rows(
     out: torch.Tensor | None = None,
     out_scores: torch.Tensor | None = None,
     fallback: tuple[int, int] | None = None,
-    margin: float = 3.0,
+    margin: float = SAMPLE_MARGIN,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k key positions of every row of `scores`, ascending by position, with Stem's step inside.
 
@@ -621,8 +622,8 @@ def topk_rows(
         launch = dict(has, **warp_kernel_constexprs(T, num_warps, block, samples), WRITE_SCORES=out_scores is not None)
         ballot = ballot_layout_holds(_topk_rows_warp_kernel, args, launch)
         _topk_rows_warp_kernel[(triton.cdiv(B * R, num_warps),)](*args, BALLOT=ballot, **launch)
-        # the rows whose sample missed (about 1 in 4000: ~1 a chunk of 3584 rows), 16 warps over 8192 keys a step: a
-        # launch costs one row's select, whose latency (5 passes over up to 128K keys) one CTA carries alone
+        # the rows whose sample missed (about 1 in 4000: ~1 a chunk of 3584 rows): a launch costs one row's
+        # select, whose latency (5 passes over up to 128K keys) one CTA carries alone
         fb_block, fb_warps = fallback or (FALLBACK_BLOCK, FALLBACK_WARPS)
         radix(flags, fb_block, 1, fb_warps)
         return idx, counts

@@ -8,9 +8,9 @@ PyTorch that is a [T, L] x [L, L] fp32 product (2.2 ms at 128K tokens on an H200
 the layer). Here G is split into two half-precision matrices, G = G_hi + G_lo (G_lo the rounding
 rest of G_hi, so together they hold about 16 bits of G's mantissa), and y = c G_hi + c G_lo
 accumulates in fp32 on the tensor cores; the latent rows are exact in their own dtype, so the result
-matches the fp32 product to about 1e-6 relative (9.3e-7 at 128K tokens on an H200), at 0.5 ms. Program roles: axis 0 = BLOCK_T rows of one
-batch row (axis 1); the program walks G's column tiles (BLOCK_N) and, inside, the reduction tiles
-(BLOCK_K), and sums y * c over each column tile.
+matches the fp32 product to about 1e-6 relative (9.3e-7 at 128K tokens on an H200), in 0.5 ms.
+Program roles: axis 0 = BLOCK_T rows of one batch row (axis 1); the program walks G's column tiles
+(BLOCK_N) and, inside, the reduction tiles (BLOCK_K), and sums y * c over each column tile.
 """
 
 from __future__ import annotations
