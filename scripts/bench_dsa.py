@@ -44,7 +44,6 @@ from triton.testing import do_bench  # noqa: E402
 from stem_boost.kernels.dsa_topk import candidate_cut, topk_rows, topk_rows_reference  # noqa: E402
 from stem_boost.kernels.indexer_scores import (  # noqa: E402
     fp8_index_scores,
-    fp8_index_scores_qheads,
     fp8_index_scores_reference,
     fused_index_scores,
     hadamard_matrix,
@@ -453,18 +452,14 @@ def section_indexer(args, res: dict) -> None:
             row("indexer", name, ms, f"{flop / ms / 1e9:.0f} TFLOP/s (causal pairs)")
     # the FP8 score kernel's tiles (query rows x keys, warps: a wider key tile reads each query tile's
     # 64 heads half as often; the per-head q loads are most of the kernel's L2 traffic, about 0.5 TB at
-    # 128K tokens with 64 x 128) and the experimental layout with a query block's 64 heads on M
-    # (`fp8_index_scores_qheads`: the queries loaded once, the keys walked), each against the default
+    # 128K tokens with 64 x 128), each against the default
     base = fp8_index_scores(q, kk, w, scale, causal_offset=offset, write_masked=False)
     live = torch.arange(T, device=dev)[None, :] < valid_len[0][:, None]
-    variants = [(f"fp8 scores only, tile {bs} x {bt}, {nw} warps",
-                 lambda bs=bs, bt=bt, nw=nw: fp8_index_scores(q, kk, w, scale, causal_offset=offset, write_masked=False,
-                                                             block_s=bs, block_t=bt, num_warps=nw))
-                for bs, bt, nw in FP8_SCORE_TILES]
-    variants += [(f"fp8 scores only, heads on M: {bq} queries x 64 heads, {bt} keys a step, {nw} warps",
-                  lambda bq=bq, bt=bt, nw=nw: fp8_index_scores_qheads(q, kk, w, scale, offset, block_q=bq, block_t=bt,
-                                                                      num_warps=nw, write_masked=False))
-                 for bq, bt, nw in QHEADS_TILES]
+    variants = [(f"fp8 scores only, tile {bs} x {bt}, {nw} warps, {ns or 'default'} stages",
+                 lambda bs=bs, bt=bt, nw=nw, ns=ns: fp8_index_scores(q, kk, w, scale, causal_offset=offset,
+                                                                    write_masked=False, block_s=bs, block_t=bt,
+                                                                    num_warps=nw, num_stages=ns))
+                for bs, bt, nw, ns in FP8_SCORE_TILES]
     for name, fn in variants:
         if time.time() - T0 > args.budget_s:
             row("indexer", "time budget reached", None)
@@ -551,9 +546,10 @@ def section_fallback(args, res) -> None:
         row("fallback", name, ms, f"same set as the reference: {same}")
 
 
-FP8_SCORE_TILES = [(64, 128, 8), (64, 256, 8), (128, 128, 8)]  # (query rows, keys, warps); the first is the default
-# (query block, keys a step, warps) of the heads-on-M layout: 108 / 127 / 100 / 100 registers, no spill (sm_90 build)
-QHEADS_TILES = [(4, 64, 8), (8, 32, 8), (8, 32, 16), (2, 64, 4)]
+# (query rows, keys, warps, pipeline stages); the first is the default. H200 (2026-12-03): 64 x 256
+# and 128 x 128 at 8 warps and 3 stages within 4% of it
+FP8_SCORE_TILES = [(64, 128, 8, None), (64, 128, 4, None), (64, 128, 8, 2), (64, 128, 8, 4), (64, 128, 8, 5),
+                   (128, 128, 8, 2)]
 
 
 # ---------------------------------------------------------------------------- FP8 quantisation

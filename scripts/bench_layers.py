@@ -35,8 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import stem_boost  # noqa: E402
 
-PROFILE: bool | int = False  # --profile: True, or the longest profiled length (--profile-max-seq)
+PROFILE: bool | int = False  # --profile / --profile-ab: True, or the longest profiled length (--profile-max-seq)
 PROFILE_OPS = False  # --profile-ops: also the PyTorch operators behind the kernels
+PROFILE_TABLES = False  # --profile: one native and one Stem forward's kernel tables
+PROFILE_AB = 0  # --profile-ab N: N profiled forwards of each interleaved config, kernel by kernel side by side
 ALL_PEERS = True  # --peers main: skip the part peers measured before (other dtype, radix, torch.topk)
 
 
@@ -144,6 +146,8 @@ def time_configs_interleaved(row: dict, models: dict, configs: dict, forward) ->
         row[f"{name}_ms"], row[f"{name}_gib"], row[f"{name}_first_call_s"] = ms, gib, first_s
         if name.startswith("stem"):
             row[f"reduce_achieved{name[4:]}"] = stem_boost.stats(models[name])["reduce_achieved"]
+    if PROFILE_AB and profiling(row["S"]):
+        row["profile_ab"] = profile_alternating(f"{row['family']} S={row['S']}", fns, PROFILE_AB)
     for m in models.values():
         stem_boost.unwrap(m)
 
@@ -208,7 +212,7 @@ def bench_dsa(seqs, device, native_max_seq):
         row.update(dsa_breakdown(attn, x, pe, pos))
         if S == seqs[0]:
             row["indexer_overlap_vs_fp32"] = indexer_overlap(attn, x, pe, pos, min(S, 4096))
-        if profiling(S):
+        if PROFILE_TABLES and profiling(S):
             for name, kwargs in (("native", dict(reduce=0.0, beta=0.0)), ("stem", dict(reduce=0.15))):
                 stem_boost.wrap(holder, **kwargs)
                 profile_table(f"dsa {name} S={S}", lambda: attn(x, pe, None, position_ids=pos))
@@ -236,15 +240,60 @@ def profile_table(label: str, forward, rows: int = 18) -> None:
     if PROFILE_OPS:  # which PyTorch operators (with their input shapes) launched the kernels
         with torch.no_grad(), torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
-                record_shapes=True) as prof:
+                record_shapes=True, with_stack=True) as prof:
             forward()
             torch.cuda.synchronize()
-        ops = [e for e in prof.key_averages(group_by_input_shape=True)
+        ops = [e for e in prof.key_averages(group_by_input_shape=True, group_by_stack_n=8)
                if e.self_device_time_total > 0 and e.key.startswith("aten::")]
         ops.sort(key=lambda e: -e.self_device_time_total)
         for e in ops[:rows]:
+            # the innermost frame of this project that launched it (stem_boost/ or transformers' module)
+            frame = next((f for f in (e.stack or []) if "stem_boost" in f or "modeling_" in f), "")
             print(f"[profile op] {e.self_device_time_total / 1e3:8.2f} ms {e.count:5d}x  {e.key} "
-                  f"{str(e.input_shapes)[:110]}", flush=True)
+                  f"{str(e.input_shapes)[:90]}  <- {frame[-70:]}", flush=True)
+
+
+def profile_alternating(label: str, fns: dict, rounds: int, rows: int = 14) -> dict:
+    """Where two forwards differ, kernel by kernel: `rounds` forwards of each fn in alternation (the
+    order rotating, as `timed_interleaved`), each under its own profiler. Prints each fn's wall time
+    (CUDA events), kernel time and their difference (the GPU idle inside a forward: host syncs,
+    launch gaps), then the kernels whose mean time differs most from the first fn's.
+    Returns {name: {"wall_ms", "kernel_ms", "kernels": {kernel: mean ms}}}."""
+    names = list(fns)
+    kernels = {n: {} for n in names}
+    wall = {n: [] for n in names}
+    busy = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                start.record()
+                fns[n]()
+                end.record()
+                torch.cuda.synchronize()
+            total = 0.0
+            for e in prof.key_averages():
+                if e.device_time_total > 0:
+                    kernels[n][e.key] = kernels[n].get(e.key, 0.0) + e.device_time_total / 1e3 / rounds
+                    total += e.device_time_total / 1e3
+            busy[n].append(total)
+            wall[n].append(start.elapsed_time(end))
+    out = {n: dict(wall_ms=statistics.median(wall[n]), kernel_ms=statistics.median(busy[n]), kernels=kernels[n])
+           for n in names}
+    print(f"\n[profile-ab] {label}: {rounds} forwards each, alternating", flush=True)
+    for n in names:
+        print(f"[profile-ab]   {n:14s} wall {out[n]['wall_ms']:8.2f} ms  kernels {out[n]['kernel_ms']:8.2f} ms  "
+              f"idle {out[n]['wall_ms'] - out[n]['kernel_ms']:6.2f} ms", flush=True)
+    ref = names[0]
+    for n in names[1:]:
+        keys = set(kernels[ref]) | set(kernels[n])
+        diffs = sorted(keys, key=lambda k: -abs(kernels[n].get(k, 0.0) - kernels[ref].get(k, 0.0)))
+        print(f"[profile-ab]   {n} - {ref}, by kernel (ms):", flush=True)
+        for k in diffs[:rows]:
+            a, b = kernels[ref].get(k, 0.0), kernels[n].get(k, 0.0)
+            print(f"[profile-ab]     {b - a:+8.2f}  ({a:8.2f} -> {b:8.2f})  {k[:80]}", flush=True)
+    return out
 
 
 def indexer_overlap(attn, x, pe, pos, n_rows: int) -> float:
@@ -395,7 +444,7 @@ def bench_infllmv2(seqs, device, windows=(0,)):
         del models
         row["stem_over_native"] = row["stem_ms"] / row["native_kernel_ms"]
         row["dense_over_stem"] = row["dense_ms"] / row["stem_ms"]
-        if profiling(S):
+        if PROFILE_TABLES and profiling(S):
             for name, kwargs in (("native", dict(reduce=0.0, beta=0.0)), ("stem", dict(reduce=0.18))):
                 stem_boost.wrap(model, **kwargs)
                 profile_table(f"infllmv2 {name} S={S} smooth={window}", lambda: attn(x, pe))
@@ -476,13 +525,19 @@ def main():
     ap.add_argument("--profile-ops", action="store_true",
                     help="with --profile: also the PyTorch operators (and input shapes) that launched kernels")
     ap.add_argument("--profile-max-seq", type=int, default=None, help="with --profile: only rows up to this length")
+    ap.add_argument("--profile-ab", type=int, default=0, metavar="N",
+                    help="N profiled forwards of native and Stem each, in alternation: wall, kernel and idle time, and the "
+                         "kernels that differ most (rows up to --profile-max-seq)")
     args = ap.parse_args()
-    global PROFILE, PROFILE_OPS, MIN_REPS, ALL_PEERS
+    global PROFILE, PROFILE_TABLES, PROFILE_OPS, PROFILE_AB, MIN_REPS, ALL_PEERS
     PROFILE, MIN_REPS, ALL_PEERS = args.profile, max(1, args.min_reps), args.peers == "all"
-    PROFILE_OPS = args.profile_ops
+    PROFILE_TABLES = args.profile
+    PROFILE_OPS, PROFILE_AB = args.profile_ops, max(0, args.profile_ab)
 
-    if args.profile and args.profile_max_seq:
+    if (args.profile or PROFILE_AB) and args.profile_max_seq:
         PROFILE = args.profile_max_seq
+    elif PROFILE_AB:
+        PROFILE = True
     if not torch.cuda.is_available():
         sys.exit("bench_layers.py needs a CUDA GPU")
     torch.manual_seed(int(time.time()))

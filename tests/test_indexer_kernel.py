@@ -123,26 +123,3 @@ def test_fused_fp8_quantiser_names_what_it_takes():
         quantize_fp8_rows_fused(torch.randn(4, 32))
     with pytest.raises(ValueError, match="power-of-two D"):
         quantize_fp8_rows_fused(torch.randn(4, 48).to(torch.bfloat16))
-
-
-@pytest.mark.parametrize("block_q,block_t,write_masked", [(4, 32, True), (2, 64, False), (8, 16, True)])
-def test_fp8_scores_with_heads_on_m_equal_the_default_layout(seed, block_q, block_t, write_masked):
-    """The experimental FP8 layout (a query block's heads on M, keys walked) gives the default
-    kernel's scores: equal up to the order of the fp32 head sum, -inf after each row's diagonal
-    (written or not), for a ragged last query block and a causal offset."""
-    from stem_boost.kernels.indexer_scores import fp8_index_scores, fp8_index_scores_qheads
-
-    gen = torch.Generator().manual_seed(seed)
-    B, S, T, H, D = 2, 11, 150, 8, 32
-    q = torch.randn(B, S, H, D, generator=gen).to(torch.bfloat16)
-    k = torch.randn(B, T, D, generator=gen).to(torch.bfloat16)
-    w = torch.randn(B, S, H, generator=gen)
-    want = fp8_index_scores(q, k, w, D ** -0.5, causal_offset=T - S)
-    got = fp8_index_scores_qheads(q, k, w, D ** -0.5, T - S, block_q=block_q, block_t=block_t, num_warps=4,
-                                  write_masked=write_masked)
-    causal = torch.arange(T)[None, :] <= torch.arange(S)[:, None] + T - S  # [S, T]
-    torch.testing.assert_close(got[:, causal], want[:, causal], rtol=1e-5, atol=1e-5)
-    if write_masked:
-        assert bool((got[:, ~causal] == float("-inf")).all())
-    with pytest.raises(ValueError, match="powers of two"):
-        fp8_index_scores_qheads(q[:, :, :6], k, w[:, :, :6], None, T - S, block_q=4)

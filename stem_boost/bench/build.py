@@ -163,18 +163,6 @@ def warp_topk_case(R: int = 64, T: int = 131072) -> BuildCase:
                                   "threshold, one read of the row, the exact top-k of the kept keys", run)
 
 
-def indexer_qheads_case(S: int = 128, T: int = 131072) -> BuildCase:
-    from ..kernels.indexer_scores import fp8_index_scores_qheads
-
-    def run():  # the experimental layout at its default tile: 4 queries x 64 heads on M, 64 keys a step
-        q = torch.randn(1, S, 64, 128, dtype=BF16)
-        fp8_index_scores_qheads(q, torch.randn(1, T, 128, dtype=BF16), torch.randn(1, S, 64), 128 ** -0.5, T - S,
-                                write_masked=False)
-
-    return BuildCase("indexer fp8 qheads", "DeepSeek-V3.2 FP8 indexer scores with the queries' heads on M (experimental: "
-                                           "queries loaded once, keys walked)", run)
-
-
 def stem_cut_case(R: int = 64, K: int = 2048, T: int = 131072) -> BuildCase:
     from ..kernels.dsa_topk import candidate_cut
 
@@ -298,7 +286,6 @@ def all_cases() -> list[BuildCase]:
         select_case(None, topk_method="warp"), select_case("budgets", topk_method="warp"),
         select_g3_case(), stage1_case(),
         indexer_case("bfloat16"), indexer_case("fp8"), indexer_case("fp8", head_dim=32), indexer_case("bfloat16", stem=True),
-        indexer_qheads_case(),
         stem_cut_case(), sampled_topk_case(), warp_topk_case(),
         mla_case(), mla_case(heads=64), mla_experimental_case(), mla_gluon_case("sm90"), mla_gluon_case("ws"),
         gqa_token_case(), rope_case(), rope_interleaved_case(), rope_half_rounded_case(), value_rms_case(),

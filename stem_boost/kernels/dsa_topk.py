@@ -223,7 +223,7 @@ def _topk_rows_sampled_kernel(
     N_SAMPLE: tl.constexpr, GROUP: tl.constexpr, SPACING: tl.constexpr, CAP: tl.constexpr,
 ):
     """Program: one row. (a) a threshold from a sample (GROUP consecutive keys every SPACING: 1 /
-    (SPACING / GROUP) of the row), low enough that, with a margin of 3 standard deviations, at
+    (SPACING / GROUP) of the row), low enough that, with a margin of `margin` standard deviations, at
     least `want` keys lie at or above it; (b) one pass over the row writes every key >= it, with its
     position, in position order to the row's buffer of CAP; (c) the exact top-`want` of the buffer
     (bisection, ties to the earlier position). When the buffer holds fewer than `want` keys or
@@ -434,7 +434,10 @@ def _topk_rows_warp_kernel(
 TOPK_METHODS = ("radix", "sampled", "warp")
 FALLBACK_PROGRAMS = 256  # programs of the radix launch over the rows whose sample missed (two waves on an H200)
 FALLBACK_BLOCK, FALLBACK_WARPS = 4096, 8  # its tile (`scripts/bench_dsa.py --sections fallback` compares others)
-SAMPLE_MARGIN = 3.0  # the warp top-k's threshold rank: the sample's expected count + this many standard deviations
+# the warp top-k's threshold rank: the sample's expected count + this many standard deviations.
+# H200, 8192 rows x 64K keys (`bench_dsa.py --sections topk`): margin 3 / 3.5 / 4 / 5 took 1.51 /
+# 1.36 / 1.39 / 1.48 ms with the radix fallback on 0.04 / 0.00 / 0.00 / 0.00% of rows
+SAMPLE_MARGIN = 3.5
 
 
 def warp_topk_sample(T: int, samples: int = 1024) -> tuple[int, int]:
@@ -538,7 +541,9 @@ def topk_rows(
     the sample's expected count above the k-th key). At margin 3 a 128K-key row gets fewer than k
     keys above it, and takes the radix select, about 1 time in 4000 (Beta(32, 993) model; 0.02-0.04%
     measured): about one row a 3584-row chunk, each such launch as long as one row's select (0.14
-    ms on an H200, 5.7 ms of a 128K prefill). 4: about 1 in 10^5, for 12% more keys in the buffer.
+    ms on an H200, 5.7 ms of a 128K prefill). The default 3.5 (rank 34 of 1024 samples): about 1 in
+    2 x 10^4 (Beta(34, 991); none in 8192 rows measured), for 6% more keys in the buffer, and the
+    top-k 10% faster on an H200; 4: about 1 in 10^5.
     """
     if scores.dim() != 3:
         raise ValueError(f"scores must be [B, R, T]; got {tuple(scores.shape)}")

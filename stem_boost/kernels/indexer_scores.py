@@ -101,7 +101,8 @@ def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale:
                        causal_offset: int | None = None, block_s: int | None = None, block_t: int = 128,
                        *, write_masked: bool = True, k_scale: torch.Tensor | None = None,
                        num_warps: int | None = None, heads_per_step: int | None = None,
-                       pipeline: bool | None = None, fold_scale: bool = True) -> torch.Tensor:
+                       pipeline: bool | None = None, fold_scale: bool = True,
+                       num_stages: int | None = None) -> torch.Tensor:
     """q [B, S, H, D] (bf16/fp16, or e4m3 with k e4m3), k [B, T, D], w [B, S, H] fp32 -> I [B, S, T] fp32.
 
     `scale=None` means the scale is already folded into w (scores relu(q.k) are then weighted).
@@ -118,6 +119,7 @@ def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale:
     11.3 ms), off for 16-bit q (17.3 vs 18.4 ms: the extra registers cost more than the load).
     A positive `scale` is folded into the head weights (relu(c x) = c relu(x)): one multiply less
     per score and head (`fold_scale=False` keeps the multiply: the benchmark's before).
+    `num_stages`: the software pipeline's depth over the head loop (None: Triton's default, 3).
     """
     B, S, H, D = q.shape
     T = k.shape[1]
@@ -153,6 +155,7 @@ def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale:
         HAS_KSCALE=k_scale is not None, WRITE_MASKED=write_masked or causal_offset is None,
         HPS=hps, HAS_SCALE=in_kernel, PIPELINE=(q.dtype == torch.float8_e4m3fn) if pipeline is None else bool(pipeline),
         num_warps=num_warps or (8 if block_s * block_t >= 8192 else 4),
+        **({} if num_stages is None else dict(num_stages=num_stages)),
     )
     return out
 
@@ -258,7 +261,8 @@ def fp8_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: f
                      causal_offset: int | None = None, block_s: int | None = None, block_t: int = 128,
                      *, rotate: bool = True, write_masked: bool = True, num_warps: int | None = None,
                      heads_per_step: int | None = None, pipeline: bool | None = None, fold_scale: bool = True,
-                     k_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     k_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     num_stages: int | None = None) -> torch.Tensor:
     """The lightning-indexer scores of `fused_index_scores`, computed with FP8 (e4m3) operands.
 
     q [B, S, H, D], k [B, T, D] any float dtype (D a power of two <= 128), w [B, S, H]; same result
@@ -271,7 +275,7 @@ def fp8_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: f
     q8, k8, w8, k_scale = fp8_operands(q, k, w, scale, rotate, k_fp8)
     return fused_index_scores(q8, k8, w8, None, causal_offset, block_s, block_t, write_masked=write_masked,
                               k_scale=k_scale, num_warps=num_warps, heads_per_step=heads_per_step,
-                              pipeline=pipeline, fold_scale=fold_scale)
+                              pipeline=pipeline, fold_scale=fold_scale, num_stages=num_stages)
 
 
 def fp8_operands(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float | None, rotate: bool = True,
@@ -306,83 +310,3 @@ def fp8_index_scores_reference(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor
     per_head = torch.relu(torch.einsum("bshd,btd->bsht", q8.to(dtype), k8.to(dtype)))
     w8 = w.to(dtype) * q_scale.to(dtype) * (1.0 if scale is None else float(scale))
     return torch.einsum("bsh,bsht->bst", w8, per_head) * k_scale.to(dtype).unsqueeze(1)
-
-
-@triton.jit
-def _index_scores_qheads_kernel(
-    Q, K, W, KSCALE, OUT, S, T, causal_offset,
-    stride_qb, stride_qs, stride_qh,
-    stride_kb, stride_kt,
-    stride_wb, stride_ws,
-    stride_ob, stride_os,
-    stride_ksb,
-    H: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_KSCALE: tl.constexpr, WRITE_MASKED: tl.constexpr,
-):
-    """Program: BLOCK_Q query rows x all H heads on M (M = BLOCK_Q * H, row m = query m // H, head
-    m % H), loaded once, walking the keys in BLOCK_T tiles up to the block's causal limit: per tile
-    one product [M, D] x [D, BLOCK_T], relu, the head weights (one per row of M, loaded once) and
-    the sum over each query's H rows. `_index_scores_kernel` instead reloads a query tile's H head
-    slices for every key tile (axis 1 = key tile): at 128K tokens x 64 heads x 128 that is about
-    0.5 TB of L2 reads, here the keys are reloaded per query block (T x D per BLOCK_Q rows)."""
-    pid_q = tl.program_id(0)
-    b = tl.program_id(2)
-    M: tl.constexpr = BLOCK_Q * H
-    m = tl.arange(0, M)
-    qi = pid_q * BLOCK_Q + m // H
-    head = m % H
-    q_ok = qi < S
-    d = tl.arange(0, D)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + qi[:, None].to(tl.int64) * stride_qs
-                + head[:, None].to(tl.int64) * stride_qh + d[None, :], mask=q_ok[:, None], other=0.0)  # [M, D]
-    w = tl.load(W + b.to(tl.int64) * stride_wb + qi.to(tl.int64) * stride_ws + head, mask=q_ok, other=0.0)  # [M]
-    rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    rows_ok = rows < S
-    last = tl.minimum(T, tl.minimum(pid_q * BLOCK_Q + BLOCK_Q, S) + causal_offset)  # keys the block sees
-    out_rows = OUT + b.to(tl.int64) * stride_ob + rows[:, None].to(tl.int64) * stride_os  # [BLOCK_Q, 1]
-    offs_t = tl.arange(0, BLOCK_T)
-    for t0 in range(0, last, BLOCK_T):
-        t = t0 + offs_t
-        t_ok = t < T
-        k = tl.load(K + b.to(tl.int64) * stride_kb + t[:, None].to(tl.int64) * stride_kt + d[None, :],
-                    mask=t_ok[:, None], other=0.0)
-        s = tl.maximum(tl.dot(q, tl.trans(k)), 0.0) * w[:, None]  # [M, BLOCK_T]
-        acc = tl.sum(tl.reshape(s, [BLOCK_Q, H, BLOCK_T]), 1)  # [BLOCK_Q, BLOCK_T]
-        if HAS_KSCALE:
-            acc = acc * tl.load(KSCALE + b.to(tl.int64) * stride_ksb + t, mask=t_ok, other=0.0)[None, :]
-        acc = tl.where(t[None, :] <= rows[:, None] + causal_offset, acc, float("-inf"))
-        tl.store(out_rows + t[None, :], acc, mask=rows_ok[:, None] & t_ok[None, :])
-    if WRITE_MASKED:  # the keys after the block's last query: -inf
-        for t0 in range(tl.cdiv(last, BLOCK_T) * BLOCK_T, T, BLOCK_T):
-            t = t0 + offs_t
-            tl.store(out_rows + t[None, :], tl.full([BLOCK_Q, BLOCK_T], float("-inf"), tl.float32),
-                     mask=rows_ok[:, None] & (t < T)[None, :])
-
-
-def fp8_index_scores_qheads(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float | None,
-                            causal_offset: int, *, block_q: int = 4, block_t: int = 64, num_warps: int = 8,
-                            rotate: bool = True, write_masked: bool = True,
-                            k_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """`fp8_index_scores` (causal) with the queries' heads on M (`_index_scores_qheads_kernel`): an
-    experimental layout beside the default one, timed by `scripts/bench_dsa.py --sections indexer`.
-    q [B, S, H, D], k [B, T, D], w [B, S, H] -> [B, S, T] fp32; equal to `fp8_index_scores` up to
-    the order of the fp32 head sum (a tree here, head by head there). block_q * H must be a power of
-    two (DeepSeek-V3.2: 4 x 64 = 256 rows)."""
-    B, S, H, D = q.shape
-    T = k.shape[1]
-    if (block_q * H) & (block_q * H - 1) or D & (D - 1):
-        raise ValueError(f"block_q x heads ({block_q} x {H}) and the head dim ({D}) must be powers of two")
-    q8, k8, w8, k_scale = fp8_operands(q, k, w, scale, rotate, k_fp8)
-    w8 = w8.contiguous()
-    q8 = q8 if q8.stride(-1) == 1 else q8.contiguous()
-    k8 = k8 if k8.stride(-1) == 1 else k8.contiguous()
-    k_scale = k_scale.float().contiguous()
-    out = torch.empty(B, S, T, dtype=torch.float32, device=q.device)
-    _index_scores_qheads_kernel[(triton.cdiv(S, block_q), 1, B)](
-        q8, k8, w8, k_scale, out, S, T, int(causal_offset),
-        q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1),
-        w8.stride(0), w8.stride(1), out.stride(0), out.stride(1), k_scale.stride(0),
-        H=H, D=D, BLOCK_Q=block_q, BLOCK_T=block_t, HAS_KSCALE=True, WRITE_MASKED=write_masked,
-        num_warps=num_warps,
-    )
-    return out
