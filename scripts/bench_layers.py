@@ -240,17 +240,15 @@ def profile_table(label: str, forward, rows: int = 18) -> None:
     if PROFILE_OPS:  # which PyTorch operators (with their input shapes) launched the kernels
         with torch.no_grad(), torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
-                record_shapes=True, with_stack=True) as prof:
+                record_shapes=True) as prof:
             forward()
             torch.cuda.synchronize()
-        ops = [e for e in prof.key_averages(group_by_input_shape=True, group_by_stack_n=8)
+        ops = [e for e in prof.key_averages(group_by_input_shape=True)
                if e.self_device_time_total > 0 and e.key.startswith("aten::")]
         ops.sort(key=lambda e: -e.self_device_time_total)
         for e in ops[:rows]:
-            # the innermost frame of this project that launched it (stem_boost/ or transformers' module)
-            frame = next((f for f in (e.stack or []) if "stem_boost" in f or "modeling_" in f), "")
             print(f"[profile op] {e.self_device_time_total / 1e3:8.2f} ms {e.count:5d}x  {e.key} "
-                  f"{str(e.input_shapes)[:90]}  <- {frame[-70:]}", flush=True)
+                  f"{str(e.input_shapes)[:110]}", flush=True)
 
 
 def profile_alternating(label: str, fns: dict, rounds: int, rows: int = 14) -> dict:
