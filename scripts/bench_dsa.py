@@ -514,6 +514,13 @@ def section_cut(args, res) -> None:
         gb = R * K * 8 / 1e9 + R * K * 4 / 1e9
         res["cut"][warps] = dict(ms=ms, same=same)
         row("cut", f"candidate_cut {warps} warps", ms, f"{gb / ms:.0f} GB/s (reads + writes); same as default: {same}")
+    # what the OAM bias's gather costs (one 4-byte read of a [T] vector per candidate): the cut without it
+    idx, n = candidate_cut(cand, scores, budgets)
+    want_idx, want_n = topk_rows_reference(scores.view(1, R, K), K, budgets=budgets.view(1, R))
+    same = bool(torch.equal(n.view(1, R), want_n))
+    ms = bench(lambda: candidate_cut(cand, scores, budgets))
+    res["cut"]["no_bias"] = dict(ms=ms, same_counts_as_reference=same)
+    row("cut", "candidate_cut 4 warps, no OAM bias", ms, f"counts as the reference's: {same}")
 
 
 # ------------------------------------------------------------------ the top-k's radix fallback

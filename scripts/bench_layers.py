@@ -117,6 +117,7 @@ def timed_interleaved(fns: dict, rep_ms: int = 300, min_reps: int | None = None)
     # at least min_reps rounds, more while they fit in rep_ms (first calls, compiles included, as the estimate)
     rounds = max(min_reps or MIN_REPS, int(rep_ms / max(sum(out[n][0] for n in live), 1e-3)) + 1)
     times = {n: [] for n in live}
+    clocks = []  # the SM clock after each round (MHz; NVML), to tell a GPU that slowed from a slower config
     for r in range(rounds):
         order = live[r % len(live):] + live[:r % len(live)]
         events = []
@@ -129,9 +130,22 @@ def timed_interleaved(fns: dict, rep_ms: int = 300, min_reps: int | None = None)
         torch.cuda.synchronize()
         for n, start, end in events:
             times[n].append(start.elapsed_time(end))
+        clocks.append(sm_clock_mhz())
     for n in live:
         out[n] = (statistics.median(times[n]), out[n][1], out[n][2])
+    LAST_CLOCKS[:] = [c for c in clocks if c == c]
     return out
+
+
+LAST_CLOCKS: list[float] = []  # SM clocks (MHz) after each round of the last `timed_interleaved`
+
+
+def sm_clock_mhz() -> float:
+    """The GPU's current SM clock in MHz (torch.cuda.clock_rate, through NVML), nan without NVML."""
+    try:
+        return float(torch.cuda.clock_rate())
+    except Exception:  # noqa: BLE001 - no pynvml / NVML on this machine
+        return float("nan")
 
 
 def time_configs_interleaved(row: dict, models: dict, configs: dict, forward) -> None:
@@ -146,6 +160,9 @@ def time_configs_interleaved(row: dict, models: dict, configs: dict, forward) ->
         row[f"{name}_ms"], row[f"{name}_gib"], row[f"{name}_first_call_s"] = ms, gib, first_s
         if name.startswith("stem"):
             row[f"reduce_achieved{name[4:]}"] = stem_boost.stats(models[name])["reduce_achieved"]
+    if LAST_CLOCKS:
+        row["sm_clock_mhz_min_max"] = (min(LAST_CLOCKS), max(LAST_CLOCKS))
+        note(f"{row['family']} S={row['S']}: SM clock {min(LAST_CLOCKS):.0f}-{max(LAST_CLOCKS):.0f} MHz over the rounds")
     if PROFILE_AB and profiling(row["S"]):
         row["profile_ab"] = profile_alternating(f"{row['family']} S={row['S']}", fns, PROFILE_AB)
     for m in models.values():
