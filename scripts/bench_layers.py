@@ -13,8 +13,10 @@ infllmv2: a MiniCPM-4.1-8B attention layer (hidden 4096, 32 q / 2 kv heads, d 12
           layer, every causal key), (b) native InfLLMv2 selection + our kernel, (c) Stem at
           reduce=0.18. Selection included in every time.
 Times: medians of CUDA-event timed calls; native and Stem alternate call by call (`timed_interleaved`,
-on copies of the layer), so that a GPU slowing as it heats weighs on both alike; dense and the parts
-are timed alone (triton.testing.do_bench). Memory: peak allocated during one forward.
+on copies of the layer), so that a GPU slowing as it heats weighs on both alike; the paired column is
+the median of the per-round ratios (the two calls of a round ran at nearly one clock; the SM clock's
+range over the rounds is logged); dense and the parts are timed alone (triton.testing.do_bench).
+Memory: peak allocated during one forward.
 
     python scripts/bench_layers.py --family dsa --seqs 32768 65536 131072 --out dsa.json
 """
@@ -134,10 +136,21 @@ def timed_interleaved(fns: dict, rep_ms: int = 300, min_reps: int | None = None)
     for n in live:
         out[n] = (statistics.median(times[n]), out[n][1], out[n][2])
     LAST_CLOCKS[:] = [c for c in clocks if c == c]
+    LAST_TIMES.clear()
+    LAST_TIMES.update(times)
     return out
 
 
 LAST_CLOCKS: list[float] = []  # SM clocks (MHz) after each round of the last `timed_interleaved`
+LAST_TIMES: dict[str, list[float]] = {}  # each fn's ms, round by round, of the last `timed_interleaved`
+
+
+def paired_ratio(times: dict[str, list[float]], name: str, ref: str) -> float:
+    """Median over rounds of times[name][r] / times[ref][r]: the two ran next to each other in a
+    round, at nearly one clock, so a GPU whose clock drifts between rounds moves this less than
+    the ratio of the two medians."""
+    pairs = [a / b for a, b in zip(times.get(name, []), times.get(ref, [])) if b > 0]
+    return statistics.median(pairs) if pairs else float("nan")
 
 
 def sm_clock_mhz() -> float:
@@ -151,7 +164,8 @@ def sm_clock_mhz() -> float:
 def time_configs_interleaved(row: dict, models: dict, configs: dict, forward) -> None:
     """Wrap models[name] (copies of one layer, the same weights) with configs[name] once, time
     forward(model) of all of them in alternation (`timed_interleaved`) and write each name's
-    `{name}_ms`, `_gib`, `_first_call_s` (and for the Stem ones `reduce_achieved{suffix}`) into row."""
+    `{name}_ms`, `_gib`, `_first_call_s` (and for the Stem ones `reduce_achieved{suffix}` and
+    `{name}_over_native_paired`, the median of the per-round ratios) into row."""
     fns = {}
     for name, kwargs in configs.items():
         stem_boost.wrap(models[name], **kwargs)
@@ -160,6 +174,9 @@ def time_configs_interleaved(row: dict, models: dict, configs: dict, forward) ->
         row[f"{name}_ms"], row[f"{name}_gib"], row[f"{name}_first_call_s"] = ms, gib, first_s
         if name.startswith("stem"):
             row[f"reduce_achieved{name[4:]}"] = stem_boost.stats(models[name])["reduce_achieved"]
+    for name in configs:
+        if name.startswith("stem") and "native_kernel" in configs:
+            row[f"{name}_over_native_paired"] = paired_ratio(LAST_TIMES, name, "native_kernel")
     if LAST_CLOCKS:
         row["sm_clock_mhz_min_max"] = (min(LAST_CLOCKS), max(LAST_CLOCKS))
         note(f"{row['family']} S={row['S']}: SM clock {min(LAST_CLOCKS):.0f}-{max(LAST_CLOCKS):.0f} MHz over the rounds")
@@ -567,13 +584,14 @@ def main():
     if args.out:
         args.out.write_text(json.dumps(res, indent=1))
     print(f"\n{res['device']}  torch {res['torch']}")
-    print("| layer | S | dense ms | native ms | Stem ms | dense/native | Stem/native | achieved reduce | peak GiB dense / native / Stem "
-          "| first forward s (compiles): dense / native / Stem |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| layer | S | dense ms | native ms | Stem ms | dense/native | Stem/native | Stem/native, paired rounds "
+          "| achieved reduce | peak GiB dense / native / Stem | first forward s (compiles): dense / native / Stem |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     nan = float("nan")
     for r in res["rows"]:
         print(f"| {r['family']}{' smooth ' + str(r['smooth_window']) if r.get('smooth_window') else ''} | {r['S']} | {r['dense_ms']:.1f} | {r['native_kernel_ms']:.1f} | {r['stem_ms']:.1f} | "
-              f"{r['dense_ms'] / r['native_kernel_ms']:.2f} | {r['stem_over_native']:.3f} | {r['reduce_achieved']:.3f} | "
+              f"{r['dense_ms'] / r['native_kernel_ms']:.2f} | {r['stem_over_native']:.3f} | "
+              f"{r.get('stem_over_native_paired', nan):.3f} | {r['reduce_achieved']:.3f} | "
               f"{r['dense_gib']:.1f} / {r['native_kernel_gib']:.1f} / {r['stem_gib']:.1f} | "
               f"{r.get('dense_first_call_s', nan):.1f} / {r.get('native_kernel_first_call_s', nan):.1f} / "
               f"{r.get('stem_first_call_s', nan):.1f} |")

@@ -333,7 +333,7 @@ def _topk_rows_warp_kernel(
     n3 = n_keys[None, :, None]
 
     # (a) the threshold: the rank-th largest sampled key (GROUP consecutive keys every SPACING),
-    # rank = the expected count above the want-th largest key + 3 standard deviations + 4
+    # rank = the expected count above the want-th largest key + MARGIN standard deviations + 4
     j = tl.arange(0, SAMPLE_CHUNKS)[None, None, :] * 32 + lane  # [32, 1, SC]
     pos = (j // GROUP) * SPACING + j % GROUP
     in_sample = pos < n3
@@ -448,7 +448,10 @@ def warp_topk_sample(T: int, samples: int = 1024) -> tuple[int, int]:
     return group, max(256, -(-T // (samples // group) // group) * group)
 
 
-def warp_kernel_constexprs(T: int, num_warps: int = 4, block: int = 256, samples: int = 1024) -> dict:
+WARP_ROWS, WARP_BLOCK = 4, 256  # the warp top-k's defaults: rows a program (one a warp), keys a row a step
+
+
+def warp_kernel_constexprs(T: int, num_warps: int = WARP_ROWS, block: int = WARP_BLOCK, samples: int = 1024) -> dict:
     """The compile-time parameters of `topk_rows(method="warp")` on rows of up to T keys (besides
     the HAS_* / WRITE_SCORES flags): one set serves every T with the same power-of-two sample size,
     so a causal prefill's chunks, each with its own T, share one or two compiled kernels."""
@@ -605,10 +608,10 @@ def topk_rows(
             num_warps=warps)
 
     if method == "warp":
-        num_warps = num_warps or 4
+        num_warps = num_warps or WARP_ROWS
         if num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps={num_warps}; allowed for method='warp' (one row a warp): 1, 2, 4, 8, 16")
-        block = block or 256
+        block = block or WARP_BLOCK
         if block < 32 or block & (block - 1):
             raise ValueError(f"block={block}; allowed for method='warp': a power of two >= 32 (keys a row a step)")
         if samples < 32 or samples & (samples - 1):
