@@ -418,6 +418,34 @@ def test_radix_topk_equals_the_position_tie_topk():
                 assert pairs(got) == pairs(want), (b, s, mask is None, method)
 
 
+def test_chunked_topk_writes_every_slot_of_its_result(monkeypatch):
+    """The result is allocated without a fill: every chunk writes all its rows' slots (-1 / -inf past
+    the candidates), also for a chunk whose rows are all masked and for fewer keys than top-k. Every
+    fresh allocation here is filled with a sentinel, so a slot nobody wrote would show."""
+    g = torch.Generator().manual_seed(_fresh_seed())
+    B, S, H, D, topk = 2, 12, 2, 8, 20  # 12 keys < top-k 20: every row has columns past its keys
+    q, k, w = torch.randn(B, S, H, D, generator=g), torch.randn(B, S, D, generator=g), torch.randn(B, S, H, generator=g)
+    pad = torch.ones(B, S, dtype=torch.bool)
+    pad[0, :4], pad[1, :8] = False, False  # the first chunk (rows 0-3) sees no real key in either batch row
+    mask = (torch.arange(S)[None, :] <= torch.arange(S)[:, None])[None] & pad[:, None, :]  # [B, S, T] bool
+    clean = {radix: dsa.chunked_index_topk(q, k, w, mask, topk, 0.3, chunk_rows=4, radix_topk=radix)
+             for radix in (False, True)}
+    real_empty = torch.empty
+
+    def sentinel_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(12345) if not t.is_floating_point() else t.fill_(float("nan"))
+
+    monkeypatch.setattr(torch, "empty", sentinel_empty)
+    for radix in (False, True):
+        got = dsa.chunked_index_topk(q, k, w, mask, topk, 0.3, chunk_rows=4, radix_topk=radix)
+        assert torch.equal(got.indices, clean[radix].indices), radix
+        assert torch.equal(got.scores.isnan(), torch.zeros_like(got.scores, dtype=torch.bool)), radix
+        assert torch.equal(got.scores, clean[radix].scores), radix
+        assert bool((got.indices[:, :4] == -1).all()) and bool((got.scores[:, :4] == float("-inf")).all())
+        assert bool(((got.indices >= -1) & (got.indices < S)).all())
+
+
 def test_chunk_rows_for_budget():
     assert dsa.chunk_rows_for_budget(1, 64, 131072, dsa.DEFAULT_MAX_BYTES) == 7  # 128K keys, 64 heads
     assert dsa.chunk_rows_for_budget(2, 4, 40, 1) == 1

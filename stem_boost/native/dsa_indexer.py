@@ -363,6 +363,14 @@ class NativeTopK(NamedTuple):
     index_scores: torch.Tensor  # fp32 [B, S, T] the full native score matrix (mask applied)
 
 
+def _no_candidates(out_idx: torch.Tensor, out_scores: torch.Tensor, s0: int, s1: int, col: int) -> None:
+    """Rows [s0, s1) of the top-k result [B, S, topk] hold no candidate from column `col` on:
+    -1 indices, -inf scores."""
+    if col < out_idx.shape[-1]:
+        out_idx[:, s0:s1, col:] = -1
+        out_scores[:, s0:s1, col:] = float("-inf")
+
+
 def _topk_position_ties(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the top-k of fp32 ``scores`` along the last dim, descending, ties broken by
     position (earlier first): one exact int64 top-k on (order-preserving int32 image of the score,
@@ -421,8 +429,10 @@ def chunked_index_topk(
     T = k.shape[1]
     topk = min(int(index_topk), T)
     device = q.device
-    out_idx = torch.full((B, S, topk), -1, dtype=torch.int32, device=device)
-    out_scores = torch.full((B, S, topk), float("-inf"), dtype=torch.float32, device=device)
+    # every chunk writes all of its rows' columns (the select's -1 / -inf tail, or the fills below):
+    # no [B, S, topk] pre-fill (two 1 GiB writes at 128K tokens)
+    out_idx = torch.empty((B, S, topk), dtype=torch.int32, device=device)
+    out_scores = torch.empty((B, S, topk), dtype=torch.float32, device=device)
     out_counts = torch.zeros(B, S, dtype=torch.int32, device=device)  # rows the select reaches overwrite theirs
     if S == 0 or topk == 0:
         return IndexerTopK(out_idx, out_scores)
@@ -470,11 +480,13 @@ def chunked_index_topk(
             any_valid = valid_key_mask(m_full).any(dim=1).any(dim=0)  # [T]
             nz = torch.nonzero(any_valid)
             if nz.numel() == 0:
-                continue  # every row fully masked: leave -1 / -inf
+                _no_candidates(out_idx, out_scores, s0, s1, 0)  # every row fully masked
+                continue
             t0, t1 = int(nz[0]), int(nz[-1]) + 1
             m = m_full[:, :, t0:t1]
         tc = t1 - t0
         if tc <= 0:
+            _no_candidates(out_idx, out_scores, s0, s1, 0)
             continue
 
         # ---- fp32 scores [B, c, H, tc] (the only big intermediate; in-place ops after the GEMM)
@@ -523,6 +535,7 @@ def chunked_index_topk(
             idx_scores = idx_scores + m
 
         kk = min(topk, tc)
+        _no_candidates(out_idx, out_scores, s0, s1, kk)  # the columns past the scored keys, if any
         if radix_topk:  # one select per row (Triton): indices ascending, -1 / -inf after the count,
             # written with their scores straight into the chunk's rows of the result
             valid_len = None
