@@ -1,0 +1,77 @@
+"""GPU checks of the Gluon FP8 indexer-score kernel for Hopper (`kernels/indexer_scores_sm90.py`; run on the
+device: pytest -m gpu tests/test_gpu_indexer_sm90.py). Oracle: the Triton FP8 kernel on the same e4m3
+operands (the same products; only the order of fp32 sums may differ) and its PyTorch definition.
+Fresh random inputs on every run (seed printed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _seed() -> int:
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    print(f"seed={seed}")
+    torch.manual_seed(seed)
+    return seed
+
+
+def _hopper() -> bool:
+    return torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.parametrize("B,S,T,H,D,causal,write_masked,tile", [
+    (1, 300, 1200, 64, 128, True, False, None),   # DeepSeek-V3.2's indexer, ragged query and key tiles
+    (2, 100, 100, 64, 128, True, True, None),     # a batch, queries = keys, the masked tail written
+    (1, 130, 700, 3, 32, False, True, None),      # odd head count, the smallest head dim, no mask
+    (1, 200, 900, 64, 64, True, True, dict(NUM_BUF=3)),
+    (1, 200, 900, 64, 128, True, False, dict(BLOCK_T=64)),
+    (1, 200, 900, 64, 128, True, False, dict(MAXNREG=168)),
+])
+def test_gpu_sm90_fp8_scores_equal_the_triton_kernel(B, S, T, H, D, causal, write_masked, tile):
+    if not _hopper():
+        pytest.skip("the Gluon kernel is for compute capability 9.x; this GPU is another")
+    from stem_boost.kernels.indexer_scores import fp8_index_scores, fp8_index_scores_reference
+    from stem_boost.kernels.indexer_scores_sm90 import fp8_index_scores_sm90
+
+    seed = _seed()
+    q = torch.randn(B, S, H, D, device="cuda").to(torch.bfloat16)
+    k = torch.randn(B, T, D, device="cuda").to(torch.bfloat16)
+    w = torch.randn(B, S, H, device="cuda") * H ** -0.5
+    offset = T - S if causal else None
+    got = fp8_index_scores_sm90(q, k, w, D ** -0.5, offset, write_masked=write_masked, tile=tile)
+    want = fp8_index_scores(q, k, w, D ** -0.5, offset, write_masked=write_masked)
+    ref = fp8_index_scores_reference(q, k, w, D ** -0.5)  # [B, S, T], no mask
+    seen = torch.ones(S, T, dtype=torch.bool, device="cuda")
+    if causal:
+        seen = torch.arange(T, device="cuda")[None, :] <= torch.arange(S, device="cuda")[:, None] + offset
+        if write_masked:
+            assert bool((got[:, ~seen] == float("-inf")).all()), f"seed={seed}"
+    a, b, r = got[:, seen].double(), want[:, seen].double(), ref[:, seen]
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-6, f"seed={seed}"
+    assert float((a - r).norm() / r.norm()) < 1e-3, f"seed={seed}"
+
+
+def test_gpu_sm90_fp8_scores_in_the_chunked_top_k():
+    """At DeepSeek-V3.2's shape (64 heads x 128) and 8192 keys: the top-2048 of each row from the Gluon
+    kernel's scores equals the Triton kernel's (the scores differ at most in the order of fp32 sums)."""
+    if not _hopper():
+        pytest.skip("the Gluon kernel is for compute capability 9.x; this GPU is another")
+    from stem_boost.kernels.dsa_topk import topk_rows
+    from stem_boost.kernels.indexer_scores import fp8_index_scores
+    from stem_boost.kernels.indexer_scores_sm90 import fp8_index_scores_sm90
+
+    seed = _seed()
+    S, T, H, D = 256, 8192, 64, 128
+    q = torch.randn(1, S, H, D, device="cuda").to(torch.bfloat16)
+    k = torch.randn(1, T, D, device="cuda").to(torch.bfloat16)
+    w = torch.randn(1, S, H, device="cuda") * H ** -0.5
+    got = fp8_index_scores_sm90(q, k, w, D ** -0.5, T - S)
+    want = fp8_index_scores(q, k, w, D ** -0.5, T - S)
+    a, _ = topk_rows(got, 2048)
+    b, _ = topk_rows(want, 2048)
+    same = sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a[0], b[0])) / (S * 2048)
+    print(f"top-2048 overlap, Gluon vs Triton scores: {same:.6f}")
+    assert same > 0.9999, f"seed={seed} overlap {same}"
