@@ -1,7 +1,7 @@
 """GPU checks of the Gluon FP8 indexer-score kernel for Hopper (`kernels/indexer_scores_sm90.py`; run on the
 device: pytest -m gpu tests/test_gpu_indexer_sm90.py). Oracle: the Triton FP8 kernel on the same e4m3
 operands (the same products; only the order of fp32 sums may differ) and its PyTorch definition.
-Fresh random inputs on every run (seed printed)."""
+Fresh random inputs on every run (the `seed` fixture of conftest.py: reported with a failure, replayable)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,6 @@ import pytest
 import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-
-def _seed() -> int:
-    seed = int(torch.randint(0, 2**31 - 1, (1,)))
-    print(f"seed={seed}")
-    torch.manual_seed(seed)
-    return seed
 
 
 def _hopper() -> bool:
@@ -30,13 +23,12 @@ def _hopper() -> bool:
     (1, 200, 900, 64, 128, True, False, dict(BLOCK_T=64)),
     (1, 200, 900, 64, 128, True, False, dict(MAXNREG=168)),
 ])
-def test_gpu_sm90_fp8_scores_equal_the_triton_kernel(B, S, T, H, D, causal, write_masked, tile):
+def test_gpu_sm90_fp8_scores_equal_the_triton_kernel(seed, B, S, T, H, D, causal, write_masked, tile):
     if not _hopper():
         pytest.skip("the Gluon kernel is for compute capability 9.x; this GPU is another")
     from stem_boost.kernels.indexer_scores import fp8_index_scores, fp8_index_scores_reference
     from stem_boost.kernels.indexer_scores_sm90 import fp8_index_scores_sm90
 
-    seed = _seed()
     q = torch.randn(B, S, H, D, device="cuda").to(torch.bfloat16)
     k = torch.randn(B, T, D, device="cuda").to(torch.bfloat16)
     w = torch.randn(B, S, H, device="cuda") * H ** -0.5
@@ -54,7 +46,7 @@ def test_gpu_sm90_fp8_scores_equal_the_triton_kernel(B, S, T, H, D, causal, writ
     assert float((a - r).norm() / r.norm()) < 1e-3, f"seed={seed}"
 
 
-def test_gpu_sm90_fp8_scores_in_the_chunked_top_k():
+def test_gpu_sm90_fp8_scores_in_the_chunked_top_k(seed):
     """At DeepSeek-V3.2's shape (64 heads x 128) and 8192 keys: the top-2048 of each row from the Gluon
     kernel's scores equals the Triton kernel's (the scores differ at most in the order of fp32 sums)."""
     if not _hopper():
@@ -63,7 +55,6 @@ def test_gpu_sm90_fp8_scores_in_the_chunked_top_k():
     from stem_boost.kernels.indexer_scores import fp8_index_scores
     from stem_boost.kernels.indexer_scores_sm90 import fp8_index_scores_sm90
 
-    seed = _seed()
     S, T, H, D = 256, 8192, 64, 128
     q = torch.randn(1, S, H, D, device="cuda").to(torch.bfloat16)
     k = torch.randn(1, T, D, device="cuda").to(torch.bfloat16)
