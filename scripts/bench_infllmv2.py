@@ -18,6 +18,10 @@ against the PyTorch selection (`stem_boost.native.infllmv2.infllmv2_select`): bl
 and time, native, with Stem (OAM bias + per-row budgets) and with Stem's mass schedule (budgets
 from each chunk's pooled scores, as the adapter runs it on CUDA).
 
+Pooled stage 1 (`--parts pooled`): the pooled-score kernel alone on the last 16K-row chunk, per
+tile, and on Hopper the Gluon kernel (`kernels/infllmv2_pooled_sm90.py`: the next group head's
+product beside this head's exponentials), each compared with the default tile's output.
+
 Times: triton.testing.do_bench medians (CUDA events). Prints a short table last; JSON to --out.
 """
 
@@ -325,6 +329,9 @@ def run_select(args, device, results, log):
         torch.cuda.empty_cache()
 
 
+# the Gluon kernel's tiles (`infllmv2_pooled_sm90.SM90_POOLED_TILE` overrides): the default (255 registers,
+# 96 KB, two programs an SM), three buffers, 16 blocks a tile
+SM90_POOLED_TILES = [None, dict(NUM_BUF=3), dict(BLOCK_B=16)]
 POOLED_TILES = [  # (block_s, block_b, num_warps, num_stages); the first is the default
     (64, 32, 4, None), (64, 32, 4, 1), (64, 32, 4, 2), (64, 32, 8, None), (128, 32, 8, None), (128, 32, 8, 2),
     (64, 16, 4, None), (64, 64, 4, None), (64, 64, 8, None), (32, 64, 4, None),
@@ -338,6 +345,7 @@ def run_pooled(args, device, results, log):
     compressed key) pairs x 2 kv heads; exps: G x those pairs x 2."""
     from stem_boost.kernels.infllmv2_geometry import compress_keys, num_compressed, visible_compressed
     from stem_boost.kernels.infllmv2_scores import coarse_lse
+    from stem_boost.kernels.infllmv2_pooled_sm90 import pooled_block_scores_sm90
     from stem_boost.kernels.infllmv2_select import pooled_block_scores
     from stem_boost.native.infllmv2 import MINICPM41_SPARSE_CONFIG, InfLLMv2Params
 
@@ -362,11 +370,19 @@ def run_pooled(args, device, results, log):
         nbc = (S - 1) // p.block_size + 1
         pairs = float(vis1.long().sum()) * Hk
         base = None
-        for bs_, bb_, nw_, ns_ in POOLED_TILES:
-            name = f"block_s {bs_} block_b {bb_} warps {nw_} stages {ns_ or 'default'}"
-            fn = lambda: pooled_block_scores(q, k1, lse, vis1, nbc, p.pool_size, scale, q_pos0=S - C,  # noqa: E731
-                                             block_size=p.block_size, n_existing=K1, round_to=torch.bfloat16,
-                                             block_s=bs_, block_b=bb_, num_warps=nw_, num_stages=ns_)
+        variants = [(f"block_s {bs_} block_b {bb_} warps {nw_} stages {ns_ or 'default'}",
+                     lambda bs_=bs_, bb_=bb_, nw_=nw_, ns_=ns_: pooled_block_scores(
+                         q, k1, lse, vis1, nbc, p.pool_size, scale, q_pos0=S - C, block_size=p.block_size,
+                         n_existing=K1, round_to=torch.bfloat16, block_s=bs_, block_b=bb_, num_warps=nw_,
+                         num_stages=ns_))
+                    for bs_, bb_, nw_, ns_ in POOLED_TILES]
+        if torch.cuda.get_device_capability()[0] == 9:  # the Gluon kernel: the next head's product beside the exps
+            variants += [(f"Gluon sm_90 {tile or 'default tile'}",
+                          lambda tile=tile: pooled_block_scores_sm90(
+                              q, k1, lse, vis1, nbc, p.pool_size, scale, q_pos0=S - C, block_size=p.block_size,
+                              n_existing=K1, round_to=torch.bfloat16, tile=tile))
+                         for tile in SM90_POOLED_TILES]
+        for name, fn in variants:
             try:
                 out = fn()
                 ms = bench(fn)

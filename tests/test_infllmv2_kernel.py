@@ -422,3 +422,25 @@ def test_block_topk_refuses_unknown_method_and_rows():
         block_topk(scores, method="radix", **common)
     with pytest.raises(ValueError, match="rows_per_program=3; allowed"):
         block_topk(scores, method="warp", rows_per_program=3, **common)
+
+
+def test_sm90_pooled_kernel_names_what_it_refuses():
+    """The Gluon pooled stage-1 kernel (Hopper only) checks its arguments before any launch, on any machine."""
+    from stem_boost.kernels.infllmv2_pooled_sm90 import pooled_block_scores_sm90
+
+    def call(q, pool=4, tile=None):
+        k1 = torch.randn(1, 2, 8, q.shape[-1]).to(q.dtype)
+        return pooled_block_scores_sm90(q, k1, torch.randn(1, 4, 5), torch.full((5,), 8, dtype=torch.int32), 2,
+                                        pool, 0.1, q_pos0=0, block_size=64, tile=tile)
+
+    q = torch.randn(1, 4, 5, 128).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="head dim 32"):
+        call(torch.randn(1, 4, 5, 32).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="torch.float32"):
+        call(torch.randn(1, 4, 5, 128))
+    with pytest.raises(ValueError, match=r"pool \(3\)"):
+        call(q, pool=3)
+    with pytest.raises(ValueError, match="unknown tile options"):
+        call(q, tile=dict(BLOCK_M=64))
+    with pytest.raises(ValueError, match="BLOCK_B <= 256 / pool"):
+        call(q, tile=dict(BLOCK_B=128))

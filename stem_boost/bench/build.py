@@ -175,6 +175,19 @@ def indexer_sm90_case(S: int = 128, T: int = 131072) -> BuildCase:
                                          "next head's product beside this head's sum)", run)
 
 
+def pooled_sm90_case(G: int = 16, Hk: int = 2, C: int = 128, T: int = 131072) -> BuildCase:
+    from ..kernels.infllmv2_pooled_sm90 import pooled_block_scores_sm90
+
+    def run():  # MiniCPM-4.1's stage 1 on the last chunk of a 128K prefill (pool 4, bf16 rounding)
+        K1, NB = T // 16, T // 64
+        pooled_block_scores_sm90(torch.randn(1, G * Hk, C, 128, dtype=BF16), torch.randn(1, Hk, K1, 128, dtype=BF16),
+                                 torch.randn(1, G * Hk, C), torch.full((C,), K1, dtype=torch.int32), NB, 4,
+                                 128 ** -0.5, q_pos0=T - C, block_size=64, round_to=BF16)
+
+    return BuildCase("select pooled sm90", "InfLLMv2 stage-1 pooled scores in Gluon for Hopper (experimental: the "
+                                           "next head's product beside this head's exponentials)", run)
+
+
 def stem_cut_case(R: int = 64, K: int = 2048, T: int = 131072) -> BuildCase:
     from ..kernels.dsa_topk import candidate_cut
 
@@ -296,7 +309,7 @@ def all_cases() -> list[BuildCase]:
         union_case(16, 2, query_block=64),
         select_case(None), select_case("budgets"), select_case("mass"), select_case(None, fused=True),
         select_case(None, topk_method="warp"), select_case("budgets", topk_method="warp"),
-        select_g3_case(), stage1_case(),
+        select_g3_case(), stage1_case(), pooled_sm90_case(),
         indexer_case("bfloat16"), indexer_case("fp8"), indexer_case("fp8", head_dim=32), indexer_case("bfloat16", stem=True),
         indexer_sm90_case(),
         stem_cut_case(), sampled_topk_case(), warp_topk_case(),

@@ -31,10 +31,10 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
+from .gluon_heads import issue_head_product, load_head, merge_tile
 from .gluon_shims import async_load as _async_load
-from .gluon_shims import cta_barrier as _cta_barrier
 from .indexer_scores import fp8_operands
 
 __all__ = ["fp8_index_scores_sm90", "supports_fp8_scores_sm90", "SM90_SCORE_TILE"]
@@ -45,25 +45,11 @@ SM90_SCORE_TILE = dict(BLOCK_S=64, BLOCK_T=128, NUM_BUF=4, MAXNREG=None)
 
 
 @gluon.jit
-def _load_head(q_buf, Q, q_rows, d, head, H: gl.constexpr, stride_qh):
-    """cp.async query head `head`'s [BLOCK_S, D] tile into q_buf (rows already clamped into range);
-    nothing past the last head (the commit that follows keeps the group count)."""
-    if head < H:
-        _async_load(q_buf, Q + q_rows[:, None] + head * stride_qh + d[None, :])
-
-
-@gluon.jit
 def _issue_head(h, q_smem, k_t, zero, Q, q_rows, d, stride_qh, w_row, s_ok, H: gl.constexpr, AHEAD: gl.constexpr,
                 NUM_BUF: gl.constexpr):
-    """Head h's query tile landed in every thread, and every warp is past head h - 2's sum (so its
-    buffer is free): refill that buffer with head h + AHEAD, issue head h's product asynchronously.
-    Returns (the product in flight [BLOCK_S, BLOCK_T] fp32, head h's weights [BLOCK_S])."""
-    cp.wait_group(AHEAD - 1)
-    fence_async_shared()
-    _cta_barrier()
-    _load_head(q_smem.index((h + AHEAD) % NUM_BUF), Q, q_rows, d, h + AHEAD, H, stride_qh)
-    cp.commit_group()
-    qk = warpgroup_mma(q_smem.index(h % NUM_BUF), k_t, zero, use_acc=False, is_async=True)
+    """Head h's product issued (`gluon_heads.issue_head_product`) and its weights loaded:
+    (the product in flight [BLOCK_S, BLOCK_T] fp32, the weights [BLOCK_S])."""
+    qk = issue_head_product(h, q_smem, k_t, zero, Q, q_rows, d, stride_qh, H, AHEAD, NUM_BUF)
     return qk, gl.load(w_row + h, mask=s_ok, other=0.0)
 
 
@@ -118,7 +104,7 @@ def _index_scores_sm90_fwd(
         k_rows = gl.minimum(pid_t * BLOCK_T + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, ld_layout)), T - 1)
         _async_load(k_smem, K + b.to(gl.int64) * stride_kb + k_rows[:, None].to(gl.int64) * stride_kt + d[None, :])
         for j in gl.static_range(AHEAD):  # heads 0 .. AHEAD - 1 (the key tile rides with head 0's group)
-            _load_head(q_smem.index(j), Q, q_rows, d, j, H, stride_qh)
+            load_head(q_smem.index(j), Q, q_rows, d, j, H, stride_qh)
             cp.commit_group()
         offs_s = pid_s * BLOCK_S + gl.arange(0, BLOCK_S, layout=rows_s)
         s_ok = offs_s < S
@@ -178,11 +164,7 @@ def fp8_index_scores_sm90(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, sca
     T = k.shape[1]
     if D not in (32, 64, 128):
         raise ValueError(f"index head dim {D}; allowed for the sm_90 FP8 kernel: 32, 64, 128")
-    cfg = dict(SM90_SCORE_TILE)
-    unknown = set(tile or {}) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown tile options {sorted(unknown)}; allowed: {sorted(cfg)}")
-    cfg.update(tile or {})
+    cfg = merge_tile(SM90_SCORE_TILE, tile)
     if cfg["BLOCK_S"] != 64 or cfg["NUM_BUF"] < 3:
         raise ValueError(f"tile {cfg}: BLOCK_S must be 64 (one warpgroup's rows) and NUM_BUF >= 3")
     q8, k8, w8, k_scale = fp8_operands(q, k, w, scale, rotate, k_fp8)

@@ -206,30 +206,44 @@ def pooled_block_scores(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vi
     G = Hq // Hk
     if pool & (pool - 1) or D & (D - 1) or D < 16:
         raise ValueError(f"pool ({pool}) and head dim ({D}) must be powers of two (head dim >= 16)")
+    out, args = pooled_launch_args(q, k1, lse, vis1, n_blocks, scale, q_pos0=q_pos0, n_existing=n_existing, lo1=lo1,
+                                   key_bias=key_bias)
+    grid = (triton.cdiv(C, block_s), triton.cdiv(n_blocks, block_b - 1), B * Hk)
+    _pooled_scores_kernel[grid](
+        *args, G=G, D=D, P=pool, BLOCK_SIZE=block_size, BLOCK_S=block_s, BLOCK_B=block_b, HAS_LO=lo1 is not None,
+        ROUND_BF16=round_to == torch.bfloat16, ROUND_FP16=round_to == torch.float16, HAS_BIAS=key_bias is not None,
+        num_warps=num_warps, **({} if num_stages is None else dict(num_stages=num_stages)),
+    )
+    return out
+
+
+def pooled_launch_args(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vis1: torch.Tensor, n_blocks: int,
+                       scale: float, *, q_pos0: int, n_existing: int | None, lo1: torch.Tensor | None,
+                       key_bias: torch.Tensor | None) -> tuple[torch.Tensor, tuple]:
+    """The result [B, Hk, C, n_blocks] fp32 (empty) and the run-time arguments of a pooled stage-1
+    kernel (`_pooled_scores_kernel` and its Gluon twin take the same ones, in this order): tensors,
+    scale in log2 units, sizes, strides, kv heads. Checks key_bias's shape."""
+    B, Hq, C, D = q.shape
+    Hk, K1 = k1.shape[1], k1.shape[2]
     n_existing = K1 if n_existing is None else int(n_existing)
     k1 = k1.to(q.dtype).contiguous()
     vis1 = vis1.to(torch.int32)
     vis1 = (vis1.unsqueeze(0) if vis1.dim() == 1 else vis1).contiguous()
     out = torch.empty(B, Hk, C, n_blocks, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(C, block_s), triton.cdiv(n_blocks, block_b - 1), B * Hk)
     if key_bias is not None:
         key_bias = key_bias.float().contiguous()
         if key_bias.dim() != 3 or key_bias.shape[:2] != (B, Hk) or key_bias.shape[2] < n_blocks:
             raise ValueError(f"key_bias must be [B={B}, Hk={Hk}, >= {n_blocks}]; got {tuple(key_bias.shape)}")
-    _pooled_scores_kernel[grid](
-        q, k1, lse, vis1, lo1 if lo1 is not None else vis1, out, key_bias if key_bias is not None else out,
-        float(scale) * LOG2E, C, n_existing, n_blocks, q_pos0,
-        q.stride(0), q.stride(1), q.stride(2),
-        k1.stride(0), k1.stride(1), k1.stride(2),
-        lse.stride(0), lse.stride(1),
-        vis1.stride(0) if vis1.shape[0] > 1 else 0,
-        out.stride(0), out.stride(1), out.stride(2),
-        key_bias.stride(0) if key_bias is not None else 0, key_bias.stride(1) if key_bias is not None else 0,
-        Hk, G=G, D=D, P=pool, BLOCK_SIZE=block_size, BLOCK_S=block_s, BLOCK_B=block_b, HAS_LO=lo1 is not None,
-        ROUND_BF16=round_to == torch.bfloat16, ROUND_FP16=round_to == torch.float16, HAS_BIAS=key_bias is not None,
-        num_warps=num_warps, **({} if num_stages is None else dict(num_stages=num_stages)),
-    )
-    return out
+    args = (q, k1, lse, vis1, lo1 if lo1 is not None else vis1, out, key_bias if key_bias is not None else out,
+            float(scale) * LOG2E, C, n_existing, n_blocks, q_pos0,
+            q.stride(0), q.stride(1), q.stride(2),
+            k1.stride(0), k1.stride(1), k1.stride(2),
+            lse.stride(0), lse.stride(1),
+            vis1.stride(0) if vis1.shape[0] > 1 else 0,
+            out.stride(0), out.stride(1), out.stride(2),
+            key_bias.stride(0) if key_bias is not None else 0, key_bias.stride(1) if key_bias is not None else 0,
+            Hk)
+    return out, args
 
 
 # ------------------------------------------------------------------------------------------------
