@@ -50,7 +50,7 @@ from stem_boost.kernels.indexer_scores import (  # noqa: E402
     quantize_fp8_rows,
     quantize_fp8_rows_fused,
 )
-from stem_boost.kernels.indexer_scores_sm90 import fp8_index_scores_sm90  # noqa: E402
+from stem_boost.kernels.indexer_scores_sm90 import fp8_index_scores_sm90, supports_fp8_scores_sm90  # noqa: E402
 from stem_boost.kernels.mla_token import mla_token_attention  # noqa: E402
 from stem_boost.kernels.mla_token_sm90 import mla_token_attention_sm90, supports_sm90  # noqa: E402
 from stem_boost.kernels.mla_token_ws import mla_token_attention_ws  # noqa: E402
@@ -459,7 +459,7 @@ def section_indexer(args, res: dict) -> None:
                                                                     write_masked=False, block_s=bs, block_t=bt,
                                                                     num_warps=nw, num_stages=ns))
                 for bs, bt, nw, ns in FP8_SCORE_TILES]
-    if torch.cuda.get_device_capability()[0] == 9:  # the Gluon kernel (next head's product beside this head's sum)
+    if supports_fp8_scores_sm90(q):  # the Gluon kernel (next head's product beside this head's sum)
         variants += [(f"fp8 scores only, Gluon sm_90, {tile or 'default tile'}",
                       lambda tile=tile: fp8_index_scores_sm90(q, kk, w, scale, causal_offset=offset, write_masked=False,
                                                               tile=tile))
