@@ -519,8 +519,8 @@ def section_cut(args, res) -> None:
         res["cut"][warps] = dict(ms=ms, same=same)
         row("cut", f"candidate_cut {warps} warps", ms, f"{gb / ms:.0f} GB/s (reads + writes); same as default: {same}")
     # what the OAM bias's gather costs (one 4-byte read of a [T] vector per candidate): the cut without it
-    idx, n = candidate_cut(cand, scores, budgets)
-    want_idx, want_n = topk_rows_reference(scores.view(1, R, K), K, budgets=budgets.view(1, R))
+    _, n = candidate_cut(cand, scores, budgets)
+    _, want_n = topk_rows_reference(scores.view(1, R, K), K, budgets=budgets.view(1, R))
     same = bool(torch.equal(n.view(1, R), want_n))
     ms = bench(lambda: candidate_cut(cand, scores, budgets))
     res["cut"]["no_bias"] = dict(ms=ms, same_counts_as_reference=same)

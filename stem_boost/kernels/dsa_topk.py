@@ -196,9 +196,9 @@ def _topk_rows_kernel(
 ):
     """Program: one row, the radix select. ONLY_FLAGGED: a few programs walk all N_ROWS rows (row
     pid, pid + programs, ...) and select only those with FLAGS[row] != 0 (the rows whose sample
-    missed in `_topk_rows_warp_kernel`, about 1 in 4000). Such a launch lasts as long as its
-    slowest flagged row's select on one CTA (about 0.14 ms for 128K keys on an H200), so a chunk
-    with one pays that, and one without pays little. WRITE_SCORES: the kept keys' scores too, at
+    missed in `_topk_rows_warp_kernel`, about 1 in 2 x 10^4 at the default margin). Such a launch
+    lasts as long as its slowest flagged row's select on one CTA (about 0.14 ms for 128K keys on an
+    H200), so a chunk with one pays that, and one without pays little. WRITE_SCORES: the kept keys' scores too, at
     SCORES_OUT (the strides of IDX)."""
     pid = tl.program_id(0)
     if ONLY_FLAGGED:
@@ -630,7 +630,7 @@ def topk_rows(
         launch = dict(has, **warp_kernel_constexprs(T, num_warps, block, samples), WRITE_SCORES=out_scores is not None)
         ballot = ballot_layout_holds(_topk_rows_warp_kernel, args, launch)
         _topk_rows_warp_kernel[(triton.cdiv(B * R, num_warps),)](*args, BALLOT=ballot, **launch)
-        # the rows whose sample missed (about 1 in 4000: ~1 a chunk of 3584 rows): a launch costs one row's
+        # the rows whose sample missed (about 1 in 2 x 10^4 at the default margin): a launch costs one row's
         # select, whose latency (5 passes over up to 128K keys) one CTA carries alone
         fb_block, fb_warps = fallback or (FALLBACK_BLOCK, FALLBACK_WARPS)
         radix(flags, fb_block, 1, fb_warps)

@@ -39,7 +39,7 @@ from .indexer_scores import fp8_operands
 
 __all__ = ["fp8_index_scores_sm90", "supports_fp8_scores_sm90", "SM90_SCORE_TILE"]
 
-# one warpgroup (M = 64 is one wgmma's rows); MAXNREG: a register cap (None: the compiler's 202 at
+# one warpgroup (M = 64 is one wgmma's rows); MAXNREG: a register cap (None: the compiler's 200 at
 # BLOCK_T 128, two programs an SM; 168 would fit three)
 SM90_SCORE_TILE = dict(BLOCK_S=64, BLOCK_T=128, NUM_BUF=4, MAXNREG=None)
 
@@ -83,7 +83,6 @@ def _index_scores_sm90_fwd(
     q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_S, D], dtype)
     k_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, D], dtype)
     rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    cols_s: gl.constexpr = gl.SliceLayout(0, s_layout)
 
     pid_s = gl.program_id(0)
     pid_t = gl.program_id(1)
