@@ -454,11 +454,11 @@ def section_indexer(args, res: dict) -> None:
     # 128K tokens with 64 x 128), each against the default
     base = fp8_index_scores(q, kk, w, scale, causal_offset=offset, write_masked=False)
     live = torch.arange(T, device=dev)[None, :] < valid_len[0][:, None]
-    variants = [(f"fp8 scores only, tile {bs} x {bt}, {nw} warps, {ns or 'default'} stages",
-                 lambda bs=bs, bt=bt, nw=nw, ns=ns: fp8_index_scores(q, kk, w, scale, causal_offset=offset,
-                                                                    write_masked=False, block_s=bs, block_t=bt,
-                                                                    num_warps=nw, num_stages=ns))
-                for bs, bt, nw, ns in FP8_SCORE_TILES]
+    variants = [(f"fp8 scores only, tile {bs} x {bt}, {nw} warps, {ns or 'default'} stages{', keys fast' * kf}",
+                 lambda bs=bs, bt=bt, nw=nw, ns=ns, kf=kf: fp8_index_scores(q, kk, w, scale, causal_offset=offset,
+                                                                           write_masked=False, block_s=bs, block_t=bt,
+                                                                           num_warps=nw, num_stages=ns, keys_fast=kf))
+                for bs, bt, nw, ns, kf in FP8_SCORE_TILES]
     if supports_fp8_scores_sm90(q):  # the Gluon kernel (next head's product beside this head's sum)
         variants += [(f"fp8 scores only, Gluon sm_90, {tile or 'default tile'}",
                       lambda tile=tile: fp8_index_scores_sm90(q, kk, w, scale, causal_offset=offset, write_masked=False,
@@ -569,9 +569,10 @@ def section_fallback(args, res) -> None:
 # stages at 8 warps 14.3 / 11.9 / 12.0
 # the Gluon kernel's tiles (`indexer_scores_sm90.SM90_SCORE_TILE` overrides): the default (200 registers,
 # two programs an SM), a register cap for three (120 B of spill), 64-key tiles (108 registers)
-SM90_SCORE_TILES = [None, dict(MAXNREG=168), dict(BLOCK_T=64), dict(NUM_BUF=3)]
-FP8_SCORE_TILES = [(64, 128, 4, None), (64, 128, 8, None), (64, 128, 4, 2), (64, 128, 4, 4), (64, 64, 4, None),
-                   (64, 256, 4, None), (128, 64, 4, None)]
+SM90_SCORE_TILES = [None, dict(MAXNREG=168), dict(KEYS_FAST=True), dict(KEYS_FAST=True, MAXNREG=168)]
+# (query rows, keys, warps, stages, key tiles on the grid's fast axis: `kernels.tile_order`)
+FP8_SCORE_TILES = [(64, 128, 4, None, False), (64, 128, 4, None, True), (64, 128, 8, None, True),
+                   (64, 256, 4, None, True), (128, 128, 8, None, True), (128, 64, 4, None, True)]
 
 
 # ---------------------------------------------------------------------------- FP8 quantisation

@@ -330,11 +330,11 @@ def run_select(args, device, results, log):
 
 
 # the Gluon kernel's tiles (`infllmv2_pooled_sm90.SM90_POOLED_TILE` overrides): the default (255 registers,
-# 96 KB, two programs an SM), three buffers, 16 blocks a tile
-SM90_POOLED_TILES = [None, dict(NUM_BUF=3), dict(BLOCK_B=16)]
-POOLED_TILES = [  # (block_s, block_b, num_warps, num_stages); the first is the default
-    (64, 32, 4, None), (64, 32, 4, 1), (64, 32, 4, 2), (64, 32, 8, None), (128, 32, 8, None), (128, 32, 8, 2),
-    (64, 16, 4, None), (64, 64, 4, None), (64, 64, 8, None), (32, 64, 4, None),
+# 96 KB, two programs an SM), the same with key tiles on the grid's fast axis (`kernels.tile_order`)
+SM90_POOLED_TILES = [None, dict(KEYS_FAST=True), dict(KEYS_FAST=True, NUM_BUF=3)]
+POOLED_TILES = [  # (block_s, block_b, num_warps, num_stages, keys_fast); the first is the default
+    (64, 32, 4, None, False), (64, 32, 4, None, True), (64, 32, 8, None, True), (64, 64, 8, None, True),
+    (128, 32, 8, None, True), (64, 64, 4, None, True), (64, 32, 4, 2, True),
 ]
 
 
@@ -370,12 +370,12 @@ def run_pooled(args, device, results, log):
         nbc = (S - 1) // p.block_size + 1
         pairs = float(vis1.long().sum()) * Hk
         base = None
-        variants = [(f"block_s {bs_} block_b {bb_} warps {nw_} stages {ns_ or 'default'}",
-                     lambda bs_=bs_, bb_=bb_, nw_=nw_, ns_=ns_: pooled_block_scores(
+        variants = [(f"block_s {bs_} block_b {bb_} warps {nw_} stages {ns_ or 'default'}{', keys fast' * kf_}",
+                     lambda bs_=bs_, bb_=bb_, nw_=nw_, ns_=ns_, kf_=kf_: pooled_block_scores(
                          q, k1, lse, vis1, nbc, p.pool_size, scale, q_pos0=S - C, block_size=p.block_size,
                          n_existing=K1, round_to=torch.bfloat16, block_s=bs_, block_b=bb_, num_warps=nw_,
-                         num_stages=ns_))
-                    for bs_, bb_, nw_, ns_ in POOLED_TILES]
+                         num_stages=ns_, keys_fast=kf_))
+                    for bs_, bb_, nw_, ns_, kf_ in POOLED_TILES]
         if torch.cuda.get_device_capability()[0] == 9:  # the Gluon kernel: the next head's product beside the exps
             variants += [(f"Gluon sm_90 {tile or 'default tile'}",
                           lambda tile=tile: pooled_block_scores_sm90(

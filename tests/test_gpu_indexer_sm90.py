@@ -22,6 +22,7 @@ def _hopper() -> bool:
     (1, 200, 900, 64, 64, True, True, dict(NUM_BUF=3)),
     (1, 200, 900, 64, 128, True, False, dict(BLOCK_T=64)),
     (1, 200, 900, 64, 128, True, False, dict(MAXNREG=168)),
+    (2, 200, 900, 64, 128, True, True, dict(KEYS_FAST=True)),
 ])
 def test_gpu_sm90_fp8_scores_equal_the_triton_kernel(seed, B, S, T, H, D, causal, write_masked, tile):
     if not _hopper():

@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
     (16, 200, 2000, True, True, None),           # left padding and Stem's bias, ragged key blocks
     (3, 130, 1500, False, False, dict(NUM_BUF=3)),
     (16, 256, 8192, False, False, dict(BLOCK_B=16)),
+    (16, 300, 4096, True, True, dict(KEYS_FAST=True)),  # key tiles on the grid's fast axis
 ])
 def test_gpu_sm90_pooled_scores_equal_the_triton_kernel(seed, G, C, T, with_lo, with_bias, tile):
     if torch.cuda.get_device_capability()[0] != 9:

@@ -444,3 +444,26 @@ def test_sm90_pooled_kernel_names_what_it_refuses():
         call(q, tile=dict(BLOCK_M=64))
     with pytest.raises(ValueError, match="BLOCK_B <= 256 / pool"):
         call(q, tile=dict(BLOCK_B=128))
+
+
+def test_pooled_scores_same_in_either_launch_order(seed):
+    """The pooled stage-1 kernel with key tiles on the grid's fast axis (`keys_fast`) writes the same
+    bits as with query tiles there: launch order changes which programs share L2, not their sums."""
+    from stem_boost.kernels.infllmv2_geometry import compress_keys, num_compressed, visible_compressed
+    from stem_boost.kernels.infllmv2_scores import coarse_lse
+    from stem_boost.kernels.infllmv2_select import pooled_block_scores
+
+    Hk, G, C, T, D, block, stride, size, pool = 2, 3, 40, 160, 16, 16, 4, 8, 4
+    q, k = torch.randn(1, Hk * G, C, D), torch.randn(1, Hk, T, D)
+    k1, k2 = compress_keys(k, size, stride), compress_keys(k, 2 * size, 2 * stride)
+    K1, K2 = num_compressed(T, size, stride), num_compressed(T, 2 * size, 2 * stride)
+    q_pos = torch.arange(T - C, T)
+    vis1 = visible_compressed(q_pos, K1, size, stride, 0).to(torch.int32)
+    lse = coarse_lse(q, k2, visible_compressed(q_pos, K2, 2 * size, 2 * stride, 0).to(torch.int32), D ** -0.5)
+    nbc = (T - 1) // block + 1
+    kw = dict(q_pos0=T - C, block_size=block, n_existing=K1, block_s=16, block_b=4,
+              key_bias=torch.randn(1, Hk, nbc) * 0.3)
+    want = pooled_block_scores(q, k1, lse, vis1, nbc, pool, D ** -0.5, **kw)
+    got = pooled_block_scores(q, k1, lse, vis1, nbc, pool, D ** -0.5, keys_fast=True, **kw)
+    seen = torch.arange(nbc)[None, :] <= (q_pos // block)[:, None]  # the rest is unwritten by both
+    assert torch.equal(got[:, :, seen], want[:, :, seen]), f"seed={seed}"

@@ -4,7 +4,8 @@ The unfused computation writes the fp32 [B, S, H, T] per-head scores to memory a
 for the weighted head sum: H times more traffic than the result. Here one program owns a
 [BLOCK_S, BLOCK_T] tile of I and loops over the H heads, keeping the running sum in registers
 (the product q_h k^T on tensor cores, relu and the weight in fp32), so only I is written.
-Program roles: axis 0 = query tile, axis 1 = key tile, axis 2 = batch.
+Program roles: axis 0 = query tile, axis 1 = key tile (swapped by `keys_fast`, see `tile_order`),
+axis 2 = batch.
 
 FP8 (`fp8_index_scores`), as DeepSeek-V3.2's own inference code scores its indexer: q and k are
 rotated by the orthonormal Hadamard matrix H_D (q.k is unchanged, but outlier channels are spread
@@ -22,6 +23,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from .tile_order import tile_grid, tile_ids
 
 
 @triton.jit
@@ -43,10 +46,9 @@ def _index_scores_kernel(
     stride_ksb,
     H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KSCALE: tl.constexpr, WRITE_MASKED: tl.constexpr, HPS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    PIPELINE: tl.constexpr,
+    PIPELINE: tl.constexpr, KEYS_FAST: tl.constexpr,
 ):
-    pid_s = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    pid_s, pid_t = tile_ids(KEYS_FAST)
     b = tl.program_id(2)
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -111,7 +113,7 @@ def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale:
                        *, write_masked: bool = True, k_scale: torch.Tensor | None = None,
                        num_warps: int | None = None, heads_per_step: int | None = None,
                        pipeline: bool | None = None, fold_scale: bool = True,
-                       num_stages: int | None = None) -> torch.Tensor:
+                       num_stages: int | None = None, keys_fast: bool = False) -> torch.Tensor:
     """q [B, S, H, D] (bf16/fp16, or e4m3 with k e4m3), k [B, T, D], w [B, S, H] fp32 -> I [B, S, T] fp32.
 
     `scale=None` means the scale is already folded into w (scores relu(q.k) are then weighted).
@@ -129,6 +131,7 @@ def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale:
     A positive `scale` is folded into the head weights (relu(c x) = c relu(x)): one multiply less
     per score and head (`fold_scale=False` keeps the multiply: the benchmark's before).
     `num_stages`: the software pipeline's depth over the head loop (None: Triton's default, 3).
+    `keys_fast`: key tiles on the grid's fastest axis (`tile_order`).
     """
     B, S, H, D = q.shape
     T = k.shape[1]
@@ -148,7 +151,7 @@ def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale:
     w = (w.float() * scale if scale is not None and not in_kernel else w.float()).contiguous()
     kernel_scale = scale if scale is not None and in_kernel else 1.0
     out = torch.empty(B, S, T, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(S, block_s), triton.cdiv(T, block_t), B)
+    grid = tile_grid(triton.cdiv(S, block_s), triton.cdiv(T, block_t), B, keys_fast)
     hps = heads_per_step or 1
     if hps not in (1, 2, 4) or H % hps:
         raise ValueError(f"heads_per_step={hps} must be 1, 2 or 4 and divide the {H} heads")
@@ -163,6 +166,7 @@ def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale:
         H=H, D=D, BLOCK_S=block_s, BLOCK_T=block_t, CAUSAL=causal_offset is not None,
         HAS_KSCALE=k_scale is not None, WRITE_MASKED=write_masked or causal_offset is None,
         HPS=hps, HAS_SCALE=in_kernel, PIPELINE=(q.dtype == torch.float8_e4m3fn) if pipeline is None else bool(pipeline),
+        KEYS_FAST=keys_fast,
         num_warps=num_warps or default_warps(q.dtype, block_s, block_t),
         **({} if num_stages is None else dict(num_stages=num_stages)),
     )
@@ -271,7 +275,7 @@ def fp8_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: f
                      *, rotate: bool = True, write_masked: bool = True, num_warps: int | None = None,
                      heads_per_step: int | None = None, pipeline: bool | None = None, fold_scale: bool = True,
                      k_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     num_stages: int | None = None) -> torch.Tensor:
+                     num_stages: int | None = None, keys_fast: bool = False) -> torch.Tensor:
     """The lightning-indexer scores of `fused_index_scores`, computed with FP8 (e4m3) operands.
 
     q [B, S, H, D], k [B, T, D] any float dtype (D a power of two <= 128), w [B, S, H]; same result
@@ -284,7 +288,7 @@ def fp8_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: f
     q8, k8, w8, k_scale = fp8_operands(q, k, w, scale, rotate, k_fp8)
     return fused_index_scores(q8, k8, w8, None, causal_offset, block_s, block_t, write_masked=write_masked,
                               k_scale=k_scale, num_warps=num_warps, heads_per_step=heads_per_step,
-                              pipeline=pipeline, fold_scale=fold_scale, num_stages=num_stages)
+                              pipeline=pipeline, fold_scale=fold_scale, num_stages=num_stages, keys_fast=keys_fast)
 
 
 def fp8_operands(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float | None, rotate: bool = True,

@@ -36,12 +36,13 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 from .gluon_heads import issue_head_product, load_head, merge_tile
 from .gluon_shims import async_load as _async_load
 from .indexer_scores import fp8_operands
+from .tile_order import tile_grid
 
 __all__ = ["fp8_index_scores_sm90", "supports_fp8_scores_sm90", "SM90_SCORE_TILE"]
 
 # one warpgroup (M = 64 is one wgmma's rows); MAXNREG: a register cap (None: the compiler's 200 at
 # BLOCK_T 128, two programs an SM; 168 would fit three)
-SM90_SCORE_TILE = dict(BLOCK_S=64, BLOCK_T=128, NUM_BUF=4, MAXNREG=None)
+SM90_SCORE_TILE = dict(BLOCK_S=64, BLOCK_T=128, NUM_BUF=4, MAXNREG=None, KEYS_FAST=False)
 
 
 @gluon.jit
@@ -69,7 +70,7 @@ def _index_scores_sm90_fwd(
     stride_ob, stride_os,
     stride_ksb,
     H: gl.constexpr, D: gl.constexpr, BLOCK_S: gl.constexpr, BLOCK_T: gl.constexpr, NUM_BUF: gl.constexpr,
-    CAUSAL: gl.constexpr, WRITE_MASKED: gl.constexpr,
+    CAUSAL: gl.constexpr, WRITE_MASKED: gl.constexpr, KEYS_FAST: gl.constexpr,
 ):
     gl.static_assert(gl.num_warps() == 4, "one warpgroup")
     gl.static_assert(NUM_BUF >= 3, "a head in flight beside the one being summed needs three buffers")
@@ -84,8 +85,8 @@ def _index_scores_sm90_fwd(
     k_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, D], dtype)
     rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
 
-    pid_s = gl.program_id(0)
-    pid_t = gl.program_id(1)
+    pid_s = gl.program_id(1) if KEYS_FAST else gl.program_id(0)  # see `tile_order`
+    pid_t = gl.program_id(0) if KEYS_FAST else gl.program_id(1)
     b = gl.program_id(2)
     # a tile wholly after the diagonal of its last query row needs no product (all -inf)
     live = True
@@ -173,13 +174,13 @@ def fp8_index_scores_sm90(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, sca
     k_scale = k_scale.float().contiguous()
     out = torch.empty(B, S, T, dtype=torch.float32, device=q.device)
     if S and T and B:
-        grid = (triton.cdiv(S, cfg["BLOCK_S"]), triton.cdiv(T, cfg["BLOCK_T"]), B)
+        grid = tile_grid(triton.cdiv(S, cfg["BLOCK_S"]), triton.cdiv(T, cfg["BLOCK_T"]), B, cfg["KEYS_FAST"])
         _index_scores_sm90_fwd[grid](
             q8, k8, w8, k_scale, out, S, T, 0 if causal_offset is None else int(causal_offset), (H - 1) // 2,
             q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1),
             w8.stride(0), w8.stride(1), out.stride(0), out.stride(1), k_scale.stride(0),
             H=H, D=D, BLOCK_S=cfg["BLOCK_S"], BLOCK_T=cfg["BLOCK_T"], NUM_BUF=cfg["NUM_BUF"],
             CAUSAL=causal_offset is not None, WRITE_MASKED=write_masked or causal_offset is None,
-            num_warps=4, **({} if cfg["MAXNREG"] is None else dict(maxnreg=cfg["MAXNREG"])),
+            KEYS_FAST=cfg["KEYS_FAST"], num_warps=4, **({} if cfg["MAXNREG"] is None else dict(maxnreg=cfg["MAXNREG"])),
         )
     return out

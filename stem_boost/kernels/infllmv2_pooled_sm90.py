@@ -38,10 +38,11 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 from .gluon_heads import issue_head_product, load_head, merge_tile
 from .gluon_shims import async_load as _async_load
 from .infllmv2_select import pooled_launch_args
+from .tile_order import tile_grid
 
 __all__ = ["pooled_block_scores_sm90", "SM90_POOLED_TILE"]
 
-SM90_POOLED_TILE = dict(BLOCK_S=64, BLOCK_B=32, NUM_BUF=4)  # one warpgroup; BLOCK_B * P fine keys a tile
+SM90_POOLED_TILE = dict(BLOCK_S=64, BLOCK_B=32, NUM_BUF=4, KEYS_FAST=False)  # one warpgroup; BLOCK_B * P fine keys a tile
 
 
 @gluon.jit
@@ -76,7 +77,7 @@ def _pooled_scores_sm90_fwd(
     HK, n_pairs,
     G: gl.constexpr, D: gl.constexpr, P: gl.constexpr, BLOCK_SIZE: gl.constexpr,
     BLOCK_S: gl.constexpr, BLOCK_B: gl.constexpr, NUM_BUF: gl.constexpr, HAS_LO: gl.constexpr,
-    ROUND_BF16: gl.constexpr, ROUND_FP16: gl.constexpr, HAS_BIAS: gl.constexpr,
+    ROUND_BF16: gl.constexpr, ROUND_FP16: gl.constexpr, HAS_BIAS: gl.constexpr, KEYS_FAST: gl.constexpr,
 ):
     gl.static_assert(gl.num_warps() == 4, "one warpgroup")
     gl.static_assert(NUM_BUF >= 3, "a head in flight beside the one being summed needs three buffers")
@@ -92,8 +93,8 @@ def _pooled_scores_sm90_fwd(
     k_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_C, D], dtype)
     rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
 
-    pid_s = gl.program_id(0)
-    pid_j = gl.program_id(1)
+    pid_s = gl.program_id(1) if KEYS_FAST else gl.program_id(0)  # see `tile_order`
+    pid_j = gl.program_id(0) if KEYS_FAST else gl.program_id(1)
     bh = gl.program_id(2)
     b = bh // HK
     hk = bh % HK
@@ -202,11 +203,12 @@ def pooled_block_scores_sm90(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tenso
     out, args = pooled_launch_args(q, k1, lse, vis1, n_blocks, scale, q_pos0=q_pos0, n_existing=n_existing, lo1=lo1,
                                    key_bias=key_bias)
     if B and C and n_blocks and K1:
-        grid = (triton.cdiv(C, cfg["BLOCK_S"]), triton.cdiv(n_blocks, cfg["BLOCK_B"] - 1), B * Hk)
+        grid = tile_grid(triton.cdiv(C, cfg["BLOCK_S"]), triton.cdiv(n_blocks, cfg["BLOCK_B"] - 1), B * Hk, cfg["KEYS_FAST"])
         _pooled_scores_sm90_fwd[grid](
             *args, (G - 1) // 2,
             G=G, D=D, P=pool, BLOCK_SIZE=block_size, BLOCK_S=cfg["BLOCK_S"], BLOCK_B=cfg["BLOCK_B"],
             NUM_BUF=cfg["NUM_BUF"], HAS_LO=lo1 is not None, ROUND_BF16=round_to == torch.bfloat16,
-            ROUND_FP16=round_to == torch.float16, HAS_BIAS=key_bias is not None, num_warps=4,
+            ROUND_FP16=round_to == torch.float16, HAS_BIAS=key_bias is not None, KEYS_FAST=cfg["KEYS_FAST"],
+            num_warps=4,
         )
     return out

@@ -60,6 +60,7 @@ from ..selection import Selection
 from .infllmv2_geometry import compress_keys, kernel_causal_offset, num_compressed, visible_compressed
 from .infllmv2_scores import LOG2E, coarse_lse, group_mass
 from .row_select import keep_largest, ordered_u32
+from .tile_order import tile_grid, tile_ids
 from .warp_rows import ballot_layout_holds, row_counts, rows_compact, rows_threshold
 
 __all__ = ["block_topk", "infllmv2_select_fused", "infllmv2_selection", "pooled_block_scores"]
@@ -156,12 +157,12 @@ def _pooled_scores_kernel(
     HK,
     G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, HAS_LO: tl.constexpr, ROUND_BF16: tl.constexpr,
-    ROUND_FP16: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROUND_FP16: tl.constexpr, HAS_BIAS: tl.constexpr, KEYS_FAST: tl.constexpr,
 ):
-    """Program: axis 0 = BLOCK_S query rows, axis 1 = BLOCK_B - 1 key blocks, axis 2 = batch x kv
-    head (`_pooled_tile`); tiles wholly after the rows' last query block are skipped."""
-    pid_s = tl.program_id(0)
-    pid_j = tl.program_id(1)
+    """Program: axis 0 = BLOCK_S query rows, axis 1 = BLOCK_B - 1 key blocks (swapped with
+    KEYS_FAST), axis 2 = batch x kv head (`_pooled_tile`); tiles wholly after the rows' last query
+    block are skipped."""
+    pid_s, pid_j = tile_ids(KEYS_FAST)
     bh = tl.program_id(2)
     jt0 = pid_j * (BLOCK_B - 1)
     s_lo = pid_s * BLOCK_S
@@ -179,7 +180,7 @@ def pooled_block_scores(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vi
                         lo1: torch.Tensor | None = None,
                         round_to: torch.dtype | None = None, block_s: int = 64, block_b: int = 32,
                         key_bias: torch.Tensor | None = None, num_warps: int = 4,
-                        num_stages: int | None = None) -> torch.Tensor:
+                        num_stages: int | None = None, keys_fast: bool = False) -> torch.Tensor:
     """Group-summed stage-1 scores of the fine compressed keys, max-pooled onto key blocks.
 
     Args:
@@ -198,6 +199,8 @@ def pooled_block_scores(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vi
         block_s, block_b, num_warps, num_stages: the program tile (BLOCK_S query rows x BLOCK_B - 1
             blocks), its warps and the software-pipeline depth of the loop over the group's heads
             (None: Triton's default); `scripts/bench_infllmv2.py --parts pooled` compares them.
+        keys_fast: launch order, key tiles on the grid's fastest axis: the programs running at once
+            share their query tiles (from L2) instead of streaming every query tile once per key tile.
     Returns [B, Hk, C, n_blocks] fp32, equal to `pool_block_scores(_group_compressed_scores(...))`
     (or, with key_bias, its Stem keys).
     """
@@ -208,10 +211,11 @@ def pooled_block_scores(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vi
         raise ValueError(f"pool ({pool}) and head dim ({D}) must be powers of two (head dim >= 16)")
     out, args = pooled_launch_args(q, k1, lse, vis1, n_blocks, scale, q_pos0=q_pos0, n_existing=n_existing, lo1=lo1,
                                    key_bias=key_bias)
-    grid = (triton.cdiv(C, block_s), triton.cdiv(n_blocks, block_b - 1), B * Hk)
+    grid = tile_grid(triton.cdiv(C, block_s), triton.cdiv(n_blocks, block_b - 1), B * Hk, keys_fast)
     _pooled_scores_kernel[grid](
         *args, G=G, D=D, P=pool, BLOCK_SIZE=block_size, BLOCK_S=block_s, BLOCK_B=block_b, HAS_LO=lo1 is not None,
         ROUND_BF16=round_to == torch.bfloat16, ROUND_FP16=round_to == torch.float16, HAS_BIAS=key_bias is not None,
+        KEYS_FAST=keys_fast,
         num_warps=num_warps, **({} if num_stages is None else dict(num_stages=num_stages)),
     )
     return out
