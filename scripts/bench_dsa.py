@@ -50,7 +50,6 @@ from stem_boost.kernels.indexer_scores import (  # noqa: E402
     quantize_fp8_rows,
     quantize_fp8_rows_fused,
 )
-from stem_boost.kernels.indexer_scores_sm90 import fp8_index_scores_sm90, supports_fp8_scores_sm90  # noqa: E402
 from stem_boost.kernels.mla_token import mla_token_attention  # noqa: E402
 from stem_boost.kernels.mla_token_sm90 import mla_token_attention_sm90, supports_sm90  # noqa: E402
 from stem_boost.kernels.mla_token_ws import mla_token_attention_ws  # noqa: E402
@@ -459,11 +458,6 @@ def section_indexer(args, res: dict) -> None:
                                                                            write_masked=False, block_s=bs, block_t=bt,
                                                                            num_warps=nw, num_stages=ns, keys_fast=kf))
                 for bs, bt, nw, ns, kf in FP8_SCORE_TILES]
-    if supports_fp8_scores_sm90(q):  # the Gluon kernel (next head's product beside this head's sum)
-        variants += [(f"fp8 scores only, Gluon sm_90, {tile or 'default tile'}",
-                      lambda tile=tile: fp8_index_scores_sm90(q, kk, w, scale, causal_offset=offset, write_masked=False,
-                                                              tile=tile))
-                     for tile in SM90_SCORE_TILES]
     for name, fn in variants:
         if time.time() - T0 > args.budget_s:
             row("indexer", "time budget reached", None)
@@ -564,15 +558,12 @@ def section_fallback(args, res) -> None:
         row("fallback", name, ms, f"same set as the reference: {same}")
 
 
-# (query rows, keys, warps, pipeline stages); the first is the default. H200 (2026-12-03): 64 x 128 at
-# 8 warps 10.9 ms, 64 x 256 and 128 x 128 within 4% of it; 4 warps 9.7 (now the default); 2 / 4 / 5
-# stages at 8 warps 14.3 / 11.9 / 12.0
-# the Gluon kernel's tiles (`indexer_scores_sm90.SM90_SCORE_TILE` overrides): the default (200 registers,
-# two programs an SM), a register cap for three (120 B of spill), 64-key tiles (108 registers)
-SM90_SCORE_TILES = [None, dict(MAXNREG=168), dict(KEYS_FAST=True), dict(KEYS_FAST=True, MAXNREG=168)]
-# (query rows, keys, warps, stages, key tiles on the grid's fast axis: `kernels.tile_order`)
-FP8_SCORE_TILES = [(64, 128, 4, None, False), (64, 128, 4, None, True), (64, 128, 8, None, True),
-                   (64, 256, 4, None, True), (128, 128, 8, None, True), (128, 64, 4, None, True)]
+# (query rows, keys, warps, pipeline stages, key tiles on the grid's fast axis: `kernels.tile_order`);
+# the first is the default. H200 (2026-12-03): 4 warps 9.5 ms with query tiles fast, 8.7 keys fast (the
+# default since); keys fast, 8 warps 9.8, 64 x 256 12.6, 128 x 128 at 8 warps 10.0, 128 x 64 11.5;
+# 2 / 4 stages (query tiles fast) 10.5 / 9.7
+FP8_SCORE_TILES = [(64, 128, 4, None, True), (64, 128, 4, None, False), (64, 128, 8, None, True),
+                   (64, 128, 4, 4, True)]
 
 
 # ---------------------------------------------------------------------------- FP8 quantisation

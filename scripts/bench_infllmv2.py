@@ -330,11 +330,13 @@ def run_select(args, device, results, log):
 
 
 # the Gluon kernel's tiles (`infllmv2_pooled_sm90.SM90_POOLED_TILE` overrides): the default (255 registers,
-# 96 KB, two programs an SM), the same with key tiles on the grid's fast axis (`kernels.tile_order`)
-SM90_POOLED_TILES = [None, dict(KEYS_FAST=True), dict(KEYS_FAST=True, NUM_BUF=3)]
+# 96 KB, two programs an SM, key tiles on the grid's fast axis: `kernels.tile_order`), query tiles there.
+# H200 (2026-12-03, 128K): 2.55 / 2.97 ms; three buffers 2.84
+SM90_POOLED_TILES = [None, dict(KEYS_FAST=False)]
+# H200 (2026-12-03, last 16384 rows of 128K): query tiles fast 3.06 ms, keys fast 2.66 (the default since);
+# keys fast with 8 warps 3.79, 64 x 64 blocks 3.34-3.37, 128 rows 3.42, 2 stages 2.71
 POOLED_TILES = [  # (block_s, block_b, num_warps, num_stages, keys_fast); the first is the default
-    (64, 32, 4, None, False), (64, 32, 4, None, True), (64, 32, 8, None, True), (64, 64, 8, None, True),
-    (128, 32, 8, None, True), (64, 64, 4, None, True), (64, 32, 4, 2, True),
+    (64, 32, 4, None, True), (64, 32, 4, None, False), (64, 64, 8, None, True),
 ]
 
 
@@ -374,7 +376,7 @@ def run_pooled(args, device, results, log):
                      lambda bs_=bs_, bb_=bb_, nw_=nw_, ns_=ns_, kf_=kf_: pooled_block_scores(
                          q, k1, lse, vis1, nbc, p.pool_size, scale, q_pos0=S - C, block_size=p.block_size,
                          n_existing=K1, round_to=torch.bfloat16, block_s=bs_, block_b=bb_, num_warps=nw_,
-                         num_stages=ns_, keys_fast=kf_))
+                         num_stages=ns_, keys_fast=kf_, kernel="triton"))
                     for bs_, bb_, nw_, ns_, kf_ in POOLED_TILES]
         if torch.cuda.get_device_capability()[0] == 9:  # the Gluon kernel: the next head's product beside the exps
             variants += [(f"Gluon sm_90 {tile or 'default tile'}",

@@ -446,6 +446,23 @@ def test_sm90_pooled_kernel_names_what_it_refuses():
         call(q, tile=dict(BLOCK_B=128))
 
 
+def test_pooled_scores_kernel_choice_is_checked():
+    """`pooled_block_scores(kernel=...)`: an unknown name, or the Gluon kernel where it cannot run (here:
+    a CPU tensor), is refused with what is allowed; None picks the Triton kernel here."""
+    from stem_boost.kernels.infllmv2_pooled_sm90 import supports_pooled_sm90
+    from stem_boost.kernels.infllmv2_select import pooled_block_scores
+
+    q = torch.randn(1, 4, 5, 64).to(torch.bfloat16)
+    args = (q, torch.randn(1, 2, 8, 64), torch.randn(1, 4, 5), torch.full((5,), 8, dtype=torch.int32), 2, 4, 0.1)
+    with pytest.raises(ValueError, match="kernel='cuda'; allowed: None"):
+        pooled_block_scores(*args, q_pos0=0, block_size=16, kernel="cuda")
+    with pytest.raises(ValueError, match="needs CUDA compute capability 9.x"):
+        pooled_block_scores(*args, q_pos0=0, block_size=16, kernel="gluon")
+    assert not supports_pooled_sm90(q, 4)
+    assert torch.equal(pooled_block_scores(*args, q_pos0=0, block_size=16)[..., :1],
+                       pooled_block_scores(*args, q_pos0=0, block_size=16, kernel="triton")[..., :1])  # block 1 is unwritten
+
+
 def test_pooled_scores_same_in_either_launch_order(seed):
     """The pooled stage-1 kernel with key tiles on the grid's fast axis (`keys_fast`) writes the same
     bits as with query tiles there: launch order changes which programs share L2, not their sums."""
@@ -463,7 +480,7 @@ def test_pooled_scores_same_in_either_launch_order(seed):
     nbc = (T - 1) // block + 1
     kw = dict(q_pos0=T - C, block_size=block, n_existing=K1, block_s=16, block_b=4,
               key_bias=torch.randn(1, Hk, nbc) * 0.3)
-    want = pooled_block_scores(q, k1, lse, vis1, nbc, pool, D ** -0.5, **kw)
+    want = pooled_block_scores(q, k1, lse, vis1, nbc, pool, D ** -0.5, keys_fast=False, **kw)
     got = pooled_block_scores(q, k1, lse, vis1, nbc, pool, D ** -0.5, keys_fast=True, **kw)
     seen = torch.arange(nbc)[None, :] <= (q_pos // block)[:, None]  # the rest is unwritten by both
     assert torch.equal(got[:, :, seen], want[:, :, seen]), f"seed={seed}"

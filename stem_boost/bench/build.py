@@ -163,18 +163,6 @@ def warp_topk_case(R: int = 64, T: int = 131072) -> BuildCase:
                                   "threshold, one read of the row, the exact top-k of the kept keys", run)
 
 
-def indexer_sm90_case(S: int = 128, T: int = 131072) -> BuildCase:
-    from ..kernels.indexer_scores_sm90 import fp8_index_scores_sm90
-
-    def run():  # as the chunked indexer would call it: a causal chunk at the end of 128K keys
-        q = torch.randn(1, S, 64, 128, dtype=BF16)
-        fp8_index_scores_sm90(q, torch.randn(1, T, 128, dtype=BF16), torch.randn(1, S, 64), 128 ** -0.5,
-                              causal_offset=T - S, write_masked=False)
-
-    return BuildCase("indexer fp8 sm90", "DeepSeek-V3.2 FP8 indexer scores in Gluon for Hopper (experimental: the "
-                                         "next head's product beside this head's sum)", run)
-
-
 def pooled_sm90_case(G: int = 16, Hk: int = 2, C: int = 128, T: int = 131072) -> BuildCase:
     from ..kernels.infllmv2_pooled_sm90 import pooled_block_scores_sm90
 
@@ -184,8 +172,8 @@ def pooled_sm90_case(G: int = 16, Hk: int = 2, C: int = 128, T: int = 131072) ->
                                  torch.randn(1, G * Hk, C), torch.full((C,), K1, dtype=torch.int32), NB, 4,
                                  128 ** -0.5, q_pos0=T - C, block_size=64, round_to=BF16)
 
-    return BuildCase("select pooled sm90", "InfLLMv2 stage-1 pooled scores in Gluon for Hopper (experimental: the "
-                                           "next head's product beside this head's exponentials)", run)
+    return BuildCase("select pooled sm90", "InfLLMv2 stage-1 pooled scores in Gluon for Hopper (the selection's "
+                                           "path there: the next head's product beside this head's exponentials)", run)
 
 
 def stem_cut_case(R: int = 64, K: int = 2048, T: int = 131072) -> BuildCase:
@@ -311,7 +299,6 @@ def all_cases() -> list[BuildCase]:
         select_case(None, topk_method="warp"), select_case("budgets", topk_method="warp"),
         select_g3_case(), stage1_case(), pooled_sm90_case(),
         indexer_case("bfloat16"), indexer_case("fp8"), indexer_case("fp8", head_dim=32), indexer_case("bfloat16", stem=True),
-        indexer_sm90_case(),
         stem_cut_case(), sampled_topk_case(), warp_topk_case(),
         mla_case(), mla_case(heads=64), mla_experimental_case(), mla_gluon_case("sm90"), mla_gluon_case("ws"),
         gqa_token_case(), rope_case(), rope_interleaved_case(), rope_half_rounded_case(), value_rms_case(),

@@ -113,7 +113,7 @@ def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale:
                        *, write_masked: bool = True, k_scale: torch.Tensor | None = None,
                        num_warps: int | None = None, heads_per_step: int | None = None,
                        pipeline: bool | None = None, fold_scale: bool = True,
-                       num_stages: int | None = None, keys_fast: bool = False) -> torch.Tensor:
+                       num_stages: int | None = None, keys_fast: bool = True) -> torch.Tensor:
     """q [B, S, H, D] (bf16/fp16, or e4m3 with k e4m3), k [B, T, D], w [B, S, H] fp32 -> I [B, S, T] fp32.
 
     `scale=None` means the scale is already folded into w (scores relu(q.k) are then weighted).
@@ -131,7 +131,8 @@ def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale:
     A positive `scale` is folded into the head weights (relu(c x) = c relu(x)): one multiply less
     per score and head (`fold_scale=False` keeps the multiply: the benchmark's before).
     `num_stages`: the software pipeline's depth over the head loop (None: Triton's default, 3).
-    `keys_fast`: key tiles on the grid's fastest axis (`tile_order`).
+    `keys_fast`: key tiles on the grid's fastest axis (`tile_order`; H200, e4m3, 8192 rows at the end of
+    64K keys: 8.7 ms against 9.5 with query tiles there).
     """
     B, S, H, D = q.shape
     T = k.shape[1]
@@ -275,7 +276,7 @@ def fp8_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: f
                      *, rotate: bool = True, write_masked: bool = True, num_warps: int | None = None,
                      heads_per_step: int | None = None, pipeline: bool | None = None, fold_scale: bool = True,
                      k_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     num_stages: int | None = None, keys_fast: bool = False) -> torch.Tensor:
+                     num_stages: int | None = None, keys_fast: bool = True) -> torch.Tensor:
     """The lightning-indexer scores of `fused_index_scores`, computed with FP8 (e4m3) operands.
 
     q [B, S, H, D], k [B, T, D] any float dtype (D a power of two <= 128), w [B, S, H]; same result

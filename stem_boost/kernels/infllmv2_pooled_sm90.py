@@ -15,18 +15,26 @@ for each head's product before its exponentials (the same `warp_group_dot_wait {
 the indexer's), and the kernel measured a third of either limit (330 TFLOP/s, 1.3 T exp/s). Here the
 head loop is written out: head g's product is issued asynchronously, `warpgroup_mma_wait(1)` leaves it
 running, and head g - 1's exp2 and sum run beside it; two product tiles alternate in the registers.
+Measured (H200): the overlap alone 3% faster than the Triton kernel; most of what was lost was the
+launch order (the query tiles streamed from HBM once per key tile, `tile_order`), which both kernels
+now share; the Gluon one stays 4% ahead and is still at 40% of either unit's limit.
 
 Program roles: axis 0 = BLOCK_S query rows, axis 1 = BLOCK_B - 1 key blocks (BLOCK_B * P fine keys,
-the first group only for the pooling's previous key), axis 2 = batch x kv head; one warpgroup. The
+the first group only for the pooling's previous key), the two swapped by KEYS_FAST (the default),
+axis 2 = batch x kv head; one warpgroup. The
 key tile goes to shared memory once; the group's query-head tiles stream through NUM_BUF cp.async
 buffers, NUM_BUF - 2 heads ahead. The pooling (max over each block's P keys and the previous
 block's last key) follows `_pooled_tile` step by step. Only for CUDA on compute capability 9.x (Gluon
 has no CPU interpreter); the Triton kernel is its oracle on the GPU (`tests/test_gpu_infllmv2_pooled_sm90.py`)
-and `stem-boost build` compiles it on any machine. Experimental: timed by `scripts/bench_infllmv2.py
---parts pooled`, not the selection's path.
+and `stem-boost build` compiles it on any machine. `infllmv2_select.pooled_block_scores` takes it
+on Hopper (`supports_pooled_sm90`): on an H200, the last 16384 rows of a 128K prefill in 2.55 ms
+against the Triton kernel's 2.66 (both with key tiles on the grid's fast axis; `scripts/bench_infllmv2.py
+--parts pooled`).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -37,12 +45,12 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
 from .gluon_heads import issue_head_product, load_head, merge_tile
 from .gluon_shims import async_load as _async_load
-from .infllmv2_select import pooled_launch_args
+from .infllmv2_pooled_args import pooled_launch_args
 from .tile_order import tile_grid
 
-__all__ = ["pooled_block_scores_sm90", "SM90_POOLED_TILE"]
+__all__ = ["pooled_block_scores_sm90", "supports_pooled_sm90", "SM90_POOLED_TILE"]
 
-SM90_POOLED_TILE = dict(BLOCK_S=64, BLOCK_B=32, NUM_BUF=4, KEYS_FAST=False)  # one warpgroup; BLOCK_B * P fine keys a tile
+SM90_POOLED_TILE = dict(BLOCK_S=64, BLOCK_B=32, NUM_BUF=4, KEYS_FAST=True)  # one warpgroup; BLOCK_B * P fine keys a tile
 
 
 @gluon.jit
@@ -179,6 +187,19 @@ def _pooled_scores_sm90_fwd(
         out_ok = (tok_o < C)[:, None] & (grp >= 1)[None, :] & (j < NBC)[None, :]
         gl.store(OUT + b.to(gl.int64) * stride_ob + hk.to(gl.int64) * stride_oh
                  + tok_o[:, None].to(gl.int64) * stride_os + j[None, :], pooled, mask=out_ok)
+
+
+def supports_pooled_sm90(q: torch.Tensor, pool: int) -> bool:
+    """Whether `pooled_block_scores_sm90` runs these queries [B, Hq, C, D] with blocks of `pool` fine
+    keys at its default tile: CUDA on compute capability 9.x (not the interpreter), bf16 / fp16, head
+    dim 64 or 128, pool a power of two <= 8."""
+    return (q.is_cuda and not _interpreting() and torch.cuda.get_device_capability(q.device)[0] == 9
+            and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
+            and pool > 0 and not pool & (pool - 1) and SM90_POOLED_TILE["BLOCK_B"] * pool <= 256)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def pooled_block_scores_sm90(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vis1: torch.Tensor,

@@ -59,9 +59,15 @@ from ..selection import Selection
 
 from .infllmv2_geometry import compress_keys, kernel_causal_offset, num_compressed, visible_compressed
 from .infllmv2_scores import LOG2E, coarse_lse, group_mass
+from .infllmv2_pooled_args import pooled_launch_args
 from .row_select import keep_largest, ordered_u32
 from .tile_order import tile_grid, tile_ids
 from .warp_rows import ballot_layout_holds, row_counts, rows_compact, rows_threshold
+
+try:  # the Hopper pooled kernel is Gluon code: an API change in a later Triton costs only this route
+    from .infllmv2_pooled_sm90 import pooled_block_scores_sm90, supports_pooled_sm90
+except Exception:  # pragma: no cover - Triton without a Gluon that this kernel compiles with
+    supports_pooled_sm90 = None
 
 __all__ = ["block_topk", "infllmv2_select_fused", "infllmv2_selection", "pooled_block_scores"]
 
@@ -180,7 +186,8 @@ def pooled_block_scores(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vi
                         lo1: torch.Tensor | None = None,
                         round_to: torch.dtype | None = None, block_s: int = 64, block_b: int = 32,
                         key_bias: torch.Tensor | None = None, num_warps: int = 4,
-                        num_stages: int | None = None, keys_fast: bool = False) -> torch.Tensor:
+                        num_stages: int | None = None, keys_fast: bool = True,
+                        kernel: str | None = None) -> torch.Tensor:
     """Group-summed stage-1 scores of the fine compressed keys, max-pooled onto key blocks.
 
     Args:
@@ -201,6 +208,9 @@ def pooled_block_scores(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vi
             (None: Triton's default); `scripts/bench_infllmv2.py --parts pooled` compares them.
         keys_fast: launch order, key tiles on the grid's fastest axis: the programs running at once
             share their query tiles (from L2) instead of streaming every query tile once per key tile.
+        kernel: "triton", "gluon" (Hopper, `infllmv2_pooled_sm90`; its own tile, so block_s, block_b,
+            num_warps and num_stages are the Triton kernel's only) or None: Gluon where
+            `supports_pooled_sm90` says it runs (4% faster on an H200), else Triton.
     Returns [B, Hk, C, n_blocks] fp32, equal to `pool_block_scores(_group_compressed_scores(...))`
     (or, with key_bias, its Stem keys).
     """
@@ -209,6 +219,16 @@ def pooled_block_scores(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vi
     G = Hq // Hk
     if pool & (pool - 1) or D & (D - 1) or D < 16:
         raise ValueError(f"pool ({pool}) and head dim ({D}) must be powers of two (head dim >= 16)")
+    if kernel not in (None, "triton", "gluon"):
+        raise ValueError(f"kernel={kernel!r}; allowed: None (auto), 'triton', 'gluon'")
+    gluon_ok = supports_pooled_sm90 is not None and supports_pooled_sm90(q, pool)
+    if kernel == "gluon" and not gluon_ok:
+        raise ValueError(f"kernel='gluon' needs CUDA compute capability 9.x, bf16 / fp16 q with head dim 64 or "
+                         f"128 and pool <= 8; got {q.device}, {q.dtype}, head dim {D}, pool {pool}")
+    if kernel == "gluon" or (kernel is None and gluon_ok):
+        return pooled_block_scores_sm90(q, k1, lse, vis1, n_blocks, pool, scale, q_pos0=q_pos0, block_size=block_size,
+                                        n_existing=n_existing, lo1=lo1, round_to=round_to, key_bias=key_bias,
+                                        tile=dict(KEYS_FAST=keys_fast))
     out, args = pooled_launch_args(q, k1, lse, vis1, n_blocks, scale, q_pos0=q_pos0, n_existing=n_existing, lo1=lo1,
                                    key_bias=key_bias)
     grid = tile_grid(triton.cdiv(C, block_s), triton.cdiv(n_blocks, block_b - 1), B * Hk, keys_fast)
@@ -219,35 +239,6 @@ def pooled_block_scores(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vi
         num_warps=num_warps, **({} if num_stages is None else dict(num_stages=num_stages)),
     )
     return out
-
-
-def pooled_launch_args(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vis1: torch.Tensor, n_blocks: int,
-                       scale: float, *, q_pos0: int, n_existing: int | None, lo1: torch.Tensor | None,
-                       key_bias: torch.Tensor | None) -> tuple[torch.Tensor, tuple]:
-    """The result [B, Hk, C, n_blocks] fp32 (empty) and the run-time arguments of a pooled stage-1
-    kernel (`_pooled_scores_kernel` and its Gluon twin take the same ones, in this order): tensors,
-    scale in log2 units, sizes, strides, kv heads. Checks key_bias's shape."""
-    B, Hq, C, D = q.shape
-    Hk, K1 = k1.shape[1], k1.shape[2]
-    n_existing = K1 if n_existing is None else int(n_existing)
-    k1 = k1.to(q.dtype).contiguous()
-    vis1 = vis1.to(torch.int32)
-    vis1 = (vis1.unsqueeze(0) if vis1.dim() == 1 else vis1).contiguous()
-    out = torch.empty(B, Hk, C, n_blocks, dtype=torch.float32, device=q.device)
-    if key_bias is not None:
-        key_bias = key_bias.float().contiguous()
-        if key_bias.dim() != 3 or key_bias.shape[:2] != (B, Hk) or key_bias.shape[2] < n_blocks:
-            raise ValueError(f"key_bias must be [B={B}, Hk={Hk}, >= {n_blocks}]; got {tuple(key_bias.shape)}")
-    args = (q, k1, lse, vis1, lo1 if lo1 is not None else vis1, out, key_bias if key_bias is not None else out,
-            float(scale) * LOG2E, C, n_existing, n_blocks, q_pos0,
-            q.stride(0), q.stride(1), q.stride(2),
-            k1.stride(0), k1.stride(1), k1.stride(2),
-            lse.stride(0), lse.stride(1),
-            vis1.stride(0) if vis1.shape[0] > 1 else 0,
-            out.stride(0), out.stride(1), out.stride(2),
-            key_bias.stride(0) if key_bias is not None else 0, key_bias.stride(1) if key_bias is not None else 0,
-            Hk)
-    return out, args
 
 
 # ------------------------------------------------------------------------------------------------
