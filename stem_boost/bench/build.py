@@ -163,17 +163,19 @@ def warp_topk_case(R: int = 64, T: int = 131072) -> BuildCase:
                                   "threshold, one read of the row, the exact top-k of the kept keys", run)
 
 
-def pooled_sm90_case(G: int = 16, Hk: int = 2, C: int = 128, T: int = 131072) -> BuildCase:
+def pooled_sm90_case(G: int = 16, Hk: int = 2, C: int = 128, T: int = 131072, stem: bool = False) -> BuildCase:
     from ..kernels.infllmv2_pooled_sm90 import pooled_block_scores_sm90
 
     def run():  # MiniCPM-4.1's stage 1 on the last chunk of a 128K prefill (pool 4, bf16 rounding)
         K1, NB = T // 16, T // 64
         pooled_block_scores_sm90(torch.randn(1, G * Hk, C, 128, dtype=BF16), torch.randn(1, Hk, K1, 128, dtype=BF16),
                                  torch.randn(1, G * Hk, C), torch.full((C,), K1, dtype=torch.int32), NB, 4,
-                                 128 ** -0.5, q_pos0=T - C, block_size=64, round_to=BF16)
+                                 128 ** -0.5, q_pos0=T - C, block_size=64, round_to=BF16,
+                                 key_bias=torch.randn(1, Hk, NB) if stem else None)
 
-    return BuildCase("select pooled sm90", "InfLLMv2 stage-1 pooled scores in Gluon for Hopper (the selection's "
-                                           "path there: the next head's product beside this head's exponentials)", run)
+    return BuildCase(f"select pooled sm90{' stem' if stem else ''}",
+                     "InfLLMv2 stage-1 pooled scores in Gluon for Hopper (the selection's path there: the next head's "
+                     f"product beside this head's exponentials){'; with Stem OAM keys' if stem else ''}", run)
 
 
 def stem_cut_case(R: int = 64, K: int = 2048, T: int = 131072) -> BuildCase:
@@ -297,7 +299,7 @@ def all_cases() -> list[BuildCase]:
         union_case(16, 2, query_block=64),
         select_case(None), select_case("budgets"), select_case("mass"), select_case(None, fused=True),
         select_case(None, topk_method="warp"), select_case("budgets", topk_method="warp"),
-        select_g3_case(), stage1_case(), pooled_sm90_case(),
+        select_g3_case(), stage1_case(), pooled_sm90_case(), pooled_sm90_case(stem=True),
         indexer_case("bfloat16"), indexer_case("fp8"), indexer_case("fp8", head_dim=32), indexer_case("bfloat16", stem=True),
         stem_cut_case(), sampled_topk_case(), warp_topk_case(),
         mla_case(), mla_case(heads=64), mla_experimental_case(), mla_gluon_case("sm90"), mla_gluon_case("ws"),
