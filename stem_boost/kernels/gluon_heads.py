@@ -1,5 +1,6 @@
 """Gluon helpers of the Hopper kernels that loop over attention heads with one query tile per head
-against one key tile held in shared memory (`indexer_scores_sm90`, `infllmv2_pooled_sm90`): the heads'
+against one key tile held in shared memory (today `infllmv2_pooled_sm90`; a Gluon FP8 indexer scorer
+used them too until it measured no faster than the Triton one): the heads'
 query tiles stream through NUM_BUF shared buffers by cp.async, NUM_BUF - 2 heads ahead of the
 product, and each head's product is issued asynchronously so that the previous head's epilogue runs
 beside it (`warpgroup_mma_wait(1)` in the caller).
