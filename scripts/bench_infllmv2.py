@@ -335,6 +335,9 @@ def run_select(args, device, results, log):
 SM90_POOLED_TILES = [None, dict(KEYS_FAST=False)]
 # H200 (2026-12-03, last 16384 rows of 128K): query tiles fast 3.06 ms, keys fast 2.66 (the default since);
 # keys fast with 8 warps 3.79, 64 x 64 blocks 3.34-3.37, 128 rows 3.42, 2 stages 2.71
+# the coarse lse's tiles (rows = tokens x G a program, block_n, warps, stages); the default: 128, 64, 8, 3
+COARSE_LSE_TILES = [(64, 64, 4, None), (256, 64, 8, None), (128, 32, 8, None), (128, 128, 8, None),
+                    (128, 64, 4, None), (128, 64, 8, 2), (128, 64, 8, 4), (64, 128, 4, None)]
 POOLED_TILES = [  # (block_s, block_b, num_warps, num_stages, keys_fast); the first is the default
     (64, 32, 4, None, True), (64, 32, 4, None, False), (64, 64, 8, None, True),
 ]
@@ -369,6 +372,18 @@ def run_pooled(args, device, results, log):
         scale = D ** -0.5
         lse = coarse_lse(q, k2, vis2, scale)
         lse_ms = bench(lambda: coarse_lse(q, k2, vis2, scale))
+        for rows_, bn_, nw_, ns_ in COARSE_LSE_TILES:  # the coarse lse's tiles, each against the default
+            name = f"coarse lse: rows {rows_} block_n {bn_} warps {nw_ or 'default'} stages {ns_ or 'default'}"
+            try:
+                got = coarse_lse(q, k2, vis2, scale, rows=rows_, block_n=bn_, num_warps=nw_, num_stages=ns_)
+                ms = bench(lambda: coarse_lse(q, k2, vis2, scale, rows=rows_, block_n=bn_, num_warps=nw_,
+                                              num_stages=ns_))
+            except Exception as err:  # a tile that does not compile is reported, not fatal
+                log(f"{name}: failed {err!r}"[:200])
+                continue
+            same = bool(torch.allclose(got, lse, rtol=1e-5, atol=1e-5, equal_nan=True))
+            log(f"S={S} {name}: {ms:.3f} ms (default {lse_ms:.3f}); equal {same}")
+            results["coarse_lse"].append(dict(S=S, C=C, tile=name, ms=ms, default_ms=lse_ms, equal=same))
         nbc = (S - 1) // p.block_size + 1
         pairs = float(vis1.long().sum()) * Hk
         base = None
@@ -434,7 +449,7 @@ def main():
 
     results = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
                    date=time.strftime("%Y-%m-%d"),
-                   argv=sys.argv, checks=[], stage2=[], select=[], pooled=[])
+                   argv=sys.argv, checks=[], stage2=[], select=[], pooled=[], coarse_lse=[])
     import triton
 
     results["triton"] = triton.__version__
@@ -448,6 +463,11 @@ def main():
     results["seconds"] = time.time() - t0
     if out_dir:
         (out_dir / "bench_infllmv2.json").write_text(json.dumps(results, indent=1))
+    if results["coarse_lse"]:
+        print("\n| S (last C rows) | coarse lse tile | ms | default ms | equal |")
+        print("|---|---|---|---|---|")
+        for r in results["coarse_lse"]:
+            print(f"| {r['S']} ({r['C']}) | {r['tile']} | {r['ms']:.3f} | {r['default_ms']:.3f} | {r['equal']} |")
     if results["pooled"]:
         print("\n| S (last C rows) | pooled stage-1 tile | ms | TFLOP/s | G exp/s | equal to the default | coarse lse ms |")
         print("|---|---|---|---|---|---|---|")

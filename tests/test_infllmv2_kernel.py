@@ -484,3 +484,23 @@ def test_pooled_scores_same_in_either_launch_order(seed):
     got = pooled_block_scores(q, k1, lse, vis1, nbc, pool, D ** -0.5, keys_fast=True, **kw)
     seen = torch.arange(nbc)[None, :] <= (q_pos // block)[:, None]  # the rest is unwritten by both
     assert torch.equal(got[:, :, seen], want[:, :, seen]), f"seed={seed}"
+
+
+@pytest.mark.parametrize("G,rows,block_n", [(4, 16, 16), (4, 64, 32), (3, 128, 16)])
+def test_coarse_lse_same_for_any_tile(seed, G, rows, block_n):
+    """The coarse lse's tile knobs (rows a program, keys a step) change the order of its sums only:
+    equal to the default tile within fp32 rounding, -inf where a row sees no coarse key; a row count
+    that is not a power of two is refused by name."""
+    from stem_boost.kernels.infllmv2_scores import coarse_lse
+
+    Hk, C, K2, D = 2, 37, 29, 16
+    q, k2 = torch.randn(1, Hk * G, C, D), torch.randn(1, Hk, K2, D)
+    vis2 = torch.randint(0, K2 + 1, (C,)).sort().values.to(torch.int32)
+    vis2[:3] = 0
+    want = coarse_lse(q, k2, vis2, D ** -0.5)
+    got = coarse_lse(q, k2, vis2, D ** -0.5, rows=rows, block_n=block_n)
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and bool(torch.isinf(want[..., :3]).all()), f"seed={seed}"
+    fin = torch.isfinite(want)
+    assert torch.allclose(got[fin], want[fin], rtol=1e-5, atol=1e-5), f"seed={seed}"
+    with pytest.raises(ValueError, match="rows=48: a power of two"):
+        coarse_lse(q, k2, vis2, D ** -0.5, rows=48)

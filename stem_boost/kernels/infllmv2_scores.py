@@ -184,29 +184,44 @@ def fused_stage1_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, vis
 
 
 def coarse_lse(q: torch.Tensor, k2: torch.Tensor, vis2: torch.Tensor, scale: float, *,
-               lo2: torch.Tensor | None = None, block_n: int = 64) -> torch.Tensor:
+               lo2: torch.Tensor | None = None, block_n: int = 64, rows: int = 128, num_warps: int | None = None,
+               num_stages: int | None = None) -> torch.Tensor:
     """The coarse level of stage 1 alone: lse [B, Hq, C] fp32 in log2 units (-inf for rows that see
     no coarse key) of ``q_g[s] . k2[c2] * scale`` over ``lo2[b] <= c2 < vis2[s]``.
 
     q [B, Hq, C, D] (HF layout), k2 [B, Hk, K2, D] in q's dtype, vis2 [C] int32, lo2 optional [B]
     int32 first existing coarse key (left padding). D a power of two; any group size (a group of
-    a power of two runs with the group's heads folded into the tile rows)."""
+    a power of two runs with the group's heads folded into the tile rows: `rows` (token, head) rows
+    a program, a power of two; other groups one head a program, 64 tokens). `block_n` coarse keys a
+    step, `num_warps` (None: 8 from 128 rows, else 4) and `num_stages` (None: Triton's default) are
+    the tile's other knobs (`scripts/bench_infllmv2.py --parts pooled` times them)."""
     B, Hq, C, D = q.shape
     Hk, K2 = k2.shape[1], k2.shape[2]
     G = Hq // Hk
     if D & (D - 1) or D < 16:
         raise ValueError(f"head dim {D} must be a power of two >= 16")
+    if rows < 16 or rows & (rows - 1):
+        raise ValueError(f"rows={rows}: a power of two >= 16")
     k2 = k2.to(q.dtype).contiguous()
     vis2 = vis2.to(torch.int32).contiguous()
     lse = torch.empty(B, Hq, C, dtype=torch.float32, device=q.device)
+    stages = {} if num_stages is None else dict(num_stages=num_stages)
     if G & (G - 1):
         _coarse_lse_head_kernel[(triton.cdiv(C, 64), G, B * Hk)](
             q, k2, vis2, lo2 if lo2 is not None else vis2, lse, float(scale) * LOG2E, C, K2,
             q.stride(0), q.stride(1), q.stride(2), k2.stride(0), k2.stride(1), k2.stride(2),
             lse.stride(0), lse.stride(1),
-            Hk, G, D=D, BLOCK_S=64, BLOCK_N=block_n, HAS_LO=lo2 is not None, num_warps=4,
+            Hk, G, D=D, BLOCK_S=64, BLOCK_N=block_n, HAS_LO=lo2 is not None, num_warps=num_warps or 4, **stages,
         )
         return lse
+    bs_a = max(1, rows // G)
+    _coarse_lse_kernel[(triton.cdiv(C, bs_a), 1, B * Hk)](
+        q, k2, vis2, lo2 if lo2 is not None else vis2, lse, float(scale) * LOG2E, C, K2,
+        q.stride(0), q.stride(1), q.stride(2), k2.stride(0), k2.stride(1), k2.stride(2), lse.stride(0), lse.stride(1),
+        Hk, G=G, D=D, BLOCK_S=bs_a, BLOCK_N=block_n, HAS_LO=lo2 is not None,
+        num_warps=num_warps or (8 if bs_a * G >= 128 else 4), **stages,
+    )
+    return lse
     bs_a = max(1, 128 // G)
     _coarse_lse_kernel[(triton.cdiv(C, bs_a), 1, B * Hk)](
         q, k2, vis2, lo2 if lo2 is not None else vis2, lse, float(scale) * LOG2E, C, K2,
