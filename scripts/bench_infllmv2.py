@@ -270,6 +270,14 @@ def run_select(args, device, results, log):
                    fused3_ms=bench(lambda: infllmv2_select_fused(q, k, p, fuse_topk=False)),
                    # 8 warps: spill-free on sm_90 (`stem-boost build --cases select`), 4 is the default
                    fused_w8_ms=bench(lambda: infllmv2_select_fused(q, k, p, num_warps=8)))
+        # the query-chunk size (the models run 1024 rows a chunk on CUDA; the default above is 16384)
+        for chunk_rows in args.select_chunks:
+            out = infllmv2_select_fused(q, k, p, chunk_size=chunk_rows)
+            row[f"fused_chunk{chunk_rows}_ms"] = bench(lambda: infllmv2_select_fused(q, k, p, chunk_size=chunk_rows))
+            row[f"fused_chunk{chunk_rows}_equal"] = bool(torch.equal(out[0], idx_n) and torch.equal(out[1], cnt_n))
+            log(f"select S={S} chunk {chunk_rows}: {row[f'fused_chunk{chunk_rows}_ms']:.2f} ms, "
+                f"equal {row[f'fused_chunk{chunk_rows}_equal']}")
+            del out
         # step 3 with one row a warp (block_topk(method="warp")), native and with Stem's inputs
         row["warp_topk_ms"] = bench(lambda: infllmv2_select_fused(q, k, p, topk_method="warp"))
         row["warp_topk_stem_ms"] = bench(lambda: infllmv2_select_fused(q, k, p, key_bias=bias, budgets=budgets,
@@ -431,6 +439,8 @@ def main():
     ap.add_argument("--seed", type=int, default=20261202)
     ap.add_argument("--check-seq", type=int, default=1536)
     ap.add_argument("--select-seqs", nargs="+", type=int, default=[8192, 16384, 32768])
+    ap.add_argument("--select-chunks", nargs="+", type=int, default=[1024, 4096],
+                    help="query-chunk sizes of the fused selection timed beside its default (16384)")
     ap.add_argument("--select-oracle-max", type=int, default=32768, help="longest S compared with the PyTorch selection")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=str, default=None)
