@@ -98,12 +98,14 @@ def timed(fn, rep_ms: int = 300, min_reps: int | None = None) -> tuple[float, fl
         return float("nan"), float("nan")
 
 
-def timed_interleaved(fns: dict, rep_ms: int = 300, min_reps: int | None = None) -> dict:
+def timed_interleaved(fns: dict, rep_ms: int = 1500, min_reps: int | None = None) -> dict:
     """{name: (median ms, peak GiB above the baseline, first call s)} of several forwards timed in
     alternation: after one first call each (`first_call`: compiles, peak memory), rounds call every
     fn once, the order rotating from round to round, each call between its own CUDA events. A GPU
     that slows as it heats (or a clock that drifts) then weighs on every fn alike, where timing one
     after the other penalised the later one: the ratio of two of them is the quantity a bar reads.
+    Rounds: at least min_reps, more while they fit in rep_ms (1.5 s: 11 rounds of a 128K MiniCPM-4.1
+    layer pair, whose ratio five rounds left 0.1 apart from call to call on an H200).
     (nan, nan, nan) for a fn that runs out of memory."""
     out = {}
     for name, fn in fns.items():
@@ -116,8 +118,16 @@ def timed_interleaved(fns: dict, rep_ms: int = 300, min_reps: int | None = None)
     live = [n for n in fns if out[n][0] == out[n][0]]  # not nan
     if not live:
         return out
-    # at least min_reps rounds, more while they fit in rep_ms (first calls, compiles included, as the estimate)
-    rounds = max(min_reps or MIN_REPS, int(rep_ms / max(sum(out[n][0] for n in live), 1e-3)) + 1)
+    # at least min_reps rounds, more while they fit in rep_ms; a round's time from one warm round
+    # (the first calls include compiles: as the estimate they cut a 70 ms forward to five rounds,
+    # too few for a ratio that must be read to 0.01)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for n in live:
+        fns[n]()
+    torch.cuda.synchronize()
+    round_ms = (time.perf_counter() - t0) * 1e3
+    rounds = max(min_reps or MIN_REPS, int(rep_ms / max(round_ms, 1e-3)) + 1)
     times = {n: [] for n in live}
     clocks = []  # the SM clock after each round (MHz; NVML), to tell a GPU that slowed from a slower config
     for r in range(rounds):
