@@ -338,16 +338,17 @@ def run_select(args, device, results, log):
 
 
 # the Gluon kernel's tiles (`infllmv2_pooled_sm90.SM90_POOLED_TILE` overrides): the default (255 registers,
-# 96 KB, two programs an SM, key tiles on the grid's fast axis: `kernels.tile_order`), query tiles there.
-# H200 (2026-12-03, 128K): 2.55 / 2.97 ms; three buffers 2.84
-SM90_POOLED_TILES = [None, dict(KEYS_FAST=False)]
-# H200 (2026-12-03, last 16384 rows of 128K): query tiles fast 3.06 ms, keys fast 2.66 (the default since);
-# keys fast with 8 warps 3.79, 64 x 64 blocks 3.34-3.37, 128 rows 3.42, 2 stages 2.71
+# 96 KB, two programs an SM, key tiles on the grid's fast axis: `kernels.tile_order`), query tiles there,
+# and 64 fine keys a tile (130 registers, 80 KB: two programs; with three buffers 144 registers, 64 KB:
+# three programs, 12 warps an SM; sm_90 builds). H200 (2026-12-03, 128K): 2.55 / 2.97 ms; three buffers
+# 2.84; 16 blocks 5.31 with query tiles fast (HBM-bound then), not yet timed keys first
+SM90_POOLED_TILES = [None, dict(KEYS_FAST=False), dict(BLOCK_B=16), dict(BLOCK_B=16, NUM_BUF=3)]
 # the coarse lse's tiles (rows = tokens x G a program, block_n, warps, stages); the default: 128, 64, 8, 3
 COARSE_LSE_TILES = [(64, 64, 4, None), (256, 64, 8, None), (128, 32, 8, None), (128, 128, 8, None),
                     (128, 64, 4, None), (128, 64, 8, 2), (128, 64, 8, 4), (64, 128, 4, None)]
 POOLED_TILES = [  # (block_s, block_b, num_warps, num_stages, keys_fast); the first is the default
     (64, 32, 4, None, True), (64, 32, 4, None, False), (64, 64, 8, None, True),
+    (64, 16, 4, None, True),  # 149 registers, 64 KB: three programs an SM (sm_90 build)
 ]
 
 
