@@ -34,8 +34,6 @@ against the Triton kernel's 2.66 (both with key tiles on the grid's fast axis; `
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 from triton.experimental import gluon
@@ -47,6 +45,7 @@ from .gluon_heads import issue_head_product, load_head, merge_tile
 from .gluon_shims import async_load as _async_load
 from .infllmv2_pooled_args import pooled_launch_args
 from .tile_order import tile_grid
+from .warp_rows import interpreting
 
 __all__ = ["pooled_block_scores_sm90", "supports_pooled_sm90", "SM90_POOLED_TILE"]
 
@@ -193,13 +192,9 @@ def supports_pooled_sm90(q: torch.Tensor, pool: int) -> bool:
     """Whether `pooled_block_scores_sm90` runs these queries [B, Hq, C, D] with blocks of `pool` fine
     keys at its default tile: CUDA on compute capability 9.x (not the interpreter), bf16 / fp16, head
     dim 64 or 128, pool a power of two <= 8."""
-    return (q.is_cuda and not _interpreting() and torch.cuda.get_device_capability(q.device)[0] == 9
+    return (q.is_cuda and not interpreting() and torch.cuda.get_device_capability(q.device)[0] == 9
             and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
             and pool > 0 and not pool & (pool - 1) and SM90_POOLED_TILE["BLOCK_B"] * pool <= 256)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def pooled_block_scores_sm90(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vis1: torch.Tensor,

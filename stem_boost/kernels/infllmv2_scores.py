@@ -222,11 +222,3 @@ def coarse_lse(q: torch.Tensor, k2: torch.Tensor, vis2: torch.Tensor, scale: flo
         num_warps=num_warps or (8 if bs_a * G >= 128 else 4), **stages,
     )
     return lse
-    bs_a = max(1, 128 // G)
-    _coarse_lse_kernel[(triton.cdiv(C, bs_a), 1, B * Hk)](
-        q, k2, vis2, lo2 if lo2 is not None else vis2, lse, float(scale) * LOG2E, C, K2,
-        q.stride(0), q.stride(1), q.stride(2), k2.stride(0), k2.stride(1), k2.stride(2), lse.stride(0), lse.stride(1),
-        Hk, G=G, D=D, BLOCK_S=bs_a, BLOCK_N=block_n, HAS_LO=lo2 is not None,
-        num_warps=8 if bs_a * G >= 128 else 4,
-    )
-    return lse

@@ -215,7 +215,7 @@ def pooled_block_scores(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vi
     (or, with key_bias, its Stem keys).
     """
     B, Hq, C, D = q.shape
-    Hk, K1 = k1.shape[1], k1.shape[2]
+    Hk = k1.shape[1]
     G = Hq // Hk
     if pool & (pool - 1) or D & (D - 1) or D < 16:
         raise ValueError(f"pool ({pool}) and head dim ({D}) must be powers of two (head dim >= 16)")
