@@ -339,18 +339,18 @@ def run_select(args, device, results, log):
 
 # the Gluon kernel's tiles (`infllmv2_pooled_sm90.SM90_POOLED_TILE` overrides): the default (255 registers,
 # 96 KB, two programs an SM, key tiles on the grid's fast axis: `kernels.tile_order`), query tiles there,
-# and 64 fine keys a tile (130 registers, 80 KB: two programs; with three buffers 144 registers, 64 KB:
-# three programs, 12 warps an SM; sm_90 builds). H200 (2026-12-03, 128K): 2.55 / 2.97 ms; three buffers
+# and 64 fine keys a tile (with three buffers 144 registers, 64 KB: three programs, 12 warps an SM;
+# `stem-boost build --cases "pooled sm90"`). H200 (2026-12-03, 128K): 2.55 / 2.97 ms; three buffers
 # 2.84; 16 blocks 5.31 with query tiles fast (HBM-bound then), not yet timed keys first
 SM90_POOLED_TILES = [None, dict(KEYS_FAST=False), dict(BLOCK_B=16), dict(BLOCK_B=16, NUM_BUF=3)]
 # the coarse lse's tiles (rows = tokens x G a program, block_n, warps, stages); the default: 128, 64, 8, 3
-# (sm_90 builds: the default 64 registers, 80 KB, 16 warps an SM; 2 stages 64 KB, 24 warps; 32 keys a
-# step 56 KB, 32 warps)
+# (`stem-boost build --cases "coarse lse"`: the default 64 registers, 80 KB, 16 warps an SM; 2 stages
+# 64 KB, 24 warps; 32 keys a step 56 KB, 32 warps)
 COARSE_LSE_TILES = [(64, 64, 4, None), (256, 64, 8, None), (128, 32, 8, None), (128, 128, 8, None),
                     (128, 64, 4, None), (128, 64, 8, 2), (128, 64, 8, 4), (64, 128, 4, None)]
 POOLED_TILES = [  # (block_s, block_b, num_warps, num_stages, keys_fast); the first is the default
     (64, 32, 4, None, True), (64, 32, 4, None, False), (64, 64, 8, None, True),
-    (64, 16, 4, None, True),  # 149 registers, 64 KB: three programs an SM (sm_90 build)
+    (64, 16, 4, None, True),  # 64 fine keys a tile: fewer registers, more programs an SM
 ]
 
 

@@ -163,7 +163,8 @@ def warp_topk_case(R: int = 64, T: int = 131072) -> BuildCase:
                                   "threshold, one read of the row, the exact top-k of the kept keys", run)
 
 
-def pooled_sm90_case(G: int = 16, Hk: int = 2, C: int = 128, T: int = 131072, stem: bool = False) -> BuildCase:
+def pooled_sm90_case(G: int = 16, Hk: int = 2, C: int = 128, T: int = 131072, stem: bool = False,
+                     tile: dict | None = None) -> BuildCase:
     from ..kernels.infllmv2_pooled_sm90 import pooled_block_scores_sm90
 
     def run():  # MiniCPM-4.1's stage 1 on the last chunk of a 128K prefill (pool 4, bf16 rounding)
@@ -171,11 +172,28 @@ def pooled_sm90_case(G: int = 16, Hk: int = 2, C: int = 128, T: int = 131072, st
         pooled_block_scores_sm90(torch.randn(1, G * Hk, C, 128, dtype=BF16), torch.randn(1, Hk, K1, 128, dtype=BF16),
                                  torch.randn(1, G * Hk, C), torch.full((C,), K1, dtype=torch.int32), NB, 4,
                                  128 ** -0.5, q_pos0=T - C, block_size=64, round_to=BF16,
-                                 key_bias=torch.randn(1, Hk, NB) if stem else None)
+                                 key_bias=torch.randn(1, Hk, NB) if stem else None, tile=tile)
 
-    return BuildCase(f"select pooled sm90{' stem' if stem else ''}",
+    label = " stem" if stem else "" if tile is None else " " + " ".join(f"{k.lower()}{v}" for k, v in tile.items())
+    return BuildCase(f"select pooled sm90{label}",
                      "InfLLMv2 stage-1 pooled scores in Gluon for Hopper (the selection's path there: the next head's "
-                     f"product beside this head's exponentials){'; with Stem OAM keys' if stem else ''}", run)
+                     f"product beside this head's exponentials){'; with Stem OAM keys' if stem else ''}"
+                     f"{f'; tile {tile}' if tile else ''}", run)
+
+
+def coarse_lse_case(block_n: int = 64, num_stages: int | None = None, G: int = 16, Hk: int = 2, C: int = 128,
+                    T: int = 131072) -> BuildCase:
+    from ..kernels.infllmv2_scores import coarse_lse
+
+    def run():  # MiniCPM-4.1's coarse level (stride 64) on the last chunk of a 128K prefill
+        K2 = T // 64
+        coarse_lse(torch.randn(1, G * Hk, C, 128, dtype=BF16), torch.randn(1, Hk, K2, 128, dtype=BF16),
+                   torch.full((C,), K2, dtype=torch.int32), 128 ** -0.5, block_n=block_n, num_stages=num_stages)
+
+    label = ("" if block_n == 64 else f" n{block_n}") + ("" if num_stages is None else f" s{num_stages}")
+    return BuildCase(f"coarse lse{label}", f"InfLLMv2 coarse log-sum-exp, {block_n} keys a step, "
+                                           f"{num_stages or 'default'} stages (its shared memory sets the SM's warps)",
+                     run)
 
 
 def stem_cut_case(R: int = 64, K: int = 2048, T: int = 131072) -> BuildCase:
@@ -300,6 +318,8 @@ def all_cases() -> list[BuildCase]:
         select_case(None), select_case("budgets"), select_case("mass"), select_case(None, fused=True),
         select_case(None, topk_method="warp"), select_case("budgets", topk_method="warp"),
         select_g3_case(), stage1_case(), pooled_sm90_case(), pooled_sm90_case(stem=True),
+        pooled_sm90_case(tile=dict(BLOCK_B=16, NUM_BUF=3)), coarse_lse_case(), coarse_lse_case(num_stages=2),
+        coarse_lse_case(block_n=32),
         indexer_case("bfloat16"), indexer_case("fp8"), indexer_case("fp8", head_dim=32), indexer_case("bfloat16", stem=True),
         stem_cut_case(), sampled_topk_case(), warp_topk_case(),
         mla_case(), mla_case(heads=64), mla_experimental_case(), mla_gluon_case("sm90"), mla_gluon_case("ws"),
