@@ -236,7 +236,14 @@ SM90_VARIANTS = [  # the Gluon kernel (first session 7 calls: N 32 with 3-4 buff
 ]
 
 
-WS_VARIANTS = [dict(CONSUMER_REGS=r, EARLY_QK_L=e) for e in (False, True) for r in (216, 232)]
+WS_VARIANTS = [dict(CONSUMER_REGS=232, EARLY_QK_L=False, LOCAL_P_REGS=p, L2_HINTS=h) for p in (False, True)
+               for h in (False, True)] + [dict(CONSUMER_REGS=216, EARLY_QK_L=False, LOCAL_P_REGS=True, L2_HINTS=False)]
+
+
+def ws_variant_name(v: dict) -> str:
+    """A row label for a tile of the warp-specialised MLA kernel (mla_token_ws.py)."""
+    return (f"ws consumer regs {v['CONSUMER_REGS']}" + (" next S early" if v["EARLY_QK_L"] else "")
+            + (" own P from registers" if v["LOCAL_P_REGS"] else "") + (" L2 hints" if v["L2_HINTS"] else ""))
 
 
 def sm90_variant_name(v: dict) -> str:
@@ -275,7 +282,7 @@ def section_mla(args, res: dict) -> None:
             err = float((got.float() - want).norm() / want.norm())
             res["mla"][f"H{H} sparse_attention {label}"] = dict(ms=ms, tflops=flop / ms / 1e9, err=err)
             row("mla", f"H{H} sparse_attention {label}", ms, f"{flop / ms / 1e9:.0f} TFLOP/s err {err:.1e}")
-        for v in MLA_VARIANTS:
+        for v in MLA_VARIANTS if "triton" in args.mla_kernels else ():
             if v["BLOCK_H"] > max(64, H):
                 continue
             if time.time() - T0 > args.budget_s:
@@ -294,9 +301,10 @@ def section_mla(args, res: dict) -> None:
             row("mla", name, ms, f"{flop / ms / 1e9:.0f} TFLOP/s err {err:.1e} {'PASS' if err < 1e-2 else 'FAIL'}")
         if not supports_sm90(q, 512):
             continue
-        gluon = [(sm90_variant_name(v), mla_token_attention_sm90, v) for v in SM90_VARIANTS]  # mla_token_sm90.py
-        gluon += [(f"ws consumer regs {v['CONSUMER_REGS']}" + (" next S early" if v["EARLY_QK_L"] else ""),
-                   mla_token_attention_ws, v) for v in WS_VARIANTS]  # the warp-specialised kernel (mla_token_ws.py)
+        gluon = [(sm90_variant_name(v), mla_token_attention_sm90, v) for v in SM90_VARIANTS
+                 if "sm90" in args.mla_kernels]  # mla_token_sm90.py
+        gluon += [(ws_variant_name(v), mla_token_attention_ws, v) for v in WS_VARIANTS
+                  if "ws" in args.mla_kernels]  # mla_token_ws.py
         for label, kernel, v in gluon:
             name = f"H{H} {label}"
             try:
@@ -610,6 +618,8 @@ def main() -> int:
     ap.add_argument("--topk-rows", type=int, default=8192)
     ap.add_argument("--topk-keys", type=int, default=65536)
     ap.add_argument("--mla-heads", type=int, nargs="+", default=[128, 64])
+    ap.add_argument("--mla-kernels", nargs="+", choices=["triton", "sm90", "ws"], default=["triton", "sm90", "ws"],
+                    help="the MLA section's kernel families whose tile variants run (the default route always does)")
     ap.add_argument("--mla-queries", type=int, default=8192)
     ap.add_argument("--mla-keys", type=int, default=32768)
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 1536, 2048],

@@ -58,7 +58,7 @@ BLOCK_K = 64  # keys per consumer per step (a step takes 2 * BLOCK_K)
 KEYS_PER_STEP = 2 * BLOCK_K  # selected keys a step (a row's last step is padded to it)
 # measured on an H200 (BENCHMARKS.md §000000): 232 registers a consumer thread 373 TFLOP/s, 216 370; the
 # next step's S queued early gave nothing (372)
-WS_TILES = dict(CONSUMER_REGS=232, EARLY_QK_L=False)
+WS_TILES = dict(CONSUMER_REGS=232, EARLY_QK_L=False, LOCAL_P_REGS=False, L2_HINTS=False)
 REINTERPRET_IS_PUBLIC = gl.constexpr(PUBLIC_REINTERPRET)
 # quarters of a step's tile, in the producer's refill order
 Q_K0L = gl.constexpr(0)  # block 0, latent columns 0..255: read by consumer 0 (S and P V)
@@ -77,15 +77,19 @@ def _valid_keys(pos, T, qpos, CAUSAL: gl.constexpr):
 
 
 @gluon.jit
-def _copy_rows(dst, row_ptrs, col0, layout: gl.constexpr, COLS: gl.constexpr):
-    """cp.async row_ptrs[r][col0:col0 + COLS] into dst [R, COLS] (row_ptrs [R] in SliceLayout(1, layout))."""
+def _copy_rows(dst, row_ptrs, col0, layout: gl.constexpr, COLS: gl.constexpr, EVICT: gl.constexpr = ""):
+    """cp.async row_ptrs[r][col0:col0 + COLS] into dst [R, COLS] (row_ptrs [R] in SliceLayout(1, layout));
+    EVICT: the L2 eviction policy of the copies ("" the default, "evict_last", "evict_first")."""
     d = col0 + gl.arange(0, COLS, layout=gl.SliceLayout(0, layout))
-    gluon_async_load(dst, row_ptrs[:, None] + d[None, :])
+    if EVICT == "":
+        gluon_async_load(dst, row_ptrs[:, None] + d[None, :])
+    else:
+        gluon_async_load(dst, row_ptrs[:, None] + d[None, :], eviction_policy=EVICT)
 
 
 @gluon.jit
 def _gather_block(dst, positions, kv_base, stride_kt, T, qpos, col0, layout: gl.constexpr, COLS: gl.constexpr,
-                  CAUSAL: gl.constexpr):
+                  CAUSAL: gl.constexpr, EVICT: gl.constexpr):
     """cp.async the 64 rows kv[positions[r], col0:col0 + COLS] into dst [64, COLS] (positions: [64] int32 in
     shared memory), 16 rows at a time (a few live addresses per thread: the producer runs on few
     registers). Invalid positions read row 0 (a real row, masked in S by the consumers), so the copies
@@ -95,7 +99,7 @@ def _gather_block(dst, positions, kv_base, stride_kt, T, qpos, col0, layout: gl.
         pos = positions.slice(r0, 16).load(rows)
         ok = _valid_keys(pos, T, qpos, CAUSAL)
         _copy_rows(dst.slice(r0, 16, dim=0), kv_base + gl.where(ok, pos, 0).to(gl.int64) * stride_kt, col0,
-                   layout, COLS)
+                   layout, COLS, EVICT)
 
 
 @gluon.jit
@@ -108,10 +112,14 @@ def _step_positions(idx_row, step, count):
 @gluon.jit
 def _producer(q_row, stride_qh, h0, H, kv_base, stride_kt, idx_row, count, T, qpos, n_steps,
               q_l, q_v2, q_r, k_l, k_v2, k_r, positions, q_ready, ready, free,
-              DV: gl.constexpr, DR: gl.constexpr, CAUSAL: gl.constexpr):
+              DV: gl.constexpr, DR: gl.constexpr, CAUSAL: gl.constexpr, L2_HINTS: gl.constexpr):
     """4 warps: Q into shared memory, then every step's four quarters as soon as each is free. The key
     positions go through shared memory (`positions`, [2 x 128] by step parity; the consumers mask S
-    with them): the next step's are loaded while this step's quarters are gathered."""
+    with them): the next step's are loaded while this step's quarters are gathered. L2_HINTS: Q's
+    copies marked evict-first (read once), the latent rows' evict-last (the token's other head chunk and
+    the next tokens gather many of the same rows)."""
+    q_evict: gl.constexpr = "evict_first" if L2_HINTS else ""
+    kv_evict: gl.constexpr = "evict_last" if L2_HINTS else ""
     wide: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])  # [*, 256]: a warp per row, 16 B a thread
     narrow: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # [*, 64]
     rows_w: gl.constexpr = gl.SliceLayout(1, wide)
@@ -119,10 +127,10 @@ def _producer(q_row, stride_qh, h0, H, kv_base, stride_kt, idx_row, count, T, qp
     # Q [64 heads, 576], 16 heads at a time: head rows past H read head 0 (their outputs are not stored)
     for r0 in gl.static_range(0, 64, 16):
         hw = h0 + r0 + gl.arange(0, 16, layout=rows_w)
-        _copy_rows(q_l.slice(r0, 16, dim=0), q_row + gl.where(hw < H, hw, 0).to(gl.int64) * stride_qh, 0, wide, 256)
-        _copy_rows(q_v2.slice(r0, 16, dim=0), q_row + gl.where(hw < H, hw, 0).to(gl.int64) * stride_qh, 256, wide, 256)
+        _copy_rows(q_l.slice(r0, 16, dim=0), q_row + gl.where(hw < H, hw, 0).to(gl.int64) * stride_qh, 0, wide, 256, q_evict)
+        _copy_rows(q_v2.slice(r0, 16, dim=0), q_row + gl.where(hw < H, hw, 0).to(gl.int64) * stride_qh, 256, wide, 256, q_evict)
         hn = h0 + r0 + gl.arange(0, 16, layout=rows_n)
-        _copy_rows(q_r.slice(r0, 16, dim=0), q_row + gl.where(hn < H, hn, 0).to(gl.int64) * stride_qh, DV, narrow, DR)
+        _copy_rows(q_r.slice(r0, 16, dim=0), q_row + gl.where(hn < H, hn, 0).to(gl.int64) * stride_qh, DV, narrow, DR, q_evict)
     cp.mbarrier_arrive(q_ready, increment_count=False)
     positions.index(0).store(_step_positions(idx_row, 0, count))
     cta_barrier()
@@ -132,18 +140,18 @@ def _producer(q_row, stride_qh, h0, H, kv_base, stride_kt, idx_row, count, T, qp
         pos1 = positions.index(i & 1).slice(64, 64)
         upcoming = _step_positions(idx_row, i + 1, count)  # in flight under the gathers
         mbarrier.wait(free.index(Q_K0L), phase)
-        _gather_block(k_l.index(0), pos0, kv_base, stride_kt, T, qpos, 0, wide, 256, CAUSAL)
+        _gather_block(k_l.index(0), pos0, kv_base, stride_kt, T, qpos, 0, wide, 256, CAUSAL, kv_evict)
         cp.mbarrier_arrive(ready.index(Q_K0L), increment_count=False)
         mbarrier.wait(free.index(Q_K1R), phase)
-        _gather_block(k_v2.index(1), pos1, kv_base, stride_kt, T, qpos, 256, wide, 256, CAUSAL)
-        _gather_block(k_r.index(1), pos1, kv_base, stride_kt, T, qpos, DV, narrow, DR, CAUSAL)
+        _gather_block(k_v2.index(1), pos1, kv_base, stride_kt, T, qpos, 256, wide, 256, CAUSAL, kv_evict)
+        _gather_block(k_r.index(1), pos1, kv_base, stride_kt, T, qpos, DV, narrow, DR, CAUSAL, kv_evict)
         cp.mbarrier_arrive(ready.index(Q_K1R), increment_count=False)
         mbarrier.wait(free.index(Q_K0R), phase)
-        _gather_block(k_v2.index(0), pos0, kv_base, stride_kt, T, qpos, 256, wide, 256, CAUSAL)
-        _gather_block(k_r.index(0), pos0, kv_base, stride_kt, T, qpos, DV, narrow, DR, CAUSAL)
+        _gather_block(k_v2.index(0), pos0, kv_base, stride_kt, T, qpos, 256, wide, 256, CAUSAL, kv_evict)
+        _gather_block(k_r.index(0), pos0, kv_base, stride_kt, T, qpos, DV, narrow, DR, CAUSAL, kv_evict)
         cp.mbarrier_arrive(ready.index(Q_K0R), increment_count=False)
         mbarrier.wait(free.index(Q_K1L), phase)
-        _gather_block(k_l.index(1), pos1, kv_base, stride_kt, T, qpos, 0, wide, 256, CAUSAL)
+        _gather_block(k_l.index(1), pos1, kv_base, stride_kt, T, qpos, 0, wide, 256, CAUSAL, kv_evict)
         cp.mbarrier_arrive(ready.index(Q_K1L), increment_count=False)
         # both consumers have read step i - 1's positions (before releasing block 1 L of step i - 1)
         positions.index((i + 1) & 1).store(upcoming)
@@ -173,7 +181,8 @@ def _finite(m):
 def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H,
               lse_ptr, stride_lh, q_l, q_v2, q_r, k_l, k_v2, k_r, p_1, positions, row_max, row_sum,
               q_ready, ready, free, max_ready, p_ready, p_1_free,
-              DV: gl.constexpr, CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, EARLY_QK_L: gl.constexpr):
+              DV: gl.constexpr, CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, EARLY_QK_L: gl.constexpr,
+              LOCAL_P_REGS: gl.constexpr):
     """Consumer c (4 warps): S over block c's keys, O over output columns [256 c, 256 c + 256).
 
     The running max goes one way per step: consumer 0 publishes max(m, its row max) and starts its first
@@ -187,6 +196,7 @@ def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh
     rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     cols_s: gl.constexpr = gl.SliceLayout(0, s_layout)
     rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    p_regs_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)  # P as wgmma's A
 
     # P_0 lives in block 0's rope columns (read by consumer 0's S only, done before P_0 is written)
     if REINTERPRET_IS_PUBLIC:
@@ -223,10 +233,14 @@ def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh
             alpha = gl.exp2(m_i - _finite(m_0))
             l_i = l_i * alpha + gl.sum(p, axis=1)
             acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
-            p_0.store(p.to(dtype))
-            fence_async_shared()
-            cta_barrier()
-            acc = warpgroup_mma(p_0, k_l.index(0), acc, is_async=True)
+            if LOCAL_P_REGS:  # the own product reads P from registers: no store, fence and barrier before it
+                p_own = gl.convert_layout(p.to(dtype), p_regs_layout)
+                acc = warpgroup_mma(p_own, k_l.index(0), acc, is_async=True)
+            else:
+                p_0.store(p.to(dtype))
+                fence_async_shared()
+                cta_barrier()
+                acc = warpgroup_mma(p_0, k_l.index(0), acc, is_async=True)
             mbarrier.wait(max_ready.index(1), phase)
             m_i = max_1.load(rows_s)  # m_1 >= m_0
             f = gl.where(m_0 == float("-inf"), 1.0, gl.exp2(m_0 - _finite(m_i)))
@@ -269,11 +283,19 @@ def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh
             m_i = m_1
             l_i = l_i * alpha + gl.sum(p, axis=1)
             acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
-            mbarrier.wait(p_1_free, phase ^ 1)
-            p_1.store(p.to(dtype))
-            fence_async_shared()
-            _release(p_ready.index(1))
-            acc = warpgroup_mma(p_1, k_v2.index(1), acc, is_async=True)
+            if LOCAL_P_REGS:  # the own product from registers first, P_1 stored for consumer 0 under it
+                p_own = gl.convert_layout(p.to(dtype), p_regs_layout)
+                acc = warpgroup_mma(p_own, k_v2.index(1), acc, is_async=True)
+                mbarrier.wait(p_1_free, phase ^ 1)
+                p_1.store(p_own)
+                fence_async_shared()
+                _release(p_ready.index(1))
+            else:
+                mbarrier.wait(p_1_free, phase ^ 1)
+                p_1.store(p.to(dtype))
+                fence_async_shared()
+                _release(p_ready.index(1))
+                acc = warpgroup_mma(p_1, k_v2.index(1), acc, is_async=True)
             mbarrier.wait(p_ready.index(0), phase)
             acc = warpgroup_mma(p_0, k_v2.index(0), acc, is_async=True)
             acc = warpgroup_mma_wait(1, deps=(acc,))
@@ -321,7 +343,7 @@ def _mla_token_ws_fwd(
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
     DV: gl.constexpr, DR: gl.constexpr, CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr, EARLY_QK_L: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, EARLY_QK_L: gl.constexpr, LOCAL_P_REGS: gl.constexpr, L2_HINTS: gl.constexpr,
 ):
     gl.static_assert(DV == 512 and DR == 64, "the absorbed DeepSeek MLA widths")
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -377,13 +399,13 @@ def _mla_token_ws_fwd(
     # consumer's index, the flags) into runtime values.
     gl.warp_specialize([
         (_producer, (q_row, stride_qh, h0, H, kv_base, stride_kt, idx_row, count, T, qpos, n_steps, q_l, q_v2, q_r,
-                     k_l, k_v2, k_r, positions, q_ready, ready, free, DV, DR, CAUSAL)),
+                     k_l, k_v2, k_r, positions, q_ready, ready, free, DV, DR, CAUSAL, L2_HINTS)),
         (_consumer, (0, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh, q_l, q_v2, q_r, k_l,
                      k_v2, k_r, p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready, p_1_free,
-                     DV, CAUSAL, RETURN_LSE, EARLY_QK_L)),
+                     DV, CAUSAL, RETURN_LSE, EARLY_QK_L, LOCAL_P_REGS)),
         (_consumer, (1, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh, q_l, q_v2, q_r, k_l,
                      k_v2, k_r, p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready, p_1_free,
-                     DV, CAUSAL, RETURN_LSE, False)),
+                     DV, CAUSAL, RETURN_LSE, False, LOCAL_P_REGS)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -417,6 +439,7 @@ def mla_token_attention_ws(
         _mla_token_ws_fwd[grid](
             *call.kernel_args(),
             DV=dv, DR=Dqk - dv, CAUSAL=causal, RETURN_LSE=return_lse, CONSUMER_REGS=cfg["CONSUMER_REGS"], EARLY_QK_L=cfg["EARLY_QK_L"],
+            LOCAL_P_REGS=cfg["LOCAL_P_REGS"], L2_HINTS=cfg["L2_HINTS"],
             num_warps=4,
         )
     return call.result()
