@@ -413,6 +413,43 @@ def test_block_topk_one_row_a_warp_equals_one_row_a_program(NB, C, rows, seed):
             assert torch.equal(a, r), f"seed {seed}: {name} differs with {sorted(kw)}"
 
 
+@pytest.mark.parametrize("method", ["program", "warp"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_block_topk_on_rounded_scores_ranks_the_short_keys_alike(method, dtype, seed):
+    """`score_dtype`: scores that are bf16 / fp16 values rank on their 16 / 19 meaningful key bits
+    (fewer bisection steps) with the lists of the 32-bit ranking and of `topk_blocks`: rounding makes
+    many exact ties, and -inf, NaN, zeros and negatives are among them; with Stem's bias the keys
+    are fp32 and the argument changes nothing."""
+    from stem_boost.kernels.infllmv2_select import block_topk
+    from stem_boost.native.infllmv2 import topk_blocks
+
+    gen = torch.Generator().manual_seed(seed)
+    B, Hk, C, NB, bs = 2, 2, 33, 300, 16
+    q_pos0 = NB * bs - C
+    scores = (torch.rand(B, Hk, C, NB, generator=gen) * 2 - 0.2).to(dtype).float()  # 13 % negatives
+    scores[torch.rand(B, Hk, C, NB, generator=gen) < 0.05] = float("-inf")
+    scores[torch.rand(B, Hk, C, NB, generator=gen) < 0.02] = 0.0
+    scores[..., 7] = float("nan")
+    budgets = torch.randint(0, 120, (B, Hk, C), generator=gen)
+    budgets[0, 0, :3] = NB  # rows that want more than they have: every candidate, -inf ones included
+    common = dict(q_pos0=q_pos0, block_size=bs, init_blocks=1, local_blocks=2, k_total=40, kmax=NB, method=method)
+    full = block_topk(scores, budgets=budgets, **common)
+    short = block_topk(scores, budgets=budgets, score_dtype=dtype, **common)
+    for name, a, r in zip(("idx", "counts", "n_forced"), short, full):
+        assert torch.equal(a, r), f"seed {seed}: {name} differs with score_dtype={dtype}"
+    qb = (torch.arange(C) + q_pos0) // bs
+    blk = torch.arange(NB)
+    cand = blk[None] <= qb[:, None]
+    forced = cand & ((blk[None] < 1) | (blk[None] >= qb[:, None] - 2))
+    ref_idx, _, _, ref_counts = topk_blocks(scores, forced, cand, k_free=budgets)
+    assert torch.equal(short[1], ref_counts), f"seed {seed}"
+    assert torch.equal(short[0][..., : ref_idx.shape[-1]], ref_idx), f"seed {seed}"
+    bias = torch.randn(B, Hk, NB, generator=gen)
+    with_bias = [block_topk(scores, budgets=budgets, key_bias=bias, score_dtype=d, **common) for d in (None, dtype)]
+    for name, a, r in zip(("idx", "counts", "n_forced"), *with_bias):
+        assert torch.equal(a, r), f"seed {seed}: {name} differs with the bias"
+
+
 def test_block_topk_refuses_unknown_method_and_rows():
     from stem_boost.kernels.infllmv2_select import block_topk
 

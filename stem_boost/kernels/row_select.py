@@ -29,11 +29,12 @@ def ordered_u32(x):
 
 
 @triton.jit
-def rank_threshold(key, valid, want):
+def rank_threshold(key, valid, want, BITS: tl.constexpr = 32):
     """A threshold t over the `valid` uint32 keys of a 1-D block such that #{valid keys >= t} >= want
     (t = 0 when fewer are valid) and no larger prefix of the want-th largest key does that: the
     bisection stops at the first t with exactly `want` keys at or above it, else (ties at the edge)
-    after 32 steps at the want-th largest key itself."""
+    after BITS steps at the want-th largest key itself. BITS < 32: the keys are below 2**BITS (keys
+    of scores that carry fewer bits, shifted right by the caller), so the steps above are skipped."""
     thr = tl.zeros([], tl.uint32)
     one = tl.full([], 1, tl.uint32)
     i = tl.zeros([], tl.int32)
@@ -41,8 +42,8 @@ def rank_threshold(key, valid, want):
     # every candidate has a bit set, so an invalid key zeroed once never counts: one AND less per key
     # and step (the InfLLMv2 block top-k issues integer instructions 80% of its cycles, ncu on an H200)
     key = tl.where(valid, key, 0)
-    while (i < 32) & (exact == 0):
-        cand_t = thr | (one << (31 - i).to(tl.uint32))
+    while (i < BITS) & (exact == 0):
+        cand_t = thr | (one << (BITS - 1 - i).to(tl.uint32))
         n_ge = tl.sum((key >= cand_t).to(tl.int32), 0)
         thr = tl.where(n_ge >= want, cand_t, thr)
         exact = (n_ge == want).to(tl.int32)
@@ -51,11 +52,11 @@ def rank_threshold(key, valid, want):
 
 
 @triton.jit
-def keep_largest(key, valid, want, forced):
+def keep_largest(key, valid, want, forced, BITS: tl.constexpr = 32):
     """Mask of the `forced` entries and the `want` largest keys among the `valid` ones of a 1-D block
     (all of them when fewer are valid); equal keys at the edge go to the earlier positions first.
     When the bisection stopped early, #{keys >= thr} = want, so every key equal to thr is kept."""
-    thr = rank_threshold(key, valid, want)  # exactly want at or above it, or the want-th key (ties)
+    thr = rank_threshold(key, valid, want, BITS)  # exactly want at or above it, or the want-th key (ties)
     gt = valid & (key > thr)
     eq = valid & (key == thr)
     need_eq = want - tl.sum(gt.to(tl.int32), 0)

@@ -30,17 +30,18 @@ def row_counts(x):
 
 
 @triton.jit
-def rows_threshold(key, want, done):
+def rows_threshold(key, want, done, BITS: tl.constexpr = 32):
     """Per row of a warp-per-row tile key [32, ROWS, C] (uint32, 0 where invalid): the bisection of
     `row_select.rank_threshold`, all rows at once. A row stops at the first prefix with exactly
     `want` keys at or above it (`done` [ROWS] starts True for rows that need no threshold); the
-    loop ends when every row of the program has stopped, after 32 steps at most. Every candidate
-    prefix has a bit set, so invalid keys (0) never count. Returns the thresholds [ROWS] (uint32)."""
+    loop ends when every row of the program has stopped, after BITS steps at most (keys below
+    2**BITS). Every candidate prefix has a bit set, so invalid keys (0) never count. Returns the
+    thresholds [ROWS] (uint32)."""
     thr = tl.zeros_like(want).to(tl.uint32)
     exact = done.to(tl.int32)
     i = tl.zeros([], tl.int32)
-    while (i < 32) & (tl.min(exact, 0) == 0):
-        cand = thr | (tl.full([], 1, tl.uint32) << (31 - i).to(tl.uint32))
+    while (i < BITS) & (tl.min(exact, 0) == 0):
+        cand = thr | (tl.full([], 1, tl.uint32) << (BITS - 1 - i).to(tl.uint32))
         n_ge = row_counts(key >= cand[None, :, None])
         move = (n_ge >= want) & (exact == 0)
         thr = tl.where(move, cand, thr)
