@@ -362,7 +362,7 @@ def run_pooled(args, device, results, log):
     from stem_boost.kernels.infllmv2_geometry import compress_keys, num_compressed, visible_compressed
     from stem_boost.kernels.infllmv2_scores import coarse_lse
     from stem_boost.kernels.infllmv2_pooled_sm90 import pooled_block_scores_sm90
-    from stem_boost.kernels.infllmv2_select import pooled_block_scores
+    from stem_boost.kernels.infllmv2_select import block_topk, pooled_block_scores
     from stem_boost.native.infllmv2 import MINICPM41_SPARSE_CONFIG, InfLLMv2Params
 
     p = InfLLMv2Params.from_sparse_config(MINICPM41_SPARSE_CONFIG)
@@ -427,6 +427,24 @@ def run_pooled(args, device, results, log):
             results["pooled"].append(row)
             log(f"pooled S={S} C={C} {name}: {ms:.3f} ms {row['tflops']:.0f} TF/s {row['gexp_per_s']:.0f} Gexp/s "
                 f"equal {equal} (coarse lse {lse_ms:.3f} ms)")
+        # step 3 on the default tile's pooled scores: 32-bit keys against the bf16 scores' 16 bits
+        # (`block_topk(score_dtype=)`), one row a program and one row a warp, and Stem's keys
+        if base is not None:
+            topk_kw = dict(q_pos0=S - C, block_size=p.block_size, init_blocks=p.init_blocks,
+                           local_blocks=p.local_blocks, k_total=p.k_total(S), kmax=p.k_total(S))
+            ref = block_topk(base, **topk_kw)
+            bias = 0.2 * torch.randn(1, Hk, nbc, device=device)
+            budgets = torch.full((1, Hk, C), int(0.82 * (p.k_total(S) - p.init_blocks - p.local_blocks - 1)),
+                                 dtype=torch.int32, device=device)
+            for name, kw in (("32-bit keys", dict()), ("bf16 keys (16 bits)", dict(score_dtype=torch.bfloat16)),
+                             ("warp, 32-bit keys", dict(method="warp")),
+                             ("warp, bf16 keys", dict(method="warp", score_dtype=torch.bfloat16)),
+                             ("Stem bias and budgets", dict(key_bias=bias, budgets=budgets))):
+                got = block_topk(base, **topk_kw, **kw)
+                ms = bench(lambda kw=kw: block_topk(base, **topk_kw, **kw))
+                equal = "key_bias" in kw or all(torch.equal(a, b) for a, b in zip(got, ref))
+                results["block_topk"].append(dict(S=S, C=C, variant=name, ms=ms, equal=equal))
+                log(f"block top-k S={S} C={C} {name}: {ms:.3f} ms, equal to 32-bit keys {equal}")
         del q, k, k1, k2, base
         torch.cuda.empty_cache()
 
@@ -462,7 +480,7 @@ def main():
 
     results = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
                    date=time.strftime("%Y-%m-%d"),
-                   argv=sys.argv, checks=[], stage2=[], select=[], pooled=[], coarse_lse=[])
+                   argv=sys.argv, checks=[], stage2=[], select=[], pooled=[], coarse_lse=[], block_topk=[])
     import triton
 
     results["triton"] = triton.__version__
