@@ -437,9 +437,12 @@ def run_pooled(args, device, results, log):
             budgets = torch.full((1, Hk, C), int(0.82 * (p.k_total(S) - p.init_blocks - p.local_blocks - 1)),
                                  dtype=torch.int32, device=device)
             for name, kw in (("32-bit keys", dict()), ("bf16 keys (16 bits)", dict(score_dtype=torch.bfloat16)),
+                             ("bf16 keys, 4 warps a row", dict(score_dtype=torch.bfloat16, num_warps=4)),
+                             ("bf16 keys, 2 warps a row", dict(score_dtype=torch.bfloat16, num_warps=2)),
                              ("warp, 32-bit keys", dict(method="warp")),
                              ("warp, bf16 keys", dict(method="warp", score_dtype=torch.bfloat16)),
-                             ("Stem bias and budgets", dict(key_bias=bias, budgets=budgets))):
+                             ("Stem bias and budgets", dict(key_bias=bias, budgets=budgets)),
+                             ("Stem, 4 warps a row", dict(key_bias=bias, budgets=budgets, num_warps=4))):
                 got = block_topk(base, **topk_kw, **kw)
                 ms = bench(lambda kw=kw: block_topk(base, **topk_kw, **kw))
                 equal = "key_bias" in kw or all(torch.equal(a, b) for a, b in zip(got, ref))

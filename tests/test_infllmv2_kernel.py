@@ -434,7 +434,8 @@ def test_block_topk_on_rounded_scores_ranks_the_short_keys_alike(method, dtype, 
     budgets[0, 0, :3] = NB  # rows that want more than they have: every candidate, -inf ones included
     common = dict(q_pos0=q_pos0, block_size=bs, init_blocks=1, local_blocks=2, k_total=40, kmax=NB, method=method)
     full = block_topk(scores, budgets=budgets, **common)
-    short = block_topk(scores, budgets=budgets, score_dtype=dtype, **common)
+    short = block_topk(scores, budgets=budgets, score_dtype=dtype, **common,
+                       **(dict(num_warps=2) if method == "program" else {}))  # 2 warps: several keys a thread
     for name, a, r in zip(("idx", "counts", "n_forced"), short, full):
         assert torch.equal(a, r), f"seed {seed}: {name} differs with score_dtype={dtype}"
     qb = (torch.arange(C) + q_pos0) // bs
@@ -459,6 +460,8 @@ def test_block_topk_refuses_unknown_method_and_rows():
         block_topk(scores, method="radix", **common)
     with pytest.raises(ValueError, match="rows_per_program=3; allowed"):
         block_topk(scores, method="warp", rows_per_program=3, **common)
+    with pytest.raises(ValueError, match="num_warps=3"):
+        block_topk(scores, num_warps=3, **common)
 
 
 def test_sm90_pooled_kernel_names_what_it_refuses():

@@ -498,7 +498,8 @@ def _row_topk_args(bias, budgets, seq_start, idx, counts, n_forced, n_blocks: in
 def block_topk(scores: torch.Tensor, *, q_pos0: int, block_size: int, init_blocks: int, local_blocks: int,
                k_total: int, key_bias: torch.Tensor | None = None, budgets: torch.Tensor | None = None,
                seq_start: torch.Tensor | None = None, kmax: int, out: tuple | None = None, row0: int = 0,
-               method: str = "program", rows_per_program: int = 4, score_dtype: torch.dtype | None = None):
+               method: str = "program", rows_per_program: int = 4, score_dtype: torch.dtype | None = None,
+               num_warps: int | None = None):
     """Forced blocks + the best non-forced candidates of every row (the `topk_blocks` rule).
 
     Args:
@@ -517,10 +518,14 @@ def block_topk(scores: torch.Tensor, *, q_pos0: int, block_size: int, init_block
         score_dtype: the caller's promise that every score is a value of this type (the pooled
             kernel's `round_to`): bf16 / fp16 scores rank in 16 / 19 bisection steps instead of 32,
             with the same result. Ignored with key_bias (Stem's keys are fp32).
+        num_warps: warps of a row's program with method "program" (default 4 up to 1024 blocks, else
+            8): fewer warps hold more keys a thread and pay less for each step's block-wide count.
     Returns (idx, counts, n_forced): ascending block lists, -1 padded; int32.
     """
     if method not in BLOCK_TOPK_METHODS:
         raise ValueError(f"method={method!r}; allowed: {', '.join(BLOCK_TOPK_METHODS)}")
+    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps={num_warps}; allowed: 1, 2, 4, 8, 16")
     if rows_per_program not in (1, 2, 4, 8, 16):
         raise ValueError(f"rows_per_program={rows_per_program}; allowed: 1, 2, 4, 8, 16 (one row a warp)")
     B, Hk, C, NB = scores.shape
@@ -555,7 +560,7 @@ def block_topk(scores: torch.Tensor, *, q_pos0: int, block_size: int, init_block
         *strides,
         Hk, kmax,
         BLOCK_SIZE=block_size, INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks, **flags,
-        num_warps=4 if NB <= 1024 else 8,
+        num_warps=num_warps or (4 if NB <= 1024 else 8),
     )
     return idx, counts, n_forced
 
