@@ -183,6 +183,9 @@ def fused_stage1_scores(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, vis
     return out
 
 
+COARSE_LSE_STAGES = 2  # pipeline stages of the folded-group coarse lse (see `coarse_lse`)
+
+
 def coarse_lse(q: torch.Tensor, k2: torch.Tensor, vis2: torch.Tensor, scale: float, *,
                lo2: torch.Tensor | None = None, block_n: int = 64, rows: int = 128, num_warps: int | None = None,
                num_stages: int | None = None) -> torch.Tensor:
@@ -193,8 +196,10 @@ def coarse_lse(q: torch.Tensor, k2: torch.Tensor, vis2: torch.Tensor, scale: flo
     int32 first existing coarse key (left padding). D a power of two; any group size (a group of
     a power of two runs with the group's heads folded into the tile rows: `rows` (token, head) rows
     a program, a power of two; other groups one head a program, 64 tokens). `block_n` coarse keys a
-    step, `num_warps` (None: 8 from 128 rows, else 4) and `num_stages` (None: Triton's default) are
-    the tile's other knobs (`scripts/bench_infllmv2.py --parts pooled` times them)."""
+    step, `num_warps` (None: 8 from 128 rows, else 4) and `num_stages` (None: 2 for a folded group,
+    Triton's default for one head a program) are the tile's other knobs (`scripts/bench_infllmv2.py
+    --parts pooled` times them: on an H200 two stages took 0.93x / 0.97x of three's time at 32K / 128K
+    keys, MiniCPM-4.1's group of 16, 16384 rows; 64 KB of shared memory instead of 80, 24 warps an SM)."""
     B, Hq, C, D = q.shape
     Hk, K2 = k2.shape[1], k2.shape[2]
     G = Hq // Hk
@@ -219,6 +224,6 @@ def coarse_lse(q: torch.Tensor, k2: torch.Tensor, vis2: torch.Tensor, scale: flo
         q, k2, vis2, lo2 if lo2 is not None else vis2, lse, float(scale) * LOG2E, C, K2,
         q.stride(0), q.stride(1), q.stride(2), k2.stride(0), k2.stride(1), k2.stride(2), lse.stride(0), lse.stride(1),
         Hk, G=G, D=D, BLOCK_S=bs_a, BLOCK_N=block_n, HAS_LO=lo2 is not None,
-        num_warps=num_warps or (8 if bs_a * G >= 128 else 4), **stages,
+        num_warps=num_warps or (8 if bs_a * G >= 128 else 4), num_stages=num_stages or COARSE_LSE_STAGES,
     )
     return lse

@@ -25,14 +25,16 @@ The tile is held as two 64-key blocks, each split into L (latent columns 0..255)
   4. consumer 0 rescales O_0, its row sums and P_0 by exp2(m_0 - m_1) once m_1 is known; each P_c
      goes to shared memory for the other consumer (P_0 over block 0's rope columns, dead by then)
   5. O_c += P_other V_other[:, own half]
-Both products read P from shared memory (P from registers for the own
-product, FlashMLA's choice, compiled to as many spills and was not timed). A quarter is released when
+A consumer's own product reads P from registers (`LOCAL_P_REGS`, FlashMLA's choice: wgmma's A operand
+in registers, so consumer 0 issues it with no store, fence and barrier before it, and consumer 1 stores
+P_1 for the other while its own runs; 2.8% faster on an H200), the other's P from shared memory. A quarter is released when
 its last reader is done: block 0 L by consumer 0 alone, block 1 R by consumer 1 alone, block 0 R and
 block 1 L by both (one reads it for S, the other for P V); the producer refills them in that order,
 so the next step's gather runs under this step's products. The key positions of a step are staged
 in shared memory a step ahead (the consumers mask S with them). Row sums stay per consumer until
 the end. Shared memory: Q 72 KB + two blocks 144 KB + P_1 8 KB + positions: 226 KB. Measured on an
-H200: 373 TFLOP/s at 131072 keys, 399 at 32768 (BENCHMARKS.md §000000).
+H200: 373 TFLOP/s at 131072 keys, 399 at 32768 (BENCHMARKS.md §000000), 409 with the own P from
+registers.
 
 Only for CUDA tensors on sm_90 (Gluon has no CPU interpreter); `mla_token.py` is the portable path.
 """
@@ -58,7 +60,9 @@ BLOCK_K = 64  # keys per consumer per step (a step takes 2 * BLOCK_K)
 KEYS_PER_STEP = 2 * BLOCK_K  # selected keys a step (a row's last step is padded to it)
 # measured on an H200 (BENCHMARKS.md §000000): 232 registers a consumer thread 373 TFLOP/s, 216 370; the
 # next step's S queued early gave nothing (372)
-WS_TILES = dict(CONSUMER_REGS=232, EARLY_QK_L=False, LOCAL_P_REGS=False, L2_HINTS=False)
+# own P from registers 11.43 ms against 11.76 from shared memory (8192 queries at the end of 32K keys, 128
+# heads; L2 hints 11.45 / 11.80: no gain; bench_dsa --sections mla, 2026-12-04)
+WS_TILES = dict(CONSUMER_REGS=232, EARLY_QK_L=False, LOCAL_P_REGS=True, L2_HINTS=False)
 REINTERPRET_IS_PUBLIC = gl.constexpr(PUBLIC_REINTERPRET)
 # quarters of a step's tile, in the producer's refill order
 Q_K0L = gl.constexpr(0)  # block 0, latent columns 0..255: read by consumer 0 (S and P V)
