@@ -453,7 +453,7 @@ def smooth_hidden_states(S: int, width: int, window: int, device, dtype=torch.bf
     return ((c[:, window:] - c[:, :-window]) / window ** 0.5).to(dtype)
 
 
-def bench_infllmv2(seqs, device, windows=(0,)):
+def bench_infllmv2(seqs, device, windows=(0,), select_chunk: int | None = None):
     from stem_boost.models.minicpm4 import MiniCPM4Config, MiniCPM4ForCausalLM
     from stem_boost.native.infllmv2 import MINICPM41_SPARSE_CONFIG
 
@@ -463,7 +463,7 @@ def bench_infllmv2(seqs, device, windows=(0,)):
     torch.manual_seed(0)
     model = MiniCPM4ForCausalLM(cfg).to(device=device, dtype=torch.bfloat16).eval()
     attn = model.model.layers[0].self_attn
-    attn.select_chunk_size = 1024
+    attn.select_chunk_size = select_chunk or 1024  # the model's own default on CUDA: 1024 query rows a step
     rotary = model.model.rotary_emb
     rows = []
     for S, window in ((S, w) for S in seqs for w in windows):
@@ -563,6 +563,8 @@ def main():
     ap.add_argument("--peers", choices=["all", "main"], default="all",
                     help="DSA parts: 'main' skips the slower peers of the indexer / Stem step (other score dtype, radix "
                          "select, torch.topk, per-head value norms)")
+    ap.add_argument("--select-chunk", type=int, default=None,
+                    help="InfLLMv2: query rows a selection step (the attention module's select_chunk_size; default 1024)")
     ap.add_argument("--profile", action="store_true", help="print the CUDA kernels of one native and one Stem forward of each layer (torch.profiler)")
     ap.add_argument("--profile-ops", action="store_true",
                     help="with --profile: also the PyTorch operators (and input shapes) that launched kernels")
@@ -588,7 +590,7 @@ def main():
         if family == "dsa":
             res["rows"] += bench_dsa(args.seqs, "cuda", args.native_max_seq)
         else:
-            res["rows"] += bench_infllmv2(args.seqs, "cuda", args.smooth)
+            res["rows"] += bench_infllmv2(args.seqs, "cuda", args.smooth, args.select_chunk)
         if args.out:
             args.out.write_text(json.dumps(res, indent=1))
     if args.out:
