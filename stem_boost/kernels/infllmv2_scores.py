@@ -72,10 +72,9 @@ def group_mass(acc, Q, LSE, k, b, hk, tok, ok, n_heads, scale_log2, stride_qb, s
         q = tl.load(Q + b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
                     + tok[:, None].to(tl.int64) * stride_qs + d[None, :], mask=ok[:, None], other=0.0)
         lse = tl.load(LSE + b.to(tl.int64) * stride_lb + head * stride_lh + tok, mask=ok, other=float("-inf"))
-        lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
-        s = tl.dot(q, tl.trans(k)) * scale_log2 - lse_safe[:, None]
-        p = tl.math.exp2(s)
-        acc += tl.where((lse != float("-inf"))[:, None], p, 0.0)
+        # a row that sees no coarse key (lse -inf) subtracts +inf: exp2(-inf) = 0 with no select a score
+        lse_safe = tl.where(lse == float("-inf"), float("inf"), lse)
+        acc += tl.math.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse_safe[:, None])
     return acc
 
 
