@@ -55,20 +55,20 @@ SM90_POOLED_TILE = dict(BLOCK_S=64, BLOCK_B=32, NUM_BUF=4, KEYS_FAST=True)  # on
 @gluon.jit
 def _issue_head(g, q_smem, k_t, zero, Q, q_row0, d, stride_qh, lse_row, stride_lh, ok,
                 G: gl.constexpr, AHEAD: gl.constexpr, NUM_BUF: gl.constexpr):
-    """Group head g's product issued (`gluon_heads.issue_head_product`) and its lse loaded, +inf for a
-    row that sees no coarse key (or no row): (the product in flight [BLOCK_S, BLOCK_C] fp32, the lse
-    [BLOCK_S])."""
+    """Group head g's product issued (`gluon_heads.issue_head_product`) and its lse loaded:
+    (the product in flight [BLOCK_S, BLOCK_C] fp32, the lse [BLOCK_S])."""
     qk = issue_head_product(g, q_smem, k_t, zero, Q, q_row0, d, stride_qh, G, AHEAD, NUM_BUF)
-    lse = gl.load(lse_row + g * stride_lh, mask=ok, other=float("inf"))
-    return qk, gl.where(lse == float("-inf"), float("inf"), lse)  # no coarse key: exp2(qk * s - inf) = 0
+    return qk, gl.load(lse_row + g * stride_lh, mask=ok, other=float("-inf"))
 
 
 @gluon.jit
 def _sum_head(acc, qk, lse, scale_log2, IN_FLIGHT: gl.constexpr):
-    """acc + exp2(qk * scale_log2 - lse) once qk's product is done (0 where lse is +inf: a row with
-    no visible coarse key, see `_issue_head`), leaving IN_FLIGHT later products running."""
+    """acc + exp2(qk * scale_log2 - lse) once qk's product is done (0 where lse is -inf: a row
+    with no visible coarse key), leaving IN_FLIGHT later products running."""
     qk = warpgroup_mma_wait(IN_FLIGHT, deps=(qk,))
-    return acc + gl.exp2(qk * scale_log2 - lse[:, None])
+    lse_safe = gl.where(lse == float("-inf"), 0.0, lse)
+    p = gl.exp2(qk * scale_log2 - lse_safe[:, None])
+    return acc + gl.where((lse != float("-inf"))[:, None], p, 0.0)
 
 
 @gluon.jit(do_not_specialize=["n_pairs"])  # a constant one-trip loop fails to lower (Triton 3.6)
