@@ -1,8 +1,15 @@
-"""Budget accounting of the last forward pass, per layer (what `stem_boost.stats` returns)."""
+"""Budget accounting of the last forward pass, per layer (what `stem_boost.stats` returns).
+
+A forward records its accounting without asking the GPU for numbers: the adapters reduce the
+selection to a few small device tensors and `defer` an update that turns them into Python numbers.
+The first read of any field runs the pending updates (one host synchronisation then, none in the
+forward: a synchronisation there drains the GPU's queue, and it idles while Python launches the next
+kernels)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 @dataclass
@@ -26,6 +33,30 @@ class LayerStats:
     row_native_pairs: list[int] = field(default_factory=list)  # per batch row
     row_stem_pairs: list[int] = field(default_factory=list)
     row_alpha: list[float] = field(default_factory=list)
+    _pending: list = field(default_factory=list, repr=False, compare=False)  # deferred updates, in order
+    _flushing: bool = field(default=False, repr=False, compare=False)
+
+    def defer(self, update: Callable[["LayerStats"], None], *, fresh: bool) -> None:
+        """Queue `update(self)` (it reads its device tensors then); `fresh`: it rewrites the whole
+        accounting (a new forward), so the updates still pending are dropped (a model that is never
+        asked for its stats keeps at most one forward's)."""
+        if fresh:
+            self._pending.clear()
+        self._pending.append(update)
+
+    def __getattribute__(self, name: str):
+        # any public field or method read (but `defer`: the forward's own call) first applies the
+        # pending updates, in the order recorded
+        if (name[0] != "_" and name != "defer" and object.__getattribute__(self, "_pending")
+                and not object.__getattribute__(self, "_flushing")):
+            object.__setattr__(self, "_flushing", True)
+            try:
+                pending = object.__getattribute__(self, "_pending")
+                while pending:
+                    pending.pop(0)(self)
+            finally:
+                object.__setattr__(self, "_flushing", False)
+        return object.__getattribute__(self, name)
 
     @property
     def reduce_achieved(self) -> float:

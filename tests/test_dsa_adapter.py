@@ -77,6 +77,8 @@ def test_reduce_contract_and_unwrap(family, tmp_path):
         ref = model(ids).logits
         stem_boost.wrap(model, reduce=0.15, keep_selections=True)
         out = model(ids).logits
+    # the forward left its accounting as device tensors (no host synchronisation): read here
+    assert all(len(m._stem.stats._pending) == 1 for m in model._stem_wrap.modules)
     st = stem_boost.stats(model)
     assert st["family"] == "dsa" and len(st["layers"]) == model.config.num_hidden_layers
     for layer in st["layers"]:

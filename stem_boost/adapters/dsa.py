@@ -320,21 +320,24 @@ def stem_dsa_forward(
 
 def record_stats(st: DSAState, native: Selection, sel: Selection, plans: RowPlans | None, cfg: StemConfig,
                  T: int) -> None:
-    """Pairs of the last prefill, per batch row and in total (token lists: no forced keys)."""
-    s = st.stats
+    """Pairs of the last prefill, per batch row and in total (token lists: no forced keys). The
+    counts stay on the device until the stats are read (`LayerStats.defer`: no host synchronisation
+    in the forward)."""
     # [B, 1, R]: padding query rows are not counted (the Stem step's plans already hold them)
     real = (plans.real_rows if plans is not None else native.real_rows(native.n_rows, T))[:, None]
-    native_rows = (native.counts.long() * real).sum(dim=(1, 2))  # [B]
+    native_rows = (native.counts.long() * real).sum(dim=(1, 2))  # [B] on the device
     stem_rows = (sel.counts.long() * real).sum(dim=(1, 2))
-    s.native_pairs = int(native_rows.sum())
-    s.stem_pairs = int(stem_rows.sum())
-    s.row_native_pairs = native_rows.tolist()
-    s.row_stem_pairs = stem_rows.tolist()
-    s.row_alpha = plans.alphas if plans is not None else [1.0] * native.batch
-    s.alpha = float(sum(s.row_alpha) / len(s.row_alpha)) if s.row_alpha else 1.0
-    s.reduce_requested = cfg.reduce
-    s.seq_len = T
-    n_rows = native.counts.shape[-1]
-    step = max(1, n_rows // 512)  # keep a light per-position trace for plots
-    s.budget_native = native.counts[0, 0, ::step].tolist()
-    s.budget_stem = sel.counts[0, 0, ::step].tolist()
+    step = max(1, native.counts.shape[-1] // 512)  # a light per-position trace for plots
+    trace_native, trace_stem = native.counts[0, 0, ::step], sel.counts[0, 0, ::step]
+    row_alpha = plans.alphas if plans is not None else [1.0] * native.batch
+
+    def update(s: LayerStats) -> None:
+        s.row_native_pairs, s.row_stem_pairs = native_rows.tolist(), stem_rows.tolist()
+        s.native_pairs, s.stem_pairs = sum(s.row_native_pairs), sum(s.row_stem_pairs)
+        s.row_alpha = row_alpha
+        s.alpha = float(sum(row_alpha) / len(row_alpha)) if row_alpha else 1.0
+        s.reduce_requested = cfg.reduce
+        s.seq_len = T
+        s.budget_native, s.budget_stem = trace_native.tolist(), trace_stem.tolist()
+
+    st.stats.defer(update, fresh=True)

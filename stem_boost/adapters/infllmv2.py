@@ -175,30 +175,42 @@ def record_stats(st: InfState, blocks: BlockSelection, plan: BudgetPlan | None, 
                  batch_row: BatchRow | None) -> None:
     """Budget accounting of a prefill: free (non-forced) selected blocks per query token, native vs
     Stem, per batch row and in total. A padded batch arrives row by row: its first sparse row resets
-    the layer's numbers, the others fill their slot (rows too short to be sparse keep 0)."""
+    the layer's numbers, the others fill their slot (rows too short to be sparse keep 0). The counts
+    stay on the device until the stats are read (`LayerStats.defer`: no host synchronisation here)."""
     valid = blocks.idx >= 0
     free = valid & ~blocks.forced
     B, Hk = blocks.idx.shape[:2]
-    row_stem = free.sum(dim=(1, 2, 3)).tolist()
-    row_native = [int(native_free.sum()) * Hk] * B if native_free is not None else row_stem
-    alpha = plan.alpha if plan is not None else 1.0
-    s = st.stats
-    slots = range(B) if batch_row is None else [batch_row.index]
-    if batch_row is None or batch_row.first:
-        n = B if batch_row is None else batch_row.count
-        s.row_native_pairs, s.row_stem_pairs, s.row_alpha = [0] * n, [0] * n, [1.0] * n
-        s.forced_pairs, s.seq_len = 0, 0
+    row_stem = free.sum(dim=(1, 2, 3))  # [B] on the device
+    forced = (valid & blocks.forced).sum()  # [] on the device
+    fresh = batch_row is None or batch_row.first
+    trace = None
+    if fresh:  # a light per-position trace of the first row and head for plots
         per_token = free[0, 0].sum(-1)
-        step = max(1, per_token.numel() // 512)
-        s.budget_stem = per_token[::step].tolist()
-        s.budget_native = per_token[::step].tolist() if plan is None else []
-    for i, b in enumerate(slots):
-        s.row_native_pairs[b], s.row_stem_pairs[b], s.row_alpha[b] = row_native[i], row_stem[i], alpha
-    s.native_pairs, s.stem_pairs = sum(s.row_native_pairs), sum(s.row_stem_pairs)
-    s.forced_pairs += int((valid & blocks.forced).sum())
-    s.alpha = alpha
-    s.reduce_requested = st.cfg.reduce
-    s.seq_len = max(s.seq_len, blocks.q_offset + blocks.idx.shape[2])
+        trace = per_token[::max(1, per_token.numel() // 512)]
+    native_total = int(native_free.sum()) * Hk if native_free is not None else None  # native_free: host
+    alpha = plan.alpha if plan is not None else 1.0
+    slots = range(B) if batch_row is None else [batch_row.index]
+    n = B if batch_row is None else batch_row.count
+    seq_len = blocks.q_offset + blocks.idx.shape[2]
+    reduce = st.cfg.reduce
+
+    def update(s: LayerStats) -> None:
+        stem = row_stem.tolist()
+        if fresh:
+            s.row_native_pairs, s.row_stem_pairs, s.row_alpha = [0] * n, [0] * n, [1.0] * n
+            s.forced_pairs, s.seq_len = 0, 0
+            s.budget_stem = trace.tolist()
+            s.budget_native = list(s.budget_stem) if plan is None else []
+        for i, b in enumerate(slots):
+            s.row_native_pairs[b] = native_total if native_total is not None else stem[i]
+            s.row_stem_pairs[b], s.row_alpha[b] = stem[i], alpha
+        s.native_pairs, s.stem_pairs = sum(s.row_native_pairs), sum(s.row_stem_pairs)
+        s.forced_pairs += int(forced)
+        s.alpha = alpha
+        s.reduce_requested = reduce
+        s.seq_len = max(s.seq_len, seq_len)
+
+    st.stats.defer(update, fresh=fresh)
     st.last_selection = blocks if st.cfg.keep_selections else None  # kept only on request (memory)
 
 
