@@ -25,16 +25,16 @@ The tile is held as two 64-key blocks, each split into L (latent columns 0..255)
   4. consumer 0 rescales O_0, its row sums and P_0 by exp2(m_0 - m_1) once m_1 is known; each P_c
      goes to shared memory for the other consumer (P_0 over block 0's rope columns, dead by then)
   5. O_c += P_other V_other[:, own half]
-A consumer's own product reads P from registers (`LOCAL_P_REGS`, FlashMLA's choice: wgmma's A operand
-in registers, so consumer 0 issues it with no store, fence and barrier before it, and consumer 1 stores
-P_1 for the other while its own runs; 2.8% faster on an H200), the other's P from shared memory. A quarter is released when
-its last reader is done: block 0 L by consumer 0 alone, block 1 R by consumer 1 alone, block 0 R and
+A consumer's own product reads P from registers (`LOCAL_P_REGS`, FlashMLA's choice: wgmma's A
+operand in registers, so consumer 0 issues it with no store, fence and barrier before it, and
+consumer 1 stores P_1 for the other while its own runs; 3-4% faster on an H200), the other's P from
+shared memory. A quarter is released when its last reader is done: block 0 L by consumer 0 alone, block 1 R by consumer 1 alone, block 0 R and
 block 1 L by both (one reads it for S, the other for P V); the producer refills them in that order,
 so the next step's gather runs under this step's products. The key positions of a step are staged
 in shared memory a step ahead (the consumers mask S with them). Row sums stay per consumer until
 the end. Shared memory: Q 72 KB + two blocks 144 KB + P_1 8 KB + positions: 226 KB. Measured on an
-H200: 373 TFLOP/s at 131072 keys, 399 at 32768 (BENCHMARKS.md §000000), 409 with the own P from
-registers.
+H200 with the own P from registers: 388 TFLOP/s at 131072 keys, 409 at 32768 (373 / 397 from shared
+memory; BENCHMARKS.md §000000000000).
 
 Only for CUDA tensors on sm_90 (Gluon has no CPU interpreter); `mla_token.py` is the portable path.
 """
