@@ -328,7 +328,8 @@ def record_stats(st: DSAState, native: Selection, sel: Selection, plans: RowPlan
     native_rows = (native.counts.long() * real).sum(dim=(1, 2))  # [B] on the device
     stem_rows = (sel.counts.long() * real).sum(dim=(1, 2))
     step = max(1, native.counts.shape[-1] // 512)  # a light per-position trace for plots
-    trace_native, trace_stem = native.counts[0, 0, ::step], sel.counts[0, 0, ::step]
+    # copies: the counts themselves ([B, 1, S]) are not kept until the stats are read
+    trace_native, trace_stem = native.counts[0, 0, ::step].clone(), sel.counts[0, 0, ::step].clone()
     row_alpha = plans.alphas if plans is not None else [1.0] * native.batch
 
     def update(s: LayerStats) -> None:

@@ -186,7 +186,7 @@ def record_stats(st: InfState, blocks: BlockSelection, plan: BudgetPlan | None, 
     trace = None
     if fresh:  # a light per-position trace of the first row and head for plots
         per_token = free[0, 0].sum(-1)
-        trace = per_token[::max(1, per_token.numel() // 512)]
+        trace = per_token[::max(1, per_token.numel() // 512)].clone()  # a copy: [S] is not kept
     native_total = int(native_free.sum()) * Hk if native_free is not None else None  # native_free: host
     alpha = plan.alpha if plan is not None else 1.0
     slots = range(B) if batch_row is None else [batch_row.index]
