@@ -29,6 +29,7 @@ from ..mass import mass_budgets
 from ..models.minicpm4.modeling_minicpm4 import BatchRow, attend_blocks
 from ..native.infllmv2 import BlockScores, BlockSelection, InfLLMv2Params, infllmv2_select
 from ..oam import block_max, oam_bias, value_norms
+from ..selection import Selection
 from ..stats import LayerStats
 from ..tpd import BudgetPlan, block_available
 
@@ -165,27 +166,29 @@ def stem_sparse_forward(module: torch.nn.Module, q: torch.Tensor, k: torch.Tenso
         plan = native_free = None
     else:
         blocks, plan, native_free = stem_block_selection(sel_q, sel_k, v, params, cfg, chunk, st.plans)
+    selection = blocks.to_selection()  # per-row counts and forced counts: what the stats count too
     if S > 1:
-        record_stats(st, blocks, plan, native_free, batch_row)
+        record_stats(st, blocks, selection, plan, native_free, batch_row)
     # 4. attention over the selected blocks (the shared kernel on GPUs)
-    return attend_blocks(q, k, v, blocks.to_selection(), module.scaling, cfg.backend)
+    return attend_blocks(q, k, v, selection, module.scaling, cfg.backend)
 
 
-def record_stats(st: InfState, blocks: BlockSelection, plan: BudgetPlan | None, native_free: torch.Tensor | None,
-                 batch_row: BatchRow | None) -> None:
+def record_stats(st: InfState, blocks: BlockSelection, selection: Selection, plan: BudgetPlan | None,
+                 native_free: torch.Tensor | None, batch_row: BatchRow | None) -> None:
     """Budget accounting of a prefill: free (non-forced) selected blocks per query token, native vs
     Stem, per batch row and in total. A padded batch arrives row by row: its first sparse row resets
     the layer's numbers, the others fill their slot (rows too short to be sparse keep 0). The counts
-    stay on the device until the stats are read (`LayerStats.defer`: no host synchronisation here)."""
-    valid = blocks.idx >= 0
-    free = valid & ~blocks.forced
-    B, Hk = blocks.idx.shape[:2]
-    row_stem = free.sum(dim=(1, 2, 3))  # [B] on the device
-    forced = (valid & blocks.forced).sum()  # [] on the device
+    stay on the device until the stats are read (`LayerStats.defer`: no host synchronisation here).
+    `selection` is `blocks.to_selection()`: its per-row counts and forced counts give the free blocks
+    without another pass over the [B, Hk, S, Kmax] lists."""
+    free = selection.counts - selection.n_forced  # [B, Hk, S] free selected blocks per query token
+    B, Hk = free.shape[:2]
+    row_stem = free.sum(dim=(1, 2))  # [B] on the device
+    forced = selection.n_forced.sum()  # [] on the device
     fresh = batch_row is None or batch_row.first
     trace = None
     if fresh:  # a light per-position trace of the first row and head for plots
-        per_token = free[0, 0].sum(-1)
+        per_token = free[0, 0]
         trace = per_token[::max(1, per_token.numel() // 512)].clone()  # a copy: [S] is not kept
     native_total = int(native_free.sum()) * Hk if native_free is not None else None  # native_free: host
     alpha = plan.alpha if plan is not None else 1.0
