@@ -564,7 +564,8 @@ def main():
                     help="DSA parts: 'main' skips the slower peers of the indexer / Stem step (other score dtype, radix "
                          "select, torch.topk, per-head value norms)")
     ap.add_argument("--select-chunk", type=int, default=None,
-                    help="InfLLMv2: query rows a selection step (the attention module's select_chunk_size; default 1024)")
+                    help="InfLLMv2: the attention module's select_chunk_size (default 1024, the model's own on CUDA); "
+                         "the fused selection keeps its own 16384-row chunks except with the mass schedule")
     ap.add_argument("--profile", action="store_true", help="print the CUDA kernels of one native and one Stem forward of each layer (torch.profiler)")
     ap.add_argument("--profile-ops", action="store_true",
                     help="with --profile: also the PyTorch operators (and input shapes) that launched kernels")

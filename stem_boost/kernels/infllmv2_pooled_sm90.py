@@ -219,7 +219,8 @@ def pooled_block_scores_sm90(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tenso
     out, args = pooled_launch_args(q, k1, lse, vis1, n_blocks, scale, q_pos0=q_pos0, n_existing=n_existing, lo1=lo1,
                                    key_bias=key_bias)
     if B and C and n_blocks and K1:
-        grid = tile_grid(triton.cdiv(C, cfg["BLOCK_S"]), triton.cdiv(n_blocks, cfg["BLOCK_B"] - 1), B * Hk, cfg["KEYS_FAST"])
+        grid = tile_grid(triton.cdiv(C, cfg["BLOCK_S"]), triton.cdiv(n_blocks, cfg["BLOCK_B"] - 1), B * Hk,
+                         cfg["KEYS_FAST"])
         _pooled_scores_sm90_fwd[grid](
             *args, (G - 1) // 2,
             G=G, D=D, P=pool, BLOCK_SIZE=block_size, BLOCK_S=cfg["BLOCK_S"], BLOCK_B=cfg["BLOCK_B"],

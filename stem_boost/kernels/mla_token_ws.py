@@ -28,8 +28,8 @@ The tile is held as two 64-key blocks, each split into L (latent columns 0..255)
 A consumer's own product reads P from registers (`LOCAL_P_REGS`, FlashMLA's choice: wgmma's A
 operand in registers, so consumer 0 issues it with no store, fence and barrier before it, and
 consumer 1 stores P_1 for the other while its own runs; 3-4% faster on an H200), the other's P from
-shared memory. A quarter is released when its last reader is done: block 0 L by consumer 0 alone, block 1 R by consumer 1 alone, block 0 R and
-block 1 L by both (one reads it for S, the other for P V); the producer refills them in that order,
+shared memory. A quarter is released when its last reader is done: block 0 L by consumer 0 alone,
+block 1 R by consumer 1 alone, block 0 R and block 1 L by both (one reads it for S, the other for P V); the producer refills them in that order,
 so the next step's gather runs under this step's products. The key positions of a step are staged
 in shared memory a step ahead (the consumers mask S with them). Row sums stay per consumer until
 the end. Shared memory: Q 72 KB + two blocks 144 KB + P_1 8 KB + positions: 226 KB. Measured on an
@@ -131,10 +131,12 @@ def _producer(q_row, stride_qh, h0, H, kv_base, stride_kt, idx_row, count, T, qp
     # Q [64 heads, 576], 16 heads at a time: head rows past H read head 0 (their outputs are not stored)
     for r0 in gl.static_range(0, 64, 16):
         hw = h0 + r0 + gl.arange(0, 16, layout=rows_w)
-        _copy_rows(q_l.slice(r0, 16, dim=0), q_row + gl.where(hw < H, hw, 0).to(gl.int64) * stride_qh, 0, wide, 256, q_evict)
-        _copy_rows(q_v2.slice(r0, 16, dim=0), q_row + gl.where(hw < H, hw, 0).to(gl.int64) * stride_qh, 256, wide, 256, q_evict)
+        rows_wide = q_row + gl.where(hw < H, hw, 0).to(gl.int64) * stride_qh
+        _copy_rows(q_l.slice(r0, 16, dim=0), rows_wide, 0, wide, 256, q_evict)
+        _copy_rows(q_v2.slice(r0, 16, dim=0), rows_wide, 256, wide, 256, q_evict)
         hn = h0 + r0 + gl.arange(0, 16, layout=rows_n)
-        _copy_rows(q_r.slice(r0, 16, dim=0), q_row + gl.where(hn < H, hn, 0).to(gl.int64) * stride_qh, DV, narrow, DR, q_evict)
+        _copy_rows(q_r.slice(r0, 16, dim=0), q_row + gl.where(hn < H, hn, 0).to(gl.int64) * stride_qh, DV, narrow, DR,
+                   q_evict)
     cp.mbarrier_arrive(q_ready, increment_count=False)
     positions.index(0).store(_step_positions(idx_row, 0, count))
     cta_barrier()
