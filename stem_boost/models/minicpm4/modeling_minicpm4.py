@@ -250,8 +250,10 @@ class MiniCPM4Attention(nn.Module):
     Hook point: ``sparse_forward`` (default :func:`infllmv2_sparse_forward`, the native selection
     and block-sparse attention through ``stem_boost.sparse_attention``); ``stem_boost.wrap`` swaps
     in Stem's. Padded batches run each row on its own tokens (:func:`padded_sparse_forward`).
-    ``select_chunk_size``: query rows scored per selection step (``None``: 1024 on CUDA, 64 on the
-    CPU; memory grows with it as ``B * Hk * chunk * n_blocks`` fp32 scores).
+    ``select_chunk_size``: query rows scored per selection step of the PyTorch selection and of the
+    mass schedule (``None``: 1024 on CUDA, 64 on the CPU; memory grows with it as ``B * Hk * chunk *
+    n_blocks`` fp32 scores). The fused GPU selection otherwise keeps its own 16384-row chunks (faster:
+    `kernels.infllmv2_select.infllmv2_select_fused`).
     """
 
     def __init__(self, config: MiniCPM4Config, layer_idx: int):
