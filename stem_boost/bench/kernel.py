@@ -190,8 +190,12 @@ def _run_block_mode_group(seqs, densities, device, results, tiles_grid, G: int):
             variants = {}
             for name, kwargs in UNION_VARIANTS.items():  # the default executor's tiles, side by side
                 try:
-                    variants[name] = bench(lambda: block_union_attention(q, k, v, idx, counts, block_size=block,
-                                                                         query_block=block, **kwargs), rep_ms=100)
+                    def run_variant():
+                        return block_union_attention(q, k, v, idx, counts, block_size=block, query_block=block, **kwargs)
+                    err = float((run_variant().float() - ref_out).norm() / ref_out.norm())
+                    if not err < 1e-2:
+                        raise RuntimeError(f"disagrees with the 1-token tile: rel err {err:.2e}")
+                    variants[name] = bench(run_variant, rep_ms=100)
                 except Exception as e:
                     print(f"  union variant {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                     variants[name] = float("nan")
