@@ -498,8 +498,7 @@ def bench_infllmv2(seqs, device, windows=(0,), select_chunk: int | None = None):
     return rows
 
 
-UNION_TILE_PEERS = {"s2": dict(num_stages=2),  # the default: 3 stages, one key tile a step
-                    "pairs s2": dict(pairs=True, num_stages=2), "pairs s3": dict(pairs=True, num_stages=3)}
+UNION_TILE_PEERS = {"s2": dict(num_stages=2), "s4": dict(num_stages=4)}  # the default: 3 stages
 
 
 def infllmv2_breakdown(attn, x, pe) -> dict:
@@ -542,7 +541,7 @@ def infllmv2_breakdown(attn, x, pe) -> dict:
         stem_inflation = union_inflation(union_block_lists(stem_sel.idx, stem_sel.counts, 4, n_units=-(-S // 64))[2],
                                          stem_sel.counts, 4)
     return dict(native_selection_ms=ms_sel, kernel_native_ms=ms_kernel,
-                **{f"kernel_native_{name.replace(' ', '_')}_ms": ms for name, ms in tile_peers.items()},
+                **{f"kernel_native_{name}_ms": ms for name, ms in tile_peers.items()},
                 mean_blocks_per_token=float(counts.float().mean()),
                 union_inflation_qt2=inflation[2], union_inflation_qt4=inflation[4], union_inflation_qt8=inflation[8],
                 stem_selection_ms=ms_sel_stem, kernel_stem_ms=ms_kernel_stem,
@@ -616,7 +615,7 @@ def main():
               "| Stem: selection ms | kernel ms | blocks / token | inflation QT 4 |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for r in inf:
-            peers = " / ".join(f"{r.get(f"kernel_native_{n.replace(' ', '_')}_ms", float('nan')):.1f}" for n in UNION_TILE_PEERS)
+            peers = " / ".join(f"{r.get(f'kernel_native_{n}_ms', float('nan')):.1f}" for n in UNION_TILE_PEERS)
             print(f"| {r['S']} ({r.get('smooth_window', 0)}) | {r['native_selection_ms']:.1f} | {r['kernel_native_ms']:.1f} | "
                   f"{peers} | "
                   f"{r['mean_blocks_per_token']:.1f} | {r['union_inflation_qt2']:.2f} / {r['union_inflation_qt4']:.2f} / "

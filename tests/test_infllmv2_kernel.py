@@ -98,8 +98,7 @@ def test_union_lists_match_definition(qt):
         (1, 40, 200, 1, 2, 1, 32, 64, 4, torch.float32, True),    # blocks of 64 (SUB steps)
     ],
 )
-@pytest.mark.parametrize("pairs", [False, True])  # one or two key tiles a step of the walk
-def test_block_union_attention_matches_reference(B, S, T, Hkv, G, Hsel, D, block_size, qt, dtype, causal, pairs):
+def test_block_union_attention_matches_reference(B, S, T, Hkv, G, Hsel, D, block_size, qt, dtype, causal):
     from stem_boost.kernels.block_union import block_union_attention
 
     seed = 2026 + S * 7 + G
@@ -110,7 +109,7 @@ def test_block_union_attention_matches_reference(B, S, T, Hkv, G, Hsel, D, block
     k = torch.randn(B, T, Hkv, D, generator=gen).to(dtype)
     v = torch.randn(B, T, Hkv, D, generator=gen).to(dtype)
     out, lse = block_union_attention(q, k, v, idx, counts, block_size=block_size, q_offset=q_offset, causal=causal,
-                                     return_lse=True, tokens_per_tile=qt, pairs=pairs)
+                                     return_lse=True, tokens_per_tile=qt)
     ref, ref_lse = _reference(q.double(), k.double(), v.double(), idx, counts, block_size, q_offset, causal)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert float((out.double() - ref).norm() / ref.norm()) < tol, f"seed {seed}"
@@ -245,8 +244,7 @@ def _row_reference(q, k, v, idx, counts, query_block: int, bs: int, offset: int)
         (1, 2, 64, 64, 100, torch.float32),  # G = 1: 64 tokens a tile
     ],
 )
-@pytest.mark.parametrize("pairs", [False, True])
-def test_block_union_flat_row_tiles(G, Hsel, query_block, block_m, S, dtype, seed, pairs):
+def test_block_union_flat_row_tiles(G, Hsel, query_block, block_m, S, dtype, seed):
     """Tiles of block_m consecutive (token, head) rows over row lists equal the reference for any G,
     also where a tile splits a token's heads, and equal the token tiles' output."""
     from stem_boost.kernels.block_union import block_union_attention
@@ -259,7 +257,7 @@ def test_block_union_flat_row_tiles(G, Hsel, query_block, block_m, S, dtype, see
     k = torch.randn(B, T, Hkv, D, generator=gen).to(dtype)
     v = torch.randn(B, T, Hkv, D, generator=gen).to(dtype)
     out, lse = block_union_attention(q, k, v, idx, counts, block_size=bs, query_block=query_block, block_m=block_m,
-                                     flat_rows=True, return_lse=True, pairs=pairs)
+                                     flat_rows=True, return_lse=True)
     ref = _row_reference(q, k, v, idx, counts, query_block, bs, T - S)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert float((out.double() - ref).norm() / ref.norm()) < tol, f"seed {seed}"

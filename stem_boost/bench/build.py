@@ -50,9 +50,7 @@ def _lists(B: int, H: int, R: int, k: int, n_units: int, *, query_block: int, un
     return idx.expand(B, H, R, k).contiguous(), counts.expand(B, H, R).contiguous()
 
 
-def union_case(G: int, Hkv: int, query_block: int = 1, D: int = 128, S: int = 256, T: int = 4096,
-               **tile) -> BuildCase:
-    """tile: `block_union_attention` keywords (e.g. pairs=True, num_stages=2), named in the case."""
+def union_case(G: int, Hkv: int, query_block: int = 1, D: int = 128, S: int = 256, T: int = 4096) -> BuildCase:
     from ..kernels.block_union import block_union_attention
 
     def run():
@@ -60,11 +58,10 @@ def union_case(G: int, Hkv: int, query_block: int = 1, D: int = 128, S: int = 25
         k, v = torch.randn(1, T, Hkv, D, dtype=BF16), torch.randn(1, T, Hkv, D, dtype=BF16)
         R = -(-S // query_block)
         idx, counts = _lists(1, Hkv, R, 16, T // 64, query_block=query_block, unit_rows=64)
-        block_union_attention(q, k, v, idx, counts, block_size=64, query_block=query_block, **tile)
+        block_union_attention(q, k, v, idx, counts, block_size=64, query_block=query_block)
 
     rows = "per-token lists" if query_block == 1 else f"lists per {query_block} queries"
-    return BuildCase(f"union G{G}" + ("" if query_block == 1 else f" qb{query_block}")
-                     + "".join(f" {k}={v}" for k, v in tile.items()),
+    return BuildCase(f"union G{G}" + ("" if query_block == 1 else f" qb{query_block}"),
                      f"block-sparse attention, {G * Hkv} q / {Hkv} kv heads, d {D}, blocks of 64, {rows}", run)
 
 
@@ -318,10 +315,6 @@ def all_cases() -> list[BuildCase]:
     return [
         union_case(16, 2), union_case(8, 4), union_case(6, 8), union_case(4, 8), union_case(1, 16),
         union_case(16, 2, query_block=64),
-        union_case(16, 2, pairs=True), union_case(16, 2, pairs=True, num_stages=2),
-        union_case(16, 2, query_block=64, pairs=True), union_case(16, 2, query_block=64, pairs=True, num_stages=2),
-        union_case(16, 2, query_block=64, block_m=128, pairs=True, num_stages=2),
-        union_case(16, 2, query_block=64, block_m=128, pairs=True, num_stages=3),
         select_case(None), select_case("budgets"), select_case("mass"), select_case(None, fused=True),
         select_case(None, topk_method="warp"), select_case("budgets", topk_method="warp"),
         select_g3_case(), stage1_case(), pooled_sm90_case(), pooled_sm90_case(stem=True),

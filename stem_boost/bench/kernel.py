@@ -133,15 +133,10 @@ def _group_heads(G: int) -> tuple[int, int]:
 
 
 #: block_union_attention tiles timed beside the default (flat tiles of 64 (token, head) rows, 3
-#: stages): other depths and M, the tiles of whole tokens that were the default before flat tiles,
-#: and two key tiles a step (`pairs`)
+#: stages): other depths and M, and the tiles of whole tokens that were the default before flat tiles
 UNION_VARIANTS = {"flat M64 s2": dict(flat_rows=True, block_m=64, num_stages=2),
                   "flat M128 s3": dict(flat_rows=True, block_m=128, num_stages=3),
-                  "token tiles": dict(flat_rows=False),
-                  # two key tiles a step of the walk (one softmax update a 128 keys)
-                  "flat M64 pairs s2": dict(flat_rows=True, block_m=64, pairs=True, num_stages=2),
-                  "flat M128 pairs s2": dict(flat_rows=True, block_m=128, pairs=True, num_stages=2),
-                  "flat M128 pairs s3": dict(flat_rows=True, block_m=128, pairs=True, num_stages=3)}
+                  "token tiles": dict(flat_rows=False)}
 
 
 def run_block_mode(seqs, densities, device, results, tiles_grid, groups=(16,)):

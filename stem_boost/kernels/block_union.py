@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from .aot import compiling
-from .online_softmax import online_softmax_step, online_softmax_step2, store_rows
+from .online_softmax import online_softmax_step, store_rows
 
 __all__ = ["block_union_attention", "union_block_lists", "union_block_lists_torch", "union_tile_config"]
 
@@ -193,66 +193,6 @@ def union_block_lists_torch(idx: torch.Tensor, counts: torch.Tensor, tokens_per_
 
 
 @triton.jit
-def _sub_step_scores(q, k_desc, k_base, UIDX, UMASK, u_off, j, n_sub, offs_n, d, t0, tin, qpos, full_bits,
-                     qk_scale_log2, T, q_offset, stride_kt,
-                     SUB: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                     CAUSAL: tl.constexpr, USE_TMA: tl.constexpr, ROW_LISTS: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, MAY_OVERRUN: tl.constexpr):
-    """Sub-step j of a tile's walk (BLOCK_N keys of union entry j // SUB): the scores q k^T [M,
-    BLOCK_N] in log2 units, -inf where a row's token did not select the entry, after the diagonal or
-    past T, and the first key's position (for the V tile). j >= n_sub (the odd step of a pair
-    walk, MAY_OVERRUN): the last sub-step's keys, every score -inf."""
-    if MAY_OVERRUN:
-        live = j < n_sub
-        jj = tl.minimum(j, n_sub - 1)
-    else:
-        jj = j
-    blk = tl.load(UIDX + u_off + jj // SUB)
-    if ROW_LISTS:
-        bits = full_bits
-    else:
-        bits = tl.load(UMASK + u_off + jj // SUB)
-    if MAY_OVERRUN:
-        bits = tl.where(live, bits, 0)
-    kstart = blk * BLOCK_SIZE + (jj % SUB) * BLOCK_N
-    kpos = kstart + offs_n
-    if USE_TMA:
-        k = k_desc.load([kstart, 0])
-    else:
-        k = tl.load(k_base + kpos.to(tl.int64)[:, None] * stride_kt + d[None, :],
-                    mask=(kpos[:, None] < T) & (d[None, :] < D), other=0.0)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-    k_last = kstart + BLOCK_N - 1
-    if CAUSAL:
-        crosses = k_last > t0 + q_offset  # also covers keys past T (every query is < T)
-    else:
-        crosses = k_last >= T
-    if crosses | ((bits & full_bits) != full_bits):
-        if ROW_LISTS and MAY_OVERRUN:  # every row of the tile selected the block, or none (a padding step)
-            keep = (bits != 0) & tl.broadcast_to((kpos < T)[None, :], qk.shape)
-        elif ROW_LISTS:  # every row of the tile selected the block
-            keep = tl.broadcast_to((kpos < T)[None, :], qk.shape)
-        else:
-            keep = (((bits >> tin) & 1) != 0)[:, None] & (kpos[None, :] < T)
-        if CAUSAL:
-            keep = keep & (kpos[None, :] <= qpos[:, None])
-        qk = tl.where(keep, qk, float("-inf"))
-    return qk, kstart
-
-
-@triton.jit
-def _value_tile(v_desc, v_base, kstart, offs_n, dv, T, stride_vt, DV: tl.constexpr, USE_TMA: tl.constexpr):
-    """The V rows [BLOCK_N, DVP] from key position kstart (zeros past T and DV)."""
-    if USE_TMA:
-        v = v_desc.load([kstart, 0])
-    else:
-        kpos = kstart + offs_n
-        v = tl.load(v_base + kpos.to(tl.int64)[:, None] * stride_vt + dv[None, :],
-                    mask=(kpos[:, None] < T) & (dv[None, :] < DV), other=0.0)
-    return v
-
-
-@triton.jit
 def _block_union_fwd(
     Q, K, V, UIDX, UMASK, UCNT, O, LSE,
     qk_scale_log2, S, T, q_offset,
@@ -269,13 +209,12 @@ def _block_union_fwd(
     D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
     CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr, ROW_LISTS: tl.constexpr, QUERY_BLOCK: tl.constexpr,
-    FLAT_ROWS: tl.constexpr = False, PAIRS: tl.constexpr = False,
+    FLAT_ROWS: tl.constexpr = False,
 ):
     """Program: query tile of QT tokens x the G heads of kv head `kvh` (M = QT * G live rows of
     BLOCK_M), over the union of the tile's block lists; with FLAT_ROWS (row lists only), BLOCK_M
     consecutive (token, head) rows of the kv head, which may split a token's heads across two
-    tiles. With PAIRS, each step of the walk takes two sub-steps (two key tiles, one softmax
-    update, one rescale of the accumulator). See the module docstring."""
+    tiles. See the module docstring."""
     pid_t = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest tiles (last queries) first
     pid_bh = tl.program_id(1)
     kvh = pid_bh % HKV
@@ -322,36 +261,45 @@ def _block_union_fwd(
     if USE_TMA:
         k_desc = tl.make_tensor_descriptor(k_base, shape=[T, D], strides=[stride_kt, 1], block_shape=[BLOCK_N, DP])
         v_desc = tl.make_tensor_descriptor(v_base, shape=[T, DV], strides=[stride_vt, 1], block_shape=[BLOCK_N, DVP])
-    else:  # unused: the pointer loads read k_base / v_base
-        k_desc = k_base
-        v_desc = v_base
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DVP], tl.float32)
-    n_sub = ucount * SUB  # sub-steps: BLOCK_N keys of entry j // SUB each
-    if PAIRS:
-        for it in tl.range(0, tl.cdiv(n_sub, 2), warp_specialize=WARP_SPECIALIZE):
-            qk0, ks0 = _sub_step_scores(q, k_desc, k_base, UIDX, UMASK, u_off, 2 * it, n_sub, offs_n, d, t0, tin,
-                                        qpos, full_bits, qk_scale_log2, T, q_offset, stride_kt,
-                                        SUB, BLOCK_SIZE, BLOCK_N, D, CAUSAL, USE_TMA, ROW_LISTS, DOT_PRECISION, True)
-            qk1, ks1 = _sub_step_scores(q, k_desc, k_base, UIDX, UMASK, u_off, 2 * it + 1, n_sub, offs_n, d, t0, tin,
-                                        qpos, full_bits, qk_scale_log2, T, q_offset, stride_kt,
-                                        SUB, BLOCK_SIZE, BLOCK_N, D, CAUSAL, USE_TMA, ROW_LISTS, DOT_PRECISION, True)
-            p0, p1, alpha, m_i, l_i = online_softmax_step2(qk0, qk1, m_i, l_i)
-            v0 = _value_tile(v_desc, v_base, ks0, offs_n, dv, T, stride_vt, DV, USE_TMA)
-            v1 = _value_tile(v_desc, v_base, ks1, offs_n, dv, T, stride_vt, DV, USE_TMA)
-            acc = tl.dot(p0.to(v0.dtype), v0, acc * alpha[:, None], input_precision=DOT_PRECISION)
-            acc = tl.dot(p1.to(v1.dtype), v1, acc, input_precision=DOT_PRECISION)
-    else:
-        for it in tl.range(0, n_sub, warp_specialize=WARP_SPECIALIZE):
-            qk, kstart = _sub_step_scores(q, k_desc, k_base, UIDX, UMASK, u_off, it, n_sub, offs_n, d, t0, tin,
-                                          qpos, full_bits, qk_scale_log2, T, q_offset, stride_kt,
-                                          SUB, BLOCK_SIZE, BLOCK_N, D, CAUSAL, USE_TMA, ROW_LISTS, DOT_PRECISION, False)
-            p, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
-            v = _value_tile(v_desc, v_base, kstart, offs_n, dv, T, stride_vt, DV, USE_TMA)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+    for it in tl.range(0, ucount * SUB, warp_specialize=WARP_SPECIALIZE):
+        blk = tl.load(UIDX + u_off + it // SUB)
+        if ROW_LISTS:
+            bits = full_bits
+        else:
+            bits = tl.load(UMASK + u_off + it // SUB)
+        kstart = blk * BLOCK_SIZE + (it % SUB) * BLOCK_N
+        kpos = kstart + offs_n
+        if USE_TMA:
+            k = k_desc.load([kstart, 0])
+        else:
+            k = tl.load(k_base + kpos.to(tl.int64)[:, None] * stride_kt + d[None, :],
+                        mask=(kpos[:, None] < T) & (d[None, :] < D), other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        k_last = kstart + BLOCK_N - 1
+        if CAUSAL:
+            crosses = k_last > t0 + q_offset  # also covers keys past T (every query is < T)
+        else:
+            crosses = k_last >= T
+        if crosses | ((bits & full_bits) != full_bits):
+            if ROW_LISTS:  # every row of the tile selected the block
+                keep = tl.broadcast_to((kpos < T)[None, :], [BLOCK_M, BLOCK_N])
+            else:
+                keep = (((bits >> tin) & 1) != 0)[:, None] & (kpos[None, :] < T)
+            if CAUSAL:
+                keep = keep & (kpos[None, :] <= qpos[:, None])
+            qk = tl.where(keep, qk, float("-inf"))
+        p, alpha, m_new, l_i = online_softmax_step(qk, m_i, l_i)
+        if USE_TMA:
+            v = v_desc.load([kstart, 0])
+        else:
+            v = tl.load(v_base + kpos.to(tl.int64)[:, None] * stride_vt + dv[None, :],
+                        mask=(kpos[:, None] < T) & (dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
 
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     store_rows(acc, m_safe, l_i, O + b.to(tl.int64) * stride_ob + tok.to(tl.int64) * stride_os + head * stride_oh,
@@ -373,10 +321,6 @@ def union_tile_config(G: int, block_m: int = 64) -> dict:
 #: warps beat M 128 with 8 by 1-6%, at 0.81-0.85 of dense SDPA's rate at 128K.
 FLAT_BLOCK_M = 64
 FLAT_STAGES = 3
-
-#: two key tiles a step of the block walk (`block_union_attention(pairs=...)`): half the softmax
-#: updates and accumulator rescales, twice the shared memory a pipeline stage.
-PAIR_STEPS = False
 
 _ALLOCATOR_SET = False
 
@@ -410,7 +354,6 @@ def block_union_attention(
     num_stages: int | None = None,
     warp_specialize: bool = False,
     union: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    pairs: bool | None = None,
 ):
     """Per-token block-sparse attention with union tiles (see the module docstring).
 
@@ -432,8 +375,6 @@ def block_union_attention(
             at M 64, 8 above, and `FLAT_STAGES`).
         warp_specialize: Triton's warp specialisation of the block loop (experimental).
         union: a precomputed `union_block_lists(idx, counts, QT)` (e.g. shared by several layers).
-        pairs: two key tiles a step of the walk (one softmax update and one accumulator rescale per
-            2 BLOCK_N keys; twice the shared memory a pipeline stage). None: `PAIR_STEPS`.
     Returns out [B, S, Hq, Dv] (and lse [B, Hq, S] fp32 with return_lse).
     No index checks: the caller guarantees the contract (ascending, causally valid lists).
     """
@@ -503,7 +444,6 @@ def block_union_attention(
         D=D, DP=dp, DV=Dv, DVP=dvp, CAUSAL=causal, RETURN_LSE=return_lse, USE_TMA=use_tma,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", WARP_SPECIALIZE=bool(warp_specialize),
         ROW_LISTS=row_lists, QUERY_BLOCK=query_block, FLAT_ROWS=flat,
-        PAIRS=PAIR_STEPS if pairs is None else bool(pairs),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return (out, lse) if return_lse else out

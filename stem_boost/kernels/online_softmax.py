@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["online_softmax_step", "online_softmax_step2", "natural_lse", "store_rows"]
+__all__ = ["online_softmax_step", "natural_lse", "store_rows"]
 
 
 @triton.jit
@@ -21,19 +21,6 @@ def online_softmax_step(qk, m_i, l_i):
     alpha = tl.math.exp2(m_i - m_safe)
     l_new = l_i * alpha + tl.sum(p, 1)
     return p, alpha, m_new, l_new
-
-
-@triton.jit
-def online_softmax_step2(qk0, qk1, m_i, l_i):
-    """Two key tiles at once (qk0, qk1 [M, N], -inf where masked): (p0, p1, alpha, the new max, the
-    new sum), the same numbers as two `online_softmax_step`s but one max update and one rescale."""
-    m_new = tl.maximum(m_i, tl.maximum(tl.max(qk0, 1), tl.max(qk1, 1)))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p0 = tl.math.exp2(qk0 - m_safe[:, None])
-    p1 = tl.math.exp2(qk1 - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_new = l_i * alpha + tl.sum(p0, 1) + tl.sum(p1, 1)
-    return p0, p1, alpha, m_new, l_new
 
 
 @triton.jit
