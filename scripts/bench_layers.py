@@ -498,7 +498,7 @@ def bench_infllmv2(seqs, device, windows=(0,), select_chunk: int | None = None):
     return rows
 
 
-UNION_TILE_PEERS = {"s2": dict(num_stages=2), "s4": dict(num_stages=4)}  # the default: 3 stages
+UNION_TILE_PEERS = {"triton": dict(kernel="triton"), "sm90": dict(kernel="sm90")}  # each executor beside the default
 
 
 def infllmv2_breakdown(attn, x, pe) -> dict:
@@ -566,6 +566,9 @@ def main():
     ap.add_argument("--select-chunk", type=int, default=None,
                     help="InfLLMv2: the attention module's select_chunk_size (default 1024, the model's own on CUDA); "
                          "the fused selection keeps its own 16384-row chunks except with the mass schedule")
+    ap.add_argument("--union-kernel", choices=["triton", "sm90"], default=None,
+                    help="the block walk's executor for every layer of the run (block_union.UNION_KERNEL; default: the "
+                         "library's)")
     ap.add_argument("--profile", action="store_true", help="print the CUDA kernels of one native and one Stem forward of each layer (torch.profiler)")
     ap.add_argument("--profile-ops", action="store_true",
                     help="with --profile: also the PyTorch operators (and input shapes) that launched kernels")
@@ -585,6 +588,10 @@ def main():
         PROFILE = True
     if not torch.cuda.is_available():
         sys.exit("bench_layers.py needs a CUDA GPU")
+    if args.union_kernel:
+        from stem_boost.kernels import block_union
+
+        block_union.UNION_KERNEL = args.union_kernel
     torch.manual_seed(int(time.time()))
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     for family in args.family:  # in the order given

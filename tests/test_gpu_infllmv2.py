@@ -159,3 +159,78 @@ def test_minicpm_rope_on_cuda_gives_a_row_its_solo_values(seed):
     for b in range(B):
         solo_q, solo_k = apply_rotary_pos_emb(q[b:b + 1], k[b:b + 1], cos[:1], sin[:1])
         assert torch.equal(batch_q[b:b + 1], solo_q) and torch.equal(batch_k[b:b + 1], solo_k), f"seed={seed} row {b}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("G,Hkv,S,T,D,layout", [
+    (16, 2, 700, 700, 128, "head"),    # MiniCPM-4.1's group, K / V [B, Hkv, T, D] in memory (the layer's)
+    (16, 2, 500, 900, 128, "token"),   # q_offset 400, [B, T, Hkv, D]
+    (6, 4, 513, 513, 128, "mixed"),    # 10 tokens a tile (60 of 64 rows), K head-major and V token-major
+    (4, 8, 300, 333, 64, "token"),     # head dim 64, T not a multiple of 64
+    (1, 2, 257, 257, 128, "head"),     # G = 1: 32 tokens a tile
+])
+def test_gpu_block_union_sm90_matches_reference(G, Hkv, S, T, D, layout, dtype):
+    """The Gluon union kernel (kernel="sm90") against the fp64 reference and the Triton kernel, per-token
+    lists with rows that select nothing."""
+    from stem_boost.kernels.block_union import block_union_attention
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is for compute capability 9.x")
+    seed = 9100 + S + G
+    torch.manual_seed(seed)
+    B = 2
+
+    def kv():
+        if layout == "head" or (layout == "mixed" and kv.first):
+            kv.first = False
+            return torch.randn(B, Hkv, T, D, device="cuda").to(dtype).transpose(1, 2)  # [B, T, Hkv, D] view
+        return torch.randn(B, T, Hkv, D, device="cuda").to(dtype)
+    kv.first = True
+    q = torch.randn(B, S, Hkv * G, D, device="cuda").to(dtype)
+    k, v = kv(), kv()
+    idx, counts = _lists(B, Hkv, S, T, 9, seed)
+    counts[:, :, 5:9] = 0  # rows with no block: zeros and lse -inf
+    idx[:, :, 5:9] = -1
+    out, lse = block_union_attention(q, k, v, idx, counts, block_size=64, return_lse=True, kernel="sm90")
+    ref, ref_lse = _reference(q.double(), k.double(), v.double(), idx, counts, 64, T - S)
+    tri, tri_lse = block_union_attention(q, k, v, idx, counts, block_size=64, return_lse=True, kernel="triton")
+    assert not torch.isnan(out).any(), f"seed {seed}"
+    ok = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), ok), f"seed {seed}"
+    assert _rel_err(out, ref) < 1e-2, f"seed {seed}"
+    assert _rel_err(lse[ok], ref_lse[ok]) < 1e-2, f"seed {seed}"
+    assert _rel_err(out, tri) < 1e-2, f"seed {seed}: against the Triton kernel"
+    assert torch.all(out.permute(0, 2, 1, 3)[~ok] == 0), f"seed {seed}: empty rows give zeros"
+
+
+@pytest.mark.parametrize("G,query_block,causal", [(16, 64, True), (4, 64, True), (8, 16, False)])
+def test_gpu_block_union_sm90_row_lists(G, query_block, causal):
+    """The Gluon kernel on lists of one row per query_block tokens (flat tiles of 64 (token, head) rows,
+    the bench's block mode) equals the Triton kernel, causal or not."""
+    from stem_boost.kernels.block_union import block_union_attention
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is for compute capability 9.x")
+    seed = 9200 + G + query_block
+    torch.manual_seed(seed)
+    B, Hkv, S, D = 1, 2, 1000, 128
+    T = S
+    R, nb = -(-S // query_block), -(-T // 64)
+    last = torch.clamp((torch.arange(R, device="cuda") * query_block + query_block - 1) // 64, max=nb - 1)
+    score = torch.rand(B, Hkv, R, nb, device="cuda")
+    if causal:
+        score = torch.where(torch.arange(nb, device="cuda") <= last[:, None], score, -1.0)
+        score[..., :, :] = torch.where(torch.arange(nb, device="cuda") == last[:, None], 2.0, score)
+    top = score.topk(6, dim=-1)
+    idx = torch.where(top.values >= 0, top.indices, nb + 1).sort(dim=-1).values
+    idx = torch.where(idx > nb, -1, idx).to(torch.int32)
+    counts = (idx >= 0).sum(-1).to(torch.int32)
+    q = torch.randn(B, S, Hkv * G, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    out = block_union_attention(q, k, v, idx, counts, block_size=64, query_block=query_block, causal=causal,
+                                kernel="sm90")
+    tri = block_union_attention(q, k, v, idx, counts, block_size=64, query_block=query_block, causal=causal,
+                                kernel="triton")
+    assert not torch.isnan(out).any(), f"seed {seed}"
+    assert _rel_err(out, tri) < 1e-2, f"seed {seed}"

@@ -544,3 +544,21 @@ def test_coarse_lse_same_for_any_tile(seed, G, rows, block_n):
     assert torch.allclose(got[fin], want[fin], rtol=1e-5, atol=1e-5), f"seed={seed}"
     with pytest.raises(ValueError, match="rows=48: a power of two"):
         coarse_lse(q, k2, vis2, D ** -0.5, rows=48)
+
+
+def test_block_union_kernel_choice(seed):
+    """kernel="triton" is the CPU path (the same output as the default); the Gluon kernel where it cannot
+    run, or an unknown executor, is refused naming the values."""
+    from stem_boost.kernels.block_union import block_union_attention
+
+    gen = torch.Generator().manual_seed(seed)
+    B, S, T, Hkv, G, D, bs = 1, 20, 20, 1, 4, 16, 16
+    idx, counts = _sorted_lists(B, Hkv, S, T, bs, 3, 0, True, gen)
+    q = torch.randn(B, S, Hkv * G, D, generator=gen)
+    k, v = torch.randn(B, T, Hkv, D, generator=gen), torch.randn(B, T, Hkv, D, generator=gen)
+    out = block_union_attention(q, k, v, idx, counts, block_size=bs)
+    assert torch.equal(out, block_union_attention(q, k, v, idx, counts, block_size=bs, kernel="triton")), f"seed {seed}"
+    with pytest.raises(ValueError, match=r"kernel='sm90' needs CUDA.*torch.float32, D 16, Dv 16, block_size 16"):
+        block_union_attention(q, k, v, idx, counts, block_size=bs, kernel="sm90")
+    with pytest.raises(ValueError, match=r"kernel='cuda'; allowed: None, 'triton', 'sm90'"):
+        block_union_attention(q, k, v, idx, counts, block_size=bs, kernel="cuda")

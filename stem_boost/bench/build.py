@@ -50,7 +50,9 @@ def _lists(B: int, H: int, R: int, k: int, n_units: int, *, query_block: int, un
     return idx.expand(B, H, R, k).contiguous(), counts.expand(B, H, R).contiguous()
 
 
-def union_case(G: int, Hkv: int, query_block: int = 1, D: int = 128, S: int = 256, T: int = 4096) -> BuildCase:
+def union_case(G: int, Hkv: int, query_block: int = 1, D: int = 128, S: int = 256, T: int = 4096,
+               **tile) -> BuildCase:
+    """tile: `block_union_attention` keywords (e.g. kernel="sm90"), named in the case."""
     from ..kernels.block_union import block_union_attention
 
     def run():
@@ -58,10 +60,11 @@ def union_case(G: int, Hkv: int, query_block: int = 1, D: int = 128, S: int = 25
         k, v = torch.randn(1, T, Hkv, D, dtype=BF16), torch.randn(1, T, Hkv, D, dtype=BF16)
         R = -(-S // query_block)
         idx, counts = _lists(1, Hkv, R, 16, T // 64, query_block=query_block, unit_rows=64)
-        block_union_attention(q, k, v, idx, counts, block_size=64, query_block=query_block)
+        block_union_attention(q, k, v, idx, counts, block_size=64, query_block=query_block, **tile)
 
     rows = "per-token lists" if query_block == 1 else f"lists per {query_block} queries"
-    return BuildCase(f"union G{G}" + ("" if query_block == 1 else f" qb{query_block}"),
+    return BuildCase(f"union G{G}" + ("" if query_block == 1 else f" qb{query_block}")
+                     + "".join(f" {v}" for v in tile.values()),
                      f"block-sparse attention, {G * Hkv} q / {Hkv} kv heads, d {D}, blocks of 64, {rows}", run)
 
 
@@ -314,7 +317,8 @@ def value_rms_case(T: int = 4096, L: int = 512) -> BuildCase:
 def all_cases() -> list[BuildCase]:
     return [
         union_case(16, 2), union_case(8, 4), union_case(6, 8), union_case(4, 8), union_case(1, 16),
-        union_case(16, 2, query_block=64),
+        union_case(16, 2, query_block=64), union_case(16, 2, kernel="sm90"), union_case(6, 8, kernel="sm90"),
+        union_case(16, 2, query_block=64, kernel="sm90"),
         select_case(None), select_case("budgets"), select_case("mass"), select_case(None, fused=True),
         select_case(None, topk_method="warp"), select_case("budgets", topk_method="warp"),
         select_g3_case(), stage1_case(), pooled_sm90_case(), pooled_sm90_case(stem=True),

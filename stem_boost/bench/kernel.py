@@ -133,10 +133,12 @@ def _group_heads(G: int) -> tuple[int, int]:
 
 
 #: block_union_attention tiles timed beside the default (flat tiles of 64 (token, head) rows, 3
-#: stages): other depths and M, and the tiles of whole tokens that were the default before flat tiles
+#: stages): other depths and M, the tiles of whole tokens that were the default before flat tiles, and
+#: the Gluon kernel for Hopper
 UNION_VARIANTS = {"flat M64 s2": dict(flat_rows=True, block_m=64, num_stages=2),
                   "flat M128 s3": dict(flat_rows=True, block_m=128, num_stages=3),
-                  "token tiles": dict(flat_rows=False)}
+                  "token tiles": dict(flat_rows=False),
+                  "sm90": dict(kernel="sm90")}  # the Gluon kernel (block_union_sm90.py), flat tiles of 64 rows
 
 
 def run_block_mode(seqs, densities, device, results, tiles_grid, groups=(16,)):

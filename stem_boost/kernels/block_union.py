@@ -322,6 +322,30 @@ def union_tile_config(G: int, block_m: int = 64) -> dict:
 FLAT_BLOCK_M = 64
 FLAT_STAGES = 3
 
+#: the executor of the block walk where the Gluon kernel runs (`block_union_attention(kernel=None)`):
+#: "sm90" (block_union_sm90.py) or "triton"
+UNION_KERNEL = "triton"
+
+
+def _gluon_route(kernel: str | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
+                 rows: int) -> bool:
+    """Whether `block_union_attention` runs the Gluon kernel: asked for (`kernel="sm90"`, an error
+    where it cannot run) or by default (`UNION_KERNEL`) where it can. rows: the live rows of a tile."""
+    if kernel not in (None, "triton", "sm90"):
+        raise ValueError(f"kernel={kernel!r}; allowed: None, 'triton', 'sm90'")
+    if kernel == "triton" or (kernel is None and UNION_KERNEL != "sm90"):
+        return False
+    from .block_union_sm90 import supports_block_union_sm90
+
+    fits = rows <= 64 and (supports_block_union_sm90(q, k, v, block_size) or (
+        compiling() and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
+        and v.shape[-1] == q.shape[-1] and block_size == 64))
+    if kernel == "sm90" and not fits:
+        raise ValueError(f"kernel='sm90' needs CUDA on compute capability 9.x, bf16 / fp16 q, k, v, head dims 64 or "
+                         f"128 (Dv = D), blocks of 64 keys and tiles of <= 64 rows; got {q.dtype}, D {q.shape[-1]}, "
+                         f"Dv {v.shape[-1]}, block_size {block_size}, {rows} rows, device {q.device}")
+    return fits
+
 _ALLOCATOR_SET = False
 
 
@@ -354,6 +378,7 @@ def block_union_attention(
     num_stages: int | None = None,
     warp_specialize: bool = False,
     union: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    kernel: str | None = None,
 ):
     """Per-token block-sparse attention with union tiles (see the module docstring).
 
@@ -375,6 +400,10 @@ def block_union_attention(
             at M 64, 8 above, and `FLAT_STAGES`).
         warp_specialize: Triton's warp specialisation of the block loop (experimental).
         union: a precomputed `union_block_lists(idx, counts, QT)` (e.g. shared by several layers).
+        kernel: "triton" (this module's kernel, any device), "sm90" (`block_union_sm90`, the Gluon
+            kernel for Hopper: bf16 / fp16, head dims 64 / 128, blocks of 64, tiles of at most 64 rows)
+            or None: `UNION_KERNEL` where it runs, else Triton. num_warps / num_stages /
+            warp_specialize / use_tma are the Triton kernel's knobs.
     Returns out [B, S, Hq, Dv] (and lse [B, Hq, S] fp32 with return_lse).
     No index checks: the caller guarantees the contract (ascending, causally valid lists).
     """
@@ -424,10 +453,17 @@ def block_union_attention(
     dp, dvp = max(16, _next_pow2(D)), max(16, _next_pow2(Dv))
     on_gpu = q.is_cuda or compiling()  # compiling(): an ahead-of-time build of the GPU path (aot.py)
     use_tma = (on_gpu if use_tma is None else bool(use_tma)) and on_gpu and dp == D and dvp == Dv
-    if use_tma:
-        _ensure_tma_allocator()
     out = torch.empty(B, S, Hq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device) if return_lse else out
+    if _gluon_route(kernel, q, k, v, block_size, cfg["BLOCK_M"] if flat else qt * G):
+        from .block_union_sm90 import block_union_sm90
+
+        block_union_sm90(q, k, v, uidx, umask, ucount, out, lse if return_lse else None, n_tiles=n_tiles, G=G,
+                         qt=qt, scale_log2=scale * 1.4426950408889634, q_offset=offset, causal=causal,
+                         hsel_shared=idx.shape[1] == 1, row_lists=row_lists, query_block=query_block, flat=flat)
+        return (out, lse) if return_lse else out
+    if use_tma:
+        _ensure_tma_allocator()
     _block_union_fwd[(n_tiles, B * Hkv)](
         q, k, v, uidx, umask if umask is not None else uidx, ucount, out, lse,
         scale * 1.4426950408889634, S, T, offset,

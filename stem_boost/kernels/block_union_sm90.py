@@ -1,0 +1,308 @@
+"""Block-sparse attention over union tiles for Hopper (sm_90), written in Gluon: the contract of
+`block_union._block_union_fwd` (the same tiles, lists and masks) with the schedule written out.
+
+    out, lse = block_union_attention(q, k, v, idx, counts, block_size=64, kernel="sm90", return_lse=True)
+
+Why a second kernel. Triton compiles the block walk into: load K_j, V_j (pipelined), S_j = Q K_j^T,
+wait for S_j, softmax, P_j V_j, wait for it, next step; the tensor cores stand idle while a program
+takes its exponentials, and the two programs an SM overlap only by chance (0.73-0.75 of dense SDPA's
+rate on the computed pairs, H200). Here one warpgroup a program keeps two products in flight
+(FlashAttention-3's intra-warpgroup overlap): at step j, S_{j+1} = Q K_{j+1}^T and P_{j-1} V_{j-1}
+run on the tensor cores while step j's softmax runs on the ALUs and the SFU, then P_j V_j is issued
+with P_j read from registers (wgmma's A operand, no shared-memory round trip). K and V blocks come
+through TMA into rings of NUM_BUF buffers each, K three entries ahead of its use, V two.
+
+Program roles (as the Triton kernel): axis 0 = query tile, heaviest (last) tiles first; axis 1 =
+batch x kv head. A tile is QT whole tokens x the G heads of one kv head (row m = token m // G, head
+m % G; a union list with a token bit mask per entry), or with FLAT_ROWS 64 consecutive (token, head)
+rows of one selection row (no token mask). One warpgroup (4 warps), M = 64 rows, 64-key blocks;
+head dims 64 or 128, bf16 / fp16. Only for CUDA on compute capability 9.x (Gluon has no CPU
+interpreter); the Triton kernel is its oracle on the GPU (`tests/test_gpu_block_union_sm90.py`) and
+`stem-boost build` compiles it on any machine.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_init, warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .warp_rows import interpreting
+
+__all__ = ["block_union_sm90", "supports_block_union_sm90", "SM90_UNION_TILE"]
+
+SM90_UNION_TILE = dict(NUM_BUF=3)  # K / V ring depth (3 x 2 x 16 KB + Q 16 KB at d 128: two programs an SM)
+ROWS, KEYS = 64, 64  # rows a program (one warpgroup), keys a step (one key block)
+BLOCK_M = gl.constexpr(ROWS)
+BLOCK_N = gl.constexpr(KEYS)
+
+
+@gluon.jit
+def _finite(m):
+    """The running max with -inf (no key seen yet) as 0, so that exp2(x - m) stays defined."""
+    return gl.where(m == float("-inf"), 0.0, m)
+
+
+@gluon.jit
+def _kv_coord(UIDX, u_off, e, live, b, kvh, T, HKV, D: gl.constexpr, HEAD_MAJOR: gl.constexpr):
+    """The TMA coordinates [row, column] of union entry e's 64 keys in the 2-D view of K or V:
+    [B * Hkv * T, D] (HEAD_MAJOR, a [B, Hkv, T, D] tensor) or [B * T, Hkv * D] ([B, T, Hkv, D])."""
+    blk = gl.load(UIDX + u_off + e, mask=live, other=0)
+    if HEAD_MAJOR:
+        return (b * HKV + kvh) * T + blk * BLOCK_N, 0
+    else:
+        return b * T + blk * BLOCK_N, kvh * D
+
+
+@gluon.jit
+def _issue_kv(desc, ring, ready, e, n, UIDX, u_off, b, kvh, T, HKV, D: gl.constexpr, HEAD_MAJOR: gl.constexpr,
+              NUM_BUF: gl.constexpr):
+    """TMA of union entry e's block into ring slot e % NUM_BUF (nothing for e >= n)."""
+    live = e < n
+    row, col = _kv_coord(UIDX, u_off, e, live, b, kvh, T, HKV, D, HEAD_MAJOR)
+    slot = e % NUM_BUF
+    mbarrier.expect(ready.index(slot), BLOCK_N * D * 2, pred=live)  # bytes: 16-bit elements
+    tma.async_copy_global_to_shared(desc, [row, col], ready.index(slot), ring.index(slot), pred=live)
+
+
+@gluon.jit
+def _block_union_sm90_fwd(
+    Q, k_desc, v_desc, UIDX, UMASK, UCNT, O, LSE,
+    qk_scale_log2, S, T, q_offset,
+    stride_qb, stride_qs, stride_qh,
+    stride_ub, stride_uh, stride_ut,
+    stride_nb, stride_nh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    HKV,
+    HSEL_SHARED: gl.constexpr, G: gl.constexpr, QT: gl.constexpr, D: gl.constexpr, DV: gl.constexpr,
+    CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, ROW_LISTS: gl.constexpr, QUERY_BLOCK: gl.constexpr,
+    FLAT_ROWS: gl.constexpr, K_HEAD_MAJOR: gl.constexpr, V_HEAD_MAJOR: gl.constexpr, NUM_BUF: gl.constexpr,
+):
+    gl.static_assert(gl.num_warps() == 4, "one warpgroup")
+    gl.static_assert(NUM_BUF >= 3, "K is loaded three entries ahead of its product")
+    dtype: gl.constexpr = Q.dtype.element_ty
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, DV, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)  # P as wgmma's A
+    rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    cols_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # 16-byte loads
+    q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
+
+    # ---- program -> (query tile, batch, kv head); heaviest tiles first
+    pid_t = gl.num_programs(0) - 1 - gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    kvh = pid_bh % HKV
+    b = pid_bh // HKV
+    if FLAT_ROWS:
+        t0 = (pid_t * BLOCK_M) // G
+    else:
+        t0 = pid_t * QT
+    n_tok = gl.minimum(S - t0, QT)
+    full_bits = gl.where(n_tok >= 32, -1, (1 << gl.minimum(n_tok, 31)) - 1)  # the bits of the tile's tokens
+    if HSEL_SHARED:
+        sel_h = 0
+    else:
+        sel_h = kvh
+    if ROW_LISTS:
+        urow = t0 // QUERY_BLOCK
+    else:
+        urow = pid_t
+    u_off = b.to(gl.int64) * stride_ub + sel_h * stride_uh + urow.to(gl.int64) * stride_ut
+    n = gl.load(UCNT + b * stride_nb + sel_h * stride_nh + urow)
+
+    # ---- shared memory and barriers: Q, the K and V rings
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], q_smem_layout)
+    k_ring = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_N, D], k_desc.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_N, DV], v_desc.layout)
+    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_BUF):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+    fence_async_shared()
+    for e in gl.static_range(NUM_BUF):  # K_0 .. K_{NUM_BUF-1}, V_0 .. V_{NUM_BUF-2}
+        _issue_kv(k_desc, k_ring, k_ready, e, n, UIDX, u_off, b, kvh, T, HKV, D, K_HEAD_MAJOR, NUM_BUF)
+    for e in gl.static_range(NUM_BUF - 1):
+        _issue_kv(v_desc, v_ring, v_ready, e, n, UIDX, u_off, b, kvh, T, HKV, DV, V_HEAD_MAJOR, NUM_BUF)
+
+    # ---- the tile's query rows [BLOCK_M, D] (rows past the tile's tokens read a real row, never stored)
+    m_ld = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
+    if FLAT_ROWS:
+        flat_ld = pid_t * BLOCK_M + m_ld
+        tok_ld = flat_ld // G
+        head_ld = kvh * G + flat_ld % G
+    else:
+        tok_ld = t0 + m_ld // G
+        head_ld = kvh * G + m_ld % G
+    tok_ld = gl.minimum(tok_ld, S - 1)
+    d_ld = gl.arange(0, D, layout=gl.SliceLayout(0, ld_layout))
+    q_rows = Q + b.to(gl.int64) * stride_qb + tok_ld.to(gl.int64) * stride_qs + head_ld.to(gl.int64) * stride_qh
+    q_smem.store(gl.load(q_rows[:, None] + d_ld[None, :]))
+    fence_async_shared()
+
+    # ---- each row's token (inside the tile) and key position, in the score layout
+    m_s = gl.arange(0, BLOCK_M, layout=rows_s)
+    if FLAT_ROWS:
+        tok_s = (pid_t * BLOCK_M + m_s) // G
+    else:
+        tok_s = t0 + m_s // G
+    tin = tok_s - t0
+    qpos = tok_s + q_offset
+    offs_n = gl.arange(0, BLOCK_N, layout=cols_s)
+
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=rows_s)
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=rows_s)
+    acc = warpgroup_mma_init(gl.zeros([BLOCK_M, DV], gl.float32, layout=o_layout))  # carried in flight
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+
+    # S_0 in flight before the loop (waited at the loop's top with P V_{-1} absent: wait for all)
+    mbarrier.wait(k_ready.index(0), 0, pred=n > 0)
+    qk = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    qk = warpgroup_mma_init(warpgroup_mma_wait(0, deps=(qk,)))
+    blk = gl.load(UIDX + u_off, mask=n > 0, other=0)
+    if ROW_LISTS:
+        bits = full_bits
+    else:
+        bits = gl.load(UMASK + u_off, mask=n > 0, other=0)
+    for j in range(n):
+        slot = j % NUM_BUF
+        phase = (j // NUM_BUF) & 1
+        # S_j is done (in flight: P V_{j-1}); its K slot takes K_{j+NUM_BUF}
+        qk = warpgroup_mma_wait(1, deps=(qk,))
+        _issue_kv(k_desc, k_ring, k_ready, j + NUM_BUF, n, UIDX, u_off, b, kvh, T, HKV, D, K_HEAD_MAJOR, NUM_BUF)
+        # S_{j+1} on the tensor cores under this step's softmax (after the last step: a stale product, unused)
+        nxt = (j + 1) % NUM_BUF
+        mbarrier.wait(k_ready.index(nxt), ((j + 1) // NUM_BUF) & 1, pred=j + 1 < n)
+        qk_next = warpgroup_mma(q_smem, k_ring.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        blk_next = gl.load(UIDX + u_off + j + 1, mask=j + 1 < n, other=0)
+        if ROW_LISTS:
+            bits_next = full_bits
+        else:
+            bits_next = gl.load(UMASK + u_off + j + 1, mask=j + 1 < n, other=0)
+        # ---- softmax of step j (log2 units), the token mask only where some row did not select the block
+        s = qk * qk_scale_log2
+        kstart = blk * BLOCK_N
+        if CAUSAL:
+            crosses = kstart + BLOCK_N - 1 > t0 + q_offset
+        else:
+            crosses = kstart + BLOCK_N - 1 >= T
+        if crosses | ((bits & full_bits) != full_bits):
+            kpos = kstart + offs_n
+            if ROW_LISTS:
+                keep = gl.expand_dims(kpos < T, 0) & gl.expand_dims(tin >= 0, 1)
+            else:
+                keep = gl.expand_dims(((bits >> tin) & 1) != 0, 1) & gl.expand_dims(kpos < T, 0)
+            if CAUSAL:
+                keep = keep & (gl.expand_dims(kpos, 0) <= gl.expand_dims(qpos, 1))
+            s = gl.where(keep, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        m_safe = _finite(m_new)
+        p = gl.exp2(s - gl.expand_dims(m_safe, 1))
+        alpha = gl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_new
+        p_regs = gl.convert_layout(p.to(dtype), p_layout)
+        # P V_{j-1} is done (in flight: S_{j+1}): its V slot takes V_{j+NUM_BUF-1}; O rescaled, P V_j issued
+        acc = warpgroup_mma_wait(1, deps=(acc,))
+        _issue_kv(v_desc, v_ring, v_ready, j + NUM_BUF - 1, n, UIDX, u_off, b, kvh, T, HKV, DV, V_HEAD_MAJOR,
+                  NUM_BUF)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+        mbarrier.wait(v_ready.index(slot), phase)
+        acc = warpgroup_mma(p_regs, v_ring.index(slot), acc, is_async=True)
+        qk = qk_next
+        blk = blk_next
+        bits = bits_next
+    acc = warpgroup_mma_wait(0, deps=(acc, qk))[0]
+    for i in gl.static_range(NUM_BUF):
+        mbarrier.invalidate(k_ready.index(i))
+        mbarrier.invalidate(v_ready.index(i))
+
+    # ---- epilogue: O = acc / l (rows that saw no key: zeros), lse in natural log
+    l_div = gl.where(l_i == 0.0, 1.0, l_i)
+    out = (acc / gl.expand_dims(gl.convert_layout(l_div, rows_o), 1)).to(dtype)
+    st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    out = gl.convert_layout(out, st_layout)
+    m_st = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, st_layout))
+    if FLAT_ROWS:
+        flat_st = pid_t * BLOCK_M + m_st
+        tok_st = flat_st // G
+        head_st = kvh * G + flat_st % G
+        ok_st = tok_st < S
+    else:
+        tok_st = t0 + m_st // G
+        head_st = kvh * G + m_st % G
+        ok_st = (m_st < QT * G) & (tok_st < S)
+    dv = gl.arange(0, DV, layout=gl.SliceLayout(0, st_layout))
+    o_rows = O + b.to(gl.int64) * stride_ob + tok_st.to(gl.int64) * stride_os + head_st.to(gl.int64) * stride_oh
+    gl.store(o_rows[:, None] + dv[None, :], out, mask=gl.expand_dims(ok_st, 1))
+    if RETURN_LSE:
+        if FLAT_ROWS:
+            head_s = kvh * G + (pid_t * BLOCK_M + m_s) % G
+            ok_s = tok_s < S
+        else:
+            head_s = kvh * G + m_s % G
+            ok_s = (m_s < QT * G) & (tok_s < S)
+        lse = gl.where(l_i == 0.0, float("-inf"), (_finite(m_i) + gl.log2(l_div)) * 0.6931471805599453)
+        gl.store(LSE + b.to(gl.int64) * stride_lb + head_s.to(gl.int64) * stride_lh + tok_s, lse, mask=ok_s)
+
+
+def supports_block_union_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:
+    """Whether `block_union_sm90` runs these tensors: CUDA on compute capability 9.x (not the
+    interpreter), bf16 / fp16, q / k / v of one dtype, head dims 64 or 128 (Dv = D), key blocks of 64."""
+    return (q.is_cuda and not interpreting() and torch.cuda.get_device_capability(q.device)[0] == 9
+            and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
+            and q.shape[-1] in (64, 128) and v.shape[-1] == q.shape[-1] and block_size == KEYS)
+
+
+def _kv_view(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A 2-D view of K or V [B, T, Hkv, D] for TMA: ([B * Hkv * T, D], True) when the memory is
+    [B, Hkv, T, D]-contiguous (a transposed HF tensor), else ([B * T, Hkv * D], False) (copied to
+    contiguous first if it is not)."""
+    B, T, H, D = t.shape
+    if t.stride(3) == 1 and t.stride(2) == T * D and t.stride(1) == D and t.stride(0) == H * T * D:
+        return t.transpose(1, 2).reshape(B * H * T, D), True
+    t = t.contiguous()
+    return t.view(B * T, H * D), False
+
+
+def block_union_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, uidx: torch.Tensor,
+                     umask: torch.Tensor | None, ucount: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None, *,
+                     n_tiles: int, G: int, qt: int, scale_log2: float, q_offset: int, causal: bool,
+                     hsel_shared: bool, row_lists: bool, query_block: int, flat: bool,
+                     tile: dict | None = None) -> None:
+    """Launch the Gluon kernel on the lists `block_union_attention` prepared (its union or row lists,
+    its tiles) and write out [B, S, Hq, Dv] (and lse [B, Hq, S]). `tile` overrides `SM90_UNION_TILE`."""
+    B, S, Hq, D = q.shape
+    T, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    cfg = dict(SM90_UNION_TILE, **(tile or {}))
+    if cfg["NUM_BUF"] < 3:
+        raise ValueError(f"tile {cfg}: NUM_BUF must be >= 3")
+    k2, k_head_major = _kv_view(k)
+    v2, v_head_major = _kv_view(v)
+    dt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    k_desc = TensorDescriptor.from_tensor(k2, [KEYS, D], gl.NVMMASharedLayout.get_default_for([KEYS, D], dt))
+    v_desc = TensorDescriptor.from_tensor(v2, [KEYS, Dv], gl.NVMMASharedLayout.get_default_for([KEYS, Dv], dt))
+    if n_tiles == 0 or B * Hkv == 0:
+        return
+    _block_union_sm90_fwd[(n_tiles, B * Hkv)](
+        q, k_desc, v_desc, uidx, umask if umask is not None else uidx, ucount, out, lse if lse is not None else out,
+        scale_log2, S, T, q_offset,
+        q.stride(0), q.stride(1), q.stride(2),
+        uidx.stride(0), uidx.stride(1), uidx.stride(2),
+        ucount.stride(0), ucount.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
+        Hkv,
+        HSEL_SHARED=hsel_shared, G=G, QT=qt, D=D, DV=Dv, CAUSAL=causal, RETURN_LSE=lse is not None,
+        ROW_LISTS=row_lists, QUERY_BLOCK=query_block, FLAT_ROWS=flat, K_HEAD_MAJOR=k_head_major,
+        V_HEAD_MAJOR=v_head_major,
+        NUM_BUF=cfg["NUM_BUF"], num_warps=4,
+    )
