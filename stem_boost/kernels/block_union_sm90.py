@@ -24,7 +24,6 @@ interpreter); the Triton kernel is its oracle on the GPU (`tests/test_gpu_block_
 from __future__ import annotations
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
