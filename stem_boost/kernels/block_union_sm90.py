@@ -47,22 +47,24 @@ def _finite(m):
 
 
 @gluon.jit
-def _kv_coord(UIDX, u_off, e, live, b, kvh, T, HKV, D: gl.constexpr, HEAD_MAJOR: gl.constexpr):
-    """The TMA coordinates [row, column] of union entry e's 64 keys in the 2-D view of K or V:
-    [B * Hkv * T, D] (HEAD_MAJOR, a [B, Hkv, T, D] tensor) or [B * T, Hkv * D] ([B, T, Hkv, D])."""
-    blk = gl.load(UIDX + u_off + e, mask=live, other=0)
-    if HEAD_MAJOR:
-        return (b * HKV + kvh) * T + blk * BLOCK_N, 0
-    else:
-        return b * T + blk * BLOCK_N, kvh * D
+def _entry_block(UIDX, u_off, e, n):
+    """The key block of union entry e (0 past the list: e >= n)."""
+    return gl.load(UIDX + u_off + e, mask=e < n, other=0)
 
 
 @gluon.jit
-def _issue_kv(desc, ring, ready, e, n, UIDX, u_off, b, kvh, T, HKV, D: gl.constexpr, HEAD_MAJOR: gl.constexpr,
+def _issue_kv(desc, ring, ready, e, blk, n, b, kvh, T, HKV, D: gl.constexpr, HEAD_MAJOR: gl.constexpr,
               NUM_BUF: gl.constexpr):
-    """TMA of union entry e's block into ring slot e % NUM_BUF (nothing for e >= n)."""
+    """TMA of union entry e (key block blk) into ring slot e % NUM_BUF (nothing for e >= n), at
+    [row, column] of the 2-D view of K or V: [B * Hkv * T, D] (HEAD_MAJOR, a [B, Hkv, T, D] tensor)
+    or [B * T, Hkv * D] ([B, T, Hkv, D])."""
     live = e < n
-    row, col = _kv_coord(UIDX, u_off, e, live, b, kvh, T, HKV, D, HEAD_MAJOR)
+    if HEAD_MAJOR:
+        row = (b * HKV + kvh) * T + blk * BLOCK_N
+        col = 0
+    else:
+        row = b * T + blk * BLOCK_N
+        col = kvh * D
     slot = e % NUM_BUF
     mbarrier.expect(ready.index(slot), BLOCK_N * D * 2, pred=live)  # bytes: 16-bit elements
     tma.async_copy_global_to_shared(desc, [row, col], ready.index(slot), ring.index(slot), pred=live)
@@ -128,9 +130,13 @@ def _block_union_sm90_fwd(
         mbarrier.init(v_ready.index(i), count=1)
     fence_async_shared()
     for e in gl.static_range(NUM_BUF):  # K_0 .. K_{NUM_BUF-1}, V_0 .. V_{NUM_BUF-2}
-        _issue_kv(k_desc, k_ring, k_ready, e, n, UIDX, u_off, b, kvh, T, HKV, D, K_HEAD_MAJOR, NUM_BUF)
-    for e in gl.static_range(NUM_BUF - 1):
-        _issue_kv(v_desc, v_ring, v_ready, e, n, UIDX, u_off, b, kvh, T, HKV, DV, V_HEAD_MAJOR, NUM_BUF)
+        blk_e = _entry_block(UIDX, u_off, e, n)
+        _issue_kv(k_desc, k_ring, k_ready, e, blk_e, n, b, kvh, T, HKV, D, K_HEAD_MAJOR, NUM_BUF)
+        if e < NUM_BUF - 1:
+            _issue_kv(v_desc, v_ring, v_ready, e, blk_e, n, b, kvh, T, HKV, DV, V_HEAD_MAJOR, NUM_BUF)
+    # the blocks of the next K and V loads, read one step before their TMA (the load's latency off the path)
+    k_blk = _entry_block(UIDX, u_off, NUM_BUF, n)
+    v_blk = _entry_block(UIDX, u_off, NUM_BUF - 1, n)
 
     # ---- the tile's query rows [BLOCK_M, D] (rows past the tile's tokens read a real row, never stored)
     m_ld = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
@@ -176,7 +182,8 @@ def _block_union_sm90_fwd(
         phase = (j // NUM_BUF) & 1
         # S_j is done (in flight: P V_{j-1}); its K slot takes K_{j+NUM_BUF}
         qk = warpgroup_mma_wait(1, deps=(qk,))
-        _issue_kv(k_desc, k_ring, k_ready, j + NUM_BUF, n, UIDX, u_off, b, kvh, T, HKV, D, K_HEAD_MAJOR, NUM_BUF)
+        _issue_kv(k_desc, k_ring, k_ready, j + NUM_BUF, k_blk, n, b, kvh, T, HKV, D, K_HEAD_MAJOR, NUM_BUF)
+        k_blk = _entry_block(UIDX, u_off, j + NUM_BUF + 1, n)
         # S_{j+1} on the tensor cores under this step's softmax (after the last step: a stale product, unused)
         nxt = (j + 1) % NUM_BUF
         mbarrier.wait(k_ready.index(nxt), ((j + 1) // NUM_BUF) & 1, pred=j + 1 < n)
@@ -211,8 +218,8 @@ def _block_union_sm90_fwd(
         p_regs = gl.convert_layout(p.to(dtype), p_layout)
         # P V_{j-1} is done (in flight: S_{j+1}): its V slot takes V_{j+NUM_BUF-1}; O rescaled, P V_j issued
         acc = warpgroup_mma_wait(1, deps=(acc,))
-        _issue_kv(v_desc, v_ring, v_ready, j + NUM_BUF - 1, n, UIDX, u_off, b, kvh, T, HKV, DV, V_HEAD_MAJOR,
-                  NUM_BUF)
+        _issue_kv(v_desc, v_ring, v_ready, j + NUM_BUF - 1, v_blk, n, b, kvh, T, HKV, DV, V_HEAD_MAJOR, NUM_BUF)
+        v_blk = _entry_block(UIDX, u_off, j + NUM_BUF, n)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
         mbarrier.wait(v_ready.index(slot), phase)
         acc = warpgroup_mma(p_regs, v_ring.index(slot), acc, is_async=True)
