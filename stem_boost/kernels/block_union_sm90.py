@@ -27,7 +27,7 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                              warpgroup_mma_init, warpgroup_mma_wait)
+                                                              warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .warp_rows import interpreting
@@ -68,6 +68,42 @@ def _issue_kv(desc, ring, ready, e, blk, n, b, kvh, T, HKV, D: gl.constexpr, HEA
     slot = e % NUM_BUF
     mbarrier.expect(ready.index(slot), BLOCK_N * D * 2, pred=live)  # bytes: 16-bit elements
     tma.async_copy_global_to_shared(desc, [row, col], ready.index(slot), ring.index(slot), pred=live)
+
+
+@gluon.jit
+def _softmax_step(qk, m_i, l_i, UIDX, UMASK, u_off, j, n, full_bits, tin, qpos, offs_n, t0, q_offset, T, qk_scale_log2,
+                  dtype: gl.constexpr, p_layout: gl.constexpr, CAUSAL: gl.constexpr, ROW_LISTS: gl.constexpr):
+    """Step j's online softmax (log2 units) on its scores qk [M, BLOCK_N]: the token / causal / range mask
+    only where some row did not select entry j or its keys cross the diagonal or T (every score masked
+    for j >= n). Returns (P [M, BLOCK_N] in registers as wgmma's A operand, the factor that rescales O
+    so far, the new row max, the new row sum)."""
+    live = j < n
+    blk = gl.load(UIDX + u_off + j, mask=live, other=0)
+    if ROW_LISTS:
+        bits = gl.where(live, full_bits, 0)
+    else:
+        bits = gl.load(UMASK + u_off + j, mask=live, other=0)
+    s = qk * qk_scale_log2
+    kstart = blk * BLOCK_N
+    if CAUSAL:
+        crosses = kstart + BLOCK_N - 1 > t0 + q_offset
+    else:
+        crosses = kstart + BLOCK_N - 1 >= T
+    if crosses | ((bits & full_bits) != full_bits):
+        kpos = kstart + offs_n
+        if ROW_LISTS:
+            keep = gl.expand_dims(kpos < T, 0) & gl.expand_dims((tin >= 0) & (bits != 0), 1)
+        else:
+            keep = gl.expand_dims(((bits >> tin) & 1) != 0, 1) & gl.expand_dims(kpos < T, 0)
+        if CAUSAL:
+            keep = keep & (gl.expand_dims(kpos, 0) <= gl.expand_dims(qpos, 1))
+        s = gl.where(keep, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1))
+    m_safe = _finite(m_new)
+    p = gl.exp2(s - gl.expand_dims(m_safe, 1))
+    alpha = gl.exp2(m_i - m_safe)
+    l_new = l_i * alpha + gl.sum(p, axis=1)
+    return gl.convert_layout(p.to(dtype), p_layout), alpha, m_new, l_new
 
 
 @gluon.jit
@@ -129,14 +165,13 @@ def _block_union_sm90_fwd(
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
     fence_async_shared()
-    for e in gl.static_range(NUM_BUF):  # K_0 .. K_{NUM_BUF-1}, V_0 .. V_{NUM_BUF-2}
+    for e in gl.static_range(NUM_BUF):  # K_0 .. K_{NUM_BUF-1}, V_0 .. V_{NUM_BUF-1}
         blk_e = _entry_block(UIDX, u_off, e, n)
         _issue_kv(k_desc, k_ring, k_ready, e, blk_e, n, b, kvh, T, HKV, D, K_HEAD_MAJOR, NUM_BUF)
-        if e < NUM_BUF - 1:
-            _issue_kv(v_desc, v_ring, v_ready, e, blk_e, n, b, kvh, T, HKV, DV, V_HEAD_MAJOR, NUM_BUF)
+        _issue_kv(v_desc, v_ring, v_ready, e, blk_e, n, b, kvh, T, HKV, DV, V_HEAD_MAJOR, NUM_BUF)
     # the blocks of the next K and V loads, read one step before their TMA (the load's latency off the path)
     k_blk = _entry_block(UIDX, u_off, NUM_BUF, n)
-    v_blk = _entry_block(UIDX, u_off, NUM_BUF - 1, n)
+    v_blk = _entry_block(UIDX, u_off, NUM_BUF, n)
 
     # ---- the tile's query rows [BLOCK_M, D] (rows past the tile's tokens read a real row, never stored)
     m_ld = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
@@ -165,68 +200,42 @@ def _block_union_sm90_fwd(
 
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=rows_s)
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=rows_s)
-    acc = warpgroup_mma_init(gl.zeros([BLOCK_M, DV], gl.float32, layout=o_layout))  # carried in flight
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    acc = gl.zeros([BLOCK_M, DV], gl.float32, layout=o_layout)
 
-    # S_0 in flight before the loop (waited at the loop's top with P V_{-1} absent: wait for all)
+    # ---- step 0's scores and softmax (with no entry, n = 0: every score masked, P = 0)
     mbarrier.wait(k_ready.index(0), 0, pred=n > 0)
     qk = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-    qk = warpgroup_mma_init(warpgroup_mma_wait(0, deps=(qk,)))
-    blk = gl.load(UIDX + u_off, mask=n > 0, other=0)
-    if ROW_LISTS:
-        bits = full_bits
-    else:
-        bits = gl.load(UMASK + u_off, mask=n > 0, other=0)
-    for j in range(n):
+    qk = warpgroup_mma_wait(0, deps=(qk,))
+    _issue_kv(k_desc, k_ring, k_ready, NUM_BUF, k_blk, n, b, kvh, T, HKV, D, K_HEAD_MAJOR, NUM_BUF)
+    k_blk = _entry_block(UIDX, u_off, NUM_BUF + 1, n)
+    p_regs, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, UIDX, UMASK, u_off, 0, n, full_bits, tin, qpos, offs_n,
+                                            t0, q_offset, T, qk_scale_log2, dtype, p_layout, CAUSAL, ROW_LISTS)
+    # ---- step j (FlashAttention-3's order): S_j and P_{j-1} V_{j-1} issued together, step j's softmax
+    # under P V, both retired before the next step (no product in flight across the loop's back edge,
+    # which ptxas would answer by serialising every product, C7514)
+    for j in range(1, n):
         slot = j % NUM_BUF
-        phase = (j // NUM_BUF) & 1
-        # S_j is done (in flight: P V_{j-1}); its K slot takes K_{j+NUM_BUF}
-        qk = warpgroup_mma_wait(1, deps=(qk,))
+        prev = (j - 1) % NUM_BUF
+        mbarrier.wait(k_ready.index(slot), (j // NUM_BUF) & 1)
+        qk = warpgroup_mma(q_smem, k_ring.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // NUM_BUF) & 1)
+        acc = warpgroup_mma(p_regs, v_ring.index(prev), acc, is_async=True)
+        qk = warpgroup_mma_wait(1, deps=(qk,))  # S_j done; its K slot takes K_{j+NUM_BUF}
         _issue_kv(k_desc, k_ring, k_ready, j + NUM_BUF, k_blk, n, b, kvh, T, HKV, D, K_HEAD_MAJOR, NUM_BUF)
         k_blk = _entry_block(UIDX, u_off, j + NUM_BUF + 1, n)
-        # S_{j+1} on the tensor cores under this step's softmax (after the last step: a stale product, unused)
-        nxt = (j + 1) % NUM_BUF
-        mbarrier.wait(k_ready.index(nxt), ((j + 1) // NUM_BUF) & 1, pred=j + 1 < n)
-        qk_next = warpgroup_mma(q_smem, k_ring.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        blk_next = gl.load(UIDX + u_off + j + 1, mask=j + 1 < n, other=0)
-        if ROW_LISTS:
-            bits_next = full_bits
-        else:
-            bits_next = gl.load(UMASK + u_off + j + 1, mask=j + 1 < n, other=0)
-        # ---- softmax of step j (log2 units), the token mask only where some row did not select the block
-        s = qk * qk_scale_log2
-        kstart = blk * BLOCK_N
-        if CAUSAL:
-            crosses = kstart + BLOCK_N - 1 > t0 + q_offset
-        else:
-            crosses = kstart + BLOCK_N - 1 >= T
-        if crosses | ((bits & full_bits) != full_bits):
-            kpos = kstart + offs_n
-            if ROW_LISTS:
-                keep = gl.expand_dims(kpos < T, 0) & gl.expand_dims(tin >= 0, 1)
-            else:
-                keep = gl.expand_dims(((bits >> tin) & 1) != 0, 1) & gl.expand_dims(kpos < T, 0)
-            if CAUSAL:
-                keep = keep & (gl.expand_dims(kpos, 0) <= gl.expand_dims(qpos, 1))
-            s = gl.where(keep, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        m_safe = _finite(m_new)
-        p = gl.exp2(s - gl.expand_dims(m_safe, 1))
-        alpha = gl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        m_i = m_new
-        p_regs = gl.convert_layout(p.to(dtype), p_layout)
-        # P V_{j-1} is done (in flight: S_{j+1}): its V slot takes V_{j+NUM_BUF-1}; O rescaled, P V_j issued
-        acc = warpgroup_mma_wait(1, deps=(acc,))
-        _issue_kv(v_desc, v_ring, v_ready, j + NUM_BUF - 1, v_blk, n, b, kvh, T, HKV, DV, V_HEAD_MAJOR, NUM_BUF)
+        p_regs, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, UIDX, UMASK, u_off, j, n, full_bits, tin, qpos,
+                                                offs_n, t0, q_offset, T, qk_scale_log2, dtype, p_layout, CAUSAL, ROW_LISTS)
+        acc = warpgroup_mma_wait(0, deps=(acc,))  # P V_{j-1} done; its V slot takes V_{j-1+NUM_BUF}
+        _issue_kv(v_desc, v_ring, v_ready, j - 1 + NUM_BUF, v_blk, n, b, kvh, T, HKV, DV, V_HEAD_MAJOR, NUM_BUF)
         v_blk = _entry_block(UIDX, u_off, j + NUM_BUF, n)
+    if n > 0:  # the last step's P V
+        last = (n - 1) % NUM_BUF
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
-        mbarrier.wait(v_ready.index(slot), phase)
-        acc = warpgroup_mma(p_regs, v_ring.index(slot), acc, is_async=True)
-        qk = qk_next
-        blk = blk_next
-        bits = bits_next
-    acc = warpgroup_mma_wait(0, deps=(acc, qk))[0]
+        mbarrier.wait(v_ready.index(last), ((n - 1) // NUM_BUF) & 1)
+        acc = warpgroup_mma(p_regs, v_ring.index(last), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
     for i in gl.static_range(NUM_BUF):
         mbarrier.invalidate(k_ready.index(i))
         mbarrier.invalidate(v_ready.index(i))
