@@ -83,7 +83,7 @@ def _softmax_step(qk, m_i, l_i, UIDX, UMASK, u_off, j, n, full_bits, tin, qpos, 
         bits = gl.where(live, full_bits, 0)
     else:
         bits = gl.load(UMASK + u_off + j, mask=live, other=0)
-    s = qk * qk_scale_log2
+    s = qk  # scaled inside the exponent: one FMA a score
     kstart = blk * BLOCK_N
     if CAUSAL:
         crosses = kstart + BLOCK_N - 1 > t0 + q_offset
@@ -98,9 +98,9 @@ def _softmax_step(qk, m_i, l_i, UIDX, UMASK, u_off, j, n, full_bits, tin, qpos, 
         if CAUSAL:
             keep = keep & (gl.expand_dims(kpos, 0) <= gl.expand_dims(qpos, 1))
         s = gl.where(keep, s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, axis=1))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale_log2)  # the scale is > 0
     m_safe = _finite(m_new)
-    p = gl.exp2(s - gl.expand_dims(m_safe, 1))
+    p = gl.exp2(s * qk_scale_log2 - gl.expand_dims(m_safe, 1))
     alpha = gl.exp2(m_i - m_safe)
     l_new = l_i * alpha + gl.sum(p, axis=1)
     return gl.convert_layout(p.to(dtype), p_layout), alpha, m_new, l_new
@@ -222,12 +222,13 @@ def _block_union_sm90_fwd(
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
         mbarrier.wait(v_ready.index(prev), ((j - 1) // NUM_BUF) & 1)
         acc = warpgroup_mma(p_regs, v_ring.index(prev), acc, is_async=True)
-        qk = warpgroup_mma_wait(1, deps=(qk,))  # S_j done; its K slot takes K_{j+NUM_BUF}
-        _issue_kv(k_desc, k_ring, k_ready, j + NUM_BUF, k_blk, n, b, kvh, T, HKV, D, K_HEAD_MAJOR, NUM_BUF)
-        k_blk = _entry_block(UIDX, u_off, j + NUM_BUF + 1, n)
+        qk = warpgroup_mma_wait(1, deps=(qk,))  # S_j done
         p_regs, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, UIDX, UMASK, u_off, j, n, full_bits, tin, qpos,
                                                 offs_n, t0, q_offset, T, qk_scale_log2, dtype, p_layout, CAUSAL, ROW_LISTS)
-        acc = warpgroup_mma_wait(0, deps=(acc,))  # P V_{j-1} done; its V slot takes V_{j-1+NUM_BUF}
+        acc = warpgroup_mma_wait(0, deps=(acc,))  # P V_{j-1} done
+        # K_j's slot takes K_{j+NUM_BUF}, V_{j-1}'s V_{j-1+NUM_BUF} (side by side: one set of CTA barriers)
+        _issue_kv(k_desc, k_ring, k_ready, j + NUM_BUF, k_blk, n, b, kvh, T, HKV, D, K_HEAD_MAJOR, NUM_BUF)
+        k_blk = _entry_block(UIDX, u_off, j + NUM_BUF + 1, n)
         _issue_kv(v_desc, v_ring, v_ready, j - 1 + NUM_BUF, v_blk, n, b, kvh, T, HKV, DV, V_HEAD_MAJOR, NUM_BUF)
         v_blk = _entry_block(UIDX, u_off, j + NUM_BUF, n)
     if n > 0:  # the last step's P V
