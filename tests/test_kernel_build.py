@@ -97,7 +97,9 @@ def test_attention_and_score_tiles_use_hopper_tensor_cores(builds):
                          ("select native fused", "_select_chunk_kernel"),
                          ("indexer bfloat16", "_index_scores_kernel"),
                          ("indexer fp8", "_index_scores_kernel"),
-                         ("select pooled sm90", "_pooled_scores_sm90_fwd")):
+                         ("select pooled sm90", "_pooled_scores_sm90_fwd"),
+                         ("union G16 sm90", "_block_union_sm90_fwd"), ("union G6 sm90", "_block_union_sm90_fwd"),
+                         ("union G16 qb64 sm90", "_block_union_sm90_fwd")):
         (r,) = [r for r in cases[name] if r["name"] == kernel]
         assert r["wgmma"] > 0 and r["mma_sync"] == 0, (name, r)
 

@@ -51,8 +51,8 @@ def _lists(B: int, H: int, R: int, k: int, n_units: int, *, query_block: int, un
 
 
 def union_case(G: int, Hkv: int, query_block: int = 1, D: int = 128, S: int = 256, T: int = 4096,
-               **tile) -> BuildCase:
-    """tile: `block_union_attention` keywords (e.g. kernel="sm90"), named in the case."""
+               kernel: str = "triton") -> BuildCase:
+    """The block walk of `block_union_attention` by `kernel` ("triton", or "sm90": the Gluon kernel)."""
     from ..kernels.block_union import block_union_attention
 
     def run():
@@ -60,12 +60,13 @@ def union_case(G: int, Hkv: int, query_block: int = 1, D: int = 128, S: int = 25
         k, v = torch.randn(1, T, Hkv, D, dtype=BF16), torch.randn(1, T, Hkv, D, dtype=BF16)
         R = -(-S // query_block)
         idx, counts = _lists(1, Hkv, R, 16, T // 64, query_block=query_block, unit_rows=64)
-        block_union_attention(q, k, v, idx, counts, block_size=64, query_block=query_block, **tile)
+        block_union_attention(q, k, v, idx, counts, block_size=64, query_block=query_block, kernel=kernel)
 
     rows = "per-token lists" if query_block == 1 else f"lists per {query_block} queries"
     return BuildCase(f"union G{G}" + ("" if query_block == 1 else f" qb{query_block}")
-                     + "".join(f" {v}" for v in tile.values()),
-                     f"block-sparse attention, {G * Hkv} q / {Hkv} kv heads, d {D}, blocks of 64, {rows}", run)
+                     + (" sm90" if kernel == "sm90" else ""),
+                     f"block-sparse attention, {G * Hkv} q / {Hkv} kv heads, d {D}, blocks of 64, {rows}"
+                     + ("; the Gluon kernel for Hopper (the default there)" if kernel == "sm90" else "; Triton"), run)
 
 
 def select_case(stem: str | None, G: int = 16, Hk: int = 2, S: int = 128, T: int = 131072,

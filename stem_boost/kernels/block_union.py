@@ -40,6 +40,10 @@ Contract (as `sparse_attention` in block mode):
     -inf and a zero output for rows that attend to nothing).
 Oracle: `stem_boost.kernels.reference.sparse_attention_reference` (query_block = 1).
 
+On Hopper the same tiles and lists run by default through `block_union_sm90.py` (Gluon: the scores of
+step j and the P V of step j - 1 issued together, step j's softmax under P V; `kernel="triton"` keeps
+this module's kernel, which every other device runs).
+
 Measured (H200, bf16, MiniCPM-4.1 shapes, benchmarks/log_infllmv2_2026-12-02.md): 64-row tiles with
 TMA loads run 2.2x faster than 1 token x 16 heads at 32K and 1.6x at 128K (G = 16), 3-6x at
 G = 4 / 6 / 8; 128-row tiles lose (a larger union). The cost is the union's inflation: union
@@ -323,8 +327,9 @@ FLAT_BLOCK_M = 64
 FLAT_STAGES = 3
 
 #: the executor of the block walk where the Gluon kernel runs (`block_union_attention(kernel=None)`):
-#: "sm90" (block_union_sm90.py) or "triton"
-UNION_KERNEL = "triton"
+#: "sm90" (block_union_sm90.py) or "triton". Measured on an H200 (BENCHMARKS.md): 33.7 against 35.8 ms
+#: on MiniCPM-4.1's 128K lists, 0.77-0.79 of dense SDPA's rate in block mode against 0.72-0.75.
+UNION_KERNEL = "sm90"
 
 
 def _gluon_route(kernel: str | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,

@@ -5,12 +5,17 @@
 
 Why a second kernel. Triton compiles the block walk into: load K_j, V_j (pipelined), S_j = Q K_j^T,
 wait for S_j, softmax, P_j V_j, wait for it, next step; the tensor cores stand idle while a program
-takes its exponentials, and the two programs an SM overlap only by chance (0.73-0.75 of dense SDPA's
-rate on the computed pairs, H200). Here one warpgroup a program keeps two products in flight
-(FlashAttention-3's intra-warpgroup overlap): at step j, S_{j+1} = Q K_{j+1}^T and P_{j-1} V_{j-1}
-run on the tensor cores while step j's softmax runs on the ALUs and the SFU, then P_j V_j is issued
-with P_j read from registers (wgmma's A operand, no shared-memory round trip). K and V blocks come
-through TMA into rings of NUM_BUF buffers each, K three entries ahead of its use, V two.
+takes its exponentials, and the two programs an SM overlap only by chance (0.72-0.75 of dense SDPA's
+rate on the computed pairs, H200). Here each step runs in FlashAttention-3's intra-warpgroup order:
+S_j = Q K_j^T and P_{j-1} V_{j-1} are issued together (P from registers, wgmma's A operand), step j's
+softmax runs on the ALUs and the SFU while P_{j-1} V_{j-1} is on the tensor cores, and both products
+are retired before the next step. K and V blocks come through TMA into rings of NUM_BUF buffers each,
+their block numbers read a step ahead. Measured (H200, BENCHMARKS.md): 33.7 against the Triton
+kernel's 35.8 ms on MiniCPM-4.1's 128K lists, 0.77-0.79 of dense SDPA's rate in block mode against
+0.72-0.75. Two first versions taught what to avoid: a product left in flight across the loop's back
+edge makes ptxas serialise every wgmma of the kernel (note C7514 in `ptxas -v`; 1.17x slower than
+Triton), and a block number loaded right before its TMA puts the load's latency in front of every
+issue (5%).
 
 Program roles (as the Triton kernel): axis 0 = query tile, heaviest (last) tiles first; axis 1 =
 batch x kv head. A tile is QT whole tokens x the G heads of one kv head (row m = token m // G, head
@@ -26,10 +31,11 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .gluon_shims import tma_load as _tma_load
 from .warp_rows import interpreting
 
 __all__ = ["block_union_sm90", "supports_block_union_sm90", "SM90_UNION_TILE"]
@@ -67,7 +73,7 @@ def _issue_kv(desc, ring, ready, e, blk, n, b, kvh, T, HKV, D: gl.constexpr, HEA
         col = kvh * D
     slot = e % NUM_BUF
     mbarrier.expect(ready.index(slot), BLOCK_N * D * 2, pred=live)  # bytes: 16-bit elements
-    tma.async_copy_global_to_shared(desc, [row, col], ready.index(slot), ring.index(slot), pred=live)
+    _tma_load(desc, [row, col], ready.index(slot), ring.index(slot), pred=live)
 
 
 @gluon.jit
