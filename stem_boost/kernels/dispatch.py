@@ -15,7 +15,8 @@ MLA absorbed shapes (Dqk 576, Dv 512, Hkv 1, v = k[..., :512]) with token lists 
 elsewhere (heads on M; each gathered key is read once for both products).
 
 Executors (`backend=`): "triton" (CUDA tensors, or the CPU under TRITON_INTERPRET=1: block lists
-take the union-tile kernel of `block_union.py`, absorbed-MLA token lists `mla_token.py`, other token
+take the union-tile walk of `block_union.py` (on Hopper its Gluon kernel `block_union_sm90.py` where
+the tile fits: bf16 / fp16, head dims 64 / 128, 64-key blocks), absorbed-MLA token lists `mla_token.py`, other token
 lists and sinks `triton_sparse.py`), "masked"
 (dense matmuls under the selection's mask, chunked: fast on CPUs), "reference" (gather + fp32
 softmax). "auto": Triton on CUDA; on the CPU masked when the selection covers at least 1/64 of the
@@ -261,7 +262,8 @@ def sparse_attention(
     if selection.block_size > 1 and sinks is None and tiles is None:
         # block lists (block_union.py): per-token lists take query tiles of several tokens x a GQA group
         # (M = 64 rows for any group size) over the union of their lists, a per-token mask keeping them
-        # exact; lists of several tokens a row take tiles of 64 (token, head) rows inside one row
+        # exact; lists of several tokens a row take tiles of 64 (token, head) rows inside one row. On
+        # Hopper the walk runs the Gluon kernel (block_union_sm90.py) where it fits, else Triton
         idx, counts = selection.idx.to(torch.int32), selection.counts.to(torch.int32)
         if not selection.ordered:  # a host synchronisation: ~0.2 ms a call at 32K (BENCHMARKS.md)
             idx, counts = ascending_lists(idx, counts)
