@@ -166,6 +166,32 @@ def test_init_from_env_single_process(monkeypatch):
     assert init_from_env() == (0, 1, torch.device("cpu"))
 
 
+_EXIT_PROBE = """
+import atexit, sys
+import torch.distributed as dist
+# registered before init_from_env's own handler, so it runs after it (atexit is last in, first out)
+atexit.register(lambda: print("initialised at exit:", dist.is_initialized(), flush=True))
+from stem_boost.dist import init_from_env
+rank, world, _ = init_from_env()
+t = __import__("torch").ones(1)
+dist.all_reduce(t)
+print("rank", rank, "of", world, "sum", float(t), flush=True)
+"""
+
+
+def test_init_from_env_destroys_its_group_at_exit(tmp_path):
+    """Two gloo ranks that initialise through init_from_env and exit without destroying the group:
+    the group is gone by the time the interpreter finalises (a live gloo group there can abort)."""
+    script = tmp_path / "probe.py"
+    script.write_text(_EXIT_PROBE)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("sum 2.0") == 2, proc.stdout
+    assert proc.stdout.count("initialised at exit: False") == 2, proc.stdout
+
+
 def test_init_deepspeed_tp_without_deepspeed(monkeypatch):
     from stem_boost.dist import deepspeed_inference
 

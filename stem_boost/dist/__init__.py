@@ -15,6 +15,7 @@ Modules: `tp` (shard_dsa_model: heads split, indexer replicated, OAM norms all-r
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 
@@ -49,7 +50,10 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0,
     `deepspeed` launcher and by torchrun. Backend: "nccl" when CUDA is available (device
     cuda:LOCAL_RANK, made current), else "gloo" (device cpu). Without WORLD_SIZE (a plain
     `python script.py`), or WORLD_SIZE=1, nothing is initialised and (0, 1, device) is returned.
-    Calling it again after initialisation returns the same triple.
+    Calling it again after initialisation returns the same triple. The process group it makes is
+    destroyed at interpreter exit (`atexit`) if nothing destroyed it before: a gloo group left to
+    the interpreter's finalisation can abort the process ("terminate called without an active
+    exception", seen once in a two-rank CPU run).
     share_devices=True (testing only, with backend="gloo"): ranks beyond the visible GPUs wrap
     around (rank r on cuda:(LOCAL_RANK % device_count)), e.g. TP=2 on one GPU.
     """
@@ -80,7 +84,16 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0,
     if backend == "nccl":
         kwargs["device_id"] = device  # eager NCCL init, bound to this rank's GPU
     dist.init_process_group(**kwargs)
+    atexit.register(_destroy_at_exit)
     return rank, world, device
+
+
+def _destroy_at_exit() -> None:
+    """Destroy the default process group while the interpreter is still whole (see `init_from_env`)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def deepspeed_available() -> bool:
