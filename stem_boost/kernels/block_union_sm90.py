@@ -127,7 +127,7 @@ def _block_union_sm90_fwd(
     FLAT_ROWS: gl.constexpr, K_HEAD_MAJOR: gl.constexpr, V_HEAD_MAJOR: gl.constexpr, NUM_BUF: gl.constexpr,
 ):
     gl.static_assert(gl.num_warps() == 4, "one warpgroup")
-    gl.static_assert(NUM_BUF >= 3, "K is loaded three entries ahead of its product")
+    gl.static_assert(NUM_BUF >= 3, "the tested depth: each load issued two steps before its product")
     dtype: gl.constexpr = Q.dtype.element_ty
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
