@@ -167,15 +167,17 @@ def test_init_from_env_single_process(monkeypatch):
 
 
 _EXIT_PROBE = """
-import atexit, sys
+import atexit, os
 import torch.distributed as dist
+# one write a line: the two ranks share the pipe (a short write is atomic, print's pieces are not)
+say = lambda line: os.write(1, (line + "\\n").encode())
 # registered before init_from_env's own handler, so it runs after it (atexit is last in, first out)
-atexit.register(lambda: print("initialised at exit:", dist.is_initialized(), flush=True))
+atexit.register(lambda: say(f"initialised at exit: {dist.is_initialized()}"))
 from stem_boost.dist import init_from_env
 rank, world, _ = init_from_env()
 t = __import__("torch").ones(1)
 dist.all_reduce(t)
-print("rank", rank, "of", world, "sum", float(t), flush=True)
+say(f"rank {rank} of {world} sum {float(t)}")
 """
 
 
