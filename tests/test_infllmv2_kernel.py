@@ -562,3 +562,34 @@ def test_block_union_kernel_choice(seed):
         block_union_attention(q, k, v, idx, counts, block_size=bs, kernel="sm90")
     with pytest.raises(ValueError, match=r"kernel='cuda'; allowed: None, 'triton', 'sm90'"):
         block_union_attention(q, k, v, idx, counts, block_size=bs, kernel="cuda")
+
+
+def test_block_union_triton_knobs_select_triton(seed, monkeypatch):
+    """The Triton kernel's knobs (num_warps, num_stages, use_tma, warp_specialize) select it when no
+    kernel is named (its output, bit for bit), and are refused with kernel="sm90", naming them. The
+    route is checked on the CPU with the Gluon kernel made to look runnable (and to fail if called)."""
+    from stem_boost.kernels import block_union, block_union_sm90
+    from stem_boost.kernels.block_union import block_union_attention
+
+    class GluonCalled(Exception):
+        pass
+
+    def gluon_kernel(*args, **kwargs):
+        raise GluonCalled
+    monkeypatch.setattr(block_union, "UNION_KERNEL", "sm90")
+    monkeypatch.setattr(block_union_sm90, "supports_block_union_sm90", lambda *args: True)
+    monkeypatch.setattr(block_union_sm90, "block_union_sm90", gluon_kernel)
+
+    gen = torch.Generator().manual_seed(seed)
+    B, S, T, Hkv, G, D, bs = 1, 20, 20, 1, 4, 16, 16
+    idx, counts = _sorted_lists(B, Hkv, S, T, bs, 3, 0, True, gen)
+    q = torch.randn(B, S, Hkv * G, D, generator=gen)
+    k, v = torch.randn(B, T, Hkv, D, generator=gen), torch.randn(B, T, Hkv, D, generator=gen)
+    with pytest.raises(GluonCalled):  # no knob: the default executor, here the (stand-in) Gluon kernel
+        block_union_attention(q, k, v, idx, counts, block_size=bs)
+    ref = block_union_attention(q, k, v, idx, counts, block_size=bs, kernel="triton", num_stages=2)
+    for knob in (dict(num_stages=2), dict(num_warps=4), dict(use_tma=False), dict(warp_specialize=True)):
+        out = block_union_attention(q, k, v, idx, counts, block_size=bs, **({"num_stages": 2} | knob))
+        assert torch.equal(out, ref), f"seed {seed}, {knob}"
+    with pytest.raises(ValueError, match=r"\{'num_stages': 2\} tune the Triton kernel; kernel='sm90' takes none"):
+        block_union_attention(q, k, v, idx, counts, block_size=bs, kernel="sm90", num_stages=2)

@@ -132,12 +132,14 @@ def _group_heads(G: int) -> tuple[int, int]:
     return (32, 32 // G) if 32 % G == 0 else (8 * G, 8)
 
 
-#: block_union_attention tiles timed beside the default (flat tiles of 64 (token, head) rows, 3
-#: stages): other depths and M, the tiles of whole tokens that were the default before flat tiles, and
-#: the Gluon kernel for Hopper
-UNION_VARIANTS = {"flat M64 s2": dict(flat_rows=True, block_m=64, num_stages=2),
-                  "flat M128 s3": dict(flat_rows=True, block_m=128, num_stages=3),
-                  "token tiles": dict(flat_rows=False),
+#: block_union_attention executors and tiles timed beside the default (on Hopper the Gluon kernel,
+#: elsewhere the Triton kernel's flat tiles of 64 (token, head) rows, 3 stages): the Triton kernel's
+#: default, other depths and M, the tiles of whole tokens that were its default before flat tiles,
+#: and the Gluon kernel asked for by name
+UNION_VARIANTS = {"triton": dict(kernel="triton"),  # the Triton kernel's default tiles (flat M64, 3 stages)
+                  "triton flat M64 s2": dict(flat_rows=True, block_m=64, num_stages=2, kernel="triton"),
+                  "triton flat M128 s3": dict(flat_rows=True, block_m=128, num_stages=3, kernel="triton"),
+                  "triton token tiles": dict(flat_rows=False, kernel="triton"),
                   "sm90": dict(kernel="sm90")}  # the Gluon kernel (block_union_sm90.py), flat tiles of 64 rows
 
 

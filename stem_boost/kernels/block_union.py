@@ -408,7 +408,8 @@ def block_union_attention(
         kernel: "triton" (this module's kernel, any device), "sm90" (`block_union_sm90`, the Gluon
             kernel for Hopper: bf16 / fp16, head dims 64 / 128, blocks of 64, tiles of at most 64 rows)
             or None: `UNION_KERNEL` where it runs, else Triton. num_warps / num_stages /
-            warp_specialize / use_tma are the Triton kernel's knobs.
+            warp_specialize / use_tma are the Triton kernel's knobs: given with kernel=None they
+            select it, with kernel="sm90" they are refused.
     Returns out [B, S, Hq, Dv] (and lse [B, Hq, S] fp32 with return_lse).
     No index checks: the caller guarantees the contract (ascending, causally valid lists).
     """
@@ -416,6 +417,13 @@ def block_union_attention(
     T, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+    triton_knobs = {name: value for name, value in (("num_warps", num_warps), ("num_stages", num_stages),
+                                                    ("use_tma", use_tma), ("warp_specialize", warp_specialize or None))
+                    if value is not None}
+    if triton_knobs and kernel == "sm90":
+        raise ValueError(f"{triton_knobs} tune the Triton kernel; kernel='sm90' takes none of them")
+    if triton_knobs and kernel is None:
+        kernel = "triton"
     R = -(-S // query_block)
     if idx.dim() != 4 or idx.shape[0] != B or idx.shape[2] != R or idx.shape[1] not in (1, Hkv):
         raise ValueError(f"idx {tuple(idx.shape)} must be [B={B}, Hsel in (1, {Hkv}), R=ceil(S/query_block)={R}, Kmax]")
