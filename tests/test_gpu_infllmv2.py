@@ -234,3 +234,32 @@ def test_gpu_block_union_sm90_row_lists(G, query_block, causal):
                                 kernel="triton")
     assert not torch.isnan(out).any(), f"seed {seed}"
     assert _rel_err(out, tri) < 1e-2, f"seed {seed}"
+
+
+def test_gpu_sparse_attention_takes_the_gluon_walk_on_hopper(monkeypatch):
+    """sparse_attention's block lists run the Gluon walk by default on compute capability 9.x (a silent
+    fallback to the Triton kernel would cost 6-8%), and the Triton walk when asked for by name."""
+    from stem_boost.kernels import block_union_sm90, sparse_attention
+    from stem_boost.selection import Selection
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is for compute capability 9.x")
+    calls = []
+    real = block_union_sm90.block_union_sm90
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(block_union_sm90, "block_union_sm90", counted)
+    seed = 9300
+    torch.manual_seed(seed)
+    S, Hkv, G = 300, 2, 16
+    q = torch.randn(1, S, Hkv * G, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, S, Hkv, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, S, Hkv, 128, device="cuda", dtype=torch.bfloat16)
+    idx, counts = _lists(1, Hkv, S, S, 5, seed)
+    sel = Selection(idx=idx, counts=counts, block_size=64, query_block=1, ordered=True)
+    out = sparse_attention(q, k, v, sel, check=False)
+    assert calls == [1], "the default block walk on Hopper is the Gluon kernel"
+    ref, _ = _reference(q.double(), k.double(), v.double(), idx, counts, 64, 0)
+    assert _rel_err(out, ref) < 1e-2, f"seed {seed}"
