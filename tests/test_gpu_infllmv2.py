@@ -203,10 +203,11 @@ def test_gpu_block_union_sm90_matches_reference(G, Hkv, S, T, D, layout, dtype):
     assert torch.all(out.permute(0, 2, 1, 3)[~ok] == 0), f"seed {seed}: empty rows give zeros"
 
 
-@pytest.mark.parametrize("G,query_block,causal", [(16, 64, True), (4, 64, True), (8, 16, False)])
+@pytest.mark.parametrize("G,query_block,causal", [(16, 64, True), (4, 64, True), (8, 16, False), (16, 3, True)])
 def test_gpu_block_union_sm90_row_lists(G, query_block, causal):
-    """The Gluon kernel on lists of one row per query_block tokens (flat tiles of 64 (token, head) rows,
-    the bench's block mode) equals the Triton kernel, causal or not."""
+    """The Gluon kernel on lists of one row per query_block tokens equals the Triton kernel, causal or
+    not: flat tiles of 64 (token, head) rows (the bench's block mode) and, with query_block = 3 (no
+    tile lies in one row), the union over the rows of a tile's tokens."""
     from stem_boost.kernels.block_union import block_union_attention
 
     if torch.cuda.get_device_capability()[0] != 9:
@@ -263,3 +264,24 @@ def test_gpu_sparse_attention_takes_the_gluon_walk_on_hopper(monkeypatch):
     assert calls == [1], "the default block walk on Hopper is the Gluon kernel"
     ref, _ = _reference(q.double(), k.double(), v.double(), idx, counts, 64, 0)
     assert _rel_err(out, ref) < 1e-2, f"seed {seed}"
+
+
+def test_gpu_block_union_sm90_shared_selection_head():
+    """One selection row shared by every kv head (Hsel = 1): the Gluon kernel equals the fp64 reference."""
+    from stem_boost.kernels.block_union import block_union_attention
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is for compute capability 9.x")
+    seed = 9400
+    torch.manual_seed(seed)
+    B, S, Hkv, G = 2, 400, 4, 6
+    q = torch.randn(B, S, Hkv * G, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, S, Hkv, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, S, Hkv, 128, device="cuda", dtype=torch.bfloat16)
+    idx, counts = _lists(B, 1, S, S, 5, seed)
+    out, lse = block_union_attention(q, k, v, idx, counts, block_size=64, return_lse=True, kernel="sm90")
+    ref, ref_lse = _reference(q.double(), k.double(), v.double(), idx.expand(-1, Hkv, -1, -1).contiguous(),
+                              counts.expand(-1, Hkv, -1).contiguous(), 64, 0)
+    assert _rel_err(out, ref) < 1e-2, f"seed {seed}"
+    ok = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), ok) and _rel_err(lse[ok], ref_lse[ok]) < 1e-2, f"seed {seed}"
