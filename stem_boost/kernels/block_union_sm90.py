@@ -22,7 +22,7 @@ batch x kv head. A tile is QT whole tokens x the G heads of one kv head (row m =
 m % G; a union list with a token bit mask per entry), or with FLAT_ROWS 64 consecutive (token, head)
 rows of one selection row (no token mask). One warpgroup (4 warps), M = 64 rows, 64-key blocks;
 head dims 64 or 128, bf16 / fp16. Only for CUDA on compute capability 9.x (Gluon has no CPU
-interpreter); the Triton kernel is its oracle on the GPU (`tests/test_gpu_block_union_sm90.py`) and
+interpreter); the Triton kernel is its oracle on the GPU (`tests/test_gpu_infllmv2.py`, the `sm90` tests) and
 `stem-boost build` compiles it on any machine.
 """
 
