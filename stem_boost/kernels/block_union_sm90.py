@@ -36,6 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .gluon_shims import tma_load as _tma_load
+from .gluon_softmax import finite_max
 from .warp_rows import interpreting
 
 __all__ = ["block_union_sm90", "supports_block_union_sm90", "SM90_UNION_TILE"]
@@ -47,9 +48,20 @@ BLOCK_N = gl.constexpr(KEYS)
 
 
 @gluon.jit
-def _finite(m):
-    """The running max with -inf (no key seen yet) as 0, so that exp2(x - m) stays defined."""
-    return gl.where(m == float("-inf"), 0.0, m)
+def _tile_rows(m, pid_t, t0, kvh, S, G: gl.constexpr, QT: gl.constexpr, FLAT_ROWS: gl.constexpr):
+    """Rows m (in any layout) of query tile pid_t -> (token, query head, whether the row is stored): whole
+    tokens from t0 (row m = token t0 + m // G, head m % G; rows past QT tokens are padding), or with
+    FLAT_ROWS the tile's consecutive (token, head) rows of the kv head."""
+    if FLAT_ROWS:
+        flat = pid_t * BLOCK_M + m
+        tok = flat // G
+        head = kvh * G + flat % G
+        ok = tok < S
+    else:
+        tok = t0 + m // G
+        head = kvh * G + m % G
+        ok = (m < QT * G) & (tok < S)
+    return tok, head, ok
 
 
 @gluon.jit
@@ -105,7 +117,7 @@ def _softmax_step(qk, m_i, l_i, UIDX, UMASK, u_off, j, n, full_bits, tin, qpos, 
             keep = keep & (gl.expand_dims(kpos, 0) <= gl.expand_dims(qpos, 1))
         s = gl.where(keep, s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale_log2)  # the scale is > 0
-    m_safe = _finite(m_new)
+    m_safe = finite_max(m_new)
     p = gl.exp2(s * qk_scale_log2 - gl.expand_dims(m_safe, 1))
     alpha = gl.exp2(m_i - m_safe)
     l_new = l_i * alpha + gl.sum(p, axis=1)
@@ -180,14 +192,8 @@ def _block_union_sm90_fwd(
     v_blk = _entry_block(UIDX, u_off, NUM_BUF, n)
 
     # ---- the tile's query rows [BLOCK_M, D] (rows past the tile's tokens read a real row, never stored)
-    m_ld = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
-    if FLAT_ROWS:
-        flat_ld = pid_t * BLOCK_M + m_ld
-        tok_ld = flat_ld // G
-        head_ld = kvh * G + flat_ld % G
-    else:
-        tok_ld = t0 + m_ld // G
-        head_ld = kvh * G + m_ld % G
+    tok_ld, head_ld, _ = _tile_rows(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout)), pid_t, t0, kvh, S,
+                                    G, QT, FLAT_ROWS)
     tok_ld = gl.minimum(tok_ld, S - 1)
     d_ld = gl.arange(0, D, layout=gl.SliceLayout(0, ld_layout))
     q_rows = Q + b.to(gl.int64) * stride_qb + tok_ld.to(gl.int64) * stride_qs + head_ld.to(gl.int64) * stride_qh
@@ -195,11 +201,7 @@ def _block_union_sm90_fwd(
     fence_async_shared()
 
     # ---- each row's token (inside the tile) and key position, in the score layout
-    m_s = gl.arange(0, BLOCK_M, layout=rows_s)
-    if FLAT_ROWS:
-        tok_s = (pid_t * BLOCK_M + m_s) // G
-    else:
-        tok_s = t0 + m_s // G
+    tok_s, head_s, ok_s = _tile_rows(gl.arange(0, BLOCK_M, layout=rows_s), pid_t, t0, kvh, S, G, QT, FLAT_ROWS)
     tin = tok_s - t0
     qpos = tok_s + q_offset
     offs_n = gl.arange(0, BLOCK_N, layout=cols_s)
@@ -252,27 +254,13 @@ def _block_union_sm90_fwd(
     out = (acc / gl.expand_dims(gl.convert_layout(l_div, rows_o), 1)).to(dtype)
     st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     out = gl.convert_layout(out, st_layout)
-    m_st = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, st_layout))
-    if FLAT_ROWS:
-        flat_st = pid_t * BLOCK_M + m_st
-        tok_st = flat_st // G
-        head_st = kvh * G + flat_st % G
-        ok_st = tok_st < S
-    else:
-        tok_st = t0 + m_st // G
-        head_st = kvh * G + m_st % G
-        ok_st = (m_st < QT * G) & (tok_st < S)
+    tok_st, head_st, ok_st = _tile_rows(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, st_layout)), pid_t, t0, kvh,
+                                        S, G, QT, FLAT_ROWS)
     dv = gl.arange(0, DV, layout=gl.SliceLayout(0, st_layout))
     o_rows = O + b.to(gl.int64) * stride_ob + tok_st.to(gl.int64) * stride_os + head_st.to(gl.int64) * stride_oh
     gl.store(o_rows[:, None] + dv[None, :], out, mask=gl.expand_dims(ok_st, 1))
     if RETURN_LSE:
-        if FLAT_ROWS:
-            head_s = kvh * G + (pid_t * BLOCK_M + m_s) % G
-            ok_s = tok_s < S
-        else:
-            head_s = kvh * G + m_s % G
-            ok_s = (m_s < QT * G) & (tok_s < S)
-        lse = gl.where(l_i == 0.0, float("-inf"), (_finite(m_i) + gl.log2(l_div)) * 0.6931471805599453)
+        lse = gl.where(l_i == 0.0, float("-inf"), (finite_max(m_i) + gl.log2(l_div)) * 0.6931471805599453)
         gl.store(LSE + b.to(gl.int64) * stride_lb + head_s.to(gl.int64) * stride_lh + tok_s, lse, mask=ok_s)
 
 

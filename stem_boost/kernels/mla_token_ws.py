@@ -51,6 +51,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from .gluon_shims import PUBLIC_REINTERPRET
 from .gluon_shims import async_load as gluon_async_load
 from .gluon_shims import cta_barrier
+from .gluon_softmax import finite_max
 from .mla_token import prepare_mla_token_call
 
 __all__ = ["mla_token_attention_ws", "WS_TILES", "KEYS_PER_STEP"]
@@ -178,12 +179,6 @@ def _masked_scores(qk, kpos, T, qpos, qk_scale_log2, CAUSAL: gl.constexpr):
 
 
 @gluon.jit
-def _finite(m):
-    """The running max with -inf (nothing seen yet) as 0, so that exp2(x - m) stays defined."""
-    return gl.where(m == float("-inf"), 0.0, m)
-
-
-@gluon.jit
 def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H,
               lse_ptr, stride_lh, q_l, q_v2, q_r, k_l, k_v2, k_r, p_1, positions, row_max, row_sum,
               q_ready, ready, free, max_ready, p_ready, p_1_free,
@@ -235,8 +230,8 @@ def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh
             m_0 = gl.maximum(m_i, gl.max(qk, axis=1))
             max_0.store(m_0)
             _release(max_ready.index(0))
-            p = gl.exp2(qk - _finite(m_0)[:, None])
-            alpha = gl.exp2(m_i - _finite(m_0))
+            p = gl.exp2(qk - finite_max(m_0)[:, None])
+            alpha = gl.exp2(m_i - finite_max(m_0))
             l_i = l_i * alpha + gl.sum(p, axis=1)
             acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
             if LOCAL_P_REGS:  # the own product reads P from registers: no store, fence and barrier before it
@@ -249,7 +244,7 @@ def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh
                 acc = warpgroup_mma(p_0, k_l.index(0), acc, is_async=True)
             mbarrier.wait(max_ready.index(1), phase)
             m_i = max_1.load(rows_s)  # m_1 >= m_0
-            f = gl.where(m_0 == float("-inf"), 1.0, gl.exp2(m_0 - _finite(m_i)))
+            f = gl.where(m_0 == float("-inf"), 1.0, gl.exp2(m_0 - finite_max(m_i)))
             acc = warpgroup_mma_wait(0, deps=(acc,))
             _release(free.index(Q_K0L))
             acc = acc * gl.convert_layout(f, rows_o)[:, None]
@@ -284,8 +279,8 @@ def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh
             m_1 = gl.maximum(max_0.load(rows_s), gl.max(qk, axis=1))  # max_0 >= m_i
             max_1.store(m_1)
             _release(max_ready.index(1))
-            p = gl.exp2(qk - _finite(m_1)[:, None])
-            alpha = gl.exp2(m_i - _finite(m_1))
+            p = gl.exp2(qk - finite_max(m_1)[:, None])
+            alpha = gl.exp2(m_i - finite_max(m_1))
             m_i = m_1
             l_i = l_i * alpha + gl.sum(p, axis=1)
             acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
@@ -333,7 +328,7 @@ def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh
         gl.store(o_row + ho[:, None] * stride_oh + d_o[None, :], staging.slice(r0, 16, dim=0).load(store_layout),
                  mask=(ho < H)[:, None])
     if RETURN_LSE and c == 0:
-        lse = (_finite(m_i) + gl.log2(l_div)) * 0.6931471805599453
+        lse = (finite_max(m_i) + gl.log2(l_div)) * 0.6931471805599453
         lse = gl.where(l_i == 0.0, float("-inf"), lse)
         hs = h0 + gl.arange(0, 64, layout=rows_s)
         gl.store(lse_ptr + hs * stride_lh, lse, mask=hs < H)
