@@ -342,9 +342,7 @@ def _gluon_route(kernel: str | None, q: torch.Tensor, k: torch.Tensor, v: torch.
         return False
     from .block_union_sm90 import supports_block_union_sm90
 
-    fits = rows <= 64 and (supports_block_union_sm90(q, k, v, block_size) or (
-        compiling() and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
-        and v.shape[-1] == q.shape[-1] and block_size == 64))
+    fits = rows <= 64 and supports_block_union_sm90(q, k, v, block_size)
     if kernel == "sm90" and not fits:
         raise ValueError(f"kernel='sm90' needs CUDA on compute capability 9.x, bf16 / fp16 q, k, v, head dims 64 or "
                          f"128 (Dv = D), blocks of 64 keys and tiles of <= 64 rows; got {q.dtype}, D {q.shape[-1]}, "

@@ -35,6 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .aot import compiling
 from .gluon_shims import tma_load as _tma_load
 from .gluon_softmax import finite_max
 from .warp_rows import interpreting
@@ -266,9 +267,11 @@ def _block_union_sm90_fwd(
 
 def supports_block_union_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:
     """Whether `block_union_sm90` runs these tensors: CUDA on compute capability 9.x (not the
-    interpreter), bf16 / fp16, q / k / v of one dtype, head dims 64 or 128 (Dv = D), key blocks of 64."""
-    return (q.is_cuda and not interpreting() and torch.cuda.get_device_capability(q.device)[0] == 9
-            and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
+    interpreter; or an ahead-of-time sm_90 build, `aot.compiling`), bf16 / fp16, q / k / v of one dtype,
+    head dims 64 or 128 (Dv = D), key blocks of 64."""
+    on_hopper = compiling() or (q.is_cuda and not interpreting()
+                                and torch.cuda.get_device_capability(q.device)[0] == 9)
+    return (on_hopper and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
             and q.shape[-1] in (64, 128) and v.shape[-1] == q.shape[-1] and block_size == KEYS)
 
 
