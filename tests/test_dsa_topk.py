@@ -278,3 +278,13 @@ def test_warp_kernel_compiles_once_for_a_prefills_chunks():
     spacings = {warp_topk_sample(T)[1] for T in lengths}
     capacities = {warp_topk_capacity(2048, 8 / warp_topk_sample(T)[1]) for T in lengths}
     assert len(spacings) > 10 and len(capacities) > 5  # what would have been a compile each
+
+
+@pytest.mark.parametrize("maxnreg", [8, 16, 300])
+def test_warp_register_cap_is_checked(maxnreg):
+    """A register cap outside 32..255 is refused with the value and the allowed range (the GPU test
+    `test_gpu_warp_topk_register_caps_keep_the_set` checks that a valid cap keeps the set)."""
+    from stem_boost.kernels.dsa_topk import topk_rows
+
+    with pytest.raises(ValueError, match=rf"maxnreg={maxnreg}; allowed: None or 32\.\.255"):
+        topk_rows(torch.randn(1, 4, 64), 8, method="warp", maxnreg=maxnreg)

@@ -37,6 +37,22 @@ def test_gpu_topk_rows_exact_at_64k_keys(bits, method):
         assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), f"seed={seed}"
 
 
+@pytest.mark.parametrize("maxnreg", [None, 72, 56])
+def test_gpu_warp_topk_register_caps_keep_the_set(maxnreg):
+    """The warp top-k's register cap (None: the compiler's 80; 72 the default; 56 spills) changes how
+    many rows an SM holds, never the result: 512 causal rows at the end of 131072 keys, k 2048."""
+    from stem_boost.kernels.dsa_topk import topk_rows, topk_rows_reference
+
+    seed = _seed()
+    R, T, k = 512, 131072, 2048
+    s = torch.randn(1, R, T, device="cuda")
+    s[:, :, ::7] = torch.round(s[:, :, ::7] * 4) / 4  # exact ties
+    valid_len = (T - R + 1 + torch.arange(R, device="cuda", dtype=torch.int32)).view(1, R)
+    want = topk_rows_reference(s, k, valid_len=valid_len)
+    got = topk_rows(s, k, valid_len=valid_len, method="warp", maxnreg=maxnreg)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), f"seed={seed}"
+
+
 def test_gpu_candidate_cut_equals_radix_path_at_2048_candidates():
     """Stem's one-pass cut (the default on CUDA) keeps the set of the gathered-score radix path on
     4096 rows of 2048 ascending candidates of 128K keys, with ties, -inf, OAM bias and budgets."""
