@@ -280,11 +280,23 @@ def test_warp_kernel_compiles_once_for_a_prefills_chunks():
     assert len(spacings) > 10 and len(capacities) > 5  # what would have been a compile each
 
 
-@pytest.mark.parametrize("maxnreg", [8, 16, 300])
+@pytest.mark.parametrize("maxnreg", [8, 16, 300, "auto"])
 def test_warp_register_cap_is_checked(maxnreg):
-    """A register cap outside 32..255 is refused with the value and the allowed range (the GPU test
-    `test_gpu_warp_topk_register_caps_keep_the_set` checks that a valid cap keeps the set)."""
+    """A register cap outside 32..255 (or a word other than "default") is refused with the value and
+    what is allowed (the GPU test `test_gpu_warp_topk_register_caps_keep_the_set` checks that a valid
+    cap keeps the set)."""
     from stem_boost.kernels.dsa_topk import topk_rows
 
-    with pytest.raises(ValueError, match=rf"maxnreg={maxnreg}; allowed: None or 32\.\.255"):
+    with pytest.raises(ValueError, match=rf"maxnreg={maxnreg!r}; allowed: 'default', None or 32\.\.255"):
         topk_rows(torch.randn(1, 4, 64), 8, method="warp", maxnreg=maxnreg)
+
+
+def test_warp_register_cap_default_follows_the_triton_release(monkeypatch):
+    """The default cap is the one measured for the installed Triton release: 72 on 3.6, none (the
+    compiler's choice) on a release it was not measured on, such as 3.9, whose build spills at 72."""
+    from stem_boost.kernels import dsa_topk
+
+    monkeypatch.setattr(dsa_topk.triton, "__version__", "3.6.0")
+    assert dsa_topk.warp_maxnreg_default() == 72
+    monkeypatch.setattr(dsa_topk.triton, "__version__", "3.9.1+git1234")
+    assert dsa_topk.warp_maxnreg_default() is None

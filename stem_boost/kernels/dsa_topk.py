@@ -449,11 +449,20 @@ def warp_topk_sample(T: int, samples: int = 1024) -> tuple[int, int]:
 
 
 WARP_ROWS, WARP_BLOCK = 4, 256  # the warp top-k's defaults: rows a program (one a warp), keys a row a step
-# its register cap: 72 lets seven 4-warp programs share an SM (six at the compiler's 80), so a 128K
-# prefill's chunk of 3328 rows runs in one wave instead of one and a few programs. H200, the layer's
-# chunks (BENCHMARKS.md, seventeenth session): 0.82x the time at 128K keys, 0.97x at
-# 64K, 0.92x at 32K; 64 and fewer registers spill and lose at 32K-64K. The same result at any cap.
-WARP_MAXNREG = 72
+# its register cap, per Triton release (the compiler's register use is the release's): with Triton 3.6,
+# 72 lets seven 4-warp programs share an SM (six at the compiler's 80), so a 128K prefill's chunk of
+# 3328 rows runs in one wave instead of one and a few programs. H200, the layer's chunks (BENCHMARKS.md,
+# seventeenth session): 0.82x the time at 128K keys, 0.92-0.97x at 32K-64K; 64 and fewer registers
+# spill and lose. Triton 3.9 builds the same kernel with 115-128 registers and spills 264-660 bytes at
+# 72 (`stem-boost build`), unmeasured on a GPU: no cap. The same result at any cap.
+WARP_MAXNREG_BY_TRITON = {(3, 6): 72}
+
+
+def warp_maxnreg_default() -> int | None:
+    """The warp top-k's register cap for the installed Triton (`WARP_MAXNREG_BY_TRITON`; None: the
+    compiler's choice)."""
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    return WARP_MAXNREG_BY_TRITON.get((major, minor))
 
 
 def warp_kernel_constexprs(T: int, num_warps: int = WARP_ROWS, block: int = WARP_BLOCK, samples: int = 1024) -> dict:
@@ -511,7 +520,7 @@ def topk_rows(
     out_scores: torch.Tensor | None = None,
     fallback: tuple[int, int] | None = None,
     margin: float = SAMPLE_MARGIN,
-    maxnreg: int | None = WARP_MAXNREG,
+    maxnreg: int | str | None = "default",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k key positions of every row of `scores`, ascending by position, with Stem's step inside.
 
@@ -553,9 +562,9 @@ def topk_rows(
     ms on an H200, 5.7 ms of a 128K prefill). The default 3.5 (rank 34 of 1024 samples): about 1 in
     2 x 10^4 (Beta(34, 991); none in 8192 rows measured), for 6% more keys in the buffer, and the
     top-k 10% faster on an H200; 4: about 1 in 10^5.
-    maxnreg: "warp"'s register cap a thread (None: the compiler's choice, 80 in Triton 3.6 for
-    sm_90), a tuning knob: fewer registers put more row warps on an SM at once (the kernel waits on
-    memory latency). Default `WARP_MAXNREG`.
+    maxnreg: "warp"'s register cap a thread, a tuning knob: fewer registers put more row warps on an
+    SM at once (the kernel waits on memory latency). "default": the cap measured for the installed
+    Triton (`warp_maxnreg_default`: 72 on Triton 3.6); None: the compiler's choice (80 on 3.6, sm_90).
     """
     if scores.dim() != 3:
         raise ValueError(f"scores must be [B, R, T]; got {tuple(scores.shape)}")
@@ -637,8 +646,10 @@ def topk_rows(
         args = (*row_args, buf_key, buf_pos, flags, scores_out, B * R, R, T, k, 1, spacing, capacity, float(margin),
                 *strides, buf_key.stride(0))
         launch = dict(has, **warp_kernel_constexprs(T, num_warps, block, samples), WRITE_SCORES=out_scores is not None)
-        if maxnreg is not None and not 32 <= maxnreg <= 255:
-            raise ValueError(f"maxnreg={maxnreg}; allowed: None or 32..255 registers a thread")
+        if maxnreg == "default":
+            maxnreg = warp_maxnreg_default()
+        if maxnreg is not None and (isinstance(maxnreg, str) or not 32 <= maxnreg <= 255):
+            raise ValueError(f"maxnreg={maxnreg!r}; allowed: 'default', None or 32..255 registers a thread")
         regs = {} if maxnreg is None or interpreting() else dict(maxnreg=int(maxnreg))
         ballot = ballot_layout_holds(_topk_rows_warp_kernel, args, dict(launch, **regs))
         _topk_rows_warp_kernel[(triton.cdiv(B * R, num_warps),)](*args, BALLOT=ballot, **launch, **regs)
