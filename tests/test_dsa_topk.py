@@ -289,6 +289,8 @@ def test_warp_register_cap_is_checked(maxnreg):
 
     with pytest.raises(ValueError, match=rf"maxnreg={maxnreg!r}; allowed: 'default', None or 32\.\.255"):
         topk_rows(torch.randn(1, 4, 64), 8, method="warp", maxnreg=maxnreg)
+    with pytest.raises(ValueError, match="method='warp' only; got method='radix'"):
+        topk_rows(torch.randn(1, 4, 64), 8, method="radix", maxnreg=64)
 
 
 def test_warp_register_cap_default_follows_the_triton_release(monkeypatch):

@@ -603,6 +603,8 @@ def topk_rows(
     valid_len = valid_len.to(device=device, dtype=torch.int32).contiguous() if valid_len is not None else None
     if method not in TOPK_METHODS:
         raise ValueError(f"method={method!r}; allowed: {', '.join(map(repr, TOPK_METHODS))}")
+    if method != "warp" and maxnreg not in ("default", None):
+        raise ValueError(f"maxnreg={maxnreg!r} caps the registers of method='warp' only; got method={method!r}")
     if fell_back is not None and (fell_back.shape != (B, R) or fell_back.dtype != torch.int32
                                   or not fell_back.is_contiguous()):
         raise ValueError(f"fell_back must be a contiguous int32 [B={B}, R={R}] tensor; got "
