@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -67,6 +68,18 @@ def fastest_tiles(run, grid: list[dict], label: str) -> tuple[float, dict]:
 def bench(fn, rep_ms: int = 200) -> float:
     """Median milliseconds of fn() (CUDA events)."""
     return do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+
+
+def bench_alternating(fns: dict, rounds: int = 3, rep_ms: int = 150) -> dict:
+    """{name: median over `rounds` of fn's `bench` median}, the fns timed in turn in every round, so that a
+    GPU whose clock drifts during a run weighs on all of them alike (one `bench` each, in a row, put 5-12%
+    between two timings of the same kernel in one block-mode run on an H200: BENCHMARKS.md, sixteenth
+    session)."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(bench(fn, rep_ms))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def peak_mem_gib(fn) -> float:
@@ -176,28 +189,32 @@ def _run_block_mode_group(seqs, densities, device, results, tiles_grid, G: int):
             # flex's tiles must divide the 64-token blocks of the mask
             flex_ms = bench(lambda: flex(qh, kh, vh, block_mask=bm, enable_gqa=True,
                                          kernel_options={"BLOCK_M": 64, "BLOCK_N": 64}))
-            try:  # the default call (union tiles) on the same selection, against the 1-token-row tile
-                ref_out = sparse_attention(q, k, v, sel, backend="triton", check=False, tiles=tiles).float()
+            # the default call (union tiles) and its executor's variants on the same selection, each checked
+            # against the 1-token-row tile, then timed in alternation
+            ref_out = sparse_attention(q, k, v, sel, backend="triton", check=False, tiles=tiles).float()
+            runs = {}
+            union_err = float("nan")
+            try:
                 union_out = sparse_attention(q, k, v, sel, check=False)
                 union_err = float((union_out.float() - ref_out).norm() / ref_out.norm())  # both checked vs fp32 above
                 if not union_err < 1e-2:
                     raise RuntimeError(f"the default executor disagrees with the 1-token tile: rel err {union_err:.2e}")
-                union_ms = bench(lambda: sparse_attention(q, k, v, sel, check=False), rep_ms=100)
+                runs["default"] = lambda: sparse_attention(q, k, v, sel, check=False)
             except Exception as e:
                 print(f"  default executor: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                union_ms, union_err = float("nan"), float("nan")
-            variants = {}
             for name, kwargs in UNION_VARIANTS.items():  # the default executor's tiles, side by side
+                def run_variant(kwargs=kwargs):
+                    return block_union_attention(q, k, v, idx, counts, block_size=block, query_block=block, **kwargs)
                 try:
-                    def run_variant():
-                        return block_union_attention(q, k, v, idx, counts, block_size=block, query_block=block, **kwargs)
                     err = float((run_variant().float() - ref_out).norm() / ref_out.norm())
                     if not err < 1e-2:
                         raise RuntimeError(f"disagrees with the 1-token tile: rel err {err:.2e}")
-                    variants[name] = bench(run_variant, rep_ms=100)
+                    runs[name] = run_variant
                 except Exception as e:
                     print(f"  union variant {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                    variants[name] = float("nan")
+            timed = bench_alternating(runs)
+            union_ms = timed.get("default", float("nan"))
+            variants = {name: timed.get(name, float("nan")) for name in UNION_VARIANTS}
             tf = 4 * pairs * Hq * D / ms / 1e9
             flex_tf = 4 * pairs * Hq * D / flex_ms / 1e9
             union_tf = 4 * pairs * Hq * D / union_ms / 1e9
