@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stem_boost.cli import main  # noqa: E402
+from stem_boost.cli import entry  # noqa: E402
 
 if __name__ == "__main__":
-    raise SystemExit(main(["compare", *sys.argv[1:]]))
+    entry(["compare", *sys.argv[1:]])

@@ -114,5 +114,25 @@ def main(argv=None) -> int:
     return args.func(args)
 
 
+def entry(argv=None) -> None:
+    """The `stem-boost` command, `python -m stem_boost` and `scripts/eval.py`: `main(argv)`, then the
+    process's exit.
+
+    A launched worker (WORLD_SIZE > 1: torchrun, deepspeed) that finished cleanly releases its process
+    group, flushes its output and leaves through `os._exit`, without the interpreter's finalisation:
+    there a gloo group's worker threads, even after `destroy_process_group`, can abort the process
+    ("terminate called without an active exception", exit code -6; seen twice in two-rank CPU runs of
+    the test suite, once after the group was destroyed explicitly). A worker that fails raises as usual."""
+    code = main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .dist import release_process_group
+
+        release_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(code or 0))
+    raise SystemExit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

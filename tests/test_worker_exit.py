@@ -1,6 +1,6 @@
-"""`python -m stem_boost` as a launched worker (WORLD_SIZE > 1) leaves through `os._exit` after a clean
-run: its output must still arrive whole and its exit code must be the command's; a failing command
-still fails with its own code."""
+"""`python -m stem_boost` (`cli.entry`, as the `stem-boost` command) as a launched worker (WORLD_SIZE > 1)
+leaves through `os._exit` after a clean run: its output must still arrive whole and its exit code must be
+the command's; a failing command still fails with its own code."""
 
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ from .tp import (ParamShard, RowParallelLinear, TPInfo, gather_digests, layer_se
 
 __all__ = [
     "init_from_env",
+    "release_process_group",
     "shard_dsa_model",
     "selection_digest",
     "layer_selection_digests",
@@ -84,12 +85,13 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0,
     if backend == "nccl":
         kwargs["device_id"] = device  # eager NCCL init, bound to this rank's GPU
     dist.init_process_group(**kwargs)
-    atexit.register(_destroy_at_exit)
+    atexit.register(release_process_group)
     return rank, world, device
 
 
-def _destroy_at_exit() -> None:
-    """Destroy the default process group while the interpreter is still whole (see `init_from_env`)."""
+def release_process_group() -> None:
+    """Destroy the default process group, if any, while the interpreter is still whole (see
+    `init_from_env`, which registers this at exit; `cli.entry` calls it before a worker leaves)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
