@@ -53,6 +53,7 @@ from .gluon_shims import async_load as gluon_async_load
 from .gluon_shims import cta_barrier
 from .gluon_softmax import finite_max
 from .mla_token import prepare_mla_token_call
+from .ptx_hints import l2_prefetch_on_copies
 
 __all__ = ["mla_token_attention_ws", "WS_TILES", "KEYS_PER_STEP"]
 
@@ -63,7 +64,10 @@ KEYS_PER_STEP = 2 * BLOCK_K  # selected keys a step (a row's last step is padded
 # next step's S queued early gave nothing (372)
 # own P from registers 11.43 ms against 11.76 from shared memory (8192 queries at the end of 32K keys, 128
 # heads; L2 hints 11.45 / 11.80: no gain; bench_dsa --sections mla, 2026-12-04)
-WS_TILES = dict(CONSUMER_REGS=232, EARLY_QK_L=False, LOCAL_P_REGS=True, L2_HINTS=False)
+# L2_PREFETCH: the gathers' L2 prefetch size in bytes (`ptx_hints`; 0 = none). STEP_VIEWS: shared-memory
+# views rebuilt every step (no hoisted wgmma descriptors, no spills; see `_consumer`)
+WS_TILES = dict(CONSUMER_REGS=232, EARLY_QK_L=False, LOCAL_P_REGS=True, L2_HINTS=False, L2_PREFETCH=0,
+                STEP_VIEWS=True)
 REINTERPRET_IS_PUBLIC = gl.constexpr(PUBLIC_REINTERPRET)
 # quarters of a step's tile, in the producer's refill order
 Q_K0L = gl.constexpr(0)  # block 0, latent columns 0..255: read by consumer 0 (S and P V)
@@ -133,10 +137,10 @@ def _producer(q_row, stride_qh, h0, H, kv_base, stride_kt, idx_row, count, T, qp
     for r0 in gl.static_range(0, 64, 16):
         hw = h0 + r0 + gl.arange(0, 16, layout=rows_w)
         rows_wide = q_row + gl.where(hw < H, hw, 0).to(gl.int64) * stride_qh
-        _copy_rows(q_l.slice(r0, 16, dim=0), rows_wide, 0, wide, 256, q_evict)
-        _copy_rows(q_v2.slice(r0, 16, dim=0), rows_wide, 256, wide, 256, q_evict)
+        _copy_rows(q_l.index(0).slice(r0, 16, dim=0), rows_wide, 0, wide, 256, q_evict)
+        _copy_rows(q_v2.index(0).slice(r0, 16, dim=0), rows_wide, 256, wide, 256, q_evict)
         hn = h0 + r0 + gl.arange(0, 16, layout=rows_n)
-        _copy_rows(q_r.slice(r0, 16, dim=0), q_row + gl.where(hn < H, hn, 0).to(gl.int64) * stride_qh, DV, narrow, DR,
+        _copy_rows(q_r.index(0).slice(r0, 16, dim=0), q_row + gl.where(hn < H, hn, 0).to(gl.int64) * stride_qh, DV, narrow, DR,
                    q_evict)
     cp.mbarrier_arrive(q_ready, increment_count=False)
     positions.index(0).store(_step_positions(idx_row, 0, count))
@@ -183,7 +187,7 @@ def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh
               lse_ptr, stride_lh, q_l, q_v2, q_r, k_l, k_v2, k_r, p_1, positions, row_max, row_sum,
               q_ready, ready, free, max_ready, p_ready, p_1_free,
               DV: gl.constexpr, CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, EARLY_QK_L: gl.constexpr,
-              LOCAL_P_REGS: gl.constexpr):
+              LOCAL_P_REGS: gl.constexpr, STEP_VIEWS: gl.constexpr):
     """Consumer c (4 warps): S over block c's keys, O over output columns [256 c, 256 c + 256).
 
     The running max goes one way per step: consumer 0 publishes max(m, its row max) and starts its first
@@ -213,18 +217,36 @@ def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh
     mbarrier.wait(q_ready, 0)
     if c == 0 and EARLY_QK_L:  # the next step's S is carried in flight across steps
         mbarrier.wait(ready.index(Q_K0L), 0, pred=n_steps > 0)
-        qk = warpgroup_mma(q_l, k_l.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        qk = warpgroup_mma(q_l.index(0), k_l.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     else:
         qk = s_zero
+    zero = (T < 0).to(gl.int32)  # 0 (T >= 0), but not a constant to the compiler
     for i in range(n_steps):
         phase = i & 1
+        # The step's shared-memory views. Indexed by the constant 0 / 1, the 72 wgmma descriptors of
+        # a step are loop invariants: the compiler hoists them, they overflow the uniform registers
+        # and consumer 1 spills (584 bytes of local memory traffic, 270 register moves in the loop).
+        # Indexed by zero * i, each is rebuilt by one uniform add next to its wgmma.
+        if STEP_VIEWS:
+            at = zero * i
+        else:
+            at = 0
+        ql = q_l.index(at)
+        qv = q_v2.index(at)
+        qr = q_r.index(at)
+        k0l = k_l.index(at)
+        k1l = k_l.index(at + 1)
+        k0v = k_v2.index(at)
+        k1v = k_v2.index(at + 1)
+        k0r = k_r.index(at)
+        k1r = k_r.index(at + 1)
         if c == 0:
             if not EARLY_QK_L:
                 mbarrier.wait(ready.index(Q_K0L), phase)
-                qk = warpgroup_mma(q_l, k_l.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                qk = warpgroup_mma(ql, k0l.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             mbarrier.wait(ready.index(Q_K0R), phase)
-            qk = warpgroup_mma(q_v2, k_v2.index(0).permute((1, 0)), qk, is_async=True)
-            qk = warpgroup_mma(q_r, k_r.index(0).permute((1, 0)), qk, is_async=True)
+            qk = warpgroup_mma(qv, k0v.permute((1, 0)), qk, is_async=True)
+            qk = warpgroup_mma(qr, k0r.permute((1, 0)), qk, is_async=True)
             qk = warpgroup_mma_wait(0, deps=(qk,))
             qk = _masked_scores(qk, positions.index(phase).slice(0, 64).load(cols_s), T, qpos, qk_scale_log2, CAUSAL)
             m_0 = gl.maximum(m_i, gl.max(qk, axis=1))
@@ -236,12 +258,12 @@ def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh
             acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
             if LOCAL_P_REGS:  # the own product reads P from registers: no store, fence and barrier before it
                 p_own = gl.convert_layout(p.to(dtype), p_regs_layout)
-                acc = warpgroup_mma(p_own, k_l.index(0), acc, is_async=True)
+                acc = warpgroup_mma(p_own, k0l, acc, is_async=True)
             else:
                 p_0.store(p.to(dtype))
                 fence_async_shared()
                 cta_barrier()
-                acc = warpgroup_mma(p_0, k_l.index(0), acc, is_async=True)
+                acc = warpgroup_mma(p_0, k0l, acc, is_async=True)
             mbarrier.wait(max_ready.index(1), phase)
             m_i = max_1.load(rows_s)  # m_1 >= m_0
             f = gl.where(m_0 == float("-inf"), 1.0, gl.exp2(m_0 - finite_max(m_i)))
@@ -254,12 +276,12 @@ def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh
             _release(p_ready.index(0))
             mbarrier.arrive(free.index(Q_K0R), count=1)  # this consumer is done with block 0 R
             mbarrier.wait(p_ready.index(1), phase)
-            acc = warpgroup_mma(p_1, k_l.index(1), acc, is_async=True)
+            acc = warpgroup_mma(p_1, k1l, acc, is_async=True)
             if EARLY_QK_L:
                 # the next step's S over block 0 L (released first, so usually landed) queued behind this
                 # P V; after the last step it reads stale rows once and is never used
                 mbarrier.wait(ready.index(Q_K0L), phase ^ 1, pred=i + 1 < n_steps)
-                qk = warpgroup_mma(q_l, k_l.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                qk = warpgroup_mma(ql, k0l.permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 acc = warpgroup_mma_wait(1, deps=(acc,))
             else:
                 acc = warpgroup_mma_wait(0, deps=(acc,))
@@ -267,10 +289,10 @@ def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh
             mbarrier.arrive(p_1_free, count=1)
         else:
             mbarrier.wait(ready.index(Q_K1R), phase)
-            qk = warpgroup_mma(q_v2, k_v2.index(1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            qk = warpgroup_mma(q_r, k_r.index(1).permute((1, 0)), qk, is_async=True)
+            qk = warpgroup_mma(qv, k1v.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            qk = warpgroup_mma(qr, k1r.permute((1, 0)), qk, is_async=True)
             mbarrier.wait(ready.index(Q_K1L), phase)
-            qk = warpgroup_mma(q_l, k_l.index(1).permute((1, 0)), qk, is_async=True)
+            qk = warpgroup_mma(ql, k1l.permute((1, 0)), qk, is_async=True)
             qk = warpgroup_mma_wait(0, deps=(qk,))
             kpos = positions.index(phase).slice(64, 64).load(cols_s)  # before block 1 L is released
             _release(free.index(Q_K1L))
@@ -286,7 +308,7 @@ def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh
             acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
             if LOCAL_P_REGS:  # the own product from registers first, P_1 stored for consumer 0 under it
                 p_own = gl.convert_layout(p.to(dtype), p_regs_layout)
-                acc = warpgroup_mma(p_own, k_v2.index(1), acc, is_async=True)
+                acc = warpgroup_mma(p_own, k1v, acc, is_async=True)
                 mbarrier.wait(p_1_free, phase ^ 1)
                 p_1.store(p_own)
                 fence_async_shared()
@@ -296,9 +318,9 @@ def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh
                 p_1.store(p.to(dtype))
                 fence_async_shared()
                 _release(p_ready.index(1))
-                acc = warpgroup_mma(p_1, k_v2.index(1), acc, is_async=True)
+                acc = warpgroup_mma(p_1, k1v, acc, is_async=True)
             mbarrier.wait(p_ready.index(0), phase)
-            acc = warpgroup_mma(p_0, k_v2.index(0), acc, is_async=True)
+            acc = warpgroup_mma(p_0, k0v, acc, is_async=True)
             acc = warpgroup_mma_wait(1, deps=(acc,))
             _release(free.index(Q_K1R))
             acc = warpgroup_mma_wait(0, deps=(acc,))
@@ -316,9 +338,9 @@ def _consumer(c: gl.constexpr, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh
     # through shared memory (this consumer's Q piece: both are past their last S), then 16 heads at a
     # time to global memory (a few live addresses per thread)
     if c == 0:
-        staging = q_l
+        staging = q_l.index(0)
     else:
-        staging = q_v2
+        staging = q_v2.index(0)
     staging.store(out)
     cta_barrier()
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
@@ -345,6 +367,8 @@ def _mla_token_ws_fwd(
     stride_lb, stride_lh,
     DV: gl.constexpr, DR: gl.constexpr, CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr,
     CONSUMER_REGS: gl.constexpr, EARLY_QK_L: gl.constexpr, LOCAL_P_REGS: gl.constexpr, L2_HINTS: gl.constexpr,
+    L2_PREFETCH: gl.constexpr,  # read by the PTX patch only (`ptx_hints`): here it keys the build
+    STEP_VIEWS: gl.constexpr,
 ):
     gl.static_assert(DV == 512 and DR == 64, "the absorbed DeepSeek MLA widths")
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -366,9 +390,9 @@ def _mla_token_ws_fwd(
     wide_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 256], dtype)
     rope_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 64], dtype)
     vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-    q_l = gl.allocate_shared_memory(dtype, [64, 256], wide_layout)
-    q_v2 = gl.allocate_shared_memory(dtype, [64, 256], wide_layout)
-    q_r = gl.allocate_shared_memory(dtype, [64, 64], rope_layout)
+    q_l = gl.allocate_shared_memory(dtype, [1, 64, 256], wide_layout)  # [1, ...]: see `_consumer` (STEP_VIEWS)
+    q_v2 = gl.allocate_shared_memory(dtype, [1, 64, 256], wide_layout)
+    q_r = gl.allocate_shared_memory(dtype, [1, 64, 64], rope_layout)
     k_l = gl.allocate_shared_memory(dtype, [2, 64, 256], wide_layout)
     k_v2 = gl.allocate_shared_memory(dtype, [2, 64, 256], wide_layout)
     k_r = gl.allocate_shared_memory(dtype, [2, 64, 64], rope_layout)
@@ -403,10 +427,10 @@ def _mla_token_ws_fwd(
                      k_l, k_v2, k_r, positions, q_ready, ready, free, DV, DR, CAUSAL, L2_HINTS)),
         (_consumer, (0, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh, q_l, q_v2, q_r, k_l,
                      k_v2, k_r, p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready, p_1_free,
-                     DV, CAUSAL, RETURN_LSE, EARLY_QK_L, LOCAL_P_REGS)),
+                     DV, CAUSAL, RETURN_LSE, EARLY_QK_L, LOCAL_P_REGS, STEP_VIEWS)),
         (_consumer, (1, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh, q_l, q_v2, q_r, k_l,
                      k_v2, k_r, p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready, p_1_free,
-                     DV, CAUSAL, RETURN_LSE, False, LOCAL_P_REGS)),
+                     DV, CAUSAL, RETURN_LSE, False, LOCAL_P_REGS, STEP_VIEWS)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -437,10 +461,11 @@ def mla_token_attention_ws(
     cfg.update(tiles or {})
     grid = (S * triton.cdiv(H, BLOCK_H), 1, B)
     if S and B:
-        _mla_token_ws_fwd[grid](
-            *call.kernel_args(),
-            DV=dv, DR=Dqk - dv, CAUSAL=causal, RETURN_LSE=return_lse, CONSUMER_REGS=cfg["CONSUMER_REGS"], EARLY_QK_L=cfg["EARLY_QK_L"],
-            LOCAL_P_REGS=cfg["LOCAL_P_REGS"], L2_HINTS=cfg["L2_HINTS"],
-            num_warps=4,
-        )
+        with l2_prefetch_on_copies("_mla_token_ws_fwd", cfg["L2_PREFETCH"]):  # applied if this launch compiles
+            _mla_token_ws_fwd[grid](
+                *call.kernel_args(),
+                DV=dv, DR=Dqk - dv, CAUSAL=causal, RETURN_LSE=return_lse, CONSUMER_REGS=cfg["CONSUMER_REGS"],
+                EARLY_QK_L=cfg["EARLY_QK_L"], LOCAL_P_REGS=cfg["LOCAL_P_REGS"], L2_HINTS=cfg["L2_HINTS"],
+                L2_PREFETCH=cfg["L2_PREFETCH"], STEP_VIEWS=cfg["STEP_VIEWS"], num_warps=4,
+            )
     return call.result()
