@@ -28,9 +28,6 @@ KNOWN_SPILLS = {
     # the Gluon MLA kernel's 128-key tile: 12 bytes on triton 3.6 (0 on 3.9); 333 TFLOP/s against 325 for
     # the spill-free 64-key tile with two buffers (H200, triton 3.6, BENCHMARKS.md §00000)
     ("mla token sm90", "_mla_token_sm90_fwd"),
-    # the warp-specialised MLA kernel (the Hopper route): 640 bytes on triton 3.6, 144 on 3.9, in the
-    # consumers at 232 registers a thread; 373 TFLOP/s against 333 for the kernel above (H200, §000000)
-    ("mla token ws", "_mla_token_ws_fwd"),
     # the two-launch selection (fuse_topk=True, not the default): 4 warps spill; 8 do not and
     # measured 30% slower on an H200 (BENCHMARKS.md §00)
     ("select native fused", "_select_chunk_kernel"),

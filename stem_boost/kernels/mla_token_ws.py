@@ -34,7 +34,8 @@ so the next step's gather runs under this step's products. The key positions of 
 in shared memory a step ahead (the consumers mask S with them). Row sums stay per consumer until
 the end. Shared memory: Q 72 KB + two blocks 144 KB + P_1 8 KB + positions: 226 KB. Measured on an
 H200 with the own P from registers: 388 TFLOP/s at 131072 keys, 409 at 32768 (373 / 397 from shared
-memory; BENCHMARKS.md §000000000000).
+memory; BENCHMARKS.md §000000000000); 412 / 400 at 64K / 128K keys with the step's views rebuilt
+each step (§0000000000000000).
 
 Only for CUDA tensors on sm_90 (Gluon has no CPU interpreter); `mla_token.py` is the portable path.
 """
@@ -64,9 +65,12 @@ KEYS_PER_STEP = 2 * BLOCK_K  # selected keys a step (a row's last step is padded
 # next step's S queued early gave nothing (372)
 # own P from registers 11.43 ms against 11.76 from shared memory (8192 queries at the end of 32K keys, 128
 # heads; L2 hints 11.45 / 11.80: no gain; bench_dsa --sections mla, 2026-12-04)
-# L2_PREFETCH: the gathers' L2 prefetch size in bytes (`ptx_hints`; 0 = none). STEP_VIEWS: shared-memory
-# views rebuilt every step (no hoisted wgmma descriptors, no spills; see `_consumer`)
-WS_TILES = dict(CONSUMER_REGS=232, EARLY_QK_L=False, LOCAL_P_REGS=True, L2_HINTS=False, L2_PREFETCH=0,
+# STEP_VIEWS: shared-memory views rebuilt every step (no hoisted wgmma descriptors, no spills; see
+# `_consumer`): 0.951-0.952x the time of the hoisted ones (8192 queries, 64K / 128K keys, 128 heads, H200,
+# BENCHMARKS.md §0000000000000000). L2_PREFETCH: the gathers' L2 prefetch size in bytes (`ptx_hints`; 0 =
+# none); 128 = the latent row's granularity (1152 = 9 x 128 bytes), so it fetches no byte the kernel does not
+# read: 0.996-0.998x of none in that run (256: 0.997-1.005x, evict-last hints with it 1.002-1.015x)
+WS_TILES = dict(CONSUMER_REGS=232, EARLY_QK_L=False, LOCAL_P_REGS=True, L2_HINTS=False, L2_PREFETCH=128,
                 STEP_VIEWS=True)
 REINTERPRET_IS_PUBLIC = gl.constexpr(PUBLIC_REINTERPRET)
 # quarters of a step's tile, in the producer's refill order

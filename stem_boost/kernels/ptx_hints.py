@@ -19,6 +19,7 @@ it, so a cached unpatched binary is never taken for a patched one, nor the rever
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 from typing import Callable, Iterator
 
@@ -41,14 +42,21 @@ def add_l2_prefetch(ptx: str, size: int) -> str:
 
 
 @contextlib.contextmanager
-def patched_ptx(kernel_name: str, transform: Callable[[str], str]) -> Iterator[None]:
+def patched_ptx(kernel_name: str, transform: Callable[[str], str], tag: str) -> Iterator[None]:
     """Inside the block, builds of the kernel named `kernel_name` pass their PTX through `transform`
-    before ptxas; other kernels and builds outside the block are untouched. Chains any hook already
-    installed."""
+    before ptxas; other kernels and builds outside the block are untouched. `tag` names the transform
+    (Triton 3.9 and later put the hook's key into the cache key of builds made with it). Chains any
+    hook already installed."""
     knobs = triton.knobs.runtime
     previous = knobs.add_stages_inspection_hook
 
-    def hook(backend, stages, options, language, capability):
+    def hook(*args):
+        if not args:  # Triton >= 3.9: the (key, hash) of the custom pipeline, for the cache key
+            key = f"patched_ptx:{kernel_name}:{tag}"
+            if previous is not None:
+                key = f"{previous()[0]}|{key}"
+            return key, hashlib.sha256(key.encode()).hexdigest()
+        backend, stages, options, language, capability = args
         if previous is not None:
             previous(backend, stages, options, language, capability)
         make_ptx = stages.get("ptx")
@@ -75,4 +83,4 @@ def l2_prefetch_on_copies(kernel_name: str, size: int):
         raise ValueError(f"L2 prefetch size {size!r} not in {L2_PREFETCH_SIZES} (bytes)")
     if size == 0:
         return contextlib.nullcontext()
-    return patched_ptx(kernel_name, lambda ptx: add_l2_prefetch(ptx, size))
+    return patched_ptx(kernel_name, lambda ptx: add_l2_prefetch(ptx, size), f"L2::{size}B")
