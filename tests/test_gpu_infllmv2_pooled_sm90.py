@@ -17,7 +17,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
     (3, 130, 1500, False, False, dict(NUM_BUF=3)),
     (16, 256, 8192, False, False, dict(BLOCK_B=16)),
     (16, 300, 4096, True, True, dict(KEYS_FAST=False)),  # query tiles on the grid's fast axis
-    (16, 200, 2000, True, True, dict(UNROLL_HEADS=False)),  # the heads in a run-time loop
     (6, 256, 4096, False, True, dict(BLOCK_B=16, NUM_BUF=3)),  # an even group that is not a power of two
     (1, 100, 1024, False, False, None),  # one head: no pair of heads in flight
 ])

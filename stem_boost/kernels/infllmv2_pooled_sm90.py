@@ -17,7 +17,12 @@ head loop is written out: head g's product is issued asynchronously, `warpgroup_
 running, and head g - 1's exp2 and sum run beside it; two product tiles alternate in the registers.
 Measured (H200): the overlap alone 3% faster than the Triton kernel; most of what was lost was the
 launch order (the query tiles streamed from HBM once per key tile, `tile_order`), which both kernels
-now share; the Gluon one stays 4% ahead and is still at 40% of either unit's limit.
+now share; the Gluon one stays 4% ahead and is still at 40% of either unit's limit. ptxas serialises
+the head loop's wgmmas (warning C7514: the product in flight crosses the loop's back edge, a register
+copy of its accumulator there), so each head's 8 k-steps wait for one another; the group's heads
+written out (static_range: no copy, one wait a head) measured no faster (2.514 against 2.505 ms, the
+last 16K rows of 128K, H200, BENCHMARKS.md §0000000000000000) and spill 472 bytes: what holds the
+kernel is its exponentials' side, not the tensor cores.
 
 Program roles: axis 0 = BLOCK_S query rows, axis 1 = BLOCK_B - 1 key blocks (BLOCK_B * P fine keys,
 the first group only for the pooling's previous key), the two swapped by KEYS_FAST (the default),
@@ -49,9 +54,7 @@ from .warp_rows import interpreting
 
 __all__ = ["pooled_block_scores_sm90", "supports_pooled_sm90", "SM90_POOLED_TILE"]
 
-# one warpgroup; BLOCK_B * P fine keys a tile. UNROLL_HEADS: the group's heads written out (no wgmma
-# serialisation; 472 bytes of spill at G 16 in exchange: addresses, reloaded once a head) or a run-time loop
-SM90_POOLED_TILE = dict(BLOCK_S=64, BLOCK_B=32, NUM_BUF=4, KEYS_FAST=True, UNROLL_HEADS=True)
+SM90_POOLED_TILE = dict(BLOCK_S=64, BLOCK_B=32, NUM_BUF=4, KEYS_FAST=True)  # one warpgroup; BLOCK_B * P fine keys a tile
 
 
 @gluon.jit
@@ -87,7 +90,6 @@ def _pooled_scores_sm90_fwd(
     G: gl.constexpr, D: gl.constexpr, P: gl.constexpr, BLOCK_SIZE: gl.constexpr,
     BLOCK_S: gl.constexpr, BLOCK_B: gl.constexpr, NUM_BUF: gl.constexpr, HAS_LO: gl.constexpr,
     ROUND_BF16: gl.constexpr, ROUND_FP16: gl.constexpr, HAS_BIAS: gl.constexpr, KEYS_FAST: gl.constexpr,
-    UNROLL_HEADS: gl.constexpr,
 ):
     gl.static_assert(gl.num_warps() == 4, "one warpgroup")
     gl.static_assert(NUM_BUF >= 3, "a head in flight beside the one being summed needs three buffers")
@@ -141,25 +143,13 @@ def _pooled_scores_sm90_fwd(
             zero = gl.zeros([BLOCK_S, BLOCK_C], gl.float32, layout=s_layout)  # use_acc=False: a placeholder
             qk_a, l_a = _issue_head(0, q_smem, k_t, zero, Q, q_row0, d, stride_qh, lse_row, stride_lh, ok_s,
                                     G, AHEAD, NUM_BUF)
-            if UNROLL_HEADS:
-                # written out head by head: in a run-time loop the product in flight crosses the back edge
-                # (a register copy of its accumulator there), and ptxas then serialises every wgmma of the
-                # loop (warning C7514: a wait after each of a head's 8 k-steps instead of one per head)
-                for i in gl.static_range((G - 1) // 2):
-                    qk_b, l_b = _issue_head(2 * i + 1, q_smem, k_t, zero, Q, q_row0, d, stride_qh, lse_row,
-                                            stride_lh, ok_s, G, AHEAD, NUM_BUF)
-                    acc = _sum_head(acc, qk_a, l_a, scale_log2, 1)
-                    qk_a, l_a = _issue_head(2 * i + 2, q_smem, k_t, zero, Q, q_row0, d, stride_qh, lse_row,
-                                            stride_lh, ok_s, G, AHEAD, NUM_BUF)
-                    acc = _sum_head(acc, qk_b, l_b, scale_log2, 1)
-            else:
-                for i in range(n_pairs):  # (G - 1) // 2, a run-time value (see the decorator)
-                    qk_b, l_b = _issue_head(2 * i + 1, q_smem, k_t, zero, Q, q_row0, d, stride_qh, lse_row,
-                                            stride_lh, ok_s, G, AHEAD, NUM_BUF)
-                    acc = _sum_head(acc, qk_a, l_a, scale_log2, 1)
-                    qk_a, l_a = _issue_head(2 * i + 2, q_smem, k_t, zero, Q, q_row0, d, stride_qh, lse_row,
-                                            stride_lh, ok_s, G, AHEAD, NUM_BUF)
-                    acc = _sum_head(acc, qk_b, l_b, scale_log2, 1)
+            for i in range(n_pairs):  # (G - 1) // 2, a run-time value (see the decorator)
+                qk_b, l_b = _issue_head(2 * i + 1, q_smem, k_t, zero, Q, q_row0, d, stride_qh, lse_row, stride_lh,
+                                        ok_s, G, AHEAD, NUM_BUF)
+                acc = _sum_head(acc, qk_a, l_a, scale_log2, 1)
+                qk_a, l_a = _issue_head(2 * i + 2, q_smem, k_t, zero, Q, q_row0, d, stride_qh, lse_row, stride_lh,
+                                        ok_s, G, AHEAD, NUM_BUF)
+                acc = _sum_head(acc, qk_b, l_b, scale_log2, 1)
             if G % 2 == 0:  # the last head, an odd one, goes through b
                 qk_b, l_b = _issue_head(G - 1, q_smem, k_t, zero, Q, q_row0, d, stride_qh, lse_row, stride_lh,
                                         ok_s, G, AHEAD, NUM_BUF)
@@ -241,6 +231,6 @@ def pooled_block_scores_sm90(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tenso
             G=G, D=D, P=pool, BLOCK_SIZE=block_size, BLOCK_S=cfg["BLOCK_S"], BLOCK_B=cfg["BLOCK_B"],
             NUM_BUF=cfg["NUM_BUF"], HAS_LO=lo1 is not None, ROUND_BF16=round_to == torch.bfloat16,
             ROUND_FP16=round_to == torch.float16, HAS_BIAS=key_bias is not None, KEYS_FAST=cfg["KEYS_FAST"],
-            UNROLL_HEADS=cfg["UNROLL_HEADS"], num_warps=4,
+            num_warps=4,
         )
     return out
