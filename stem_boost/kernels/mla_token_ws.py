@@ -62,7 +62,8 @@ BLOCK_H = 64  # heads per program (M of every product)
 BLOCK_K = 64  # keys per consumer per step (a step takes 2 * BLOCK_K)
 KEYS_PER_STEP = 2 * BLOCK_K  # selected keys a step (a row's last step is padded to it)
 # measured on an H200 (BENCHMARKS.md §000000): 232 registers a consumer thread 373 TFLOP/s, 216 370; the
-# next step's S queued early gave nothing (372)
+# next step's S queued early gave nothing (372). With the step's views (no spill at any of these): 224
+# registers 0.982-0.986x the time of 232, 240 0.980-1.017x, the early S 0.980-1.056x (§0000000000000000)
 # own P from registers 11.43 ms against 11.76 from shared memory (8192 queries at the end of 32K keys, 128
 # heads; L2 hints 11.45 / 11.80: no gain; bench_dsa --sections mla, 2026-12-04)
 # STEP_VIEWS: shared-memory views rebuilt every step (no hoisted wgmma descriptors, no spills; see
@@ -70,7 +71,7 @@ KEYS_PER_STEP = 2 * BLOCK_K  # selected keys a step (a row's last step is padded
 # BENCHMARKS.md §0000000000000000). L2_PREFETCH: the gathers' L2 prefetch size in bytes (`ptx_hints`; 0 =
 # none); 128 = the latent row's granularity (1152 = 9 x 128 bytes), so it fetches no byte the kernel does not
 # read: 0.996-0.998x of none in that run (256: 0.997-1.005x, evict-last hints with it 1.002-1.015x)
-WS_TILES = dict(CONSUMER_REGS=232, EARLY_QK_L=False, LOCAL_P_REGS=True, L2_HINTS=False, L2_PREFETCH=128,
+WS_TILES = dict(CONSUMER_REGS=224, EARLY_QK_L=False, LOCAL_P_REGS=True, L2_HINTS=False, L2_PREFETCH=128,
                 STEP_VIEWS=True)
 REINTERPRET_IS_PUBLIC = gl.constexpr(PUBLIC_REINTERPRET)
 # quarters of a step's tile, in the producer's refill order
