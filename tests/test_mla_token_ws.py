@@ -16,7 +16,7 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("tiles", [None, dict(CONSUMER_REGS=216), dict(EARLY_QK_L=True), dict(LOCAL_P_REGS=False),
+@pytest.mark.parametrize("tiles", [None, dict(CONSUMER_REGS=232), dict(CONSUMER_REGS=192), dict(EARLY_QK_L=True), dict(LOCAL_P_REGS=False),
                                    dict(L2_HINTS=True), dict(STEP_VIEWS=False), dict(L2_PREFETCH=256),
                                    dict(L2_HINTS=True, L2_PREFETCH=128)])  # None: the defaults (WS_TILES)
 @pytest.mark.parametrize("B,S,T,H,kmax,dtype", [

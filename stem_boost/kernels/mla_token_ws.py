@@ -71,7 +71,7 @@ KEYS_PER_STEP = 2 * BLOCK_K  # selected keys a step (a row's last step is padded
 # BENCHMARKS.md §0000000000000000). L2_PREFETCH: the gathers' L2 prefetch size in bytes (`ptx_hints`; 0 =
 # none); 128 = the latent row's granularity (1152 = 9 x 128 bytes), so it fetches no byte the kernel does not
 # read: 0.996-0.998x of none in that run (256: 0.997-1.005x, evict-last hints with it 1.002-1.015x)
-WS_TILES = dict(CONSUMER_REGS=224, EARLY_QK_L=False, LOCAL_P_REGS=True, L2_HINTS=False, L2_PREFETCH=128,
+WS_TILES = dict(CONSUMER_REGS=208, EARLY_QK_L=False, LOCAL_P_REGS=True, L2_HINTS=False, L2_PREFETCH=128,
                 STEP_VIEWS=True)
 REINTERPRET_IS_PUBLIC = gl.constexpr(PUBLIC_REINTERPRET)
 # quarters of a step's tile, in the producer's refill order
