@@ -62,8 +62,9 @@ BLOCK_H = 64  # heads per program (M of every product)
 BLOCK_K = 64  # keys per consumer per step (a step takes 2 * BLOCK_K)
 KEYS_PER_STEP = 2 * BLOCK_K  # selected keys a step (a row's last step is padded to it)
 # measured on an H200 (BENCHMARKS.md §000000): 232 registers a consumer thread 373 TFLOP/s, 216 370; the
-# next step's S queued early gave nothing (372). With the step's views (no spill at any of these): 224
-# registers 0.982-0.986x the time of 232, 240 0.980-1.017x, the early S 0.980-1.056x (§0000000000000000)
+# next step's S queued early gave nothing (372). With the step's views (no spill at any of these) the splits
+# from 192 to 240 registers a consumer lie within 1-2% of one another, the sign changing from call to call;
+# 208 (the producer gets 96) measured the layer's 444 ms at 128K (§0000000000000000); the early S 0.98-1.06x
 # own P from registers 11.43 ms against 11.76 from shared memory (8192 queries at the end of 32K keys, 128
 # heads; L2 hints 11.45 / 11.80: no gain; bench_dsa --sections mla, 2026-12-04)
 # STEP_VIEWS: shared-memory views rebuilt every step (no hoisted wgmma descriptors, no spills; see
