@@ -404,12 +404,13 @@ def format_table(rows: list[dict]) -> str:
 
 def _aligned(rows: list[dict]) -> str:
     cols = ["case", "name", "num_warps", "num_stages", "registers", "spill_bytes", "shared_bytes", "warps_per_sm",
-            "wgmma", "tcgen05", "mma_sync", "tma", "seconds"]
+            "wgmma", "tcgen05", "mma_sync", "tma", "ptxas_notes", "seconds"]
     heads = ["case", "kernel", "warps", "stages", "regs", "spill B", "smem B", "warps/SM", "wgmma", "tcgen05",
-             "mma.sync", "tma", "compile s"]
+             "mma.sync", "tma", "ptxas notes", "compile s"]
     if not any(r.get("tcgen05") for r in rows):  # Blackwell only
         cols, heads = [c for c in cols if c != "tcgen05"], [h for h in heads if h != "tcgen05"]
-    cells = [[f"{r[c]:.1f}" if c == "seconds" else str(r[c]) for c in cols] for r in rows]
+    show = {"seconds": lambda v: f"{v:.1f}", "ptxas_notes": lambda v: ",".join(v) or "-"}
+    cells = [[show.get(c, str)(r.get(c, ())) for c in cols] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
     line = lambda xs: "  ".join(x.ljust(w) for x, w in zip(xs, widths))  # noqa: E731
     return "\n".join([line(heads), line(["-" * w for w in widths])] + [line(c) for c in cells])

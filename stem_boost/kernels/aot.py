@@ -3,8 +3,8 @@
 Inside `compile_only(arch=90)`, every `kernel[grid](...)` launch made by the host wrappers (with CPU
 tensors) compiles the kernel for that architecture — the same specialisation and constexprs a GPU
 launch would build — and returns without running it. Each build is recorded as a `KernelBuild`:
-registers, spill bytes and shared memory (from ptxas), the tensor-core and TMA instructions in its
-PTX, and the compile time. This catches what the CPU interpreter cannot (a constexpr the interpreter
+registers, spill bytes, shared memory and ptxas's performance notes (C7514: every wgmma of a loop
+serialised), the tensor-core and TMA instructions in its PTX, and the compile time. This catches what the CPU interpreter cannot (a constexpr the interpreter
 accepts and the compiler rejects, register spills, a dot that falls back to Ampere MMA on Hopper) on
 CI machines. Outputs of a compile-only launch are left uninitialised: call each host wrapper on its
 own, never on another's results.
@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-__all__ = ["KernelBuild", "compile_only", "compiling", "resident_warps"]
+__all__ = ["KernelBuild", "compile_only", "compiling", "ptxas_performance_notes", "resident_warps"]
 
 _ACTIVE = False
 
@@ -52,6 +52,9 @@ class KernelBuild:
     tcgen05: int = 0  # Blackwell tensor-core MMA instructions (sm_100)
     mma_sync: int = 0  # Ampere-style MMA (what a dot falls back to when WGMMA cannot be used)
     tma: int = 0  # bulk tensor copies (TMA loads / stores)
+    # ptxas's "Potential Performance Loss" notes by code, e.g. C7514: wgmma.mma_async serialised because other
+    # instructions touch a product's accumulator registers while it runs (a wait after every wgmma)
+    ptxas_notes: tuple[str, ...] = ()
     seconds: float = 0.0
     code_hash: str = ""  # the PTX without debug lines: equal hashes = the same machine code (refactors)
     asm: dict | None = field(default=None, repr=False)  # {"ttgir": ..., "ptx": ...} with compile_only(keep_asm=True)
@@ -66,7 +69,8 @@ class KernelBuild:
     def row(self) -> dict:
         keys = ("name", "num_warps", "num_stages", "registers", "spill_bytes", "shared_bytes", "wgmma", "tcgen05",
                 "mma_sync", "tma", "seconds", "code_hash")
-        return {k: getattr(self, k) for k in keys} | {"warps_per_sm": self.warps_per_sm}
+        return ({k: getattr(self, k) for k in keys} | {"warps_per_sm": self.warps_per_sm}
+                | {"ptxas_notes": list(self.ptxas_notes)})
 
 
 #: shared memory per SM by compute capability x10 (the CUDA occupancy tables); others: Hopper's
@@ -115,8 +119,9 @@ def _code_hash(ptx: str) -> str:
     return hashlib.sha256("\n".join(keep).encode()).hexdigest()[:16]
 
 
-def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int]:
-    """(registers, spill bytes) of `ptx` from `ptxas -v` (the ptxas that ships with Triton)."""
+def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int, tuple[str, ...]]:
+    """(registers, spill bytes, performance-note codes) of `ptx` from `ptxas -v` (the ptxas that ships
+    with Triton)."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     suffix = "a" if arch >= 90 else ""
@@ -129,7 +134,12 @@ def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int]:
     log = res.stdout + res.stderr
     regs = max((int(m) for m in re.findall(r"Used (\d+) registers", log)), default=0)
     spills = sum(int(m) for m in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
-    return regs, spills
+    return regs, spills, ptxas_performance_notes(log)
+
+
+def ptxas_performance_notes(log: str) -> tuple[str, ...]:
+    """The codes of ptxas's "Potential Performance Loss" notes in its output `log`, sorted, each once."""
+    return tuple(sorted(set(re.findall(r"\((C\d+)\) Potential Performance Loss", log))))
 
 
 @contextlib.contextmanager
@@ -154,7 +164,7 @@ def compile_only(arch: int = 90, *, keep_asm: bool = False) -> Iterator[list[Ker
         compiled = original_run(self, *args, grid=grid, warmup=True, **kwargs)
         seconds = time.perf_counter() - t0
         ptx = compiled.asm["ptx"]
-        regs, spills = _ptxas_stats(ptx, arch)
+        regs, spills, notes = _ptxas_stats(ptx, arch)
         consts = {k: v for k, v in kwargs.items() if k.isupper()}
         md = compiled.metadata
         builds.append(KernelBuild(
@@ -162,7 +172,7 @@ def compile_only(arch: int = 90, *, keep_asm: bool = False) -> Iterator[list[Ker
             num_stages=md.num_stages, shared_bytes=md.shared, registers=regs, spill_bytes=spills,
             wgmma=ptx.count("wgmma.mma_async"), tcgen05=ptx.count("tcgen05.mma"),
             mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
-            tma=ptx.count("cp.async.bulk.tensor"), seconds=seconds, code_hash=_code_hash(ptx),
+            tma=ptx.count("cp.async.bulk.tensor"), ptxas_notes=notes, seconds=seconds, code_hash=_code_hash(ptx),
             asm={"ttgir": compiled.asm["ttgir"], "ptx": ptx} if keep_asm else None))
         return compiled
 
