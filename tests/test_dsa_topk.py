@@ -123,8 +123,9 @@ def test_indexer_topk_chunked_equals_whole(dtype):
         assert torch.equal(got[0], want[0]), f"seed={seed}"
 
 
+@pytest.mark.parametrize("skip_prefix", [False, True])
 @pytest.mark.parametrize("B,H,R,K,N,bias_heads", [(2, 1, 9, 24, 60, 1), (1, 3, 7, 40, 50, 3), (2, 2, 5, 17, 30, 1)])
-def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads):
+def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads, skip_prefix):
     """Stem's one-pass cut keeps, per row, its budget of candidates by score + gathered bias (higher
     first, equal -> smaller key), with ties, -0.0, -inf and NaN scores, -1 holes, budgets above the
     valid count and 0."""
@@ -141,7 +142,7 @@ def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads):
     bias = torch.randint(0, 3, (B, bias_heads, N), generator=gen).float() * 0.5
     budgets = torch.randint(0, K + 3, (B, H, R), generator=gen)
     budgets[0, 0, 0] = 0
-    idx, counts = candidate_cut(cand, scores, budgets, key_bias=bias)
+    idx, counts = candidate_cut(cand, scores, budgets, key_bias=bias, skip_prefix=skip_prefix)
     for b in range(B):
         for h in range(H):
             for r in range(R):
@@ -154,6 +155,37 @@ def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads):
                 assert n == len(want), (b, h, r)
                 assert idx[b, h, r, :n].tolist() == want, (b, h, r)
                 assert (idx[b, h, r, n:] == -1).all()
+
+
+@pytest.mark.parametrize("spread", ["narrow", "equal", "mixed signs", "huge"])
+def test_candidate_cut_prefix_skip_keeps_the_same_set(seed, spread):
+    """The bisection started below the bits a row's candidates share (`skip_prefix`) keeps exactly
+    what the full bisection keeps: rows whose scores sit in one binade (a long shared prefix), rows of
+    one repeated score (no bit to bisect), scores of both signs (no shared prefix), magnitudes near
+    the float range's ends; with a row without any valid candidate and one with a single one."""
+    from stem_boost.kernels.dsa_topk import candidate_cut
+
+    gen = torch.Generator().manual_seed(seed)
+    B, H, R, K, N = 1, 1, 12, 48, 200
+    cand = torch.stack([torch.randperm(N, generator=gen)[:K].sort().values for _ in range(R)]).view(B, H, R, K).int()
+    base = {"narrow": 3.0 + torch.rand(B, H, R, K, generator=gen) * 0.01,
+            "equal": torch.full((B, H, R, K), 1.5),
+            "mixed signs": torch.randn(B, H, R, K, generator=gen),
+            "huge": torch.randn(B, H, R, K, generator=gen) * 1e37}[spread]
+    scores = base.clone()
+    scores[0, 0, 0] = float("-inf")  # no valid candidate
+    scores[0, 0, 1, 1:] = float("-inf")  # one
+    budgets = torch.randint(0, K + 2, (B, H, R), generator=gen)
+    got = candidate_cut(cand, scores, budgets, skip_prefix=True)
+    full = candidate_cut(cand, scores, budgets, skip_prefix=False)
+    assert torch.equal(got[1], full[1]) and torch.equal(got[0], full[0]), f"seed={seed}"
+    for r in range(R):  # and both the definition: higher score first, equal -> smaller key
+        s, c = scores[0, 0, r], cand[0, 0, r]
+        ok = s > float("-inf")
+        order = sorted((-float(s[j]), int(c[j])) for j in range(K) if ok[j])
+        want = sorted(key for _, key in order[: int(budgets[0, 0, r])])
+        n = int(got[1][0, 0, r])
+        assert got[0][0, 0, r, :n].tolist() == want, (r, f"seed={seed}")
 
 
 @pytest.mark.parametrize("method", ["sampled", "warp"])

@@ -697,7 +697,7 @@ def _candidate_cut_kernel(
     stride_bb, stride_bh,
     stride_ub, stride_uh, stride_ur,
     stride_ib, stride_ih, stride_ir,
-    HAS_BIAS: tl.constexpr, KP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, KP: tl.constexpr, SKIP_PREFIX: tl.constexpr,
 ):
     """Program: one candidate row (b, h, r). Its K candidates stay in registers: one read of the
     candidates, their scores and (gathered) biases, a 32-step bisection for the budget-th largest
@@ -720,7 +720,7 @@ def _candidate_cut_kernel(
     key = tl.where(valid, ordered_u32(s), 0)
     want = tl.load(BUDGETS + b.to(tl.int64) * stride_ub + h.to(tl.int64) * stride_uh + r.to(tl.int64) * stride_ur)
     want = tl.minimum(tl.maximum(want, 0), tl.sum(valid.to(tl.int32), 0))
-    keep = keep_largest(key, valid, want, cols < 0)  # ties: the earlier column (the smaller key) first
+    keep = keep_largest(key, valid, want, cols < 0, 32, SKIP_PREFIX)  # ties: the earlier column (smaller key) first
     count = tl.sum(keep.to(tl.int32), 0)
     slot = tl.cumsum(keep.to(tl.int32), 0) - 1
     out = IDX + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + r.to(tl.int64) * stride_ir
@@ -736,6 +736,7 @@ def candidate_cut(
     *,
     key_bias: torch.Tensor | None = None,
     num_warps: int | None = None,
+    skip_prefix: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stem's cut of token candidates in one pass: each row keeps its budget of candidates by
     score + OAM bias (the tie rule: higher first, equal -> the smaller key index).
@@ -745,6 +746,8 @@ def candidate_cut(
     budgets int [B, H, R] (broadcast views welcome); key_bias [B, H|1, N] fp32 per key or None.
     Returns idx int32 [B, H, R, K] (the kept keys ascending, then -1) and counts int32 [B, H, R].
     Unlike `topk_rows` over a gathered score matrix, nothing [B, H, R, K] is written but the result.
+    `skip_prefix`: the bisection starts below the high bits all of a row's candidates share
+    (`row_select.common_prefix`; the same result; not yet timed on a GPU, hence off).
     """
     if cand_idx.dim() != 4 or scores.shape != cand_idx.shape:
         raise ValueError(f"cand_idx and scores must be one [B, H, R, K] shape; got {tuple(cand_idx.shape)}, "
@@ -773,7 +776,7 @@ def candidate_cut(
         key_bias.stride(0) if key_bias is not None else 0,
         (key_bias.stride(1) if key_bias.shape[1] > 1 else 0) if key_bias is not None else 0,
         *budgets.stride(), *idx.stride()[:3],
-        HAS_BIAS=key_bias is not None, KP=kp, num_warps=num_warps or 4,  # H200, 2048 candidates: 4 warps fastest
+        HAS_BIAS=key_bias is not None, KP=kp, SKIP_PREFIX=bool(skip_prefix), num_warps=num_warps or 4,  # H200, 2048 candidates: 4 warps fastest
     )
     return idx, counts
 
