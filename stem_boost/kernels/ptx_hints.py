@@ -32,10 +32,14 @@ L2_PREFETCH_SIZES = (0, 64, 128, 256)  # bytes; 0: the copies as Triton emits th
 _CP_ASYNC_CG = re.compile(r"cp\.async\.cg\.shared\.global(\.L2::cache_hint)?(?=\s)")
 
 
-def add_l2_prefetch(ptx: str, size: int) -> str:
-    """`ptx` with every `cp.async.cg.shared.global` copy given the `.L2::<size>B` prefetch size."""
+def _check_prefetch_size(size: int) -> None:
     if size not in L2_PREFETCH_SIZES:
         raise ValueError(f"L2 prefetch size {size!r} not in {L2_PREFETCH_SIZES} (bytes)")
+
+
+def add_l2_prefetch(ptx: str, size: int) -> str:
+    """`ptx` with every `cp.async.cg.shared.global` copy given the `.L2::<size>B` prefetch size."""
+    _check_prefetch_size(size)
     if size == 0:
         return ptx
     return _CP_ASYNC_CG.sub(lambda m: m.group(0) + f".L2::{size}B", ptx)
@@ -78,9 +82,8 @@ def patched_ptx(kernel_name: str, transform: Callable[[str], str], tag: str) -> 
 
 def l2_prefetch_on_copies(kernel_name: str, size: int):
     """`patched_ptx` that gives the kernel's cp.async copies the `.L2::<size>B` prefetch size (0: no
-    change, no hook)."""
-    if size not in L2_PREFETCH_SIZES:
-        raise ValueError(f"L2 prefetch size {size!r} not in {L2_PREFETCH_SIZES} (bytes)")
+    change, no hook). The size is checked here, before the launch, not only when a build runs the patch."""
+    _check_prefetch_size(size)
     if size == 0:
         return contextlib.nullcontext()
     return patched_ptx(kernel_name, lambda ptx: add_l2_prefetch(ptx, size), f"L2::{size}B")
