@@ -520,12 +520,15 @@ def section_cut(args, res) -> None:
         gb = R * K * 8 / 1e9 + R * K * 4 / 1e9
         res["cut"][warps] = dict(ms=ms, same=same)
         row("cut", f"candidate_cut {warps} warps", ms, f"{gb / ms:.0f} GB/s (reads + writes); same as default: {same}")
-    # the bisection started below the bits a row's candidates share (`skip_prefix`, off by default until timed)
-    idx, n = candidate_cut(cand, scores, budgets, key_bias=bias, skip_prefix=True)
-    same = bool(torch.equal(idx, want_idx) and torch.equal(n, want_n))
-    ms = bench(lambda: candidate_cut(cand, scores, budgets, key_bias=bias, skip_prefix=True))
-    res["cut"]["skip_prefix"] = dict(ms=ms, same=same)
-    row("cut", "candidate_cut 4 warps, shared prefix skipped", ms, f"same as default: {same}")
+    # the bisection started below the bits a row's candidates share (`skip_prefix`), two bits a reduction
+    # (`bits_per_step`), and both
+    for name, kw in (("skip_prefix", dict(skip_prefix=True)), ("two_bits", dict(bits_per_step=2)),
+                     ("two_bits_skip_prefix", dict(bits_per_step=2, skip_prefix=True))):
+        idx, n = candidate_cut(cand, scores, budgets, key_bias=bias, **kw)
+        same = bool(torch.equal(idx, want_idx) and torch.equal(n, want_n))
+        ms = bench(lambda: candidate_cut(cand, scores, budgets, key_bias=bias, **kw))
+        res["cut"][name] = dict(ms=ms, same=same)
+        row("cut", f"candidate_cut 4 warps, {name.replace('_', ' ')}", ms, f"same as default: {same}")
     # what the OAM bias's gather costs (one 4-byte read of a [T] vector per candidate): the cut without it
     _, n = candidate_cut(cand, scores, budgets)
     _, want_n = topk_rows_reference(scores.view(1, R, K), K, budgets=budgets.view(1, R))

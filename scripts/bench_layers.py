@@ -363,7 +363,7 @@ def indexer_overlap(attn, x, pe, pos, n_rows: int) -> float:
 
 def dsa_breakdown(attn, x, pe, pos) -> dict:
     """Milliseconds of the parts: chunked fused indexer top-k, the Stem step, the absorbed kernel."""
-    from stem_boost.adapters.dsa import latent_value_norms, latent_value_rms, native_selection
+    from stem_boost.adapters.dsa import latent_value_norms, latent_value_rms, native_selection, value_gram
     from stem_boost.boost import stem_step
     from stem_boost.config import StemConfig
     from stem_boost.native.dsa_indexer import dsa_indexer_topk
@@ -418,6 +418,8 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
             del sel_radix
             ms_norms_per_head, _ = timed(lambda: aggregate_heads(latent_value_norms(latent, w_uv), 1))
         ms_norms, _ = timed(lambda: latent_value_rms(latent, w_uv))
+        gram = value_gram(w_uv)  # what the layer keeps from one prefill to the next (`cached_value_gram`)
+        ms_norms_kept_gram, _ = timed(lambda: latent_value_rms(latent, w_uv, gram=gram))
         ms_norms_fp32, _ = timed(lambda: latent_value_rms(latent, w_uv, tensor_cores=False))  # the fp32 product
         norms_fp32 = latent_value_rms(latent, w_uv, tensor_cores=False)
         norms_fp32_rel_err = float(((norms - norms_fp32).abs() / norms_fp32.clamp_min(1e-6)).max())

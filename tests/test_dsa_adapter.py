@@ -360,6 +360,30 @@ def test_latent_value_rms_equals_the_rms_of_the_per_head_norms():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_value_gram_is_kept_until_the_weight_changes(seed):
+    """`cached_value_gram` returns the Gram matrix of the current weight: computed once, reused while
+    the weight is unchanged, computed again after an in-place update (the version counter) or for
+    another weight; the RMS from the kept matrix equals the one computed afresh."""
+    from stem_boost.adapters import dsa
+
+    gen = torch.Generator().manual_seed(seed)
+    H, Dv, L = 4, 6, 10
+    layer = torch.nn.Linear(L, H * 2 * Dv, bias=False)
+    w_uv = layer.weight.detach().view(H, 2 * Dv, L)[:, Dv:]  # a view, as `absorbed_weights` gives it
+    first = dsa.cached_value_gram(layer, w_uv)
+    assert dsa.cached_value_gram(layer, w_uv) is first
+    torch.testing.assert_close(first, dsa.value_gram(w_uv))
+    latent = torch.randn(2, 9, L, generator=gen)
+    torch.testing.assert_close(dsa.latent_value_rms(latent, w_uv, gram=first), dsa.latent_value_rms(latent, w_uv))
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # in place: the view's values change, its storage does not
+    second = dsa.cached_value_gram(layer, w_uv)
+    assert second is not first
+    torch.testing.assert_close(second, 4.0 * first)
+    other = torch.randn(H, Dv, L, generator=gen)
+    torch.testing.assert_close(dsa.cached_value_gram(layer, other), dsa.value_gram(other))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_absorbed_layer_path_gives_the_expanded_paths_logits(family, tmp_path, monkeypatch):
     """The whole wrapped forward on the CUDA path's absorbed form (in-place absorbed queries, the

@@ -123,12 +123,13 @@ def test_indexer_topk_chunked_equals_whole(dtype):
         assert torch.equal(got[0], want[0]), f"seed={seed}"
 
 
+@pytest.mark.parametrize("bits_per_step", [1, 2])
 @pytest.mark.parametrize("skip_prefix", [False, True])
 @pytest.mark.parametrize("B,H,R,K,N,bias_heads", [(2, 1, 9, 24, 60, 1), (1, 3, 7, 40, 50, 3), (2, 2, 5, 17, 30, 1)])
-def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads, skip_prefix):
+def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads, skip_prefix, bits_per_step):
     """Stem's one-pass cut keeps, per row, its budget of candidates by score + gathered bias (higher
     first, equal -> smaller key), with ties, -0.0, -inf and NaN scores, -1 holes, budgets above the
-    valid count and 0."""
+    valid count and 0; with one or two bits decided a bisection step."""
     from stem_boost.kernels.dsa_topk import candidate_cut
 
     gen = torch.Generator().manual_seed(seed)
@@ -142,7 +143,8 @@ def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads, ski
     bias = torch.randint(0, 3, (B, bias_heads, N), generator=gen).float() * 0.5
     budgets = torch.randint(0, K + 3, (B, H, R), generator=gen)
     budgets[0, 0, 0] = 0
-    idx, counts = candidate_cut(cand, scores, budgets, key_bias=bias, skip_prefix=skip_prefix)
+    idx, counts = candidate_cut(cand, scores, budgets, key_bias=bias, skip_prefix=skip_prefix,
+                                bits_per_step=bits_per_step)
     for b in range(B):
         for h in range(H):
             for r in range(R):
@@ -157,12 +159,14 @@ def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads, ski
                 assert (idx[b, h, r, n:] == -1).all()
 
 
+@pytest.mark.parametrize("bits_per_step", [1, 2])
 @pytest.mark.parametrize("spread", ["narrow", "equal", "mixed signs", "huge"])
-def test_candidate_cut_prefix_skip_keeps_the_same_set(seed, spread):
+def test_candidate_cut_prefix_skip_keeps_the_same_set(seed, spread, bits_per_step):
     """The bisection started below the bits a row's candidates share (`skip_prefix`) keeps exactly
     what the full bisection keeps: rows whose scores sit in one binade (a long shared prefix), rows of
     one repeated score (no bit to bisect), scores of both signs (no shared prefix), magnitudes near
-    the float range's ends; with a row without any valid candidate and one with a single one."""
+    the float range's ends; with a row without any valid candidate and one with a single one. Two
+    bits a step (an odd count of bits left below the prefix ends on a one-bit step) too."""
     from stem_boost.kernels.dsa_topk import candidate_cut
 
     gen = torch.Generator().manual_seed(seed)
@@ -176,7 +180,7 @@ def test_candidate_cut_prefix_skip_keeps_the_same_set(seed, spread):
     scores[0, 0, 0] = float("-inf")  # no valid candidate
     scores[0, 0, 1, 1:] = float("-inf")  # one
     budgets = torch.randint(0, K + 2, (B, H, R), generator=gen)
-    got = candidate_cut(cand, scores, budgets, skip_prefix=True)
+    got = candidate_cut(cand, scores, budgets, skip_prefix=True, bits_per_step=bits_per_step)
     full = candidate_cut(cand, scores, budgets, skip_prefix=False)
     assert torch.equal(got[1], full[1]) and torch.equal(got[0], full[0]), f"seed={seed}"
     for r in range(R):  # and both the definition: higher score first, equal -> smaller key
@@ -186,6 +190,18 @@ def test_candidate_cut_prefix_skip_keeps_the_same_set(seed, spread):
         want = sorted(key for _, key in order[: int(budgets[0, 0, r])])
         n = int(got[1][0, 0, r])
         assert got[0][0, 0, r, :n].tolist() == want, (r, f"seed={seed}")
+
+
+@pytest.mark.parametrize("bits,K,message", [(3, 8, "bits_per_step=3; allowed: 1 or 2"),
+                                            (2, 2**15 + 1, "at most 32768 candidates; got K=32769")])
+def test_candidate_cut_checks_its_bisection_width(bits, K, message):
+    """A bisection width other than 1 or 2 bits, and two bits on rows whose counts overflow their
+    16-bit fields, are refused before any launch, naming the value."""
+    from stem_boost.kernels.dsa_topk import candidate_cut
+
+    cand = torch.arange(K, dtype=torch.int32).view(1, 1, 1, K)
+    with pytest.raises(ValueError, match=message):
+        candidate_cut(cand, torch.randn(1, 1, 1, K), torch.ones(1, 1, 1, dtype=torch.int32), bits_per_step=bits)
 
 
 @pytest.mark.parametrize("method", ["sampled", "warp"])

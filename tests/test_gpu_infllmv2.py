@@ -86,6 +86,29 @@ def test_gpu_union_lists_match_definition(qt):
     assert torch.equal(torch.where(live, umask, 0), rmask[..., : uidx.shape[-1]]), f"seed {seed}"
 
 
+@pytest.mark.parametrize("score_dtype", [None, torch.bfloat16])
+def test_gpu_block_topk_two_bits_a_step_writes_the_same_lists(score_dtype):
+    """The block top-k with two bits a bisection step equals the one-bit one on 2048 rows of 2048
+    blocks (a 128K MiniCPM-4.1 prefill's last rows): rounded scores with ties, -inf, natively and
+    with Stem's bias and budgets."""
+    from stem_boost.kernels.infllmv2_select import block_topk
+
+    seed = 777 + (score_dtype is not None)
+    torch.manual_seed(seed)
+    C, NB, Hk = 2048, 2048, 2
+    scores = torch.randn(1, Hk, C, NB, device="cuda").to(torch.bfloat16).float()
+    scores[torch.rand_like(scores) < 0.02] = float("-inf")
+    common = dict(q_pos0=NB * 64 - C, block_size=64, init_blocks=1, local_blocks=32, k_total=96, kmax=96,
+                  score_dtype=score_dtype)
+    stem = dict(key_bias=0.2 * torch.randn(1, Hk, NB, device="cuda"),
+                budgets=torch.randint(0, 64, (1, Hk, C), device="cuda", dtype=torch.int32))
+    for kw in ({}, stem):
+        one = block_topk(scores, bits_per_step=1, **common, **kw)
+        two = block_topk(scores, bits_per_step=2, **common, **kw)
+        for name, a, b in zip(("idx", "counts", "n_forced"), two, one):
+            assert torch.equal(a, b), f"seed {seed}: {name} (Stem: {bool(kw)})"
+
+
 @pytest.mark.parametrize("S,stem,fuse_topk", [(8192, False, True), (8192, True, True), (12000, False, True),
                                               (8192, True, False)])
 def test_gpu_fused_selection_agrees_with_pytorch(S, stem, fuse_topk):
