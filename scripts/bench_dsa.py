@@ -520,15 +520,27 @@ def section_cut(args, res) -> None:
         gb = R * K * 8 / 1e9 + R * K * 4 / 1e9
         res["cut"][warps] = dict(ms=ms, same=same)
         row("cut", f"candidate_cut {warps} warps", ms, f"{gb / ms:.0f} GB/s (reads + writes); same as default: {same}")
-    # the bisection started below the bits a row's candidates share (`skip_prefix`), two bits a reduction
-    # (`bits_per_step`), and both
-    for name, kw in (("skip_prefix", dict(skip_prefix=True)), ("two_bits", dict(bits_per_step=2)),
-                     ("two_bits_skip_prefix", dict(bits_per_step=2, skip_prefix=True))):
+    # the bisection started below the bits a row's candidates share (`skip_prefix`); the threshold by an
+    # interpolation search (`search="interpolate"`)
+    for name, kw in (("skip_prefix", dict(skip_prefix=True)), ("interpolate", dict(search="interpolate"))):
         idx, n = candidate_cut(cand, scores, budgets, key_bias=bias, **kw)
         same = bool(torch.equal(idx, want_idx) and torch.equal(n, want_n))
         ms = bench(lambda: candidate_cut(cand, scores, budgets, key_bias=bias, **kw))
         res["cut"][name] = dict(ms=ms, same=same)
         row("cut", f"candidate_cut 4 warps, {name.replace('_', ' ')}", ms, f"same as default: {same}")
+    # the layer's kind of row: a row's top-K of T N(0, 1) scores (the tail), in key order, plus the bias
+    tail = torch.stack([torch.randn(T, device=DEV).topk(K).values for _ in range(min(R, 64))])
+    tail = tail[:, torch.randperm(K, device=DEV)].repeat(-(-R // tail.shape[0]), 1)[:R].view(1, 1, R, K)
+    tail = tail.masked_fill(cand < 0, float("-inf"))
+    want_tail = candidate_cut(cand, tail, budgets, key_bias=bias, search="bisect", skip_prefix=False)
+    for name, kw in (("tail rows, bisect", dict(search="bisect", skip_prefix=False)),
+                     ("tail rows, skip_prefix", dict(search="bisect", skip_prefix=True)),
+                     ("tail rows, interpolate", dict(search="interpolate"))):
+        idx, n = candidate_cut(cand, tail, budgets, key_bias=bias, **kw)
+        same = bool(torch.equal(idx, want_tail[0]) and torch.equal(n, want_tail[1]))
+        ms = bench(lambda: candidate_cut(cand, tail, budgets, key_bias=bias, **kw))
+        res["cut"][name] = dict(ms=ms, same=same)
+        row("cut", f"candidate_cut 4 warps, {name.replace('_', ' ')}", ms, f"same as the bisection: {same}")
     # what the OAM bias's gather costs (one 4-byte read of a [T] vector per candidate): the cut without it
     _, n = candidate_cut(cand, scores, budgets)
     _, want_n = topk_rows_reference(scores.view(1, R, K), K, budgets=budgets.view(1, R))

@@ -445,8 +445,8 @@ def run_pooled(args, device, results, log):
                              ("warp, bf16 keys", dict(method="warp", score_dtype=torch.bfloat16)),
                              ("Stem bias and budgets", dict(key_bias=bias, budgets=budgets)),
                              ("Stem, 4 warps a row", dict(key_bias=bias, budgets=budgets, num_warps=4)),
-                             ("bf16 keys, 2 bits a step", dict(score_dtype=torch.bfloat16, bits_per_step=2)),
-                             ("Stem, 2 bits a step", dict(key_bias=bias, budgets=budgets, bits_per_step=2))):
+                             ("bf16 keys, interpolation search", dict(score_dtype=torch.bfloat16, search="interpolate")),
+                             ("Stem, interpolation search", dict(key_bias=bias, budgets=budgets, search="interpolate"))):
                 got = block_topk(base, **topk_kw, **kw)  # the top-k reads causal blocks only
                 ms = bench(lambda kw=kw: block_topk(base, **topk_kw, **kw))
                 kind = "Stem" if "key_bias" in kw else "native"

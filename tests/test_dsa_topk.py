@@ -123,13 +123,12 @@ def test_indexer_topk_chunked_equals_whole(dtype):
         assert torch.equal(got[0], want[0]), f"seed={seed}"
 
 
-@pytest.mark.parametrize("bits_per_step", [1, 2])
-@pytest.mark.parametrize("skip_prefix", [False, True])
+@pytest.mark.parametrize("search,skip_prefix", [("bisect", False), ("bisect", True), ("interpolate", False)])
 @pytest.mark.parametrize("B,H,R,K,N,bias_heads", [(2, 1, 9, 24, 60, 1), (1, 3, 7, 40, 50, 3), (2, 2, 5, 17, 30, 1)])
-def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads, skip_prefix, bits_per_step):
+def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads, search, skip_prefix):
     """Stem's one-pass cut keeps, per row, its budget of candidates by score + gathered bias (higher
     first, equal -> smaller key), with ties, -0.0, -inf and NaN scores, -1 holes, budgets above the
-    valid count and 0; with one or two bits decided a bisection step."""
+    valid count and 0; by bisection (from the top or below the shared prefix) and by interpolation."""
     from stem_boost.kernels.dsa_topk import candidate_cut
 
     gen = torch.Generator().manual_seed(seed)
@@ -143,8 +142,7 @@ def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads, ski
     bias = torch.randint(0, 3, (B, bias_heads, N), generator=gen).float() * 0.5
     budgets = torch.randint(0, K + 3, (B, H, R), generator=gen)
     budgets[0, 0, 0] = 0
-    idx, counts = candidate_cut(cand, scores, budgets, key_bias=bias, skip_prefix=skip_prefix,
-                                bits_per_step=bits_per_step)
+    idx, counts = candidate_cut(cand, scores, budgets, key_bias=bias, skip_prefix=skip_prefix, search=search)
     for b in range(B):
         for h in range(H):
             for r in range(R):
@@ -159,14 +157,14 @@ def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads, ski
                 assert (idx[b, h, r, n:] == -1).all()
 
 
-@pytest.mark.parametrize("bits_per_step", [1, 2])
-@pytest.mark.parametrize("spread", ["narrow", "equal", "mixed signs", "huge"])
-def test_candidate_cut_prefix_skip_keeps_the_same_set(seed, spread, bits_per_step):
-    """The bisection started below the bits a row's candidates share (`skip_prefix`) keeps exactly
-    what the full bisection keeps: rows whose scores sit in one binade (a long shared prefix), rows of
-    one repeated score (no bit to bisect), scores of both signs (no shared prefix), magnitudes near
-    the float range's ends; with a row without any valid candidate and one with a single one. Two
-    bits a step (an odd count of bits left below the prefix ends on a one-bit step) too."""
+@pytest.mark.parametrize("search,skip_prefix", [("bisect", True), ("interpolate", False)])
+@pytest.mark.parametrize("spread", ["narrow", "equal", "mixed signs", "huge", "tail"])
+def test_candidate_cut_searches_keep_the_full_bisections_set(seed, spread, search, skip_prefix):
+    """The bisection started below the bits a row's candidates share (`skip_prefix`) and the
+    interpolation search keep exactly what the full bisection keeps: rows whose scores sit in one
+    binade (a long shared prefix), rows of one repeated score (no bit to bisect), scores of both signs
+    (no shared prefix), magnitudes near the float range's ends, the top of a larger row (a skewed
+    tail: interpolation's slow case); with a row without any valid candidate and one with a single one."""
     from stem_boost.kernels.dsa_topk import candidate_cut
 
     gen = torch.Generator().manual_seed(seed)
@@ -175,12 +173,13 @@ def test_candidate_cut_prefix_skip_keeps_the_same_set(seed, spread, bits_per_ste
     base = {"narrow": 3.0 + torch.rand(B, H, R, K, generator=gen) * 0.01,
             "equal": torch.full((B, H, R, K), 1.5),
             "mixed signs": torch.randn(B, H, R, K, generator=gen),
-            "huge": torch.randn(B, H, R, K, generator=gen) * 1e37}[spread]
+            "huge": torch.randn(B, H, R, K, generator=gen) * 1e37,
+            "tail": torch.randn(B, H, R, 40 * K, generator=gen).topk(K, dim=-1).values}[spread]
     scores = base.clone()
     scores[0, 0, 0] = float("-inf")  # no valid candidate
     scores[0, 0, 1, 1:] = float("-inf")  # one
     budgets = torch.randint(0, K + 2, (B, H, R), generator=gen)
-    got = candidate_cut(cand, scores, budgets, skip_prefix=True, bits_per_step=bits_per_step)
+    got = candidate_cut(cand, scores, budgets, skip_prefix=skip_prefix, search=search)
     full = candidate_cut(cand, scores, budgets, skip_prefix=False)
     assert torch.equal(got[1], full[1]) and torch.equal(got[0], full[0]), f"seed={seed}"
     for r in range(R):  # and both the definition: higher score first, equal -> smaller key
@@ -192,16 +191,13 @@ def test_candidate_cut_prefix_skip_keeps_the_same_set(seed, spread, bits_per_ste
         assert got[0][0, 0, r, :n].tolist() == want, (r, f"seed={seed}")
 
 
-@pytest.mark.parametrize("bits,K,message", [(3, 8, "bits_per_step=3; allowed: 1 or 2"),
-                                            (2, 2**15 + 1, "at most 32768 candidates; got K=32769")])
-def test_candidate_cut_checks_its_bisection_width(bits, K, message):
-    """A bisection width other than 1 or 2 bits, and two bits on rows whose counts overflow their
-    16-bit fields, are refused before any launch, naming the value."""
+def test_candidate_cut_names_an_unknown_search():
+    """A search other than the two the kernel has is refused before any launch, naming the value."""
     from stem_boost.kernels.dsa_topk import candidate_cut
 
-    cand = torch.arange(K, dtype=torch.int32).view(1, 1, 1, K)
-    with pytest.raises(ValueError, match=message):
-        candidate_cut(cand, torch.randn(1, 1, 1, K), torch.ones(1, 1, 1, dtype=torch.int32), bits_per_step=bits)
+    cand = torch.arange(8, dtype=torch.int32).view(1, 1, 1, 8)
+    with pytest.raises(ValueError, match="search='radix'; allowed: 'bisect', 'interpolate'"):
+        candidate_cut(cand, torch.randn(1, 1, 1, 8), torch.ones(1, 1, 1, dtype=torch.int32), search="radix")
 
 
 @pytest.mark.parametrize("method", ["sampled", "warp"])

@@ -87,8 +87,8 @@ def test_gpu_union_lists_match_definition(qt):
 
 
 @pytest.mark.parametrize("score_dtype", [None, torch.bfloat16])
-def test_gpu_block_topk_two_bits_a_step_writes_the_same_lists(score_dtype):
-    """The block top-k with two bits a bisection step equals the one-bit one on 2048 rows of 2048
+def test_gpu_block_topk_interpolation_search_writes_the_same_lists(score_dtype):
+    """The block top-k with the interpolation search equals the bisection on 2048 rows of 2048
     blocks (a 128K MiniCPM-4.1 prefill's last rows): rounded scores with ties, -inf, natively and
     with Stem's bias and budgets."""
     from stem_boost.kernels.infllmv2_select import block_topk
@@ -103,8 +103,8 @@ def test_gpu_block_topk_two_bits_a_step_writes_the_same_lists(score_dtype):
     stem = dict(key_bias=0.2 * torch.randn(1, Hk, NB, device="cuda"),
                 budgets=torch.randint(0, 64, (1, Hk, C), device="cuda", dtype=torch.int32))
     for kw in ({}, stem):
-        one = block_topk(scores, bits_per_step=1, **common, **kw)
-        two = block_topk(scores, bits_per_step=2, **common, **kw)
+        one = block_topk(scores, search="bisect", **common, **kw)
+        two = block_topk(scores, search="interpolate", **common, **kw)
         for name, a, b in zip(("idx", "counts", "n_forced"), two, one):
             assert torch.equal(a, b), f"seed {seed}: {name} (Stem: {bool(kw)})"
 

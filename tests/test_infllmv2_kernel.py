@@ -452,10 +452,9 @@ def test_block_topk_on_rounded_scores_ranks_the_short_keys_alike(method, dtype, 
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
-def test_block_topk_two_bits_a_step_keeps_the_same_lists(dtype, seed):
-    """`bits_per_step=2` (three prefixes counted a reduction) writes the lists, counts and forced
-    counts of the one-bit bisection: 32-, 16- and 19-bit keys (an odd count ends on a one-bit step),
-    ties from rounding, -inf, NaN, budgets past the candidates; and with Stem's bias."""
+def test_block_topk_interpolation_search_keeps_the_same_lists(dtype, seed):
+    """`search="interpolate"` writes the lists, counts and forced counts of the bisection: 32-, 16-
+    and 19-bit keys, ties from rounding, -inf, NaN, budgets past the candidates; and with Stem's bias."""
     from stem_boost.kernels.infllmv2_select import block_topk
 
     gen = torch.Generator().manual_seed(seed)
@@ -469,10 +468,10 @@ def test_block_topk_two_bits_a_step_keeps_the_same_lists(dtype, seed):
     common = dict(q_pos0=NB * bs - C, block_size=bs, init_blocks=1, local_blocks=2, k_total=30, kmax=NB,
                   budgets=budgets, score_dtype=dtype, num_warps=2)
     for bias in (None, torch.randn(B, Hk, NB, generator=gen)):
-        one = block_topk(scores, key_bias=bias, bits_per_step=1, **common)
-        two = block_topk(scores, key_bias=bias, bits_per_step=2, **common)
-        for name, a, r in zip(("idx", "counts", "n_forced"), two, one):
-            assert torch.equal(a, r), f"seed {seed}: {name} differs at two bits a step (bias: {bias is not None})"
+        bisect = block_topk(scores, key_bias=bias, search="bisect", **common)
+        interp = block_topk(scores, key_bias=bias, search="interpolate", **common)
+        for name, a, r in zip(("idx", "counts", "n_forced"), interp, bisect):
+            assert torch.equal(a, r), f"seed {seed}: {name} differs by interpolation (bias: {bias is not None})"
 
 
 def test_block_topk_refuses_unknown_method_and_rows():
@@ -486,8 +485,8 @@ def test_block_topk_refuses_unknown_method_and_rows():
         block_topk(scores, method="warp", rows_per_program=3, **common)
     with pytest.raises(ValueError, match="num_warps=3"):
         block_topk(scores, num_warps=3, **common)
-    with pytest.raises(ValueError, match="bits_per_step=3; allowed: 1 or 2"):
-        block_topk(scores, bits_per_step=3, **common)
+    with pytest.raises(ValueError, match="search='radix'; allowed: 'bisect', 'interpolate'"):
+        block_topk(scores, search="radix", **common)
 
 
 def test_sm90_pooled_kernel_names_what_it_refuses():

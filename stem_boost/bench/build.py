@@ -200,7 +200,7 @@ def coarse_lse_case(block_n: int = 64, num_stages: int | None = None, G: int = 1
                      run)
 
 
-def stem_cut_case(R: int = 64, K: int = 2048, T: int = 131072, bits_per_step: int = 1,
+def stem_cut_case(R: int = 64, K: int = 2048, T: int = 131072, search: str = "bisect",
                   skip_prefix: bool = False) -> BuildCase:
     from ..kernels.dsa_topk import candidate_cut
 
@@ -208,24 +208,24 @@ def stem_cut_case(R: int = 64, K: int = 2048, T: int = 131072, bits_per_step: in
         cand = torch.arange(K, dtype=torch.int32).expand(1, 1, R, K).contiguous()
         scores = torch.randn(1, 1, R, K)
         candidate_cut(cand, scores, torch.full((1, 1, R), 1700, dtype=torch.int32), key_bias=torch.randn(1, 1, T),
-                      bits_per_step=bits_per_step, skip_prefix=skip_prefix)
+                      search=search, skip_prefix=skip_prefix)
 
-    label = ("" if bits_per_step == 1 else f" {bits_per_step} bits") + (" prefix" if skip_prefix else "")
-    return BuildCase(f"stem cut{label}", "Stem's cut of the DSA top-2048 candidates (OAM bias gathered, budget by "
-                                         f"bisection, {bits_per_step} bit(s) a reduction"
+    label = ("" if search == "bisect" else f" {search}") + (" prefix" if skip_prefix else "")
+    return BuildCase(f"stem cut{label}", f"Stem's cut of the DSA top-2048 candidates (OAM bias gathered, budget by "
+                                         f"{'interpolation search' if search == 'interpolate' else 'bisection'}"
                                          + (", the shared prefix skipped" if skip_prefix else "") + "), one pass", run)
 
 
-def block_topk_case(bits_per_step: int, C: int = 64, NB: int = 2048, Hk: int = 2) -> BuildCase:
+def block_topk_case(search: str, C: int = 64, NB: int = 2048, Hk: int = 2) -> BuildCase:
     from ..kernels.infllmv2_select import block_topk
 
     def run():  # the last rows of a 128K MiniCPM-4.1 prefill: 2048 key blocks of 64, Stem's bias and budgets
         block_topk(torch.randn(1, Hk, C, NB), q_pos0=NB * 64 - C, block_size=64, init_blocks=1, local_blocks=32,
                    k_total=96, key_bias=torch.randn(1, Hk, NB), budgets=torch.full((C,), 50, dtype=torch.int32),
-                   kmax=96, bits_per_step=bits_per_step)
+                   kmax=96, search=search)
 
-    return BuildCase(f"block topk {bits_per_step} bits", "InfLLMv2 block top-k alone (2048 blocks, Stem's bias and "
-                                                         f"budgets), {bits_per_step} bit(s) a reduction", run)
+    return BuildCase(f"block topk {search}", "InfLLMv2 block top-k alone (2048 blocks, Stem's bias and budgets), "
+                                             f"the threshold by {search}ion", run)
 
 
 def mla_case(S: int = 64, T: int = 4096, heads: int = 128) -> BuildCase:
@@ -342,8 +342,8 @@ def all_cases() -> list[BuildCase]:
         pooled_sm90_case(tile=dict(BLOCK_B=16, NUM_BUF=3)), coarse_lse_case(), coarse_lse_case(num_stages=2),
         coarse_lse_case(block_n=32),
         indexer_case("bfloat16"), indexer_case("fp8"), indexer_case("fp8", head_dim=32), indexer_case("bfloat16", stem=True),
-        stem_cut_case(), stem_cut_case(bits_per_step=2), stem_cut_case(bits_per_step=2, skip_prefix=True),
-        block_topk_case(1), block_topk_case(2), sampled_topk_case(), warp_topk_case(),
+        stem_cut_case(), stem_cut_case(skip_prefix=True), stem_cut_case(search="interpolate"),
+        block_topk_case("bisect"), block_topk_case("interpolate"), sampled_topk_case(), warp_topk_case(),
         mla_case(), mla_case(heads=64), mla_experimental_case(), mla_gluon_case("sm90"), mla_gluon_case("ws"),
         gqa_token_case(), rope_case(), rope_interleaved_case(), rope_half_rounded_case(), value_rms_case(),
     ]

@@ -688,10 +688,13 @@ def topk_rows(
     return idx, counts
 
 
-# The cut's bisection (`candidate_cut`): start below the bits a row's candidates share, and bits decided
-# a reduction. Both leave the kept set as it is.
+# How the cut (`candidate_cut`) finds a row's threshold: "bisect" (bit by bit) or "interpolate" (an
+# interpolation search), and whether the bisection starts below the bits a row's candidates share.
+# Every choice keeps the same set. H200, 32768 rows x 2048 N(0, 1) candidates (BENCHMARKS.md,
+# nineteenth session): the shared prefix skipped 1.02x the time, two bits a count 1.13x.
+SEARCHES = ("bisect", "interpolate")
+CUT_SEARCH = "bisect"
 CUT_SKIP_PREFIX = False
-CUT_BITS_PER_STEP = 1
 
 
 @triton.jit
@@ -703,7 +706,7 @@ def _candidate_cut_kernel(
     stride_bb, stride_bh,
     stride_ub, stride_uh, stride_ur,
     stride_ib, stride_ih, stride_ir,
-    HAS_BIAS: tl.constexpr, KP: tl.constexpr, SKIP_PREFIX: tl.constexpr, BITS_PER_STEP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, KP: tl.constexpr, SKIP_PREFIX: tl.constexpr, INTERPOLATE: tl.constexpr,
 ):
     """Program: one candidate row (b, h, r). Its K candidates stay in registers: one read of the
     candidates, their scores and (gathered) biases, a 32-step bisection for the budget-th largest
@@ -726,7 +729,7 @@ def _candidate_cut_kernel(
     key = tl.where(valid, ordered_u32(s), 0)
     want = tl.load(BUDGETS + b.to(tl.int64) * stride_ub + h.to(tl.int64) * stride_uh + r.to(tl.int64) * stride_ur)
     want = tl.minimum(tl.maximum(want, 0), tl.sum(valid.to(tl.int32), 0))
-    keep = keep_largest(key, valid, want, cols < 0, 32, SKIP_PREFIX, BITS_PER_STEP)  # ties: the earlier column (smaller key) first
+    keep = keep_largest(key, valid, want, cols < 0, 32, SKIP_PREFIX, INTERPOLATE)  # ties: the earlier column (smaller key) first
     count = tl.sum(keep.to(tl.int32), 0)
     slot = tl.cumsum(keep.to(tl.int32), 0) - 1
     out = IDX + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + r.to(tl.int64) * stride_ir
@@ -743,7 +746,7 @@ def candidate_cut(
     key_bias: torch.Tensor | None = None,
     num_warps: int | None = None,
     skip_prefix: bool | None = None,
-    bits_per_step: int | None = None,
+    search: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stem's cut of token candidates in one pass: each row keeps its budget of candidates by
     score + OAM bias (the tie rule: higher first, equal -> the smaller key index).
@@ -753,21 +756,19 @@ def candidate_cut(
     budgets int [B, H, R] (broadcast views welcome); key_bias [B, H|1, N] fp32 per key or None.
     Returns idx int32 [B, H, R, K] (the kept keys ascending, then -1) and counts int32 [B, H, R].
     Unlike `topk_rows` over a gathered score matrix, nothing [B, H, R, K] is written but the result.
-    `skip_prefix`: the bisection starts below the high bits all of a row's candidates share
-    (`row_select.common_prefix`); `bits_per_step` 2: each of the bisection's reductions decides two
-    bits (`row_select.rank_threshold`). Either gives the same result; None takes `CUT_SKIP_PREFIX` /
-    `CUT_BITS_PER_STEP`.
+    `search`: how a row's threshold is found, "bisect" (`row_select.rank_threshold`, bit by bit) or
+    "interpolate" (`row_select.interpolated_threshold`); `skip_prefix`: the bisection starts below
+    the high bits all of a row's candidates share (`row_select.common_prefix`). Every choice keeps
+    the same set; None takes `CUT_SEARCH` / `CUT_SKIP_PREFIX`.
     """
     if cand_idx.dim() != 4 or scores.shape != cand_idx.shape:
         raise ValueError(f"cand_idx and scores must be one [B, H, R, K] shape; got {tuple(cand_idx.shape)}, "
                          f"{tuple(scores.shape)}")
     B, H, R, K = cand_idx.shape
     skip_prefix = CUT_SKIP_PREFIX if skip_prefix is None else skip_prefix
-    bits_per_step = CUT_BITS_PER_STEP if bits_per_step is None else bits_per_step
-    if bits_per_step not in (1, 2):
-        raise ValueError(f"bits_per_step={bits_per_step!r}; allowed: 1 or 2")
-    if bits_per_step == 2 and K > 2**15:
-        raise ValueError(f"bits_per_step=2 takes rows of at most 32768 candidates; got K={K}")
+    search = CUT_SEARCH if search is None else search
+    if search not in SEARCHES:
+        raise ValueError(f"search={search!r}; allowed: {', '.join(map(repr, SEARCHES))}")
     if budgets.shape != (B, H, R):
         raise ValueError(f"budgets must be [B={B}, H={H}, R={R}]; got {tuple(budgets.shape)}")
     device = cand_idx.device
@@ -791,7 +792,7 @@ def candidate_cut(
         key_bias.stride(0) if key_bias is not None else 0,
         (key_bias.stride(1) if key_bias.shape[1] > 1 else 0) if key_bias is not None else 0,
         *budgets.stride(), *idx.stride()[:3],
-        HAS_BIAS=key_bias is not None, KP=kp, SKIP_PREFIX=bool(skip_prefix), BITS_PER_STEP=int(bits_per_step), num_warps=num_warps or 4,  # H200, 2048 candidates: 4 warps fastest
+        HAS_BIAS=key_bias is not None, KP=kp, SKIP_PREFIX=bool(skip_prefix), INTERPOLATE=search == "interpolate", num_warps=num_warps or 4,  # H200, 2048 candidates: 4 warps fastest
     )
     return idx, counts
 

@@ -76,9 +76,11 @@ BLOCK_TOPK_METHODS = ("program", "warp")
 # low bits of an fp32 image that a value of this type never sets (its mantissa is shorter): a top-k over
 # scores rounded to it ranks the keys without them, in fewer bisection steps
 SCORE_KEY_SHIFT = {torch.bfloat16: 16, torch.float16: 13}
-# Bits the block top-k's bisection decides a reduction (`row_select.rank_threshold`): 2 counts three
-# prefixes at once, half the dependent block-wide reductions of a row for 1.5x the compares.
-TOPK_BITS_PER_STEP = 1
+# How the block top-k finds a row's threshold: "bisect" (`row_select.rank_threshold`) or "interpolate"
+# (`row_select.interpolated_threshold`); the same lists. (Two bits a bisection count, three prefixes at
+# once, ran 1.13-1.15x the one-bit time on an H200: BENCHMARKS.md, nineteenth session.)
+TOPK_SEARCHES = ("bisect", "interpolate")
+TOPK_SEARCH = "bisect"
 
 
 def _next_pow2(x: int) -> int:
@@ -287,11 +289,11 @@ def _topk_row(
     BLOCK_SIZE: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
     NBP: tl.constexpr, KMAXP: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BUDGET: tl.constexpr, HAS_SEQ_START: tl.constexpr, LOAD_CACHE: tl.constexpr,
-    KEY_SHIFT: tl.constexpr, BITS_PER_STEP: tl.constexpr,
+    KEY_SHIFT: tl.constexpr, INTERPOLATE: tl.constexpr,
 ):
     """Chunk row c of (batch b, kv head hk): NBP block scores in registers -> idx[row0 + c, :KMAX],
-    counts and n_forced (see the module docstring, step 3). BITS_PER_STEP: bits the bisection decides
-    a reduction (`row_select.rank_threshold`)."""
+    counts and n_forced (see the module docstring, step 3). INTERPOLATE: the threshold by an
+    interpolation search (`row_select.interpolated_threshold`) instead of the bisection."""
     s = row0 + c  # row in the output (query index)
     qb = (q_pos0 + c) // BLOCK_SIZE
     if HAS_SEQ_START:
@@ -311,7 +313,7 @@ def _topk_row(
         k_free = k_total - n_forced
     k_free = tl.maximum(k_free, 0)
 
-    keep = keep_largest(key, free, k_free, forced, 32 - KEY_SHIFT, False, BITS_PER_STEP)  # ties: smaller block index first
+    keep = keep_largest(key, free, k_free, forced, 32 - KEY_SHIFT, False, INTERPOLATE)  # ties: smaller block index first
     count = tl.sum(keep.to(tl.int32), 0)
     slot = tl.cumsum(keep.to(tl.int32), 0) - 1
     out = IDX + b.to(tl.int64) * stride_ib + hk.to(tl.int64) * stride_ih + s.to(tl.int64) * stride_is
@@ -335,7 +337,7 @@ def _block_topk_kernel(
     BLOCK_SIZE: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
     NBP: tl.constexpr, KMAXP: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BUDGET: tl.constexpr, HAS_SEQ_START: tl.constexpr, KEY_SHIFT: tl.constexpr,
-    BITS_PER_STEP: tl.constexpr,
+    INTERPOLATE: tl.constexpr,
 ):
     """Program: axis 0 = one chunk row, axis 1 = batch x kv head (`_topk_row`)."""
     bh = tl.program_id(1)
@@ -344,7 +346,7 @@ def _block_topk_kernel(
               stride_sb, stride_sh, stride_sc, stride_bb, stride_bh, stride_ub, stride_uh, stride_us,
               stride_ib, stride_ih, stride_is, stride_cb, stride_ch, KMAX,
               BLOCK_SIZE, INIT_BLOCKS, LOCAL_BLOCKS, NBP, KMAXP, HAS_BIAS, HAS_BUDGET, HAS_SEQ_START, "", KEY_SHIFT,
-              BITS_PER_STEP)
+              INTERPOLATE)
 
 
 @triton.jit(do_not_specialize=["UNIT"])
@@ -442,7 +444,7 @@ def _select_chunk_kernel(
     ROUND_FP16: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
     NBP: tl.constexpr, KMAXP: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BUDGET: tl.constexpr, HAS_SEQ_START: tl.constexpr, KEY_SHIFT: tl.constexpr,
-    BITS_PER_STEP: tl.constexpr,
+    INTERPOLATE: tl.constexpr,
 ):
     """Steps 2 and 3 in one launch. Program: axis 0 = BLOCK_S query rows, axis 1 = batch x kv head.
     It pools every causal block of its rows (`_pooled_tile`, one block tile after the other) into
@@ -467,7 +469,7 @@ def _select_chunk_kernel(
                   stride_sb, stride_sh, stride_sc, stride_bb, stride_bh, stride_ub, stride_uh, stride_us,
                   stride_ib, stride_ih, stride_is, stride_cb, stride_ch, KMAX,
                   BLOCK_SIZE, INIT_BLOCKS, LOCAL_BLOCKS, NBP, KMAXP, HAS_BIAS, HAS_BUDGET, HAS_SEQ_START, ".cg",
-                  KEY_SHIFT, BITS_PER_STEP)
+                  KEY_SHIFT, INTERPOLATE)
 
 
 def _budget_view(budgets: torch.Tensor | None, B: int, Hk: int, S: int):
@@ -485,15 +487,15 @@ def _budget_view(budgets: torch.Tensor | None, B: int, Hk: int, S: int):
 
 
 def _row_topk_args(bias, budgets, seq_start, idx, counts, n_forced, n_blocks: int, kmax: int,
-                   score_dtype: torch.dtype | None = None, bits_per_step: int | None = None):
+                   score_dtype: torch.dtype | None = None, search: str | None = None):
     """The top-k step's launch arguments (`_topk_row`), shared by the kernels that run it: its
     pointers (an absent input points at `counts`, never read), their strides, and its constexprs.
     score_dtype: the scores are values of this float type (the pooled kernel rounded them): without
-    a bias the keys drop the bits it does not have (`KEY_SHIFT`). bits_per_step: the bisection's
-    bits a reduction (None: `TOPK_BITS_PER_STEP`)."""
-    bits_per_step = TOPK_BITS_PER_STEP if bits_per_step is None else bits_per_step
-    if bits_per_step not in (1, 2):
-        raise ValueError(f"bits_per_step={bits_per_step!r}; allowed: 1 or 2")
+    a bias the keys drop the bits it does not have (`KEY_SHIFT`). search: how a row's threshold is
+    found (None: `TOPK_SEARCH`)."""
+    search = TOPK_SEARCH if search is None else search
+    if search not in TOPK_SEARCHES:
+        raise ValueError(f"search={search!r}; allowed: {', '.join(map(repr, TOPK_SEARCHES))}")
     absent = counts
     pointers = (bias if bias is not None else absent, budgets if budgets is not None else absent,
                 seq_start if seq_start is not None else absent, idx, counts, n_forced)
@@ -502,7 +504,7 @@ def _row_topk_args(bias, budgets, seq_start, idx, counts, n_forced, n_blocks: in
                *idx.stride()[:3], *counts.stride()[:2])
     flags = dict(NBP=max(16, _next_pow2(n_blocks)), KMAXP=max(16, _next_pow2(kmax)), HAS_BIAS=bias is not None,
                  HAS_BUDGET=budgets is not None, HAS_SEQ_START=seq_start is not None,
-                 KEY_SHIFT=SCORE_KEY_SHIFT.get(score_dtype, 0) if bias is None else 0, BITS_PER_STEP=bits_per_step)
+                 KEY_SHIFT=SCORE_KEY_SHIFT.get(score_dtype, 0) if bias is None else 0, INTERPOLATE=search == "interpolate")
     return pointers, strides, flags
 
 
@@ -517,7 +519,7 @@ def block_topk(scores: torch.Tensor, *, q_pos0: int, block_size: int, init_block
                k_total: int, key_bias: torch.Tensor | None = None, budgets: torch.Tensor | None = None,
                seq_start: torch.Tensor | None = None, kmax: int, out: tuple | None = None, row0: int = 0,
                method: str = "program", rows_per_program: int = 4, score_dtype: torch.dtype | None = None,
-               num_warps: int | None = None, bits_per_step: int | None = None):
+               num_warps: int | None = None, search: str | None = None):
     """Forced blocks + the best non-forced candidates of every row (the `topk_blocks` rule).
 
     Args:
@@ -538,8 +540,8 @@ def block_topk(scores: torch.Tensor, *, q_pos0: int, block_size: int, init_block
             with the same result. Ignored with key_bias (Stem's keys are fp32).
         num_warps: warps of a row's program with method "program" (default `topk_row_warps(NB)`):
             fewer warps hold more keys a thread and pay less for each step's block-wide count.
-        bits_per_step: bits the bisection decides a block-wide count with method "program" (1 or 2,
-            the same lists; None: `TOPK_BITS_PER_STEP`).
+        search: how method "program" finds a row's threshold, "bisect" or "interpolate" (the same
+            lists; None: `TOPK_SEARCH`).
     Returns (idx, counts, n_forced): ascending block lists, -1 padded; int32.
     """
     if method not in BLOCK_TOPK_METHODS:
@@ -562,10 +564,10 @@ def block_topk(scores: torch.Tensor, *, q_pos0: int, block_size: int, init_block
     if C == 0:
         return idx, counts, n_forced
     pointers, strides, flags = _row_topk_args(key_bias, bud, seq_start, idx, counts, n_forced, NB, kmax, score_dtype,
-                                              bits_per_step)
+                                              search)
     if method == "warp":
         nbp, kmaxp = flags.pop("NBP"), flags.pop("KMAXP")
-        flags.pop("BITS_PER_STEP")  # the warp rows count per warp (`warp_rows.rows_threshold`)
+        flags.pop("INTERPOLATE")  # the warp rows bisect per warp (`warp_rows.rows_threshold`)
         args = (scores, *pointers, row0, q_pos0, NB, k_total, C, 1,
                 scores.stride(0), scores.stride(1), scores.stride(2), *strides, Hk, kmax)
         launch = dict(flags, BLOCK_SIZE=block_size, INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
