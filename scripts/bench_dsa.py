@@ -522,23 +522,13 @@ def section_cut(args, res) -> None:
         row("cut", f"candidate_cut {warps} warps", ms, f"{gb / ms:.0f} GB/s (reads + writes); same as default: {same}")
     # the bisection started below the bits a row's candidates share (`skip_prefix`); the threshold by an
     # interpolation search (`search="interpolate"`)
-    # interpolation search (`search="interpolate"`); persistent programs loading their next row (`prefetch`),
-    # 3 or 4 of them an SM
-    import stem_boost.kernels.dsa_topk as dsa_topk
-
-    per_sm = dsa_topk.CUT_PROGRAMS_PER_SM
-    for name, kw, programs in (("skip_prefix", dict(skip_prefix=True), per_sm),
-                               ("interpolate", dict(search="interpolate"), per_sm),
-                               ("prefetch, 4 programs an SM", dict(prefetch=True), 4),
-                               ("prefetch, 3 programs an SM", dict(prefetch=True), 3),
-                               ("prefetch, 2 programs an SM", dict(prefetch=True), 2)):
-        dsa_topk.CUT_PROGRAMS_PER_SM = programs
+    # interpolation search (`search="interpolate"`)
+    for name, kw in (("skip_prefix", dict(skip_prefix=True)), ("interpolate", dict(search="interpolate"))):
         idx, n = candidate_cut(cand, scores, budgets, key_bias=bias, **kw)
         same = bool(torch.equal(idx, want_idx) and torch.equal(n, want_n))
         ms = bench(lambda: candidate_cut(cand, scores, budgets, key_bias=bias, **kw))
         res["cut"][name] = dict(ms=ms, same=same)
         row("cut", f"candidate_cut 4 warps, {name.replace('_', ' ')}", ms, f"same as default: {same}")
-    dsa_topk.CUT_PROGRAMS_PER_SM = per_sm
     # the layer's kind of row: a row's top-K of T N(0, 1) scores (the tail), in key order, plus the bias
     tail = torch.stack([torch.randn(T, device=DEV).topk(K).values for _ in range(min(R, 64))])
     tail = tail[:, torch.randperm(K, device=DEV)].repeat(-(-R // tail.shape[0]), 1)[:R].view(1, 1, R, K)

@@ -123,15 +123,12 @@ def test_indexer_topk_chunked_equals_whole(dtype):
         assert torch.equal(got[0], want[0]), f"seed={seed}"
 
 
-@pytest.mark.parametrize("search,skip_prefix,prefetch", [("bisect", False, False), ("bisect", True, False),
-                                                       ("interpolate", False, False), ("bisect", False, True)])
+@pytest.mark.parametrize("search,skip_prefix", [("bisect", False), ("bisect", True), ("interpolate", False)])
 @pytest.mark.parametrize("B,H,R,K,N,bias_heads", [(2, 1, 9, 24, 60, 1), (1, 3, 7, 40, 50, 3), (2, 2, 5, 17, 30, 1)])
-def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads, search, skip_prefix, prefetch):
+def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads, search, skip_prefix):
     """Stem's one-pass cut keeps, per row, its budget of candidates by score + gathered bias (higher
     first, equal -> smaller key), with ties, -0.0, -inf and NaN scores, -1 holes, budgets above the
-    valid count and 0; by bisection (from the top or below the shared prefix) and by interpolation; one
-    row a program, and persistent programs that load their next row (here 16 programs over 18-21 rows:
-    some take two rows, some one)."""
+    valid count and 0; by bisection (from the top or below the shared prefix) and by interpolation."""
     from stem_boost.kernels.dsa_topk import candidate_cut
 
     gen = torch.Generator().manual_seed(seed)
@@ -145,8 +142,7 @@ def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads, sea
     bias = torch.randint(0, 3, (B, bias_heads, N), generator=gen).float() * 0.5
     budgets = torch.randint(0, K + 3, (B, H, R), generator=gen)
     budgets[0, 0, 0] = 0
-    idx, counts = candidate_cut(cand, scores, budgets, key_bias=bias, skip_prefix=skip_prefix, search=search,
-                                prefetch=prefetch)
+    idx, counts = candidate_cut(cand, scores, budgets, key_bias=bias, skip_prefix=skip_prefix, search=search)
     for b in range(B):
         for h in range(H):
             for r in range(R):

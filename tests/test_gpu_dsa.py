@@ -53,13 +53,11 @@ def test_gpu_warp_topk_register_caps_keep_the_set(maxnreg):
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), f"seed={seed}"
 
 
-@pytest.mark.parametrize("search,skip_prefix,prefetch", [("bisect", False, False), ("bisect", True, False),
-                                                       ("interpolate", False, False), ("bisect", False, True)])
-def test_gpu_candidate_cut_equals_radix_path_at_2048_candidates(search, skip_prefix, prefetch):
+@pytest.mark.parametrize("search,skip_prefix", [("bisect", False), ("bisect", True), ("interpolate", False)])
+def test_gpu_candidate_cut_equals_radix_path_at_2048_candidates(search, skip_prefix):
     """Stem's one-pass cut (the default on CUDA) keeps the set of the gathered-score radix path on
     4096 rows of 2048 ascending candidates of 128K keys, with ties, -inf, OAM bias and budgets; with
-    each search (the bisection from the top or below the shared prefix, the interpolation search), and
-    with persistent programs that load their next row."""
+    each search (the bisection from the top or below the shared prefix, the interpolation search)."""
     from stem_boost.kernels.dsa_topk import candidate_cut, topk_rows
 
     seed = _seed()
@@ -72,8 +70,7 @@ def test_gpu_candidate_cut_equals_radix_path_at_2048_candidates(search, skip_pre
     scores[torch.rand_like(scores) < 0.05] = float("-inf")
     bias = torch.randn(1, 1, T, device="cuda") * 0.1
     budgets = torch.randint(0, K + 10, (1, 1, R), device="cuda", dtype=torch.int32)
-    got_idx, got_n = candidate_cut(cand, scores, budgets, key_bias=bias, search=search, skip_prefix=skip_prefix,
-                                   prefetch=prefetch)
+    got_idx, got_n = candidate_cut(cand, scores, budgets, key_bias=bias, search=search, skip_prefix=skip_prefix)
     oam = torch.where(cand >= 0, scores + bias[0, 0][cand.clamp_min(0).long()], float("-inf"))
     cols, want_n = topk_rows(oam.view(1, R, K), K, budgets=budgets.view(1, R))
     want_idx = torch.where(cols >= 0, cand.view(1, R, K).gather(-1, cols.clamp_min(0).long()), -1)

@@ -453,8 +453,9 @@ def test_block_topk_on_rounded_scores_ranks_the_short_keys_alike(method, dtype, 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
 def test_block_topk_interpolation_search_keeps_the_same_lists(dtype, seed):
-    """`search="interpolate"` writes the lists, counts and forced counts of the bisection: 32-, 16-
-    and 19-bit keys, ties from rounding, -inf, NaN, budgets past the candidates; and with Stem's bias."""
+    """`search="interpolate"` (and "auto", the default: the interpolation on rounded keys) writes the
+    lists, counts and forced counts of the bisection: 32-, 16- and 19-bit keys, ties from rounding,
+    -inf, NaN, budgets past the candidates; and with Stem's bias."""
     from stem_boost.kernels.infllmv2_select import block_topk
 
     gen = torch.Generator().manual_seed(seed)
@@ -469,9 +470,10 @@ def test_block_topk_interpolation_search_keeps_the_same_lists(dtype, seed):
                   budgets=budgets, score_dtype=dtype, num_warps=2)
     for bias in (None, torch.randn(B, Hk, NB, generator=gen)):
         bisect = block_topk(scores, key_bias=bias, search="bisect", **common)
-        interp = block_topk(scores, key_bias=bias, search="interpolate", **common)
-        for name, a, r in zip(("idx", "counts", "n_forced"), interp, bisect):
-            assert torch.equal(a, r), f"seed {seed}: {name} differs by interpolation (bias: {bias is not None})"
+        for search in ("interpolate", "auto"):
+            got = block_topk(scores, key_bias=bias, search=search, **common)
+            for name, a, r in zip(("idx", "counts", "n_forced"), got, bisect):
+                assert torch.equal(a, r), f"seed {seed}: {name} differs with {search} (bias: {bias is not None})"
 
 
 def test_block_topk_refuses_unknown_method_and_rows():
@@ -485,7 +487,7 @@ def test_block_topk_refuses_unknown_method_and_rows():
         block_topk(scores, method="warp", rows_per_program=3, **common)
     with pytest.raises(ValueError, match="num_warps=3"):
         block_topk(scores, num_warps=3, **common)
-    with pytest.raises(ValueError, match="search='radix'; allowed: 'bisect', 'interpolate'"):
+    with pytest.raises(ValueError, match="search='radix'; allowed: 'auto', 'bisect', 'interpolate'"):
         block_topk(scores, search="radix", **common)
 
 

@@ -690,36 +690,23 @@ def topk_rows(
 
 # How the cut (`candidate_cut`) finds a row's threshold: "bisect" (bit by bit) or "interpolate" (an
 # interpolation search), and whether the bisection starts below the bits a row's candidates share.
-# Every choice keeps the same set. H200, 32768 rows x 2048 N(0, 1) candidates (BENCHMARKS.md,
-# nineteenth session): the shared prefix skipped 1.02x the time, two bits a count 1.13x.
+# Every choice keeps the same set. H200, 32768 rows x 2048 candidates (BENCHMARKS.md, nineteenth
+# session): the shared prefix skipped 1.00-1.03x the time, the interpolation 0.99-1.05x, two bits a count
+# 1.13x. The cut's time is not its search: it reads its 0.8 GB at 1.3 TB/s (five one-row programs an SM).
 SEARCHES = ("bisect", "interpolate")
 CUT_SEARCH = "bisect"
 CUT_SKIP_PREFIX = False
-# The cut's programs: one row each, or (CUT_PREFETCH) persistent programs, CUT_PROGRAMS_PER_SM an SM, that
-# load their next row while they cut this one. (Triton's pipeliner leaves a loop with the bisection's
-# inner loop alone: the next row is held in registers instead.)
-CUT_PREFETCH = False
-CUT_PROGRAMS_PER_SM = 4
-
-
-def _device_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (the persistent grid's unit); 4 elsewhere."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 @triton.jit
-def _cut_row_load(CAND, SCORES, row, H, R, K, n_rows,
+def _cut_row_load(CAND, SCORES, row, H, R, K,
                   stride_cb, stride_ch, stride_cr, stride_sb, stride_sh, stride_sr, KP: tl.constexpr):
     """Candidate row `row` = (b, h, r): its candidates [KP] int32 (-1 past K) and their scores [KP]
-    (-inf past K); nothing is read for a row at or past n_rows."""
+    (-inf past K)."""
     r = row % R
     bh = row // R
     b = bh // H
     h = bh % H
     cols = tl.arange(0, KP)
-    in_row = (cols < K) & (row < n_rows)
+    in_row = cols < K
     cand = tl.load(CAND + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch + r.to(tl.int64) * stride_cr + cols,
                    mask=in_row, other=-1)
     s = tl.load(SCORES + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh + r.to(tl.int64) * stride_sr + cols,
@@ -761,37 +748,22 @@ def _cut_row(cand, s, BIAS, BUDGETS, IDX, COUNTS, row, H, R, K,
 @triton.jit
 def _candidate_cut_kernel(
     CAND, SCORES, BIAS, BUDGETS, IDX, COUNTS,
-    H, R, K, N_ROWS,
+    H, R, K,
     stride_cb, stride_ch, stride_cr,
     stride_sb, stride_sh, stride_sr,
     stride_bb, stride_bh,
     stride_ub, stride_uh, stride_ur,
     stride_ib, stride_ih, stride_ir,
     HAS_BIAS: tl.constexpr, KP: tl.constexpr, SKIP_PREFIX: tl.constexpr, INTERPOLATE: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
-    """Program: one candidate row, or with PREFETCH the rows pid, pid + programs, ... (a persistent
-    program that loads the next row's candidates and scores into registers before it cuts this one,
-    so their reads are in flight under the cut)."""
-    if not PREFETCH:
-        row = tl.program_id(0)
-        cand, s = _cut_row_load(CAND, SCORES, row, H, R, K, N_ROWS,
-                                stride_cb, stride_ch, stride_cr, stride_sb, stride_sh, stride_sr, KP)
-        _cut_row(cand, s, BIAS, BUDGETS, IDX, COUNTS, row, H, R, K, stride_bb, stride_bh,
-                 stride_ub, stride_uh, stride_ur, stride_ib, stride_ih, stride_ir, HAS_BIAS, KP, SKIP_PREFIX, INTERPOLATE)
-    else:
-        step = tl.num_programs(0)
-        row = tl.program_id(0)
-        cand_next, s_next = _cut_row_load(CAND, SCORES, row, H, R, K, N_ROWS,
-                                          stride_cb, stride_ch, stride_cr, stride_sb, stride_sh, stride_sr, KP)
-        while row < N_ROWS:
-            cand, s = cand_next, s_next
-            cand_next, s_next = _cut_row_load(CAND, SCORES, row + step, H, R, K, N_ROWS,
-                                              stride_cb, stride_ch, stride_cr, stride_sb, stride_sh, stride_sr, KP)
-            _cut_row(cand, s, BIAS, BUDGETS, IDX, COUNTS, row, H, R, K, stride_bb, stride_bh,
-                     stride_ub, stride_uh, stride_ur, stride_ib, stride_ih, stride_ir, HAS_BIAS, KP, SKIP_PREFIX,
-                     INTERPOLATE)
-            row += step
+    """Program: one candidate row. (Persistent programs that load their next row into registers while
+    they cut this one ran 1.29-1.55x slower on an H200: 159 registers, 2-4 programs an SM;
+    BENCHMARKS.md, nineteenth session.)"""
+    row = tl.program_id(0)
+    cand, s = _cut_row_load(CAND, SCORES, row, H, R, K,
+                            stride_cb, stride_ch, stride_cr, stride_sb, stride_sh, stride_sr, KP)
+    _cut_row(cand, s, BIAS, BUDGETS, IDX, COUNTS, row, H, R, K, stride_bb, stride_bh,
+             stride_ub, stride_uh, stride_ur, stride_ib, stride_ih, stride_ir, HAS_BIAS, KP, SKIP_PREFIX, INTERPOLATE)
 
 
 def candidate_cut(
@@ -803,7 +775,6 @@ def candidate_cut(
     num_warps: int | None = None,
     skip_prefix: bool | None = None,
     search: str | None = None,
-    prefetch: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stem's cut of token candidates in one pass: each row keeps its budget of candidates by
     score + OAM bias (the tie rule: higher first, equal -> the smaller key index).
@@ -816,9 +787,7 @@ def candidate_cut(
     `search`: how a row's threshold is found, "bisect" (`row_select.rank_threshold`, bit by bit) or
     "interpolate" (`row_select.interpolated_threshold`); `skip_prefix`: the bisection starts below
     the high bits all of a row's candidates share (`row_select.common_prefix`). Every choice keeps
-    the same set; None takes `CUT_SEARCH` / `CUT_SKIP_PREFIX`. `prefetch`: `CUT_PROGRAMS_PER_SM`
-    persistent programs an SM, each loading its next row while it cuts this one, instead of one row
-    a program (None: `CUT_PREFETCH`).
+    the same set; None takes `CUT_SEARCH` / `CUT_SKIP_PREFIX`.
     """
     if cand_idx.dim() != 4 or scores.shape != cand_idx.shape:
         raise ValueError(f"cand_idx and scores must be one [B, H, R, K] shape; got {tuple(cand_idx.shape)}, "
@@ -844,17 +813,14 @@ def candidate_cut(
             raise ValueError(f"key_bias must be [B={B}, 1 or H={H}, N]; got {tuple(key_bias.shape)}")
         key_bias = key_bias.to(device=device, dtype=torch.float32).contiguous()
     kp = max(16, triton.next_power_of_2(K))
-    n_rows = B * H * R
-    prefetch = CUT_PREFETCH if prefetch is None else prefetch
-    grid = min(n_rows, _device_sms(device) * CUT_PROGRAMS_PER_SM) if prefetch else n_rows
-    _candidate_cut_kernel[(grid,)](
+    _candidate_cut_kernel[(B * H * R,)](
         cand_idx, scores, key_bias if key_bias is not None else scores, budgets, idx, counts,
-        H, R, K, n_rows,
+        H, R, K,
         *cand_idx.stride()[:3], *scores.stride()[:3],
         key_bias.stride(0) if key_bias is not None else 0,
         (key_bias.stride(1) if key_bias.shape[1] > 1 else 0) if key_bias is not None else 0,
         *budgets.stride(), *idx.stride()[:3],
-        HAS_BIAS=key_bias is not None, KP=kp, SKIP_PREFIX=bool(skip_prefix), INTERPOLATE=search == "interpolate", PREFETCH=bool(prefetch), num_warps=num_warps or 4,  # H200, 2048 candidates: 4 warps fastest
+        HAS_BIAS=key_bias is not None, KP=kp, SKIP_PREFIX=bool(skip_prefix), INTERPOLATE=search == "interpolate", num_warps=num_warps or 4,  # H200, 2048 candidates: 4 warps fastest
     )
     return idx, counts
 

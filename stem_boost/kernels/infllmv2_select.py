@@ -76,11 +76,14 @@ BLOCK_TOPK_METHODS = ("program", "warp")
 # low bits of an fp32 image that a value of this type never sets (its mantissa is shorter): a top-k over
 # scores rounded to it ranks the keys without them, in fewer bisection steps
 SCORE_KEY_SHIFT = {torch.bfloat16: 16, torch.float16: 13}
-# How the block top-k finds a row's threshold: "bisect" (`row_select.rank_threshold`) or "interpolate"
-# (`row_select.interpolated_threshold`); the same lists. (Two bits a bisection count, three prefixes at
-# once, ran 1.13-1.15x the one-bit time on an H200: BENCHMARKS.md, nineteenth session.)
-TOPK_SEARCHES = ("bisect", "interpolate")
-TOPK_SEARCH = "bisect"
+# How the block top-k finds a row's threshold: "bisect" (`row_select.rank_threshold`), "interpolate"
+# (`row_select.interpolated_threshold`) or "auto": the interpolation on rounded 16 / 19-bit keys (the
+# native ranking of bf16 / fp16 scores), the bisection on Stem's fp32 keys. The same lists either way.
+# H200, the last 16384 rows of 128K (2048 blocks; BENCHMARKS.md, nineteenth session): interpolation
+# 0.919x the bisection's time on bf16 keys, 1.011x on Stem's; two bits a bisection count (three
+# prefixes at once) 1.13-1.15x.
+TOPK_SEARCHES = ("auto", "bisect", "interpolate")
+TOPK_SEARCH = "auto"
 
 
 def _next_pow2(x: int) -> int:
@@ -496,6 +499,9 @@ def _row_topk_args(bias, budgets, seq_start, idx, counts, n_forced, n_blocks: in
     search = TOPK_SEARCH if search is None else search
     if search not in TOPK_SEARCHES:
         raise ValueError(f"search={search!r}; allowed: {', '.join(map(repr, TOPK_SEARCHES))}")
+    key_shift = SCORE_KEY_SHIFT.get(score_dtype, 0) if bias is None else 0
+    if search == "auto":
+        search = "interpolate" if key_shift else "bisect"
     absent = counts
     pointers = (bias if bias is not None else absent, budgets if budgets is not None else absent,
                 seq_start if seq_start is not None else absent, idx, counts, n_forced)
@@ -504,7 +510,7 @@ def _row_topk_args(bias, budgets, seq_start, idx, counts, n_forced, n_blocks: in
                *idx.stride()[:3], *counts.stride()[:2])
     flags = dict(NBP=max(16, _next_pow2(n_blocks)), KMAXP=max(16, _next_pow2(kmax)), HAS_BIAS=bias is not None,
                  HAS_BUDGET=budgets is not None, HAS_SEQ_START=seq_start is not None,
-                 KEY_SHIFT=SCORE_KEY_SHIFT.get(score_dtype, 0) if bias is None else 0, INTERPOLATE=search == "interpolate")
+                 KEY_SHIFT=key_shift, INTERPOLATE=search == "interpolate")
     return pointers, strides, flags
 
 
@@ -540,8 +546,8 @@ def block_topk(scores: torch.Tensor, *, q_pos0: int, block_size: int, init_block
             with the same result. Ignored with key_bias (Stem's keys are fp32).
         num_warps: warps of a row's program with method "program" (default `topk_row_warps(NB)`):
             fewer warps hold more keys a thread and pay less for each step's block-wide count.
-        search: how method "program" finds a row's threshold, "bisect" or "interpolate" (the same
-            lists; None: `TOPK_SEARCH`).
+        search: how method "program" finds a row's threshold, "bisect", "interpolate" or "auto"
+            (the interpolation on rounded keys: `TOPK_SEARCH`); the same lists. None: `TOPK_SEARCH`.
     Returns (idx, counts, n_forced): ascending block lists, -1 padded; int32.
     """
     if method not in BLOCK_TOPK_METHODS:
