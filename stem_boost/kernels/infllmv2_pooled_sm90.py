@@ -53,6 +53,7 @@ from .tile_order import tile_grid
 from .warp_rows import interpreting
 
 __all__ = ["pooled_block_scores_sm90", "supports_pooled_sm90", "SM90_POOLED_TILE"]
+LN2 = gl.constexpr(0.6931471805599453)
 
 SM90_POOLED_TILE = dict(BLOCK_S=64, BLOCK_B=32, NUM_BUF=4, KEYS_FAST=True)  # one warpgroup; BLOCK_B * P fine keys a tile
 
@@ -64,6 +65,12 @@ def _issue_head(g, q_smem, k_t, zero, Q, q_row0, d, stride_qh, lse_row, stride_l
     (the product in flight [BLOCK_S, BLOCK_C] fp32, the lse [BLOCK_S])."""
     qk = issue_head_product(g, q_smem, k_t, zero, Q, q_row0, d, stride_qh, G, AHEAD, NUM_BUF)
     return qk, gl.load(lse_row + g * stride_lh, mask=ok, other=float("-inf"))
+
+
+@gluon.jit
+def _log2_approx(x):
+    """log2 of positive fp32 x by the SFU (`lg2.approx.f32`), elementwise."""
+    return gl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=gl.float32, is_pure=True, pack=1)
 
 
 @gluon.jit
@@ -184,7 +191,10 @@ def _pooled_scores_sm90_fwd(
         if HAS_BIAS:  # Stem's ranking key: log(score) + the block's OAM bias (score <= 0 or NaN -> -inf)
             bias = gl.load(BIAS + b.to(gl.int64) * stride_bb + hk.to(gl.int64) * stride_bh + j,
                            mask=(j >= 0) & (j < NBC), other=0.0)
-            key = gl.where(pooled > 0, gl.log(gl.maximum(pooled, 1.1754943508222875e-38)) + bias[None, :],
+            # log(x) = log2(x) ln 2 with one MUFU lg2.approx (within 2**-22 of log2): `gl.log` and
+            # `gl.log2` are libdevice's precise functions, about 25 FMA-pipe instructions a score (570
+            # more SASS lines than the native build) in a loop whose exponentials hold the MUFU
+            key = gl.where(pooled > 0, _log2_approx(gl.maximum(pooled, 1.1754943508222875e-38)) * LN2 + bias[None, :],
                            float("-inf"))
             pooled = gl.where(key == key, key, float("-inf"))
         tok_o = s_lo + gl.arange(0, BLOCK_S, layout=gl.SliceLayout(1, gmax.type.layout))
