@@ -522,7 +522,6 @@ def section_cut(args, res) -> None:
         row("cut", f"candidate_cut {warps} warps", ms, f"{gb / ms:.0f} GB/s (reads + writes); same as default: {same}")
     # the bisection started below the bits a row's candidates share (`skip_prefix`); the threshold by an
     # interpolation search (`search="interpolate"`)
-    # interpolation search (`search="interpolate"`)
     for name, kw in (("skip_prefix", dict(skip_prefix=True)), ("interpolate", dict(search="interpolate"))):
         idx, n = candidate_cut(cand, scores, budgets, key_bias=bias, **kw)
         same = bool(torch.equal(idx, want_idx) and torch.equal(n, want_n))

@@ -200,6 +200,10 @@ def coarse_lse_case(block_n: int = 64, num_stages: int | None = None, G: int = 1
                      run)
 
 
+# the row selections' threshold searches (`candidate_cut`, `block_topk`), as a case's description names them
+SEARCH_NAMES = {"bisect": "bisection", "interpolate": "interpolation search"}
+
+
 def stem_cut_case(R: int = 64, K: int = 2048, T: int = 131072, search: str = "bisect",
                   skip_prefix: bool = False) -> BuildCase:
     from ..kernels.dsa_topk import candidate_cut
@@ -212,7 +216,7 @@ def stem_cut_case(R: int = 64, K: int = 2048, T: int = 131072, search: str = "bi
 
     label = ("" if search == "bisect" else f" {search}") + (" prefix" if skip_prefix else "")
     return BuildCase(f"stem cut{label}", f"Stem's cut of the DSA top-2048 candidates (OAM bias gathered, budget by "
-                                         f"{'interpolation search' if search == 'interpolate' else 'bisection'}"
+                                         f"{SEARCH_NAMES[search]}"
                                          + (", the shared prefix skipped" if skip_prefix else "") + "), one pass", run)
 
 
@@ -225,7 +229,7 @@ def block_topk_case(search: str, C: int = 64, NB: int = 2048, Hk: int = 2) -> Bu
                    kmax=96, search=search)
 
     return BuildCase(f"block topk {search}", "InfLLMv2 block top-k alone (2048 blocks, Stem's bias and budgets), "
-                                             f"the threshold by {search}ion", run)
+                                             f"the threshold by {SEARCH_NAMES[search]}", run)
 
 
 def mla_case(S: int = 64, T: int = 4096, heads: int = 128) -> BuildCase:

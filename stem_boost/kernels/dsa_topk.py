@@ -696,53 +696,6 @@ def topk_rows(
 SEARCHES = ("bisect", "interpolate")
 CUT_SEARCH = "bisect"
 CUT_SKIP_PREFIX = False
-@triton.jit
-def _cut_row_load(CAND, SCORES, row, H, R, K,
-                  stride_cb, stride_ch, stride_cr, stride_sb, stride_sh, stride_sr, KP: tl.constexpr):
-    """Candidate row `row` = (b, h, r): its candidates [KP] int32 (-1 past K) and their scores [KP]
-    (-inf past K)."""
-    r = row % R
-    bh = row // R
-    b = bh // H
-    h = bh % H
-    cols = tl.arange(0, KP)
-    in_row = cols < K
-    cand = tl.load(CAND + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch + r.to(tl.int64) * stride_cr + cols,
-                   mask=in_row, other=-1)
-    s = tl.load(SCORES + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh + r.to(tl.int64) * stride_sr + cols,
-                mask=in_row, other=float("-inf"))
-    return cand, s
-
-
-@triton.jit
-def _cut_row(cand, s, BIAS, BUDGETS, IDX, COUNTS, row, H, R, K,
-             stride_bb, stride_bh,
-             stride_ub, stride_uh, stride_ur,
-             stride_ib, stride_ih, stride_ir,
-             HAS_BIAS: tl.constexpr, KP: tl.constexpr, SKIP_PREFIX: tl.constexpr, INTERPOLATE: tl.constexpr):
-    """Cut candidate row `row` = (b, h, r) from its candidates and scores (`_cut_row_load`): the (gathered)
-    biases added, the threshold of the budget-th largest order-preserving key, one write of the kept
-    candidates."""
-    r = row % R
-    bh = row // R
-    b = bh // H
-    h = bh % H
-    cols = tl.arange(0, KP)
-    live = cand >= 0
-    s = s.to(tl.float32)
-    if HAS_BIAS:  # Stem's OAM bias of each candidate's key (log space), gathered
-        s = s + tl.load(BIAS + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh + cand, mask=live, other=0.0)
-    valid = live & (s > float("-inf"))  # False for -inf and NaN
-    key = tl.where(valid, ordered_u32(s), 0)
-    want = tl.load(BUDGETS + b.to(tl.int64) * stride_ub + h.to(tl.int64) * stride_uh + r.to(tl.int64) * stride_ur)
-    want = tl.minimum(tl.maximum(want, 0), tl.sum(valid.to(tl.int32), 0))
-    keep = keep_largest(key, valid, want, cols < 0, 32, SKIP_PREFIX, INTERPOLATE)  # ties: the earlier column (smaller key) first
-    count = tl.sum(keep.to(tl.int32), 0)
-    slot = tl.cumsum(keep.to(tl.int32), 0) - 1
-    out = IDX + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + r.to(tl.int64) * stride_ir
-    tl.store(out + slot, cand, mask=keep)
-    tl.store(out + cols, tl.full([KP], -1, tl.int32), mask=(cols < K) & (cols >= count))
-    tl.store(COUNTS + row, count)
 
 
 @triton.jit
@@ -756,14 +709,36 @@ def _candidate_cut_kernel(
     stride_ib, stride_ih, stride_ir,
     HAS_BIAS: tl.constexpr, KP: tl.constexpr, SKIP_PREFIX: tl.constexpr, INTERPOLATE: tl.constexpr,
 ):
-    """Program: one candidate row. (Persistent programs that load their next row into registers while
-    they cut this one ran 1.29-1.55x slower on an H200: 159 registers, 2-4 programs an SM;
-    BENCHMARKS.md, nineteenth session.)"""
-    row = tl.program_id(0)
-    cand, s = _cut_row_load(CAND, SCORES, row, H, R, K,
-                            stride_cb, stride_ch, stride_cr, stride_sb, stride_sh, stride_sr, KP)
-    _cut_row(cand, s, BIAS, BUDGETS, IDX, COUNTS, row, H, R, K, stride_bb, stride_bh,
-             stride_ub, stride_uh, stride_ur, stride_ib, stride_ih, stride_ir, HAS_BIAS, KP, SKIP_PREFIX, INTERPOLATE)
+    """Program: one candidate row (b, h, r). Its K candidates stay in registers: one read of the
+    candidates, their scores and (gathered) biases, the threshold of the budget-th largest
+    order-preserving key (`row_select.keep_largest`), one write of the kept candidates. (Persistent
+    programs that load their next row into registers while they cut this one ran 1.29-1.55x slower on
+    an H200: 159 registers, 2-4 programs an SM; BENCHMARKS.md, nineteenth session.)"""
+    pid = tl.program_id(0)
+    r = pid % R
+    bh = pid // R
+    b = bh // H
+    h = bh % H
+    cols = tl.arange(0, KP)
+    in_row = cols < K
+    cand = tl.load(CAND + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch + r.to(tl.int64) * stride_cr + cols,
+                   mask=in_row, other=-1)
+    live = cand >= 0
+    s = tl.load(SCORES + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh + r.to(tl.int64) * stride_sr + cols,
+                mask=live, other=float("-inf")).to(tl.float32)
+    if HAS_BIAS:  # Stem's OAM bias of each candidate's key (log space), gathered
+        s = s + tl.load(BIAS + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh + cand, mask=live, other=0.0)
+    valid = live & (s > float("-inf"))  # False for -inf and NaN
+    key = tl.where(valid, ordered_u32(s), 0)
+    want = tl.load(BUDGETS + b.to(tl.int64) * stride_ub + h.to(tl.int64) * stride_uh + r.to(tl.int64) * stride_ur)
+    want = tl.minimum(tl.maximum(want, 0), tl.sum(valid.to(tl.int32), 0))
+    keep = keep_largest(key, valid, want, cols < 0, 32, SKIP_PREFIX, INTERPOLATE)  # ties: the earlier column (smaller key) first
+    count = tl.sum(keep.to(tl.int32), 0)
+    slot = tl.cumsum(keep.to(tl.int32), 0) - 1
+    out = IDX + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + r.to(tl.int64) * stride_ir
+    tl.store(out + slot, cand, mask=keep)
+    tl.store(out + cols, tl.full([KP], -1, tl.int32), mask=in_row & (cols >= count))
+    tl.store(COUNTS + pid, count)
 
 
 def candidate_cut(
