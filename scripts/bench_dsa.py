@@ -496,7 +496,7 @@ def section_indexer(args, res: dict) -> None:
 
 # ------------------------------------------------------------------------------------ Stem's cut
 def section_cut(args, res) -> None:
-    """candidate_cut at several warp counts: R rows x K ascending candidates with scores, OAM bias
+    """candidate_cut, one row a program at several warp counts and one row a warp at several tilings: R rows x K ascending candidates with scores, OAM bias
     per key, TPD-like budgets (60-100% of K)."""
     R, K, T = args.cut_rows, args.k, args.topk_keys
     seed = seed_all()
@@ -507,13 +507,13 @@ def section_cut(args, res) -> None:
     scores = torch.randn(1, 1, R, K, device=DEV).masked_fill(cand < 0, float("-inf"))
     bias = torch.randn(1, 1, T, device=DEV) * 0.5
     budgets = (K * (0.6 + 0.4 * torch.rand(1, 1, R, device=DEV))).to(torch.int32)
-    want_idx, want_n = candidate_cut(cand, scores, budgets, key_bias=bias)
+    want_idx, want_n = candidate_cut(cand, scores, budgets, key_bias=bias, method="block")
     res["cut"] = {}
     for warps in (1, 2, 4, 8):
         try:
-            idx, n = candidate_cut(cand, scores, budgets, key_bias=bias, num_warps=warps)
+            idx, n = candidate_cut(cand, scores, budgets, key_bias=bias, method="block", num_warps=warps)
             same = bool(torch.equal(idx, want_idx) and torch.equal(n, want_n))
-            ms = bench(lambda: candidate_cut(cand, scores, budgets, key_bias=bias, num_warps=warps))
+            ms = bench(lambda: candidate_cut(cand, scores, budgets, key_bias=bias, method="block", num_warps=warps))
         except Exception as e:  # noqa: BLE001
             row("cut", f"candidate_cut {warps} warps", None, f"failed: {e!r}"[:120])
             continue
@@ -522,7 +522,8 @@ def section_cut(args, res) -> None:
         row("cut", f"candidate_cut {warps} warps", ms, f"{gb / ms:.0f} GB/s (reads + writes); same as default: {same}")
     # the bisection started below the bits a row's candidates share (`skip_prefix`); the threshold by an
     # interpolation search (`search="interpolate"`)
-    for name, kw in (("skip_prefix", dict(skip_prefix=True)), ("interpolate", dict(search="interpolate"))):
+    for name, kw in (("skip_prefix", dict(method="block", skip_prefix=True)),
+                     ("interpolate", dict(method="block", search="interpolate"))):
         idx, n = candidate_cut(cand, scores, budgets, key_bias=bias, **kw)
         same = bool(torch.equal(idx, want_idx) and torch.equal(n, want_n))
         ms = bench(lambda: candidate_cut(cand, scores, budgets, key_bias=bias, **kw))
@@ -532,20 +533,39 @@ def section_cut(args, res) -> None:
     tail = torch.stack([torch.randn(T, device=DEV).topk(K).values for _ in range(min(R, 64))])
     tail = tail[:, torch.randperm(K, device=DEV)].repeat(-(-R // tail.shape[0]), 1)[:R].view(1, 1, R, K)
     tail = tail.masked_fill(cand < 0, float("-inf"))
-    want_tail = candidate_cut(cand, tail, budgets, key_bias=bias, search="bisect", skip_prefix=False)
-    for name, kw in (("tail rows, bisect", dict(search="bisect", skip_prefix=False)),
-                     ("tail rows, skip_prefix", dict(search="bisect", skip_prefix=True)),
-                     ("tail rows, interpolate", dict(search="interpolate"))):
+    want_tail = candidate_cut(cand, tail, budgets, key_bias=bias, method="block", search="bisect", skip_prefix=False)
+    for name, kw in (("tail rows, bisect", dict(method="block", search="bisect", skip_prefix=False)),
+                     ("tail rows, skip_prefix", dict(method="block", search="bisect", skip_prefix=True)),
+                     ("tail rows, interpolate", dict(method="block", search="interpolate"))):
         idx, n = candidate_cut(cand, tail, budgets, key_bias=bias, **kw)
         same = bool(torch.equal(idx, want_tail[0]) and torch.equal(n, want_tail[1]))
         ms = bench(lambda: candidate_cut(cand, tail, budgets, key_bias=bias, **kw))
         res["cut"][name] = dict(ms=ms, same=same)
         row("cut", f"candidate_cut 4 warps, {name.replace('_', ' ')}", ms, f"same as the bisection: {same}")
+    # one row a warp (`method="warp"`): rows a program x register cap x chunks a writing step
+    for rows in (1, 2, 4, 8):
+        for maxnreg in (0, 168, 128):
+            for out_chunks in ((4, 8) if rows == 4 and maxnreg == 0 else (4,)):
+                kw = dict(method="warp", num_warps=rows, maxnreg=maxnreg, out_chunks=out_chunks)
+                name = f"warp {rows} rows, maxnreg {maxnreg or 'none'}, {out_chunks} chunks a write"
+                try:
+                    idx, n = candidate_cut(cand, scores, budgets, key_bias=bias, **kw)
+                    same = bool(torch.equal(idx, want_idx) and torch.equal(n, want_n))
+                    ms = bench(lambda: candidate_cut(cand, scores, budgets, key_bias=bias, **kw))
+                    idx, n = candidate_cut(cand, tail, budgets, key_bias=bias, **kw)
+                    same_tail = bool(torch.equal(idx, want_tail[0]) and torch.equal(n, want_tail[1]))
+                    ms_tail = bench(lambda: candidate_cut(cand, tail, budgets, key_bias=bias, **kw))
+                except Exception as e:  # noqa: BLE001
+                    row("cut", f"candidate_cut {name}", None, f"failed: {e!r}"[:120])
+                    continue
+                res["cut"][name] = dict(ms=ms, same=same, tail_ms=ms_tail, tail_same=same_tail)
+                row("cut", f"candidate_cut {name}", ms, f"same as default: {same}; tail rows {ms_tail:.3f} ms, "
+                                                        f"same: {same_tail}")
     # what the OAM bias's gather costs (one 4-byte read of a [T] vector per candidate): the cut without it
-    _, n = candidate_cut(cand, scores, budgets)
+    _, n = candidate_cut(cand, scores, budgets, method="block")
     _, want_n = topk_rows_reference(scores.view(1, R, K), K, budgets=budgets.view(1, R))
     same = bool(torch.equal(n.view(1, R), want_n))
-    ms = bench(lambda: candidate_cut(cand, scores, budgets))
+    ms = bench(lambda: candidate_cut(cand, scores, budgets, method="block"))
     res["cut"]["no_bias"] = dict(ms=ms, same_counts_as_reference=same)
     row("cut", "candidate_cut 4 warps, no OAM bias", ms, f"counts as the reference's: {same}")
 

@@ -123,12 +123,20 @@ def test_indexer_topk_chunked_equals_whole(dtype):
         assert torch.equal(got[0], want[0]), f"seed={seed}"
 
 
-@pytest.mark.parametrize("search,skip_prefix", [("bisect", False), ("bisect", True), ("interpolate", False)])
-@pytest.mark.parametrize("B,H,R,K,N,bias_heads", [(2, 1, 9, 24, 60, 1), (1, 3, 7, 40, 50, 3), (2, 2, 5, 17, 30, 1)])
-def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads, search, skip_prefix):
+CUT_VARIANTS = [dict(search="bisect", skip_prefix=False), dict(search="bisect", skip_prefix=True),
+                dict(search="interpolate", skip_prefix=False), dict(method="warp", num_warps=1),
+                dict(method="warp", num_warps=4, out_chunks=1)]
+
+
+@pytest.mark.parametrize("variant", CUT_VARIANTS, ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))
+@pytest.mark.parametrize("B,H,R,K,N,bias_heads", [(2, 1, 9, 24, 60, 1), (1, 3, 7, 40, 50, 3), (2, 2, 5, 17, 30, 1),
+                                                  (1, 1, 3, 130, 400, 1)])
+def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads, variant):
     """Stem's one-pass cut keeps, per row, its budget of candidates by score + gathered bias (higher
     first, equal -> smaller key), with ties, -0.0, -inf and NaN scores, -1 holes, budgets above the
-    valid count and 0; by bisection (from the top or below the shared prefix) and by interpolation."""
+    valid count and 0; one row a program by bisection (from the top or below the shared prefix) and
+    by interpolation, one row a warp (rows that end inside a chunk of 32, a program's last rows
+    beyond the tensor, several writing steps a row)."""
     from stem_boost.kernels.dsa_topk import candidate_cut
 
     gen = torch.Generator().manual_seed(seed)
@@ -142,7 +150,7 @@ def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads, sea
     bias = torch.randint(0, 3, (B, bias_heads, N), generator=gen).float() * 0.5
     budgets = torch.randint(0, K + 3, (B, H, R), generator=gen)
     budgets[0, 0, 0] = 0
-    idx, counts = candidate_cut(cand, scores, budgets, key_bias=bias, skip_prefix=skip_prefix, search=search)
+    idx, counts = candidate_cut(cand, scores, budgets, key_bias=bias, **variant)
     for b in range(B):
         for h in range(H):
             for r in range(R):
@@ -157,14 +165,15 @@ def test_candidate_cut_matches_the_tie_rule(seed, B, H, R, K, N, bias_heads, sea
                 assert (idx[b, h, r, n:] == -1).all()
 
 
-@pytest.mark.parametrize("search,skip_prefix", [("bisect", True), ("interpolate", False)])
+@pytest.mark.parametrize("variant", CUT_VARIANTS[1:], ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))
 @pytest.mark.parametrize("spread", ["narrow", "equal", "mixed signs", "huge", "tail"])
-def test_candidate_cut_searches_keep_the_full_bisections_set(seed, spread, search, skip_prefix):
-    """The bisection started below the bits a row's candidates share (`skip_prefix`) and the
-    interpolation search keep exactly what the full bisection keeps: rows whose scores sit in one
-    binade (a long shared prefix), rows of one repeated score (no bit to bisect), scores of both signs
-    (no shared prefix), magnitudes near the float range's ends, the top of a larger row (a skewed
-    tail: interpolation's slow case); with a row without any valid candidate and one with a single one."""
+def test_candidate_cut_searches_keep_the_full_bisections_set(seed, spread, variant):
+    """The bisection started below the bits a row's candidates share (`skip_prefix`), the
+    interpolation search and the one-row-a-warp kernel keep exactly what the full bisection keeps: rows
+    whose scores sit in one binade (a long shared prefix), rows of one repeated score (no bit to
+    bisect), scores of both signs (no shared prefix), magnitudes near the float range's ends, the top
+    of a larger row (a skewed tail: interpolation's slow case); with a row without any valid
+    candidate and one with a single one."""
     from stem_boost.kernels.dsa_topk import candidate_cut
 
     gen = torch.Generator().manual_seed(seed)
@@ -179,8 +188,8 @@ def test_candidate_cut_searches_keep_the_full_bisections_set(seed, spread, searc
     scores[0, 0, 0] = float("-inf")  # no valid candidate
     scores[0, 0, 1, 1:] = float("-inf")  # one
     budgets = torch.randint(0, K + 2, (B, H, R), generator=gen)
-    got = candidate_cut(cand, scores, budgets, skip_prefix=skip_prefix, search=search)
-    full = candidate_cut(cand, scores, budgets, skip_prefix=False)
+    got = candidate_cut(cand, scores, budgets, **variant)
+    full = candidate_cut(cand, scores, budgets, method="block", skip_prefix=False)
     assert torch.equal(got[1], full[1]) and torch.equal(got[0], full[0]), f"seed={seed}"
     for r in range(R):  # and both the definition: higher score first, equal -> smaller key
         s, c = scores[0, 0, r], cand[0, 0, r]
@@ -191,13 +200,20 @@ def test_candidate_cut_searches_keep_the_full_bisections_set(seed, spread, searc
         assert got[0][0, 0, r, :n].tolist() == want, (r, f"seed={seed}")
 
 
-def test_candidate_cut_names_an_unknown_search():
-    """A search other than the two the kernel has is refused before any launch, naming the value."""
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(search="radix"), "search='radix'; allowed: 'bisect', 'interpolate'"),
+    (dict(method="sort"), "method='sort'; allowed: 'block', 'warp'"),
+    (dict(method="warp", search="interpolate"), "method='warp' finds a row's threshold by the plain bisection"),
+    (dict(method="warp", num_warps=3), "num_warps=3; allowed for method='warp'"),
+    (dict(method="warp", out_chunks=3), "out_chunks=3; allowed: a power of two"),
+])
+def test_candidate_cut_names_what_it_refuses(kwargs, message):
+    """A search, method or tiling the kernels do not have is refused before any launch, naming the value."""
     from stem_boost.kernels.dsa_topk import candidate_cut
 
-    cand = torch.arange(8, dtype=torch.int32).view(1, 1, 1, 8)
-    with pytest.raises(ValueError, match="search='radix'; allowed: 'bisect', 'interpolate'"):
-        candidate_cut(cand, torch.randn(1, 1, 1, 8), torch.ones(1, 1, 1, dtype=torch.int32), search="radix")
+    cand = torch.arange(128, dtype=torch.int32).view(1, 1, 1, 128)
+    with pytest.raises(ValueError, match=message):
+        candidate_cut(cand, torch.randn(1, 1, 1, 128), torch.ones(1, 1, 1, dtype=torch.int32), **kwargs)
 
 
 @pytest.mark.parametrize("method", ["sampled", "warp"])

@@ -53,11 +53,16 @@ def test_gpu_warp_topk_register_caps_keep_the_set(maxnreg):
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), f"seed={seed}"
 
 
-@pytest.mark.parametrize("search,skip_prefix", [("bisect", False), ("bisect", True), ("interpolate", False)])
-def test_gpu_candidate_cut_equals_radix_path_at_2048_candidates(search, skip_prefix):
+@pytest.mark.parametrize("variant", [
+    dict(method="block", search="bisect", skip_prefix=False), dict(method="block", search="bisect", skip_prefix=True),
+    dict(method="block", search="interpolate"), dict(method="warp", num_warps=4), dict(method="warp", num_warps=1),
+    dict(method="warp", num_warps=4, maxnreg=128),
+], ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))
+def test_gpu_candidate_cut_equals_radix_path_at_2048_candidates(variant):
     """Stem's one-pass cut (the default on CUDA) keeps the set of the gathered-score radix path on
-    4096 rows of 2048 ascending candidates of 128K keys, with ties, -inf, OAM bias and budgets; with
-    each search (the bisection from the top or below the shared prefix, the interpolation search)."""
+    4096 rows of 2048 ascending candidates of 128K keys, with ties, -inf, OAM bias and budgets; one
+    row a program with each search (the bisection from the top or below the shared prefix, the
+    interpolation search) and one row a warp (4 or 1 rows a program; a register cap that spills)."""
     from stem_boost.kernels.dsa_topk import candidate_cut, topk_rows
 
     seed = _seed()
@@ -70,7 +75,7 @@ def test_gpu_candidate_cut_equals_radix_path_at_2048_candidates(search, skip_pre
     scores[torch.rand_like(scores) < 0.05] = float("-inf")
     bias = torch.randn(1, 1, T, device="cuda") * 0.1
     budgets = torch.randint(0, K + 10, (1, 1, R), device="cuda", dtype=torch.int32)
-    got_idx, got_n = candidate_cut(cand, scores, budgets, key_bias=bias, search=search, skip_prefix=skip_prefix)
+    got_idx, got_n = candidate_cut(cand, scores, budgets, key_bias=bias, **variant)
     oam = torch.where(cand >= 0, scores + bias[0, 0][cand.clamp_min(0).long()], float("-inf"))
     cols, want_n = topk_rows(oam.view(1, R, K), K, budgets=budgets.view(1, R))
     want_idx = torch.where(cols >= 0, cand.view(1, R, K).gather(-1, cols.clamp_min(0).long()), -1)

@@ -205,16 +205,19 @@ SEARCH_NAMES = {"bisect": "bisection", "interpolate": "interpolation search"}
 
 
 def stem_cut_case(R: int = 64, K: int = 2048, T: int = 131072, search: str = "bisect",
-                  skip_prefix: bool = False) -> BuildCase:
+                  skip_prefix: bool = False, method: str = "block") -> BuildCase:
     from ..kernels.dsa_topk import candidate_cut
 
     def run():
         cand = torch.arange(K, dtype=torch.int32).expand(1, 1, R, K).contiguous()
         scores = torch.randn(1, 1, R, K)
         candidate_cut(cand, scores, torch.full((1, 1, R), 1700, dtype=torch.int32), key_bias=torch.randn(1, 1, T),
-                      search=search, skip_prefix=skip_prefix)
+                      search=search, skip_prefix=skip_prefix, method=method)
 
     label = ("" if search == "bisect" else f" {search}") + (" prefix" if skip_prefix else "")
+    if method == "warp":
+        return BuildCase("stem cut warp", "Stem's cut of the DSA top-2048 candidates, one row a warp (OAM bias "
+                                          "gathered, budget by bisection), one pass", run)
     return BuildCase(f"stem cut{label}", f"Stem's cut of the DSA top-2048 candidates (OAM bias gathered, budget by "
                                          f"{SEARCH_NAMES[search]}"
                                          + (", the shared prefix skipped" if skip_prefix else "") + "), one pass", run)
@@ -347,6 +350,7 @@ def all_cases() -> list[BuildCase]:
         coarse_lse_case(block_n=32),
         indexer_case("bfloat16"), indexer_case("fp8"), indexer_case("fp8", head_dim=32), indexer_case("bfloat16", stem=True),
         stem_cut_case(), stem_cut_case(skip_prefix=True), stem_cut_case(search="interpolate"),
+        stem_cut_case(method="warp"),
         block_topk_case("bisect"), block_topk_case("interpolate"), sampled_topk_case(), warp_topk_case(),
         mla_case(), mla_case(heads=64), mla_experimental_case(), mla_gluon_case("sm90"), mla_gluon_case("ws"),
         gqa_token_case(), rope_case(), rope_interleaved_case(), rope_half_rounded_case(), value_rms_case(),

@@ -741,6 +741,95 @@ def _candidate_cut_kernel(
     tl.store(COUNTS + pid, count)
 
 
+@triton.jit(do_not_specialize=["UNIT"])
+def _candidate_cut_warp_kernel(
+    CAND, SCORES, BIAS, BUDGETS, IDX, COUNTS,
+    N_ROWS, H, R, K, UNIT,
+    stride_cb, stride_ch, stride_cr,
+    stride_sb, stride_sh, stride_sr,
+    stride_bb, stride_bh,
+    stride_ub, stride_uh, stride_ur,
+    stride_ib, stride_ih, stride_ir,
+    HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, C: tl.constexpr, OUT_C: tl.constexpr, BALLOT: tl.constexpr,
+):
+    """Program: ROWS candidate rows, one a warp (num_warps = ROWS), as warp-per-row tiles [32, ROWS, C]
+    (`warp_rows`: lane l holds candidate c * 32 + l of chunk c; UNIT = 1 at run time keeps that layout).
+    Every count of the bisection is a sum in each thread and a shuffle across one warp, so a row
+    never waits at a block barrier and an SM holds many rows at once (the one-row-a-program kernel's
+    counts cross four warps through shared memory, 32 times a row, at five programs an SM).
+    (a) one read of the candidates and their scores (independent loads) and the gathered OAM bias:
+    the order-preserving keys, 0 where not a candidate; (b) the budget-th largest key by bisection
+    (`rows_threshold`); (c) OUT_C chunks a step, the keys recomputed from the candidates and scores
+    (read moments ago: L1 or L2) rather than held, so that (a)'s tiles are the only large ones: keys
+    above the threshold and the first ties at it (by position) are written ascending, then -1."""
+    pid = tl.program_id(0)
+    g = pid * ROWS + tl.arange(0, ROWS)  # flattened row ids (b * H + h) * R + r
+    row_ok = g < N_ROWS
+    r = g % R
+    bh = g // R
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    c3 = (CAND + b * stride_cb + h * stride_ch + r.to(tl.int64) * stride_cr)[None, :, None]  # [1, ROWS, 1]
+    s3 = (SCORES + b * stride_sb + h * stride_sh + r.to(tl.int64) * stride_sr)[None, :, None]
+    b3 = (BIAS + b * stride_bb + h * stride_bh)[None, :, None]
+    o3 = (IDX + b * stride_ib + h * stride_ih + r.to(tl.int64) * stride_ir)[None, :, None]
+    lane = tl.arange(0, 32)[:, None, None] * UNIT  # [32, 1, 1]
+    ok3 = row_ok[None, :, None]
+
+    # (a) keys: 0 for holes (-1), -inf and NaN scores
+    col = tl.arange(0, C)[None, None, :] * 32 + lane  # [32, 1, C]
+    in_row = (col < K) & ok3
+    cand = tl.load(c3 + col, mask=in_row, other=-1)
+    s = tl.load(s3 + col, mask=in_row, other=float("-inf")).to(tl.float32)
+    live = cand >= 0
+    if HAS_BIAS:  # Stem's OAM bias of each candidate's key (log space), gathered
+        s = s + tl.load(b3 + cand, mask=live, other=0.0)
+    key = tl.where(live, _key_of(s), 0)
+    n_valid = row_counts(key != 0)  # [ROWS]
+    want = tl.load(BUDGETS + b * stride_ub + h * stride_uh + r.to(tl.int64) * stride_ur, mask=row_ok, other=0)
+    want = tl.minimum(tl.maximum(want, 0), n_valid)
+
+    # (b) the threshold: rows keeping all their valid keys take 0 (every valid key is above it)
+    thr = rows_threshold(key, want, (want == 0) | (want == n_valid))
+    thr = tl.where(want == 0, 0xFFFFFFFF, thr)  # no key reaches it: none kept
+    need_eq = want - row_counts(key > thr[None, :, None])  # ties at thr still to keep
+
+    # (c) keys > thr and the first need_eq keys == thr, ascending by position, then -1
+    thr3 = thr[None, :, None]
+    ne3 = need_eq[None, :, None]
+    written = tl.zeros([32, ROWS, 1], tl.int32)
+    eq_seen = tl.zeros([32, ROWS, 1], tl.int32)
+    part = tl.arange(0, OUT_C)[None, None, :] * 32 + lane  # [32, 1, OUT_C]
+    for c0 in range(0, K, OUT_C * 32):
+        cc = c0 + part
+        in_part = (cc < K) & ok3
+        cand_p = tl.load(c3 + cc, mask=in_part, other=-1)
+        s_p = tl.load(s3 + cc, mask=in_part, other=float("-inf")).to(tl.float32)
+        live_p = cand_p >= 0
+        if HAS_BIAS:
+            s_p = s_p + tl.load(b3 + cand_p, mask=live_p, other=0.0)
+        k_p = tl.where(live_p, _key_of(s_p), 0)
+        eq = (k_p == thr3) & (k_p != 0)
+        eq_rank, eq_after = rows_compact(eq, eq_seen, BALLOT)
+        take = (k_p > thr3) | (eq & (eq_rank < ne3))
+        slot, written_after = rows_compact(take, written, BALLOT)
+        tl.store(o3 + slot, cand_p, mask=take)
+        written = written_after
+        eq_seen = eq_after
+    count = tl.max(tl.max(written, 2), 0)  # [ROWS] (every lane holds the row's count)
+    tl.store(COUNTS + g, count, mask=row_ok)
+    count3 = count[None, :, None]
+    for c0 in range(0, K, OUT_C * 32):
+        cc = c0 + part
+        tl.store(o3 + cc, tl.full([32, ROWS, OUT_C], -1, tl.int32), mask=(cc < K) & (cc >= count3) & ok3)
+
+
+CUT_METHODS = ("block", "warp")
+CUT_METHOD = "block"
+CUT_WARP_ROWS, CUT_OUT_CHUNKS = 4, 8  # the warp cut's rows a program (one a warp) and chunks of 32 a writing step
+CUT_WARP_MAXNREG = 0  # the warp cut's register cap (0: the compiler's choice)
+
+
 def candidate_cut(
     cand_idx: torch.Tensor,
     scores: torch.Tensor,
@@ -750,6 +839,9 @@ def candidate_cut(
     num_warps: int | None = None,
     skip_prefix: bool | None = None,
     search: str | None = None,
+    method: str | None = None,
+    out_chunks: int | None = None,
+    maxnreg: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stem's cut of token candidates in one pass: each row keeps its budget of candidates by
     score + OAM bias (the tie rule: higher first, equal -> the smaller key index).
@@ -763,15 +855,25 @@ def candidate_cut(
     "interpolate" (`row_select.interpolated_threshold`); `skip_prefix`: the bisection starts below
     the high bits all of a row's candidates share (`row_select.common_prefix`). Every choice keeps
     the same set; None takes `CUT_SEARCH` / `CUT_SKIP_PREFIX`.
+    `method`: "block" (`_candidate_cut_kernel`: one row a program of `num_warps` warps, default 4; the
+    searches above) or "warp" (`_candidate_cut_warp_kernel`: one row a warp, `num_warps` rows a
+    program, default `CUT_WARP_ROWS`; the bisection only, `out_chunks` chunks of 32 a writing step);
+    None takes `CUT_METHOD`. Both keep the same set.
     """
     if cand_idx.dim() != 4 or scores.shape != cand_idx.shape:
         raise ValueError(f"cand_idx and scores must be one [B, H, R, K] shape; got {tuple(cand_idx.shape)}, "
                          f"{tuple(scores.shape)}")
     B, H, R, K = cand_idx.shape
+    method = CUT_METHOD if method is None else method
+    if method not in CUT_METHODS:
+        raise ValueError(f"method={method!r}; allowed: {', '.join(map(repr, CUT_METHODS))}")
     skip_prefix = CUT_SKIP_PREFIX if skip_prefix is None else skip_prefix
     search = CUT_SEARCH if search is None else search
     if search not in SEARCHES:
         raise ValueError(f"search={search!r}; allowed: {', '.join(map(repr, SEARCHES))}")
+    if method == "warp" and (search != "bisect" or skip_prefix):
+        raise ValueError(f"method='warp' finds a row's threshold by the plain bisection; got search={search!r}, "
+                         f"skip_prefix={skip_prefix!r} (allowed with it: search='bisect', skip_prefix=False)")
     if budgets.shape != (B, H, R):
         raise ValueError(f"budgets must be [B={B}, H={H}, R={R}]; got {tuple(budgets.shape)}")
     device = cand_idx.device
@@ -788,14 +890,33 @@ def candidate_cut(
             raise ValueError(f"key_bias must be [B={B}, 1 or H={H}, N]; got {tuple(key_bias.shape)}")
         key_bias = key_bias.to(device=device, dtype=torch.float32).contiguous()
     kp = max(16, triton.next_power_of_2(K))
+    bias_arg = key_bias if key_bias is not None else scores
+    bias_strides = (key_bias.stride(0) if key_bias is not None else 0,
+                    (key_bias.stride(1) if key_bias.shape[1] > 1 else 0) if key_bias is not None else 0)
+    if method == "warp":
+        rows = num_warps or CUT_WARP_ROWS
+        if rows not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps={rows}; allowed for method='warp' (one row a warp): 1, 2, 4, 8, 16")
+        chunks = max(1, kp // 32)
+        out_c = min(out_chunks or CUT_OUT_CHUNKS, chunks)
+        if out_c & (out_c - 1):
+            raise ValueError(f"out_chunks={out_chunks}; allowed: a power of two (chunks of 32 a writing step)")
+        args = (cand_idx, scores, bias_arg, budgets, idx, counts, B * H * R, H, R, K, 1,
+                *cand_idx.stride()[:3], *scores.stride()[:3], *bias_strides, *budgets.stride(), *idx.stride()[:3])
+        launch = dict(HAS_BIAS=key_bias is not None, ROWS=rows, C=chunks, OUT_C=out_c, num_warps=rows)
+        maxnreg = CUT_WARP_MAXNREG if maxnreg is None else maxnreg
+        if maxnreg and not interpreting():
+            if not 32 <= maxnreg <= 255:
+                raise ValueError(f"maxnreg={maxnreg!r}; allowed: 0 (the compiler's choice) or 32..255 registers a thread")
+            launch["maxnreg"] = int(maxnreg)
+        ballot = ballot_layout_holds(_candidate_cut_warp_kernel, args, launch)
+        _candidate_cut_warp_kernel[(triton.cdiv(B * H * R, rows),)](*args, BALLOT=ballot, **launch)
+        return idx, counts
     _candidate_cut_kernel[(B * H * R,)](
-        cand_idx, scores, key_bias if key_bias is not None else scores, budgets, idx, counts,
-        H, R, K,
-        *cand_idx.stride()[:3], *scores.stride()[:3],
-        key_bias.stride(0) if key_bias is not None else 0,
-        (key_bias.stride(1) if key_bias.shape[1] > 1 else 0) if key_bias is not None else 0,
-        *budgets.stride(), *idx.stride()[:3],
-        HAS_BIAS=key_bias is not None, KP=kp, SKIP_PREFIX=bool(skip_prefix), INTERPOLATE=search == "interpolate", num_warps=num_warps or 4,  # H200, 2048 candidates: 4 warps fastest
+        cand_idx, scores, bias_arg, budgets, idx, counts, H, R, K,
+        *cand_idx.stride()[:3], *scores.stride()[:3], *bias_strides, *budgets.stride(), *idx.stride()[:3],
+        HAS_BIAS=key_bias is not None, KP=kp, SKIP_PREFIX=bool(skip_prefix), INTERPOLATE=search == "interpolate",
+        num_warps=num_warps or 4,  # H200, 2048 candidates: 4 warps fastest
     )
     return idx, counts
 
