@@ -542,25 +542,28 @@ def section_cut(args, res) -> None:
         ms = bench(lambda: candidate_cut(cand, tail, budgets, key_bias=bias, **kw))
         res["cut"][name] = dict(ms=ms, same=same)
         row("cut", f"candidate_cut 4 warps, {name.replace('_', ' ')}", ms, f"same as the bisection: {same}")
-    # one row a warp (`method="warp"`): rows a program x register cap x chunks a writing step
-    for rows in (1, 2, 4, 8):
-        for maxnreg in (0, 168, 128):
-            for out_chunks in ((4, 8) if rows == 4 and maxnreg == 0 else (4,)):
-                kw = dict(method="warp", num_warps=rows, maxnreg=maxnreg, out_chunks=out_chunks)
-                name = f"warp {rows} rows, maxnreg {maxnreg or 'none'}, {out_chunks} chunks a write"
-                try:
-                    idx, n = candidate_cut(cand, scores, budgets, key_bias=bias, **kw)
-                    same = bool(torch.equal(idx, want_idx) and torch.equal(n, want_n))
-                    ms = bench(lambda: candidate_cut(cand, scores, budgets, key_bias=bias, **kw))
-                    idx, n = candidate_cut(cand, tail, budgets, key_bias=bias, **kw)
-                    same_tail = bool(torch.equal(idx, want_tail[0]) and torch.equal(n, want_tail[1]))
-                    ms_tail = bench(lambda: candidate_cut(cand, tail, budgets, key_bias=bias, **kw))
-                except Exception as e:  # noqa: BLE001
-                    row("cut", f"candidate_cut {name}", None, f"failed: {e!r}"[:120])
-                    continue
-                res["cut"][name] = dict(ms=ms, same=same, tail_ms=ms_tail, tail_same=same_tail)
-                row("cut", f"candidate_cut {name}", ms, f"same as default: {same}; tail rows {ms_tail:.3f} ms, "
-                                                        f"same: {same_tail}")
+    # one row a warp (`method="warp"`): rows a program x register cap x prefix skipped x keys stashed
+    # (and chunks a writing step)
+    grid = [(rows, maxnreg, skip, stash, 4) for rows in (1, 2, 4) for maxnreg in (0, 168) for skip in (False, True)
+            for stash in (False, True)] + [(1, 168, True, False, 8), (1, 168, True, True, 8), (1, 128, True, False, 4)]
+    for rows, maxnreg, skip, stash, out_chunks in grid:
+        kw = dict(method="warp", num_warps=rows, maxnreg=maxnreg, out_chunks=out_chunks, skip_prefix=skip,
+                  stash=stash)
+        name = (f"warp {rows} rows, maxnreg {maxnreg or 'none'}, {out_chunks} chunks a write, "
+                f"prefix {'skipped' if skip else 'bisected'}, keys {'stashed' if stash else 'recomputed'}")
+        try:
+            idx, n = candidate_cut(cand, scores, budgets, key_bias=bias, **kw)
+            same = bool(torch.equal(idx, want_idx) and torch.equal(n, want_n))
+            ms = bench(lambda: candidate_cut(cand, scores, budgets, key_bias=bias, **kw))
+            idx, n = candidate_cut(cand, tail, budgets, key_bias=bias, **kw)
+            same_tail = bool(torch.equal(idx, want_tail[0]) and torch.equal(n, want_tail[1]))
+            ms_tail = bench(lambda: candidate_cut(cand, tail, budgets, key_bias=bias, **kw))
+        except Exception as e:  # noqa: BLE001
+            row("cut", f"candidate_cut {name}", None, f"failed: {e!r}"[:120])
+            continue
+        res["cut"][name] = dict(ms=ms, same=same, tail_ms=ms_tail, tail_same=same_tail)
+        row("cut", f"candidate_cut {name}", ms, f"same as default: {same}; tail rows {ms_tail:.3f} ms, "
+                                                f"same: {same_tail}")
     # what the OAM bias's gather costs (one 4-byte read of a [T] vector per candidate): the cut without it
     _, n = candidate_cut(cand, scores, budgets, method="block")
     _, want_n = topk_rows_reference(scores.view(1, R, K), K, budgets=budgets.view(1, R))

@@ -125,7 +125,8 @@ def test_indexer_topk_chunked_equals_whole(dtype):
 
 CUT_VARIANTS = [dict(search="bisect", skip_prefix=False), dict(search="bisect", skip_prefix=True),
                 dict(search="interpolate", skip_prefix=False), dict(method="warp", num_warps=1),
-                dict(method="warp", num_warps=4, out_chunks=1)]
+                dict(method="warp", num_warps=4, out_chunks=1), dict(method="warp", num_warps=2, skip_prefix=True),
+                dict(method="warp", num_warps=1, skip_prefix=True, stash=True)]
 
 
 @pytest.mark.parametrize("variant", CUT_VARIANTS, ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))
@@ -203,7 +204,7 @@ def test_candidate_cut_searches_keep_the_full_bisections_set(seed, spread, varia
 @pytest.mark.parametrize("kwargs,message", [
     (dict(search="radix"), "search='radix'; allowed: 'bisect', 'interpolate'"),
     (dict(method="sort"), "method='sort'; allowed: 'block', 'warp'"),
-    (dict(method="warp", search="interpolate"), "method='warp' finds a row's threshold by the plain bisection"),
+    (dict(method="warp", search="interpolate"), "method=.warp. finds a row.s threshold by bisection"),
     (dict(method="warp", num_warps=3), "num_warps=3; allowed for method='warp'"),
     (dict(method="warp", out_chunks=3), "out_chunks=3; allowed: a power of two"),
 ])

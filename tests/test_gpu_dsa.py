@@ -56,13 +56,15 @@ def test_gpu_warp_topk_register_caps_keep_the_set(maxnreg):
 @pytest.mark.parametrize("variant", [
     dict(method="block", search="bisect", skip_prefix=False), dict(method="block", search="bisect", skip_prefix=True),
     dict(method="block", search="interpolate"), dict(method="warp", num_warps=4), dict(method="warp", num_warps=1),
-    dict(method="warp", num_warps=4, maxnreg=128),
+    dict(method="warp", num_warps=4, maxnreg=128), dict(method="warp", num_warps=1, maxnreg=168, skip_prefix=True),
+    dict(method="warp", num_warps=2, skip_prefix=True, stash=True),
 ], ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))
 def test_gpu_candidate_cut_equals_radix_path_at_2048_candidates(variant):
     """Stem's one-pass cut (the default on CUDA) keeps the set of the gathered-score radix path on
     4096 rows of 2048 ascending candidates of 128K keys, with ties, -inf, OAM bias and budgets; one
     row a program with each search (the bisection from the top or below the shared prefix, the
-    interpolation search) and one row a warp (4 or 1 rows a program; a register cap that spills)."""
+    interpolation search) and one row a warp (4, 2 or 1 rows a program; register caps, one that spills;
+    the prefix skipped; the keys stashed in the output row)."""
     from stem_boost.kernels.dsa_topk import candidate_cut, topk_rows
 
     seed = _seed()

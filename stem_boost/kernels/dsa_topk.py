@@ -741,6 +741,51 @@ def _candidate_cut_kernel(
     tl.store(COUNTS + pid, count)
 
 
+@triton.jit
+def _cut_warp_keys(c3, s3, b3, cols, in_row, HAS_BIAS: tl.constexpr):
+    """The candidates at `cols` of warp-per-row rows and their order-preserving keys (score + the
+    gathered OAM bias), 0 for holes (-1), -inf and NaN scores: (cand, key), both [32, ROWS, n]."""
+    cand = tl.load(c3 + cols, mask=in_row, other=-1)
+    s = tl.load(s3 + cols, mask=in_row, other=float("-inf")).to(tl.float32)  # not waiting for cand
+    live = cand >= 0
+    if HAS_BIAS:  # Stem's OAM bias of each candidate's key (log space), gathered
+        s = s + tl.load(b3 + cand, mask=live, other=0.0)
+    return cand, tl.where(live, _key_of(s), 0)
+
+
+@triton.jit
+def _cut_warp_write(c3, s3, b3, o3, lane, ok3, thr3, need_eq3, want3, K, HAS_BIAS: tl.constexpr,
+                    ROWS: tl.constexpr, OUT_C: tl.constexpr, BALLOT: tl.constexpr, STASH: tl.constexpr,
+                    TIES: tl.constexpr):
+    """(c) of `_candidate_cut_warp_kernel`, OUT_C chunks a step: the `want` kept candidates of each row
+    written ascending at o3 and -1 after them. Without TIES every key >= thr is kept (each row's
+    bisection stopped at a prefix with exactly its budget at or above it); with TIES the keys > thr
+    and the first need_eq keys == thr by position. The keys are read back from o3 (STASH: (a) left
+    them there) or recomputed from the candidates and scores. A step reads its positions before it
+    writes, and writes slots below its last position (a row's n-th kept candidate lies at or after
+    position n) and -1 at its own positions from `want` on: nothing is overwritten before it is read."""
+    written = tl.zeros([32, ROWS, 1], tl.int32)
+    eq_seen = tl.zeros([32, ROWS, 1], tl.int32)
+    part = tl.arange(0, OUT_C)[None, None, :] * 32 + lane  # [32, 1, OUT_C]
+    for c0 in range(0, K, OUT_C * 32):
+        cc = c0 + part
+        in_part = (cc < K) & ok3
+        if STASH:
+            k_p = tl.load(o3 + cc, mask=in_part, other=0).to(tl.uint32, bitcast=True)
+            cand_p = tl.load(c3 + cc, mask=in_part, other=-1)
+        else:
+            cand_p, k_p = _cut_warp_keys(c3, s3, b3, cc, in_part, HAS_BIAS)
+        if TIES:
+            eq = (k_p == thr3) & (k_p != 0)
+            eq_rank, eq_seen = rows_compact(eq, eq_seen, BALLOT)
+            take = (k_p > thr3) | (eq & (eq_rank < need_eq3))
+        else:
+            take = (k_p >= thr3) & (k_p != 0)
+        slot, written = rows_compact(take, written, BALLOT)
+        tl.store(o3 + slot, cand_p, mask=take)
+        tl.store(o3 + cc, tl.full([32, ROWS, OUT_C], -1, tl.int32), mask=in_part & (cc >= want3))
+
+
 @triton.jit(do_not_specialize=["UNIT"])
 def _candidate_cut_warp_kernel(
     CAND, SCORES, BIAS, BUDGETS, IDX, COUNTS,
@@ -751,83 +796,61 @@ def _candidate_cut_warp_kernel(
     stride_ub, stride_uh, stride_ur,
     stride_ib, stride_ih, stride_ir,
     HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, C: tl.constexpr, OUT_C: tl.constexpr, BALLOT: tl.constexpr,
+    SKIP_PREFIX: tl.constexpr, STASH: tl.constexpr,
 ):
     """Program: ROWS candidate rows, one a warp (num_warps = ROWS), as warp-per-row tiles [32, ROWS, C]
     (`warp_rows`: lane l holds candidate c * 32 + l of chunk c; UNIT = 1 at run time keeps that layout).
-    Every count of the bisection is a sum in each thread and a shuffle across one warp, so a row
-    never waits at a block barrier and an SM holds many rows at once (the one-row-a-program kernel's
-    counts cross four warps through shared memory, 32 times a row, at five programs an SM).
-    (a) one read of the candidates and their scores (independent loads) and the gathered OAM bias:
-    the order-preserving keys, 0 where not a candidate; (b) the budget-th largest key by bisection
-    (`rows_threshold`); (c) OUT_C chunks a step, the keys recomputed from the candidates and scores
-    (read moments ago: L1 or L2) rather than held, so that (a)'s tiles are the only large ones: keys
-    above the threshold and the first ties at it (by position) are written ascending, then -1."""
+    Every count of the bisection is a sum in each thread and a warp reduction, so a row never waits
+    at a block barrier. (a) one read of the candidates and their scores (independent loads) and the
+    gathered OAM bias: the order-preserving keys, 0 where not a candidate (STASH: also written to the
+    output row, which (c) overwrites); (b) the budget-th largest key by bisection (`rows_threshold`,
+    SKIP_PREFIX: from below the bits a row's keys share); (c) the kept candidates written ascending
+    (`_cut_warp_write`; the tie rule's ranks only in a program where some row ended on a tie) and -1
+    after them, in one pass."""
     pid = tl.program_id(0)
     g = pid * ROWS + tl.arange(0, ROWS)  # flattened row ids (b * H + h) * R + r
     row_ok = g < N_ROWS
-    r = g % R
+    r = (g % R).to(tl.int64)
     bh = g // R
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    c3 = (CAND + b * stride_cb + h * stride_ch + r.to(tl.int64) * stride_cr)[None, :, None]  # [1, ROWS, 1]
-    s3 = (SCORES + b * stride_sb + h * stride_sh + r.to(tl.int64) * stride_sr)[None, :, None]
+    c3 = (CAND + b * stride_cb + h * stride_ch + r * stride_cr)[None, :, None]  # [1, ROWS, 1]
+    s3 = (SCORES + b * stride_sb + h * stride_sh + r * stride_sr)[None, :, None]
     b3 = (BIAS + b * stride_bb + h * stride_bh)[None, :, None]
-    o3 = (IDX + b * stride_ib + h * stride_ih + r.to(tl.int64) * stride_ir)[None, :, None]
+    o3 = (IDX + b * stride_ib + h * stride_ih + r * stride_ir)[None, :, None]
     lane = tl.arange(0, 32)[:, None, None] * UNIT  # [32, 1, 1]
     ok3 = row_ok[None, :, None]
 
     # (a) keys: 0 for holes (-1), -inf and NaN scores
     col = tl.arange(0, C)[None, None, :] * 32 + lane  # [32, 1, C]
     in_row = (col < K) & ok3
-    cand = tl.load(c3 + col, mask=in_row, other=-1)
-    s = tl.load(s3 + col, mask=in_row, other=float("-inf")).to(tl.float32)
-    live = cand >= 0
-    if HAS_BIAS:  # Stem's OAM bias of each candidate's key (log space), gathered
-        s = s + tl.load(b3 + cand, mask=live, other=0.0)
-    key = tl.where(live, _key_of(s), 0)
+    _, key = _cut_warp_keys(c3, s3, b3, col, in_row, HAS_BIAS)
+    if STASH:
+        tl.store(o3 + col, key.to(tl.int32, bitcast=True), mask=in_row)
     n_valid = row_counts(key != 0)  # [ROWS]
-    want = tl.load(BUDGETS + b * stride_ub + h * stride_uh + r.to(tl.int64) * stride_ur, mask=row_ok, other=0)
+    want = tl.load(BUDGETS + b * stride_ub + h * stride_uh + r * stride_ur, mask=row_ok, other=0)
     want = tl.minimum(tl.maximum(want, 0), n_valid)
 
     # (b) the threshold: rows keeping all their valid keys take 0 (every valid key is above it)
-    thr = rows_threshold(key, want, (want == 0) | (want == n_valid))
+    thr = rows_threshold(key, want, (want == 0) | (want == n_valid), 32, SKIP_PREFIX)
     thr = tl.where(want == 0, 0xFFFFFFFF, thr)  # no key reaches it: none kept
-    need_eq = want - row_counts(key > thr[None, :, None])  # ties at thr still to keep
-
-    # (c) keys > thr and the first need_eq keys == thr, ascending by position, then -1
     thr3 = thr[None, :, None]
-    ne3 = need_eq[None, :, None]
-    written = tl.zeros([32, ROWS, 1], tl.int32)
-    eq_seen = tl.zeros([32, ROWS, 1], tl.int32)
-    part = tl.arange(0, OUT_C)[None, None, :] * 32 + lane  # [32, 1, OUT_C]
-    for c0 in range(0, K, OUT_C * 32):
-        cc = c0 + part
-        in_part = (cc < K) & ok3
-        cand_p = tl.load(c3 + cc, mask=in_part, other=-1)
-        s_p = tl.load(s3 + cc, mask=in_part, other=float("-inf")).to(tl.float32)
-        live_p = cand_p >= 0
-        if HAS_BIAS:
-            s_p = s_p + tl.load(b3 + cand_p, mask=live_p, other=0.0)
-        k_p = tl.where(live_p, _key_of(s_p), 0)
-        eq = (k_p == thr3) & (k_p != 0)
-        eq_rank, eq_after = rows_compact(eq, eq_seen, BALLOT)
-        take = (k_p > thr3) | (eq & (eq_rank < ne3))
-        slot, written_after = rows_compact(take, written, BALLOT)
-        tl.store(o3 + slot, cand_p, mask=take)
-        written = written_after
-        eq_seen = eq_after
-    count = tl.max(tl.max(written, 2), 0)  # [ROWS] (every lane holds the row's count)
-    tl.store(COUNTS + g, count, mask=row_ok)
-    count3 = count[None, :, None]
-    for c0 in range(0, K, OUT_C * 32):
-        cc = c0 + part
-        tl.store(o3 + cc, tl.full([32, ROWS, OUT_C], -1, tl.int32), mask=(cc < K) & (cc >= count3) & ok3)
+    want3 = want[None, :, None]
+    n_ge = row_counts((key >= thr3) & (key != 0))
+    if tl.max((n_ge != want).to(tl.int32), 0) == 0:  # every row's bisection stopped at exactly its budget
+        _cut_warp_write(c3, s3, b3, o3, lane, ok3, thr3, thr3, want3, K, HAS_BIAS, ROWS, OUT_C, BALLOT, STASH, False)
+    else:  # ties at some row's threshold: keys > thr, then the first need_eq ties by position
+        need_eq = want - row_counts(key > thr3)
+        _cut_warp_write(c3, s3, b3, o3, lane, ok3, thr3, need_eq[None, :, None], want3, K, HAS_BIAS, ROWS, OUT_C,
+                        BALLOT, STASH, True)
+    tl.store(COUNTS + g, want, mask=row_ok)  # a row keeps exactly min(budget, #valid)
 
 
 CUT_METHODS = ("block", "warp")
 CUT_METHOD = "block"
 CUT_WARP_ROWS, CUT_OUT_CHUNKS = 4, 8  # the warp cut's rows a program (one a warp) and chunks of 32 a writing step
 CUT_WARP_MAXNREG = 0  # the warp cut's register cap (0: the compiler's choice)
+CUT_WARP_STASH = False  # the warp cut's keys parked in its output row between (a) and (c), else recomputed
 
 
 def candidate_cut(
@@ -842,6 +865,7 @@ def candidate_cut(
     method: str | None = None,
     out_chunks: int | None = None,
     maxnreg: int | None = None,
+    stash: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stem's cut of token candidates in one pass: each row keeps its budget of candidates by
     score + OAM bias (the tie rule: higher first, equal -> the smaller key index).
@@ -857,8 +881,9 @@ def candidate_cut(
     the same set; None takes `CUT_SEARCH` / `CUT_SKIP_PREFIX`.
     `method`: "block" (`_candidate_cut_kernel`: one row a program of `num_warps` warps, default 4; the
     searches above) or "warp" (`_candidate_cut_warp_kernel`: one row a warp, `num_warps` rows a
-    program, default `CUT_WARP_ROWS`; the bisection only, `out_chunks` chunks of 32 a writing step);
-    None takes `CUT_METHOD`. Both keep the same set.
+    program, default `CUT_WARP_ROWS`; the bisection, `out_chunks` chunks of 32 a writing step,
+    `maxnreg` a register cap, `stash` the keys parked in the output row rather than recomputed);
+    None takes `CUT_METHOD` (and the `CUT_WARP_*` defaults). Both keep the same set.
     """
     if cand_idx.dim() != 4 or scores.shape != cand_idx.shape:
         raise ValueError(f"cand_idx and scores must be one [B, H, R, K] shape; got {tuple(cand_idx.shape)}, "
@@ -871,9 +896,9 @@ def candidate_cut(
     search = CUT_SEARCH if search is None else search
     if search not in SEARCHES:
         raise ValueError(f"search={search!r}; allowed: {', '.join(map(repr, SEARCHES))}")
-    if method == "warp" and (search != "bisect" or skip_prefix):
-        raise ValueError(f"method='warp' finds a row's threshold by the plain bisection; got search={search!r}, "
-                         f"skip_prefix={skip_prefix!r} (allowed with it: search='bisect', skip_prefix=False)")
+    if method == "warp" and search != "bisect":
+        raise ValueError(f"method='warp' finds a row's threshold by bisection; got search={search!r} (allowed with "
+                         f"it: 'bisect', from the top or, skip_prefix=True, below the bits a row's keys share)")
     if budgets.shape != (B, H, R):
         raise ValueError(f"budgets must be [B={B}, H={H}, R={R}]; got {tuple(budgets.shape)}")
     device = cand_idx.device
@@ -903,7 +928,8 @@ def candidate_cut(
             raise ValueError(f"out_chunks={out_chunks}; allowed: a power of two (chunks of 32 a writing step)")
         args = (cand_idx, scores, bias_arg, budgets, idx, counts, B * H * R, H, R, K, 1,
                 *cand_idx.stride()[:3], *scores.stride()[:3], *bias_strides, *budgets.stride(), *idx.stride()[:3])
-        launch = dict(HAS_BIAS=key_bias is not None, ROWS=rows, C=chunks, OUT_C=out_c, num_warps=rows)
+        launch = dict(HAS_BIAS=key_bias is not None, ROWS=rows, C=chunks, OUT_C=out_c, SKIP_PREFIX=bool(skip_prefix),
+                      STASH=CUT_WARP_STASH if stash is None else bool(stash), num_warps=rows)
         maxnreg = CUT_WARP_MAXNREG if maxnreg is None else maxnreg
         if maxnreg and not interpreting():
             if not 32 <= maxnreg <= 255:

@@ -18,8 +18,8 @@ import re
 import triton
 import triton.language as tl
 
-__all__ = ["ballot_layout_holds", "interpreting", "lane_ranks", "lanes_on_first_axis", "row_counts", "rows_compact",
-           "rows_threshold"]
+__all__ = ["ballot_layout_holds", "interpreting", "lane_ranks", "lanes_on_first_axis", "row_counts", "rows_common_prefix",
+           "rows_compact", "rows_threshold"]
 
 
 @triton.jit
@@ -30,23 +30,48 @@ def row_counts(x):
 
 
 @triton.jit
-def rows_threshold(key, want, done, BITS: tl.constexpr = 32):
+def rows_common_prefix(key, BITS: tl.constexpr = 32):
+    """Per row of a warp-per-row tile key [32, ROWS, C] (uint32, 0 where invalid): the high bits all
+    its valid keys share (the rest zero) and the index, from the top, of the first bit where two
+    differ (`row_select.common_prefix`, all rows at once: two warp reductions a row)."""
+    ones = tl.full([], 0xFFFFFFFF, tl.uint32)
+    hi = tl.max(tl.max(key, 2), 0)
+    lo = tl.min(tl.min(tl.where(key != 0, key, ones), 2), 0)
+    diff = hi ^ lo  # all ones without a valid key: no prefix
+    top = ((diff.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # may round up one bit
+    top = tl.minimum(top, BITS - 1)
+    one = tl.full([], 1, tl.uint32)
+    low_mask = tl.where(top >= 31, ones, (one << tl.minimum(tl.maximum(top + 1, 0), 31).to(tl.uint32)) - one)
+    prefix = tl.where(diff == 0, lo, lo & (ones ^ low_mask))
+    first = tl.where(diff == 0, BITS, BITS - 1 - top)
+    return prefix, first
+
+
+@triton.jit
+def rows_threshold(key, want, done, BITS: tl.constexpr = 32, SKIP_PREFIX: tl.constexpr = False):
     """Per row of a warp-per-row tile key [32, ROWS, C] (uint32, 0 where invalid): the bisection of
     `row_select.rank_threshold`, all rows at once. A row stops at the first prefix with exactly
     `want` keys at or above it (`done` [ROWS] starts True for rows that need no threshold); the
     loop ends when every row of the program has stopped, after BITS steps at most (keys below
-    2**BITS). Every candidate prefix has a bit set, so invalid keys (0) never count. Returns the
-    thresholds [ROWS] (uint32)."""
+    2**BITS). Every candidate prefix has a bit set, so invalid keys (0) never count. SKIP_PREFIX:
+    each row starts below the high bits its valid keys share (`rows_common_prefix`), as
+    `rank_threshold` does: the same kept set. Returns the thresholds [ROWS] (uint32)."""
     thr = tl.zeros_like(want).to(tl.uint32)
     exact = done.to(tl.int32)
-    i = tl.zeros([], tl.int32)
-    while (i < BITS) & (tl.min(exact, 0) == 0):
-        cand = thr | (tl.full([], 1, tl.uint32) << (BITS - 1 - i).to(tl.uint32))
+    i = tl.zeros_like(want)
+    if SKIP_PREFIX:
+        prefix, first = rows_common_prefix(key, BITS)
+        thr = tl.where(exact != 0, thr, prefix)
+        i = first
+    exact = exact | (i >= BITS).to(tl.int32)
+    while tl.min(exact, 0) == 0:
+        bit = (BITS - 1 - tl.minimum(i, BITS - 1)).to(tl.uint32)
+        cand = thr | (tl.full([], 1, tl.uint32) << bit)
         n_ge = row_counts(key >= cand[None, :, None])
         move = (n_ge >= want) & (exact == 0)
         thr = tl.where(move, cand, thr)
-        exact = exact | (move & (n_ge == want)).to(tl.int32)
         i += 1
+        exact = exact | (move & (n_ge == want)).to(tl.int32) | (i >= BITS).to(tl.int32)
     return thr
 
 
