@@ -16,6 +16,8 @@ Times: medians of CUDA-event timed calls; native and Stem alternate call by call
 on copies of the layer), so that a GPU slowing as it heats weighs on both alike; the paired column is
 the median of the per-round ratios (the two calls of a round ran at nearly one clock; the SM clock's
 range over the rounds is logged); dense and the parts are timed alone (triton.testing.do_bench).
+--block-rounds N adds `timed_blocks`: each config in blocks of forwards of its own, at the clock its
+own power draw leaves (an H200 at its power cap runs alternating configs at one shared clock).
 Memory: peak allocated during one forward.
 
     python scripts/bench_layers.py --family dsa --seqs 32768 65536 131072 --out dsa.json
@@ -151,6 +153,40 @@ def timed_interleaved(fns: dict, rep_ms: int = 1500, min_reps: int | None = None
     return out
 
 
+def timed_blocks(fns: dict, rounds: int, block: int = 6) -> dict:
+    """{name: (median ms, mean SM clock MHz)} of forwards timed in blocks of one config: each round runs
+    `block` forwards of every fn back to back (the order of the fns rotating from round to round) and
+    keeps all but a block's first, the one that follows another config. A GPU at its power cap sets
+    its clock from the power the last tens of milliseconds drew, so `timed_interleaved`'s alternation
+    call by call runs native and Stem at one shared clock, the mix of both; a block runs each config
+    at the clock its own forwards leave, as a server that runs only that config does. The rounds
+    still alternate, so a drift weighs on every fn alike. The per-round ratios are in LAST_BLOCK_TIMES."""
+    names = [n for n in fns]
+    times = {n: [] for n in names}
+    per_round = {n: [] for n in names}
+    clocks = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            events = []
+            for _ in range(block):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[n]()
+                end.record()
+                events.append((start, end))
+            clocks[n].append(sm_clock_mhz())  # while the block's last forwards run
+            torch.cuda.synchronize()
+            kept = [s.elapsed_time(e) for s, e in events[1:]]
+            times[n] += kept
+            per_round[n].append(statistics.median(kept))
+    LAST_BLOCK_TIMES.clear()
+    LAST_BLOCK_TIMES.update(per_round)
+    return {n: (statistics.median(times[n]), statistics.fmean(c for c in clocks[n] if c == c) if any(
+        c == c for c in clocks[n]) else float("nan")) for n in names}
+
+
+LAST_BLOCK_TIMES: dict[str, list[float]] = {}  # each fn's median ms, block by block, of the last `timed_blocks`
+BLOCK_ROUNDS = 0  # --block-rounds: rounds of `timed_blocks` after the interleaved timing (0: none)
 LAST_CLOCKS: list[float] = []  # SM clocks (MHz) after each round of the last `timed_interleaved`
 LAST_TIMES: dict[str, list[float]] = {}  # each fn's ms, round by round, of the last `timed_interleaved`
 
@@ -187,6 +223,14 @@ def time_configs_interleaved(row: dict, models: dict, configs: dict, forward) ->
     for name in configs:
         if name.startswith("stem") and "native_kernel" in configs:
             row[f"{name}_over_native_paired"] = paired_ratio(LAST_TIMES, name, "native_kernel")
+    if BLOCK_ROUNDS:
+        note(f"{row['family']} S={row['S']}: {BLOCK_ROUNDS} rounds of blocks of one config")
+        for name, (ms, mhz) in timed_blocks({n: f for n, f in fns.items()}, BLOCK_ROUNDS).items():
+            row[f"{name}_blocks_ms"], row[f"{name}_blocks_sm_mhz"] = ms, mhz
+        for name in configs:
+            if name.startswith("stem") and "native_kernel" in configs:
+                row[f"{name}_over_native_blocks"] = row[f"{name}_blocks_ms"] / row["native_kernel_blocks_ms"]
+                row[f"{name}_over_native_blocks_paired"] = paired_ratio(LAST_BLOCK_TIMES, name, "native_kernel")
     if LAST_CLOCKS:
         row["sm_clock_mhz_min_max"] = (min(LAST_CLOCKS), max(LAST_CLOCKS))
         note(f"{row['family']} S={row['S']}: SM clock {min(LAST_CLOCKS):.0f}-{max(LAST_CLOCKS):.0f} MHz over the rounds")
@@ -572,6 +616,10 @@ def main():
     ap.add_argument("--union-kernel", choices=["triton", "sm90"], default=None,
                     help="the block walk's executor for every layer of the run (block_union.UNION_KERNEL; default: the "
                          "library's)")
+    ap.add_argument("--block-rounds", type=int, default=0, metavar="N",
+                    help="also time native and Stem in N rounds of blocks of one config (6 forwards back to back, the "
+                         "first left out: each config at the clock its own forwards leave, as a server running only "
+                         "it), beside the call-by-call alternation")
     ap.add_argument("--profile", action="store_true", help="print the CUDA kernels of one native and one Stem forward of each layer (torch.profiler)")
     ap.add_argument("--profile-ops", action="store_true",
                     help="with --profile: also the PyTorch operators (and input shapes) that launched kernels")
@@ -580,8 +628,9 @@ def main():
                     help="N profiled forwards of native and Stem each, in alternation: wall, kernel and idle time, and the "
                          "kernels that differ most (rows up to --profile-max-seq)")
     args = ap.parse_args()
-    global PROFILE, PROFILE_TABLES, PROFILE_OPS, PROFILE_AB, MIN_REPS, ALL_PEERS
+    global PROFILE, PROFILE_TABLES, PROFILE_OPS, PROFILE_AB, MIN_REPS, ALL_PEERS, BLOCK_ROUNDS
     PROFILE, MIN_REPS, ALL_PEERS = args.profile, max(1, args.min_reps), args.peers == "all"
+    BLOCK_ROUNDS = max(0, args.block_rounds)
     PROFILE_TABLES = args.profile
     PROFILE_OPS, PROFILE_AB = args.profile_ops, max(0, args.profile_ab)
 
@@ -618,6 +667,15 @@ def main():
               f"{r['dense_gib']:.1f} / {r['native_kernel_gib']:.1f} / {r['stem_gib']:.1f} | "
               f"{r.get('dense_first_call_s', nan):.1f} / {r.get('native_kernel_first_call_s', nan):.1f} / "
               f"{r.get('stem_first_call_s', nan):.1f} |")
+    blocks = [r for r in res["rows"] if "native_kernel_blocks_ms" in r]
+    if blocks:
+        print("\n| layer | S | blocks of one config: native ms | Stem ms | Stem/native | paired rounds "
+              "| mean SM MHz native / Stem |")
+        print("|---|---|---|---|---|---|---|")
+        for r in blocks:
+            print(f"| {r['family']} | {r['S']} | {r['native_kernel_blocks_ms']:.1f} | {r['stem_blocks_ms']:.1f} | "
+                  f"{r['stem_over_native_blocks']:.3f} | {r['stem_over_native_blocks_paired']:.3f} | "
+                  f"{r['native_kernel_blocks_sm_mhz']:.0f} / {r['stem_blocks_sm_mhz']:.0f} |")
     inf = [r for r in res["rows"] if "union_inflation_qt4" in r]
     if inf:
         print("\n| InfLLMv2 S (smooth window) | selection ms | kernel ms (native) | the same, "

@@ -123,10 +123,11 @@ def test_indexer_topk_chunked_equals_whole(dtype):
         assert torch.equal(got[0], want[0]), f"seed={seed}"
 
 
-CUT_VARIANTS = [dict(search="bisect", skip_prefix=False), dict(search="bisect", skip_prefix=True),
-                dict(search="interpolate", skip_prefix=False), dict(method="warp", num_warps=1),
+CUT_VARIANTS = [dict(method="block", search="bisect", skip_prefix=False),
+                dict(method="block", search="bisect", skip_prefix=True),
+                dict(method="block", search="interpolate", skip_prefix=False), dict(method="warp", num_warps=1),
                 dict(method="warp", num_warps=4, out_chunks=1), dict(method="warp", num_warps=2, skip_prefix=True),
-                dict(method="warp", num_warps=1, skip_prefix=True, stash=True)]
+                dict(method="warp", num_warps=1, skip_prefix=True, stash=True), dict()]  # dict(): the defaults
 
 
 @pytest.mark.parametrize("variant", CUT_VARIANTS, ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))

@@ -57,7 +57,7 @@ def test_gpu_warp_topk_register_caps_keep_the_set(maxnreg):
     dict(method="block", search="bisect", skip_prefix=False), dict(method="block", search="bisect", skip_prefix=True),
     dict(method="block", search="interpolate"), dict(method="warp", num_warps=4), dict(method="warp", num_warps=1),
     dict(method="warp", num_warps=4, maxnreg=128), dict(method="warp", num_warps=1, maxnreg=168, skip_prefix=True),
-    dict(method="warp", num_warps=2, skip_prefix=True, stash=True),
+    dict(method="warp", num_warps=2, skip_prefix=True, stash=True), dict(),
 ], ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))
 def test_gpu_candidate_cut_equals_radix_path_at_2048_candidates(variant):
     """Stem's one-pass cut (the default on CUDA) keeps the set of the gathered-score radix path on

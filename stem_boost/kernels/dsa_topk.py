@@ -846,11 +846,27 @@ def _candidate_cut_warp_kernel(
     tl.store(COUNTS + g, want, mask=row_ok)  # a row keeps exactly min(budget, #valid)
 
 
+# Stem's cut: one row a program ("block", `_candidate_cut_kernel`) or one row a warp ("warp"). H200,
+# 32768 rows x 2048 candidates (BENCHMARKS.md, twentieth session): the warp cut at 2 rows a program,
+# 168 registers (Triton 3.6) and its keys stashed 0.94x the block cut's time on tail rows (0.62 / 0.66
+# ms; 0.93-1.35x over its other tilings), 0.92x in the 128K layer (2.56-2.66 ms against 2.78-2.88).
+# Neither is bound by its counts: the one-row-a-program cut's barriers, occupancy, the prefix skip and
+# the interpolation search all moved it by less than 7%.
 CUT_METHODS = ("block", "warp")
-CUT_METHOD = "block"
-CUT_WARP_ROWS, CUT_OUT_CHUNKS = 4, 8  # the warp cut's rows a program (one a warp) and chunks of 32 a writing step
-CUT_WARP_MAXNREG = 0  # the warp cut's register cap (0: the compiler's choice)
-CUT_WARP_STASH = False  # the warp cut's keys parked in its output row between (a) and (c), else recomputed
+CUT_METHOD = "warp"
+CUT_WARP_ROWS, CUT_OUT_CHUNKS = 2, 4  # the warp cut's rows a program (one a warp) and chunks of 32 a writing step
+CUT_WARP_STASH = True  # the warp cut's keys parked in its output row between (a) and (c), else recomputed
+# its register cap per Triton release: 3.6 builds it with 246 registers (8 warps an SM), 168 leaves 12
+# without spill (`stem-boost build --cases "stem cut warp"`); 3.9 builds it with 208 and spills 256 bytes
+# at 168: no cap
+CUT_WARP_MAXNREG_BY_TRITON = {(3, 6): 168}
+
+
+def cut_warp_maxnreg_default() -> int:
+    """The warp cut's register cap for the installed Triton (`CUT_WARP_MAXNREG_BY_TRITON`; 0: the
+    compiler's choice)."""
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    return CUT_WARP_MAXNREG_BY_TRITON.get((major, minor), 0)
 
 
 def candidate_cut(
@@ -882,8 +898,8 @@ def candidate_cut(
     `method`: "block" (`_candidate_cut_kernel`: one row a program of `num_warps` warps, default 4; the
     searches above) or "warp" (`_candidate_cut_warp_kernel`: one row a warp, `num_warps` rows a
     program, default `CUT_WARP_ROWS`; the bisection, `out_chunks` chunks of 32 a writing step,
-    `maxnreg` a register cap, `stash` the keys parked in the output row rather than recomputed);
-    None takes `CUT_METHOD` (and the `CUT_WARP_*` defaults). Both keep the same set.
+    `maxnreg` a register cap (0: none), `stash` the keys parked in the output row rather than
+    recomputed); None takes `CUT_METHOD` (and the `CUT_*` defaults). Both keep the same set.
     """
     if cand_idx.dim() != 4 or scores.shape != cand_idx.shape:
         raise ValueError(f"cand_idx and scores must be one [B, H, R, K] shape; got {tuple(cand_idx.shape)}, "
@@ -930,7 +946,7 @@ def candidate_cut(
                 *cand_idx.stride()[:3], *scores.stride()[:3], *bias_strides, *budgets.stride(), *idx.stride()[:3])
         launch = dict(HAS_BIAS=key_bias is not None, ROWS=rows, C=chunks, OUT_C=out_c, SKIP_PREFIX=bool(skip_prefix),
                       STASH=CUT_WARP_STASH if stash is None else bool(stash), num_warps=rows)
-        maxnreg = CUT_WARP_MAXNREG if maxnreg is None else maxnreg
+        maxnreg = cut_warp_maxnreg_default() if maxnreg is None else maxnreg
         if maxnreg and not interpreting():
             if not 32 <= maxnreg <= 255:
                 raise ValueError(f"maxnreg={maxnreg!r}; allowed: 0 (the compiler's choice) or 32..255 registers a thread")
