@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["common_prefix", "interpolated_threshold", "keep_largest", "ordered_u32", "rank_threshold"]
+__all__ = ["common_prefix", "interpolated_threshold", "keep_largest", "ordered_u32", "prefix_between", "rank_threshold"]
 
 
 @triton.jit
@@ -36,11 +36,18 @@ def ordered_u32(x):
 def common_prefix(key, valid, BITS: tl.constexpr = 32):
     """(prefix, first): the high bits all `valid` keys share (the rest zero) and the index, counted from
     the top, of the first bit where two of them differ (BITS when all are equal; 0 without valid keys).
-    Two reductions (the largest and the smallest key); the highest differing bit is read from the
-    float exponent of max ^ min, which may round up one bit (then one shared bit is bisected too)."""
+    Two reductions (the largest and the smallest key), then `prefix_between`."""
     ones = tl.full([], 0xFFFFFFFF, tl.uint32)
-    hi = tl.max(tl.where(valid, key, 0), 0)
-    lo = tl.min(tl.where(valid, key, ones), 0)
+    return prefix_between(tl.max(tl.where(valid, key, 0), 0), tl.min(tl.where(valid, key, ones), 0), BITS)
+
+
+@triton.jit
+def prefix_between(hi, lo, BITS: tl.constexpr = 32):
+    """(prefix, first) of keys between lo and hi (uint32, any shape; lo = all ones, hi = 0 when there is
+    no key): their shared high bits and the index from the top of the first differing bit. The
+    highest differing bit is read from the float exponent of hi ^ lo, which may round up one bit (then
+    one shared bit is bisected too)."""
+    ones = tl.full([], 0xFFFFFFFF, tl.uint32)
     diff = hi ^ lo  # all ones without a valid key: no prefix
     top = ((diff.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # -127 when diff == 0
     top = tl.minimum(top, BITS - 1)

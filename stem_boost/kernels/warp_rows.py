@@ -18,6 +18,8 @@ import re
 import triton
 import triton.language as tl
 
+from .row_select import prefix_between
+
 __all__ = ["ballot_layout_holds", "interpreting", "lane_ranks", "lanes_on_first_axis", "row_counts", "rows_common_prefix",
            "rows_compact", "rows_threshold"]
 
@@ -37,14 +39,7 @@ def rows_common_prefix(key, BITS: tl.constexpr = 32):
     ones = tl.full([], 0xFFFFFFFF, tl.uint32)
     hi = tl.max(tl.max(key, 2), 0)
     lo = tl.min(tl.min(tl.where(key != 0, key, ones), 2), 0)
-    diff = hi ^ lo  # all ones without a valid key: no prefix
-    top = ((diff.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # may round up one bit
-    top = tl.minimum(top, BITS - 1)
-    one = tl.full([], 1, tl.uint32)
-    low_mask = tl.where(top >= 31, ones, (one << tl.minimum(tl.maximum(top + 1, 0), 31).to(tl.uint32)) - one)
-    prefix = tl.where(diff == 0, lo, lo & (ones ^ low_mask))
-    first = tl.where(diff == 0, BITS, BITS - 1 - top)
-    return prefix, first
+    return prefix_between(hi, lo, BITS)
 
 
 @triton.jit
