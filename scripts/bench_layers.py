@@ -161,7 +161,7 @@ def timed_blocks(fns: dict, rounds: int, block: int = 6) -> dict:
     call by call runs native and Stem at one shared clock, the mix of both; a block runs each config
     at the clock its own forwards leave, as a server that runs only that config does. The rounds
     still alternate, so a drift weighs on every fn alike. The per-round ratios are in LAST_BLOCK_TIMES."""
-    names = [n for n in fns]
+    names = list(fns)
     times = {n: [] for n in names}
     per_round = {n: [] for n in names}
     clocks = {n: [] for n in names}
@@ -181,8 +181,11 @@ def timed_blocks(fns: dict, rounds: int, block: int = 6) -> dict:
             per_round[n].append(statistics.median(kept))
     LAST_BLOCK_TIMES.clear()
     LAST_BLOCK_TIMES.update(per_round)
-    return {n: (statistics.median(times[n]), statistics.fmean(c for c in clocks[n] if c == c) if any(
-        c == c for c in clocks[n]) else float("nan")) for n in names}
+    out = {}
+    for n in names:
+        sampled = [c for c in clocks[n] if c == c]  # nan without NVML
+        out[n] = (statistics.median(times[n]), statistics.fmean(sampled) if sampled else float("nan"))
+    return out
 
 
 LAST_BLOCK_TIMES: dict[str, list[float]] = {}  # each fn's median ms, block by block, of the last `timed_blocks`
@@ -225,7 +228,7 @@ def time_configs_interleaved(row: dict, models: dict, configs: dict, forward) ->
             row[f"{name}_over_native_paired"] = paired_ratio(LAST_TIMES, name, "native_kernel")
     if BLOCK_ROUNDS:
         note(f"{row['family']} S={row['S']}: {BLOCK_ROUNDS} rounds of blocks of one config")
-        for name, (ms, mhz) in timed_blocks({n: f for n, f in fns.items()}, BLOCK_ROUNDS).items():
+        for name, (ms, mhz) in timed_blocks(fns, BLOCK_ROUNDS).items():
             row[f"{name}_blocks_ms"], row[f"{name}_blocks_sm_mhz"] = ms, mhz
         for name in configs:
             if name.startswith("stem") and "native_kernel" in configs:
