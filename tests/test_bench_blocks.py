@@ -1,0 +1,71 @@
+"""`scripts/bench_layers.timed_blocks`: each round runs a block of forwards of every config in turn (the
+order rotating), each block's first forward (the one after another config) is left out, and the result
+is each config's median and mean sampled clock (CUDA events, synchronisation and NVML replaced by
+recorders, so the test runs on the CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench_layers():
+    spec = importlib.util.spec_from_file_location("bench_layers_under_test", ROOT / "scripts" / "bench_layers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_blocks_leave_out_each_blocks_first_forward(bench_layers, monkeypatch, seed):
+    rng = random.Random(seed)
+    now = [0.0]
+    calls = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = now[0]
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    def forward(name, base):
+        def run():
+            first = not calls or calls[-1][0] != name  # the call after another config's
+            ms = base + (50.0 if first else rng.uniform(0.0, 1.0))  # a first call is far slower: it must not count
+            calls.append((name, ms))
+            now[0] += ms
+        return run
+
+    clocks = iter(rng.uniform(1500, 1900) for _ in range(1000))
+    sampled = {"native": [], "stem": []}
+
+    def clock():
+        mhz = next(clocks)
+        sampled[calls[-1][0]].append(mhz)
+        return mhz
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(bench_layers, "sm_clock_mhz", clock)
+    got = bench_layers.timed_blocks({"native": forward("native", 10.0), "stem": forward("stem", 9.0)}, rounds=3,
+                                    block=4)
+    names = [n for n, _ in calls]
+    assert names == ["native"] * 4 + ["stem"] * 4 + ["stem"] * 4 + ["native"] * 4 + ["native"] * 4 + ["stem"] * 4
+    for name in ("native", "stem"):
+        blocks = [[ms for _, ms in calls[i:i + 4]] for i in range(0, len(calls), 4) if calls[i][0] == name]
+        kept = [ms for block in blocks for ms in block[1:]]
+        assert got[name][0] == pytest.approx(statistics.median(kept)), f"seed={seed}"
+        assert got[name][1] == pytest.approx(statistics.fmean(sampled[name])), f"seed={seed}"
+        assert bench_layers.LAST_BLOCK_TIMES[name] == pytest.approx([statistics.median(b[1:]) for b in blocks])
+    assert got["native"][0] > got["stem"][0] and got["native"][0] < 12.0  # no block's first call in a median
