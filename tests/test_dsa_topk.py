@@ -208,6 +208,9 @@ def test_candidate_cut_searches_keep_the_full_bisections_set(seed, spread, varia
     (dict(method="warp", search="interpolate"), "method=.warp. finds a row.s threshold by bisection"),
     (dict(method="warp", num_warps=3), "num_warps=3; allowed for method='warp'"),
     (dict(method="warp", out_chunks=3), "out_chunks=3; allowed: a power of two"),
+    (dict(method="warp", out_chunks=0), "out_chunks=0; allowed: a power of two"),
+    (dict(method="warp", maxnreg=16), "maxnreg=16; allowed: 0 .the compiler's choice. or 32..255"),
+    (dict(method="warp", maxnreg=True), "maxnreg=True; allowed"),
 ])
 def test_candidate_cut_names_what_it_refuses(kwargs, message):
     """A search, method or tiling the kernels do not have is refused before any launch, naming the value."""

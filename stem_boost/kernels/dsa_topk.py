@@ -938,19 +938,19 @@ def candidate_cut(
         rows = num_warps or CUT_WARP_ROWS
         if rows not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps={rows}; allowed for method='warp' (one row a warp): 1, 2, 4, 8, 16")
+        if out_chunks is not None and (out_chunks < 1 or out_chunks & (out_chunks - 1)):
+            raise ValueError(f"out_chunks={out_chunks}; allowed: a power of two (chunks of 32 a writing step)")
+        maxnreg = cut_warp_maxnreg_default() if maxnreg is None else maxnreg
+        if isinstance(maxnreg, bool) or not isinstance(maxnreg, int) or not (maxnreg == 0 or 32 <= maxnreg <= 255):
+            raise ValueError(f"maxnreg={maxnreg!r}; allowed: 0 (the compiler's choice) or 32..255 registers a thread")
         chunks = max(1, kp // 32)
         out_c = min(out_chunks or CUT_OUT_CHUNKS, chunks)
-        if out_c & (out_c - 1):
-            raise ValueError(f"out_chunks={out_chunks}; allowed: a power of two (chunks of 32 a writing step)")
         args = (cand_idx, scores, bias_arg, budgets, idx, counts, B * H * R, H, R, K, 1,
                 *cand_idx.stride()[:3], *scores.stride()[:3], *bias_strides, *budgets.stride(), *idx.stride()[:3])
         launch = dict(HAS_BIAS=key_bias is not None, ROWS=rows, C=chunks, OUT_C=out_c, SKIP_PREFIX=bool(skip_prefix),
                       STASH=CUT_WARP_STASH if stash is None else bool(stash), num_warps=rows)
-        maxnreg = cut_warp_maxnreg_default() if maxnreg is None else maxnreg
-        if maxnreg and not interpreting():
-            if not 32 <= maxnreg <= 255:
-                raise ValueError(f"maxnreg={maxnreg!r}; allowed: 0 (the compiler's choice) or 32..255 registers a thread")
-            launch["maxnreg"] = int(maxnreg)
+        if maxnreg and not interpreting():  # the interpreter has no registers to cap
+            launch["maxnreg"] = maxnreg
         ballot = ballot_layout_holds(_candidate_cut_warp_kernel, args, launch)
         _candidate_cut_warp_kernel[(triton.cdiv(B * H * R, rows),)](*args, BALLOT=ballot, **launch)
         return idx, counts
