@@ -53,27 +53,20 @@ def rows_threshold(key, want, done, BITS: tl.constexpr = 32, SKIP_PREFIX: tl.con
     `rank_threshold` does: the same kept set. Returns the thresholds [ROWS] (uint32)."""
     thr = tl.zeros_like(want).to(tl.uint32)
     exact = done.to(tl.int32)
-    if SKIP_PREFIX:  # each row from its own first differing bit
-        prefix, i = rows_common_prefix(key, BITS)
+    first = tl.zeros([], tl.int32)  # the bit each row starts at: one for the program unless SKIP_PREFIX
+    if SKIP_PREFIX:
+        prefix, first = rows_common_prefix(key, BITS)
         thr = tl.where(exact != 0, thr, prefix)
-        exact = exact | (i >= BITS).to(tl.int32)
-        while tl.min(exact, 0) == 0:
-            bit = (BITS - 1 - tl.minimum(i, BITS - 1)).to(tl.uint32)
-            cand = thr | (tl.full([], 1, tl.uint32) << bit)
-            n_ge = row_counts(key >= cand[None, :, None])
-            move = (n_ge >= want) & (exact == 0)
-            thr = tl.where(move, cand, thr)
-            i += 1
-            exact = exact | (move & (n_ge == want)).to(tl.int32) | (i >= BITS).to(tl.int32)
-    else:  # every row from the top bit: one step counter for the program (the warp top-k's registers)
-        i = tl.zeros([], tl.int32)
-        while (i < BITS) & (tl.min(exact, 0) == 0):
-            cand = thr | (tl.full([], 1, tl.uint32) << (BITS - 1 - i).to(tl.uint32))
-            n_ge = row_counts(key >= cand[None, :, None])
-            move = (n_ge >= want) & (exact == 0)
-            thr = tl.where(move, cand, thr)
-            exact = exact | (move & (n_ge == want)).to(tl.int32)
-            i += 1
+        exact = exact | (first >= BITS).to(tl.int32)
+    i = tl.zeros([], tl.int32)
+    while (i < BITS) & (tl.min(exact, 0) == 0):
+        pos = first + i  # a scalar without the prefix skip (the warp top-k's registers), else per row
+        cand = thr | (tl.full([], 1, tl.uint32) << (BITS - 1 - tl.minimum(pos, BITS - 1)).to(tl.uint32))
+        n_ge = row_counts(key >= cand[None, :, None])
+        move = (n_ge >= want) & (exact == 0)
+        thr = tl.where(move, cand, thr)
+        exact = exact | (move & (n_ge == want)).to(tl.int32) | (pos + 1 >= BITS).to(tl.int32)
+        i += 1
     return thr
 
 
