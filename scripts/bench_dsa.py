@@ -11,8 +11,9 @@ Sections (each starts with a correctness check on fresh random inputs, seed prin
            peer: `sparse_attention` token mode. FLOP = 2 * topk * heads * (576 + 512) per query.
   fallback what a row whose sample missed costs the warp top-k (its radix select) per fallback tile.
   cut      `kernels/dsa_topk.candidate_cut` (Stem's cut of 2048 token candidates per row, OAM bias,
-           per-row budgets) at 1 / 2 / 4 / 8 warps a row on rows x 2048 candidates; each vs the
-           default's result (the same kept set and counts).
+           per-row budgets) as a caller gets it (the default), one row a program at 1 / 2 / 4 / 8
+           warps and its searches, one row a warp at its tilings, on N(0, 1) rows and tail rows;
+           each vs the one-row-a-program bisection's result (the same kept set and counts).
   quant    the FP8 scorer's operand quantisation of one query chunk (rows x 64 heads x 128, bf16):
            the fused Triton pass vs the PyTorch definition (five fp32 passes); same e4m3 codes on
            >= 99.9% of entries, and the FP8 scores of the chunk with either.
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from stem_boost.kernels.dsa_topk import candidate_cut, topk_rows, topk_rows_reference  # noqa: E402
+from stem_boost.kernels.dsa_topk import CUT_METHOD, candidate_cut, topk_rows, topk_rows_reference  # noqa: E402
 from stem_boost.kernels.indexer_scores import (  # noqa: E402
     fp8_index_scores,
     fp8_index_scores_reference,
@@ -496,8 +497,10 @@ def section_indexer(args, res: dict) -> None:
 
 # ------------------------------------------------------------------------------------ Stem's cut
 def section_cut(args, res) -> None:
-    """candidate_cut, one row a program at several warp counts and one row a warp at several tilings: R rows x K ascending candidates with scores, OAM bias
-    per key, TPD-like budgets (60-100% of K)."""
+    """candidate_cut as a caller gets it (the default), one row a program at several warp counts and
+    searches, and one row a warp at several tilings: R rows x K ascending candidates with scores, OAM
+    bias per key, TPD-like budgets (60-100% of K); each also on tail rows (a row's top K of T N(0, 1)
+    scores, the layer's kind of row). Every variant is checked against the one-row-a-program bisection."""
     R, K, T = args.cut_rows, args.k, args.topk_keys
     seed = seed_all()
     log(f"cut: seed {seed}, {R} rows x {K} candidates over {T} keys")
@@ -505,43 +508,47 @@ def section_cut(args, res) -> None:
     cand = cand.repeat(-(-R // cand.shape[0]), 1)[:R].to(torch.int32).view(1, 1, R, K)
     cand[..., -7:] = torch.where(torch.rand(1, 1, R, 1, device=DEV) < 0.1, -1, cand[..., -7:])  # some short rows
     scores = torch.randn(1, 1, R, K, device=DEV).masked_fill(cand < 0, float("-inf"))
-    bias = torch.randn(1, 1, T, device=DEV) * 0.5
-    budgets = (K * (0.6 + 0.4 * torch.rand(1, 1, R, device=DEV))).to(torch.int32)
-    want_idx, want_n = candidate_cut(cand, scores, budgets, key_bias=bias, method="block")
-    res["cut"] = {}
-    for warps in (1, 2, 4, 8):
-        try:
-            idx, n = candidate_cut(cand, scores, budgets, key_bias=bias, method="block", num_warps=warps)
-            same = bool(torch.equal(idx, want_idx) and torch.equal(n, want_n))
-            ms = bench(lambda: candidate_cut(cand, scores, budgets, key_bias=bias, method="block", num_warps=warps))
-        except Exception as e:  # noqa: BLE001
-            row("cut", f"candidate_cut {warps} warps", None, f"failed: {e!r}"[:120])
-            continue
-        gb = R * K * 8 / 1e9 + R * K * 4 / 1e9
-        res["cut"][warps] = dict(ms=ms, same=same)
-        row("cut", f"candidate_cut {warps} warps", ms, f"{gb / ms:.0f} GB/s (reads + writes); same as default: {same}")
-    # the bisection started below the bits a row's candidates share (`skip_prefix`); the threshold by an
-    # interpolation search (`search="interpolate"`)
-    for name, kw in (("skip_prefix", dict(method="block", skip_prefix=True)),
-                     ("interpolate", dict(method="block", search="interpolate"))):
-        idx, n = candidate_cut(cand, scores, budgets, key_bias=bias, **kw)
-        same = bool(torch.equal(idx, want_idx) and torch.equal(n, want_n))
-        ms = bench(lambda: candidate_cut(cand, scores, budgets, key_bias=bias, **kw))
-        res["cut"][name] = dict(ms=ms, same=same)
-        row("cut", f"candidate_cut 4 warps, {name.replace('_', ' ')}", ms, f"same as default: {same}")
-    # the layer's kind of row: a row's top-K of T N(0, 1) scores (the tail), in key order, plus the bias
     tail = torch.stack([torch.randn(T, device=DEV).topk(K).values for _ in range(min(R, 64))])
     tail = tail[:, torch.randperm(K, device=DEV)].repeat(-(-R // tail.shape[0]), 1)[:R].view(1, 1, R, K)
     tail = tail.masked_fill(cand < 0, float("-inf"))
-    want_tail = candidate_cut(cand, tail, budgets, key_bias=bias, method="block", search="bisect", skip_prefix=False)
-    for name, kw in (("tail rows, bisect", dict(method="block", search="bisect", skip_prefix=False)),
-                     ("tail rows, skip_prefix", dict(method="block", search="bisect", skip_prefix=True)),
-                     ("tail rows, interpolate", dict(method="block", search="interpolate"))):
-        idx, n = candidate_cut(cand, tail, budgets, key_bias=bias, **kw)
-        same = bool(torch.equal(idx, want_tail[0]) and torch.equal(n, want_tail[1]))
-        ms = bench(lambda: candidate_cut(cand, tail, budgets, key_bias=bias, **kw))
-        res["cut"][name] = dict(ms=ms, same=same)
-        row("cut", f"candidate_cut 4 warps, {name.replace('_', ' ')}", ms, f"same as the bisection: {same}")
+    bias = torch.randn(1, 1, T, device=DEV) * 0.5
+    budgets = (K * (0.6 + 0.4 * torch.rand(1, 1, R, device=DEV))).to(torch.int32)
+    block = dict(method="block", search="bisect", skip_prefix=False)
+    want = {id(x): candidate_cut(cand, x, budgets, key_bias=bias, **block) for x in (scores, tail)}
+
+    def measure(rows_scores, **kw) -> tuple[float, bool]:
+        """(ms, whether it kept the one-row-a-program bisection's set) of candidate_cut(**kw)."""
+        idx, n = candidate_cut(cand, rows_scores, budgets, key_bias=bias, **kw)
+        w_idx, w_n = want[id(rows_scores)]
+        return bench(lambda: candidate_cut(cand, rows_scores, budgets, key_bias=bias, **kw)), bool(
+            torch.equal(idx, w_idx) and torch.equal(n, w_n))
+
+    res["cut"] = {}
+    # what a caller gets: no method or tiling named (`CUT_METHOD` and the `CUT_*` defaults)
+    ms, same = measure(scores)
+    ms_tail, same_tail = measure(tail)
+    res["cut"]["default"] = dict(method=CUT_METHOD, ms=ms, same=same, tail_ms=ms_tail, tail_same=same_tail)
+    row("cut", f"candidate_cut default (method={CUT_METHOD!r})", ms,
+        f"same as the block cut: {same}; tail rows {ms_tail:.3f} ms, same: {same_tail}")
+    gb = R * K * 8 / 1e9 + R * K * 4 / 1e9
+    for warps in (1, 2, 4, 8):
+        try:
+            ms, same = measure(scores, **block, num_warps=warps)
+        except Exception as e:  # noqa: BLE001
+            row("cut", f"candidate_cut {warps} warps", None, f"failed: {e!r}"[:120])
+            continue
+        res["cut"][warps] = dict(ms=ms, same=same)
+        row("cut", f"candidate_cut {warps} warps", ms, f"{gb / ms:.0f} GB/s (reads + writes); same as 4 warps: {same}")
+    # the bisection started below the bits a row's candidates share (`skip_prefix`); the threshold by an
+    # interpolation search (`search="interpolate"`); on N(0, 1) rows and on tail rows
+    for prefix, rows_scores in (("", scores), ("tail rows, ", tail)):
+        for name, kw in (("bisect", block), ("skip_prefix", dict(block, skip_prefix=True)),
+                         ("interpolate", dict(block, search="interpolate"))):
+            if not prefix and name == "bisect":
+                continue  # the N(0, 1) rows' bisection is the 4-warp row above
+            ms, same = measure(rows_scores, **kw)
+            res["cut"][prefix + name] = dict(ms=ms, same=same)
+            row("cut", f"candidate_cut 4 warps, {prefix}{name.replace('_', ' ')}", ms, f"same as the bisection: {same}")
     # one row a warp (`method="warp"`): rows a program x register cap x prefix skipped x keys stashed
     # (and chunks a writing step)
     grid = [(rows, maxnreg, skip, stash, 4) for rows in (1, 2, 4) for maxnreg in (0, 168) for skip in (False, True)
@@ -552,17 +559,13 @@ def section_cut(args, res) -> None:
         name = (f"warp {rows} rows, maxnreg {maxnreg or 'none'}, {out_chunks} chunks a write, "
                 f"prefix {'skipped' if skip else 'bisected'}, keys {'stashed' if stash else 'recomputed'}")
         try:
-            idx, n = candidate_cut(cand, scores, budgets, key_bias=bias, **kw)
-            same = bool(torch.equal(idx, want_idx) and torch.equal(n, want_n))
-            ms = bench(lambda: candidate_cut(cand, scores, budgets, key_bias=bias, **kw))
-            idx, n = candidate_cut(cand, tail, budgets, key_bias=bias, **kw)
-            same_tail = bool(torch.equal(idx, want_tail[0]) and torch.equal(n, want_tail[1]))
-            ms_tail = bench(lambda: candidate_cut(cand, tail, budgets, key_bias=bias, **kw))
+            ms, same = measure(scores, **kw)
+            ms_tail, same_tail = measure(tail, **kw)
         except Exception as e:  # noqa: BLE001
             row("cut", f"candidate_cut {name}", None, f"failed: {e!r}"[:120])
             continue
         res["cut"][name] = dict(ms=ms, same=same, tail_ms=ms_tail, tail_same=same_tail)
-        row("cut", f"candidate_cut {name}", ms, f"same as default: {same}; tail rows {ms_tail:.3f} ms, "
+        row("cut", f"candidate_cut {name}", ms, f"same as the block cut: {same}; tail rows {ms_tail:.3f} ms, "
                                                 f"same: {same_tail}")
     # what the OAM bias's gather costs (one 4-byte read of a [T] vector per candidate): the cut without it
     _, n = candidate_cut(cand, scores, budgets, method="block")
