@@ -692,7 +692,8 @@ def topk_rows(
 # interpolation search), and whether the bisection starts below the bits a row's candidates share.
 # Every choice keeps the same set. H200, 32768 rows x 2048 candidates (BENCHMARKS.md, nineteenth
 # session): the shared prefix skipped 1.00-1.03x the time, the interpolation 0.99-1.05x, two bits a count
-# 1.13x. The cut's time is not its search: it reads its 0.8 GB at 1.3 TB/s (five one-row programs an SM).
+# 1.13x. The cut's time is not its search but its load latency at the occupancy its registers allow
+# (ncu, twentieth session: 1.1-1.5 TB/s with DRAM 23-32% busy, at 19-31% occupancy).
 SEARCHES = ("bisect", "interpolate")
 CUT_SEARCH = "bisect"
 CUT_SKIP_PREFIX = False
