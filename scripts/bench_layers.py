@@ -1,4 +1,5 @@
-"""One full-width attention layer, native vs Stem, prefill time and peak memory (run on a GPU).
+"""One full-width attention layer, native vs Stem, prefill time and peak memory (run on a GPU); with
+`--family minicpm4-model`, the prefill of a whole MiniCPM-4.1-8B-shaped model.
 
 dsa:      a DeepSeek-V3.2 attention layer (transformers' DeepseekV32Attention at real dims: hidden
           7168, 128 heads, MLA kv_lora 512 / rope 64 / nope 128 / v 128, q_lora 1536, indexer
@@ -548,6 +549,60 @@ def bench_infllmv2(seqs, device, windows=(0,), select_chunk: int | None = None):
     return rows
 
 
+def minicpm41_8b_config(layers: int):
+    """A MiniCPM-4.1-8B config (the official config.json's sizes, muP values and sparse_config; RoPE
+    without the long-context scaling, which changes no time) with `layers` decoder layers."""
+    from stem_boost.models.minicpm4 import MiniCPM4Config
+    from stem_boost.native.infllmv2 import MINICPM41_SPARSE_CONFIG
+
+    return MiniCPM4Config(vocab_size=73448, hidden_size=4096, intermediate_size=16384, num_hidden_layers=layers,
+                          num_attention_heads=32, num_key_value_heads=2, head_dim=128,
+                          max_position_embeddings=262144, tie_word_embeddings=False, scale_emb=12,
+                          scale_depth=1.4, dim_model_base=256, sparse_config=dict(MINICPM41_SPARSE_CONFIG))
+
+
+def bench_minicpm4_model(seqs, device, window: int, layers: int):
+    """The whole model's prefill, as a user runs it: a MiniCPM-4.1-8B-shaped model (`layers` decoder
+    layers, MLPs, norms, the LM head on the last position), random bf16 weights, dense / native / Stem.
+    The input is `inputs_embeds` from `smooth_hidden_states` (window 0: i.i.d. positions)."""
+    from stem_boost.models.minicpm4 import MiniCPM4ForCausalLM
+
+    cfg = minicpm41_8b_config(layers)
+    torch.manual_seed(0)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the GPU: no fp32 copy of 8B weights
+    try:
+        with torch.device(device):
+            model = MiniCPM4ForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    note(f"minicpm4 model: {layers} layers, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters")
+    rows = []
+    for S in seqs:
+        x = smooth_hidden_states(S, cfg.hidden_size, window, device)
+
+        def forward(m):
+            return m(inputs_embeds=x, logits_to_keep=1, use_cache=False)
+
+        row = dict(family=f"minicpm4 model, {layers} layers", S=S, smooth_window=window)
+        stem_boost.wrap(model, dense=True)
+        note(f"minicpm4 model S={S} dense")
+        row["dense_ms"], row["dense_gib"] = timed(lambda: _no_grad(lambda: forward(model)))
+        row["dense_first_call_s"] = LAST_FIRST_CALL_S[0]
+        stem_boost.unwrap(model)
+        configs = {"native_kernel": dict(reduce=0.0, beta=0.0), "stem": dict(reduce=0.18)}
+        models = {"native_kernel": model, "stem": copy.deepcopy(model)}
+        note(f"minicpm4 model S={S} native / Stem, interleaved")
+        time_configs_interleaved(row, models, configs, forward)
+        del models
+        row["stem_over_native"] = row["stem_ms"] / row["native_kernel_ms"]
+        row["dense_over_stem"] = row["dense_ms"] / row["stem_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del x
+    return rows
+
+
 UNION_TILE_PEERS = {"triton": dict(kernel="triton"), "sm90": dict(kernel="sm90")}  # each executor beside the default
 
 
@@ -600,7 +655,9 @@ def infllmv2_breakdown(attn, x, pe) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", choices=["dsa", "infllmv2"], nargs="+", default=["dsa", "infllmv2"])
+    ap.add_argument("--family", choices=["dsa", "infllmv2", "minicpm4-model"], nargs="+", default=["dsa", "infllmv2"],
+                    help="minicpm4-model: the whole MiniCPM-4.1-8B-shaped model (--model-layers), not one layer")
+    ap.add_argument("--model-layers", type=int, default=32, help="minicpm4-model: decoder layers (MiniCPM-4.1-8B: 32)")
     ap.add_argument("--seqs", type=int, nargs="+", default=[32768, 65536, 131072])
     ap.add_argument("--native-max-seq", type=int, default=0,
                     help="largest S to also time transformers' own DSA sdpa path at (0 = never; OOM from 16K)")
@@ -631,6 +688,8 @@ def main():
                     help="N profiled forwards of native and Stem each, in alternation: wall, kernel and idle time, and the "
                          "kernels that differ most (rows up to --profile-max-seq)")
     args = ap.parse_args()
+    if args.model_layers < 1:
+        ap.error(f"--model-layers must be at least 1, got {args.model_layers}")
     global PROFILE, PROFILE_TABLES, PROFILE_OPS, PROFILE_AB, MIN_REPS, ALL_PEERS, BLOCK_ROUNDS
     PROFILE, MIN_REPS, ALL_PEERS = args.profile, max(1, args.min_reps), args.peers == "all"
     BLOCK_ROUNDS = max(0, args.block_rounds)
@@ -652,6 +711,8 @@ def main():
     for family in args.family:  # in the order given
         if family == "dsa":
             res["rows"] += bench_dsa(args.seqs, "cuda", args.native_max_seq)
+        elif family == "minicpm4-model":
+            res["rows"] += bench_minicpm4_model(args.seqs, "cuda", args.smooth[0], args.model_layers)
         else:
             res["rows"] += bench_infllmv2(args.seqs, "cuda", args.smooth, args.select_chunk)
         if args.out:
