@@ -8,8 +8,10 @@ a failing test's report ends with the line to replay it:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,3 +36,13 @@ def pytest_runtest_makereport(item, call):
     value = getattr(item, "stem_seed", None)
     if report.failed and value is not None:
         report.sections.append(("seed", f"replay: {SEED_ENV}={value} python -m pytest '{item.nodeid}'"))
+
+
+@pytest.fixture(scope="session")
+def bench_layers():
+    """`scripts/bench_layers.py` loaded as a module (a script, not a package module), once per run."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_layers.py"
+    spec = importlib.util.spec_from_file_location("bench_layers_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

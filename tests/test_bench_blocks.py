@@ -5,24 +5,11 @@ recorders, so the test runs on the CPU)."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def bench_layers():
-    spec = importlib.util.spec_from_file_location("bench_layers_under_test", ROOT / "scripts" / "bench_layers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_blocks_leave_out_each_blocks_first_forward(bench_layers, monkeypatch, seed):
     rng = random.Random(seed)

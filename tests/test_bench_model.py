@@ -5,7 +5,6 @@ model's layers; the full config has MiniCPM-4.1-8B's size; a bad layer count is 
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import time
@@ -15,14 +14,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def bench_layers():
-    spec = importlib.util.spec_from_file_location("bench_layers_model_under_test", ROOT / "scripts" / "bench_layers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_full_config_is_minicpm41_8b(bench_layers):
