@@ -13,6 +13,9 @@ infllmv2: a MiniCPM-4.1-8B attention layer (hidden 4096, 32 q / 2 kv heads, d 12
           sparse_config), random bf16 weights. (a) dense SDPA (stem_boost.wrap(dense=True): the same
           layer, every causal key), (b) native InfLLMv2 selection + our kernel, (c) Stem at
           reduce=0.18. Selection included in every time.
+minicpm4-model: the whole model as a user pre-fills it: MiniCPM-4.1-8B's sizes (32 layers, MLP 16384,
+          vocab 73448, muP values; --model-layers), random bf16 weights, `inputs_embeds` from
+          --smooth's first window, the LM head on the last position; dense / native / Stem at 0.18.
 Times: medians of CUDA-event timed calls; native and Stem alternate call by call (`timed_interleaved`,
 on copies of the layer), so that a GPU slowing as it heats weighs on both alike; the paired column is
 the median of the per-round ratios (the two calls of a round ran at nearly one clock; the SM clock's
@@ -22,6 +25,7 @@ own power draw leaves (an H200 at its power cap runs alternating configs at one 
 Memory: peak allocated during one forward.
 
     python scripts/bench_layers.py --family dsa --seqs 32768 65536 131072 --out dsa.json
+    python scripts/bench_layers.py --family minicpm4-model --seqs 131072 --smooth 128 --min-reps 3
 """
 
 from __future__ import annotations
