@@ -508,6 +508,24 @@ def smooth_hidden_states(S: int, width: int, window: int, device, dtype=torch.bf
     return ((c[:, window:] - c[:, :-window]) / window ** 0.5).to(dtype)
 
 
+def time_dense_native_stem(row: dict, model, forward, label: str) -> None:
+    """An InfLLMv2 model's three configurations into row: dense alone first (`timed`, the model wrapped
+    with dense=True), then native and Stem at reduce 0.18 interleaved (`time_configs_interleaved`) on
+    `model` and a copy of it (the same weights), each wrapped once; forward(m) runs one prefill of m."""
+    stem_boost.wrap(model, dense=True)
+    note(f"{label} dense")
+    row["dense_ms"], row["dense_gib"] = timed(lambda: _no_grad(lambda: forward(model)))
+    row["dense_first_call_s"] = LAST_FIRST_CALL_S[0]
+    stem_boost.unwrap(model)
+    configs = {"native_kernel": dict(reduce=0.0, beta=0.0), "stem": dict(reduce=0.18)}
+    models = {"native_kernel": model, "stem": copy.deepcopy(model)}
+    note(f"{label} native / Stem, interleaved")
+    time_configs_interleaved(row, models, configs, forward)
+    del models
+    row["stem_over_native"] = row["stem_ms"] / row["native_kernel_ms"]
+    row["dense_over_stem"] = row["dense_ms"] / row["stem_ms"]
+
+
 def bench_infllmv2(seqs, device, windows=(0,), select_chunk: int | None = None):
     from stem_boost.models.minicpm4 import MiniCPM4Config, MiniCPM4ForCausalLM
     from stem_boost.native.infllmv2 import MINICPM41_SPARSE_CONFIG
@@ -527,20 +545,8 @@ def bench_infllmv2(seqs, device, windows=(0,), select_chunk: int | None = None):
         pe = rotary(pos)
         row = dict(family="infllmv2", S=S, smooth_window=window)
 
-        # dense alone first; native and Stem interleaved (`timed_interleaved`) on two copies of the
-        # one-layer model (the same weights), each wrapped once
-        stem_boost.wrap(model, dense=True)
-        note(f"infllmv2 S={S} smooth={window} dense")
-        row["dense_ms"], row["dense_gib"] = timed(lambda: _no_grad(lambda: attn(x, pe)))
-        row["dense_first_call_s"] = LAST_FIRST_CALL_S[0]
-        stem_boost.unwrap(model)
-        configs = {"native_kernel": dict(reduce=0.0, beta=0.0), "stem": dict(reduce=0.18)}
-        models = {"native_kernel": model, "stem": copy.deepcopy(model)}
-        note(f"infllmv2 S={S} smooth={window} native / Stem, interleaved")
-        time_configs_interleaved(row, models, configs, lambda m: m.model.layers[0].self_attn(x, pe))
-        del models
-        row["stem_over_native"] = row["stem_ms"] / row["native_kernel_ms"]
-        row["dense_over_stem"] = row["dense_ms"] / row["stem_ms"]
+        time_dense_native_stem(row, model, lambda m: m.model.layers[0].self_attn(x, pe),
+                               f"infllmv2 S={S} smooth={window}")
         if PROFILE_TABLES and profiling(S):
             for name, kwargs in (("native", dict(reduce=0.0, beta=0.0)), ("stem", dict(reduce=0.18))):
                 stem_boost.wrap(model, **kwargs)
@@ -589,18 +595,7 @@ def bench_minicpm4_model(seqs, device, window: int, layers: int):
             return m(inputs_embeds=x, logits_to_keep=1, use_cache=False)
 
         row = dict(family=f"minicpm4 model, {layers} layers", S=S, smooth_window=window)
-        stem_boost.wrap(model, dense=True)
-        note(f"minicpm4 model S={S} dense")
-        row["dense_ms"], row["dense_gib"] = timed(lambda: _no_grad(lambda: forward(model)))
-        row["dense_first_call_s"] = LAST_FIRST_CALL_S[0]
-        stem_boost.unwrap(model)
-        configs = {"native_kernel": dict(reduce=0.0, beta=0.0), "stem": dict(reduce=0.18)}
-        models = {"native_kernel": model, "stem": copy.deepcopy(model)}
-        note(f"minicpm4 model S={S} native / Stem, interleaved")
-        time_configs_interleaved(row, models, configs, forward)
-        del models
-        row["stem_over_native"] = row["stem_ms"] / row["native_kernel_ms"]
-        row["dense_over_stem"] = row["dense_ms"] / row["stem_ms"]
+        time_dense_native_stem(row, model, forward, f"minicpm4 model S={S}")
         rows.append(row)
         print(json.dumps(row), flush=True)
         del x
