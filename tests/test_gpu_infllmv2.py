@@ -260,6 +260,60 @@ def test_gpu_block_union_sm90_row_lists(G, query_block, causal):
     assert _rel_err(out, tri) < 1e-2, f"seed {seed}"
 
 
+@pytest.mark.parametrize("G,S,query_block,causal,tile,hsel,dtype,head_major", [
+    (16, 1000, 64, True, None, 2, torch.bfloat16, False),     # block mode at MiniCPM-4.1's group
+    (6, 1000, 64, True, None, 2, torch.bfloat16, True),       # G = 6: a 128-row tile splits tokens' heads
+    (4, 1000, 64, True, None, 1, torch.float16, False),       # the last tile's second consumer past S; Hsel = 1
+    (8, 700, 16, False, dict(PINGPONG=False), 2, torch.bfloat16, True),
+    (16, 1000, 64, True, dict(NUM_BUF=2), 2, torch.bfloat16, False),  # the shallowest ring: every slot reused
+    (16, 1000, 64, True, dict(NUM_BUF=4, CONSUMER_REGS=216), 2, torch.bfloat16, False),
+])
+def test_gpu_block_rows_sm90_ws(G, S, query_block, causal, tile, hsel, dtype, head_major):
+    """The warp-specialised Gluon kernel (kernel="sm90_ws": 128-row tiles, two consumers sharing each K / V
+    block) on row lists against the fp64 reference and the 64-row Gluon kernel, with rows that select
+    nothing (zeros, lse -inf), causal or not, ping-pong on and off, ring depths 2-5."""
+    from stem_boost.kernels.block_union import block_union_attention
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is for compute capability 9.x")
+    seed = 9500 + G + S + query_block + int(causal)
+    torch.manual_seed(seed)
+    B, Hkv, D = 2, 2, 128
+    T = S
+    R, nb = -(-S // query_block), -(-T // 64)
+    last = torch.clamp((torch.arange(R, device="cuda") * query_block + query_block - 1) // 64, max=nb - 1)
+    score = torch.rand(B, hsel, R, nb, device="cuda")
+    if causal:
+        score = torch.where(torch.arange(nb, device="cuda") <= last[:, None], score, -1.0)
+    top = score.topk(5, dim=-1)
+    idx = torch.where(top.values >= 0, top.indices, nb + 1).sort(dim=-1).values
+    idx = torch.where(idx > nb, -1, idx).to(torch.int32)
+    idx[:, :, 2] = -1  # a row (query_block tokens) that selects nothing
+    counts = (idx >= 0).sum(-1).to(torch.int32)
+    q = torch.randn(B, S, Hkv * G, D, device="cuda").to(dtype)
+    kv_shape = (B, Hkv, T, D) if head_major else (B, T, Hkv, D)
+    k, v = (torch.randn(*kv_shape, device="cuda").to(dtype) for _ in range(2))
+    if head_major:
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    out, lse = block_union_attention(q, k, v, idx, counts, block_size=64, query_block=query_block, causal=causal,
+                                     return_lse=True, kernel="sm90_ws", tile=tile)
+    m64, lse64 = block_union_attention(q, k, v, idx, counts, block_size=64, query_block=query_block, causal=causal,
+                                       return_lse=True, kernel="sm90")
+    rows = torch.arange(S, device="cuda") // query_block
+    tok_idx = idx[:, :, rows].expand(B, Hkv, S, -1).contiguous()
+    tok_counts = counts[:, :, rows].expand(B, Hkv, S).contiguous()
+    if causal:
+        ref, ref_lse = _reference(q.double(), k.double(), v.double(), tok_idx, tok_counts, 64, T - S)
+        ok = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), ok), f"seed {seed}"
+        assert _rel_err(out, ref) < 1e-2 and _rel_err(lse[ok], ref_lse[ok]) < 1e-2, f"seed {seed}"
+        assert torch.all(out.permute(0, 2, 1, 3)[~ok] == 0), f"seed {seed}: empty rows give zeros"
+    assert not torch.isnan(out).any(), f"seed {seed}"
+    assert _rel_err(out, m64) < 1e-2, f"seed {seed}: against the 64-row Gluon kernel"
+    fin = torch.isfinite(lse64)
+    assert torch.equal(torch.isfinite(lse), fin) and _rel_err(lse[fin], lse64[fin]) < 1e-2, f"seed {seed}"
+
+
 def test_gpu_sparse_attention_takes_the_gluon_walk_on_hopper(monkeypatch):
     """sparse_attention's block lists run the Gluon walk by default on compute capability 9.x (a silent
     fallback to the Triton kernel would cost 6-8%), and the Triton walk when asked for by name."""

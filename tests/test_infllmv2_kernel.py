@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -620,3 +621,60 @@ def test_block_union_triton_knobs_select_triton(seed, monkeypatch):
         assert torch.equal(out, ref), f"seed {seed}, {knob}"
     with pytest.raises(ValueError, match=r"\{'num_stages': 2\} tune the Triton kernel; kernel='sm90' takes none"):
         block_union_attention(q, k, v, idx, counts, block_size=bs, kernel="sm90", num_stages=2)
+
+
+def test_block_union_routes_row_lists_to_the_warp_specialised_kernel(seed, monkeypatch):
+    """With `ROWS_KERNEL = "sm90_ws"` on Hopper, row lists whose 128-row flat tiles each lie in one selection
+    row (query_block * G a multiple of 128) run the warp-specialised kernel with the caller's tile; per-token
+    lists and row lists that do not fit keep the 64-row Gluon kernel. Checked on the CPU with both kernels
+    made to look runnable and recorded instead of run."""
+    from stem_boost.kernels import block_union, block_union_sm90
+    from stem_boost.kernels.block_union import block_union_attention
+
+    calls = []
+    monkeypatch.setattr(block_union, "ROWS_KERNEL", "sm90_ws")
+    monkeypatch.setattr(block_union_sm90, "supports_block_union_sm90", lambda *args: True)
+    monkeypatch.setattr(block_union_sm90, "block_rows_sm90_ws", lambda *a, **kw: calls.append(("ws", kw["tile"])))
+    monkeypatch.setattr(block_union_sm90, "block_union_sm90", lambda *a, **kw: calls.append(("m64", kw["tile"])))
+    gen = torch.Generator().manual_seed(seed)
+    Hkv, D, bs = 2, 16, 64
+    for G, query_block, want in ((16, 64, "ws"), (6, 64, "ws"), (8, 16, "ws"), (5, 64, "m64"), (16, 1, "m64")):
+        S = 2 * query_block if query_block > 1 else 40
+        R = -(-S // query_block)
+        idx = torch.zeros(1, Hkv, R, 1, dtype=torch.int32)
+        counts = torch.ones(1, Hkv, R, dtype=torch.int32)
+        q = torch.randn(1, S, Hkv * G, D, generator=gen)
+        k, v = torch.randn(1, S, Hkv, D, generator=gen), torch.randn(1, S, Hkv, D, generator=gen)
+        calls.clear()
+        block_union_attention(q, k, v, idx, counts, block_size=bs, query_block=query_block, tile={"NUM_BUF": 4})
+        assert calls == [(want, {"NUM_BUF": 4})], f"seed {seed}: G {G}, query_block {query_block}: {calls}"
+    calls.clear()  # asked for by name where it does not fit: refused, naming why
+    with pytest.raises(ValueError, match=r"kernel='sm90_ws' needs .*query_block \* G a multiple of 128.*ws_fits=False"):
+        block_union_attention(q, k, v, idx, counts, block_size=bs, query_block=1, kernel="sm90_ws")
+    assert calls == []
+
+
+def test_block_union_ws_kernel_refusals(seed):
+    """kernel="sm90_ws" off Hopper, a Gluon tile on the Triton route, an unknown tile option and row lists
+    whose 128-row tiles would straddle two selection rows are refused, naming the values."""
+    from stem_boost.kernels.block_union import block_union_attention
+    from stem_boost.kernels.block_union_sm90 import SM90_WS_TILE, block_rows_sm90_ws
+
+    gen = torch.Generator().manual_seed(seed)
+    S, Hkv, G, D = 128, 2, 16, 16
+    q = torch.randn(1, S, Hkv * G, D, generator=gen)
+    k, v = torch.randn(1, S, Hkv, D, generator=gen), torch.randn(1, S, Hkv, D, generator=gen)
+    idx, counts = torch.zeros(1, Hkv, 2, 1, dtype=torch.int32), torch.ones(1, Hkv, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"kernel='sm90_ws' needs CUDA.*torch.float32, D 16, Dv 16, block_size 64"):
+        block_union_attention(q, k, v, idx, counts, block_size=64, query_block=64, kernel="sm90_ws")
+    with pytest.raises(ValueError, match=r"tile=\{'NUM_BUF': 4\} sets a Gluon kernel's tile; this call runs the Triton"):
+        block_union_attention(q, k, v, idx, counts, block_size=64, query_block=64, tile={"NUM_BUF": 4})
+    out = torch.empty_like(q)
+    with pytest.raises(ValueError, match=r"unknown tile options \['STAGES'\]; allowed: " + re.escape(str(sorted(SM90_WS_TILE)))):
+        block_rows_sm90_ws(q, k, v, idx, counts, out, None, scale_log2=1.0, q_offset=0, causal=True, query_block=64,
+                           tile={"STAGES": 2})
+    with pytest.raises(ValueError, match=r"query_block \* G = 4 \* 16 must be a multiple of 128 rows"):
+        block_rows_sm90_ws(q, k, v, idx, counts, out, None, scale_log2=1.0, q_offset=0, causal=True, query_block=4)
+    with pytest.raises(ValueError, match=r"NUM_BUF must be >= 2"):
+        block_rows_sm90_ws(q, k, v, idx, counts, out, None, scale_log2=1.0, q_offset=0, causal=True, query_block=64,
+                           tile={"NUM_BUF": 1})

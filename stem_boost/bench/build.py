@@ -52,7 +52,8 @@ def _lists(B: int, H: int, R: int, k: int, n_units: int, *, query_block: int, un
 
 def union_case(G: int, Hkv: int, query_block: int = 1, D: int = 128, S: int = 256, T: int = 4096,
                kernel: str = "triton") -> BuildCase:
-    """The block walk of `block_union_attention` by `kernel` ("triton", or "sm90": the Gluon kernel)."""
+    """The block walk of `block_union_attention` by `kernel` ("triton", "sm90": the Gluon kernel, or
+    "sm90_ws": its warp-specialised 128-row tile on row lists)."""
     from ..kernels.block_union import block_union_attention
 
     def run():
@@ -63,10 +64,11 @@ def union_case(G: int, Hkv: int, query_block: int = 1, D: int = 128, S: int = 25
         block_union_attention(q, k, v, idx, counts, block_size=64, query_block=query_block, kernel=kernel)
 
     rows = "per-token lists" if query_block == 1 else f"lists per {query_block} queries"
+    what = {"triton": "; Triton", "sm90": "; the Gluon kernel for Hopper (the default there)",
+            "sm90_ws": "; the warp-specialised Gluon kernel for Hopper (128-row tiles)"}[kernel]
     return BuildCase(f"union G{G}" + ("" if query_block == 1 else f" qb{query_block}")
-                     + (" sm90" if kernel == "sm90" else ""),
-                     f"block-sparse attention, {G * Hkv} q / {Hkv} kv heads, d {D}, blocks of 64, {rows}"
-                     + ("; the Gluon kernel for Hopper (the default there)" if kernel == "sm90" else "; Triton"), run)
+                     + ("" if kernel == "triton" else f" {kernel}"),
+                     f"block-sparse attention, {G * Hkv} q / {Hkv} kv heads, d {D}, blocks of 64, {rows}{what}", run)
 
 
 def select_case(stem: str | None, G: int = 16, Hk: int = 2, S: int = 128, T: int = 131072,
@@ -342,7 +344,8 @@ def all_cases() -> list[BuildCase]:
     return [
         union_case(16, 2), union_case(8, 4), union_case(6, 8), union_case(4, 8), union_case(1, 16),
         union_case(16, 2, query_block=64), union_case(16, 2, kernel="sm90"), union_case(6, 8, kernel="sm90"),
-        union_case(16, 2, query_block=64, kernel="sm90"),
+        union_case(16, 2, query_block=64, kernel="sm90"), union_case(16, 2, query_block=64, kernel="sm90_ws"),
+        union_case(6, 8, query_block=64, kernel="sm90_ws"),
         select_case(None), select_case("budgets"), select_case("mass"), select_case(None, fused=True),
         select_case(None, topk_method="warp"), select_case("budgets", topk_method="warp"),
         select_g3_case(), stage1_case(), pooled_sm90_case(), pooled_sm90_case(stem=True),

@@ -154,15 +154,19 @@ UNION_VARIANTS = {"triton": dict(kernel="triton"),  # the Triton kernel's defaul
                   "triton flat M64 s2": dict(flat_rows=True, block_m=64, num_stages=2, kernel="triton"),
                   "triton flat M128 s3": dict(flat_rows=True, block_m=128, num_stages=3, kernel="triton"),
                   "triton token tiles": dict(flat_rows=False, kernel="triton"),
-                  "sm90": dict(kernel="sm90")}  # the Gluon kernel (block_union_sm90.py), flat tiles of 64 rows
+                  "sm90": dict(kernel="sm90"),  # the Gluon kernel (block_union_sm90.py), flat tiles of 64 rows
+                  # its warp-specialised 128-row tiles: a producer warpgroup, two consumers sharing each K / V block
+                  "sm90 ws": dict(kernel="sm90_ws"),
+                  "sm90 ws no ping-pong": dict(kernel="sm90_ws", tile=dict(PINGPONG=False)),
+                  "sm90 ws ring 4": dict(kernel="sm90_ws", tile=dict(NUM_BUF=4))}
 
 
-def run_block_mode(seqs, densities, device, results, tiles_grid, groups=(16,)):
+def run_block_mode(seqs, densities, device, results, tiles_grid, groups=(16,), variants=tuple(UNION_VARIANTS)):
     for G in groups:
-        _run_block_mode_group(seqs, densities, device, results, tiles_grid, G)
+        _run_block_mode_group(seqs, densities, device, results, tiles_grid, G, variants)
 
 
-def _run_block_mode_group(seqs, densities, device, results, tiles_grid, G: int):
+def _run_block_mode_group(seqs, densities, device, results, tiles_grid, G: int, variants):
     from torch.nn.attention.flex_attention import flex_attention
 
     from ..kernels.block_union import block_union_attention
@@ -209,7 +213,8 @@ def _run_block_mode_group(seqs, densities, device, results, tiles_grid, G: int):
                 runs["default"] = lambda: sparse_attention(q, k, v, sel, check=False)
             except Exception as e:
                 print(f"  default executor: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            for name, kwargs in UNION_VARIANTS.items():  # the default executor's tiles, side by side
+            for name in variants:  # the default executor's tiles, side by side
+                kwargs = UNION_VARIANTS[name]
                 def run_variant(kwargs=kwargs):
                     return block_union_attention(q, k, v, idx, counts, block_size=block, query_block=block, **kwargs)
                 try:
@@ -223,7 +228,7 @@ def _run_block_mode_group(seqs, densities, device, results, tiles_grid, G: int):
             dense_ms, flex_ms = timed["dense"], timed["flex"]
             dense_tf = 4 * dense_pairs * Hq * D / dense_ms / 1e9
             union_ms = timed.get("default", float("nan"))
-            variants = {name: timed.get(name, float("nan")) for name in UNION_VARIANTS}
+            variants_ms = {name: timed.get(name, float("nan")) for name in variants}
             tf = 4 * pairs * Hq * D / ms / 1e9
             flex_tf = 4 * pairs * Hq * D / flex_ms / 1e9
             union_tf = 4 * pairs * Hq * D / union_ms / 1e9
@@ -232,8 +237,8 @@ def _run_block_mode_group(seqs, densities, device, results, tiles_grid, G: int):
                        tf_vs_dense=tf / dense_tf, speedup_vs_dense=dense_ms / ms, speedup_vs_flex=flex_ms / ms,
                        dense_alone_ms=dense_alone_ms, union_tf_vs_dense_alone=dense_alone_ms / union_ms * pairs / dense_pairs,
                        tiles=tiles, union_ms=union_ms, union_rel_err_vs_kernel=union_err, union_tflops=union_tf, union_tf_vs_dense=union_tf / dense_tf,
-                       union_variants_ms=variants,
-                       union_variants_tf_vs_dense={n: 4 * pairs * Hq * D / t / 1e9 / dense_tf for n, t in variants.items()})
+                       union_variants_ms=variants_ms,
+                       union_variants_tf_vs_dense={n: 4 * pairs * Hq * D / t / 1e9 / dense_tf for n, t in variants_ms.items()})
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
             del bm
@@ -333,6 +338,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--modes", nargs="+", default=["block", "token"], choices=["block", "token"])
     ap.add_argument("--masked-max-seq", type=int, default=65536)
     ap.add_argument("--groups", type=int, nargs="+", default=[16], help="block mode: GQA group sizes G")
+    ap.add_argument("--variants", nargs="+", default=list(UNION_VARIANTS), choices=list(UNION_VARIANTS),
+                    metavar="NAME", help="block mode: the executors timed beside the default, by name: "
+                    + ", ".join(repr(n) for n in UNION_VARIANTS))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--check-only", action="store_true", help="the correctness check alone (no timings)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes for the correctness check")
@@ -371,7 +379,7 @@ def main(argv=None) -> int:
                    dict(BLOCK_T=1, BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=3),
                    dict(BLOCK_T=1, BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=2)]
     if "block" in args.modes:
-        run_block_mode(args.seqs, args.densities, device, results, block_tiles, args.groups)
+        run_block_mode(args.seqs, args.densities, device, results, block_tiles, args.groups, args.variants)
     if "token" in args.modes:
         run_token_mode(args.seqs, device, results, token_tiles, args.masked_max_seq)
     if args.out:
@@ -386,7 +394,7 @@ def main(argv=None) -> int:
                   f"{r['dense_ms']:.2f} | {r['dense_tflops']:.0f} | {r['tf_vs_dense']:.2f} | {r['flex_ms']:.2f} | "
                   f"{r['speedup_vs_flex']:.2f} | {r['speedup_vs_dense']:.2f} | {r['union_ms']:.2f} | "
                   f"{r['union_tf_vs_dense']:.2f} | {r['union_tf_vs_dense_alone']:.2f} |")
-    names = list(UNION_VARIANTS)
+    names = list(args.variants)
     print("\n| G | S | default ms | " + " | ".join(f"{n} ms" for n in names) + " | default / dense TF | "
           + " | ".join(f"{n} / dense TF" for n in names) + " |")
     print("|---" * (3 + 2 * len(names) + 1) + "|")

@@ -332,22 +332,36 @@ FLAT_STAGES = 3
 UNION_KERNEL = "sm90"
 
 
+#: the executor of row lists (block mode: query_block * G a multiple of 128) where the Gluon kernels run:
+#: "sm90_ws" (128-row tiles, a producer warpgroup and two consumers sharing each K / V block) or "sm90"
+ROWS_KERNEL = "sm90"
+
+
 def _gluon_route(kernel: str | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
-                 rows: int) -> bool:
-    """Whether `block_union_attention` runs the Gluon kernel: asked for (`kernel="sm90"`, an error
-    where it cannot run) or by default (`UNION_KERNEL`) where it can. rows: the live rows of a tile."""
-    if kernel not in (None, "triton", "sm90"):
-        raise ValueError(f"kernel={kernel!r}; allowed: None, 'triton', 'sm90'")
+                 rows: int, ws_fits: bool) -> str | None:
+    """The Gluon kernel `block_union_attention` runs ("sm90", "sm90_ws") or None (Triton): asked for by name
+    (an error where it cannot run) or by default (`UNION_KERNEL`, `ROWS_KERNEL`) where it can. rows: the live
+    rows of a tile; ws_fits: row lists whose 128-row flat tiles each lie in one selection row."""
+    if kernel not in (None, "triton", "sm90", "sm90_ws"):
+        raise ValueError(f"kernel={kernel!r}; allowed: None, 'triton', 'sm90', 'sm90_ws'")
     if kernel == "triton" or (kernel is None and UNION_KERNEL != "sm90"):
-        return False
+        return None
     from .block_union_sm90 import supports_block_union_sm90
 
-    fits = rows <= 64 and supports_block_union_sm90(q, k, v, block_size)
+    hopper = supports_block_union_sm90(q, k, v, block_size)
+    if kernel == "sm90_ws" and not (hopper and ws_fits):
+        raise ValueError(f"kernel='sm90_ws' needs CUDA on compute capability 9.x, bf16 / fp16 q, k, v, head dims 64 or "
+                         f"128 (Dv = D), blocks of 64 keys and row lists with query_block * G a multiple of 128 (flat "
+                         f"tiles); got {q.dtype}, D {q.shape[-1]}, Dv {v.shape[-1]}, block_size {block_size}, device "
+                         f"{q.device}, ws_fits={ws_fits}")
+    if kernel == "sm90_ws" or (kernel is None and ROWS_KERNEL == "sm90_ws" and hopper and ws_fits):
+        return "sm90_ws"
+    fits = rows <= 64 and hopper
     if kernel == "sm90" and not fits:
         raise ValueError(f"kernel='sm90' needs CUDA on compute capability 9.x, bf16 / fp16 q, k, v, head dims 64 or "
                          f"128 (Dv = D), blocks of 64 keys and tiles of <= 64 rows; got {q.dtype}, D {q.shape[-1]}, "
                          f"Dv {v.shape[-1]}, block_size {block_size}, {rows} rows, device {q.device}")
-    return fits
+    return "sm90" if fits else None
 
 _ALLOCATOR_SET = False
 
@@ -382,6 +396,7 @@ def block_union_attention(
     warp_specialize: bool = False,
     union: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     kernel: str | None = None,
+    tile: dict | None = None,
 ):
     """Per-token block-sparse attention with union tiles (see the module docstring).
 
@@ -404,8 +419,11 @@ def block_union_attention(
         warp_specialize: Triton's warp specialisation of the block loop (experimental).
         union: a precomputed `union_block_lists(idx, counts, QT)` (e.g. shared by several layers).
         kernel: "triton" (this module's kernel, any device), "sm90" (`block_union_sm90`, the Gluon
-            kernel for Hopper: bf16 / fp16, head dims 64 / 128, blocks of 64, tiles of at most 64 rows)
-            or None: `UNION_KERNEL` where it runs, else Triton. num_warps / num_stages /
+            kernel for Hopper: bf16 / fp16, head dims 64 / 128, blocks of 64, tiles of at most 64 rows),
+            "sm90_ws" (`block_rows_sm90_ws`: the same on row lists whose 128-row flat tiles each lie in
+            one selection row, i.e. query_block * G a multiple of 128; warp-specialised)
+            or None: `UNION_KERNEL` / `ROWS_KERNEL` where they run, else Triton.
+        tile: options of the Gluon kernel's tile (`SM90_UNION_TILE`, `SM90_WS_TILE`). num_warps / num_stages /
             warp_specialize / use_tma are the Triton kernel's knobs: given with kernel=None they
             select it, with kernel="sm90" they are refused.
     Returns out [B, S, Hq, Dv] (and lse [B, Hq, S] fp32 with return_lse).
@@ -418,8 +436,8 @@ def block_union_attention(
     triton_knobs = {name: value for name, value in (("num_warps", num_warps), ("num_stages", num_stages),
                                                     ("use_tma", use_tma), ("warp_specialize", warp_specialize or None))
                     if value is not None}
-    if triton_knobs and kernel == "sm90":
-        raise ValueError(f"{triton_knobs} tune the Triton kernel; kernel='sm90' takes none of them")
+    if triton_knobs and kernel in ("sm90", "sm90_ws"):
+        raise ValueError(f"{triton_knobs} tune the Triton kernel; kernel={kernel!r} takes none of them")
     if triton_knobs and kernel is None:
         kernel = "triton"
     R = -(-S // query_block)
@@ -466,12 +484,25 @@ def block_union_attention(
     use_tma = (on_gpu if use_tma is None else bool(use_tma)) and on_gpu and dp == D and dvp == Dv
     out = torch.empty(B, S, Hq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device) if return_lse else out
-    if _gluon_route(kernel, q, k, v, block_size, cfg["BLOCK_M"] if flat else qt * G):
+    ws_fits = query_block > 1 and tokens_per_tile is None and block_m in (None, 128) and flat_rows is not False \
+        and (query_block * G) % 128 == 0
+    route = _gluon_route(kernel, q, k, v, block_size, cfg["BLOCK_M"] if flat else qt * G, ws_fits)
+    if tile is not None and route is None:
+        raise ValueError(f"tile={tile} sets a Gluon kernel's tile; this call runs the Triton kernel")
+    if route == "sm90_ws":
+        from .block_union_sm90 import block_rows_sm90_ws
+
+        block_rows_sm90_ws(q, k, v, idx.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous(), out,
+                           lse if return_lse else None, scale_log2=scale * 1.4426950408889634, q_offset=offset,
+                           causal=causal, query_block=query_block, tile=tile)
+        return (out, lse) if return_lse else out
+    if route == "sm90":
         from .block_union_sm90 import block_union_sm90
 
         block_union_sm90(q, k, v, uidx, umask, ucount, out, lse if return_lse else None, n_tiles=n_tiles, G=G,
                          qt=qt, scale_log2=scale * 1.4426950408889634, q_offset=offset, causal=causal,
-                         hsel_shared=idx.shape[1] == 1, row_lists=row_lists, query_block=query_block, flat=flat)
+                         hsel_shared=idx.shape[1] == 1, row_lists=row_lists, query_block=query_block, flat=flat,
+                         tile=tile)
         return (out, lse) if return_lse else out
     if use_tma:
         _ensure_tma_allocator()

@@ -36,13 +36,19 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .aot import compiling
+from .gluon_shims import cta_barrier as _cta_barrier
 from .gluon_shims import tma_load as _tma_load
 from .gluon_softmax import finite_max
 from .warp_rows import interpreting
 
-__all__ = ["block_union_sm90", "supports_block_union_sm90", "SM90_UNION_TILE"]
+__all__ = ["block_union_sm90", "block_rows_sm90_ws", "supports_block_union_sm90", "SM90_UNION_TILE", "SM90_WS_TILE", "WS_ROWS"]
 
 SM90_UNION_TILE = dict(NUM_BUF=3)  # K / V ring depth (3 x 2 x 16 KB + Q 16 KB at d 128: two programs an SM)
+# the warp-specialised tile (`_block_rows_ws_fwd`): ring depth (5 x 32 KB + Q 2 x 16 KB at d 128: one program an
+# SM), registers of a consumer thread (the producer warpgroup gets the rest of 64K: 48 at 232), and whether the
+# consumers take turns issuing their products (FlashAttention-3's ping-pong)
+SM90_WS_TILE = dict(NUM_BUF=5, CONSUMER_REGS=232, PINGPONG=True)
+WS_ROWS = 128  # rows of a warp-specialised program: two consumer warpgroups of 64
 ROWS, KEYS = 64, 64  # rows a program (one warpgroup), keys a step (one key block)
 BLOCK_M = gl.constexpr(ROWS)
 BLOCK_N = gl.constexpr(KEYS)
@@ -265,6 +271,206 @@ def _block_union_sm90_fwd(
         gl.store(LSE + b.to(gl.int64) * stride_lb + head_s.to(gl.int64) * stride_lh + tok_s, lse, mask=ok_s)
 
 
+@gluon.jit
+def _ws_producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_free, v_free, UIDX, u_off, n, b, kvh, T, HKV,
+                 D: gl.constexpr, DV: gl.constexpr, K_HEAD_MAJOR: gl.constexpr, V_HEAD_MAJOR: gl.constexpr,
+                 NUM_BUF: gl.constexpr):
+    """Default partition (4 warps, few registers): entry e's K and V blocks by TMA into ring slot e % NUM_BUF
+    as soon as both consumers have released the slot's previous block (K after its scores, V after its P V).
+    The next entry's block number is read under this entry's waits."""
+    blk = _entry_block(UIDX, u_off, 0, n)
+    for e in range(n):
+        upcoming = _entry_block(UIDX, u_off, e + 1, n)
+        slot = e % NUM_BUF
+        free_phase = ((e // NUM_BUF) & 1) ^ 1  # the first pass over the ring finds every slot free
+        mbarrier.wait(k_free.index(slot), free_phase)
+        _issue_kv(k_desc, k_ring, k_ready, e, blk, n, b, kvh, T, HKV, D, K_HEAD_MAJOR, NUM_BUF)
+        mbarrier.wait(v_free.index(slot), free_phase)
+        _issue_kv(v_desc, v_ring, v_ready, e, blk, n, b, kvh, T, HKV, DV, V_HEAD_MAJOR, NUM_BUF)
+        blk = upcoming
+
+
+@gluon.jit
+def _release(bar):
+    """Every thread of this consumer is past its reads of a slot (one partition barrier), then one arrival."""
+    _cta_barrier()
+    mbarrier.arrive(bar, count=1)
+
+
+@gluon.jit
+def _take_turn(turn, c: gl.constexpr, step, PINGPONG: gl.constexpr):
+    """Ping-pong: consumer c waits until the other consumer has issued its products of the step before
+    (consumer 0 goes first), so that one consumer's softmax runs under the other's products."""
+    if PINGPONG:
+        mbarrier.wait(turn.index(c), (step & 1) ^ (1 - c))
+
+
+@gluon.jit
+def _pass_turn(turn, c: gl.constexpr, PINGPONG: gl.constexpr):
+    """Ping-pong: this consumer's products of the step are issued; the other consumer's turn."""
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - c), count=1)
+
+
+@gluon.jit
+def _ws_consumer(c: gl.constexpr, Q, O, LSE, q_smem, k_ring, v_ring, k_ready, v_ready, k_free, v_free, turn,
+                 UIDX, u_off, n, pid_t, b, kvh, S, T, q_offset, qk_scale_log2,
+                 stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                 G: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr,
+                 NUM_BUF: gl.constexpr, PINGPONG: gl.constexpr):
+    """Consumer c (4 warps): flat rows [64 c, 64 c + 64) of the program's 128, the walk of `_block_union_sm90_fwd`
+    (S_j and P_{j-1} V_{j-1} issued together, step j's softmax under P V) on the shared K / V rings: it waits
+    for each block's TMA, and releases K_j once S_j is retired and V_{j-1} once P V is."""
+    dtype: gl.constexpr = Q.dtype.element_ty
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, DV, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    cols_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    half = pid_t * 2 + c  # this consumer's 64-row flat tile
+    t0 = (half * BLOCK_M) // G
+    q_own = q_smem.index(c)
+
+    # ---- this consumer's query rows [64, D] (rows past S read row S - 1, never stored)
+    tok_ld, head_ld, _ = _tile_rows(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout)), half, t0, kvh, S,
+                                    G, 1, True)
+    tok_ld = gl.minimum(tok_ld, S - 1)
+    d_ld = gl.arange(0, D, layout=gl.SliceLayout(0, ld_layout))
+    q_rows = Q + b.to(gl.int64) * stride_qb + tok_ld.to(gl.int64) * stride_qs + head_ld.to(gl.int64) * stride_qh
+    q_own.store(gl.load(q_rows[:, None] + d_ld[None, :]))
+    fence_async_shared()
+    _cta_barrier()
+
+    tok_s, head_s, ok_s = _tile_rows(gl.arange(0, BLOCK_M, layout=rows_s), half, t0, kvh, S, G, 1, True)
+    tin = tok_s - t0
+    qpos = tok_s + q_offset
+    offs_n = gl.arange(0, BLOCK_N, layout=cols_s)
+    full_bits = gl.where(t0 < S, 1, 0)  # row lists: a live entry holds for every row (bit 0), none past S
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=rows_s)
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=rows_s)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    acc = gl.zeros([BLOCK_M, DV], gl.float32, layout=o_layout)
+
+    # ---- step 0: S_0 and its softmax
+    if n > 0:
+        mbarrier.wait(k_ready.index(0), 0)
+        _take_turn(turn, c, 0, PINGPONG)
+        qk = warpgroup_mma(q_own, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        _pass_turn(turn, c, PINGPONG)
+        qk = warpgroup_mma_wait(0, deps=(qk,))
+        _release(k_free.index(0))
+    else:
+        qk = s_zero
+    p_regs, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, UIDX, UIDX, u_off, 0, n, full_bits, tin, qpos, offs_n,
+                                            t0, q_offset, T, qk_scale_log2, dtype, p_layout, CAUSAL, True)
+    # ---- step j: S_j and P_{j-1} V_{j-1} issued together (in this consumer's turn), step j's softmax under P V
+    for j in range(1, n):
+        slot = j % NUM_BUF
+        prev = (j - 1) % NUM_BUF
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+        mbarrier.wait(k_ready.index(slot), (j // NUM_BUF) & 1)
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // NUM_BUF) & 1)
+        _take_turn(turn, c, j, PINGPONG)
+        qk = warpgroup_mma(q_own, k_ring.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        acc = warpgroup_mma(p_regs, v_ring.index(prev), acc, is_async=True)
+        _pass_turn(turn, c, PINGPONG)
+        qk = warpgroup_mma_wait(1, deps=(qk,))  # S_j done
+        _release(k_free.index(slot))
+        p_regs, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, UIDX, UIDX, u_off, j, n, full_bits, tin, qpos,
+                                                offs_n, t0, q_offset, T, qk_scale_log2, dtype, p_layout, CAUSAL, True)
+        acc = warpgroup_mma_wait(0, deps=(acc,))  # P V_{j-1} done
+        _release(v_free.index(prev))
+    if n > 0:  # the last step's P V
+        last = (n - 1) % NUM_BUF
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+        mbarrier.wait(v_ready.index(last), ((n - 1) // NUM_BUF) & 1)
+        _take_turn(turn, c, n, PINGPONG)
+        acc = warpgroup_mma(p_regs, v_ring.index(last), acc, is_async=True)
+        _pass_turn(turn, c, PINGPONG)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        _release(v_free.index(last))
+
+    # ---- epilogue: O = acc / l (rows that saw no key: zeros), lse in natural log
+    l_div = gl.where(l_i == 0.0, 1.0, l_i)
+    out = (acc / gl.expand_dims(gl.convert_layout(l_div, rows_o), 1)).to(dtype)
+    out = gl.convert_layout(out, ld_layout)
+    tok_st, head_st, ok_st = _tile_rows(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout)), half, t0, kvh,
+                                        S, G, 1, True)
+    dv = gl.arange(0, DV, layout=gl.SliceLayout(0, ld_layout))
+    o_rows = O + b.to(gl.int64) * stride_ob + tok_st.to(gl.int64) * stride_os + head_st.to(gl.int64) * stride_oh
+    gl.store(o_rows[:, None] + dv[None, :], out, mask=gl.expand_dims(ok_st, 1))
+    if RETURN_LSE:
+        lse = gl.where(l_i == 0.0, float("-inf"), (finite_max(m_i) + gl.log2(l_div)) * 0.6931471805599453)
+        gl.store(LSE + b.to(gl.int64) * stride_lb + head_s.to(gl.int64) * stride_lh + tok_s, lse, mask=ok_s)
+
+
+@gluon.jit
+def _block_rows_ws_fwd(
+    Q, k_desc, v_desc, UIDX, UCNT, O, LSE,
+    qk_scale_log2, S, T, q_offset,
+    stride_qb, stride_qs, stride_qh,
+    stride_ub, stride_uh, stride_ut,
+    stride_nb, stride_nh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    HKV,
+    HSEL_SHARED: gl.constexpr, G: gl.constexpr, D: gl.constexpr, DV: gl.constexpr,
+    CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, QUERY_BLOCK: gl.constexpr,
+    K_HEAD_MAJOR: gl.constexpr, V_HEAD_MAJOR: gl.constexpr, NUM_BUF: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr,
+):
+    """Flat tiles of 128 (token, head) rows of one selection row, warp-specialised: a producer warpgroup
+    streams the row's K and V blocks by TMA into rings shared by two consumer warpgroups of 64 rows, so
+    each block is read from L2 once per 128 rows (twice with two 64-row programs an SM)."""
+    gl.static_assert(NUM_BUF >= 2, "a ring of at least two slots")
+    dtype: gl.constexpr = Q.dtype.element_ty
+    q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
+    # ---- program -> (128-row tile, batch, kv head); heaviest tiles first
+    pid_t = gl.num_programs(0) - 1 - gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    kvh = pid_bh % HKV
+    b = pid_bh // HKV
+    if HSEL_SHARED:
+        sel_h = 0
+    else:
+        sel_h = kvh
+    urow = ((pid_t * 2 * BLOCK_M) // G) // QUERY_BLOCK  # the tile's 128 rows lie in one selection row
+    u_off = b.to(gl.int64) * stride_ub + sel_h * stride_uh + urow.to(gl.int64) * stride_ut
+    n = gl.load(UCNT + b * stride_nb + sel_h * stride_nh + urow)
+
+    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], q_smem_layout)
+    k_ring = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_N, D], k_desc.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_N, DV], v_desc.layout)
+    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    k_free = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    v_free = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_BUF):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_free.index(i), count=2)  # one arrival per consumer
+        mbarrier.init(v_free.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    fence_async_shared()
+
+    # The argument tuples are written inline: a tuple held in a variable turns its constexprs into runtime values.
+    gl.warp_specialize([
+        (_ws_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_free, v_free, UIDX, u_off, n, b, kvh, T,
+                        HKV, D, DV, K_HEAD_MAJOR, V_HEAD_MAJOR, NUM_BUF)),
+        (_ws_consumer, (0, Q, O, LSE, q_smem, k_ring, v_ring, k_ready, v_ready, k_free, v_free, turn, UIDX, u_off, n,
+                        pid_t, b, kvh, S, T, q_offset, qk_scale_log2, stride_qb, stride_qs, stride_qh, stride_ob,
+                        stride_os, stride_oh, stride_lb, stride_lh, G, D, DV, CAUSAL, RETURN_LSE, NUM_BUF, PINGPONG)),
+        (_ws_consumer, (1, Q, O, LSE, q_smem, k_ring, v_ring, k_ready, v_ready, k_free, v_free, turn, UIDX, u_off, n,
+                        pid_t, b, kvh, S, T, q_offset, qk_scale_log2, stride_qb, stride_qs, stride_qh, stride_ob,
+                        stride_os, stride_oh, stride_lb, stride_lh, G, D, DV, CAUSAL, RETURN_LSE, NUM_BUF, PINGPONG)),
+    ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+
+
 def supports_block_union_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:
     """Whether `block_union_sm90` runs these tensors: CUDA on compute capability 9.x (not the
     interpreter; or an ahead-of-time sm_90 build, `aot.compiling`), bf16 / fp16, q / k / v of one dtype,
@@ -286,6 +492,58 @@ def _kv_view(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return t.view(B * T, H * D), False
 
 
+def _tile_config(default: dict, tile: dict | None) -> dict:
+    """`default` with the options of `tile`; an unknown option is refused by name."""
+    unknown = set(tile or {}) - set(default)
+    if unknown:
+        raise ValueError(f"unknown tile options {sorted(unknown)}; allowed: {sorted(default)}")
+    return dict(default, **(tile or {}))
+
+
+def _kv_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """TMA descriptors of 64-key blocks of K and V (`_kv_view`): (k_desc, k head-major, v_desc, v head-major)."""
+    D, Dv = k.shape[3], v.shape[3]
+    k2, k_head_major = _kv_view(k)
+    v2, v_head_major = _kv_view(v)
+    dt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    k_desc = TensorDescriptor.from_tensor(k2, [KEYS, D], gl.NVMMASharedLayout.get_default_for([KEYS, D], dt))
+    v_desc = TensorDescriptor.from_tensor(v2, [KEYS, Dv], gl.NVMMASharedLayout.get_default_for([KEYS, Dv], dt))
+    return k_desc, k_head_major, v_desc, v_head_major
+
+
+def block_rows_sm90_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor | None, *, scale_log2: float, q_offset: int, causal: bool,
+                       query_block: int, tile: dict | None = None) -> None:
+    """Launch the warp-specialised kernel on row lists idx [B, Hsel, R, Kmax] / counts [B, Hsel, R] (R = ceil(S /
+    query_block), query_block * G a multiple of `WS_ROWS`: each 128-row flat tile in one row) and write out
+    [B, S, Hq, Dv] (and lse [B, Hq, S]). `tile` overrides `SM90_WS_TILE`."""
+    B, S, Hq, D = q.shape
+    T, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = Hq // Hkv
+    if (query_block * G) % WS_ROWS:
+        raise ValueError(f"query_block * G = {query_block} * {G} must be a multiple of {WS_ROWS} rows")
+    cfg = _tile_config(SM90_WS_TILE, tile)
+    if cfg["NUM_BUF"] < 2:
+        raise ValueError(f"tile {cfg}: NUM_BUF must be >= 2")
+    k_desc, k_head_major, v_desc, v_head_major = _kv_descriptors(q, k, v)
+    n_tiles = -(-S * G // WS_ROWS)
+    if n_tiles == 0 or B * Hkv == 0:
+        return
+    _block_rows_ws_fwd[(n_tiles, B * Hkv)](
+        q, k_desc, v_desc, idx, counts, out, lse if lse is not None else out,
+        scale_log2, S, T, q_offset,
+        q.stride(0), q.stride(1), q.stride(2),
+        idx.stride(0), idx.stride(1), idx.stride(2),
+        counts.stride(0), counts.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
+        Hkv,
+        HSEL_SHARED=idx.shape[1] == 1, G=G, D=D, DV=Dv, CAUSAL=causal, RETURN_LSE=lse is not None,
+        QUERY_BLOCK=query_block, K_HEAD_MAJOR=k_head_major, V_HEAD_MAJOR=v_head_major, NUM_BUF=cfg["NUM_BUF"],
+        CONSUMER_REGS=cfg["CONSUMER_REGS"], PINGPONG=bool(cfg["PINGPONG"]), num_warps=4,
+    )
+
+
 def block_union_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, uidx: torch.Tensor,
                      umask: torch.Tensor | None, ucount: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None, *,
                      n_tiles: int, G: int, qt: int, scale_log2: float, q_offset: int, causal: bool,
@@ -295,14 +553,10 @@ def block_union_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, uidx: to
     its tiles) and write out [B, S, Hq, Dv] (and lse [B, Hq, S]). `tile` overrides `SM90_UNION_TILE`."""
     B, S, Hq, D = q.shape
     T, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = dict(SM90_UNION_TILE, **(tile or {}))
+    cfg = _tile_config(SM90_UNION_TILE, tile)
     if cfg["NUM_BUF"] < 3:
         raise ValueError(f"tile {cfg}: NUM_BUF must be >= 3")
-    k2, k_head_major = _kv_view(k)
-    v2, v_head_major = _kv_view(v)
-    dt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    k_desc = TensorDescriptor.from_tensor(k2, [KEYS, D], gl.NVMMASharedLayout.get_default_for([KEYS, D], dt))
-    v_desc = TensorDescriptor.from_tensor(v2, [KEYS, Dv], gl.NVMMASharedLayout.get_default_for([KEYS, Dv], dt))
+    k_desc, k_head_major, v_desc, v_head_major = _kv_descriptors(q, k, v)
     if n_tiles == 0 or B * Hkv == 0:
         return
     _block_union_sm90_fwd[(n_tiles, B * Hkv)](
