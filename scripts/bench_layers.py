@@ -602,7 +602,8 @@ def bench_minicpm4_model(seqs, device, window: int, layers: int):
     return rows
 
 
-UNION_TILE_PEERS = {"triton": dict(kernel="triton"), "sm90": dict(kernel="sm90")}  # each executor beside the default
+UNION_TILE_PEERS = {"triton": dict(kernel="triton"), "sm90": dict(kernel="sm90"),  # each executor beside the default
+                    "sm90_ws": dict(kernel="sm90_ws")}
 
 
 def infllmv2_breakdown(attn, x, pe) -> dict:
@@ -642,6 +643,8 @@ def infllmv2_breakdown(attn, x, pe) -> dict:
         ms_sel_stem, _ = timed(stem_select)
         stem_sel = stem_select().to_selection()
         ms_kernel_stem, _ = timed(lambda: sparse_attention(qT, kT, vT, stem_sel, check=False))
+        stem_peers = {name: timed(lambda: block_union_attention(qT, kT, vT, stem_sel.idx, stem_sel.counts, block_size=64,
+                                                                **kw))[0] for name, kw in UNION_TILE_PEERS.items()}
         stem_inflation = union_inflation(union_block_lists(stem_sel.idx, stem_sel.counts, 4, n_units=-(-S // 64))[2],
                                          stem_sel.counts, 4)
     return dict(native_selection_ms=ms_sel, kernel_native_ms=ms_kernel,
@@ -649,6 +652,7 @@ def infllmv2_breakdown(attn, x, pe) -> dict:
                 mean_blocks_per_token=float(counts.float().mean()),
                 union_inflation_qt2=inflation[2], union_inflation_qt4=inflation[4], union_inflation_qt8=inflation[8],
                 stem_selection_ms=ms_sel_stem, kernel_stem_ms=ms_kernel_stem,
+                **{f"kernel_stem_{name}_ms": ms for name, ms in stem_peers.items()},
                 stem_blocks_per_token=float(stem_sel.counts.float().mean()), stem_union_inflation_qt4=stem_inflation)
 
 
@@ -672,7 +676,7 @@ def main():
     ap.add_argument("--select-chunk", type=int, default=None,
                     help="InfLLMv2: the attention module's select_chunk_size (default 1024, the model's own on CUDA); "
                          "the fused selection keeps its own 16384-row chunks except with the mass schedule")
-    ap.add_argument("--union-kernel", choices=["triton", "sm90"], default=None,
+    ap.add_argument("--union-kernel", choices=["triton", "sm90", "sm90_ws"], default=None,
                     help="the block walk's executor for every layer of the run (block_union.UNION_KERNEL; default: the "
                          "library's)")
     ap.add_argument("--block-rounds", type=int, default=0, metavar="N",
@@ -743,15 +747,17 @@ def main():
     if inf:
         print("\n| InfLLMv2 S (smooth window) | selection ms | kernel ms (native) | the same, "
               + " / ".join(UNION_TILE_PEERS) + " | blocks / token | union inflation QT 2 / 4 / 8 "
-              "| Stem: selection ms | kernel ms | blocks / token | inflation QT 4 |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "| Stem: selection ms | kernel ms | the same, " + " / ".join(UNION_TILE_PEERS)
+              + " | blocks / token | inflation QT 4 |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in inf:
             peers = " / ".join(f"{r.get(f'kernel_native_{n}_ms', float('nan')):.1f}" for n in UNION_TILE_PEERS)
             print(f"| {r['S']} ({r.get('smooth_window', 0)}) | {r['native_selection_ms']:.1f} | {r['kernel_native_ms']:.1f} | "
                   f"{peers} | "
                   f"{r['mean_blocks_per_token']:.1f} | {r['union_inflation_qt2']:.2f} / {r['union_inflation_qt4']:.2f} / "
                   f"{r['union_inflation_qt8']:.2f} | {r['stem_selection_ms']:.1f} | {r['kernel_stem_ms']:.1f} | "
-                  f"{r['stem_blocks_per_token']:.1f} | {r['stem_union_inflation_qt4']:.2f} |")
+                  + " / ".join(f"{r.get(f'kernel_stem_{n}_ms', float('nan')):.1f}" for n in UNION_TILE_PEERS)
+                  + f" | {r['stem_blocks_per_token']:.1f} | {r['stem_union_inflation_qt4']:.2f} |")
     dsa = [r for r in res["rows"] if "stem_step_radix_ms" in r]
     if dsa:
         from stem_boost.kernels.dispatch import TOKEN_KEY_STEP as step

@@ -314,6 +314,50 @@ def test_gpu_block_rows_sm90_ws(G, S, query_block, causal, tile, hsel, dtype, he
     assert torch.equal(torch.isfinite(lse), fin) and _rel_err(lse[fin], lse64[fin]) < 1e-2, f"seed {seed}"
 
 
+@pytest.mark.parametrize("G,Hkv,S,T,D,layout,dtype", [
+    (16, 2, 700, 700, 128, "head", torch.bfloat16),    # MiniCPM-4.1: 8-token programs, the last half past S
+    (16, 2, 500, 900, 128, "token", torch.float16),    # q_offset 400
+    (6, 4, 513, 513, 128, "mixed", torch.bfloat16),    # 10 tokens a half (60 of 64 rows)
+    (4, 8, 300, 333, 64, "token", torch.bfloat16),     # 16 tokens a half, head dim 64
+])
+def test_gpu_block_union_sm90_ws_per_token_lists(G, Hkv, S, T, D, layout, dtype):
+    """The warp-specialised kernel on per-token lists (two halves of QT tokens on the union of 2 QT tokens'
+    lists, each computing only its own tokens' entries) against the fp64 reference and the 64-row Gluon
+    kernel, with a whole half of tokens that selects nothing (zeros, lse -inf); G = 1 (32 tokens a tile) is
+    refused by name."""
+    from stem_boost.kernels.block_union import block_union_attention
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is for compute capability 9.x")
+    seed = 9600 + S + G
+    torch.manual_seed(seed)
+    B, qt = 2, 64 // G
+
+    def kv():
+        if layout == "head" or (layout == "mixed" and kv.first):
+            kv.first = False
+            return torch.randn(B, Hkv, T, D, device="cuda").to(dtype).transpose(1, 2)
+        return torch.randn(B, T, Hkv, D, device="cuda").to(dtype)
+    kv.first = True
+    q = torch.randn(B, S, Hkv * G, D, device="cuda").to(dtype)
+    k, v = kv(), kv()
+    idx, counts = _lists(B, Hkv, S, T, 9, seed, jitter=2.0)  # tokens' lists differ: halves skip entries
+    counts[:, :, qt:2 * qt] = 0  # the second half of the first program selects nothing
+    idx[:, :, qt:2 * qt] = -1
+    out, lse = block_union_attention(q, k, v, idx, counts, block_size=64, return_lse=True, kernel="sm90_ws")
+    ref, ref_lse = _reference(q.double(), k.double(), v.double(), idx, counts, 64, T - S)
+    m64 = block_union_attention(q, k, v, idx, counts, block_size=64, kernel="sm90")
+    ok = torch.isfinite(ref_lse)
+    assert not torch.isnan(out).any(), f"seed {seed}"
+    assert torch.equal(torch.isfinite(lse), ok), f"seed {seed}"
+    assert _rel_err(out, ref) < 1e-2 and _rel_err(lse[ok], ref_lse[ok]) < 1e-2, f"seed {seed}"
+    assert _rel_err(out, m64) < 1e-2, f"seed {seed}: against the 64-row Gluon kernel"
+    assert torch.all(out.permute(0, 2, 1, 3)[~ok] == 0), f"seed {seed}: empty rows give zeros"
+    q1 = torch.randn(B, S, Hkv, D, device="cuda").to(dtype)  # G = 1: 32 tokens a half do not fit the bits
+    with pytest.raises(ValueError, match=r"kernel='sm90_ws' needs .*ws_fits=False"):
+        block_union_attention(q1, k, v, idx, counts, block_size=64, kernel="sm90_ws")
+
+
 def test_gpu_sparse_attention_takes_the_gluon_walk_on_hopper(monkeypatch):
     """sparse_attention's block lists run the Gluon walk by default on compute capability 9.x (a silent
     fallback to the Triton kernel would cost 6-8%), and the Triton walk when asked for by name."""

@@ -634,7 +634,7 @@ def test_block_union_routes_row_lists_to_the_warp_specialised_kernel(seed, monke
     calls = []
     monkeypatch.setattr(block_union, "ROWS_KERNEL", "sm90_ws")
     monkeypatch.setattr(block_union_sm90, "supports_block_union_sm90", lambda *args: True)
-    monkeypatch.setattr(block_union_sm90, "block_rows_sm90_ws", lambda *a, **kw: calls.append(("ws", kw["tile"])))
+    monkeypatch.setattr(block_union_sm90, "block_sm90_ws", lambda *a, **kw: calls.append(("ws", kw["tile"])))
     monkeypatch.setattr(block_union_sm90, "block_union_sm90", lambda *a, **kw: calls.append(("m64", kw["tile"])))
     gen = torch.Generator().manual_seed(seed)
     Hkv, D, bs = 2, 16, 64
@@ -648,9 +648,20 @@ def test_block_union_routes_row_lists_to_the_warp_specialised_kernel(seed, monke
         calls.clear()
         block_union_attention(q, k, v, idx, counts, block_size=bs, query_block=query_block, tile={"NUM_BUF": 4})
         assert calls == [(want, {"NUM_BUF": 4})], f"seed {seed}: G {G}, query_block {query_block}: {calls}"
-    calls.clear()  # asked for by name where it does not fit: refused, naming why
-    with pytest.raises(ValueError, match=r"kernel='sm90_ws' needs .*query_block \* G a multiple of 128.*ws_fits=False"):
-        block_union_attention(q, k, v, idx, counts, block_size=bs, query_block=1, kernel="sm90_ws")
+    # per-token lists with UNION_KERNEL = "sm90_ws": the union of 2 QT = 8 tokens' lists a program (G = 16)
+    monkeypatch.setattr(block_union, "UNION_KERNEL", "sm90_ws")
+    monkeypatch.setattr(block_union_sm90, "block_sm90_ws", lambda *a, **kw: calls.append(("ws", a[3].shape, kw["qt"])))
+    S, G = 40, 16
+    idx, counts = _sorted_lists(1, Hkv, S, S, bs, 3, 0, True, gen)
+    q = torch.randn(1, S, Hkv * G, D, generator=gen)
+    k, v = torch.randn(1, S, Hkv, D, generator=gen), torch.randn(1, S, Hkv, D, generator=gen)
+    calls.clear()
+    block_union_attention(q, k, v, idx, counts, block_size=bs)
+    assert len(calls) == 1 and calls[0][0] == "ws" and calls[0][1][2] == S // 8 and calls[0][2] == 4, f"seed {seed}: {calls}"
+    calls.clear()  # asked for by name where it does not fit (G = 1: 32 tokens a half): refused, naming why
+    q1 = torch.randn(1, S, Hkv, D, generator=gen)
+    with pytest.raises(ValueError, match=r"kernel='sm90_ws' needs .*per-token lists of tiles of at most 16 tokens.*ws_fits=False"):
+        block_union_attention(q1, k, v, idx, counts, block_size=bs, kernel="sm90_ws")
     assert calls == []
 
 
@@ -658,7 +669,7 @@ def test_block_union_ws_kernel_refusals(seed):
     """kernel="sm90_ws" off Hopper, a Gluon tile on the Triton route, an unknown tile option and row lists
     whose 128-row tiles would straddle two selection rows are refused, naming the values."""
     from stem_boost.kernels.block_union import block_union_attention
-    from stem_boost.kernels.block_union_sm90 import SM90_WS_TILE, block_rows_sm90_ws
+    from stem_boost.kernels.block_union_sm90 import SM90_WS_TILE, block_sm90_ws
 
     gen = torch.Generator().manual_seed(seed)
     S, Hkv, G, D = 128, 2, 16, 16
@@ -671,10 +682,17 @@ def test_block_union_ws_kernel_refusals(seed):
         block_union_attention(q, k, v, idx, counts, block_size=64, query_block=64, tile={"NUM_BUF": 4})
     out = torch.empty_like(q)
     with pytest.raises(ValueError, match=r"unknown tile options \['STAGES'\]; allowed: " + re.escape(str(sorted(SM90_WS_TILE)))):
-        block_rows_sm90_ws(q, k, v, idx, counts, out, None, scale_log2=1.0, q_offset=0, causal=True, query_block=64,
-                           tile={"STAGES": 2})
+        block_sm90_ws(q, k, v, idx, None, counts, out, None, scale_log2=1.0, q_offset=0, causal=True, row_lists=True,
+                      query_block=64, tile={"STAGES": 2})
     with pytest.raises(ValueError, match=r"query_block \* G = 4 \* 16 must be a multiple of 128 rows"):
-        block_rows_sm90_ws(q, k, v, idx, counts, out, None, scale_log2=1.0, q_offset=0, causal=True, query_block=4)
+        block_sm90_ws(q, k, v, idx, None, counts, out, None, scale_log2=1.0, q_offset=0, causal=True, row_lists=True,
+                      query_block=4)
+    with pytest.raises(ValueError, match=r"union tiles need 1 <= qt <= 16 tokens of G heads in 64 rows; got qt 32, G 16"):
+        block_sm90_ws(q, k, v, idx, idx, counts, out, None, scale_log2=1.0, q_offset=0, causal=True, row_lists=False,
+                      query_block=1, qt=32)
+    with pytest.raises(ValueError, match=r"PINGPONG needs row lists"):
+        block_sm90_ws(q, k, v, idx, idx, counts, out, None, scale_log2=1.0, q_offset=0, causal=True, row_lists=False,
+                      query_block=1, qt=4, tile={"PINGPONG": True})
     with pytest.raises(ValueError, match=r"NUM_BUF must be >= 2"):
-        block_rows_sm90_ws(q, k, v, idx, counts, out, None, scale_log2=1.0, q_offset=0, causal=True, query_block=64,
-                           tile={"NUM_BUF": 1})
+        block_sm90_ws(q, k, v, idx, None, counts, out, None, scale_log2=1.0, q_offset=0, causal=True, row_lists=True,
+                      query_block=64, tile={"NUM_BUF": 1})

@@ -345,7 +345,7 @@ def all_cases() -> list[BuildCase]:
         union_case(16, 2), union_case(8, 4), union_case(6, 8), union_case(4, 8), union_case(1, 16),
         union_case(16, 2, query_block=64), union_case(16, 2, kernel="sm90"), union_case(6, 8, kernel="sm90"),
         union_case(16, 2, query_block=64, kernel="sm90"), union_case(16, 2, query_block=64, kernel="sm90_ws"),
-        union_case(6, 8, query_block=64, kernel="sm90_ws"),
+        union_case(6, 8, query_block=64, kernel="sm90_ws"), union_case(16, 2, kernel="sm90_ws"), union_case(6, 8, kernel="sm90_ws"),
         select_case(None), select_case("budgets"), select_case("mass"), select_case(None, fused=True),
         select_case(None, topk_method="warp"), select_case("budgets", topk_method="warp"),
         select_g3_case(), stage1_case(), pooled_sm90_case(), pooled_sm90_case(stem=True),

@@ -332,29 +332,31 @@ FLAT_STAGES = 3
 UNION_KERNEL = "sm90"
 
 
-#: the executor of row lists (block mode: query_block * G a multiple of 128) where the Gluon kernels run:
-#: "sm90_ws" (128-row tiles, a producer warpgroup and two consumers sharing each K / V block) or "sm90"
+#: the executor of row lists (block mode) where the Gluon kernels run: "sm90_ws" (where query_block * G is a
+#: multiple of 128: 128-row tiles, a producer warpgroup and two consumers sharing each K / V block), "sm90" or
+#: "triton"
 ROWS_KERNEL = "sm90"
 
 
 def _gluon_route(kernel: str | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
-                 rows: int, ws_fits: bool) -> str | None:
+                 rows: int, ws_fits: bool, default: str) -> str | None:
     """The Gluon kernel `block_union_attention` runs ("sm90", "sm90_ws") or None (Triton): asked for by name
-    (an error where it cannot run) or by default (`UNION_KERNEL`, `ROWS_KERNEL`) where it can. rows: the live
-    rows of a tile; ws_fits: row lists whose 128-row flat tiles each lie in one selection row."""
+    (an error where it cannot run) or by default (`default`: `UNION_KERNEL` or `ROWS_KERNEL`) where it can.
+    rows: the live rows of a 64-row tile; ws_fits: the lists fit the warp-specialised kernel's two halves."""
     if kernel not in (None, "triton", "sm90", "sm90_ws"):
         raise ValueError(f"kernel={kernel!r}; allowed: None, 'triton', 'sm90', 'sm90_ws'")
-    if kernel == "triton" or (kernel is None and UNION_KERNEL != "sm90"):
+    want = default if kernel is None else kernel
+    if want == "triton":
         return None
     from .block_union_sm90 import supports_block_union_sm90
 
     hopper = supports_block_union_sm90(q, k, v, block_size)
     if kernel == "sm90_ws" and not (hopper and ws_fits):
         raise ValueError(f"kernel='sm90_ws' needs CUDA on compute capability 9.x, bf16 / fp16 q, k, v, head dims 64 or "
-                         f"128 (Dv = D), blocks of 64 keys and row lists with query_block * G a multiple of 128 (flat "
-                         f"tiles); got {q.dtype}, D {q.shape[-1]}, Dv {v.shape[-1]}, block_size {block_size}, device "
-                         f"{q.device}, ws_fits={ws_fits}")
-    if kernel == "sm90_ws" or (kernel is None and ROWS_KERNEL == "sm90_ws" and hopper and ws_fits):
+                         f"128 (Dv = D), blocks of 64 keys, and row lists with query_block * G a multiple of 128 or "
+                         f"per-token lists of tiles of at most 16 tokens in 64 rows; got {q.dtype}, D {q.shape[-1]}, "
+                         f"Dv {v.shape[-1]}, block_size {block_size}, device {q.device}, ws_fits={ws_fits}")
+    if want == "sm90_ws" and hopper and ws_fits:
         return "sm90_ws"
     fits = rows <= 64 and hopper
     if kernel == "sm90" and not fits:
@@ -420,8 +422,9 @@ def block_union_attention(
         union: a precomputed `union_block_lists(idx, counts, QT)` (e.g. shared by several layers).
         kernel: "triton" (this module's kernel, any device), "sm90" (`block_union_sm90`, the Gluon
             kernel for Hopper: bf16 / fp16, head dims 64 / 128, blocks of 64, tiles of at most 64 rows),
-            "sm90_ws" (`block_rows_sm90_ws`: the same on row lists whose 128-row flat tiles each lie in
-            one selection row, i.e. query_block * G a multiple of 128; warp-specialised)
+            "sm90_ws" (`block_sm90_ws`: warp-specialised, two 64-row halves sharing each K / V block, on row
+            lists whose 128-row flat tiles each lie in one selection row, i.e. query_block * G a multiple of
+            128, or on the union of 2 QT tokens' lists, QT <= 16)
             or None: `UNION_KERNEL` / `ROWS_KERNEL` where they run, else Triton.
         tile: options of the Gluon kernel's tile (`SM90_UNION_TILE`, `SM90_WS_TILE`). num_warps / num_stages /
             warp_specialize / use_tma are the Triton kernel's knobs: given with kernel=None they
@@ -472,30 +475,35 @@ def block_union_attention(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     row_lists = flat or (query_block > 1 and query_block % qt == 0)
     n_tiles = -(-S * G // cfg["BLOCK_M"]) if flat else -(-S // qt)
+    out = torch.empty(B, S, Hq, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device) if return_lse else out
+    # the warp-specialised kernel's two halves: 128-row flat tiles in one selection row, or 2 QT tokens' union
+    ws_fits = tokens_per_tile is None and (
+        (row_lists and query_block > 1 and block_m in (None, 128) and flat_rows is not False
+         and (query_block * G) % 128 == 0)
+        or (not row_lists and union is None and qt <= 16 and qt * G <= 64))
+    route = _gluon_route(kernel, q, k, v, block_size, cfg["BLOCK_M"] if flat else qt * G, ws_fits,
+                         ROWS_KERNEL if row_lists else UNION_KERNEL)
+    if tile is not None and route is None:
+        raise ValueError(f"tile={tile} sets a Gluon kernel's tile; this call runs the Triton kernel")
     if row_lists:
         uidx, umask, ucount = idx.to(torch.int32).contiguous(), None, counts.to(torch.int32).contiguous()
     else:
         if union is None:
-            union = union_block_lists(idx, counts, qt, n_units=-(-T // block_size), query_block=query_block, seq_q=S)
+            union = union_block_lists(idx, counts, qt if route != "sm90_ws" else 2 * qt, n_units=-(-T // block_size),
+                                      query_block=query_block, seq_q=S)
         uidx, umask, ucount = union
+    if route == "sm90_ws":
+        from .block_union_sm90 import block_sm90_ws
+
+        block_sm90_ws(q, k, v, uidx, umask, ucount, out, lse if return_lse else None,
+                      scale_log2=scale * 1.4426950408889634, q_offset=offset, causal=causal, row_lists=row_lists,
+                      query_block=query_block, qt=qt, tile=tile)
+        return (out, lse) if return_lse else out
     block_n = min(block_size, cfg["BLOCK_N"])
     dp, dvp = max(16, _next_pow2(D)), max(16, _next_pow2(Dv))
     on_gpu = q.is_cuda or compiling()  # compiling(): an ahead-of-time build of the GPU path (aot.py)
     use_tma = (on_gpu if use_tma is None else bool(use_tma)) and on_gpu and dp == D and dvp == Dv
-    out = torch.empty(B, S, Hq, Dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device) if return_lse else out
-    ws_fits = query_block > 1 and tokens_per_tile is None and block_m in (None, 128) and flat_rows is not False \
-        and (query_block * G) % 128 == 0
-    route = _gluon_route(kernel, q, k, v, block_size, cfg["BLOCK_M"] if flat else qt * G, ws_fits)
-    if tile is not None and route is None:
-        raise ValueError(f"tile={tile} sets a Gluon kernel's tile; this call runs the Triton kernel")
-    if route == "sm90_ws":
-        from .block_union_sm90 import block_rows_sm90_ws
-
-        block_rows_sm90_ws(q, k, v, idx.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous(), out,
-                           lse if return_lse else None, scale_log2=scale * 1.4426950408889634, q_offset=offset,
-                           causal=causal, query_block=query_block, tile=tile)
-        return (out, lse) if return_lse else out
     if route == "sm90":
         from .block_union_sm90 import block_union_sm90
 

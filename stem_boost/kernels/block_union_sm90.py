@@ -41,7 +41,7 @@ from .gluon_shims import tma_load as _tma_load
 from .gluon_softmax import finite_max
 from .warp_rows import interpreting
 
-__all__ = ["block_union_sm90", "block_rows_sm90_ws", "supports_block_union_sm90", "SM90_UNION_TILE", "SM90_WS_TILE", "WS_ROWS"]
+__all__ = ["block_union_sm90", "block_sm90_ws", "supports_block_union_sm90", "SM90_UNION_TILE", "SM90_WS_TILE", "WS_ROWS"]
 
 SM90_UNION_TILE = dict(NUM_BUF=3)  # K / V ring depth (3 x 2 x 16 KB + Q 16 KB at d 128: two programs an SM)
 # the warp-specialised tile (`_block_rows_ws_fwd`): ring depth (5 x 32 KB + Q 2 x 16 KB at d 128: one program an
@@ -72,9 +72,9 @@ def _tile_rows(m, pid_t, t0, kvh, S, G: gl.constexpr, QT: gl.constexpr, FLAT_ROW
 
 
 @gluon.jit
-def _entry_block(UIDX, u_off, e, n):
-    """The key block of union entry e (0 past the list: e >= n)."""
-    return gl.load(UIDX + u_off + e, mask=e < n, other=0)
+def _entry(LIST, u_off, e, n):
+    """Entry e of a list (its key block, or its token bits; 0 past the list: e >= n)."""
+    return gl.load(LIST + u_off + e, mask=e < n, other=0)
 
 
 @gluon.jit
@@ -98,16 +98,25 @@ def _issue_kv(desc, ring, ready, e, blk, n, b, kvh, T, HKV, D: gl.constexpr, HEA
 @gluon.jit
 def _softmax_step(qk, m_i, l_i, UIDX, UMASK, u_off, j, n, full_bits, tin, qpos, offs_n, t0, q_offset, T, qk_scale_log2,
                   dtype: gl.constexpr, p_layout: gl.constexpr, CAUSAL: gl.constexpr, ROW_LISTS: gl.constexpr):
-    """Step j's online softmax (log2 units) on its scores qk [M, BLOCK_N]: the token / causal / range mask
-    only where some row did not select entry j or its keys cross the diagonal or T (every score masked
-    for j >= n). Returns (P [M, BLOCK_N] in registers as wgmma's A operand, the factor that rescales O
-    so far, the new row max, the new row sum)."""
+    """Step j's online softmax (`_softmax_masked`) with entry j's block and token bits read here (every score
+    masked for j >= n)."""
     live = j < n
     blk = gl.load(UIDX + u_off + j, mask=live, other=0)
     if ROW_LISTS:
         bits = gl.where(live, full_bits, 0)
     else:
         bits = gl.load(UMASK + u_off + j, mask=live, other=0)
+    return _softmax_masked(qk, m_i, l_i, blk, bits, full_bits, tin, qpos, offs_n, t0, q_offset, T, qk_scale_log2,
+                           dtype, p_layout, CAUSAL, ROW_LISTS)
+
+
+@gluon.jit
+def _softmax_masked(qk, m_i, l_i, blk, bits, full_bits, tin, qpos, offs_n, t0, q_offset, T, qk_scale_log2,
+                    dtype: gl.constexpr, p_layout: gl.constexpr, CAUSAL: gl.constexpr, ROW_LISTS: gl.constexpr):
+    """The online softmax (log2 units) of the scores qk [M, BLOCK_N] of key block blk: the token / causal /
+    range mask only where some row's token is not in `bits` (bit t: the tile's token t0 + t selected the
+    block) or the keys cross the diagonal or T. Returns (P [M, BLOCK_N] in registers as wgmma's A operand,
+    the factor that rescales O so far, the new row max, the new row sum)."""
     s = qk  # scaled inside the exponent: one FMA a score
     kstart = blk * BLOCK_N
     if CAUSAL:
@@ -191,12 +200,12 @@ def _block_union_sm90_fwd(
         mbarrier.init(v_ready.index(i), count=1)
     fence_async_shared()
     for e in gl.static_range(NUM_BUF):  # K_0 .. K_{NUM_BUF-1}, V_0 .. V_{NUM_BUF-1}
-        blk_e = _entry_block(UIDX, u_off, e, n)
+        blk_e = _entry(UIDX, u_off, e, n)
         _issue_kv(k_desc, k_ring, k_ready, e, blk_e, n, b, kvh, T, HKV, D, K_HEAD_MAJOR, NUM_BUF)
         _issue_kv(v_desc, v_ring, v_ready, e, blk_e, n, b, kvh, T, HKV, DV, V_HEAD_MAJOR, NUM_BUF)
     # the blocks of the next K and V loads, read one step before their TMA (the load's latency off the path)
-    k_blk = _entry_block(UIDX, u_off, NUM_BUF, n)
-    v_blk = _entry_block(UIDX, u_off, NUM_BUF, n)
+    k_blk = _entry(UIDX, u_off, NUM_BUF, n)
+    v_blk = _entry(UIDX, u_off, NUM_BUF, n)
 
     # ---- the tile's query rows [BLOCK_M, D] (rows past the tile's tokens read a real row, never stored)
     tok_ld, head_ld, _ = _tile_rows(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout)), pid_t, t0, kvh, S,
@@ -223,7 +232,7 @@ def _block_union_sm90_fwd(
     qk = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     qk = warpgroup_mma_wait(0, deps=(qk,))
     _issue_kv(k_desc, k_ring, k_ready, NUM_BUF, k_blk, n, b, kvh, T, HKV, D, K_HEAD_MAJOR, NUM_BUF)
-    k_blk = _entry_block(UIDX, u_off, NUM_BUF + 1, n)
+    k_blk = _entry(UIDX, u_off, NUM_BUF + 1, n)
     p_regs, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, UIDX, UMASK, u_off, 0, n, full_bits, tin, qpos, offs_n,
                                             t0, q_offset, T, qk_scale_log2, dtype, p_layout, CAUSAL, ROW_LISTS)
     # ---- step j (FlashAttention-3's order): S_j and P_{j-1} V_{j-1} issued together, step j's softmax
@@ -243,9 +252,9 @@ def _block_union_sm90_fwd(
         acc = warpgroup_mma_wait(0, deps=(acc,))  # P V_{j-1} done
         # K_j's slot takes K_{j+NUM_BUF}, V_{j-1}'s V_{j-1+NUM_BUF} (side by side: one set of CTA barriers)
         _issue_kv(k_desc, k_ring, k_ready, j + NUM_BUF, k_blk, n, b, kvh, T, HKV, D, K_HEAD_MAJOR, NUM_BUF)
-        k_blk = _entry_block(UIDX, u_off, j + NUM_BUF + 1, n)
+        k_blk = _entry(UIDX, u_off, j + NUM_BUF + 1, n)
         _issue_kv(v_desc, v_ring, v_ready, j - 1 + NUM_BUF, v_blk, n, b, kvh, T, HKV, DV, V_HEAD_MAJOR, NUM_BUF)
-        v_blk = _entry_block(UIDX, u_off, j + NUM_BUF, n)
+        v_blk = _entry(UIDX, u_off, j + NUM_BUF, n)
     if n > 0:  # the last step's P V
         last = (n - 1) % NUM_BUF
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
@@ -278,9 +287,9 @@ def _ws_producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_free, v_fre
     """Default partition (4 warps, few registers): entry e's K and V blocks by TMA into ring slot e % NUM_BUF
     as soon as both consumers have released the slot's previous block (K after its scores, V after its P V).
     The next entry's block number is read under this entry's waits."""
-    blk = _entry_block(UIDX, u_off, 0, n)
+    blk = _entry(UIDX, u_off, 0, n)
     for e in range(n):
-        upcoming = _entry_block(UIDX, u_off, e + 1, n)
+        upcoming = _entry(UIDX, u_off, e + 1, n)
         slot = e % NUM_BUF
         free_phase = ((e // NUM_BUF) & 1) ^ 1  # the first pass over the ring finds every slot free
         mbarrier.wait(k_free.index(slot), free_phase)
@@ -313,14 +322,53 @@ def _pass_turn(turn, c: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
+def _ws_load_q(Q, q_own, half, t0, kvh, b, S, stride_qb, stride_qs, stride_qh, G: gl.constexpr, QT: gl.constexpr,
+               FLAT_ROWS: gl.constexpr, D: gl.constexpr):
+    """A consumer's 64 query rows [64, D] into its shared-memory tile (rows past S read row S - 1, never stored)."""
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    tok_ld, head_ld, _ = _tile_rows(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout)), half, t0, kvh, S,
+                                    G, QT, FLAT_ROWS)
+    tok_ld = gl.minimum(tok_ld, S - 1)
+    d_ld = gl.arange(0, D, layout=gl.SliceLayout(0, ld_layout))
+    q_rows = Q + b.to(gl.int64) * stride_qb + tok_ld.to(gl.int64) * stride_qs + head_ld.to(gl.int64) * stride_qh
+    q_own.store(gl.load(q_rows[:, None] + d_ld[None, :]))
+    fence_async_shared()
+    _cta_barrier()
+
+
+@gluon.jit
+def _ws_store(acc, m_i, l_i, O, LSE, half, t0, kvh, b, S, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+              G: gl.constexpr, QT: gl.constexpr, FLAT_ROWS: gl.constexpr, DV: gl.constexpr, RETURN_LSE: gl.constexpr,
+              rows_s: gl.constexpr, rows_o: gl.constexpr):
+    """A consumer's epilogue: O = acc / l (rows that saw no key: zeros) and lse in natural log, its live rows."""
+    st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    l_div = gl.where(l_i == 0.0, 1.0, l_i)
+    out = (acc / gl.expand_dims(gl.convert_layout(l_div, rows_o), 1)).to(O.dtype.element_ty)
+    out = gl.convert_layout(out, st_layout)
+    tok_st, head_st, ok_st = _tile_rows(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, st_layout)), half, t0, kvh,
+                                        S, G, QT, FLAT_ROWS)
+    dv = gl.arange(0, DV, layout=gl.SliceLayout(0, st_layout))
+    o_rows = O + b.to(gl.int64) * stride_ob + tok_st.to(gl.int64) * stride_os + head_st.to(gl.int64) * stride_oh
+    gl.store(o_rows[:, None] + dv[None, :], out, mask=gl.expand_dims(ok_st, 1))
+    if RETURN_LSE:
+        tok_s, head_s, ok_s = _tile_rows(gl.arange(0, BLOCK_M, layout=rows_s), half, t0, kvh, S, G, QT, FLAT_ROWS)
+        lse = gl.where(l_i == 0.0, float("-inf"), (finite_max(m_i) + gl.log2(l_div)) * 0.6931471805599453)
+        gl.store(LSE + b.to(gl.int64) * stride_lb + head_s.to(gl.int64) * stride_lh + tok_s, lse, mask=ok_s)
+
+
+@gluon.jit
 def _ws_consumer(c: gl.constexpr, Q, O, LSE, q_smem, k_ring, v_ring, k_ready, v_ready, k_free, v_free, turn,
-                 UIDX, u_off, n, pid_t, b, kvh, S, T, q_offset, qk_scale_log2,
+                 UIDX, UMASK, u_off, n, pid_t, b, kvh, S, T, q_offset, qk_scale_log2,
                  stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                 G: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr,
-                 NUM_BUF: gl.constexpr, PINGPONG: gl.constexpr):
-    """Consumer c (4 warps): flat rows [64 c, 64 c + 64) of the program's 128, the walk of `_block_union_sm90_fwd`
+                 G: gl.constexpr, QT: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, CAUSAL: gl.constexpr,
+                 RETURN_LSE: gl.constexpr, ROW_LISTS: gl.constexpr, NUM_BUF: gl.constexpr, PINGPONG: gl.constexpr):
+    """Consumer c (4 warps): the 64-row half c of the program's tile, walked in `_block_union_sm90_fwd`'s order
     (S_j and P_{j-1} V_{j-1} issued together, step j's softmax under P V) on the shared K / V rings: it waits
-    for each block's TMA, and releases K_j once S_j is retired and V_{j-1} once P V is."""
+    for each block's TMA and releases K_j once S_j is retired, V_{j-1} once P V is.
+    Row lists (flat rows [64 c, 64 c + 64) of 128): every entry for every row, optionally in turns with the
+    other consumer (PINGPONG). Union lists (tokens [QT c, QT c + QT) of 2 QT): an entry none of this half's
+    tokens selected is skipped, its slots released once they have landed (a consumer released early could
+    arrive twice on a slot's barrier before the other consumer's one arrival)."""
     dtype: gl.constexpr = Q.dtype.element_ty
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -329,87 +377,140 @@ def _ws_consumer(c: gl.constexpr, Q, O, LSE, q_smem, k_ring, v_ring, k_ready, v_
     rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     cols_s: gl.constexpr = gl.SliceLayout(0, s_layout)
     rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    half = pid_t * 2 + c  # this consumer's 64-row flat tile
-    t0 = (half * BLOCK_M) // G
+    half = pid_t * 2 + c  # this consumer's 64-row tile
+    if ROW_LISTS:
+        t0 = (half * BLOCK_M) // G
+    else:
+        t0 = half * QT
     q_own = q_smem.index(c)
+    _ws_load_q(Q, q_own, half, t0, kvh, b, S, stride_qb, stride_qs, stride_qh, G, QT, ROW_LISTS, D)
 
-    # ---- this consumer's query rows [64, D] (rows past S read row S - 1, never stored)
-    tok_ld, head_ld, _ = _tile_rows(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout)), half, t0, kvh, S,
-                                    G, 1, True)
-    tok_ld = gl.minimum(tok_ld, S - 1)
-    d_ld = gl.arange(0, D, layout=gl.SliceLayout(0, ld_layout))
-    q_rows = Q + b.to(gl.int64) * stride_qb + tok_ld.to(gl.int64) * stride_qs + head_ld.to(gl.int64) * stride_qh
-    q_own.store(gl.load(q_rows[:, None] + d_ld[None, :]))
-    fence_async_shared()
-    _cta_barrier()
-
-    tok_s, head_s, ok_s = _tile_rows(gl.arange(0, BLOCK_M, layout=rows_s), half, t0, kvh, S, G, 1, True)
+    tok_s, head_s, ok_s = _tile_rows(gl.arange(0, BLOCK_M, layout=rows_s), half, t0, kvh, S, G, QT, ROW_LISTS)
     tin = tok_s - t0
     qpos = tok_s + q_offset
     offs_n = gl.arange(0, BLOCK_N, layout=cols_s)
-    full_bits = gl.where(t0 < S, 1, 0)  # row lists: a live entry holds for every row (bit 0), none past S
+    if ROW_LISTS:
+        full_bits = gl.where(t0 < S, 1, 0)  # a live entry holds for every row (bit 0), none past S
+    else:
+        n_tok = gl.maximum(gl.minimum(S - t0, QT), 0)
+        full_bits = (1 << n_tok) - 1  # this half's tokens (QT <= 16)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=rows_s)
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=rows_s)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     acc = gl.zeros([BLOCK_M, DV], gl.float32, layout=o_layout)
 
-    # ---- step 0: S_0 and its softmax
-    if n > 0:
-        mbarrier.wait(k_ready.index(0), 0)
-        _take_turn(turn, c, 0, PINGPONG)
-        qk = warpgroup_mma(q_own, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        _pass_turn(turn, c, PINGPONG)
-        qk = warpgroup_mma_wait(0, deps=(qk,))
-        _release(k_free.index(0))
+    if ROW_LISTS:
+        # ---- step 0: S_0 and its softmax
+        if n > 0:
+            mbarrier.wait(k_ready.index(0), 0)
+            _take_turn(turn, c, 0, PINGPONG)
+            qk = warpgroup_mma(q_own, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            _pass_turn(turn, c, PINGPONG)
+            qk = warpgroup_mma_wait(0, deps=(qk,))
+            _release(k_free.index(0))
+        else:
+            qk = s_zero
+        p_regs, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, UIDX, UMASK, u_off, 0, n, full_bits, tin, qpos, offs_n,
+                                                t0, q_offset, T, qk_scale_log2, dtype, p_layout, CAUSAL, True)
+        # ---- step j: S_j and P_{j-1} V_{j-1} (in this consumer's turn), step j's softmax under P V
+        for j in range(1, n):
+            slot = j % NUM_BUF
+            prev = (j - 1) % NUM_BUF
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+            mbarrier.wait(k_ready.index(slot), (j // NUM_BUF) & 1)
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // NUM_BUF) & 1)
+            _take_turn(turn, c, j, PINGPONG)
+            qk = warpgroup_mma(q_own, k_ring.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            acc = warpgroup_mma(p_regs, v_ring.index(prev), acc, is_async=True)
+            _pass_turn(turn, c, PINGPONG)
+            qk = warpgroup_mma_wait(1, deps=(qk,))  # S_j done
+            _release(k_free.index(slot))
+            p_regs, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, UIDX, UMASK, u_off, j, n, full_bits, tin, qpos,
+                                                    offs_n, t0, q_offset, T, qk_scale_log2, dtype, p_layout, CAUSAL,
+                                                    True)
+            acc = warpgroup_mma_wait(0, deps=(acc,))  # P V_{j-1} done
+            _release(v_free.index(prev))
+        last_e = n - 1
     else:
-        qk = s_zero
-    p_regs, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, UIDX, UIDX, u_off, 0, n, full_bits, tin, qpos, offs_n,
-                                            t0, q_offset, T, qk_scale_log2, dtype, p_layout, CAUSAL, True)
-    # ---- step j: S_j and P_{j-1} V_{j-1} issued together (in this consumer's turn), step j's softmax under P V
-    for j in range(1, n):
-        slot = j % NUM_BUF
-        prev = (j - 1) % NUM_BUF
+        # ---- this half's first entry (usually entry 0: InfLLMv2 forces the first blocks): S and its softmax
+        # (no entry at all: every score masked, P = 0)
+        first, mine = _next_own_entry(UMASK, u_off, -1, n, c * QT, full_bits, k_ready, v_ready, k_free, v_free,
+                                      NUM_BUF)
+        if first < n:
+            slot0 = first % NUM_BUF
+            mbarrier.wait(k_ready.index(slot0), (first // NUM_BUF) & 1)
+            qk = warpgroup_mma(q_own, k_ring.index(slot0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            qk = warpgroup_mma_wait(0, deps=(qk,))
+            _release(k_free.index(slot0))
+        else:
+            qk = s_zero
+        p_regs, alpha, m_i, l_i = _softmax_masked(qk, m_i, l_i, _entry(UIDX, u_off, first, n), mine, full_bits,
+                                                  tin, qpos, offs_n, t0, q_offset, T, qk_scale_log2, dtype, p_layout,
+                                                  CAUSAL, False)
+        # ---- this half's next entry e: S_e and the P V of its previous one, pe, together (no branch around the
+        # products: a product under a branch inside the loop makes ptxas serialise them, note C7513)
+        pe = first
+        e, mine = _next_own_entry(UMASK, u_off, first, n, c * QT, full_bits, k_ready, v_ready, k_free, v_free,
+                                  NUM_BUF)
+        while e < n:
+            slot = e % NUM_BUF
+            prev = pe % NUM_BUF
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+            mbarrier.wait(k_ready.index(slot), (e // NUM_BUF) & 1)
+            mbarrier.wait(v_ready.index(prev), (pe // NUM_BUF) & 1)
+            qk = warpgroup_mma(q_own, k_ring.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            acc = warpgroup_mma(p_regs, v_ring.index(prev), acc, is_async=True)
+            qk = warpgroup_mma_wait(1, deps=(qk,))  # S_e done
+            _release(k_free.index(slot))
+            p_regs, alpha, m_i, l_i = _softmax_masked(qk, m_i, l_i, gl.load(UIDX + u_off + e), mine, full_bits, tin,
+                                                      qpos, offs_n, t0, q_offset, T, qk_scale_log2, dtype, p_layout,
+                                                      CAUSAL, False)
+            acc = warpgroup_mma_wait(0, deps=(acc,))  # P V_pe done
+            _release(v_free.index(prev))
+            pe = e
+            e, mine = _next_own_entry(UMASK, u_off, e, n, c * QT, full_bits, k_ready, v_ready, k_free, v_free,
+                                      NUM_BUF)
+        last_e = gl.where(first < n, pe, -1)
+    if last_e >= 0:  # the last entry's P V
+        last = last_e % NUM_BUF
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
-        mbarrier.wait(k_ready.index(slot), (j // NUM_BUF) & 1)
-        mbarrier.wait(v_ready.index(prev), ((j - 1) // NUM_BUF) & 1)
-        _take_turn(turn, c, j, PINGPONG)
-        qk = warpgroup_mma(q_own, k_ring.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        acc = warpgroup_mma(p_regs, v_ring.index(prev), acc, is_async=True)
-        _pass_turn(turn, c, PINGPONG)
-        qk = warpgroup_mma_wait(1, deps=(qk,))  # S_j done
-        _release(k_free.index(slot))
-        p_regs, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, UIDX, UIDX, u_off, j, n, full_bits, tin, qpos,
-                                                offs_n, t0, q_offset, T, qk_scale_log2, dtype, p_layout, CAUSAL, True)
-        acc = warpgroup_mma_wait(0, deps=(acc,))  # P V_{j-1} done
-        _release(v_free.index(prev))
-    if n > 0:  # the last step's P V
-        last = (n - 1) % NUM_BUF
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
-        mbarrier.wait(v_ready.index(last), ((n - 1) // NUM_BUF) & 1)
+        mbarrier.wait(v_ready.index(last), (last_e // NUM_BUF) & 1)
         _take_turn(turn, c, n, PINGPONG)
         acc = warpgroup_mma(p_regs, v_ring.index(last), acc, is_async=True)
         _pass_turn(turn, c, PINGPONG)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         _release(v_free.index(last))
-
-    # ---- epilogue: O = acc / l (rows that saw no key: zeros), lse in natural log
-    l_div = gl.where(l_i == 0.0, 1.0, l_i)
-    out = (acc / gl.expand_dims(gl.convert_layout(l_div, rows_o), 1)).to(dtype)
-    out = gl.convert_layout(out, ld_layout)
-    tok_st, head_st, ok_st = _tile_rows(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout)), half, t0, kvh,
-                                        S, G, 1, True)
-    dv = gl.arange(0, DV, layout=gl.SliceLayout(0, ld_layout))
-    o_rows = O + b.to(gl.int64) * stride_ob + tok_st.to(gl.int64) * stride_os + head_st.to(gl.int64) * stride_oh
-    gl.store(o_rows[:, None] + dv[None, :], out, mask=gl.expand_dims(ok_st, 1))
-    if RETURN_LSE:
-        lse = gl.where(l_i == 0.0, float("-inf"), (finite_max(m_i) + gl.log2(l_div)) * 0.6931471805599453)
-        gl.store(LSE + b.to(gl.int64) * stride_lb + head_s.to(gl.int64) * stride_lh + tok_s, lse, mask=ok_s)
+    _ws_store(acc, m_i, l_i, O, LSE, half, t0, kvh, b, S, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+              G, QT, ROW_LISTS, DV, RETURN_LSE, rows_s, rows_o)
 
 
 @gluon.jit
-def _block_rows_ws_fwd(
-    Q, k_desc, v_desc, UIDX, UCNT, O, LSE,
+def _next_own_entry(UMASK, u_off, e, n, shift, full_bits, k_ready, v_ready, k_free, v_free, NUM_BUF: gl.constexpr):
+    """(The first union entry after e that one of this half's tokens selected, or n; its token bits shifted to
+    this half's), releasing the entries skipped on the way (`_skip_entry`)."""
+    e += 1
+    mine = (_entry(UMASK, u_off, e, n) >> shift) & full_bits
+    while (e < n) & (mine == 0):
+        _skip_entry(k_ready, v_ready, k_free, v_free, e, NUM_BUF)
+        e += 1
+        mine = (_entry(UMASK, u_off, e, n) >> shift) & full_bits
+    return e, mine
+
+
+@gluon.jit
+def _skip_entry(k_ready, v_ready, k_free, v_free, e, NUM_BUF: gl.constexpr):
+    """Release entry e's K and V slots unread, once both have landed (no shared-memory read to fence)."""
+    slot = e % NUM_BUF
+    phase = (e // NUM_BUF) & 1
+    mbarrier.wait(k_ready.index(slot), phase)
+    mbarrier.arrive(k_free.index(slot), count=1)
+    mbarrier.wait(v_ready.index(slot), phase)
+    mbarrier.arrive(v_free.index(slot), count=1)
+
+
+@gluon.jit
+def _block_ws_fwd(
+    Q, k_desc, v_desc, UIDX, UMASK, UCNT, O, LSE,
     qk_scale_log2, S, T, q_offset,
     stride_qb, stride_qs, stride_qh,
     stride_ub, stride_uh, stride_ut,
@@ -417,18 +518,20 @@ def _block_rows_ws_fwd(
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
     HKV,
-    HSEL_SHARED: gl.constexpr, G: gl.constexpr, D: gl.constexpr, DV: gl.constexpr,
-    CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, QUERY_BLOCK: gl.constexpr,
+    HSEL_SHARED: gl.constexpr, G: gl.constexpr, QT: gl.constexpr, D: gl.constexpr, DV: gl.constexpr,
+    CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, ROW_LISTS: gl.constexpr, QUERY_BLOCK: gl.constexpr,
     K_HEAD_MAJOR: gl.constexpr, V_HEAD_MAJOR: gl.constexpr, NUM_BUF: gl.constexpr,
     CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr,
 ):
-    """Flat tiles of 128 (token, head) rows of one selection row, warp-specialised: a producer warpgroup
-    streams the row's K and V blocks by TMA into rings shared by two consumer warpgroups of 64 rows, so
-    each block is read from L2 once per 128 rows (twice with two 64-row programs an SM)."""
+    """Two 64-row halves a program, warp-specialised: a producer warpgroup streams one list's K and V blocks
+    by TMA into rings shared by two consumer warpgroups, so each block is read from L2 once per two halves.
+    ROW_LISTS: flat tiles of 128 (token, head) rows of one selection row. Else: 2 QT tokens x G heads on the
+    union of their lists (`union_block_lists` with 2 QT tokens a tile), each half computing only the entries
+    its own QT tokens selected."""
     gl.static_assert(NUM_BUF >= 2, "a ring of at least two slots")
     dtype: gl.constexpr = Q.dtype.element_ty
     q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
-    # ---- program -> (128-row tile, batch, kv head); heaviest tiles first
+    # ---- program -> (tile of two halves, batch, kv head); heaviest tiles first
     pid_t = gl.num_programs(0) - 1 - gl.program_id(0)
     pid_bh = gl.program_id(1)
     kvh = pid_bh % HKV
@@ -437,7 +540,10 @@ def _block_rows_ws_fwd(
         sel_h = 0
     else:
         sel_h = kvh
-    urow = ((pid_t * 2 * BLOCK_M) // G) // QUERY_BLOCK  # the tile's 128 rows lie in one selection row
+    if ROW_LISTS:
+        urow = ((pid_t * 2 * BLOCK_M) // G) // QUERY_BLOCK  # the tile's 128 rows lie in one selection row
+    else:
+        urow = pid_t  # the union of the tile's 2 QT tokens
     u_off = b.to(gl.int64) * stride_ub + sel_h * stride_uh + urow.to(gl.int64) * stride_ut
     n = gl.load(UCNT + b * stride_nb + sel_h * stride_nh + urow)
 
@@ -462,12 +568,14 @@ def _block_rows_ws_fwd(
     gl.warp_specialize([
         (_ws_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_free, v_free, UIDX, u_off, n, b, kvh, T,
                         HKV, D, DV, K_HEAD_MAJOR, V_HEAD_MAJOR, NUM_BUF)),
-        (_ws_consumer, (0, Q, O, LSE, q_smem, k_ring, v_ring, k_ready, v_ready, k_free, v_free, turn, UIDX, u_off, n,
-                        pid_t, b, kvh, S, T, q_offset, qk_scale_log2, stride_qb, stride_qs, stride_qh, stride_ob,
-                        stride_os, stride_oh, stride_lb, stride_lh, G, D, DV, CAUSAL, RETURN_LSE, NUM_BUF, PINGPONG)),
-        (_ws_consumer, (1, Q, O, LSE, q_smem, k_ring, v_ring, k_ready, v_ready, k_free, v_free, turn, UIDX, u_off, n,
-                        pid_t, b, kvh, S, T, q_offset, qk_scale_log2, stride_qb, stride_qs, stride_qh, stride_ob,
-                        stride_os, stride_oh, stride_lb, stride_lh, G, D, DV, CAUSAL, RETURN_LSE, NUM_BUF, PINGPONG)),
+        (_ws_consumer, (0, Q, O, LSE, q_smem, k_ring, v_ring, k_ready, v_ready, k_free, v_free, turn, UIDX, UMASK,
+                        u_off, n, pid_t, b, kvh, S, T, q_offset, qk_scale_log2, stride_qb, stride_qs, stride_qh,
+                        stride_ob, stride_os, stride_oh, stride_lb, stride_lh, G, QT, D, DV, CAUSAL, RETURN_LSE,
+                        ROW_LISTS, NUM_BUF, PINGPONG)),
+        (_ws_consumer, (1, Q, O, LSE, q_smem, k_ring, v_ring, k_ready, v_ready, k_free, v_free, turn, UIDX, UMASK,
+                        u_off, n, pid_t, b, kvh, S, T, q_offset, qk_scale_log2, stride_qb, stride_qs, stride_qh,
+                        stride_ob, stride_os, stride_oh, stride_lb, stride_lh, G, QT, D, DV, CAUSAL, RETURN_LSE,
+                        ROW_LISTS, NUM_BUF, PINGPONG)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -511,36 +619,46 @@ def _kv_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return k_desc, k_head_major, v_desc, v_head_major
 
 
-def block_rows_sm90_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor,
-                       out: torch.Tensor, lse: torch.Tensor | None, *, scale_log2: float, q_offset: int, causal: bool,
-                       query_block: int, tile: dict | None = None) -> None:
-    """Launch the warp-specialised kernel on row lists idx [B, Hsel, R, Kmax] / counts [B, Hsel, R] (R = ceil(S /
-    query_block), query_block * G a multiple of `WS_ROWS`: each 128-row flat tile in one row) and write out
-    [B, S, Hq, Dv] (and lse [B, Hq, S]). `tile` overrides `SM90_WS_TILE`."""
+def block_sm90_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, uidx: torch.Tensor, umask: torch.Tensor | None,
+                  ucount: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None, *, scale_log2: float,
+                  q_offset: int, causal: bool, row_lists: bool, query_block: int, qt: int = 0,
+                  tile: dict | None = None) -> None:
+    """Launch the warp-specialised kernel and write out [B, S, Hq, Dv] (and lse [B, Hq, S]).
+
+    row_lists: uidx / ucount are the row lists idx [B, Hsel, R, Kmax] / counts [B, Hsel, R] (R = ceil(S /
+    query_block)) with query_block * G a multiple of `WS_ROWS`, so that each 128-row flat tile lies in one row.
+    Else uidx / umask / ucount are `union_block_lists(idx, counts, 2 * qt)`: programs of 2 qt tokens, a half of
+    qt tokens x G heads (at most 64 rows, qt at most 16) each. `tile` overrides `SM90_WS_TILE`; ping-pong
+    needs row lists (the halves of a union tile take different numbers of steps)."""
     B, S, Hq, D = q.shape
     T, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
-    if (query_block * G) % WS_ROWS:
-        raise ValueError(f"query_block * G = {query_block} * {G} must be a multiple of {WS_ROWS} rows")
     cfg = _tile_config(SM90_WS_TILE, tile)
+    if row_lists and (query_block * G) % WS_ROWS:
+        raise ValueError(f"query_block * G = {query_block} * {G} must be a multiple of {WS_ROWS} rows")
+    if not row_lists and not (1 <= qt <= 16 and qt * G <= ROWS):
+        raise ValueError(f"union tiles need 1 <= qt <= 16 tokens of G heads in {ROWS} rows; got qt {qt}, G {G}")
+    if not row_lists and (tile or {}).get("PINGPONG"):
+        raise ValueError("PINGPONG needs row lists: the halves of a union tile take different numbers of steps")
     if cfg["NUM_BUF"] < 2:
         raise ValueError(f"tile {cfg}: NUM_BUF must be >= 2")
     k_desc, k_head_major, v_desc, v_head_major = _kv_descriptors(q, k, v)
-    n_tiles = -(-S * G // WS_ROWS)
+    n_tiles = -(-S * G // WS_ROWS) if row_lists else -(-S // (2 * qt))
     if n_tiles == 0 or B * Hkv == 0:
         return
-    _block_rows_ws_fwd[(n_tiles, B * Hkv)](
-        q, k_desc, v_desc, idx, counts, out, lse if lse is not None else out,
+    _block_ws_fwd[(n_tiles, B * Hkv)](
+        q, k_desc, v_desc, uidx, umask if umask is not None else uidx, ucount, out, lse if lse is not None else out,
         scale_log2, S, T, q_offset,
         q.stride(0), q.stride(1), q.stride(2),
-        idx.stride(0), idx.stride(1), idx.stride(2),
-        counts.stride(0), counts.stride(1),
+        uidx.stride(0), uidx.stride(1), uidx.stride(2),
+        ucount.stride(0), ucount.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
         Hkv,
-        HSEL_SHARED=idx.shape[1] == 1, G=G, D=D, DV=Dv, CAUSAL=causal, RETURN_LSE=lse is not None,
-        QUERY_BLOCK=query_block, K_HEAD_MAJOR=k_head_major, V_HEAD_MAJOR=v_head_major, NUM_BUF=cfg["NUM_BUF"],
-        CONSUMER_REGS=cfg["CONSUMER_REGS"], PINGPONG=bool(cfg["PINGPONG"]), num_warps=4,
+        HSEL_SHARED=uidx.shape[1] == 1, G=G, QT=max(qt, 1), D=D, DV=Dv, CAUSAL=causal, RETURN_LSE=lse is not None,
+        ROW_LISTS=row_lists, QUERY_BLOCK=query_block, K_HEAD_MAJOR=k_head_major, V_HEAD_MAJOR=v_head_major,
+        NUM_BUF=cfg["NUM_BUF"], CONSUMER_REGS=cfg["CONSUMER_REGS"], PINGPONG=bool(cfg["PINGPONG"]) and row_lists,
+        num_warps=4,
     )
 
 
