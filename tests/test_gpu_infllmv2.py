@@ -358,6 +358,38 @@ def test_gpu_block_union_sm90_ws_per_token_lists(G, Hkv, S, T, D, layout, dtype)
         block_union_attention(q1, k, v, idx, counts, block_size=64, kernel="sm90_ws")
 
 
+@pytest.mark.parametrize("num_buf", [2, 5])
+def test_gpu_block_union_sm90_ws_long_gaps(num_buf):
+    """Union lists where one half's next entry lies a whole ring (or more) past its last: that half retires its
+    pending P V before the ring can pass (else the producer waits for its V slot and the half for the producer:
+    a deadlock). Half 0 of every program selects blocks {0, 12, 60}, half 1 blocks 1-11 and five of 13-59."""
+    from stem_boost.kernels.block_union import block_union_attention
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is for compute capability 9.x")
+    seed = 9700 + num_buf
+    torch.manual_seed(seed)
+    B, Hkv, G, D, S, T = 1, 2, 16, 128, 256, 4096
+    qt = 64 // G
+    idx = torch.full((B, Hkv, S, 16), -1, dtype=torch.int32, device="cuda")
+    half = (torch.arange(S, device="cuda") // qt) % 2
+    last = (T - S) // 64  # the block of the first query: every later one sees it (causally valid lists)
+    first = torch.tensor([0, 12, last], device="cuda", dtype=torch.int32)
+    idx[:, :, half == 0, :3] = first
+    second = torch.cat([torch.arange(1, 12, device="cuda", dtype=torch.int32),
+                        torch.randperm(last - 13, device="cuda")[:5].to(torch.int32).sort().values + 13])
+    idx[:, :, half == 1, :16] = second
+    counts = (idx >= 0).sum(-1).to(torch.int32)
+    q = torch.randn(B, S, Hkv * G, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    out, lse = block_union_attention(q, k, v, idx, counts, block_size=64, return_lse=True, kernel="sm90_ws",
+                                     tile=dict(NUM_BUF=num_buf, PINGPONG=False))
+    torch.cuda.synchronize()
+    ref, ref_lse = _reference(q.double(), k.double(), v.double(), idx, counts, 64, T - S)
+    assert _rel_err(out, ref) < 1e-2 and _rel_err(lse, ref_lse) < 1e-2, f"seed {seed}"
+
+
 def test_gpu_sparse_attention_takes_the_gluon_walk_on_hopper(monkeypatch):
     """sparse_attention's block lists run the Gluon walk by default on compute capability 9.x (a silent
     fallback to the Triton kernel would cost 6-8%), and the Triton walk when asked for by name."""
