@@ -281,18 +281,12 @@ def _block_union_sm90_fwd(
 
 
 @gluon.jit
-def _ws_producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_free, v_free, UIDX, UMASK, u_off, n, b, kvh, T,
-                 HKV, S, t0, D: gl.constexpr, DV: gl.constexpr, QT: gl.constexpr, K_HEAD_MAJOR: gl.constexpr,
-                 V_HEAD_MAJOR: gl.constexpr, ROW_LISTS: gl.constexpr, NUM_BUF: gl.constexpr):
+def _ws_producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_free, v_free, UIDX, u_off, n, b, kvh, T, HKV,
+                 D: gl.constexpr, DV: gl.constexpr, K_HEAD_MAJOR: gl.constexpr, V_HEAD_MAJOR: gl.constexpr,
+                 NUM_BUF: gl.constexpr):
     """Default partition (4 warps, few registers): entry e's K and V blocks by TMA into ring slot e % NUM_BUF
     as soon as both consumers have released the slot's previous block (K after its scores, V after its P V).
-    On union lists a half none of whose tokens selected entry e never sees it: the producer releases the
-    slots in its place as it issues them. (A half that waited for every entry would hold its last P V's V
-    slot while passing over the ring: a gap of NUM_BUF entries would deadlock.) The next entry's block
-    number is read under this entry's waits."""
-    if not ROW_LISTS:
-        bits0 = (1 << gl.maximum(gl.minimum(S - t0, QT), 0)) - 1  # the tokens of each half (QT <= 16)
-        bits1 = (1 << gl.maximum(gl.minimum(S - t0 - QT, QT), 0)) - 1
+    The next entry's block number is read under this entry's waits."""
     blk = _entry(UIDX, u_off, 0, n)
     for e in range(n):
         upcoming = _entry(UIDX, u_off, e + 1, n)
@@ -300,26 +294,16 @@ def _ws_producer(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_free, v_fre
         free_phase = ((e // NUM_BUF) & 1) ^ 1  # the first pass over the ring finds every slot free
         mbarrier.wait(k_free.index(slot), free_phase)
         _issue_kv(k_desc, k_ring, k_ready, e, blk, n, b, kvh, T, HKV, D, K_HEAD_MAJOR, NUM_BUF)
-        if not ROW_LISTS:
-            word = gl.load(UMASK + u_off + e)
-            skip0 = (word & bits0) == 0
-            skip1 = ((word >> QT) & bits1) == 0
-            mbarrier.arrive(k_free.index(slot), count=1, pred=skip0)
-            mbarrier.arrive(k_free.index(slot), count=1, pred=skip1)
         mbarrier.wait(v_free.index(slot), free_phase)
         _issue_kv(v_desc, v_ring, v_ready, e, blk, n, b, kvh, T, HKV, DV, V_HEAD_MAJOR, NUM_BUF)
-        if not ROW_LISTS:
-            mbarrier.arrive(v_free.index(slot), count=1, pred=skip0)
-            mbarrier.arrive(v_free.index(slot), count=1, pred=skip1)
         blk = upcoming
 
 
 @gluon.jit
-def _release(bar, pred=True):
-    """Every thread of this consumer is past its reads of a slot (one partition barrier), then one arrival
-    (where pred)."""
+def _release(bar):
+    """Every thread of this consumer is past its reads of a slot (one partition barrier), then one arrival."""
     _cta_barrier()
-    mbarrier.arrive(bar, count=1, pred=pred)
+    mbarrier.arrive(bar, count=1)
 
 
 @gluon.jit
@@ -382,8 +366,9 @@ def _ws_consumer(c: gl.constexpr, Q, O, LSE, q_smem, k_ring, v_ring, k_ready, v_
     (S_j and P_{j-1} V_{j-1} issued together, step j's softmax under P V) on the shared K / V rings: it waits
     for each block's TMA and releases K_j once S_j is retired, V_{j-1} once P V is.
     Row lists (flat rows [64 c, 64 c + 64) of 128): every entry for every row, optionally in turns with the
-    other consumer (PINGPONG). Union lists (tokens [QT c, QT c + QT) of 2 QT): only the entries one of this
-    half's tokens selected (the producer releases the others)."""
+    other consumer (PINGPONG). Union lists (tokens [QT c, QT c + QT) of 2 QT): the products only for the
+    entries one of this half's tokens selected (and one a whole ring past the last such), the others waited
+    for and released unread."""
     dtype: gl.constexpr = Q.dtype.element_ty
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -449,7 +434,8 @@ def _ws_consumer(c: gl.constexpr, Q, O, LSE, q_smem, k_ring, v_ring, k_ready, v_
     else:
         # ---- this half's first entry (usually entry 0: InfLLMv2 forces the first blocks): S and its softmax
         # (no entry at all: every score masked, P = 0)
-        first, mine = _next_own_entry(UMASK, u_off, -1, n, c * QT, full_bits)
+        first, mine = _next_own_entry(UMASK, u_off, -1, n, c * QT, full_bits, n, k_ready, v_ready, k_free, v_free,
+                                      NUM_BUF)
         if first < n:
             slot0 = first % NUM_BUF
             mbarrier.wait(k_ready.index(slot0), (first // NUM_BUF) & 1)
@@ -462,24 +448,14 @@ def _ws_consumer(c: gl.constexpr, Q, O, LSE, q_smem, k_ring, v_ring, k_ready, v_
                                                   tin, qpos, offs_n, t0, q_offset, T, qk_scale_log2, dtype, p_layout,
                                                   CAUSAL, False)
         # ---- this half's next entry e: S_e and the P V of its previous one, pe, together (no branch around the
-        # products: a product under a branch inside the loop makes ptxas serialise them, note C7513)
+        # products: a product under a branch inside the loop makes ptxas serialise them, note C7513). The walk
+        # stops a whole ring past pe even where no token of the half selected that entry (its scores all
+        # masked): the producer needs V_pe's slot back to load it, and the half could not wait for it otherwise.
         pe = first
-        e, mine = _next_own_entry(UMASK, u_off, first, n, c * QT, full_bits)
+        e, mine = _next_own_entry(UMASK, u_off, first, n, c * QT, full_bits, first + NUM_BUF, k_ready, v_ready,
+                                  k_free, v_free, NUM_BUF)
         while e < n:
             slot = e % NUM_BUF
-            # entry e lands in the ring only once every slot before it is free, V_pe's too: with e a whole ring
-            # past pe, P V_pe is retired here, and the step's own P V (P = 0) reads V_e, which its real P V
-            # releases later
-            flush = e >= pe + NUM_BUF
-            if flush:
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
-                mbarrier.wait(v_ready.index(pe % NUM_BUF), (pe // NUM_BUF) & 1)
-                acc = warpgroup_mma(p_regs, v_ring.index(pe % NUM_BUF), acc, is_async=True)
-                acc = warpgroup_mma_wait(0, deps=(acc,))
-                _release(v_free.index(pe % NUM_BUF))
-                p_regs = gl.zeros_like(p_regs)
-                alpha = gl.full_like(alpha, 1.0)
-                pe = e
             prev = pe % NUM_BUF
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
             mbarrier.wait(k_ready.index(slot), (e // NUM_BUF) & 1)
@@ -492,9 +468,10 @@ def _ws_consumer(c: gl.constexpr, Q, O, LSE, q_smem, k_ring, v_ring, k_ready, v_
                                                       qpos, offs_n, t0, q_offset, T, qk_scale_log2, dtype, p_layout,
                                                       CAUSAL, False)
             acc = warpgroup_mma_wait(0, deps=(acc,))  # P V_pe done
-            _release(v_free.index(prev), ~flush)
+            _release(v_free.index(prev))
             pe = e
-            e, mine = _next_own_entry(UMASK, u_off, e, n, c * QT, full_bits)
+            e, mine = _next_own_entry(UMASK, u_off, e, n, c * QT, full_bits, e + NUM_BUF, k_ready, v_ready, k_free,
+                                      v_free, NUM_BUF)
         last_e = gl.where(first < n, pe, -1)
     if last_e >= 0:  # the last entry's P V
         last = last_e % NUM_BUF
@@ -510,15 +487,31 @@ def _ws_consumer(c: gl.constexpr, Q, O, LSE, q_smem, k_ring, v_ring, k_ready, v_
 
 
 @gluon.jit
-def _next_own_entry(UMASK, u_off, e, n, shift, full_bits):
-    """(The first union entry after e that one of this half's tokens selected, or n; its token bits shifted to
-    this half's). The entries passed over are released by the producer."""
+def _next_own_entry(UMASK, u_off, e, n, shift, full_bits, limit, k_ready, v_ready, k_free, v_free,
+                    NUM_BUF: gl.constexpr):
+    """(The first union entry after e that one of this half's tokens selected, n, or `limit` if that comes
+    first; its token bits shifted to this half's, 0 at `limit`). The entries passed over are waited for and
+    released (`_pass_entry`)."""
     e += 1
     mine = (_entry(UMASK, u_off, e, n) >> shift) & full_bits
-    while (e < n) & (mine == 0):
+    while (e < n) & (mine == 0) & (e < limit):
+        _pass_entry(k_ready, v_ready, k_free, v_free, e, NUM_BUF)
         e += 1
         mine = (_entry(UMASK, u_off, e, n) >> shift) & full_bits
-    return e, mine
+    return e, gl.where(e < limit, mine, 0)
+
+
+@gluon.jit
+def _pass_entry(k_ready, v_ready, k_free, v_free, e, NUM_BUF: gl.constexpr):
+    """Release entry e's K and V slots unread, once both have landed. Waiting keeps this half on every phase of
+    every slot (a wait by parity is only right one phase behind) and keeps it from arriving twice on a slot's
+    barrier before the other half arrives once."""
+    slot = e % NUM_BUF
+    phase = (e // NUM_BUF) & 1
+    mbarrier.wait(k_ready.index(slot), phase)
+    mbarrier.arrive(k_free.index(slot), count=1)
+    mbarrier.wait(v_ready.index(slot), phase)
+    mbarrier.arrive(v_free.index(slot), count=1)
 
 
 @gluon.jit
@@ -579,8 +572,8 @@ def _block_ws_fwd(
 
     # The argument tuples are written inline: a tuple held in a variable turns its constexprs into runtime values.
     gl.warp_specialize([
-        (_ws_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_free, v_free, UIDX, UMASK, u_off, n, b,
-                        kvh, T, HKV, S, pid_t * 2 * QT, D, DV, QT, K_HEAD_MAJOR, V_HEAD_MAJOR, ROW_LISTS, NUM_BUF)),
+        (_ws_producer, (k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, k_free, v_free, UIDX, u_off, n, b, kvh, T,
+                        HKV, D, DV, K_HEAD_MAJOR, V_HEAD_MAJOR, NUM_BUF)),
         (_ws_consumer, (0, Q, O, LSE, q_smem, k_ring, v_ring, k_ready, v_ready, k_free, v_free, turn, UIDX, UMASK,
                         u_off, n, pid_t, b, kvh, S, T, q_offset, qk_scale_log2, stride_qb, stride_qs, stride_qh,
                         stride_ob, stride_os, stride_oh, stride_lb, stride_lh, G, QT, D, DV, CAUSAL, RETURN_LSE,
