@@ -334,8 +334,9 @@ UNION_KERNEL = "sm90"
 
 #: the executor of row lists (block mode) where the Gluon kernels run: "sm90_ws" (where query_block * G is a
 #: multiple of 128: 128-row tiles, a producer warpgroup and two consumers sharing each K / V block), "sm90" or
-#: "triton"
-ROWS_KERNEL = "sm90"
+#: "triton". Measured on an H200 in block mode (density 0.2, G 4 / 6 / 8 / 16, BENCHMARKS.md): 0.82-0.85 of
+#: dense SDPA's rate at 32K and 0.90-0.91 at 128K, against the 64-row kernel's 0.77-0.81 and 0.83-0.87
+ROWS_KERNEL = "sm90_ws"
 
 
 def _gluon_route(kernel: str | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,

@@ -490,15 +490,15 @@ def _ws_consumer(c: gl.constexpr, Q, O, LSE, q_smem, k_ring, v_ring, k_ready, v_
 def _next_own_entry(UMASK, u_off, e, n, shift, full_bits, limit, k_ready, v_ready, k_free, v_free,
                     NUM_BUF: gl.constexpr):
     """(The first union entry after e that one of this half's tokens selected, n, or `limit` if that comes
-    first; its token bits shifted to this half's, 0 at `limit`). The entries passed over are waited for and
-    released (`_pass_entry`)."""
+    first; its token bits shifted to this half's: 0 where the walk stops at `limit` on an entry none of its
+    tokens selected). The entries passed over are waited for and released (`_pass_entry`)."""
     e += 1
     mine = (_entry(UMASK, u_off, e, n) >> shift) & full_bits
     while (e < n) & (mine == 0) & (e < limit):
         _pass_entry(k_ready, v_ready, k_free, v_free, e, NUM_BUF)
         e += 1
         mine = (_entry(UMASK, u_off, e, n) >> shift) & full_bits
-    return e, gl.where(e < limit, mine, 0)
+    return e, mine
 
 
 @gluon.jit
