@@ -624,15 +624,15 @@ def test_block_union_triton_knobs_select_triton(seed, monkeypatch):
 
 
 def test_block_union_routes_row_lists_to_the_warp_specialised_kernel(seed, monkeypatch):
-    """With `ROWS_KERNEL = "sm90_ws"` on Hopper, row lists whose 128-row flat tiles each lie in one selection
-    row (query_block * G a multiple of 128) run the warp-specialised kernel with the caller's tile; per-token
-    lists and row lists that do not fit keep the 64-row Gluon kernel. Checked on the CPU with both kernels
-    made to look runnable and recorded instead of run."""
+    """By default on Hopper, row lists whose 128-row flat tiles each lie in one selection row (query_block * G a
+    multiple of 128) run the warp-specialised kernel with the caller's tile; per-token lists and row lists that
+    do not fit keep the 64-row Gluon kernel; with `UNION_KERNEL = "sm90_ws"` per-token lists take it too, on the
+    union of 2 QT tokens. Checked on the CPU with both kernels made to look runnable and recorded instead of run."""
     from stem_boost.kernels import block_union, block_union_sm90
     from stem_boost.kernels.block_union import block_union_attention
 
     calls = []
-    monkeypatch.setattr(block_union, "ROWS_KERNEL", "sm90_ws")
+    assert block_union.ROWS_KERNEL == "sm90_ws" and block_union.UNION_KERNEL == "sm90"  # the shipped defaults
     monkeypatch.setattr(block_union_sm90, "supports_block_union_sm90", lambda *args: True)
     monkeypatch.setattr(block_union_sm90, "block_sm90_ws", lambda *a, **kw: calls.append(("ws", kw["tile"])))
     monkeypatch.setattr(block_union_sm90, "block_union_sm90", lambda *a, **kw: calls.append(("m64", kw["tile"])))

@@ -326,9 +326,10 @@ def union_tile_config(G: int, block_m: int = 64) -> dict:
 FLAT_BLOCK_M = 64
 FLAT_STAGES = 3
 
-#: the executor of the block walk where the Gluon kernel runs (`block_union_attention(kernel=None)`):
-#: "sm90" (block_union_sm90.py) or "triton". Measured on an H200 (BENCHMARKS.md): 33.7 against 35.8 ms
-#: on MiniCPM-4.1's 128K lists, 0.77-0.79 of dense SDPA's rate in block mode against 0.72-0.75.
+#: the executor of the block walk on per-token lists where the Gluon kernels run (`block_union_attention(
+#: kernel=None)`): "sm90" (block_union_sm90.py), "sm90_ws" or "triton". Measured on an H200 (BENCHMARKS.md):
+#: 33.7 against 35.8 ms on MiniCPM-4.1's 128K lists, 0.77-0.79 of dense SDPA's rate in block mode against
+#: 0.72-0.75; the warp-specialised kernel 1.02x slower than "sm90" on those lists (34.4 / 33.7 ms).
 UNION_KERNEL = "sm90"
 
 

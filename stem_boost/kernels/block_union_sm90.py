@@ -24,6 +24,28 @@ rows of one selection row (no token mask). One warpgroup (4 warps), M = 64 rows,
 head dims 64 or 128, bf16 / fp16. Only for CUDA on compute capability 9.x (Gluon has no CPU
 interpreter); the Triton kernel is its oracle on the GPU (`tests/test_gpu_infllmv2.py`, the `sm90` tests) and
 `stem-boost build` compiles it on any machine.
+
+The warp-specialised kernel (`_block_ws_fwd`, `kernel="sm90_ws"`, the default for row lists). Two
+64-row programs on an SM each stream their own copy of every K / V block from L2: at 460 TFLOP/s that is
+about 7 TB/s, 64 FLOP a byte. Here a program holds two 64-row halves that walk one list (12 warps):
+
+  producer (default partition, 4 warps)   every entry's K and V blocks by TMA into rings of NUM_BUF
+                                          slots, as soon as both halves have released a slot
+  consumer c = 0, 1 (4 warps each)        half c: the walk above on the shared rings (wait for the TMA,
+                                          release K_j once S_j is retired, V_{j-1} once P V is), with
+                                          PINGPONG the two halves taking turns to issue their products
+
+so each block is read once per 128 rows. Row lists: flat tiles of 128 (token, head) rows in one selection
+row (query_block * G a multiple of 128). Measured in block mode on an H200 (BENCHMARKS.md): 0.82-0.85 of
+dense SDPA's rate at 32K and 0.90-0.92 at 128K, against the 64-row kernel's 0.77-0.81 / 0.83-0.87;
+ping-pong 0.82-0.85 at every G where without it G = 6 fell to 0.79; a ring of 4 lost 5%.
+Per-token lists (opt-in): a program of 2 QT tokens walks the union of their lists, each half computing
+only the entries its own QT tokens selected and passing over the others (it waits for their landing, which
+keeps it on every phase of a slot's barrier, and releases them); a half stops a whole ring past its last
+entry even where it selected nothing there (scores all masked), or the producer would wait for that
+entry's V slot while the half waits for the producer. On MiniCPM-4.1's 128K lists it was 1.02x slower than
+the 64-row kernel (the union of 8 tokens is 1.39 of their lists against 1.20 for 4), so per-token lists
+keep the 64-row kernel.
 """
 
 from __future__ import annotations
@@ -44,9 +66,10 @@ from .warp_rows import interpreting
 __all__ = ["block_union_sm90", "block_sm90_ws", "supports_block_union_sm90", "SM90_UNION_TILE", "SM90_WS_TILE", "WS_ROWS"]
 
 SM90_UNION_TILE = dict(NUM_BUF=3)  # K / V ring depth (3 x 2 x 16 KB + Q 16 KB at d 128: two programs an SM)
-# the warp-specialised tile (`_block_rows_ws_fwd`): ring depth (5 x 32 KB + Q 2 x 16 KB at d 128: one program an
-# SM), registers of a consumer thread (the producer warpgroup gets the rest of 64K: 48 at 232), and whether the
-# consumers take turns issuing their products (FlashAttention-3's ping-pong)
+# the warp-specialised tile (`_block_ws_fwd`): ring depth (5 x 32 KB + Q 2 x 16 KB at d 128: one program an
+# SM; 4 measured 5% slower, 6 does not fit), registers of a consumer thread (the producer warpgroup gets the
+# rest of 64K: 48 at 232), and whether the consumers take turns issuing their products (FlashAttention-3's
+# ping-pong; row lists only)
 SM90_WS_TILE = dict(NUM_BUF=5, CONSUMER_REGS=232, PINGPONG=True)
 WS_ROWS = 128  # rows of a warp-specialised program: two consumer warpgroups of 64
 ROWS, KEYS = 64, 64  # rows a program (one warpgroup), keys a step (one key block)
