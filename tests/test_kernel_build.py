@@ -130,9 +130,13 @@ def test_attention_and_score_tiles_use_hopper_tensor_cores(builds):
                          ("indexer fp8", "_index_scores_kernel"),
                          ("select pooled sm90", "_pooled_scores_sm90_fwd"),
                          ("union G16 sm90", "_block_union_sm90_fwd"), ("union G6 sm90", "_block_union_sm90_fwd"),
-                         ("union G16 qb64 sm90", "_block_union_sm90_fwd")):
+                         ("union G16 qb64 sm90", "_block_union_sm90_fwd"),
+                         ("union G16 qb64 sm90_ws", "_block_ws_fwd"), ("union G6 qb64 sm90_ws", "_block_ws_fwd"),
+                         ("union G16 sm90_ws", "_block_ws_fwd"), ("union G6 sm90_ws", "_block_ws_fwd")):
         (r,) = [r for r in cases[name] if r["name"] == kernel]
         assert r["wgmma"] > 0 and r["mma_sync"] == 0, (name, r)
+        if kernel == "_block_ws_fwd":  # a producer warpgroup and two consumers; K / V through TMA
+            assert r["num_warps"] == 12 and r["tma"] > 0, (name, r)
 
 
 def test_build_list_and_unknown_case_messages():
