@@ -48,6 +48,24 @@ def _lists(B, H, S, T, kmax, seed, jitter=0.5, block=64):
     return idx.contiguous(), (idx >= 0).sum(-1).to(torch.int32)
 
 
+def _row_lists(B, H, S, T, query_block, kmax, causal, keep_last):
+    """Random lists of one row per query_block queries on the GPU (blocks of 64): kmax blocks a row, only
+    blocks the row's last query sees where causal, that block always kept with keep_last; ascending, -1
+    padded. Returns (idx [B, H, R, kmax] int32, counts [B, H, R])."""
+    R, nb = -(-S // query_block), -(-T // 64)
+    last = torch.clamp((torch.arange(R, device="cuda") * query_block + query_block - 1) // 64, max=nb - 1)
+    score = torch.rand(B, H, R, nb, device="cuda")
+    blk = torch.arange(nb, device="cuda")
+    if causal:
+        score = torch.where(blk <= last[:, None], score, -1.0)
+    if keep_last:
+        score = torch.where(blk == last[:, None], 2.0, score)
+    top = score.topk(kmax, dim=-1)
+    idx = torch.where(top.values >= 0, top.indices, nb + 1).sort(dim=-1).values
+    idx = torch.where(idx > nb, -1, idx).to(torch.int32)
+    return idx, (idx >= 0).sum(-1).to(torch.int32)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 1e-2), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("G,Hkv,S,T,block_m,use_tma", [
     (16, 2, 700, 700, 64, False), (16, 2, 700, 900, 128, True), (6, 4, 513, 513, 64, False),
@@ -239,16 +257,7 @@ def test_gpu_block_union_sm90_row_lists(G, query_block, causal):
     torch.manual_seed(seed)
     B, Hkv, S, D = 1, 2, 1000, 128
     T = S
-    R, nb = -(-S // query_block), -(-T // 64)
-    last = torch.clamp((torch.arange(R, device="cuda") * query_block + query_block - 1) // 64, max=nb - 1)
-    score = torch.rand(B, Hkv, R, nb, device="cuda")
-    if causal:
-        score = torch.where(torch.arange(nb, device="cuda") <= last[:, None], score, -1.0)
-        score[..., :, :] = torch.where(torch.arange(nb, device="cuda") == last[:, None], 2.0, score)
-    top = score.topk(6, dim=-1)
-    idx = torch.where(top.values >= 0, top.indices, nb + 1).sort(dim=-1).values
-    idx = torch.where(idx > nb, -1, idx).to(torch.int32)
-    counts = (idx >= 0).sum(-1).to(torch.int32)
+    idx, counts = _row_lists(B, Hkv, S, T, query_block, 6, causal, keep_last=causal)
     q = torch.randn(B, S, Hkv * G, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16)
@@ -280,14 +289,7 @@ def test_gpu_block_rows_sm90_ws(G, S, query_block, causal, tile, hsel, dtype, he
     torch.manual_seed(seed)
     B, Hkv, D = 2, 2, 128
     T = S
-    R, nb = -(-S // query_block), -(-T // 64)
-    last = torch.clamp((torch.arange(R, device="cuda") * query_block + query_block - 1) // 64, max=nb - 1)
-    score = torch.rand(B, hsel, R, nb, device="cuda")
-    if causal:
-        score = torch.where(torch.arange(nb, device="cuda") <= last[:, None], score, -1.0)
-    top = score.topk(5, dim=-1)
-    idx = torch.where(top.values >= 0, top.indices, nb + 1).sort(dim=-1).values
-    idx = torch.where(idx > nb, -1, idx).to(torch.int32)
+    idx, _ = _row_lists(B, hsel, S, T, query_block, 5, causal, keep_last=False)
     idx[:, :, 2] = -1  # a row (query_block tokens) that selects nothing
     counts = (idx >= 0).sum(-1).to(torch.int32)
     q = torch.randn(B, S, Hkv * G, D, device="cuda").to(dtype)

@@ -95,6 +95,21 @@ def _tile_rows(m, pid_t, t0, kvh, S, G: gl.constexpr, QT: gl.constexpr, FLAT_ROW
 
 
 @gluon.jit
+def _program_tile(HKV, HSEL_SHARED: gl.constexpr):
+    """This program's (query tile, batch, kv head, selection head): axis 0 = query tile, the last (heaviest)
+    first; axis 1 = batch x kv head; the selection head is 0 where every kv head shares one list."""
+    pid_t = gl.num_programs(0) - 1 - gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    kvh = pid_bh % HKV
+    b = pid_bh // HKV
+    if HSEL_SHARED:
+        sel_h = 0
+    else:
+        sel_h = kvh
+    return pid_t, b, kvh, sel_h
+
+
+@gluon.jit
 def _entry(LIST, u_off, e, n):
     """Entry e of a list (its key block, or its token bits; 0 past the list: e >= n)."""
     return gl.load(LIST + u_off + e, mask=e < n, other=0)
@@ -190,21 +205,14 @@ def _block_union_sm90_fwd(
     ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # 16-byte loads
     q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
 
-    # ---- program -> (query tile, batch, kv head); heaviest tiles first
-    pid_t = gl.num_programs(0) - 1 - gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    kvh = pid_bh % HKV
-    b = pid_bh // HKV
+    # ---- program -> (query tile, batch, kv head, selection head); heaviest tiles first
+    pid_t, b, kvh, sel_h = _program_tile(HKV, HSEL_SHARED)
     if FLAT_ROWS:
         t0 = (pid_t * BLOCK_M) // G
     else:
         t0 = pid_t * QT
     n_tok = gl.minimum(S - t0, QT)
     full_bits = gl.where(n_tok >= 32, -1, (1 << gl.minimum(n_tok, 31)) - 1)  # the bits of the tile's tokens
-    if HSEL_SHARED:
-        sel_h = 0
-    else:
-        sel_h = kvh
     if ROW_LISTS:
         urow = t0 // QUERY_BLOCK
     else:
@@ -560,15 +568,8 @@ def _block_ws_fwd(
     gl.static_assert(NUM_BUF >= 2, "a ring of at least two slots")
     dtype: gl.constexpr = Q.dtype.element_ty
     q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
-    # ---- program -> (tile of two halves, batch, kv head); heaviest tiles first
-    pid_t = gl.num_programs(0) - 1 - gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    kvh = pid_bh % HKV
-    b = pid_bh // HKV
-    if HSEL_SHARED:
-        sel_h = 0
-    else:
-        sel_h = kvh
+    # ---- program -> (tile of two halves, batch, kv head, selection head); heaviest tiles first
+    pid_t, b, kvh, sel_h = _program_tile(HKV, HSEL_SHARED)
     if ROW_LISTS:
         urow = ((pid_t * 2 * BLOCK_M) // G) // QUERY_BLOCK  # the tile's 128 rows lie in one selection row
     else:
@@ -629,6 +630,19 @@ def _kv_view(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return t.view(B * T, H * D), False
 
 
+def _walk_args(q, k_desc, v_desc, uidx, umask, ucount, out, lse, scale_log2: float, q_offset: int, T: int,
+               Hkv: int) -> tuple:
+    """The positional arguments both block walks take, in their order (tensors, scalars, strides, Hkv)."""
+    return (q, k_desc, v_desc, uidx, umask if umask is not None else uidx, ucount, out, lse if lse is not None else out,
+            scale_log2, q.shape[1], T, q_offset,
+            q.stride(0), q.stride(1), q.stride(2),
+            uidx.stride(0), uidx.stride(1), uidx.stride(2),
+            ucount.stride(0), ucount.stride(1),
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
+            Hkv)
+
+
 def _tile_config(default: dict, tile: dict | None) -> dict:
     """`default` with the options of `tile`; an unknown option is refused by name."""
     unknown = set(tile or {}) - set(default)
@@ -676,14 +690,7 @@ def block_sm90_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, uidx: torch
     if n_tiles == 0 or B * Hkv == 0:
         return
     _block_ws_fwd[(n_tiles, B * Hkv)](
-        q, k_desc, v_desc, uidx, umask if umask is not None else uidx, ucount, out, lse if lse is not None else out,
-        scale_log2, S, T, q_offset,
-        q.stride(0), q.stride(1), q.stride(2),
-        uidx.stride(0), uidx.stride(1), uidx.stride(2),
-        ucount.stride(0), ucount.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
-        Hkv,
+        *_walk_args(q, k_desc, v_desc, uidx, umask, ucount, out, lse, scale_log2, q_offset, T, Hkv),
         HSEL_SHARED=uidx.shape[1] == 1, G=G, QT=max(qt, 1), D=D, DV=Dv, CAUSAL=causal, RETURN_LSE=lse is not None,
         ROW_LISTS=row_lists, QUERY_BLOCK=query_block, K_HEAD_MAJOR=k_head_major, V_HEAD_MAJOR=v_head_major,
         NUM_BUF=cfg["NUM_BUF"], CONSUMER_REGS=cfg["CONSUMER_REGS"], PINGPONG=bool(cfg["PINGPONG"]) and row_lists,
@@ -707,14 +714,7 @@ def block_union_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, uidx: to
     if n_tiles == 0 or B * Hkv == 0:
         return
     _block_union_sm90_fwd[(n_tiles, B * Hkv)](
-        q, k_desc, v_desc, uidx, umask if umask is not None else uidx, ucount, out, lse if lse is not None else out,
-        scale_log2, S, T, q_offset,
-        q.stride(0), q.stride(1), q.stride(2),
-        uidx.stride(0), uidx.stride(1), uidx.stride(2),
-        ucount.stride(0), ucount.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
-        Hkv,
+        *_walk_args(q, k_desc, v_desc, uidx, umask, ucount, out, lse, scale_log2, q_offset, T, Hkv),
         HSEL_SHARED=hsel_shared, G=G, QT=qt, D=D, DV=Dv, CAUSAL=causal, RETURN_LSE=lse is not None,
         ROW_LISTS=row_lists, QUERY_BLOCK=query_block, FLAT_ROWS=flat, K_HEAD_MAJOR=k_head_major,
         V_HEAD_MAJOR=v_head_major,
