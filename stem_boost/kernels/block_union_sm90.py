@@ -179,6 +179,41 @@ def _softmax_masked(qk, m_i, l_i, blk, bits, full_bits, tin, qpos, offs_n, t0, q
 
 
 @gluon.jit
+def _load_q_rows(Q, q_tile, pid_t, t0, kvh, b, S, stride_qb, stride_qs, stride_qh, G: gl.constexpr,
+                 QT: gl.constexpr, FLAT_ROWS: gl.constexpr, D: gl.constexpr):
+    """Query tile pid_t's 64 rows [64, D] (`_tile_rows`) into shared memory, fenced for wgmma (rows past S read
+    row S - 1, never stored)."""
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # 16-byte loads
+    tok_ld, head_ld, _ = _tile_rows(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout)), pid_t, t0, kvh, S,
+                                    G, QT, FLAT_ROWS)
+    tok_ld = gl.minimum(tok_ld, S - 1)
+    d_ld = gl.arange(0, D, layout=gl.SliceLayout(0, ld_layout))
+    q_rows = Q + b.to(gl.int64) * stride_qb + tok_ld.to(gl.int64) * stride_qs + head_ld.to(gl.int64) * stride_qh
+    q_tile.store(gl.load(q_rows[:, None] + d_ld[None, :]))
+    fence_async_shared()
+
+
+@gluon.jit
+def _store_rows(acc, m_i, l_i, O, LSE, pid_t, t0, kvh, b, S, tok_s, head_s, ok_s, stride_ob, stride_os, stride_oh,
+                stride_lb, stride_lh, G: gl.constexpr, QT: gl.constexpr, FLAT_ROWS: gl.constexpr, DV: gl.constexpr,
+                RETURN_LSE: gl.constexpr, rows_o: gl.constexpr):
+    """Query tile pid_t's epilogue: O = acc / l (rows that saw no key: zeros) and lse in natural log, its live
+    rows (tok_s, head_s, ok_s: `_tile_rows` in the score layout)."""
+    l_div = gl.where(l_i == 0.0, 1.0, l_i)
+    out = (acc / gl.expand_dims(gl.convert_layout(l_div, rows_o), 1)).to(O.dtype.element_ty)
+    st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    out = gl.convert_layout(out, st_layout)
+    tok_st, head_st, ok_st = _tile_rows(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, st_layout)), pid_t, t0, kvh,
+                                        S, G, QT, FLAT_ROWS)
+    dv = gl.arange(0, DV, layout=gl.SliceLayout(0, st_layout))
+    o_rows = O + b.to(gl.int64) * stride_ob + tok_st.to(gl.int64) * stride_os + head_st.to(gl.int64) * stride_oh
+    gl.store(o_rows[:, None] + dv[None, :], out, mask=gl.expand_dims(ok_st, 1))
+    if RETURN_LSE:
+        lse = gl.where(l_i == 0.0, float("-inf"), (finite_max(m_i) + gl.log2(l_div)) * 0.6931471805599453)
+        gl.store(LSE + b.to(gl.int64) * stride_lb + head_s.to(gl.int64) * stride_lh + tok_s, lse, mask=ok_s)
+
+
+@gluon.jit
 def _block_union_sm90_fwd(
     Q, k_desc, v_desc, UIDX, UMASK, UCNT, O, LSE,
     qk_scale_log2, S, T, q_offset,
@@ -202,7 +237,6 @@ def _block_union_sm90_fwd(
     rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     cols_s: gl.constexpr = gl.SliceLayout(0, s_layout)
     rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # 16-byte loads
     q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
 
     # ---- program -> (query tile, batch, kv head, selection head); heaviest tiles first
@@ -239,13 +273,7 @@ def _block_union_sm90_fwd(
     v_blk = _entry(UIDX, u_off, NUM_BUF, n)
 
     # ---- the tile's query rows [BLOCK_M, D] (rows past the tile's tokens read a real row, never stored)
-    tok_ld, head_ld, _ = _tile_rows(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout)), pid_t, t0, kvh, S,
-                                    G, QT, FLAT_ROWS)
-    tok_ld = gl.minimum(tok_ld, S - 1)
-    d_ld = gl.arange(0, D, layout=gl.SliceLayout(0, ld_layout))
-    q_rows = Q + b.to(gl.int64) * stride_qb + tok_ld.to(gl.int64) * stride_qs + head_ld.to(gl.int64) * stride_qh
-    q_smem.store(gl.load(q_rows[:, None] + d_ld[None, :]))
-    fence_async_shared()
+    _load_q_rows(Q, q_smem, pid_t, t0, kvh, b, S, stride_qb, stride_qs, stride_qh, G, QT, FLAT_ROWS, D)
 
     # ---- each row's token (inside the tile) and key position, in the score layout
     tok_s, head_s, ok_s = _tile_rows(gl.arange(0, BLOCK_M, layout=rows_s), pid_t, t0, kvh, S, G, QT, FLAT_ROWS)
@@ -297,18 +325,8 @@ def _block_union_sm90_fwd(
         mbarrier.invalidate(v_ready.index(i))
 
     # ---- epilogue: O = acc / l (rows that saw no key: zeros), lse in natural log
-    l_div = gl.where(l_i == 0.0, 1.0, l_i)
-    out = (acc / gl.expand_dims(gl.convert_layout(l_div, rows_o), 1)).to(dtype)
-    st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    out = gl.convert_layout(out, st_layout)
-    tok_st, head_st, ok_st = _tile_rows(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, st_layout)), pid_t, t0, kvh,
-                                        S, G, QT, FLAT_ROWS)
-    dv = gl.arange(0, DV, layout=gl.SliceLayout(0, st_layout))
-    o_rows = O + b.to(gl.int64) * stride_ob + tok_st.to(gl.int64) * stride_os + head_st.to(gl.int64) * stride_oh
-    gl.store(o_rows[:, None] + dv[None, :], out, mask=gl.expand_dims(ok_st, 1))
-    if RETURN_LSE:
-        lse = gl.where(l_i == 0.0, float("-inf"), (finite_max(m_i) + gl.log2(l_div)) * 0.6931471805599453)
-        gl.store(LSE + b.to(gl.int64) * stride_lb + head_s.to(gl.int64) * stride_lh + tok_s, lse, mask=ok_s)
+    _store_rows(acc, m_i, l_i, O, LSE, pid_t, t0, kvh, b, S, tok_s, head_s, ok_s, stride_ob, stride_os, stride_oh,
+                stride_lb, stride_lh, G, QT, FLAT_ROWS, DV, RETURN_LSE, rows_o)
 
 
 @gluon.jit
@@ -353,41 +371,6 @@ def _pass_turn(turn, c: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _ws_load_q(Q, q_own, half, t0, kvh, b, S, stride_qb, stride_qs, stride_qh, G: gl.constexpr, QT: gl.constexpr,
-               FLAT_ROWS: gl.constexpr, D: gl.constexpr):
-    """A consumer's 64 query rows [64, D] into its shared-memory tile (rows past S read row S - 1, never stored)."""
-    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    tok_ld, head_ld, _ = _tile_rows(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout)), half, t0, kvh, S,
-                                    G, QT, FLAT_ROWS)
-    tok_ld = gl.minimum(tok_ld, S - 1)
-    d_ld = gl.arange(0, D, layout=gl.SliceLayout(0, ld_layout))
-    q_rows = Q + b.to(gl.int64) * stride_qb + tok_ld.to(gl.int64) * stride_qs + head_ld.to(gl.int64) * stride_qh
-    q_own.store(gl.load(q_rows[:, None] + d_ld[None, :]))
-    fence_async_shared()
-    _cta_barrier()
-
-
-@gluon.jit
-def _ws_store(acc, m_i, l_i, O, LSE, half, t0, kvh, b, S, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-              G: gl.constexpr, QT: gl.constexpr, FLAT_ROWS: gl.constexpr, DV: gl.constexpr, RETURN_LSE: gl.constexpr,
-              rows_s: gl.constexpr, rows_o: gl.constexpr):
-    """A consumer's epilogue: O = acc / l (rows that saw no key: zeros) and lse in natural log, its live rows."""
-    st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    l_div = gl.where(l_i == 0.0, 1.0, l_i)
-    out = (acc / gl.expand_dims(gl.convert_layout(l_div, rows_o), 1)).to(O.dtype.element_ty)
-    out = gl.convert_layout(out, st_layout)
-    tok_st, head_st, ok_st = _tile_rows(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, st_layout)), half, t0, kvh,
-                                        S, G, QT, FLAT_ROWS)
-    dv = gl.arange(0, DV, layout=gl.SliceLayout(0, st_layout))
-    o_rows = O + b.to(gl.int64) * stride_ob + tok_st.to(gl.int64) * stride_os + head_st.to(gl.int64) * stride_oh
-    gl.store(o_rows[:, None] + dv[None, :], out, mask=gl.expand_dims(ok_st, 1))
-    if RETURN_LSE:
-        tok_s, head_s, ok_s = _tile_rows(gl.arange(0, BLOCK_M, layout=rows_s), half, t0, kvh, S, G, QT, FLAT_ROWS)
-        lse = gl.where(l_i == 0.0, float("-inf"), (finite_max(m_i) + gl.log2(l_div)) * 0.6931471805599453)
-        gl.store(LSE + b.to(gl.int64) * stride_lb + head_s.to(gl.int64) * stride_lh + tok_s, lse, mask=ok_s)
-
-
-@gluon.jit
 def _ws_consumer(c: gl.constexpr, Q, O, LSE, q_smem, k_ring, v_ring, k_ready, v_ready, k_free, v_free, turn,
                  UIDX, UMASK, u_off, n, pid_t, b, kvh, S, T, q_offset, qk_scale_log2,
                  stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
@@ -414,7 +397,8 @@ def _ws_consumer(c: gl.constexpr, Q, O, LSE, q_smem, k_ring, v_ring, k_ready, v_
     else:
         t0 = half * QT
     q_own = q_smem.index(c)
-    _ws_load_q(Q, q_own, half, t0, kvh, b, S, stride_qb, stride_qs, stride_qh, G, QT, ROW_LISTS, D)
+    _load_q_rows(Q, q_own, half, t0, kvh, b, S, stride_qb, stride_qs, stride_qh, G, QT, ROW_LISTS, D)
+    _cta_barrier()  # every thread's rows stored before this half's first product
 
     tok_s, head_s, ok_s = _tile_rows(gl.arange(0, BLOCK_M, layout=rows_s), half, t0, kvh, S, G, QT, ROW_LISTS)
     tin = tok_s - t0
@@ -513,8 +497,8 @@ def _ws_consumer(c: gl.constexpr, Q, O, LSE, q_smem, k_ring, v_ring, k_ready, v_
         _pass_turn(turn, c, PINGPONG)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         _release(v_free.index(last))
-    _ws_store(acc, m_i, l_i, O, LSE, half, t0, kvh, b, S, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-              G, QT, ROW_LISTS, DV, RETURN_LSE, rows_s, rows_o)
+    _store_rows(acc, m_i, l_i, O, LSE, half, t0, kvh, b, S, tok_s, head_s, ok_s, stride_ob, stride_os, stride_oh,
+                stride_lb, stride_lh, G, QT, ROW_LISTS, DV, RETURN_LSE, rows_o)
 
 
 @gluon.jit
