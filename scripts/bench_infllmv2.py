@@ -342,7 +342,9 @@ def run_select(args, device, results, log):
 # and 64 fine keys a tile (with three buffers 144 registers, 64 KB: three programs, 12 warps an SM;
 # `stem-boost build --cases "pooled sm90"`). H200 (2026-12-03, 128K): 2.55 / 2.97 ms; three buffers
 # 2.84; 16 blocks 5.31 with query tiles fast (HBM-bound then), not yet timed keys first
-SM90_POOLED_TILES = [None, dict(KEYS_FAST=False), dict(BLOCK_B=16), dict(BLOCK_B=16, NUM_BUF=3)]
+# 2 warpgroups a program (WARPS 8) split a tile of 256 (or 128) keys against the same query-head tiles
+SM90_POOLED_TILES = [None, dict(KEYS_FAST=False), dict(BLOCK_B=16), dict(BLOCK_B=16, NUM_BUF=3),
+                     dict(BLOCK_B=64, WARPS=8), dict(BLOCK_B=64, WARPS=8, NUM_BUF=3), dict(BLOCK_B=32, WARPS=8)]
 # the coarse lse's tiles (rows = tokens x G a program, block_n, warps, stages); the default: 128, 64, 8, 3
 # (`stem-boost build --cases "coarse lse"`: the default 64 registers, 80 KB, 16 warps an SM; 2 stages
 # 64 KB, 24 warps; 32 keys a step 56 KB, 32 warps)

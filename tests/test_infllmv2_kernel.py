@@ -512,6 +512,10 @@ def test_sm90_pooled_kernel_names_what_it_refuses():
         call(q, tile=dict(BLOCK_M=64))
     with pytest.raises(ValueError, match="BLOCK_B <= 256 / pool"):
         call(q, tile=dict(BLOCK_B=128))
+    with pytest.raises(ValueError, match="WARPS 4 or 8"):
+        call(q, tile=dict(WARPS=16))
+    with pytest.raises(ValueError, match="a multiple of 8"):
+        call(q, tile=dict(BLOCK_B=3, WARPS=8))
 
 
 def test_pooled_scores_kernel_choice_is_checked():

@@ -55,7 +55,9 @@ from .warp_rows import interpreting
 __all__ = ["pooled_block_scores_sm90", "supports_pooled_sm90", "SM90_POOLED_TILE"]
 LN2 = gl.constexpr(0.6931471805599453)
 
-SM90_POOLED_TILE = dict(BLOCK_S=64, BLOCK_B=32, NUM_BUF=4, KEYS_FAST=True)  # one warpgroup; BLOCK_B * P fine keys a tile
+# BLOCK_B * P fine keys a tile; WARPS 4: one warpgroup, 8: two, each taking half the keys against the
+# same query-head tiles (half the query traffic a key)
+SM90_POOLED_TILE = dict(BLOCK_S=64, BLOCK_B=32, NUM_BUF=4, KEYS_FAST=True, WARPS=4)
 
 
 @gluon.jit
@@ -95,19 +97,21 @@ def _pooled_scores_sm90_fwd(
     stride_bb, stride_bh,
     HK, n_pairs,
     G: gl.constexpr, D: gl.constexpr, P: gl.constexpr, BLOCK_SIZE: gl.constexpr,
-    BLOCK_S: gl.constexpr, BLOCK_B: gl.constexpr, NUM_BUF: gl.constexpr, HAS_LO: gl.constexpr,
+    BLOCK_S: gl.constexpr, BLOCK_B: gl.constexpr, NUM_BUF: gl.constexpr, WARPS: gl.constexpr, HAS_LO: gl.constexpr,
     ROUND_BF16: gl.constexpr, ROUND_FP16: gl.constexpr, HAS_BIAS: gl.constexpr, KEYS_FAST: gl.constexpr,
 ):
-    gl.static_assert(gl.num_warps() == 4, "one warpgroup")
+    gl.static_assert(gl.num_warps() == WARPS, "WARPS is the launch's num_warps")
+    gl.static_assert((WARPS == 4) | (WARPS == 8), "one warpgroup, or two splitting the key tile")
     gl.static_assert(NUM_BUF >= 3, "a head in flight beside the one being summed needs three buffers")
     dtype: gl.constexpr = Q.dtype.element_ty
     AHEAD: gl.constexpr = NUM_BUF - 2
     BLOCK_C: gl.constexpr = BLOCK_B * P
+    WG: gl.constexpr = WARPS // 4  # warpgroups, each owning BLOCK_C / WG keys of the tile (columns of the product)
     # ---- layouts: 16-byte cp.async per thread, the product, the pooling (P keys of a block in a thread)
-    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])  # 16 threads a 256-byte row
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_C, 16])
-    pool_layout: gl.constexpr = gl.BlockedLayout([1, P], [4, 8], [4, 1], [1, 0])
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [WARPS, 1], [1, 0])  # 16 threads a 256-byte row
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
+                                                       instr_shape=[16, BLOCK_C // WG, 16])
+    pool_layout: gl.constexpr = gl.BlockedLayout([1, P], [4, 8], [WARPS, 1], [1, 0])
     q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_S, D], dtype)
     k_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_C, D], dtype)
     rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
@@ -228,8 +232,10 @@ def pooled_block_scores_sm90(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tenso
     if pool & (pool - 1):
         raise ValueError(f"pool ({pool}) must be a power of two")
     cfg = merge_tile(SM90_POOLED_TILE, tile)
-    if cfg["BLOCK_S"] != 64 or cfg["NUM_BUF"] < 3 or cfg["BLOCK_B"] * pool > 256 or cfg["BLOCK_B"] < 2:
-        raise ValueError(f"tile {cfg}: BLOCK_S must be 64, NUM_BUF >= 3 and 2 <= BLOCK_B <= 256 / pool ({pool})")
+    if (cfg["BLOCK_S"] != 64 or cfg["NUM_BUF"] < 3 or cfg["BLOCK_B"] * pool > 256 or cfg["BLOCK_B"] < 2
+            or cfg["WARPS"] not in (4, 8) or cfg["BLOCK_B"] * pool % (8 * cfg["WARPS"] // 4)):
+        raise ValueError(f"tile {cfg}: BLOCK_S must be 64, NUM_BUF >= 3, 2 <= BLOCK_B <= 256 / pool ({pool}), "
+                         f"WARPS 4 or 8, and each warpgroup's BLOCK_B * pool / (WARPS / 4) keys a multiple of 8")
     q = q if q.stride(-1) == 1 else q.contiguous()
     out, args = pooled_launch_args(q, k1, lse, vis1, n_blocks, scale, q_pos0=q_pos0, n_existing=n_existing, lo1=lo1,
                                    key_bias=key_bias)
@@ -239,8 +245,8 @@ def pooled_block_scores_sm90(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tenso
         _pooled_scores_sm90_fwd[grid](
             *args, (G - 1) // 2,
             G=G, D=D, P=pool, BLOCK_SIZE=block_size, BLOCK_S=cfg["BLOCK_S"], BLOCK_B=cfg["BLOCK_B"],
-            NUM_BUF=cfg["NUM_BUF"], HAS_LO=lo1 is not None, ROUND_BF16=round_to == torch.bfloat16,
+            NUM_BUF=cfg["NUM_BUF"], WARPS=cfg["WARPS"], HAS_LO=lo1 is not None, ROUND_BF16=round_to == torch.bfloat16,
             ROUND_FP16=round_to == torch.float16, HAS_BIAS=key_bias is not None, KEYS_FAST=cfg["KEYS_FAST"],
-            num_warps=4,
+            num_warps=cfg["WARPS"],
         )
     return out
