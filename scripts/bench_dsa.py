@@ -51,6 +51,7 @@ from stem_boost.kernels.indexer_scores import (  # noqa: E402
     quantize_fp8_rows,
     quantize_fp8_rows_fused,
 )
+from stem_boost.kernels.indexer_scores_sm90 import fp8_index_scores_sm90, supports_fp8_scores_sm90  # noqa: E402
 from stem_boost.kernels.mla_token import mla_token_attention  # noqa: E402
 from stem_boost.kernels.mla_token_sm90 import mla_token_attention_sm90, supports_sm90  # noqa: E402
 from stem_boost.kernels.mla_token_ws import mla_token_attention_ws  # noqa: E402
@@ -467,6 +468,11 @@ def section_indexer(args, res: dict) -> None:
                                                                            write_masked=False, block_s=bs, block_t=bt,
                                                                            num_warps=nw, num_stages=ns, keys_fast=kf))
                 for bs, bt, nw, ns, kf in FP8_SCORE_TILES]
+    if supports_fp8_scores_sm90(q):  # the Gluon kernel: the next head's product beside this head's sum
+        variants += [(f"fp8 scores only, Gluon sm_90, {tile or 'default tile'}",
+                      lambda tile=tile: fp8_index_scores_sm90(q, kk, w, scale, causal_offset=offset, write_masked=False,
+                                                              tile=tile))
+                     for tile in SM90_SCORE_TILES]
     for name, fn in variants:
         if time.time() - T0 > args.budget_s:
             row("indexer", "time budget reached", None)
@@ -617,6 +623,11 @@ def section_fallback(args, res) -> None:
 # the first is the default. H200 (2026-12-03): 4 warps 9.5 ms with query tiles fast, 8.7 keys fast (the
 # default since); keys fast, 8 warps 9.8, 64 x 256 12.6, 128 x 128 at 8 warps 10.0, 128 x 64 11.5;
 # 2 / 4 stages (query tiles fast) 10.5 / 9.7
+# the Gluon kernel's tiles (`indexer_scores_sm90.SM90_SCORE_TILE` overrides): the default (3 heads a trip of
+# the head loop, two of three sums beside a product, 252 registers), 2 heads a trip (225), 4 heads at 64 keys a
+# tile (138 registers, three programs an SM), and the pairs schedule that ptxas serialises (STEP 0, note C7514:
+# what the first version of this kernel measured, no faster than the Triton kernel)
+SM90_SCORE_TILES = [None, dict(STEP=2), dict(STEP=4, BLOCK_T=64), dict(STEP=0), dict(STEP=3, MAXNREG=168)]
 FP8_SCORE_TILES = [(64, 128, 4, None, True), (64, 128, 4, None, False), (64, 128, 8, None, True),
                    (64, 128, 4, 4, True)]
 

@@ -342,9 +342,14 @@ def run_select(args, device, results, log):
 # and 64 fine keys a tile (with three buffers 144 registers, 64 KB: three programs, 12 warps an SM;
 # `stem-boost build --cases "pooled sm90"`). H200 (2026-12-03, 128K): 2.55 / 2.97 ms; three buffers
 # 2.84; 16 blocks 5.31 with query tiles fast (HBM-bound then), not yet timed keys first
-# 2 warpgroups a program (WARPS 8) split a tile of 256 (or 128) keys against the same query-head tiles
+# The group heads STEP at a time (`gluon_heads.head_sums`): each head's exponentials beside the next head's
+# product, where the default's run-time loop over pairs is serialised by ptxas (note C7514, a wait after every
+# wgmma k-step): STEP 4 with three buffers (255 registers, no spill), with four (20 bytes of spill), STEP 8
+# (64), 3 and 2 (no spill). Two warpgroups a program (WARPS 8) split a tile of 256 keys against the same
+# query-head tiles: half the query traffic a key (176 registers; 254 at STEP 4, no spill)
 SM90_POOLED_TILES = [None, dict(KEYS_FAST=False), dict(BLOCK_B=16), dict(BLOCK_B=16, NUM_BUF=3),
-                     dict(BLOCK_B=64, WARPS=8), dict(BLOCK_B=64, WARPS=8, NUM_BUF=3), dict(BLOCK_B=32, WARPS=8)]
+                     dict(STEP=4, NUM_BUF=3), dict(STEP=4), dict(STEP=8), dict(STEP=3), dict(STEP=2),
+                     dict(BLOCK_B=64, WARPS=8), dict(BLOCK_B=64, WARPS=8, STEP=4)]
 # the coarse lse's tiles (rows = tokens x G a program, block_n, warps, stages); the default: 128, 64, 8, 3
 # (`stem-boost build --cases "coarse lse"`: the default 64 registers, 80 KB, 16 warps an SM; 2 stages
 # 64 KB, 24 warps; 32 keys a step 56 KB, 32 warps)

@@ -656,6 +656,22 @@ def infllmv2_breakdown(attn, x, pe) -> dict:
                 stem_blocks_per_token=float(stem_sel.counts.float().mean()), stem_union_inflation_qt4=stem_inflation)
 
 
+def parse_tile(items: list[str], defaults: dict) -> dict:
+    """KEY=INT words -> a tile override whose keys are among `defaults`' (KEYS_FAST and other flags take 0 / 1)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise SystemExit(f"--pooled-tile {item!r}: expected KEY=INT with KEY one of {sorted(defaults)}")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            raise SystemExit(f"--pooled-tile {item!r}: {value!r} is not an integer") from None
+        if isinstance(defaults[key], bool):
+            out[key] = bool(out[key])
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=["dsa", "infllmv2", "minicpm4-model"], nargs="+", default=["dsa", "infllmv2"],
@@ -679,6 +695,12 @@ def main():
     ap.add_argument("--union-kernel", choices=["triton", "sm90", "sm90_ws"], default=None,
                     help="the block walk's executor for every layer of the run (block_union.UNION_KERNEL; default: the "
                          "library's)")
+    ap.add_argument("--fp8-scorer", choices=["triton", "sm90"], default=None,
+                    help="DSA: the FP8 indexer's score kernel for the run (dsa_indexer.FP8_SCORER; default: the "
+                         "library's)")
+    ap.add_argument("--pooled-tile", nargs="+", default=None, metavar="KEY=INT",
+                    help="InfLLMv2 on Hopper: overrides of the Gluon pooled stage-1 tile for the run "
+                         "(infllmv2_pooled_sm90.SM90_POOLED_TILE), e.g. STEP=4 NUM_BUF=3")
     ap.add_argument("--block-rounds", type=int, default=0, metavar="N",
                     help="also time native and Stem in N rounds of blocks of one config (6 forwards back to back, the "
                          "first left out: each config at the clock its own forwards leave, as a server running only "
@@ -709,6 +731,15 @@ def main():
         from stem_boost.kernels import block_union
 
         block_union.UNION_KERNEL = args.union_kernel
+    if args.fp8_scorer:
+        from stem_boost.native import dsa_indexer
+
+        dsa_indexer.FP8_SCORER = args.fp8_scorer
+    if args.pooled_tile:
+        from stem_boost.kernels import infllmv2_pooled_sm90
+
+        infllmv2_pooled_sm90.SM90_POOLED_TILE = {**infllmv2_pooled_sm90.SM90_POOLED_TILE,
+                                                 **parse_tile(args.pooled_tile, infllmv2_pooled_sm90.SM90_POOLED_TILE)}
     torch.manual_seed(int(time.time()))
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     for family in args.family:  # in the order given

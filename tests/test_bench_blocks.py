@@ -56,3 +56,15 @@ def test_blocks_leave_out_each_blocks_first_forward(bench_layers, monkeypatch, s
         assert got[name][1] == pytest.approx(statistics.fmean(sampled[name])), f"seed={seed}"
         assert bench_layers.LAST_BLOCK_TIMES[name] == pytest.approx([statistics.median(b[1:]) for b in blocks])
     assert got["native"][0] > got["stem"][0] and got["native"][0] < 12.0  # no block's first call in a median
+
+
+def test_pooled_tile_words_parse_to_an_override(bench_layers):
+    """`bench_layers.py --pooled-tile STEP=4 NUM_BUF=3`: words become the tile override, flags become bools;
+    an unknown key or a value that is not an integer stops the run with what was expected."""
+    defaults = dict(BLOCK_B=32, NUM_BUF=4, KEYS_FAST=True, STEP=0)
+    assert bench_layers.parse_tile(["STEP=4", "NUM_BUF=3", "KEYS_FAST=0"], defaults) == dict(STEP=4, NUM_BUF=3,
+                                                                                            KEYS_FAST=False)
+    with pytest.raises(SystemExit, match="KEY one of"):
+        bench_layers.parse_tile(["STEPS=4"], defaults)
+    with pytest.raises(SystemExit, match="not an integer"):
+        bench_layers.parse_tile(["STEP=four"], defaults)

@@ -19,9 +19,18 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
     (16, 300, 4096, True, True, dict(KEYS_FAST=False)),  # query tiles on the grid's fast axis
     (6, 256, 4096, False, True, dict(BLOCK_B=16, NUM_BUF=3)),  # an even group that is not a power of two
     (1, 100, 1024, False, False, None),  # one head: no pair of heads in flight
-    (16, 300, 4096, False, False, dict(BLOCK_B=64, WARPS=8)),  # two warpgroups splitting 256 keys
-    (16, 200, 2000, True, True, dict(BLOCK_B=64, WARPS=8, NUM_BUF=3)),
-    (6, 256, 4096, False, True, dict(BLOCK_B=32, WARPS=8)),  # 64 keys a warpgroup
+    # the heads STEP at a time (each sum beside the next head's product): whole trips, trips and a tail
+    # (6 = 4 + 2, 3 = 2 + 1), no trip at all (1 head), eight a trip
+    (16, 300, 4096, False, False, dict(STEP=4, NUM_BUF=3)),
+    (16, 200, 2000, True, True, dict(STEP=4)),
+    (6, 256, 4096, False, True, dict(STEP=4)),
+    (3, 130, 1500, False, False, dict(STEP=2, NUM_BUF=3)),
+    (1, 100, 1024, False, False, dict(STEP=4)),
+    (16, 256, 8192, False, False, dict(STEP=8)),
+    # two warpgroups splitting 256 keys (or 128: 64 a warpgroup), with and without the STEP schedule
+    (16, 300, 4096, False, False, dict(BLOCK_B=64, WARPS=8)),
+    (16, 200, 2000, True, True, dict(BLOCK_B=64, WARPS=8, STEP=4)),
+    (6, 256, 4096, False, True, dict(BLOCK_B=32, WARPS=8, STEP=3)),
     (1, 100, 1024, False, False, dict(BLOCK_B=64, WARPS=8)),
 ])
 def test_gpu_sm90_pooled_scores_equal_the_triton_kernel(seed, G, C, T, with_lo, with_bias, tile):

@@ -136,3 +136,37 @@ def test_fused_fp8_quantiser_names_what_it_takes():
         quantize_fp8_rows_fused(torch.randn(4, 32))
     with pytest.raises(ValueError, match="power-of-two D"):
         quantize_fp8_rows_fused(torch.randn(4, 48).to(torch.bfloat16))
+
+
+def test_sm90_fp8_scorer_names_what_it_refuses():
+    """The Gluon FP8 scorer (Hopper only) checks its arguments before any launch, on any machine."""
+    from stem_boost.kernels.indexer_scores_sm90 import fp8_index_scores_sm90
+
+    q, k, w = torch.randn(1, 4, 2, 48), torch.randn(1, 8, 48), torch.randn(1, 4, 2)
+    with pytest.raises(ValueError, match="index head dim 48"):
+        fp8_index_scores_sm90(q, k, w, 0.1)
+    q, k = torch.randn(1, 4, 2, 32), torch.randn(1, 8, 32)
+    with pytest.raises(ValueError, match="unknown tile options"):
+        fp8_index_scores_sm90(q, k, w, 0.1, tile=dict(BLOCK_M=64))
+    with pytest.raises(ValueError, match="BLOCK_S must be 64"):
+        fp8_index_scores_sm90(q, k, w, 0.1, tile=dict(BLOCK_S=128))
+    with pytest.raises(ValueError, match="NUM_BUF >= 3"):
+        fp8_index_scores_sm90(q, k, w, 0.1, tile=dict(NUM_BUF=2))
+    with pytest.raises(ValueError, match="STEP=1; allowed: 0"):
+        fp8_index_scores_sm90(q, k, w, 0.1, tile=dict(STEP=1))
+
+
+def test_fp8_scorer_route_is_checked_and_keeps_triton_off_hopper(monkeypatch):
+    """`dsa_indexer.FP8_SCORER`: an unknown name is refused with what is allowed; "sm90" falls back to the
+    Triton scorer where the Gluon kernel cannot run (here: CPU tensors), and "triton" is the default."""
+    from stem_boost.kernels.indexer_scores import fp8_index_scores
+    from stem_boost.native import dsa_indexer
+
+    q = torch.randn(1, 4, 2, 32)
+    assert dsa_indexer.FP8_SCORER == "triton"
+    assert dsa_indexer.fp8_scorer(q) is fp8_index_scores
+    monkeypatch.setattr(dsa_indexer, "FP8_SCORER", "sm90")
+    assert dsa_indexer.fp8_scorer(q) is fp8_index_scores
+    monkeypatch.setattr(dsa_indexer, "FP8_SCORER", "gluon")
+    with pytest.raises(ValueError, match="FP8_SCORER='gluon'; allowed: 'triton', 'sm90'"):
+        dsa_indexer.fp8_scorer(q)

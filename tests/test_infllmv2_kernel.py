@@ -516,6 +516,8 @@ def test_sm90_pooled_kernel_names_what_it_refuses():
         call(q, tile=dict(WARPS=16))
     with pytest.raises(ValueError, match="a multiple of 8"):
         call(q, tile=dict(BLOCK_B=3, WARPS=8))
+    with pytest.raises(ValueError, match="STEP=1; allowed: 0"):
+        call(q, tile=dict(STEP=1))
 
 
 def test_pooled_scores_kernel_choice_is_checked():

@@ -169,6 +169,24 @@ def warp_topk_case(R: int = 64, T: int = 131072) -> BuildCase:
                                   "threshold, one read of the row, the exact top-k of the kept keys", run)
 
 
+def indexer_sm90_case(S: int = 128, T: int = 131072, tile: dict | None = None) -> BuildCase:
+    from ..kernels.indexer_scores_sm90 import fp8_index_scores_sm90
+
+    def run():  # as the chunked indexer calls it with FP8_SCORER "sm90": a causal chunk at the end of 128K keys
+        q = torch.randn(1, S, 64, 128, dtype=BF16)
+        fp8_index_scores_sm90(q, torch.randn(1, T, 128, dtype=BF16), torch.randn(1, S, 64), 128 ** -0.5,
+                              causal_offset=T - S, write_masked=False, tile=tile)
+
+    return BuildCase(f"indexer fp8 sm90{_tile_label(tile)}",
+                     "DeepSeek-V3.2 FP8 indexer scores in Gluon for Hopper (opt-in: the next head's product beside "
+                     f"this head's sum){f'; tile {tile}' if tile else ''}", run)
+
+
+def _tile_label(tile: dict | None) -> str:
+    """A build case's name suffix for a Gluon tile override: ' step4 block_t64'."""
+    return "" if not tile else " " + " ".join(f"{k.lower()}{v}" for k, v in tile.items())
+
+
 def pooled_sm90_case(G: int = 16, Hk: int = 2, C: int = 128, T: int = 131072, stem: bool = False,
                      tile: dict | None = None) -> BuildCase:
     from ..kernels.infllmv2_pooled_sm90 import pooled_block_scores_sm90
@@ -180,7 +198,7 @@ def pooled_sm90_case(G: int = 16, Hk: int = 2, C: int = 128, T: int = 131072, st
                                  128 ** -0.5, q_pos0=T - C, block_size=64, round_to=BF16,
                                  key_bias=torch.randn(1, Hk, NB) if stem else None, tile=tile)
 
-    label = " stem" if stem else "" if tile is None else " " + " ".join(f"{k.lower()}{v}" for k, v in tile.items())
+    label = (" stem" if stem else "") + _tile_label(tile)
     return BuildCase(f"select pooled sm90{label}",
                      "InfLLMv2 stage-1 pooled scores in Gluon for Hopper (the selection's path there: the next head's "
                      f"product beside this head's exponentials){'; with Stem OAM keys' if stem else ''}"
@@ -349,10 +367,12 @@ def all_cases() -> list[BuildCase]:
         select_case(None), select_case("budgets"), select_case("mass"), select_case(None, fused=True),
         select_case(None, topk_method="warp"), select_case("budgets", topk_method="warp"),
         select_g3_case(), stage1_case(), pooled_sm90_case(), pooled_sm90_case(stem=True),
-        pooled_sm90_case(tile=dict(BLOCK_B=16, NUM_BUF=3)), pooled_sm90_case(tile=dict(BLOCK_B=64, WARPS=8)),
-        pooled_sm90_case(tile=dict(BLOCK_B=64, WARPS=8, NUM_BUF=3)), coarse_lse_case(), coarse_lse_case(num_stages=2),
+        pooled_sm90_case(tile=dict(BLOCK_B=16, NUM_BUF=3)), pooled_sm90_case(tile=dict(STEP=4, NUM_BUF=3)),
+        pooled_sm90_case(stem=True, tile=dict(STEP=4, NUM_BUF=3)), pooled_sm90_case(tile=dict(BLOCK_B=64, WARPS=8, STEP=4)),
+        coarse_lse_case(), coarse_lse_case(num_stages=2),
         coarse_lse_case(block_n=32),
         indexer_case("bfloat16"), indexer_case("fp8"), indexer_case("fp8", head_dim=32), indexer_case("bfloat16", stem=True),
+        indexer_sm90_case(), indexer_sm90_case(tile=dict(STEP=4, BLOCK_T=64)),
         stem_cut_case(), stem_cut_case(skip_prefix=True), stem_cut_case(search="interpolate"),
         stem_cut_case(method="warp"),
         block_topk_case("bisect"), block_topk_case("interpolate"), sampled_topk_case(), warp_topk_case(),

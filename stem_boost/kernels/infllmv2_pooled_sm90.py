@@ -44,9 +44,8 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
-from .gluon_heads import issue_head_product, load_head, merge_tile
+from .gluon_heads import head_sums, head_trips, load_head, merge_tile
 from .gluon_shims import async_load as _async_load
 from .infllmv2_pooled_args import pooled_launch_args
 from .tile_order import tile_grid
@@ -57,16 +56,9 @@ LN2 = gl.constexpr(0.6931471805599453)
 
 # BLOCK_B * P fine keys a tile; WARPS 4: one warpgroup, 8: two, each taking half the keys against the
 # same query-head tiles (half the query traffic a key)
-SM90_POOLED_TILE = dict(BLOCK_S=64, BLOCK_B=32, NUM_BUF=4, KEYS_FAST=True, WARPS=4)
-
-
-@gluon.jit
-def _issue_head(g, q_smem, k_t, zero, Q, q_row0, d, stride_qh, lse_row, stride_lh, ok,
-                G: gl.constexpr, AHEAD: gl.constexpr, NUM_BUF: gl.constexpr):
-    """Group head g's product issued (`gluon_heads.issue_head_product`) and its lse loaded:
-    (the product in flight [BLOCK_S, BLOCK_C] fp32, the lse [BLOCK_S])."""
-    qk = issue_head_product(g, q_smem, k_t, zero, Q, q_row0, d, stride_qh, G, AHEAD, NUM_BUF)
-    return qk, gl.load(lse_row + g * stride_lh, mask=ok, other=float("-inf"))
+# STEP: group heads written out a trip of the head loop (`gluon_heads.head_sums`; 0: the run-time loop over
+# pairs that ptxas serialises, note C7514, the measured default until a STEP is timed on a GPU)
+SM90_POOLED_TILE = dict(BLOCK_S=64, BLOCK_B=32, NUM_BUF=4, KEYS_FAST=True, WARPS=4, STEP=0)
 
 
 @gluon.jit
@@ -76,16 +68,15 @@ def _log2_approx(x):
 
 
 @gluon.jit
-def _sum_head(acc, qk, lse, scale_log2, IN_FLIGHT: gl.constexpr):
-    """acc + exp2(qk * scale_log2 - lse) once qk's product is done (0 where lse is -inf: a row
-    with no visible coarse key), leaving IN_FLIGHT later products running."""
-    qk = warpgroup_mma_wait(IN_FLIGHT, deps=(qk,))
+def _exp2_sum(acc, qk, lse, scale_log2):
+    """acc + exp2(qk * scale_log2 - lse), a head's share of the group mass (0 where lse is -inf: a row
+    with no visible coarse key); `gluon_heads.head_sums`'s epilogue."""
     lse_safe = gl.where(lse == float("-inf"), 0.0, lse)
     p = gl.exp2(qk * scale_log2 - lse_safe[:, None])
     return acc + gl.where((lse != float("-inf"))[:, None], p, 0.0)
 
 
-@gluon.jit(do_not_specialize=["n_pairs"])  # a constant one-trip loop fails to lower (Triton 3.6)
+@gluon.jit(do_not_specialize=["n_trips"])  # a constant one-trip loop fails to lower (Triton 3.6)
 def _pooled_scores_sm90_fwd(
     Q, K1, LSE, VIS1, LO1, OUT, BIAS,
     scale_log2, C, K1N, NBC, q_pos0,
@@ -95,9 +86,10 @@ def _pooled_scores_sm90_fwd(
     stride_vb,
     stride_ob, stride_oh, stride_os,
     stride_bb, stride_bh,
-    HK, n_pairs,
+    HK, n_trips,
     G: gl.constexpr, D: gl.constexpr, P: gl.constexpr, BLOCK_SIZE: gl.constexpr,
-    BLOCK_S: gl.constexpr, BLOCK_B: gl.constexpr, NUM_BUF: gl.constexpr, WARPS: gl.constexpr, HAS_LO: gl.constexpr,
+    BLOCK_S: gl.constexpr, BLOCK_B: gl.constexpr, NUM_BUF: gl.constexpr, WARPS: gl.constexpr, STEP: gl.constexpr,
+    HAS_LO: gl.constexpr,
     ROUND_BF16: gl.constexpr, ROUND_FP16: gl.constexpr, HAS_BIAS: gl.constexpr, KEYS_FAST: gl.constexpr,
 ):
     gl.static_assert(gl.num_warps() == WARPS, "WARPS is the launch's num_warps")
@@ -152,22 +144,8 @@ def _pooled_scores_sm90_fwd(
             lse_row = LSE + b.to(gl.int64) * stride_lb + (hk * G).to(gl.int64) * stride_lh + tok_s
             k_t = k_smem.permute((1, 0))  # [D, BLOCK_C]
             zero = gl.zeros([BLOCK_S, BLOCK_C], gl.float32, layout=s_layout)  # use_acc=False: a placeholder
-            qk_a, l_a = _issue_head(0, q_smem, k_t, zero, Q, q_row0, d, stride_qh, lse_row, stride_lh, ok_s,
-                                    G, AHEAD, NUM_BUF)
-            for i in range(n_pairs):  # (G - 1) // 2, a run-time value (see the decorator)
-                qk_b, l_b = _issue_head(2 * i + 1, q_smem, k_t, zero, Q, q_row0, d, stride_qh, lse_row, stride_lh,
-                                        ok_s, G, AHEAD, NUM_BUF)
-                acc = _sum_head(acc, qk_a, l_a, scale_log2, 1)
-                qk_a, l_a = _issue_head(2 * i + 2, q_smem, k_t, zero, Q, q_row0, d, stride_qh, lse_row, stride_lh,
-                                        ok_s, G, AHEAD, NUM_BUF)
-                acc = _sum_head(acc, qk_b, l_b, scale_log2, 1)
-            if G % 2 == 0:  # the last head, an odd one, goes through b
-                qk_b, l_b = _issue_head(G - 1, q_smem, k_t, zero, Q, q_row0, d, stride_qh, lse_row, stride_lh,
-                                        ok_s, G, AHEAD, NUM_BUF)
-                acc = _sum_head(acc, qk_a, l_a, scale_log2, 1)
-                acc = _sum_head(acc, qk_b, l_b, scale_log2, 0)
-            else:
-                acc = _sum_head(acc, qk_a, l_a, scale_log2, 0)
+            acc = head_sums(acc, q_smem, k_t, zero, Q, q_row0, d, stride_qh, lse_row, stride_lh, ok_s,
+                            float("-inf"), scale_log2, n_trips, _exp2_sum, G, AHEAD, NUM_BUF, STEP)
             cp.wait_group(0)
 
         # ---- visibility, rounding, max-pooling onto blocks (pool_layout): `_pooled_tile`'s steps
@@ -236,6 +214,7 @@ def pooled_block_scores_sm90(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tenso
             or cfg["WARPS"] not in (4, 8) or cfg["BLOCK_B"] * pool % (8 * cfg["WARPS"] // 4)):
         raise ValueError(f"tile {cfg}: BLOCK_S must be 64, NUM_BUF >= 3, 2 <= BLOCK_B <= 256 / pool ({pool}), "
                          f"WARPS 4 or 8, and each warpgroup's BLOCK_B * pool / (WARPS / 4) keys a multiple of 8")
+    trips = head_trips(G, cfg["STEP"])
     q = q if q.stride(-1) == 1 else q.contiguous()
     out, args = pooled_launch_args(q, k1, lse, vis1, n_blocks, scale, q_pos0=q_pos0, n_existing=n_existing, lo1=lo1,
                                    key_bias=key_bias)
@@ -243,9 +222,9 @@ def pooled_block_scores_sm90(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tenso
         grid = tile_grid(triton.cdiv(C, cfg["BLOCK_S"]), triton.cdiv(n_blocks, cfg["BLOCK_B"] - 1), B * Hk,
                          cfg["KEYS_FAST"])
         _pooled_scores_sm90_fwd[grid](
-            *args, (G - 1) // 2,
+            *args, trips,
             G=G, D=D, P=pool, BLOCK_SIZE=block_size, BLOCK_S=cfg["BLOCK_S"], BLOCK_B=cfg["BLOCK_B"],
-            NUM_BUF=cfg["NUM_BUF"], WARPS=cfg["WARPS"], HAS_LO=lo1 is not None, ROUND_BF16=round_to == torch.bfloat16,
+            NUM_BUF=cfg["NUM_BUF"], WARPS=cfg["WARPS"], STEP=cfg["STEP"], HAS_LO=lo1 is not None, ROUND_BF16=round_to == torch.bfloat16,
             ROUND_FP16=round_to == torch.float16, HAS_BIAS=key_bias is not None, KEYS_FAST=cfg["KEYS_FAST"],
             num_warps=cfg["WARPS"],
         )

@@ -62,6 +62,10 @@ try:  # the fused score kernels and the radix top-k need Triton (CUDA); the CPU 
 except ImportError:  # pragma: no cover
     fused_index_scores = fp8_index_scores = fp8_index_scores_reference = quantize_fp8 = topk_rows = None
     topk_buffer_bytes = rounded_rope_refuses = rope_half_rounded_fused = None
+try:  # the Hopper FP8 scorer is Gluon code: an API change in a later Triton costs only this route
+    from ..kernels.indexer_scores_sm90 import fp8_index_scores_sm90, supports_fp8_scores_sm90
+except ImportError:  # pragma: no cover
+    fp8_index_scores_sm90 = supports_fp8_scores_sm90 = None
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
@@ -331,6 +335,24 @@ def chunk_rows_for_budget(batch: int, n_heads: int, n_keys: int, max_bytes: int,
     return max(1, int(max_bytes // per_row))
 
 
+# The FP8 score kernel of the chunked top-k on CUDA: "triton" (`indexer_scores.fp8_index_scores`, every GPU
+# with FP8 tensor cores) or "sm90" (`indexer_scores_sm90.fp8_index_scores_sm90`, Hopper: the next head's product
+# beside this head's sum; the same scores up to the order of fp32 sums; elsewhere the Triton kernel). The Triton
+# kernel stays the default until the Gluon one is measured faster in the layer (`bench_layers.py --fp8-scorer`).
+FP8_SCORERS = ("triton", "sm90")
+FP8_SCORER = "triton"
+
+
+def fp8_scorer(q: torch.Tensor):
+    """The FP8 score function `FP8_SCORER` names, for these queries [B, S, H, D] on CUDA (the Gluon kernel
+    where `supports_fp8_scores_sm90` says it runs, else the Triton one)."""
+    if FP8_SCORER not in FP8_SCORERS:
+        raise ValueError(f"dsa_indexer.FP8_SCORER={FP8_SCORER!r}; allowed: {', '.join(map(repr, FP8_SCORERS))}")
+    if FP8_SCORER == "sm90" and supports_fp8_scores_sm90 is not None and supports_fp8_scores_sm90(q):
+        return fp8_index_scores_sm90
+    return fp8_index_scores
+
+
 # --------------------------------------------------------------------------------------------------
 # The chunked top-k
 # --------------------------------------------------------------------------------------------------
@@ -496,9 +518,10 @@ def chunked_index_topk(
             # even written when the radix top-k reads each row only up to its diagonal)
             causal = s0 + offset - t0 if m is None else None
             if fp8:
-                idx_scores = fp8_index_scores(q[:, s0:s1], k[:, t0:t1], weights[:, s0:s1], softmax_scale,
-                                              causal_offset=causal, write_masked=not skip_tail,
-                                              k_fp8=(k_fp8[0][:, t0:t1], k_fp8[1][:, t0:t1]))
+                scorer = fp8_scorer(q)
+                idx_scores = scorer(q[:, s0:s1], k[:, t0:t1], weights[:, s0:s1], softmax_scale,
+                                    causal_offset=causal, write_masked=not skip_tail,
+                                    k_fp8=(k_fp8[0][:, t0:t1], k_fp8[1][:, t0:t1]))
             else:
                 idx_scores = fused_index_scores(q[:, s0:s1].to(score_dtype), k[:, t0:t1], weights[:, s0:s1],
                                                 softmax_scale, causal_offset=causal, write_masked=not skip_tail)
