@@ -13,6 +13,8 @@ error shows here on any machine, before device time is spent.
     stem-boost build --json builds.json
     stem-boost build --compare builds.json # after a change: which kernels compile to other code
     stem-boost build --cases mla --dump asm/  # the TTGIR and PTX, to read what the pipeliner did
+    stem-boost build --cases sm90 --sass   # from the SASS: where ptxas put the wgmma waits, and how much
+                                           # of the epilogue runs beside a product
 """
 
 from __future__ import annotations
@@ -381,13 +383,14 @@ def all_cases() -> list[BuildCase]:
     ]
 
 
-def build_case(case: BuildCase, arch: int = 90, dump: str | None = None) -> list[dict]:
+def build_case(case: BuildCase, arch: int = 90, dump: str | None = None, sass: bool = False) -> list[dict]:
     """Compile one case for sm_`arch`: one row per kernel specialisation (case name first), or one row
-    with "error" where the arch cannot build it (e.g. FP8 before sm_89)."""
+    with "error" where the arch cannot build it (e.g. FP8 before sm_89). sass: also read each tensor-core
+    kernel's pipeline from its machine code (`bench.sass.read_pipeline`: waits, epilogue beside a product)."""
     from ..kernels.aot import compile_only
 
     try:
-        with compile_only(arch, keep_asm=dump is not None) as builds:
+        with compile_only(arch, keep_asm=dump is not None or sass) as builds:
             case.run()
     except Exception as e:  # a kernel this arch cannot build: report, go on
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
@@ -401,18 +404,27 @@ def build_case(case: BuildCase, arch: int = 90, dump: str | None = None) -> list
             stem = f"{case.name.replace(' ', '_')}.{b.name}" + (f".{n}" if len(builds) > 1 else "")
             for kind, text in b.asm.items():
                 (folder / f"{stem}.{kind}").write_text(text)
-    return [{"case": case.name, **b.row()} for b in builds]
+    rows = [{"case": case.name, **b.row()} for b in builds]
+    if sass:
+        from .sass import read_pipeline, sass_of_ptx
+
+        for row, b in zip(rows, builds):
+            if b.wgmma:
+                reading = read_pipeline(sass_of_ptx(b.asm["ptx"], arch))
+                row["gmma_waits"] = " ".join(f"{n}:{c}" for n, c in reading.waits.items()) or "-"
+                row["epilogue_beside"] = f"{reading.beside}/{reading.epilogue}" if reading.epilogue else "-"
+    return rows
 
 
 _POOL_CASES: list[BuildCase] = []  # the cases a forked worker of `build(jobs > 1)` compiles by index
 
 
-def _build_in_worker(i: int, arch: int, dump: str | None) -> list[dict]:
-    return build_case(_POOL_CASES[i], arch, dump)
+def _build_in_worker(i: int, arch: int, dump: str | None, sass: bool) -> list[dict]:
+    return build_case(_POOL_CASES[i], arch, dump, sass)
 
 
 def build(cases: list[BuildCase], arch: int = 90, progress: bool = True, dump: str | None = None,
-          jobs: int = 1) -> list[dict]:
+          jobs: int = 1, sass: bool = False) -> list[dict]:
     """Compile every case for sm_`arch`; one row per kernel specialisation (case name first), in the
     order of `cases`. dump: a folder to write each kernel's TTGIR and PTX to (`<case>.<kernel>.ttgir`
     / `.ptx`). jobs > 1: that many forked processes (Triton's front end and ptxas are single-threaded:
@@ -426,7 +438,7 @@ def build(cases: list[BuildCase], arch: int = 90, progress: bool = True, dump: s
     if jobs <= 1 or len(cases) <= 1:
         rows = []
         for case in cases:
-            rows += build_case(case, arch, dump)
+            rows += build_case(case, arch, dump, sass)
             bar.update()
         bar.close()
         return rows
@@ -434,7 +446,7 @@ def build(cases: list[BuildCase], arch: int = 90, progress: bool = True, dump: s
     try:
         with multiprocessing.get_context("fork").Pool(min(jobs, len(cases))) as pool:
             per_case = []
-            for r in pool.imap(partial(_build_in_worker, arch=arch, dump=dump), range(len(cases))):
+            for r in pool.imap(partial(_build_in_worker, arch=arch, dump=dump, sass=sass), range(len(cases))):
                 per_case.append(r)
                 bar.update()
     finally:
@@ -458,7 +470,10 @@ def _aligned(rows: list[dict]) -> str:
              "mma.sync", "tma", "ptxas notes", "compile s"]
     if not any(r.get("tcgen05") for r in rows):  # Blackwell only
         cols, heads = [c for c in cols if c != "tcgen05"], [h for h in heads if h != "tcgen05"]
-    show = {"seconds": lambda v: f"{v:.1f}", "ptxas_notes": lambda v: ",".join(v) or "-"}
+    if any("gmma_waits" in r for r in rows):  # --sass
+        cols[-1:-1], heads[-1:-1] = ["gmma_waits", "epilogue_beside"], ["gmma waits N:count", "epilogue beside"]
+    show = {"seconds": lambda v: f"{v:.1f}", "ptxas_notes": lambda v: ",".join(v) or "-",
+            "gmma_waits": lambda v: v or "-", "epilogue_beside": lambda v: v or "-"}
     cells = [[show.get(c, str)(r.get(c, ())) for c in cols] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
     line = lambda xs: "  ".join(x.ljust(w) for x, w in zip(xs, widths))  # noqa: E731
@@ -499,6 +514,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dump", default=None, metavar="DIR", help="write each kernel's TTGIR and PTX into DIR")
     ap.add_argument("--jobs", type=int, default=1, metavar="N",
                     help="compile in N processes (default %(default)s; one per core halves the wall time)")
+    ap.add_argument("--sass", action="store_true",
+                    help="also read each tensor-core kernel's machine code: its wgmma waits (N: at most N product "
+                         "groups left running) and how many of its exponentials / max-ReLUs are issued while a "
+                         "product runs (`stem_boost.bench.sass`)")
     ap.add_argument("--compare", default=None, metavar="OLD_JSON",
                     help="a --json file of an earlier build: say per kernel whether the code is the same "
                          "(a refactor's check) or what changed")
@@ -520,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--compare {args.compare}: built for sm_{old.get('arch')}, this build is sm_{args.arch}")
     if args.jobs < 1:
         raise SystemExit(f"--jobs {args.jobs}: must be at least 1")
-    rows = build(cases, args.arch, dump=args.dump, jobs=args.jobs)
+    rows = build(cases, args.arch, dump=args.dump, jobs=args.jobs, sass=args.sass)
     print(format_table(rows))
     if old is not None:
         print()
