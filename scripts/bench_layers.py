@@ -31,6 +31,7 @@ Memory: peak allocated during one forward.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -604,6 +605,23 @@ def bench_minicpm4_model(seqs, device, window: int, layers: int):
 
 UNION_TILE_PEERS = {"triton": dict(kernel="triton"), "sm90": dict(kernel="sm90"),  # each executor beside the default
                     "sm90_ws": dict(kernel="sm90_ws")}
+# the Gluon pooled stage-1 tiles whose selection (native and Stem's) is timed beside the run's tile, on Hopper:
+# the head loop STEP heads a trip (each head's exponentials beside the next product), and two warpgroups a program
+POOLED_TILE_PEERS = {"step4": dict(STEP=4, NUM_BUF=3), "warps8 step4": dict(BLOCK_B=64, WARPS=8, STEP=4)}
+
+
+@contextlib.contextmanager
+def pooled_tile(override: dict):
+    """The Gluon pooled stage-1 kernel's tile (`infllmv2_pooled_sm90.SM90_POOLED_TILE`) with `override`
+    inside the block, restored after."""
+    from stem_boost.kernels import infllmv2_pooled_sm90
+
+    saved = infllmv2_pooled_sm90.SM90_POOLED_TILE
+    infllmv2_pooled_sm90.SM90_POOLED_TILE = {**saved, **override}
+    try:
+        yield
+    finally:
+        infllmv2_pooled_sm90.SM90_POOLED_TILE = saved
 
 
 def infllmv2_breakdown(attn, x, pe) -> dict:
@@ -647,13 +665,25 @@ def infllmv2_breakdown(attn, x, pe) -> dict:
                                                                 **kw))[0] for name, kw in UNION_TILE_PEERS.items()}
         stem_inflation = union_inflation(union_block_lists(stem_sel.idx, stem_sel.counts, 4, n_units=-(-S // 64))[2],
                                          stem_sel.counts, 4)
+        # the selection with each pooled stage-1 tile (Hopper's Gluon kernel); the lists must not change
+        pooled_peers = {}
+        if torch.cuda.get_device_capability()[0] == 9:
+            for name, tile in POOLED_TILE_PEERS.items():
+                with pooled_tile(tile):
+                    same = torch.equal(infllmv2_select(q, k, attn.infllmv2, chunk_size=attn.select_chunk_size)
+                                       .to_selection().idx, selection.idx)
+                    pooled_peers[f"native_selection_{name}_ms"] = timed(
+                        lambda: infllmv2_select(q, k, attn.infllmv2, chunk_size=attn.select_chunk_size))[0]
+                    pooled_peers[f"stem_selection_{name}_ms"] = timed(stem_select)[0]
+                    pooled_peers[f"selection_{name}_same_lists"] = same
     return dict(native_selection_ms=ms_sel, kernel_native_ms=ms_kernel,
                 **{f"kernel_native_{name}_ms": ms for name, ms in tile_peers.items()},
                 mean_blocks_per_token=float(counts.float().mean()),
                 union_inflation_qt2=inflation[2], union_inflation_qt4=inflation[4], union_inflation_qt8=inflation[8],
                 stem_selection_ms=ms_sel_stem, kernel_stem_ms=ms_kernel_stem,
                 **{f"kernel_stem_{name}_ms": ms for name, ms in stem_peers.items()},
-                stem_blocks_per_token=float(stem_sel.counts.float().mean()), stem_union_inflation_qt4=stem_inflation)
+                stem_blocks_per_token=float(stem_sel.counts.float().mean()), stem_union_inflation_qt4=stem_inflation,
+                **pooled_peers)
 
 
 def parse_tile(items: list[str], defaults: dict) -> dict:
@@ -789,6 +819,16 @@ def main():
                   f"{r['union_inflation_qt8']:.2f} | {r['stem_selection_ms']:.1f} | {r['kernel_stem_ms']:.1f} | "
                   + " / ".join(f"{r.get(f'kernel_stem_{n}_ms', float('nan')):.1f}" for n in UNION_TILE_PEERS)
                   + f" | {r['stem_blocks_per_token']:.1f} | {r['stem_union_inflation_qt4']:.2f} |")
+    pooled = [r for r in inf if any(f"native_selection_{n}_ms" in r for n in POOLED_TILE_PEERS)]
+    if pooled:
+        print("\n| InfLLMv2 S | selection ms, native / Stem: the run's pooled tile | "
+              + " | ".join(f"{n}" for n in POOLED_TILE_PEERS) + " | same lists |")
+        print("|---|---|" + "---|" * len(POOLED_TILE_PEERS) + "---|")
+        for r in pooled:
+            print(f"| {r['S']} | {r['native_selection_ms']:.2f} / {r['stem_selection_ms']:.2f} | "
+                  + " | ".join(f"{r[f'native_selection_{n}_ms']:.2f} / {r[f'stem_selection_{n}_ms']:.2f}"
+                               for n in POOLED_TILE_PEERS)
+                  + " | " + " / ".join(str(r[f"selection_{n}_same_lists"]) for n in POOLED_TILE_PEERS) + " |")
     dsa = [r for r in res["rows"] if "stem_step_radix_ms" in r]
     if dsa:
         from stem_boost.kernels.dispatch import TOKEN_KEY_STEP as step

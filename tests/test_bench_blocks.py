@@ -68,3 +68,17 @@ def test_pooled_tile_words_parse_to_an_override(bench_layers):
         bench_layers.parse_tile(["STEPS=4"], defaults)
     with pytest.raises(SystemExit, match="not an integer"):
         bench_layers.parse_tile(["STEP=four"], defaults)
+
+
+def test_pooled_tile_peer_is_set_inside_and_restored_after(bench_layers):
+    """`bench_layers.pooled_tile`: the Gluon pooled tile carries the override inside the block only (the peers
+    of the run's tile are timed that way), also when the block raises."""
+    from stem_boost.kernels import infllmv2_pooled_sm90
+
+    before = dict(infllmv2_pooled_sm90.SM90_POOLED_TILE)
+    for name, tile in bench_layers.POOLED_TILE_PEERS.items():
+        assert set(tile) <= set(before), name  # every peer is a valid override
+        with pytest.raises(RuntimeError), bench_layers.pooled_tile(tile):
+            assert infllmv2_pooled_sm90.SM90_POOLED_TILE == {**before, **tile}
+            raise RuntimeError
+        assert infllmv2_pooled_sm90.SM90_POOLED_TILE == before
