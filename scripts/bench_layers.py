@@ -435,6 +435,18 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
             return lambda: dsa_indexer_topk(attn.indexer, x, q_resid, pe, None, pos, max_bytes=2 * 2**30,
                                             score_dtype=score_dtype, **kw)
         ms_index, _ = timed(index_topk())
+        # the Gluon FP8 scorer (Hopper, opt-in: `dsa_indexer.FP8_SCORER`) beside the run's, and its top-k's
+        # agreement with the run's lists (the scores differ only in the order of fp32 sums)
+        ms_index_sm90, overlap_sm90 = float("nan"), None
+        if default_dtype == "fp8" and torch.cuda.get_device_capability()[0] == 9:
+            from stem_boost.native import dsa_indexer
+
+            with library_setting(dsa_indexer, "FP8_SCORER", "sm90"):
+                ms_index_sm90, _ = timed(index_topk())
+                got = index_topk()().indices
+            want = index_topk()().indices
+            overlap_sm90 = list_overlap(got, want)
+            del got, want
         nan = float("nan")
         ms_index_torch = ms_index_other = ms_index_radix = ms_stem_radix = ms_norms_per_head = nan
         radix_same = same_set = None
@@ -489,6 +501,7 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
                 indexer_dtype=str(default_dtype), indexer_other_dtype=str(other_dtype),
                 indexer_topk_ms=ms_index, indexer_topk_torch_ms=ms_index_torch, indexer_topk_other_dtype_ms=ms_index_other,
                 indexer_topk_radix_ms=ms_index_radix, radix_same_set=radix_same,
+                indexer_topk_sm90_scorer_ms=ms_index_sm90, indexer_sm90_scorer_overlap=overlap_sm90,
                 stem_step_ms=ms_stem_step, stem_step_radix_ms=ms_stem_radix,
                 stem_step_same_set=same_set, value_norms_ms=ms_norms, value_norms_with_gram_ms=ms_norms_with_gram,
                 value_norms_per_head_ms=ms_norms_per_head,
@@ -611,17 +624,24 @@ POOLED_TILE_PEERS = {"step4": dict(STEP=4, NUM_BUF=3), "warps8 step4": dict(BLOC
 
 
 @contextlib.contextmanager
+def library_setting(module, name: str, value):
+    """`module.name` (a library-wide choice such as `dsa_indexer.FP8_SCORER`) set to `value` inside the block,
+    restored after."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
 def pooled_tile(override: dict):
     """The Gluon pooled stage-1 kernel's tile (`infllmv2_pooled_sm90.SM90_POOLED_TILE`) with `override`
     inside the block, restored after."""
     from stem_boost.kernels import infllmv2_pooled_sm90
 
-    saved = infllmv2_pooled_sm90.SM90_POOLED_TILE
-    infllmv2_pooled_sm90.SM90_POOLED_TILE = {**saved, **override}
-    try:
-        yield
-    finally:
-        infllmv2_pooled_sm90.SM90_POOLED_TILE = saved
+    return library_setting(infllmv2_pooled_sm90, "SM90_POOLED_TILE", {**infllmv2_pooled_sm90.SM90_POOLED_TILE,
+                                                                       **override})
 
 
 def infllmv2_breakdown(attn, x, pe) -> dict:
@@ -684,6 +704,15 @@ def infllmv2_breakdown(attn, x, pe) -> dict:
                 **{f"kernel_stem_{name}_ms": ms for name, ms in stem_peers.items()},
                 stem_blocks_per_token=float(stem_sel.counts.float().mean()), stem_union_inflation_qt4=stem_inflation,
                 **pooled_peers)
+
+
+def list_overlap(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Share of want's selected keys that got selects in the same row: index lists [..., k], -1 = none."""
+    big = torch.iinfo(torch.int32).max
+    w = torch.where(want >= 0, want, big).sort(-1).values
+    pos = torch.searchsorted(w.contiguous(), got.contiguous()).clamp(max=w.shape[-1] - 1)
+    hit = (w.gather(-1, pos) == got) & (got >= 0)
+    return int(hit.sum()) / max(1, int((want >= 0).sum()))
 
 
 def parse_tile(items: list[str], defaults: dict) -> dict:
@@ -841,6 +870,14 @@ def main():
                   f"{r['kernel_stem_last_chunk_ms']:.2f} | {r['kernel_stem_step1_last_chunk_ms']:.2f} | "
                   f"{r['last_chunk_pairs_stem'] / r['last_chunk_pairs_native']:.4f} | "
                   f"{r['last_chunk_pairs_stem_step1'] / r['last_chunk_pairs_native']:.4f} |")
+        sm90 = [r for r in dsa if r.get("indexer_topk_sm90_scorer_ms") == r.get("indexer_topk_sm90_scorer_ms")]
+        if sm90:  # a number (not NaN): the Gluon FP8 scorer ran beside the run's
+            print("\n| DSA S | indexer + top-k ms: the run's FP8 scorer | Gluon sm_90 scorer | top-k overlap |")
+            print("|---|---|---|---|")
+            for r in sm90:
+                ov = r["indexer_sm90_scorer_overlap"]
+                print(f"| {r['S']} | {r['indexer_topk_ms']:.1f} | {r['indexer_topk_sm90_scorer_ms']:.1f} | "
+                      f"{'-' if ov is None else f'{ov:.5f}'} |")
         print("\n| DSA S | indexer + top-k ms: default (dtype, sampled) | other dtype | radix select | radix = sampled | "
               "torch.topk | Stem step ms: fused | radix | same set | value norms ms: kept Gram | Gram each call | "
               "Gram fp32 | per head | "

@@ -82,3 +82,16 @@ def test_pooled_tile_peer_is_set_inside_and_restored_after(bench_layers):
             assert infllmv2_pooled_sm90.SM90_POOLED_TILE == {**before, **tile}
             raise RuntimeError
         assert infllmv2_pooled_sm90.SM90_POOLED_TILE == before
+
+
+def test_list_overlap_counts_shared_keys_per_row(bench_layers, seed):
+    """`bench_layers.list_overlap` against a set computation: rows of distinct keys in any order, -1 = none."""
+    g = torch.Generator().manual_seed(seed)
+    rows, k, n = 7, 12, 40
+    want = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(rows)]).to(torch.int32)
+    got = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(rows)]).to(torch.int32)
+    want[0, 5:] = -1
+    got[1, :3] = -1
+    expect = sum(len(set(a.tolist()) & set(b.tolist()) - {-1}) for a, b in zip(got, want)) / int((want >= 0).sum())
+    assert abs(bench_layers.list_overlap(got[None], want[None]) - expect) < 1e-12, f"seed={seed}"
+    assert bench_layers.list_overlap(want, want) == 1.0
