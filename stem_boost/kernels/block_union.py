@@ -41,7 +41,7 @@ Contract (as `sparse_attention` in block mode):
 Oracle: `stem_boost.kernels.reference.sparse_attention_reference` (query_block = 1).
 
 On Hopper the same tiles and lists run by default through `block_union_sm90.py` (Gluon: the scores of
-step j and the P V of step j - 1 issued together, step j's softmax under P V; `kernel="triton"` keeps
+step j and the P V of step j - 1 issued together, step j's softmax written between their waits; `kernel="triton"` keeps
 this module's kernel, which every other device runs).
 
 Measured (H200, bf16, MiniCPM-4.1 shapes, benchmarks/log_infllmv2_2026-12-02.md): 64-row tiles with

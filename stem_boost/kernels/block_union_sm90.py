@@ -8,8 +8,9 @@ wait for S_j, softmax, P_j V_j, wait for it, next step; the tensor cores stand i
 takes its exponentials, and the two programs an SM overlap only by chance (0.72-0.75 of dense SDPA's
 rate on the computed pairs, H200). Here each step runs in FlashAttention-3's intra-warpgroup order:
 S_j = Q K_j^T and P_{j-1} V_{j-1} are issued together (P from registers, wgmma's A operand), step j's
-softmax runs on the ALUs and the SFU while P_{j-1} V_{j-1} is on the tensor cores, and both products
-are retired before the next step. K and V blocks come through TMA into rings of NUM_BUF buffers each,
+softmax is written between the wait for S_j and the wait for P V, and both products are retired before
+the next step. (ptxas moves the P V wait above the exponentials: in the sm_90 machine code the softmax
+runs after P V, `stem-boost build --sass`; the gain measured below is the issue order and the TMA rings.) K and V blocks come through TMA into rings of NUM_BUF buffers each,
 their block numbers read a step ahead. Measured (H200, BENCHMARKS.md): 33.7 against the Triton
 kernel's 35.8 ms on MiniCPM-4.1's 128K lists, 0.77-0.79 of dense SDPA's rate in block mode against
 0.72-0.75. Two first versions taught what to avoid: a product left in flight across the loop's back
