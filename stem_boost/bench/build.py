@@ -406,11 +406,11 @@ def build_case(case: BuildCase, arch: int = 90, dump: str | None = None, sass: b
                 (folder / f"{stem}.{kind}").write_text(text)
     rows = [{"case": case.name, **b.row()} for b in builds]
     if sass:
-        from .sass import read_pipeline, sass_of_ptx
+        from .sass import disassemble, read_pipeline
 
         for row, b in zip(rows, builds):
             if b.wgmma:
-                reading = read_pipeline(sass_of_ptx(b.asm["ptx"], arch))
+                reading = read_pipeline(disassemble(b.cubin))
                 row["gmma_waits"] = " ".join(f"{n}:{c}" for n, c in reading.waits.items()) or "-"
                 row["epilogue_beside"] = f"{reading.beside}/{reading.epilogue}" if reading.epilogue else "-"
     return rows

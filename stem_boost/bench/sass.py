@@ -4,7 +4,7 @@ ptxas decides where a Hopper kernel waits for its warpgroup products (`wgmma`), 
 whether the epilogue of one product (a softmax's exponentials, a ReLU-weighted sum) runs while the
 next product is on the tensor cores. The PTX cannot show it: ptxas may serialise every product
 (note C7514), move a wait above independent work, or move the work below it. This module reads the
-SASS of a compiled kernel (`nvdisasm` of the cubin, both shipped with Triton) in program order:
+SASS of a compiled kernel (`nvdisasm`, shipped with Triton, of the cubin Triton built) in program order:
 
     HGMMA / QGMMA ... gsb0      the last product of a chain: one more group in flight
     HGMMA / QGMMA (no gsb0)     a chain being issued: its products already run
@@ -77,22 +77,13 @@ def read_pipeline(sass: str) -> PipelineReading:
     return PipelineReading(products, groups, dict(sorted(waits.items())), epilogue, beside)
 
 
-def disassemble(cubin: str | Path) -> str:
-    """The SASS of a cubin, by the `nvdisasm` that ships with Triton."""
+def disassemble(cubin: bytes) -> str:
+    """The SASS of a cubin (`KernelBuild.cubin`: what Triton built for the GPU), by the `nvdisasm` that
+    ships with Triton."""
     from triton import knobs
 
-    tool = knobs.nvidia.nvdisasm.path
-    return subprocess.run([tool, "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
-
-
-def sass_of_ptx(ptx: str, arch: int) -> str:
-    """Assemble `ptx` for sm_`arch` with Triton's ptxas and disassemble it."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    suffix = "a" if arch >= 90 else ""
     with tempfile.TemporaryDirectory() as tmp:
-        src, out = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
-        src.write_text(ptx)
-        subprocess.run([get_ptxas(arch).path, f"--gpu-name=sm_{arch}{suffix}", str(src), "-o", str(out)],
-                       capture_output=True, text=True, check=True)
-        return disassemble(out)
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        return subprocess.run([knobs.nvidia.nvdisasm.path, "-c", str(path)], capture_output=True, text=True,
+                              check=True).stdout

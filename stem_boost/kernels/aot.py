@@ -58,6 +58,7 @@ class KernelBuild:
     seconds: float = 0.0
     code_hash: str = ""  # the PTX without debug lines: equal hashes = the same machine code (refactors)
     asm: dict | None = field(default=None, repr=False)  # {"ttgir": ..., "ptx": ...} with compile_only(keep_asm=True)
+    cubin: bytes | None = field(default=None, repr=False)  # the machine code Triton built, with keep_asm
 
     @property
     def warps_per_sm(self) -> int:
@@ -145,7 +146,8 @@ def ptxas_performance_notes(log: str) -> tuple[str, ...]:
 @contextlib.contextmanager
 def compile_only(arch: int = 90, *, keep_asm: bool = False) -> Iterator[list[KernelBuild]]:
     """Compile launches for sm_`arch` instead of running them; yields the list of builds made
-    (with `keep_asm`, each keeps its TTGIR and PTX: where a pipeliner did or did not overlap a load).
+    (with `keep_asm`, each keeps its TTGIR and PTX, where a pipeliner did or did not overlap a load, and the
+    cubin Triton built from them).
 
     Needs compiled Triton (not TRITON_INTERPRET=1, whose kernels are Python functions)."""
     global _ACTIVE
@@ -173,7 +175,8 @@ def compile_only(arch: int = 90, *, keep_asm: bool = False) -> Iterator[list[Ker
             wgmma=ptx.count("wgmma.mma_async"), tcgen05=ptx.count("tcgen05.mma"),
             mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
             tma=ptx.count("cp.async.bulk.tensor"), ptxas_notes=notes, seconds=seconds, code_hash=_code_hash(ptx),
-            asm={"ttgir": compiled.asm["ttgir"], "ptx": ptx} if keep_asm else None))
+            asm={"ttgir": compiled.asm["ttgir"], "ptx": ptx} if keep_asm else None,
+            cubin=compiled.asm["cubin"] if keep_asm else None))
         return compiled
 
     driver.set_active(_CompileOnlyDriver(arch))
