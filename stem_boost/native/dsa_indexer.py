@@ -488,6 +488,7 @@ def chunked_index_topk(
         rows = chunk_rows or chunk_rows_for_budget(B, 0 if fused else H, T, max_bytes)
     # FP8 on CUDA: the keys are quantised once per sequence, each query chunk reads its key range
     k_fp8 = quantize_fp8(k) if (fp8 and q.is_cuda) else None  # (e4m3 [B, T, D], fp32 [B, T])
+    scorer = fp8_scorer(q) if fp8 and fused else None  # the FP8 score kernel, chosen once for every chunk
     offset = T - S  # only used when mask is None
 
     for s0 in range(0, S, rows):
@@ -518,7 +519,6 @@ def chunked_index_topk(
             # even written when the radix top-k reads each row only up to its diagonal)
             causal = s0 + offset - t0 if m is None else None
             if fp8:
-                scorer = fp8_scorer(q)
                 idx_scores = scorer(q[:, s0:s1], k[:, t0:t1], weights[:, s0:s1], softmax_scale,
                                     causal_offset=causal, write_masked=not skip_tail,
                                     k_fp8=(k_fp8[0][:, t0:t1], k_fp8[1][:, t0:t1]))
