@@ -86,19 +86,18 @@ def head_sums(acc, q_smem, k_t, zero, Q, q_rows, d, stride_qh, v_row, stride_vh,
     across the back edge (two product tiles alternate in the registers), the schedule ptxas serialises
     (see the module's note), kept to be measured against."""
     if STEP == 0:
-        qk_a = issue_head_product(0, q_smem, k_t, zero, Q, q_rows, d, stride_qh, N_HEADS, AHEAD, NUM_BUF)
-        v_a = gl.load(v_row, mask=v_ok, other=v_other)
+        qk_a, v_a = _issue_head(0, q_smem, k_t, zero, Q, q_rows, d, stride_qh, v_row, stride_vh, v_ok, v_other,
+                                N_HEADS, AHEAD, NUM_BUF)
         for i in range(n_trips):
-            qk_b = issue_head_product(2 * i + 1, q_smem, k_t, zero, Q, q_rows, d, stride_qh, N_HEADS, AHEAD, NUM_BUF)
-            v_b = gl.load(v_row + (2 * i + 1) * stride_vh, mask=v_ok, other=v_other)
+            qk_b, v_b = _issue_head(2 * i + 1, q_smem, k_t, zero, Q, q_rows, d, stride_qh, v_row, stride_vh, v_ok,
+                                    v_other, N_HEADS, AHEAD, NUM_BUF)
             acc = _head_sum(acc, qk_a, v_a, c, SUM, 1)
-            qk_a = issue_head_product(2 * i + 2, q_smem, k_t, zero, Q, q_rows, d, stride_qh, N_HEADS, AHEAD, NUM_BUF)
-            v_a = gl.load(v_row + (2 * i + 2) * stride_vh, mask=v_ok, other=v_other)
+            qk_a, v_a = _issue_head(2 * i + 2, q_smem, k_t, zero, Q, q_rows, d, stride_qh, v_row, stride_vh, v_ok,
+                                    v_other, N_HEADS, AHEAD, NUM_BUF)
             acc = _head_sum(acc, qk_b, v_b, c, SUM, 1)
         if N_HEADS % 2 == 0:  # the last head, an odd one, goes through b
-            qk_b = issue_head_product(N_HEADS - 1, q_smem, k_t, zero, Q, q_rows, d, stride_qh, N_HEADS, AHEAD,
-                                      NUM_BUF)
-            v_b = gl.load(v_row + (N_HEADS - 1) * stride_vh, mask=v_ok, other=v_other)
+            qk_b, v_b = _issue_head(N_HEADS - 1, q_smem, k_t, zero, Q, q_rows, d, stride_qh, v_row, stride_vh, v_ok,
+                                    v_other, N_HEADS, AHEAD, NUM_BUF)
             acc = _head_sum(acc, qk_a, v_a, c, SUM, 1)
             acc = _head_sum(acc, qk_b, v_b, c, SUM, 0)
         else:
@@ -119,15 +118,24 @@ def _chained_heads(acc, h0, q_smem, k_t, zero, Q, q_rows, d, stride_qh, v_row, s
                    NUM_BUF: gl.constexpr):
     """Heads h0 .. h0 + COUNT - 1 written out: each head's product issued, then the previous head's SUM
     after a wait that leaves the new product running; the last SUM waits for everything."""
-    prev = issue_head_product(h0, q_smem, k_t, zero, Q, q_rows, d, stride_qh, N_HEADS, AHEAD, NUM_BUF)
-    v_prev = gl.load(v_row + h0 * stride_vh, mask=v_ok, other=v_other)
+    prev, v_prev = _issue_head(h0, q_smem, k_t, zero, Q, q_rows, d, stride_qh, v_row, stride_vh, v_ok, v_other,
+                               N_HEADS, AHEAD, NUM_BUF)
     for j in gl.static_range(1, COUNT):
-        cur = issue_head_product(h0 + j, q_smem, k_t, zero, Q, q_rows, d, stride_qh, N_HEADS, AHEAD, NUM_BUF)
-        v_cur = gl.load(v_row + (h0 + j) * stride_vh, mask=v_ok, other=v_other)
+        cur, v_cur = _issue_head(h0 + j, q_smem, k_t, zero, Q, q_rows, d, stride_qh, v_row, stride_vh, v_ok, v_other,
+                                 N_HEADS, AHEAD, NUM_BUF)
         acc = _head_sum(acc, prev, v_prev, c, SUM, 1)
         prev = cur
         v_prev = v_cur
     return _head_sum(acc, prev, v_prev, c, SUM, 0)
+
+
+@gluon.jit
+def _issue_head(h, q_smem, k_t, zero, Q, q_rows, d, stride_qh, v_row, stride_vh, v_ok, v_other,
+                N_HEADS: gl.constexpr, AHEAD: gl.constexpr, NUM_BUF: gl.constexpr):
+    """Head h's product issued (`issue_head_product`) and its per-row epilogue value loaded: (the product in
+    flight, v_h)."""
+    qk = issue_head_product(h, q_smem, k_t, zero, Q, q_rows, d, stride_qh, N_HEADS, AHEAD, NUM_BUF)
+    return qk, gl.load(v_row + h * stride_vh, mask=v_ok, other=v_other)
 
 
 @gluon.jit
