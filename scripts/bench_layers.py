@@ -437,16 +437,13 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
         ms_index, _ = timed(index_topk())
         # the Gluon FP8 scorer (Hopper, opt-in: `dsa_indexer.FP8_SCORER`) beside the run's, and its top-k's
         # agreement with the run's lists (the scores differ only in the order of fp32 sums)
-        ms_index_sm90, overlap_sm90 = float("nan"), None
+        ms_index_sm90, overlap_sm90, sm90_indices = float("nan"), None, None
         if default_dtype == "fp8" and torch.cuda.get_device_capability()[0] == 9:
             from stem_boost.native import dsa_indexer
 
             with library_setting(dsa_indexer, "FP8_SCORER", "sm90"):
                 ms_index_sm90, _ = timed(index_topk())
-                got = index_topk()().indices
-            want = index_topk()().indices
-            overlap_sm90 = list_overlap(got, want)
-            del got, want
+                sm90_indices = index_topk()().indices
         nan = float("nan")
         ms_index_torch = ms_index_other = ms_index_radix = ms_stem_radix = ms_norms_per_head = nan
         radix_same = same_set = None
@@ -455,6 +452,9 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
             ms_index_other, _ = timed(index_topk(score_dtype=other_dtype))
             ms_index_radix, _ = timed(index_topk(topk_method="radix"))
         top = index_topk()()  # the Stem step below starts from the layer's own (ascending) candidates
+        if sm90_indices is not None:  # the Gluon scorer ran: its lists against the run's
+            overlap_sm90 = list_overlap(sm90_indices, top.indices)
+            del sm90_indices
         if ALL_PEERS:
             radix_same = bool(torch.equal(index_topk(topk_method="radix")().indices, top.indices))
         native = native_selection(top, q_offset=0, padding=None)
