@@ -90,6 +90,7 @@ def wrap(
     dense: bool = False,
     keep_selections: bool = False,
     budget_step: int | None = None,
+    tile_tokens: int = 1,
 ) -> torch.nn.Module:
     """Patch `model` in place so its sparse prefill runs Stem; returns the same model.
 
@@ -104,7 +105,7 @@ def wrap(
     cfg = StemConfig(reduce=reduce, beta=beta, oam_norm=oam_norm, head_agg=head_agg, alpha_min=alpha_min,
                      backend=backend, indexer_dtype=indexer_dtype, indexer_max_bytes=indexer_max_bytes,
                      schedule=schedule, layer_reduce=layer_reduce, dense=dense, keep_selections=keep_selections,
-                     budget_step=budget_step)
+                     budget_step=budget_step, tile_tokens=tile_tokens)
     info: _WrapInfo | None = getattr(model, "_stem_wrap", None)
     if info is not None:  # re-configuration
         layer_cfgs = cfg.per_layer(len(info.modules))

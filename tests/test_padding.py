@@ -26,6 +26,9 @@ CONFIGS = {
     "uniform": dict(reduce=0.15, schedule="uniform"),
     "mass": dict(reduce=0.15, schedule="mass"),
 }
+# InfLLMv2 only: Stem's grouped ranking (4 tokens a row; DSA ignores tile_tokens)
+INF_CONFIGS = {**CONFIGS, "tiles": dict(reduce=0.15, tile_tokens=4), "tiles_mass": dict(reduce=0.15, schedule="mass",
+                                                                                        tile_tokens=4)}
 
 
 def padded_batch(rows: list[torch.Tensor], side: str, pad_id: int = 0):
@@ -162,10 +165,10 @@ def minicpm(seed):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("cfg", ["identity", "tpd", "mass"])
+@pytest.mark.parametrize("cfg", ["identity", "tpd", "mass", "tiles", "tiles_mass"])
 def test_infllmv2_padded_rows_equal_solo(minicpm, side, cfg):
     rows = [torch.randint(1, 256, (n,)) for n in INF_LENGTHS]
-    check_rows_equal_solo(minicpm, logits_of(minicpm), rows, side, CONFIGS[cfg],
+    check_rows_equal_solo(minicpm, logits_of(minicpm), rows, side, INF_CONFIGS[cfg],
                           is_sparse=minicpm.config.infllmv2.is_sparse)
 
 

@@ -143,7 +143,8 @@ def stem_block_selection(sel_q: torch.Tensor, sel_k: torch.Tensor, v: torch.Tens
     bias = block_bias(v, params.block_size, cfg) if cfg.beta > 0 else None  # [B, Hk, n_blocks]
     # 3. the native selector with Stem's bias and budgets: idx [B, Hk, S, K]
     blocks = infllmv2_select(sel_q, sel_k, params, q_offset=T - S, chunk_size=chunk, key_bias=bias,
-                             k_free=tp.k_free, k_free_max=tp.k_free_max, free_budget_fn=budget_fn)
+                             k_free=tp.k_free, k_free_max=tp.k_free_max, free_budget_fn=budget_fn,
+                             tile_rows=cfg.tile_tokens)
     return blocks, tp.plan, tp.native_free
 
 
@@ -168,23 +169,28 @@ def stem_sparse_forward(module: torch.nn.Module, q: torch.Tensor, k: torch.Tenso
         blocks, plan, native_free = stem_block_selection(sel_q, sel_k, v, params, cfg, chunk, st.plans)
     selection = blocks.to_selection()  # per-row counts and forced counts: what the stats count too
     if S > 1:
-        record_stats(st, blocks, selection, plan, native_free, batch_row)
+        record_stats(st, blocks, selection, plan, native_free, batch_row, S)
     # 4. attention over the selected blocks (the shared kernel on GPUs)
     return attend_blocks(q, k, v, selection, module.scaling, cfg.backend)
 
 
 def record_stats(st: InfState, blocks: BlockSelection, selection: Selection, plan: BudgetPlan | None,
-                 native_free: torch.Tensor | None, batch_row: BatchRow | None) -> None:
+                 native_free: torch.Tensor | None, batch_row: BatchRow | None, seq_q: int) -> None:
     """Budget accounting of a prefill: free (non-forced) selected blocks per query token, native vs
     Stem, per batch row and in total. A padded batch arrives row by row: its first sparse row resets
     the layer's numbers, the others fill their slot (rows too short to be sparse keep 0). The counts
     stay on the device until the stats are read (`LayerStats.defer`: no host synchronisation here).
     `selection` is `blocks.to_selection()`: its per-row counts and forced counts give the free blocks
-    without another pass over the [B, Hk, S, Kmax] lists."""
-    free = selection.counts - selection.n_forced  # [B, Hk, S] free selected blocks per query token
+    without another pass over the [B, Hk, S, Kmax] lists. A selection with one row per group of
+    tokens (`tile_tokens`) counts each row once for every token of its group."""
+    free = selection.counts - selection.n_forced  # [B, Hk, R] free selected blocks per row
+    n_forced = selection.n_forced
+    if selection.query_block > 1:  # [B, Hk, R] -> [B, Hk, S]: per query token
+        free = free.repeat_interleave(selection.query_block, dim=2)[:, :, :seq_q]
+        n_forced = n_forced.repeat_interleave(selection.query_block, dim=2)[:, :, :seq_q]
     B, Hk = free.shape[:2]
     row_stem = free.sum(dim=(1, 2))  # [B] on the device
-    forced = selection.n_forced.sum()  # [] on the device
+    forced = n_forced.sum()  # [] on the device
     fresh = batch_row is None or batch_row.first
     trace = None
     if fresh:  # a light per-position trace of the first row and head for plots
@@ -194,7 +200,7 @@ def record_stats(st: InfState, blocks: BlockSelection, selection: Selection, pla
     alpha = plan.alpha if plan is not None else 1.0
     slots = range(B) if batch_row is None else [batch_row.index]
     n = B if batch_row is None else batch_row.count
-    seq_len = blocks.q_offset + blocks.idx.shape[2]
+    seq_len = blocks.q_offset + seq_q
     reduce = st.cfg.reduce
 
     def update(s: LayerStats) -> None:

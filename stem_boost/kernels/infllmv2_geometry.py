@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["num_compressed", "compress_keys", "kernel_causal_offset", "visible_compressed"]
+__all__ = ["num_compressed", "compress_keys", "kernel_causal_offset", "visible_compressed", "group_budgets",
+           "groups_share_candidates"]
 
 
 def num_compressed(n_keys: int, kernel_size: int, stride: int) -> int:
@@ -73,3 +74,23 @@ def visible_compressed(q_pos: torch.Tensor, n_compressed: int, kernel_size: int,
     """
     cnt = torch.div(q_pos + 1 - kernel_size, stride, rounding_mode="floor") + 1 + offset
     return cnt.clamp(0, n_compressed)
+
+
+def group_budgets(k_free: torch.Tensor, tile_rows: int) -> torch.Tensor:
+    """The non-forced budget of each group of ``tile_rows`` consecutive rows: the mean of its rows'
+    budgets, rounded half to even (equal budgets, as TPD's within a query block, stay as they are).
+    k_free [..., C] -> [..., ceil(C / tile_rows)] long."""
+    C = k_free.shape[-1]
+    n_groups = -(-C // tile_rows)
+    x = k_free.double()
+    pad = n_groups * tile_rows - C
+    if pad:
+        x = torch.cat([x, x.new_zeros(*x.shape[:-1], pad)], dim=-1)
+    rows = (C - torch.arange(n_groups, device=x.device) * tile_rows).clamp(max=tile_rows)  # a last group's rows
+    return (x.view(*x.shape[:-1], n_groups, tile_rows).sum(-1) / rows).round().long()
+
+
+def groups_share_candidates(q_offset: int, block_size: int, tile_rows: int) -> bool:
+    """True when every group of ``tile_rows`` consecutive query rows lies in one query block, so its
+    rows have the same candidate and forced blocks and one list serves them all."""
+    return block_size % tile_rows == 0 and q_offset % tile_rows == 0

@@ -57,7 +57,8 @@ import triton.language as tl
 
 from ..selection import Selection
 
-from .infllmv2_geometry import compress_keys, kernel_causal_offset, num_compressed, visible_compressed
+from .infllmv2_geometry import (compress_keys, group_budgets, groups_share_candidates, kernel_causal_offset,
+                                num_compressed, visible_compressed)
 from .infllmv2_scores import LOG2E, coarse_lse, group_mass
 from .infllmv2_pooled_args import pooled_launch_args
 from .row_select import keep_largest, ordered_u32
@@ -69,7 +70,7 @@ try:  # the Hopper pooled kernel is Gluon code: an API change in a later Triton 
 except Exception:  # pragma: no cover - Triton without a Gluon that this kernel compiles with
     supports_pooled_sm90 = None
 
-__all__ = ["block_topk", "infllmv2_select_fused", "infllmv2_selection", "pooled_block_scores"]
+__all__ = ["block_topk", "group_block_sums", "infllmv2_select_fused", "infllmv2_selection", "pooled_block_scores"]
 
 
 BLOCK_TOPK_METHODS = ("program", "warp")
@@ -250,6 +251,62 @@ def pooled_block_scores(q: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vi
         num_warps=num_warps, **({} if num_stages is None else dict(num_stages=num_stages)),
     )
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 2b. Stem's grouped ranking: the scores of groups of consecutive rows summed
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _group_sum_kernel(
+    SCORES, C, NBC, q_pos0,
+    stride_sb, stride_sh, stride_sc,
+    HK,
+    GROUP: tl.constexpr, SPREAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Program: axis 0 = one group of GROUP consecutive rows, axis 1 = BLOCK_N blocks, axis 2 = batch x
+    kv head. Sums the rows' positive scores (NaN, -inf and values <= 0 add nothing), row after row,
+    and writes the sum in place: into the group's first row, or into each of its rows (SPREAD).
+    Blocks after the group's last query block are neither read nor written (no row ranks them)."""
+    g = tl.program_id(0)
+    bh = tl.program_id(2)
+    b = bh // HK
+    hk = bh % HK
+    r0 = g * GROUP
+    last_qb = (q_pos0 + tl.minimum(r0 + GROUP, C) - 1) // BLOCK_SIZE
+    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    live = (j < NBC) & (j <= last_qb)
+    if tl.program_id(1) * BLOCK_N <= last_qb:
+        base = SCORES + b.to(tl.int64) * stride_sb + hk.to(tl.int64) * stride_sh
+        total = tl.zeros([BLOCK_N], tl.float32)
+        for t in tl.static_range(GROUP):
+            row = base + (r0 + t).to(tl.int64) * stride_sc
+            x = tl.load(row + j, mask=live & (r0 + t < C), other=0.0)
+            total += tl.where(x > 0, x, 0.0)
+        if SPREAD:
+            for t in tl.static_range(GROUP):
+                tl.store(base + (r0 + t).to(tl.int64) * stride_sc + j, total, mask=live & (r0 + t < C))
+        else:
+            tl.store(base + r0.to(tl.int64) * stride_sc + j, total, mask=live)
+
+
+def group_block_sums(scores: torch.Tensor, group: int, *, q_pos0: int, block_size: int, spread: bool,
+                     block_n: int = 256) -> torch.Tensor:
+    """In place: the pooled scores [B, Hk, C, NB] fp32 of each group of `group` consecutive rows
+    (row 0 first) summed over the group (`native.infllmv2.group_block_scores`: positive scores only,
+    added row after row), written into the group's first row (spread=False: the top-k then reads
+    rows 0, group, 2 group, ...) or into all its rows. Blocks after a group's last query block (row
+    c's is (q_pos0 + c) // block_size) are left as they were. Returns `scores`."""
+    B, Hk, C, NB = scores.shape
+    if scores.dtype != torch.float32 or scores.stride(-1) != 1:
+        raise ValueError(f"group_block_sums needs fp32 scores with unit block stride; got {scores.dtype}, "
+                         f"strides {scores.stride()}")
+    if group < 2 or C == 0:
+        return scores
+    _group_sum_kernel[(triton.cdiv(C, group), triton.cdiv(NB, block_n), B * Hk)](
+        scores, C, NB, q_pos0, scores.stride(0), scores.stride(1), scores.stride(2), Hk,
+        GROUP=group, SPREAD=spread, BLOCK_SIZE=block_size, BLOCK_N=block_n, num_warps=4,
+    )
+    return scores
 
 
 # ------------------------------------------------------------------------------------------------
@@ -618,6 +675,7 @@ def infllmv2_select_fused(
     num_warps: int = 4,
     chunk_budgets: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
     topk_method: str = "program",
+    tile_rows: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """InfLLMv2 block selection of queries q over keys k, with Stem's inputs optional.
 
@@ -648,9 +706,15 @@ def infllmv2_select_fused(
         num_warps: warps of the fused step-2-3 program. 4 is the measured default; on sm_90 it
             compiles to 255 registers with ~0.5 KB of spills per thread, 8 to ~220 and none
             (`stem-boost build --cases select`); 8 is the candidate for the next GPU measurement.
+        tile_rows: Stem's grouped ranking (`native.infllmv2.infllmv2_select`): groups of tile_rows
+            consecutive rows rank their non-forced blocks by the group's summed score
+            (`group_block_sums`, between steps 2 and 3) with the group's budget (`group_budgets`).
+            When the groups share their candidates (`groups_share_candidates`) the top-k runs once a
+            group and the lists have one row per group: R = ceil(S / tile_rows); else R = S.
     Returns:
-        idx [B, Hk, S, kmax] int32 ascending (-1 padded), counts [B, Hk, S] int32, n_forced
-        [B, Hk, S] int32 (forced blocks among counts: not counted by the reduce contract).
+        idx [B, Hk, R, kmax] int32 ascending (-1 padded), counts [B, Hk, R] int32, n_forced
+        [B, Hk, R] int32 (forced blocks among counts: not counted by the reduce contract); R = S
+        unless tile_rows groups share a row.
     The scores round to q's dtype before pooling when q is fp16 / bf16 (`score_dtype="auto"`).
     """
     B, Hq, S, D = q.shape
@@ -688,9 +752,19 @@ def infllmv2_select_fused(
     round_to = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else None
     scale = D ** -0.5
     bias = key_bias.float().contiguous() if key_bias is not None else None
+    if isinstance(tile_rows, bool) or not isinstance(tile_rows, int) or tile_rows < 1:
+        raise ValueError(f"tile_rows={tile_rows!r}; allowed: an int >= 1 (query rows that rank blocks together)")
+    if tile_rows > 1:  # whole groups a chunk, and their budgets once
+        chunk_size = -(-chunk_size // tile_rows) * tile_rows
+        shared = groups_share_candidates(offset, p.block_size, tile_rows)
+        if bud is not None:
+            bud = group_budgets(bud, tile_rows).to(torch.int32)  # [B, Hk, ceil(S / tile_rows)]
+            if not shared:
+                bud = bud.repeat_interleave(tile_rows, dim=-1)[..., :S]
+    rows = -(-S // tile_rows) if tile_rows > 1 and shared else S
 
-    idx = torch.empty(B, Hk, S, kmax, dtype=torch.int32, device=q.device)
-    counts = torch.empty(B, Hk, S, dtype=torch.int32, device=q.device)
+    idx = torch.empty(B, Hk, rows, kmax, dtype=torch.int32, device=q.device)
+    counts = torch.empty(B, Hk, rows, dtype=torch.int32, device=q.device)
     n_forced = torch.empty_like(counts)
     for s0 in range(0, S, chunk_size):
         s1 = min(S, s0 + chunk_size)
@@ -700,6 +774,12 @@ def infllmv2_select_fused(
         qc = q[:, :, s0:s1]
         lse = coarse_lse(qc, k2, vis2, scale, lo2=lo2)
         nbc = (s1 - 1 + offset) // p.block_size + 1
+        if tile_rows > 1:  # the pooled scores, their group sums, one top-k a group (or a row)
+            _grouped_chunk(qc, k1, lse, vis1, nbc, scale, p, s0=s0, offset=offset, n_existing=K1, lo1=lo1,
+                           round_to=round_to, bias=bias, bud=bud, chunk_budgets=chunk_budgets, seq_start=seq_start,
+                           k_total=k_total, kmax=kmax, out=(idx, counts, n_forced), topk_method=topk_method,
+                           tile_rows=tile_rows, shared=shared)
+            continue
         bud_c = bud[:, :, s0:s1] if bud is not None else None
         if not fuse_topk or chunk_budgets is not None:  # steps 2 and 3 as two launches (pooled scores through HBM)
             # Stem's bias goes into the pooled kernel (its keys written in place of the scores), except
@@ -735,6 +815,41 @@ def infllmv2_select_fused(
             num_warps=num_warps,
         )
     return idx, counts, n_forced
+
+
+def _grouped_chunk(qc: torch.Tensor, k1: torch.Tensor, lse: torch.Tensor, vis1: torch.Tensor, nbc: int, scale: float,
+                   p, *, s0: int, offset: int, n_existing: int, lo1, round_to, bias, bud, chunk_budgets, seq_start,
+                   k_total: int, kmax: int, out: tuple, topk_method: str, tile_rows: int, shared: bool) -> None:
+    """One chunk of `infllmv2_select_fused` with Stem's grouped ranking (query rows [s0, s0 + C), s0 a
+    multiple of tile_rows): the pooled scores (no bias: the groups add probabilities), their group
+    sums, then the top-k with the bias on the sums. With shared candidates the top-k reads the groups'
+    first rows as rows of a sequence at 1 / tile_rows resolution: row g's query block is
+    (q_pos0 / tile_rows + g) // (block_size / tile_rows), exact because both divide (and the first
+    real block of a padded row is seq_start // tile_rows // (block_size / tile_rows))."""
+    B, Hk, C = qc.shape[0], k1.shape[1], qc.shape[2]
+    q_pos0 = s0 + offset
+    pooled = pooled_block_scores(qc, k1, lse, vis1, nbc, p.pool_size, scale, q_pos0=q_pos0, block_size=p.block_size,
+                                 n_existing=n_existing, lo1=lo1, round_to=round_to)
+    if chunk_budgets is not None:  # the mass schedule reads the rows' own scores
+        bud_rows = _budget_view(chunk_budgets(pooled, s0, s0 + C).to(qc.device), B, Hk, C)
+        bud_c = group_budgets(bud_rows, tile_rows).to(torch.int32)
+        if not shared:
+            bud_c = bud_c.repeat_interleave(tile_rows, dim=-1)[..., :C]
+    elif bud is not None:
+        bud_c = bud[:, :, s0 // tile_rows:-(-(s0 + C) // tile_rows)] if shared else bud[:, :, s0:s0 + C]
+    else:
+        bud_c = None
+    group_block_sums(pooled, tile_rows, q_pos0=q_pos0, block_size=p.block_size, spread=not shared)
+    if shared:
+        step = tile_rows
+        block_topk(pooled[:, :, ::step], q_pos0=q_pos0 // step, block_size=p.block_size // step,
+                   init_blocks=p.init_blocks, local_blocks=p.local_blocks, k_total=k_total,
+                   key_bias=bias, budgets=bud_c, seq_start=None if seq_start is None else seq_start // step,
+                   kmax=kmax, out=out, row0=s0 // step, method=topk_method)
+    else:
+        block_topk(pooled, q_pos0=q_pos0, block_size=p.block_size, init_blocks=p.init_blocks,
+                   local_blocks=p.local_blocks, k_total=k_total, key_bias=bias, budgets=bud_c,
+                   seq_start=seq_start, kmax=kmax, out=out, row0=s0, method=topk_method)
 
 
 def infllmv2_selection(q: torch.Tensor, k: torch.Tensor, params, **kwargs):

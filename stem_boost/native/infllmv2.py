@@ -67,7 +67,8 @@ from typing import Any
 
 import torch
 
-from ..kernels.infllmv2_geometry import compress_keys, kernel_causal_offset, num_compressed, visible_compressed
+from ..kernels.infllmv2_geometry import (compress_keys, group_budgets, groups_share_candidates, kernel_causal_offset,
+                                         num_compressed, visible_compressed)
 from ..oam import combine_scores
 from ..selection import Selection
 
@@ -470,6 +471,8 @@ class BlockSelection:
             fused GPU selection (it keeps no scores).
         forced: [B, Hk, S, Kmax] bool, the block was kept because it is an init/local block.
         block_size: tokens per block; q_offset: absolute position of row 0.
+        query_block: consecutive query tokens that share one row (Stem's `tile_rows` groups when
+            every group's tokens share their candidates: then there are ceil(S / query_block) rows).
     """
 
     idx: torch.Tensor
@@ -478,12 +481,13 @@ class BlockSelection:
     forced: torch.Tensor
     block_size: int
     q_offset: int
+    query_block: int = 1
 
     def to_selection(self) -> Selection:
-        """The project's `Selection` (per-token rows, query_block = 1; `n_forced` from the forced flags)."""
+        """The project's `Selection` (rows of `query_block` tokens; `n_forced` from the forced flags)."""
         idx = self.idx if self.idx.shape[-1] else torch.full((*self.idx.shape[:3], 1), -1, dtype=torch.int32,
                                                               device=self.idx.device)
-        return Selection(idx=idx, counts=self.counts, block_size=self.block_size, query_block=1,
+        return Selection(idx=idx, counts=self.counts, block_size=self.block_size, query_block=self.query_block,
                          q_offset=self.q_offset, n_forced=(self.forced & (self.idx >= 0)).sum(-1).to(torch.int32),
                          ordered=True)  # both selectors write each row ascending (the class's contract)
 
@@ -503,6 +507,27 @@ class BlockSelection:
             out.append((torch.where(live, self.idx.gather(-1, order), -1),
                         self.scores.gather(-1, order).masked_fill(~live, float("nan"))))
         return out[0][0], out[1][0], out[1][1]
+
+
+def group_block_scores(scores: torch.Tensor, tile_rows: int) -> torch.Tensor:
+    """The score by which a group of ``tile_rows`` consecutive query rows ranks its blocks: the sum over
+    the group's rows of each row's probability-like score (NaN and values <= 0 count as 0), i.e. the
+    group's InfLLMv2 mass on the block. Rows are grouped from the first row of ``scores``; a last,
+    partial group sums the rows it has.
+
+    scores [B, Hk, C, NB] -> [B, Hk, ceil(C / tile_rows), NB] fp32."""
+    B, H, C, NB = scores.shape
+    x = scores.float()
+    x = torch.where(x > 0, x, 0.0)
+    n_groups = -(-C // tile_rows)
+    pad = n_groups * tile_rows - C
+    if pad:
+        x = torch.cat([x, x.new_zeros(B, H, pad, NB)], dim=2)
+    x = x.view(B, H, n_groups, tile_rows, NB)
+    total = x[:, :, :, 0]
+    for t in range(1, tile_rows):  # row by row, in the order the fused selection adds them (bit-equal sums)
+        total = total + x[:, :, :, t]
+    return total
 
 
 def _pad_last(t: torch.Tensor, width: int, value: float | int | bool) -> torch.Tensor:
@@ -530,6 +555,7 @@ def infllmv2_select(
     score_dtype: torch.dtype | str | None = "auto",
     use_fused: bool | None = None,
     k_free_max: int | None = None,
+    tile_rows: int = 1,
 ) -> BlockSelection:
     """InfLLMv2 block selection for queries ``q`` over keys ``k``; native unless Stem's inputs are given.
 
@@ -541,6 +567,12 @@ def infllmv2_select(
         free_budget_fn: computes ``k_free`` of a chunk from its native scores (the mass schedule).
     k_free_max: max(k_free) when the caller knows it on the host (the fused selection's list width
         then needs no device-to-host read).
+    tile_rows: Stem's rows that rank together: consecutive groups of ``tile_rows`` query rows (by row
+        index from the first) rank their non-forced blocks by the group's summed score
+        (:func:`tile_summed_scores`) before the bias; each row still keeps its own forced blocks and
+        ``k_free`` of its own candidates. 1 (default): every row ranks alone (native InfLLMv2). Rows
+        of a group that share candidates and budget then select the same blocks, which is what a
+        union tile of the kernel computes once.
     use_fused: the fused Triton selection (`kernels.infllmv2_select`; default: on CUDA with fp16 /
         bf16 queries, unless an explicit `score_dtype` asks for the PyTorch path); it returns the
         same blocks (ties: the smaller block) without their scores. `free_budget_fn` runs there on
@@ -549,6 +581,10 @@ def infllmv2_select(
     """
     B, Hk, S = q.shape[0], k.shape[1], q.shape[2]
     offset = k.shape[2] - S if q_offset is None else int(q_offset)
+    if isinstance(tile_rows, bool) or not isinstance(tile_rows, int) or tile_rows < 1:
+        raise ValueError(f"tile_rows={tile_rows!r}; allowed: an int >= 1 (query rows that rank blocks together)")
+    chunk_size = -(-chunk_size // tile_rows) * tile_rows  # a chunk holds whole groups
+    shared = tile_rows > 1 and groups_share_candidates(offset, params.block_size, tile_rows)
     if use_fused is None:
         use_fused = (infllmv2_select_fused is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
                      and score_dtype == "auto")
@@ -567,11 +603,13 @@ def infllmv2_select(
                                                emulate_kernel_offset=emulate_kernel_offset,
                                                # the mass schedule's budgets depend on the chunk: the same rows as
                                                # the PyTorch path; otherwise the kernel's own (larger) chunks
+                                               tile_rows=tile_rows,
                                                **(dict(chunk_size=chunk_size) if chunk_budgets else {}))
-        q_block = (torch.arange(S, device=q.device) + offset) // params.block_size  # [S]
+        row_block = tile_rows if shared else 1
+        q_block = (torch.arange(idx.shape[2], device=q.device) * row_block + offset) // params.block_size  # [R]
         forced = (idx >= 0) & ((idx < params.init_blocks) | (idx >= (q_block - params.local_blocks)[:, None]))
         return BlockSelection(idx=idx, counts=counts, scores=None, forced=forced, block_size=params.block_size,
-                              q_offset=offset)
+                              q_offset=offset, query_block=row_block)
     parts: list[tuple[torch.Tensor, ...]] = []
     for bs in iter_block_scores(q, k, params, q_offset=offset, chunk_size=chunk_size,
                                 emulate_kernel_offset=emulate_kernel_offset, score_dtype=score_dtype):
@@ -579,6 +617,8 @@ def infllmv2_select(
             bs.k_free = free_budget_fn(bs)
         elif k_free is not None:
             bs.k_free = k_free[..., bs.rows]
+        if tile_rows > 1:  # rank by the group's summed score, with the group's budget
+            bs = group_ranking(bs, tile_rows, one_row_per_group=shared)
         if key_bias is not None:
             nb = bs.scores.shape[-1]
             rescored = combine_scores(bs.scores, key_bias[..., :nb].unsqueeze(2).expand_as(bs.scores), space="prob")
@@ -590,7 +630,31 @@ def infllmv2_select(
     forced = torch.cat([_pad_last(p[2], kmax, False) for p in parts], dim=2) if parts else q.new_empty(B, Hk, 0, 0, dtype=torch.bool)
     counts = torch.cat([p[3] for p in parts], dim=2) if parts else q.new_empty(B, Hk, 0, dtype=torch.int32)
     return BlockSelection(idx=idx, counts=counts, scores=scores, forced=forced, block_size=params.block_size,
-                          q_offset=offset)
+                          q_offset=offset, query_block=tile_rows if shared else 1)
+
+
+def group_ranking(bs: BlockScores, tile_rows: int, *, one_row_per_group: bool) -> BlockScores:
+    """A chunk's scores and budgets for Stem's grouped ranking (`infllmv2_select(tile_rows=...)`): every
+    row's non-forced blocks take its group's summed score (`group_block_scores`) and, when budgets
+    are set, every row the group's budget (`group_budgets`; natively each row keeps k_total minus its
+    forced blocks); forced blocks keep the row's own score. one_row_per_group: the groups share their
+    candidates (`groups_share_candidates`), so the result has one row per group (its first row's
+    masks). bs.scores [B, Hk, C, NB] -> [B, Hk, C or ceil(C / tile_rows), NB]."""
+    C = bs.scores.shape[2]
+    grouped = group_block_scores(bs.scores, tile_rows)  # [B, Hk, C / tile_rows, NB]
+    k_free = None if bs.k_free is None else group_budgets(torch.as_tensor(bs.k_free, device=bs.scores.device),
+                                                          tile_rows)  # [..., C / tile_rows]
+    if one_row_per_group:
+        first = slice(0, C, tile_rows)
+        free = bs.candidate[first] & ~bs.forced[first]
+        return BlockScores(scores=torch.where(free, grouped, bs.scores[:, :, first].float()), forced=bs.forced[first],
+                           candidate=bs.candidate[first], q_pos=bs.q_pos[first], rows=bs.rows, k_total=bs.k_total,
+                           block_size=bs.block_size, k_free=k_free)
+    free = bs.candidate & ~bs.forced
+    spread = grouped.repeat_interleave(tile_rows, dim=2)[:, :, :C]
+    return BlockScores(scores=torch.where(free, spread, bs.scores.float()), forced=bs.forced, candidate=bs.candidate,
+                       q_pos=bs.q_pos, rows=bs.rows, k_total=bs.k_total, block_size=bs.block_size,
+                       k_free=None if k_free is None else k_free.repeat_interleave(tile_rows, dim=-1)[..., :C])
 
 
 # ------------------------------------------------------------------------------------------------
