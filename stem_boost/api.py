@@ -90,7 +90,7 @@ def wrap(
     dense: bool = False,
     keep_selections: bool = False,
     budget_step: int | None = None,
-    tile_tokens: int = 1,
+    tile_tokens: int | str = "auto",
 ) -> torch.nn.Module:
     """Patch `model` in place so its sparse prefill runs Stem; returns the same model.
 

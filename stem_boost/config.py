@@ -54,12 +54,15 @@ class StemConfig:
                 native scores predict, over all rows at once; see `stem_boost.mass`).
     tile_tokens: block selections (InfLLMv2) only: how many consecutive query tokens rank their
                 non-forced blocks together, by the sum of their native scores (their shared attention
-                mass on the block), before the OAM bias and each token's own budget. 1 (default) ranks
-                every token alone, as the native selector does. The attention kernel computes a few
-                consecutive tokens together over the union of their lists (4 tokens x 16 heads at
-                MiniCPM-4.1's group of 16), so tokens that rank together keep the same blocks and the
-                cut shortens that union as much as each list. Token selections (DSA) ignore it: their
-                kernel computes one token a program.
+                mass on the block), before the OAM bias and the budget (the group's mean). The
+                attention kernel computes a few consecutive tokens together over the union of their
+                lists (4 tokens x 16 heads at MiniCPM-4.1's group of 16); tokens that rank together keep
+                the same blocks, so the cut shortens that union as much as each list, and the top-k runs
+                once a group. 1 ranks every token alone, as the native selector does. "auto" (default):
+                4 tokens (fewer when 4 x the GQA group exceeds the kernel's 64-row tile) whenever the
+                configuration changes the selection (reduce or beta > 0), else 1, so that reduce 0 and
+                beta 0 stay the native selection. Token selections (DSA) ignore it: their kernel computes
+                one token a program.
     layer_reduce: None (every sparse layer drops `reduce`) or one fraction per sparse layer, in the
                 order `wrap` finds them, whose mean is `reduce` (this project's calibrated
                 allocation, `stem_boost.calibrate`): every sparse layer of one model has the same
@@ -80,7 +83,7 @@ class StemConfig:
     dense: bool = False
     keep_selections: bool = False
     budget_step: int | None = None
-    tile_tokens: int = 1
+    tile_tokens: int | str = "auto"
 
     def __post_init__(self):
         if not isinstance(self.reduce, (int, float)) or not 0.0 <= self.reduce <= MAX_REDUCE:
@@ -106,8 +109,10 @@ class StemConfig:
         if self.budget_step is not None and (isinstance(self.budget_step, bool) or not isinstance(self.budget_step, int)
                                              or self.budget_step < 1):
             raise ValueError(f"budget_step={self.budget_step!r}; allowed: None (automatic) or an int >= 1")
-        if isinstance(self.tile_tokens, bool) or not isinstance(self.tile_tokens, int) or self.tile_tokens < 1:
-            raise ValueError(f"tile_tokens={self.tile_tokens!r}; allowed: an int >= 1 (1 = every token ranks alone)")
+        if self.tile_tokens != "auto" and (isinstance(self.tile_tokens, bool) or not isinstance(self.tile_tokens, int)
+                                           or self.tile_tokens < 1):
+            raise ValueError(f"tile_tokens={self.tile_tokens!r}; allowed: 'auto' or an int >= 1 (1 = every token ranks "
+                             "alone)")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
         if self.layer_reduce is not None:
@@ -144,7 +149,14 @@ class StemConfig:
     @property
     def is_identity(self) -> bool:
         """True when the boost keeps the native selection unchanged (reduce 0 and beta 0)."""
-        return not self.dense and self.reduce == 0 and self.beta == 0 and self.tile_tokens == 1
+        return not self.dense and self.reduce == 0 and self.beta == 0 and self.tile_tokens in (1, "auto")
+
+    def tile_tokens_for(self, group_size: int) -> int:
+        """The tokens that rank together (`tile_tokens`) in a layer whose GQA groups have `group_size`
+        query heads: "auto" is 1 for the identity configuration, else min(4, 64 // group_size)."""
+        if self.tile_tokens != "auto":
+            return int(self.tile_tokens)
+        return 1 if self.is_identity else max(1, min(4, 64 // max(1, group_size)))
 
     def indexer_dtype_on(self, device, head_dim: int) -> str:
         """The indexer dtype that runs on `device` (a torch.device) for indexer heads of `head_dim`:

@@ -76,7 +76,7 @@ def test_stem_keeps_forced_blocks_and_picks_from_native_candidates(tmp_path):
         nat = natives[m.self_attn.layer_idx]
         for s in torch.randint(0, 400, (20,)).tolist():
             for h in range(sel.idx.shape[1]):
-                mine = {int(b) for b in sel.idx[0, h, s] if b >= 0}
+                mine = {int(b) for b in sel.idx[0, h, s // sel.query_block] if b >= 0}  # Stem: rows of 4 tokens
                 forced = {int(b) for b, f in zip(nat.idx[0, h, s], nat.forced[0, h, s]) if f and b >= 0}
                 assert forced <= mine  # forced blocks are always kept
                 assert all(b <= s // bs for b in mine)  # causal

@@ -224,11 +224,12 @@ def test_wrapped_model_with_tiles_keeps_the_pairs_and_attends_its_rows(tmp_path,
     model = _model(tmp_path, seed)
     S = 301
     ids = torch.randint(0, 96, (1, S))
-    stem_boost.wrap(model, reduce=0.18, keep_selections=True)
+    stem_boost.wrap(model, reduce=0.18, tile_tokens=1, keep_selections=True)
     with torch.no_grad():
         model(ids)
     per_token = stem_boost.stats(model)
-    stem_boost.wrap(model, reduce=0.18, tile_tokens=4, keep_selections=True)
+    assert all(s.query_block == 1 for s in stem_boost.last_selections(model))
+    stem_boost.wrap(model, reduce=0.18, keep_selections=True)  # the default, "auto": 4 tokens at G = 2
     with torch.no_grad():
         logits = model(ids).logits
     tiled = stem_boost.stats(model)
@@ -255,9 +256,12 @@ def test_wrapped_model_with_tiles_keeps_the_pairs_and_attends_its_rows(tmp_path,
     assert (spread - logits).abs().max().item() <= 1e-5, f"seed {seed}"
 
 
-def test_tile_tokens_is_validated_and_not_the_identity():
-    for bad in (0, -1, 1.5, True, "4"):
+def test_tile_tokens_is_validated_and_auto_keeps_the_identity():
+    for bad in (0, -1, 1.5, True, "4", "all"):
         with pytest.raises(ValueError, match="tile_tokens"):
             StemConfig(tile_tokens=bad)
-    assert StemConfig(reduce=0.0, beta=0.0).is_identity
+    assert StemConfig(reduce=0.0, beta=0.0).is_identity and StemConfig(reduce=0.0, beta=0.0).tile_tokens_for(16) == 1
     assert not StemConfig(reduce=0.0, beta=0.0, tile_tokens=4).is_identity
+    auto = StemConfig(reduce=0.18)
+    assert [auto.tile_tokens_for(g) for g in (1, 3, 16, 32, 64, 128)] == [4, 4, 4, 2, 1, 1]
+    assert StemConfig(reduce=0.18, tile_tokens=8).tile_tokens_for(16) == 8

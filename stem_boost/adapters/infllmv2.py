@@ -144,7 +144,7 @@ def stem_block_selection(sel_q: torch.Tensor, sel_k: torch.Tensor, v: torch.Tens
     # 3. the native selector with Stem's bias and budgets: idx [B, Hk, S, K]
     blocks = infllmv2_select(sel_q, sel_k, params, q_offset=T - S, chunk_size=chunk, key_bias=bias,
                              k_free=tp.k_free, k_free_max=tp.k_free_max, free_budget_fn=budget_fn,
-                             tile_rows=cfg.tile_tokens)
+                             tile_rows=cfg.tile_tokens_for(sel_q.shape[1] // sel_k.shape[1]))
     return blocks, tp.plan, tp.native_free
 
 
