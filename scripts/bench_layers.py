@@ -12,7 +12,9 @@ dsa:      a DeepSeek-V3.2 attention layer (transformers' DeepseekV32Attention at
 infllmv2: a MiniCPM-4.1-8B attention layer (hidden 4096, 32 q / 2 kv heads, d 128, the real
           sparse_config), random bf16 weights. (a) dense SDPA (stem_boost.wrap(dense=True): the same
           layer, every causal key), (b) native InfLLMv2 selection + our kernel, (c) Stem at
-          reduce=0.18. Selection included in every time.
+          reduce=0.18 (the default: 4 tokens a row, `tile_tokens="auto"`) and, in the same
+          alternation, Stem with every token ranking alone (`tile_tokens=1`, the earlier default).
+          Selection included in every time.
 minicpm4-model: the whole model as a user pre-fills it: MiniCPM-4.1-8B's sizes (32 layers, MLP 16384,
           vocab 73448, muP values; --model-layers), random bf16 weights, `inputs_embeds` from
           --smooth's first window, the LM head on the last position; dense / native / Stem at 0.18.
@@ -522,17 +524,23 @@ def smooth_hidden_states(S: int, width: int, window: int, device, dtype=torch.bf
     return ((c[:, window:] - c[:, :-window]) / window ** 0.5).to(dtype)
 
 
-def time_dense_native_stem(row: dict, model, forward, label: str) -> None:
-    """An InfLLMv2 model's three configurations into row: dense alone first (`timed`, the model wrapped
-    with dense=True), then native and Stem at reduce 0.18 interleaved (`time_configs_interleaved`) on
-    `model` and a copy of it (the same weights), each wrapped once; forward(m) runs one prefill of m."""
+# Stem's InfLLMv2 peers timed in the alternation beside the default (`tile_tokens="auto"`: 4 tokens a row):
+# the per-token ranking of the twenty-third session and before
+INFLLMV2_STEM_PEERS = {"stem_tokens": dict(reduce=0.18, tile_tokens=1)}
+
+
+def time_dense_native_stem(row: dict, model, forward, label: str, peers: dict | None = None) -> None:
+    """An InfLLMv2 model's configurations into row: dense alone first (`timed`, the model wrapped
+    with dense=True), then native, Stem at reduce 0.18 and `peers` (name -> wrap kwargs, names
+    starting with "stem") interleaved (`time_configs_interleaved`) on `model` and copies of it (the
+    same weights), each wrapped once; forward(m) runs one prefill of m."""
     stem_boost.wrap(model, dense=True)
     note(f"{label} dense")
     row["dense_ms"], row["dense_gib"] = timed(lambda: _no_grad(lambda: forward(model)))
     row["dense_first_call_s"] = LAST_FIRST_CALL_S[0]
     stem_boost.unwrap(model)
-    configs = {"native_kernel": dict(reduce=0.0, beta=0.0), "stem": dict(reduce=0.18)}
-    models = {"native_kernel": model, "stem": copy.deepcopy(model)}
+    configs = {"native_kernel": dict(reduce=0.0, beta=0.0), "stem": dict(reduce=0.18), **(peers or {})}
+    models = {name: model if name == "native_kernel" else copy.deepcopy(model) for name in configs}
     note(f"{label} native / Stem, interleaved")
     time_configs_interleaved(row, models, configs, forward)
     del models
@@ -560,7 +568,7 @@ def bench_infllmv2(seqs, device, windows=(0,), select_chunk: int | None = None):
         row = dict(family="infllmv2", S=S, smooth_window=window)
 
         time_dense_native_stem(row, model, lambda m: m.model.layers[0].self_attn(x, pe),
-                               f"infllmv2 S={S} smooth={window}")
+                               f"infllmv2 S={S} smooth={window}", peers=INFLLMV2_STEM_PEERS)
         if PROFILE_TABLES and profiling(S):
             for name, kwargs in (("native", dict(reduce=0.0, beta=0.0)), ("stem", dict(reduce=0.18))):
                 stem_boost.wrap(model, **kwargs)
@@ -682,9 +690,25 @@ def infllmv2_breakdown(attn, x, pe) -> dict:
         stem_sel = stem_select().to_selection()
         ms_kernel_stem, _ = timed(lambda: sparse_attention(qT, kT, vT, stem_sel, check=False))
         stem_peers = {name: timed(lambda: block_union_attention(qT, kT, vT, stem_sel.idx, stem_sel.counts, block_size=64,
-                                                                **kw))[0] for name, kw in UNION_TILE_PEERS.items()}
-        stem_inflation = union_inflation(union_block_lists(stem_sel.idx, stem_sel.counts, 4, n_units=-(-S // 64))[2],
-                                         stem_sel.counts, 4)
+                                                                query_block=stem_sel.query_block, **kw))[0]
+                      for name, kw in UNION_TILE_PEERS.items()}
+        # the work of the kernel's 4-token tiles, against native's: union entries (a row of 4 tokens: its list)
+        native_union = int(union_block_lists(selection.idx, counts, 4, n_units=-(-S // 64))[2].sum())
+
+        def tile_entries(sel) -> int:
+            if sel.query_block == 4:
+                return int(sel.counts.sum())
+            return int(union_block_lists(sel.idx, sel.counts, 4, n_units=-(-S // 64))[2].sum())
+        stem_inflation = tile_entries(stem_sel) * 4 / float(stem_sel.counts.sum() * stem_sel.query_block)
+        # the per-token ranking (tile_tokens=1) beside the default's 4-token rows
+        cfg_tokens = StemConfig(reduce=0.18, tile_tokens=1)
+        tokens_cache = {}
+
+        def stem_select_tokens():
+            return stem_block_selection(q, k, v, attn.infllmv2, cfg_tokens, attn.select_chunk_size, tokens_cache)[0]
+        ms_sel_tokens, _ = timed(stem_select_tokens)
+        tokens_sel = stem_select_tokens().to_selection()
+        ms_kernel_tokens, _ = timed(lambda: sparse_attention(qT, kT, vT, tokens_sel, check=False))
         # the selection with each pooled stage-1 tile (Hopper's Gluon kernel); the lists must not change
         pooled_peers = {}
         if torch.cuda.get_device_capability()[0] == 9:
@@ -703,6 +727,10 @@ def infllmv2_breakdown(attn, x, pe) -> dict:
                 stem_selection_ms=ms_sel_stem, kernel_stem_ms=ms_kernel_stem,
                 **{f"kernel_stem_{name}_ms": ms for name, ms in stem_peers.items()},
                 stem_blocks_per_token=float(stem_sel.counts.float().mean()), stem_union_inflation_qt4=stem_inflation,
+                stem_rows_query_block=stem_sel.query_block,
+                stem_tile_entries_over_native=tile_entries(stem_sel) / native_union,
+                stem_tokens_selection_ms=ms_sel_tokens, kernel_stem_tokens_ms=ms_kernel_tokens,
+                stem_tokens_tile_entries_over_native=tile_entries(tokens_sel) / native_union,
                 **pooled_peers)
 
 
@@ -824,6 +852,20 @@ def main():
               f"{r['dense_gib']:.1f} / {r['native_kernel_gib']:.1f} / {r['stem_gib']:.1f} | "
               f"{r.get('dense_first_call_s', nan):.1f} / {r.get('native_kernel_first_call_s', nan):.1f} / "
               f"{r.get('stem_first_call_s', nan):.1f} |")
+    tokens = [r for r in res["rows"] if "stem_tokens_ms" in r]
+    if tokens:
+        print("\n| InfLLMv2 S | Stem ms: 4-token rows (default) | per-token ranking | Stem/native: rows | per token "
+              "| paired: rows / per token | kernel's tile work / native's: rows / per token | selection ms: rows / "
+              "per token | kernel ms: native / rows / per token |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in tokens:
+            print(f"| {r['S']} | {r['stem_ms']:.1f} | {r['stem_tokens_ms']:.1f} | {r['stem_over_native']:.3f} | "
+                  f"{r['stem_tokens_ms'] / r['native_kernel_ms']:.3f} | {r.get('stem_over_native_paired', nan):.3f} / "
+                  f"{r.get('stem_tokens_over_native_paired', nan):.3f} | "
+                  f"{r.get('stem_tile_entries_over_native', nan):.3f} / {r.get('stem_tokens_tile_entries_over_native', nan):.3f} | "
+                  f"{r.get('stem_selection_ms', nan):.1f} / {r.get('stem_tokens_selection_ms', nan):.1f} | "
+                  f"{r.get('kernel_native_ms', nan):.1f} / {r.get('kernel_stem_ms', nan):.1f} / "
+                  f"{r.get('kernel_stem_tokens_ms', nan):.1f} |")
     blocks = [r for r in res["rows"] if "native_kernel_blocks_ms" in r]
     if blocks:
         print("\n| layer | S | blocks of one config: native ms | Stem ms | Stem/native | paired rounds "

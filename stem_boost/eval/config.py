@@ -67,6 +67,7 @@ SCHEMA: dict[str, Any] = {
         "alpha_min": (0.0, _NUM, None),
         "backend": ("auto", str, ("auto", "triton", "reference")),
         "indexer_dtype": ("float32", str, ("float32", "bfloat16")),
+        "tile_tokens": ("auto", (str, int), None),  # InfLLMv2: tokens that rank blocks together (StemConfig)
     },
     "modes": (list(MODES[:6]), list, MODES),
     "tasks": {
@@ -229,6 +230,9 @@ def _validate(cfg: dict, where: str) -> None:
     cfg["stem"]["reduce"] = [float(r) for r in reduces]
     if cfg["stem"]["beta"] < 0:
         raise ConfigError(f"{where}: 'stem.beta' must be >= 0")
+    tiles = cfg["stem"]["tile_tokens"]
+    if tiles != "auto" and (isinstance(tiles, bool) or not isinstance(tiles, int) or tiles < 1):
+        raise ConfigError(f"{where}: 'stem.tile_tokens' must be 'auto' or an integer >= 1, got {tiles!r}")
     if not cfg["modes"]:
         raise ConfigError(f"{where}: 'modes' is empty; allowed: {', '.join(MODES)}")
     if cfg["model"]["parallel"] == "tensor" and cfg["model"]["source"] != "local":

@@ -70,7 +70,7 @@ class Mode:
         base = self.kind.removesuffix("_cal")
         beta = 0.0 if base == "no_oam" else float(stem_cfg["beta"])
         schedule = base if base in ("uniform", "mass") else "tpd"
-        kw = dict(common, reduce=self.reduce, beta=beta, schedule=schedule)
+        kw = dict(common, reduce=self.reduce, beta=beta, schedule=schedule, tile_tokens=stem_cfg["tile_tokens"])
         if base != self.kind:
             if self.layer_reduce is None:
                 raise ValueError(f"mode {self.name}: its per-layer allocation is not calibrated yet (calibrate_modes)")
@@ -93,7 +93,7 @@ class Mode:
                 "mass": "mass-aware budgets (this project's variant; OAM on)",
                 "stem_cal": "Stem with calibrated per-layer budgets (this project's allocation; same model-wide reduce)",
                 "mass_cal": "mass-aware budgets with calibrated per-layer budgets (this project's variant)"}[self.kind]
-        return f"{what}: reduce={kw['reduce']:g} beta={kw['beta']:g} schedule={kw['schedule']}"
+        return f"{what}: reduce={kw['reduce']:g} beta={kw['beta']:g} schedule={kw['schedule']} tile_tokens={kw['tile_tokens']}"
 
 
 def build_modes(cfg: dict) -> list[Mode]:
