@@ -46,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import stem_boost  # noqa: E402
+from stem_boost.bench.inputs import smooth_hidden_states  # noqa: E402
 
 PROFILE: bool | int = False  # --profile / --profile-ab: True, or the longest profiled length (--profile-max-seq)
 PROFILE_OPS = False  # --profile-ops: also the PyTorch operators behind the kernels
@@ -510,18 +511,6 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
                 value_norms_max_rel_err=norms_rel_err, value_norms_fp32_ms=ms_norms_fp32,
                 value_norms_fp32_rel_err=norms_fp32_rel_err,
                 kernel_native_last_chunk_ms=ms_k_native, kernel_stem_last_chunk_ms=ms_k_stem, kernel_chunk=chunk)
-
-
-def smooth_hidden_states(S: int, width: int, window: int, device, dtype=torch.bfloat16) -> torch.Tensor:
-    """[1, S, width] hidden states, N(0, 1) at every position. window <= 1: i.i.d. across positions
-    (random weights then give near-independent block lists for neighbouring tokens, the worst case for
-    union tiles). window W > 1: each position is the normalised sum of W consecutive i.i.d. draws, so
-    neighbours share W - 1 of them, as neighbouring tokens of real text share most of their context."""
-    if window <= 1:
-        return torch.randn(1, S, width, device=device, dtype=dtype)
-    e = torch.randn(1, S + window, width, device=device, dtype=torch.float32)
-    c = torch.cumsum(e, dim=1)
-    return ((c[:, window:] - c[:, :-window]) / window ** 0.5).to(dtype)
 
 
 # Stem's InfLLMv2 peers timed in the alternation beside the default (`tile_tokens="auto"`: 4 tokens a row):

@@ -3,6 +3,7 @@ benchmark's random-weight lists (CPU or GPU, no timing).
 
     python scripts/union_inflation.py --source layer --seqs 32768 131072 --rows 2048
     python scripts/union_inflation.py --source smollm2 --seqs 4096 8192
+    python scripts/union_inflation.py --source layer --seqs 32768 131072 --rows 2048 --smooth 128 --stem
 
 The union kernel (`stem_boost.kernels.block_union`) computes QT consecutive tokens x the G heads of
 a kv head together (M = QT x G rows, QT = 4 at MiniCPM-4.1's G = 16) over the union of their
@@ -17,6 +18,12 @@ slow depending on how much neighbouring tokens agree.
 - `--source smollm2`: the SmolLM2-135M InfLLMv2 testbed (real weights, training-free InfLLMv2,
   G = 3) on the held-out English text (`stem_boost.text.corpus.heldout_stream`): every layer's
   native lists of one prefill of each length; mean, min and max over the layers.
+- `--smooth W` (layer): hidden states whose neighbours share W - 1 of W draws (`bench_layers.py
+  --smooth`), as neighbouring tokens of real text share their context.
+- `--stem` (layer): also Stem's lists at reduce 0.18 for the same rows (the whole prefill's TPD
+  budgets, OAM bias), per token (`tile_tokens=1`) and in rows of 4 tokens (the default), and the
+  work of the kernel's 4-token tiles on each against native's: union entries, a 4-token row
+  counting its list once. The kernel's time follows that work.
 
 Prints a table last; JSON to --out.
 """
@@ -33,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from stem_boost.bench.inputs import smooth_hidden_states  # noqa: E402
 from stem_boost.kernels.block_union import union_block_lists_torch, union_inflation  # noqa: E402
 from stem_boost.selection import Selection  # noqa: E402
 
@@ -44,8 +52,9 @@ def inflation(sel: Selection, qt: int) -> float:
     return union_inflation(union_block_lists_torch(sel.idx, sel.counts, qt)[2], sel.counts, qt)
 
 
-def layer_lists(S: int, rows: int, device: torch.device) -> Selection:
-    """Native lists of the last `rows` query rows of the benchmark's random-weight MiniCPM-4.1 layer."""
+def layer_lists(S: int, rows: int, device: torch.device, smooth: int = 0, stem: bool = False) -> dict[str, Selection]:
+    """Lists of the last `rows` query rows of the benchmark's random-weight MiniCPM-4.1 layer: native,
+    and with `stem` Stem's per token ("stem_tokens") and in 4-token rows ("stem_rows")."""
     from stem_boost.models.minicpm4 import MiniCPM4Config, MiniCPM4ForCausalLM
     from stem_boost.models.minicpm4.modeling_minicpm4 import apply_rotary_pos_emb
     from stem_boost.native.infllmv2 import MINICPM41_SPARSE_CONFIG, infllmv2_select
@@ -55,13 +64,41 @@ def layer_lists(S: int, rows: int, device: torch.device) -> Selection:
                          max_position_embeddings=262144, sparse_config=dict(MINICPM41_SPARSE_CONFIG))
     model = MiniCPM4ForCausalLM(cfg).to(device).eval()
     attn = model.model.layers[0].self_attn
-    x = torch.randn(1, S, cfg.hidden_size, device=device)
+    x = smooth_hidden_states(S, cfg.hidden_size, smooth, device, dtype=torch.float32)
     with torch.no_grad():
         q = attn.q_proj(x).view(1, S, 32, 128).transpose(1, 2)  # [1, 32, S, 128]
         k = attn.k_proj(x).view(1, S, 2, 128).transpose(1, 2)  # [1, 2, S, 128]
         q, k = apply_rotary_pos_emb(q, k, *model.model.rotary_emb(torch.arange(S, device=device)[None]))
         r = min(rows, S)
-        return infllmv2_select(q[:, :, S - r:], k, attn.infllmv2, q_offset=S - r, chunk_size=512).to_selection()
+        p = attn.infllmv2
+        out = {"native": infllmv2_select(q[:, :, S - r:], k, p, q_offset=S - r, chunk_size=512).to_selection()}
+        if stem:
+            from stem_boost.adapters.infllmv2 import block_bias, token_plan
+            from stem_boost.config import StemConfig
+
+            v = attn.v_proj(x).view(1, S, 2, 128).transpose(1, 2)
+            for name, tiles in (("stem_tokens", 1), ("stem_rows", "auto")):
+                c = StemConfig(reduce=0.18, tile_tokens=tiles)
+                k_free = token_plan(p, S, S, c, device).k_free[S - r:]  # the whole prefill's budgets, last rows
+                out[name] = infllmv2_select(q[:, :, S - r:], k, p, q_offset=S - r, chunk_size=512,
+                                            key_bias=block_bias(v, p.block_size, c), k_free=k_free,
+                                            tile_rows=c.tile_tokens_for(16)).to_selection()
+        return out
+
+
+def tile_work(sel: Selection, qt: int = 4) -> int:
+    """Entries the kernel's tiles of `qt` tokens walk: the union of the tokens' lists, or the list of a
+    row that holds the `qt` tokens already."""
+    if sel.query_block == qt:
+        return int(sel.counts.sum())
+    return int(union_block_lists_torch(sel.idx, sel.counts, qt, query_block=sel.query_block)[2].sum())
+
+
+def token_pairs(sel: Selection, n_tokens: int) -> int:
+    """(query token, block) pairs of a selection whose rows hold `query_block` tokens each."""
+    rows = torch.arange(sel.n_rows, device=sel.counts.device)
+    tokens = (n_tokens - rows * sel.query_block).clamp(max=sel.query_block)
+    return int((sel.counts.long() * tokens).sum())
 
 
 def smollm2_lists(S: int, device: torch.device) -> list[Selection]:
@@ -85,6 +122,8 @@ def main() -> None:
     ap.add_argument("--source", choices=["layer", "smollm2"], default="layer")
     ap.add_argument("--seqs", nargs="+", type=int, default=[32768, 131072])
     ap.add_argument("--rows", type=int, default=2048, help="--source layer: query rows measured (the last ones)")
+    ap.add_argument("--smooth", type=int, default=0, help="--source layer: hidden states smoothed over W positions")
+    ap.add_argument("--stem", action="store_true", help="--source layer: also Stem's lists, per token and in rows")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
@@ -95,10 +134,19 @@ def main() -> None:
                argv=sys.argv, rows=[])
     for S in args.seqs:
         t0 = time.time()
-        sels = [layer_lists(S, args.rows, device)] if args.source == "layer" else smollm2_lists(S, device)
+        stem = {}
+        if args.source == "layer":
+            lists = layer_lists(S, args.rows, device, args.smooth, args.stem)
+            sels = [lists.pop("native")]
+            n_tokens = min(args.rows, S)
+            for name, sel in lists.items():  # Stem's work and pairs against native's, on the same rows
+                stem[f"{name}_tile_work_over_native"] = tile_work(sel) / tile_work(sels[0])
+                stem[f"{name}_pairs_over_native"] = token_pairs(sel, n_tokens) / token_pairs(sels[0], n_tokens)
+        else:
+            sels = smollm2_lists(S, device)
         per_qt = {qt: [inflation(s, qt) for s in sels] for qt in TILES}
         row = dict(S=S, layers=len(sels), blocks_per_token=sum(float(s.counts.float().mean()) for s in sels) / len(sels),
-                   seconds=time.time() - t0)
+                   smooth=args.smooth, seconds=time.time() - t0, **stem)
         for qt, vals in per_qt.items():
             row[f"qt{qt}"] = dict(mean=sum(vals) / len(vals), min=min(vals), max=max(vals))
         res["rows"].append(row)
@@ -112,6 +160,14 @@ def main() -> None:
         cells = " | ".join(f"{r[f'qt{qt}']['mean']:.2f} ({r[f'qt{qt}']['min']:.2f} - {r[f'qt{qt}']['max']:.2f})"
                            for qt in TILES)
         print(f"| {r['S']} | {r['layers']} | {r['blocks_per_token']:.1f} | {cells} |")
+    if args.stem:
+        print("\nStem at reduce 0.18 on the same rows, against native: the 4-token tiles' work (union entries) "
+              "and the (token, block) pairs")
+        print("| S | per token: tile work | pairs | 4-token rows: tile work | pairs |")
+        print("|---|---|---|---|---|")
+        for r in res["rows"]:
+            print(f"| {r['S']} | {r['stem_tokens_tile_work_over_native']:.3f} | {r['stem_tokens_pairs_over_native']:.3f} | "
+                  f"{r['stem_rows_tile_work_over_native']:.3f} | {r['stem_rows_pairs_over_native']:.3f} |")
 
 
 if __name__ == "__main__":
