@@ -127,14 +127,16 @@ def test_gpu_block_topk_interpolation_search_writes_the_same_lists(score_dtype):
             assert torch.equal(a, b), f"seed {seed}: {name} (Stem: {bool(kw)})"
 
 
-@pytest.mark.parametrize("S,stem,fuse_topk", [(8192, False, True), (8192, True, True), (12000, False, True),
-                                              (8192, True, False)])
-def test_gpu_fused_selection_agrees_with_pytorch(S, stem, fuse_topk):
-    """MiniCPM-4.1 sparse_config, bf16: >= 99.9% of the selected blocks equal the PyTorch selection's."""
+@pytest.mark.parametrize("S,stem,fuse_topk,tiles", [(8192, False, True, 1), (8192, True, True, 1), (12000, False, True, 1),
+                                                    (8192, True, False, 1), (8192, True, False, 4),
+                                                    (12001, True, False, 4)])
+def test_gpu_fused_selection_agrees_with_pytorch(S, stem, fuse_topk, tiles):
+    """MiniCPM-4.1 sparse_config, bf16: >= 99.9% of the selected blocks equal the PyTorch selection's
+    (tiles 4: Stem's grouped ranking, one row per 4 tokens)."""
     from stem_boost.kernels.infllmv2_select import infllmv2_select_fused
     from stem_boost.native.infllmv2 import MINICPM41_SPARSE_CONFIG, InfLLMv2Params, infllmv2_select
 
-    seed = 4242 + S + stem + 2 * fuse_topk
+    seed = 4242 + S + stem + 2 * fuse_topk + 4 * tiles
     torch.manual_seed(seed)
     p = InfLLMv2Params.from_sparse_config(MINICPM41_SPARSE_CONFIG)
     q = torch.randn(1, 32, S, 128, device="cuda", dtype=torch.bfloat16)
@@ -145,8 +147,9 @@ def test_gpu_fused_selection_agrees_with_pytorch(S, stem, fuse_topk):
         bias = 0.2 * torch.randn(1, 2, nb, device="cuda")
         budgets = torch.randint(0, 62, (S,), device="cuda", dtype=torch.int32)
         kw, ref_kw = dict(key_bias=bias, budgets=budgets), dict(key_bias=bias, k_free=budgets)
-    idx, counts, _ = infllmv2_select_fused(q, k, p, fuse_topk=fuse_topk, **kw)
-    ref = infllmv2_select(q, k, p, chunk_size=1024, **ref_kw)
+    idx, counts, _ = infllmv2_select_fused(q, k, p, fuse_topk=fuse_topk, tile_rows=tiles, **kw)
+    ref = infllmv2_select(q, k, p, chunk_size=1024, use_fused=False, tile_rows=tiles, **ref_kw)
+    assert idx.shape[2] == -(-S // tiles) and ref.query_block == tiles, f"seed {seed}"
 
     def member(t):
         m = torch.zeros(*t.shape[:-1], nb + 1, dtype=torch.bool, device="cuda")
