@@ -1,0 +1,94 @@
+"""Stem's grouped ranking on the SmolLM2 InfLLMv2 testbed (real weights, CPU or GPU): perplexity
+against native, and the work of the attention kernel's 4-token tiles, for each `tile_tokens` and
+schedule at one reduce.
+
+    python scripts/tile_tokens_eval.py --length 2048 --windows 4 --modes native tpd:1 tpd:4 mass:1 mass:4
+
+A mode is `native` or `SCHEDULE:TILE_TOKENS` (schedule tpd / uniform / mass). Perplexity: `--windows`
+consecutive windows of `--length` held-out tokens (`stem_boost.text.corpus.heldout_stream`), every
+token after the first scored. Tile work: over every layer of the last window, the entries the
+kernel's tiles of 4 tokens walk (the union of the 4 tokens' lists; a row that holds 4 tokens counts
+its list once), against native's. Prints a table last; JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import stem_boost  # noqa: E402
+from stem_boost.eval.perplexity import token_nll  # noqa: E402
+from stem_boost.kernels.block_union import union_block_lists_torch  # noqa: E402
+
+
+def tile_work(sel, qt: int = 4) -> int:
+    """Entries the kernel's tiles of `qt` tokens walk (see the module docstring)."""
+    if sel.query_block == qt:
+        return int(sel.counts.sum())
+    return int(union_block_lists_torch(sel.idx, sel.counts, qt, query_block=sel.query_block)[2].sum())
+
+
+def wrap_kwargs(mode: str, reduce: float) -> dict:
+    if mode == "native":
+        return dict(reduce=0.0, beta=0.0)
+    schedule, _, tiles = mode.partition(":")
+    if schedule not in ("tpd", "uniform", "mass") or not tiles.isdigit() or int(tiles) < 1:
+        raise SystemExit(f"mode {mode!r}: allowed 'native' or SCHEDULE:TILE_TOKENS with SCHEDULE tpd / uniform / mass "
+                         "and TILE_TOKENS an int >= 1")
+    return dict(reduce=reduce, schedule=schedule, tile_tokens=int(tiles))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--length", type=int, default=2048)
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--modes", nargs="+", default=["native", "tpd:1", "tpd:4"])
+    ap.add_argument("--reduce", type=float, default=0.18)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    kwargs = {m: wrap_kwargs(m, args.reduce) for m in args.modes}  # every mode checked before the model loads
+    from stem_boost.testbeds.smollm2_infllmv2 import load_smollm2_infllmv2
+    from stem_boost.text.corpus import heldout_stream
+
+    model, tok = load_smollm2_infllmv2(device=args.device)
+    ids = tok(heldout_stream(), return_tensors="pt").input_ids[0]
+    if ids.numel() < args.length * args.windows:
+        raise SystemExit(f"the held-out text has {ids.numel()} tokens; {args.windows} x {args.length} need more")
+    windows = [ids[i * args.length:(i + 1) * args.length] for i in range(args.windows)]
+    res = dict(length=args.length, windows=args.windows, reduce=args.reduce, device=args.device,
+               torch=torch.__version__, date=time.strftime("%Y-%m-%d"), argv=sys.argv, modes={})
+    for mode, kw in kwargs.items():
+        t0 = time.time()
+        stem_boost.wrap(model, keep_selections=True, **kw)
+        with torch.no_grad():
+            nll = torch.cat([token_nll(model, w) for w in windows])
+        sels = [s for s in stem_boost.last_selections(model) if s is not None]
+        st = stem_boost.stats(model)
+        res["modes"][mode] = dict(ppl=math.exp(float(nll.mean())), tile_work=sum(tile_work(s) for s in sels),
+                                  reduce_achieved=st["reduce_achieved"], seconds=time.time() - t0)
+        print(json.dumps({mode: res["modes"][mode]}), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=1))
+    base = res["modes"].get("native")
+    print(f"\nSmolLM2 InfLLMv2 testbed, {args.windows} x {args.length} held-out tokens, reduce {args.reduce} ({args.device})")
+    print("| mode | perplexity | vs native | 4-token tile work / native | achieved reduce |")
+    print("|---|---|---|---|---|")
+    for mode, r in res["modes"].items():
+        rel = f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}%" if base else "-"
+        work = f"{r['tile_work'] / base['tile_work']:.3f}" if base else "-"
+        print(f"| {mode} | {r['ppl']:.4f} | {rel} | {work} | {r['reduce_achieved']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
