@@ -257,6 +257,21 @@ def block_topk_case(search: str, C: int = 64, NB: int = 2048, Hk: int = 2) -> Bu
                                              f"the threshold by {SEARCH_NAMES[search]}", run)
 
 
+def grouped_topk_case(C: int = 64, NB: int = 2048, Hk: int = 2, group: int = 4) -> BuildCase:
+    from ..kernels.infllmv2_select import block_topk, group_block_sums
+
+    def run():  # Stem's grouped ranking at the end of a 128K MiniCPM-4.1 prefill: 4 rows a group
+        scores = torch.rand(1, Hk, C, NB)
+        q_pos0 = NB * 64 - C
+        group_block_sums(scores, group, q_pos0=q_pos0, block_size=64, spread=False)
+        block_topk(scores[:, :, ::group], q_pos0=q_pos0 // group, block_size=64 // group, init_blocks=1,
+                   local_blocks=32, k_total=96, key_bias=torch.randn(1, Hk, NB),
+                   budgets=torch.full((C // group,), 50, dtype=torch.int32), kmax=96)
+
+    return BuildCase("grouped topk", "Stem's grouped ranking on InfLLMv2: 4 rows' scores summed in place, then the "
+                                     "block top-k on the groups' first rows (2048 blocks, bias, budgets)", run)
+
+
 def mla_case(S: int = 64, T: int = 4096, heads: int = 128) -> BuildCase:
     from ..kernels.dispatch import sparse_attention
     from ..selection import Selection
@@ -377,7 +392,8 @@ def all_cases() -> list[BuildCase]:
         indexer_sm90_case(), indexer_sm90_case(tile=dict(STEP=4, BLOCK_T=64)),
         stem_cut_case(), stem_cut_case(skip_prefix=True), stem_cut_case(search="interpolate"),
         stem_cut_case(method="warp"),
-        block_topk_case("bisect"), block_topk_case("interpolate"), sampled_topk_case(), warp_topk_case(),
+        block_topk_case("bisect"), block_topk_case("interpolate"), grouped_topk_case(), sampled_topk_case(),
+        warp_topk_case(),
         mla_case(), mla_case(heads=64), mla_experimental_case(), mla_gluon_case("sm90"), mla_gluon_case("ws"),
         gqa_token_case(), rope_case(), rope_interleaved_case(), rope_half_rounded_case(), value_rms_case(),
     ]
