@@ -295,6 +295,31 @@ def test_config_overrides_are_yaml_values():
     assert cfg["_overrides"][0] == "tasks.lengths=[512, 1024]"
 
 
+def test_tile_tokens_reaches_the_stem_modes_only():
+    """`stem.tile_tokens` goes to every mode that changes the selection, never to native (which must stay
+    the native selection); bad values name the key."""
+    from stem_boost.eval.runner import build_modes
+
+    cfg = load_config("tiny_minicpm4", ["stem.tile_tokens=1", "modes=[native, stem, mass]"])
+    kws = {m.name: m.wrap_kwargs(cfg["stem"]) for m in build_modes(cfg)}
+    assert "tile_tokens" not in kws["native"] and kws["stem"]["tile_tokens"] == 1 and kws["mass"]["tile_tokens"] == 1
+    assert load_config("tiny_minicpm4")["stem"]["tile_tokens"] == "auto"
+    for bad in ("0", "four", "true"):
+        with pytest.raises(ConfigError, match="stem.tile_tokens"):
+            load_config("tiny_minicpm4", [f"stem.tile_tokens={bad}"])
+
+
+def test_report_without_the_fidelity_run_says_so(tmp_path):
+    from stem_boost.eval.report import write_report
+    from stem_boost.eval.runner import run
+
+    cfg = load_config("tiny_minicpm4", ["modes=[native, stem]", "tasks.enabled=false", "perplexity.length=256",
+                                        "fidelity.enabled=false", "latency.enabled=false", "runtime.progress=false"])
+    write_report(run(cfg), tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "None tokens" not in text and "fidelity run (budget, KL, attention error) is disabled" in text
+
+
 def test_modes_per_reduce_value():
     from stem_boost.eval.runner import build_modes
 

@@ -355,9 +355,10 @@ def _blocks(res: dict, plots: list[tuple[str, str]]) -> list[tuple]:
     b.append(("h2", "Summary"))
     cols = summary_columns(res)
     flen = res["fidelity"].get("length")
-    b.append(("p", f"Budget, KL and attention error are measured on one prefill of {flen} tokens of English text; "
-                   "the reduction counts the attended (query, key) pairs against the native selection's (the `reduce` "
-                   "contract: causally valid keys, forced keys excluded). "
+    measured = (f"Budget, KL and attention error are measured on one prefill of {flen} tokens of English text; "
+                if flen else "The fidelity run (budget, KL, attention error) is disabled in this configuration; ")
+    b.append(("p", measured + "the reduction counts the attended (query, key) pairs against the native selection's (the "
+                   "`reduce` contract: causally valid keys, forced keys excluded). "
                    "RULER accuracy is the mean of the task scores below (RULER's string_match_all, in %)."))
     rows = [[name] + [fmt(r.get(k), kind) for k, _, kind in cols] for name, r in res["summary"].items()]
     b.append(("table", ["mode"] + [h for _, h, _ in cols], rows, "summary"))
