@@ -693,8 +693,9 @@ def infllmv2_select_fused(
             the caller knows max(budgets) on the host and gives it as `budgets_max`).
         k1, k2: precomputed fine / coarse compressed keys (`compress_keys`), e.g. from a cache.
         fuse_topk: steps 2 and 3 in one launch (`_select_chunk_kernel`: two launches per chunk in
-            all; not with tile_rows > 1, whose group sums come between them); False (default): `pooled_block_scores` then `block_topk` (three launches, one
-            top-k program per row: 1.4-1.8x faster on an H200 at 32K-128K, the same lists).
+            all; not with tile_rows > 1, whose group sums come between them); False (default):
+            `pooled_block_scores` then `block_topk` (three launches, one top-k program per row:
+            1.4-1.8x faster on an H200 at 32K-128K, the same lists).
         block_s: query rows per program of steps 2(-3) (64: the M of a Hopper wgmma; unmeasured).
         chunk_budgets: budgets computed from each chunk's pooled scores instead of given up front
             (Stem's mass schedule): called as chunk_budgets(pooled [B, Hk, C, NBC] fp32, s0, s1) for
