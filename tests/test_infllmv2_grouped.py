@@ -44,13 +44,31 @@ def test_group_block_scores_sums_positive_scores_row_by_row(seed):
         assert torch.equal(out[:, :, gi], want), f"seed {seed}: group {gi}"
 
 
-def test_group_budgets_are_rounded_means(seed):
+def _group_budget_oracle(k_free: list[int], tile: int) -> list[int]:
+    """Each group's mean budget, rounded on the running total within windows of 64 // tile groups."""
+    groups = [k_free[i:i + tile] for i in range(0, len(k_free), tile)]
+    per_window = max(1, 64 // tile)
+    out, run, prev = [], 0.0, 0
+    for gi, g in enumerate(groups):
+        if gi % per_window == 0:
+            run, prev = 0.0, 0
+        run += sum(g) / len(g)
+        out.append(round(run) - prev)  # Python rounds half to even, as torch.round
+        prev = round(run)
+    return out
+
+
+def test_group_budgets_carry_their_rounding(seed):
     gen = torch.Generator().manual_seed(seed)
-    k = torch.randint(0, 20, (2, 13), generator=gen)
+    k = torch.randint(0, 20, (2, 150), generator=gen)  # 38 groups: three windows of 16, the last partial
     got = group_budgets(k, 4)
-    for gi in range(4):
-        rows = k[:, gi * 4:gi * 4 + 4].double()
-        assert torch.equal(got[:, gi], torch.round(rows.mean(-1)).long()), f"seed {seed}: group {gi}"
+    for r in range(2):
+        want = _group_budget_oracle(k[r].tolist(), 4)
+        assert got[r].tolist() == want, f"seed {seed}"
+        means = torch.tensor([k[r, i:i + 4].double().mean() for i in range(0, 150, 4)])
+        assert float((got[r] - means).abs().max()) <= 1, f"seed {seed}: a budget strays from its group's mean"
+        for w in range(0, 38, 16):  # the rounding does not add up within a window
+            assert int(got[r, w:w + 16].sum()) == round(float(means[w:w + 16].sum())), f"seed {seed}: window {w}"
     same = torch.full((9,), 7)
     assert torch.equal(group_budgets(same, 4), torch.full((3,), 7))
 
@@ -58,12 +76,13 @@ def test_group_budgets_are_rounded_means(seed):
 def _brute_force_rows(q, k, p, *, q_offset, tile, bias, k_free):
     """Per query row r: (its forced blocks) + the best k_free of its free blocks by the group's key
     log(sum of the group rows' positive scores) + bias, ties to the smaller block. k_free [S] per row
-    (the group's mean is taken here), None: k_total - forced."""
+    (the group's budget is `_group_budget_oracle`'s), None: k_total - forced."""
     S = q.shape[2]
     scores = torch.cat([bs.scores for bs in iter_block_scores(q, k, p, q_offset=q_offset, chunk_size=S)], dim=2)
     B, Hk, _, NB = scores.shape
     q_pos = torch.arange(S) + q_offset
     cand, forced = block_masks(q_pos, NB, p)
+    group_budget = None if k_free is None else _group_budget_oracle([int(x) for x in k_free], tile)
     out = {}
     for b in range(B):
         for h in range(Hk):
@@ -78,7 +97,7 @@ def _brute_force_rows(q, k, p, *, q_offset, tile, bias, k_free):
                 if k_free is None:
                     budget = p.k_total(k.shape[2]) - int(forced[r].sum())
                 else:
-                    budget = round(sum(int(k_free[i]) for i in rows) / len(rows))
+                    budget = group_budget[g0 // tile]
                 best = sorted(free, key=lambda j: (-key[j], j))[:max(budget, 0)]
                 out[b, h, r] = sorted(set(best) | {j for j in range(NB) if forced[r, j]})
     return out

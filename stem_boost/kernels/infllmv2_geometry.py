@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["num_compressed", "compress_keys", "kernel_causal_offset", "visible_compressed", "group_budgets",
-           "groups_share_candidates"]
+           "budget_window_rows", "groups_share_candidates"]
 
 
 def num_compressed(n_keys: int, kernel_size: int, stride: int) -> int:
@@ -76,10 +76,23 @@ def visible_compressed(q_pos: torch.Tensor, n_compressed: int, kernel_size: int,
     return cnt.clamp(0, n_compressed)
 
 
+BUDGET_WINDOW_ROWS = 64  # rows over which `group_budgets` carries its rounding (a query block of MiniCPM-4.1)
+
+
+def budget_window_rows(tile_rows: int) -> int:
+    """Rows of one window of `group_budgets`: the whole groups of `tile_rows` rows that fit in
+    BUDGET_WINDOW_ROWS (at least one). A selection's chunks hold whole windows, so the budgets do not
+    depend on how the rows are chunked."""
+    return max(1, BUDGET_WINDOW_ROWS // tile_rows) * tile_rows
+
+
 def group_budgets(k_free: torch.Tensor, tile_rows: int) -> torch.Tensor:
     """The non-forced budget of each group of ``tile_rows`` consecutive rows: the mean of its rows'
-    budgets, rounded half to even (equal budgets, as TPD's within a query block, stay as they are).
-    k_free [..., C] -> [..., ceil(C / tile_rows)] long."""
+    budgets, rounded so that the rounding does not add up: within each window of
+    `budget_window_rows(tile_rows)` rows (from row 0) the groups' budgets sum to the rounded sum of
+    their means (each group's running total rounded half to even, minus the one before it). Every
+    budget is within 1 of its group's mean; equal budgets, as TPD's within a query block, stay as
+    they are. k_free [..., C] -> [..., ceil(C / tile_rows)] long."""
     C = k_free.shape[-1]
     n_groups = -(-C // tile_rows)
     x = k_free.double()
@@ -87,7 +100,13 @@ def group_budgets(k_free: torch.Tensor, tile_rows: int) -> torch.Tensor:
     if pad:
         x = torch.cat([x, x.new_zeros(*x.shape[:-1], pad)], dim=-1)
     rows = (C - torch.arange(n_groups, device=x.device) * tile_rows).clamp(max=tile_rows)  # a last group's rows
-    return (x.view(*x.shape[:-1], n_groups, tile_rows).sum(-1) / rows).round().long()
+    means = x.view(*x.shape[:-1], n_groups, tile_rows).sum(-1) / rows  # [..., n_groups]
+    per_window = budget_window_rows(tile_rows) // tile_rows
+    n_windows = -(-n_groups // per_window)
+    means = torch.cat([means, means.new_zeros(*means.shape[:-1], n_windows * per_window - n_groups)], dim=-1)
+    running = means.view(*means.shape[:-1], n_windows, per_window).cumsum(-1).round()
+    budgets = torch.diff(running, dim=-1, prepend=running.new_zeros(*running.shape[:-1], 1))
+    return budgets.reshape(*means.shape[:-1], n_windows * per_window)[..., :n_groups].long()
 
 
 def groups_share_candidates(q_offset: int, block_size: int, tile_rows: int) -> bool:

@@ -57,8 +57,8 @@ import triton.language as tl
 
 from ..selection import Selection
 
-from .infllmv2_geometry import (compress_keys, group_budgets, groups_share_candidates, kernel_causal_offset,
-                                num_compressed, visible_compressed)
+from .infllmv2_geometry import (budget_window_rows, compress_keys, group_budgets, groups_share_candidates,
+                                kernel_causal_offset, num_compressed, visible_compressed)
 from .infllmv2_scores import LOG2E, coarse_lse, group_mass
 from .infllmv2_pooled_args import pooled_launch_args
 from .row_select import keep_largest, ordered_u32
@@ -755,8 +755,9 @@ def infllmv2_select_fused(
     bias = key_bias.float().contiguous() if key_bias is not None else None
     if isinstance(tile_rows, bool) or not isinstance(tile_rows, int) or tile_rows < 1:
         raise ValueError(f"tile_rows={tile_rows!r}; allowed: an int >= 1 (query rows that rank blocks together)")
-    if tile_rows > 1:  # whole groups a chunk, and their budgets once
-        chunk_size = -(-chunk_size // tile_rows) * tile_rows
+    if tile_rows > 1:  # whole groups a chunk (and whole windows of their budgets' rounding), their budgets once
+        window = budget_window_rows(tile_rows)
+        chunk_size = -(-chunk_size // window) * window
         shared = groups_share_candidates(offset, p.block_size, tile_rows)
         if bud is not None:
             bud = group_budgets(bud, tile_rows).to(torch.int32)  # [B, Hk, ceil(S / tile_rows)]

@@ -67,8 +67,8 @@ from typing import Any
 
 import torch
 
-from ..kernels.infllmv2_geometry import (compress_keys, group_budgets, groups_share_candidates, kernel_causal_offset,
-                                         num_compressed, visible_compressed)
+from ..kernels.infllmv2_geometry import (budget_window_rows, compress_keys, group_budgets, groups_share_candidates,
+                                         kernel_causal_offset, num_compressed, visible_compressed)
 from ..oam import combine_scores
 from ..selection import Selection
 
@@ -583,7 +583,9 @@ def infllmv2_select(
     offset = k.shape[2] - S if q_offset is None else int(q_offset)
     if isinstance(tile_rows, bool) or not isinstance(tile_rows, int) or tile_rows < 1:
         raise ValueError(f"tile_rows={tile_rows!r}; allowed: an int >= 1 (query rows that rank blocks together)")
-    chunk_size = -(-chunk_size // tile_rows) * tile_rows  # a chunk holds whole groups
+    if tile_rows > 1:  # a chunk holds whole groups, and whole windows of their budgets' rounding
+        window = budget_window_rows(tile_rows)
+        chunk_size = -(-chunk_size // window) * window
     shared = tile_rows > 1 and groups_share_candidates(offset, params.block_size, tile_rows)
     if use_fused is None:
         use_fused = (infllmv2_select_fused is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
