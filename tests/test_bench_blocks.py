@@ -95,3 +95,14 @@ def test_list_overlap_counts_shared_keys_per_row(bench_layers, seed):
     expect = sum(len(set(a.tolist()) & set(b.tolist()) - {-1}) for a, b in zip(got, want)) / int((want >= 0).sum())
     assert abs(bench_layers.list_overlap(got[None], want[None]) - expect) < 1e-12, f"seed={seed}"
     assert bench_layers.list_overlap(want, want) == 1.0
+
+
+def test_a_peer_that_refuses_its_lists_reads_nan(bench_layers, monkeypatch):
+    """`peer_ms`: a kernel asked for by name that refuses the lists (ValueError before it runs) gives NaN
+    and the run goes on; anything else is timed as usual."""
+    monkeypatch.setattr(bench_layers, "timed", lambda fn: (fn(), 0.0))
+
+    def refuse():
+        raise ValueError("kernel='sm90_ws' needs ...")
+    assert bench_layers.peer_ms(refuse) != bench_layers.peer_ms(refuse)  # NaN
+    assert bench_layers.peer_ms(lambda: 2.5) == 2.5
