@@ -38,11 +38,22 @@ def pytest_runtest_makereport(item, call):
         report.sections.append(("seed", f"replay: {SEED_ENV}={value} python -m pytest '{item.nodeid}'"))
 
 
-@pytest.fixture(scope="session")
-def bench_layers():
-    """`scripts/bench_layers.py` loaded as a module (a script, not a package module), once per run."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_layers.py"
-    spec = importlib.util.spec_from_file_location("bench_layers_under_test", path)
+def load_script(name: str):
+    """`scripts/<name>.py` loaded as a module (a script, not a package module)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def bench_layers():
+    """`scripts/bench_layers.py` as a module, once per run."""
+    return load_script("bench_layers")
+
+
+@pytest.fixture(scope="session")
+def tile_tokens_eval():
+    """`scripts/tile_tokens_eval.py` as a module, once per run."""
+    return load_script("tile_tokens_eval")

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from stem_boost.selection import Selection
 
 
-@pytest.fixture(scope="module")
-def script():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "tile_tokens_eval.py"
-    spec = importlib.util.spec_from_file_location("tile_tokens_eval_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_modes_parse_and_bad_ones_name_what_is_allowed(script):
+def test_modes_parse_and_bad_ones_name_what_is_allowed(tile_tokens_eval):
+    script = tile_tokens_eval
     assert script.wrap_kwargs("native", 0.18) == dict(reduce=0.0, beta=0.0)
     assert script.wrap_kwargs("mass:4", 0.18) == dict(reduce=0.18, schedule="mass", tile_tokens=4)
     for bad in ("tpd", "tpd:0", "fast:4", "tpd:x"):
@@ -28,7 +17,8 @@ def test_modes_parse_and_bad_ones_name_what_is_allowed(script):
             script.wrap_kwargs(bad, 0.18)
 
 
-def test_tile_work_counts_a_row_of_four_tokens_once(script, seed):
+def test_tile_work_counts_a_row_of_four_tokens_once(tile_tokens_eval, seed):
+    script = tile_tokens_eval
     gen = torch.Generator().manual_seed(seed)
     S, K = 37, 6
     idx = torch.sort(torch.randint(0, 40, (1, 2, S, K), generator=gen), dim=-1).values.to(torch.int32)
