@@ -15,8 +15,9 @@ reference on fresh random inputs (seed printed).
 
 Selection (`--parts select`): the fused InfLLMv2 selection (`stem_boost.kernels.infllmv2_select`)
 against the PyTorch selection (`stem_boost.native.infllmv2.infllmv2_select`): block agreement
-and time, native, with Stem (OAM bias + per-row budgets) and with Stem's mass schedule (budgets
-from each chunk's pooled scores, as the adapter runs it on CUDA).
+and time, native, with Stem (OAM bias + per-row budgets), with Stem's mass schedule (budgets
+from each chunk's pooled scores, as the adapter runs it on CUDA) and with Stem's grouped ranking (4
+tokens a row, `tile_rows=4`, the default), with stage 2 on each selection's lists.
 
 Pooled stage 1 (`--parts pooled`): the pooled-score kernel alone on the last 16K-row chunk, per
 tile, and on Hopper the Gluon kernel (`kernels/infllmv2_pooled_sm90.py`: the next group head's
@@ -329,6 +330,20 @@ def run_select(args, device, results, log):
         row["blocks_per_token_native"] = float(cnt_n.float().mean())
         row["blocks_per_token_stem"] = float(cnt_s.float().mean())
         row["inflation_native_qt4"] = union_inflation(union_block_lists(idx_n, cnt_n, 4)[2], cnt_n, 4)
+        # Stem's grouped ranking (the default: 4 tokens rank together and share a row): the selection with
+        # its group sums, stage 2 on its rows, and its agreement with the PyTorch path
+        fused_groups = lambda: infllmv2_select_fused(q, k, p, key_bias=bias, budgets=budgets,  # noqa: E731
+                                                     kmax=p.k_total(S), tile_rows=4)
+        idx_g, cnt_g, _ = fused_groups()
+        row["fused_stem_groups_ms"] = bench(fused_groups)
+        row["stage2_stem_groups_ms"] = bench(lambda: block_union_attention(qa, ka, va, idx_g, cnt_g, block_size=64,
+                                                                           query_block=4, **union_kw))
+        if S <= args.select_oracle_max:
+            ref_g = infllmv2_select(q, k, p, chunk_size=1024, key_bias=bias, k_free=budgets, tile_rows=4,
+                                    use_fused=False)
+            row["agree_stem_groups"] = block_agreement(idx_g, ref_g.idx, nb)
+            del ref_g
+        del idx_g, cnt_g
         row["dense_ms"] = bench(lambda: F.scaled_dot_product_attention(qa.transpose(1, 2), ka.transpose(1, 2),
                                                                        va.transpose(1, 2), is_causal=True, enable_gqa=True))
         results["select"].append(row)
@@ -540,6 +555,11 @@ def main():
                   f"{r.get('torch_mass_ms', nan):.1f} | {r.get('agree_native', nan):.5f} / {r.get('agree_stem', nan):.5f} / "
                   f"{r.get('agree_mass', nan):.5f} | {r['stage2_native_ms']:.2f} / {r['stage2_stem_ms']:.2f} | "
                   f"{r['stage2_current_native_ms']:.2f} | {r['dense_ms']:.2f} | {r['inflation_native_qt4']:.2f} |")
+        print("\n| S | Stem selection ms: per token / 4-token rows | stage 2 ms: per-token lists / rows | rows agree |")
+        print("|---|---|---|---|")
+        for r in results["select"]:
+            print(f"| {r['S']} | {r['fused_stem_ms']:.2f} / {r['fused_stem_groups_ms']:.2f} | {r['stage2_stem_ms']:.2f} / "
+                  f"{r['stage2_stem_groups_ms']:.2f} | {r.get('agree_stem_groups', nan):.5f} |")
 
 
 if __name__ == "__main__":
