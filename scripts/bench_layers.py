@@ -654,7 +654,7 @@ def peer_ms(fn) -> float:
 def infllmv2_breakdown(attn, x, pe) -> dict:
     """Milliseconds of the parts: native InfLLMv2 selection (PyTorch), the kernel on its selection."""
     from stem_boost.kernels import sparse_attention
-    from stem_boost.kernels.block_union import block_union_attention, union_block_lists, union_inflation
+    from stem_boost.kernels.block_union import block_union_attention, tile_entries, union_block_lists, union_inflation
     from stem_boost.native.infllmv2 import infllmv2_select
     from stem_boost.adapters.infllmv2 import stem_block_selection
     from stem_boost.config import StemConfig
@@ -692,13 +692,10 @@ def infllmv2_breakdown(attn, x, pe) -> dict:
                                                                   query_block=stem_sel.query_block, **kw))
                       for name, kw in UNION_TILE_PEERS.items()}  # rows of 4 tokens x 16 heads: no 128-row ws tile
         # the work of the kernel's 4-token tiles, against native's: union entries (a row of 4 tokens: its list)
-        native_union = int(union_block_lists(selection.idx, counts, 4, n_units=-(-S // 64))[2].sum())
-
-        def tile_entries(sel) -> int:
-            if sel.query_block == 4:
-                return int(sel.counts.sum())
-            return int(union_block_lists(sel.idx, sel.counts, 4, n_units=-(-S // 64))[2].sum())
-        stem_inflation = tile_entries(stem_sel) * 4 / float(stem_sel.counts.sum() * stem_sel.query_block)
+        def tile_work(sel) -> int:
+            return tile_entries(sel.idx, sel.counts, 4, query_block=sel.query_block, seq_q=S)
+        native_union = tile_work(selection)
+        stem_inflation = tile_work(stem_sel) * 4 / float(stem_sel.counts.sum() * stem_sel.query_block)
         # the per-token ranking (tile_tokens=1) beside the default's 4-token rows
         cfg_tokens = StemConfig(reduce=0.18, tile_tokens=1)
         tokens_cache = {}
@@ -727,9 +724,9 @@ def infllmv2_breakdown(attn, x, pe) -> dict:
                 **{f"kernel_stem_{name}_ms": ms for name, ms in stem_peers.items()},
                 stem_blocks_per_token=float(stem_sel.counts.float().mean()), stem_union_inflation_qt4=stem_inflation,
                 stem_rows_query_block=stem_sel.query_block,
-                stem_tile_entries_over_native=tile_entries(stem_sel) / native_union,
+                stem_tile_entries_over_native=tile_work(stem_sel) / native_union,
                 stem_tokens_selection_ms=ms_sel_tokens, kernel_stem_tokens_ms=ms_kernel_tokens,
-                stem_tokens_tile_entries_over_native=tile_entries(tokens_sel) / native_union,
+                stem_tokens_tile_entries_over_native=tile_work(tokens_sel) / native_union,
                 **pooled_peers)
 
 

@@ -26,14 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import stem_boost  # noqa: E402
 from stem_boost.eval.perplexity import token_nll  # noqa: E402
-from stem_boost.kernels.block_union import union_block_lists_torch  # noqa: E402
-
-
-def tile_work(sel, qt: int = 4) -> int:
-    """Entries the kernel's tiles of `qt` tokens walk (see the module docstring)."""
-    if sel.query_block == qt:
-        return int(sel.counts.sum())
-    return int(union_block_lists_torch(sel.idx, sel.counts, qt, query_block=sel.query_block)[2].sum())
+from stem_boost.kernels.block_union import tile_entries  # noqa: E402
 
 
 def wrap_kwargs(mode: str, reduce: float) -> dict:
@@ -75,7 +68,8 @@ def main() -> None:
             nll = torch.cat([token_nll(model, w) for w in windows])
         sels = [s for s in stem_boost.last_selections(model) if s is not None]
         st = stem_boost.stats(model)
-        res["modes"][mode] = dict(ppl=math.exp(float(nll.mean())), tile_work=sum(tile_work(s) for s in sels),
+        res["modes"][mode] = dict(ppl=math.exp(float(nll.mean())), tile_work=sum(tile_entries(s.idx, s.counts, 4, query_block=s.query_block)
+                                                                      for s in sels),
                                   reduce_achieved=st["reduce_achieved"], seconds=time.time() - t0)
         print(json.dumps({mode: res["modes"][mode]}), flush=True)
     if args.out:

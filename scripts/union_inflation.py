@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stem_boost.bench.inputs import smooth_hidden_states  # noqa: E402
-from stem_boost.kernels.block_union import union_block_lists_torch, union_inflation  # noqa: E402
+from stem_boost.kernels.block_union import tile_entries, union_block_lists_torch, union_inflation  # noqa: E402
 from stem_boost.selection import Selection  # noqa: E402
 
 TILES = (2, 4, 8)
@@ -84,14 +84,6 @@ def layer_lists(S: int, rows: int, device: torch.device, smooth: int = 0, stem: 
                                             key_bias=block_bias(v, p.block_size, c), k_free=k_free,
                                             tile_rows=c.tile_tokens_for(16)).to_selection()
         return out
-
-
-def tile_work(sel: Selection, qt: int = 4) -> int:
-    """Entries the kernel's tiles of `qt` tokens walk: the union of the tokens' lists, or the list of a
-    row that holds the `qt` tokens already."""
-    if sel.query_block == qt:
-        return int(sel.counts.sum())
-    return int(union_block_lists_torch(sel.idx, sel.counts, qt, query_block=sel.query_block)[2].sum())
 
 
 def token_pairs(sel: Selection, n_tokens: int) -> int:
@@ -140,7 +132,8 @@ def main() -> None:
             sels = [lists.pop("native")]
             n_tokens = min(args.rows, S)
             for name, sel in lists.items():  # Stem's work and pairs against native's, on the same rows
-                stem[f"{name}_tile_work_over_native"] = tile_work(sel) / tile_work(sels[0])
+                work = [tile_entries(s.idx, s.counts, 4, query_block=s.query_block) for s in (sel, sels[0])]
+                stem[f"{name}_tile_work_over_native"] = work[0] / work[1]
                 stem[f"{name}_pairs_over_native"] = token_pairs(sel, n_tokens) / token_pairs(sels[0], n_tokens)
         else:
             sels = smollm2_lists(S, device)

@@ -284,3 +284,19 @@ def test_tile_tokens_is_validated_and_auto_keeps_the_identity():
     auto = StemConfig(reduce=0.18)
     assert [auto.tile_tokens_for(g) for g in (1, 3, 16, 32, 64, 128)] == [4, 4, 4, 2, 1, 1]
     assert StemConfig(reduce=0.18, tile_tokens=8).tile_tokens_for(16) == 8
+
+
+def test_tile_entries_counts_a_union_per_tile_and_a_row_of_the_tiles_tokens_once(seed):
+    """`block_union.tile_entries`: per-token lists walk each 4-token tile's union (a Python set per tile),
+    a row that holds 4 tokens walks its own list."""
+    from stem_boost.kernels.block_union import tile_entries
+
+    gen = torch.Generator().manual_seed(seed)
+    S, K = 37, 6
+    idx = torch.sort(torch.randint(0, 40, (1, 2, S, K), generator=gen), dim=-1).values.to(torch.int32)
+    counts = torch.randint(1, K + 1, (1, 2, S), generator=gen).to(torch.int32)
+    idx = torch.where(torch.arange(K) < counts[..., None], idx, -1)
+    want = sum(len({int(b) for t in range(t0, min(S, t0 + 4)) for b in idx[0, h, t, :int(counts[0, h, t])]})
+               for h in range(2) for t0 in range(0, S, 4))
+    assert tile_entries(idx, counts, 4) == want, f"seed {seed}"
+    assert tile_entries(idx[:, :, ::4], counts[:, :, ::4], 4, query_block=4) == int(counts[:, :, ::4].sum())

@@ -61,7 +61,8 @@ import triton.language as tl
 from .aot import compiling
 from .online_softmax import online_softmax_step, store_rows
 
-__all__ = ["block_union_attention", "union_block_lists", "union_block_lists_torch", "union_tile_config"]
+__all__ = ["block_union_attention", "tile_entries", "union_block_lists", "union_block_lists_torch",
+           "union_tile_config"]
 
 _BIG = 1 << 30  # larger than any key-block number
 
@@ -194,6 +195,17 @@ def union_block_lists_torch(idx: torch.Tensor, counts: torch.Tensor, tokens_per_
     umask = torch.zeros_like(uidx).scatter_add_(-1, pos, torch.where(alive, 1 << bit, 0))
     ucount = new.sum(-1).to(torch.int32)
     return uidx[..., :dump].to(torch.int32), umask[..., :dump].to(torch.int32), ucount
+
+
+def tile_entries(idx: torch.Tensor, counts: torch.Tensor, tokens_per_tile: int, *, query_block: int = 1,
+                 seq_q: int | None = None) -> int:
+    """Entries the kernel's tiles of `tokens_per_tile` tokens walk on a selection's lists (idx [B, H, R,
+    Kmax], counts [B, H, R], rows of `query_block` tokens): the union of each tile's lists, or, where a
+    row holds the tile's tokens already (query_block == tokens_per_tile), the row's list once. The
+    kernel's time follows it (the PyTorch union: any device)."""
+    if query_block == tokens_per_tile:
+        return int(counts.long().sum())
+    return int(union_block_lists_torch(idx, counts, tokens_per_tile, query_block=query_block, seq_q=seq_q)[2].sum())
 
 
 @triton.jit

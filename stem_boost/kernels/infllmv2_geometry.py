@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["num_compressed", "compress_keys", "kernel_causal_offset", "visible_compressed", "group_budgets",
-           "budget_window_rows", "groups_share_candidates"]
+           "budget_window_rows", "grouped_chunk_rows", "groups_share_candidates"]
 
 
 def num_compressed(n_keys: int, kernel_size: int, stride: int) -> int:
@@ -84,6 +84,17 @@ def budget_window_rows(tile_rows: int) -> int:
     BUDGET_WINDOW_ROWS (at least one). A selection's chunks hold whole windows, so the budgets do not
     depend on how the rows are chunked."""
     return max(1, BUDGET_WINDOW_ROWS // tile_rows) * tile_rows
+
+
+def grouped_chunk_rows(chunk_size: int, tile_rows: int) -> int:
+    """A selection's query-chunk size for groups of `tile_rows` rows (checked: an int >= 1): rounded up
+    to whole windows of `group_budgets` (and so to whole groups); unchanged for 1."""
+    if isinstance(tile_rows, bool) or not isinstance(tile_rows, int) or tile_rows < 1:
+        raise ValueError(f"tile_rows={tile_rows!r}; allowed: an int >= 1 (query rows that rank blocks together)")
+    if tile_rows == 1:
+        return chunk_size
+    window = budget_window_rows(tile_rows)
+    return -(-chunk_size // window) * window
 
 
 def group_budgets(k_free: torch.Tensor, tile_rows: int) -> torch.Tensor:

@@ -57,7 +57,7 @@ import triton.language as tl
 
 from ..selection import Selection
 
-from .infllmv2_geometry import (budget_window_rows, compress_keys, group_budgets, groups_share_candidates,
+from .infllmv2_geometry import (compress_keys, group_budgets, grouped_chunk_rows, groups_share_candidates,
                                 kernel_causal_offset, num_compressed, visible_compressed)
 from .infllmv2_scores import LOG2E, coarse_lse, group_mass
 from .infllmv2_pooled_args import pooled_launch_args
@@ -753,17 +753,13 @@ def infllmv2_select_fused(
     round_to = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else None
     scale = D ** -0.5
     bias = key_bias.float().contiguous() if key_bias is not None else None
-    if isinstance(tile_rows, bool) or not isinstance(tile_rows, int) or tile_rows < 1:
-        raise ValueError(f"tile_rows={tile_rows!r}; allowed: an int >= 1 (query rows that rank blocks together)")
-    if tile_rows > 1:  # whole groups a chunk (and whole windows of their budgets' rounding), their budgets once
-        window = budget_window_rows(tile_rows)
-        chunk_size = -(-chunk_size // window) * window
-        shared = groups_share_candidates(offset, p.block_size, tile_rows)
-        if bud is not None:
-            bud = group_budgets(bud, tile_rows).to(torch.int32)  # [B, Hk, ceil(S / tile_rows)]
-            if not shared:
-                bud = bud.repeat_interleave(tile_rows, dim=-1)[..., :S]
-    rows = -(-S // tile_rows) if tile_rows > 1 and shared else S
+    chunk_size = grouped_chunk_rows(chunk_size, tile_rows)  # whole groups (and budget windows) a chunk
+    shared = tile_rows > 1 and groups_share_candidates(offset, p.block_size, tile_rows)
+    if tile_rows > 1 and bud is not None:  # the groups' budgets once: [B, Hk, ceil(S / tile_rows)]
+        bud = group_budgets(bud, tile_rows).to(torch.int32)
+        if not shared:
+            bud = bud.repeat_interleave(tile_rows, dim=-1)[..., :S]
+    rows = -(-S // tile_rows) if shared else S
 
     idx = torch.empty(B, Hk, rows, kmax, dtype=torch.int32, device=q.device)
     counts = torch.empty(B, Hk, rows, dtype=torch.int32, device=q.device)

@@ -67,7 +67,7 @@ from typing import Any
 
 import torch
 
-from ..kernels.infllmv2_geometry import (budget_window_rows, compress_keys, group_budgets, groups_share_candidates,
+from ..kernels.infllmv2_geometry import (compress_keys, group_budgets, grouped_chunk_rows, groups_share_candidates,
                                          kernel_causal_offset, num_compressed, visible_compressed)
 from ..oam import combine_scores
 from ..selection import Selection
@@ -569,10 +569,12 @@ def infllmv2_select(
         then needs no device-to-host read).
     tile_rows: Stem's rows that rank together: consecutive groups of ``tile_rows`` query rows (by row
         index from the first) rank their non-forced blocks by the group's summed score
-        (:func:`tile_summed_scores`) before the bias; each row still keeps its own forced blocks and
-        ``k_free`` of its own candidates. 1 (default): every row ranks alone (native InfLLMv2). Rows
-        of a group that share candidates and budget then select the same blocks, which is what a
-        union tile of the kernel computes once.
+        (:func:`group_block_scores`) before the bias, each keeping the group's budget
+        (`group_budgets`; natively its own k_total minus its forced blocks) of its own candidates,
+        and its own forced blocks. When the groups share their candidates
+        (`groups_share_candidates`) the selection has one row per group (``query_block =
+        tile_rows``), the list a union tile of the kernel walks once. 1 (default): every row ranks
+        alone (native InfLLMv2).
     use_fused: the fused Triton selection (`kernels.infllmv2_select`; default: on CUDA with fp16 /
         bf16 queries, unless an explicit `score_dtype` asks for the PyTorch path); it returns the
         same blocks (ties: the smaller block) without their scores. `free_budget_fn` runs there on
@@ -581,11 +583,7 @@ def infllmv2_select(
     """
     B, Hk, S = q.shape[0], k.shape[1], q.shape[2]
     offset = k.shape[2] - S if q_offset is None else int(q_offset)
-    if isinstance(tile_rows, bool) or not isinstance(tile_rows, int) or tile_rows < 1:
-        raise ValueError(f"tile_rows={tile_rows!r}; allowed: an int >= 1 (query rows that rank blocks together)")
-    if tile_rows > 1:  # a chunk holds whole groups, and whole windows of their budgets' rounding
-        window = budget_window_rows(tile_rows)
-        chunk_size = -(-chunk_size // window) * window
+    chunk_size = grouped_chunk_rows(chunk_size, tile_rows)  # whole groups (and budget windows) a chunk
     shared = tile_rows > 1 and groups_share_candidates(offset, params.block_size, tile_rows)
     if use_fused is None:
         use_fused = (infllmv2_select_fused is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
