@@ -441,8 +441,8 @@ def section_indexer(args, res: dict) -> None:
             continue
         res["indexer"][name] = ms
         row("indexer", name, ms)
-    # the score kernel alone: the default (weights a head ahead, scale folded into them) against the
-    # per-head weight load and the kept scale multiply (the previous kernel), each dtype's default tile
+    # the score kernel alone: the weights loaded a head ahead or per head (the default), the scale folded
+    # into them (the default) or multiplied in the kernel, each dtype's default tile
     for fp8 in (False, True):
         for pipeline, fold in ((True, True), (False, True), (False, False)):
             if time.time() - T0 > args.budget_s:

@@ -363,7 +363,7 @@ def run_select(args, device, results, log):
 # (64), 3 and 2 (no spill). Two warpgroups a program (WARPS 8) split a tile of 256 keys against the same
 # query-head tiles: half the query traffic a key (176 registers; 254 at STEP 4, no spill)
 SM90_POOLED_TILES = [None, dict(KEYS_FAST=False), dict(BLOCK_B=16), dict(BLOCK_B=16, NUM_BUF=3),
-                     dict(STEP=4, NUM_BUF=3), dict(STEP=4), dict(STEP=8), dict(STEP=3), dict(STEP=2),
+                     dict(STEP=4, NUM_BUF=3), dict(STEP=4), dict(STEP=8), dict(STEP=3), dict(STEP=0),
                      dict(BLOCK_B=64, WARPS=8), dict(BLOCK_B=64, WARPS=8, STEP=4)]
 # the coarse lse's tiles (rows = tokens x G a program, block_n, warps, stages); the default: 128, 64, 8, 3
 # (`stem-boost build --cases "coarse lse"`: the default 64 registers, 80 KB, 16 warps an SM; 2 stages

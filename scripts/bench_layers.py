@@ -617,7 +617,7 @@ UNION_TILE_PEERS = {"triton": dict(kernel="triton"), "sm90": dict(kernel="sm90")
                     "sm90_ws": dict(kernel="sm90_ws")}
 # the Gluon pooled stage-1 tiles whose selection (native and Stem's) is timed beside the run's tile, on Hopper:
 # the head loop STEP heads a trip (each head's exponentials beside the next product), and two warpgroups a program
-POOLED_TILE_PEERS = {"step4": dict(STEP=4, NUM_BUF=3), "warps8 step4": dict(BLOCK_B=64, WARPS=8, STEP=4)}
+POOLED_TILE_PEERS = {"step0 (pairs)": dict(STEP=0), "step4": dict(STEP=4, NUM_BUF=3)}
 
 
 @contextlib.contextmanager

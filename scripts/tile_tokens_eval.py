@@ -4,7 +4,8 @@ schedule at one reduce.
 
     python scripts/tile_tokens_eval.py --length 2048 --windows 4 --modes native tpd:1 tpd:4 mass:1 mass:4
 
-A mode is `native` or `SCHEDULE:TILE_TOKENS` (schedule tpd / uniform / mass). Perplexity: `--windows`
+A mode is `native` or `SCHEDULE:TILE_TOKENS` (schedule tpd / uniform / mass, or tpd_cal / mass_cal:
+the same with the shipped per-layer allocation of the testbed at top-12, reduce 0.18). Perplexity: `--windows`
 consecutive windows of `--length` held-out tokens (`stem_boost.text.corpus.heldout_stream`), every
 token after the first scored. Tile work: over every layer of the last window, the entries the
 kernel's tiles of 4 tokens walk (the union of the 4 tokens' lists; a row that holds 4 tokens counts
@@ -29,14 +30,29 @@ from stem_boost.eval.perplexity import token_nll  # noqa: E402
 from stem_boost.kernels.block_union import tile_entries  # noqa: E402
 
 
+SCHEDULES = ("tpd", "uniform", "mass", "tpd_cal", "mass_cal")
+# the calibrated schedules' shipped allocations (measured per token on the pydoc training topics)
+ALLOCATIONS = {"tpd_cal": "smollm2_infllmv2_top12_stem_r0.18.json", "mass_cal": "smollm2_infllmv2_top12_mass_r0.18.json"}
+
+
 def wrap_kwargs(mode: str, reduce: float) -> dict:
+    """`stem_boost.wrap` keywords of a mode name (see the module docstring)."""
     if mode == "native":
         return dict(reduce=0.0, beta=0.0)
     schedule, _, tiles = mode.partition(":")
-    if schedule not in ("tpd", "uniform", "mass") or not tiles.isdigit() or int(tiles) < 1:
-        raise SystemExit(f"mode {mode!r}: allowed 'native' or SCHEDULE:TILE_TOKENS with SCHEDULE tpd / uniform / mass "
-                         "and TILE_TOKENS an int >= 1")
-    return dict(reduce=reduce, schedule=schedule, tile_tokens=int(tiles))
+    if schedule not in SCHEDULES or not tiles.isdigit() or int(tiles) < 1:
+        raise SystemExit(f"mode {mode!r}: allowed 'native' or SCHEDULE:TILE_TOKENS with SCHEDULE "
+                         f"{' / '.join(SCHEDULES)} and TILE_TOKENS an int >= 1")
+    kw = dict(reduce=reduce, schedule=schedule.removesuffix("_cal"), tile_tokens=int(tiles))
+    if schedule in ALLOCATIONS:
+        from stem_boost.eval.allocations import load_allocation
+
+        try:
+            cal, _ = load_allocation(ALLOCATIONS[schedule], mode, reduce)
+        except ValueError as err:
+            raise SystemExit(f"mode {mode!r}: {err}") from None
+        kw["layer_reduce"] = tuple(cal.layer_reduce)
+    return kw
 
 
 def main() -> None:

@@ -126,8 +126,9 @@ def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale:
     `heads_per_step` (1, 2 or 4, dividing H; default 1): head products written back to back (a tuning
     knob; Triton 3.6 still waits for each product before the next, see the DSA GPU log).
     `pipeline`: load each head's weights a head ahead, so that their latency hides behind the
-    previous head's product (heads_per_step is then ignored). Default: on for e4m3 q (H200: 10.9 vs
-    11.3 ms), off for 16-bit q (17.3 vs 18.4 ms: the extra registers cost more than the load).
+    previous head's product (heads_per_step is then ignored). Default off: with the key tiles on the
+    grid's fast axis the weights are in L1 and the extra registers cost more than the load (H200, 8192
+    rows at the end of 64K keys: e4m3 8.26 ms off against 8.79 on; 16-bit 15.6 against 15.9).
     A positive `scale` is folded into the head weights (relu(c x) = c relu(x)): one multiply less
     per score and head (`fold_scale=False` keeps the multiply: the benchmark's before).
     `num_stages`: the software pipeline's depth over the head loop (None: Triton's default, 3).
@@ -166,7 +167,7 @@ def fused_index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale:
         k_scale.stride(0) if k_scale is not None else 0,
         H=H, D=D, BLOCK_S=block_s, BLOCK_T=block_t, CAUSAL=causal_offset is not None,
         HAS_KSCALE=k_scale is not None, WRITE_MASKED=write_masked or causal_offset is None,
-        HPS=hps, HAS_SCALE=in_kernel, PIPELINE=(q.dtype == torch.float8_e4m3fn) if pipeline is None else bool(pipeline),
+        HPS=hps, HAS_SCALE=in_kernel, PIPELINE=bool(pipeline),
         KEYS_FAST=keys_fast,
         num_warps=num_warps or default_warps(q.dtype, block_s, block_t),
         **({} if num_stages is None else dict(num_stages=num_stages)),

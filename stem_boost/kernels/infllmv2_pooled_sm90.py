@@ -57,8 +57,10 @@ LN2 = gl.constexpr(0.6931471805599453)
 # BLOCK_B * P fine keys a tile; WARPS 4: one warpgroup, 8: two, each taking half the keys against the
 # same query-head tiles (half the query traffic a key)
 # STEP: group heads written out a trip of the head loop (`gluon_heads.head_sums`; 0: the run-time loop over
-# pairs that ptxas serialises, note C7514, the measured default until a STEP is timed on a GPU)
-SM90_POOLED_TILE = dict(BLOCK_S=64, BLOCK_B=32, NUM_BUF=4, KEYS_FAST=True, WARPS=4, STEP=0)
+# pairs that ptxas serialises, note C7514). H200, the last 16384 rows of 128K keys, one run
+# (`bench_infllmv2.py --parts pooled`, BENCHMARKS.md twenty-fifth session): STEP 2 2.350 ms, 3 2.415, 4 2.461,
+# 8 2.452, 0 2.523
+SM90_POOLED_TILE = dict(BLOCK_S=64, BLOCK_B=32, NUM_BUF=4, KEYS_FAST=True, WARPS=4, STEP=2)
 
 
 @gluon.jit
