@@ -287,17 +287,27 @@ def test_warp_fallback_walks_many_rows_a_program(seed, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["radix", "sampled", "warp"])
-def test_topk_rows_writes_into_slices_with_scores(seed, method):
+@pytest.mark.parametrize("bias", [True, False])
+def test_topk_rows_writes_into_slices_with_scores(seed, method, bias):
     """`out=` / `out_scores=` slices of larger tensors get the reference's indices and each kept
-    key's score without the bias (-inf after the count); the entries outside the slice stay."""
+    key's score without the bias (-inf after the count); the entries outside the slice stay. Without a
+    bias the warp kernel writes each score from its key (negative, zero and signed-zero scores among them)."""
     from stem_boost.kernels.dsa_topk import topk_rows, topk_rows_reference
 
     gen = torch.Generator().manual_seed(seed)
     B, R, T, k = 2, 5, 3000, 40
     s = _scores(B, R, T, gen, ties=True)
-    kw = dict(key_bias=torch.round(torch.randn(B, T, generator=gen) * 2) / 4,
-              budgets=torch.randint(k // 2, k + 3, (B, R), generator=gen, dtype=torch.int32),
+    kw = dict(budgets=torch.randint(k // 2, k + 3, (B, R), generator=gen, dtype=torch.int32),
               valid_len=torch.randint(T // 2, T + 1, (B, R), generator=gen, dtype=torch.int32))
+    if bias:
+        kw["key_bias"] = torch.round(torch.randn(B, T, generator=gen) * 2) / 4
+    else:  # few positive scores, so that each row's top k reaches +0.0 / -0.0 ties and negative scores,
+        # the largest of them tiny (subnormal ones among them)
+        neg = -(torch.rand(B, R, T, generator=gen) + 1e-3) * torch.where(torch.rand(B, R, T, generator=gen) < 0.5,
+                                                                         1.0, 1e-35)
+        s = torch.where((s > 2.6) | (s == float("-inf")), s, neg)
+        s[:, :, 7::499] = -0.0
+        s[:, :, 5::503] = 0.0
     idx_all = torch.full((B, R + 3, k + 4), 7, dtype=torch.int32)
     scores_all = torch.full((B, R + 3, k + 4), 7.0)
     out, out_scores = idx_all[:, 2:2 + R, :k], scores_all[:, 2:2 + R, :k]

@@ -62,6 +62,14 @@ def _key_of(s):
 
 
 @triton.jit
+def _score_of_key(key):
+    """The fp32 score of a valid uint32 key of `_key_of` (its inverse: bits ^ 0x80000000 where the
+    top bit is set, ~bits below; -0.0 comes back as +0.0)."""
+    k = key.to(tl.int32, bitcast=True)
+    return (k ^ ((~k >> 31) | -2147483648)).to(tl.float32, bitcast=True)  # arithmetic shift: 0 or -1
+
+
+@triton.jit
 def _ordered_key(S, B_ROW, offs, in_row, HAS_BIAS: tl.constexpr):
     """uint32 order-preserving image of score (+ bias) at `offs`, and whether it is valid: the key
     is 0 exactly where it is not (-inf, NaN, outside the row; a finite or +inf score's key is not)."""
@@ -416,8 +424,11 @@ def _topk_rows_warp_kernel(
         slot, count_after = rows_compact(take, count, BALLOT)
         kept = tl.load(buf_p + c, mask=take, other=0)
         tl.store(o3 + slot, kept, mask=take)
-        if WRITE_SCORES:  # the score without the bias: gathered from the row (read moments ago, in L2)
-            tl.store(so3 + slot, tl.load(s3 + kept, mask=take, other=0.0).to(tl.float32), mask=take)
+        if WRITE_SCORES:  # the score without the bias: the key's own value, or with a bias gathered from the row
+            if HAS_BIAS:
+                tl.store(so3 + slot, tl.load(s3 + kept, mask=take, other=0.0).to(tl.float32), mask=take)
+            else:  # no gather: a chunk's rows run in one wave, so the row left L2 long ago (a sector a key)
+                tl.store(so3 + slot, _score_of_key(kk), mask=take)
         count = count_after
         eq_seen = eq_after
     done = row_ok & (fell_back == 0)
