@@ -36,7 +36,11 @@ def test_wrong_reduce_and_unknown_names_are_errors(tmp_path):
 
 def test_a_mode_runs_with_the_allocation_of_its_file(tmp_path):
     """tiny_dsa (2 sparse layers) with mass_cal read from a file holding a random allocation of mean
-    0.15: nothing is measured, the results carry the file, and each layer cuts its own fraction."""
+    0.15: nothing is measured, the results carry the file, and each layer cuts its own fraction. The
+    file is written as the shipped ones are (no "objective": they predate it); the report still draws
+    the allocation."""
+    from stem_boost.eval.report import write_report
+
     seed = int(torch.randint(0, 10_000, (1,)))
     print(f"seed {seed}")
     g = torch.Generator().manual_seed(seed)
@@ -44,14 +48,15 @@ def test_a_mode_runs_with_the_allocation_of_its_file(tmp_path):
     layer_reduce = (0.15 - d, 0.15 + d)
     cal = Calibration(reduce=0.15, layer_reduce=layer_reduce, grid=(0.0, 0.3), errors=[[0.0, 1.0], [0.0, 1.0]])
     path = tmp_path / "alloc.json"
-    path.write_text(json.dumps(cal.to_dict()))
+    path.write_text(json.dumps({k: v for k, v in cal.to_dict().items() if k != "objective"}))
     cfg = load_config("tiny_dsa", ["modes=[native, mass_cal]", "tasks.enabled=false", "perplexity.enabled=false",
                                    "fidelity.length=256", "fidelity.max_rows=256", "latency.enabled=false",
                                    f"model.options={{family: deepseek_v32, seed: {seed}, num_hidden_layers: 2}}",
                                    f"calibration.allocations={{mass_cal: {path}}}", "runtime.progress=false"])
     res = run(cfg)
     got = res["calibration"]["mass_cal"]
-    assert got["file"] == str(path) and tuple(got["layer_reduce"]) == layer_reduce
+    assert got["file"] == str(path) and tuple(got["layer_reduce"]) == layer_reduce and got["objective"] == "layer"
+    assert "layer_allocation.png" in write_report(res, tmp_path / "report")
     layers = res["budget"]["mass_cal"]["layers"]
     assert len(layers) == 2
     for layer, want in zip(layers, layer_reduce):

@@ -48,4 +48,5 @@ def load_allocation(name: str, mode: str, reduce: float, n_layers: int | None = 
     if n_layers is not None and len(cal.layer_reduce) != n_layers:
         raise ValueError(f"calibration.allocations.{mode}: {path} has {len(cal.layer_reduce)} layers, the model "
                          f"{n_layers}")
-    return cal, dict(data, file=str(path))
+    # files written before calibrations recorded their objective (the shipped ones) measured "layer"
+    return cal, dict(data, objective=cal.objective, file=str(path))

@@ -347,9 +347,11 @@ def _blocks(res: dict, plots: list[tuple[str, str]]) -> list[tuple]:
     b.append(("ul", [f"**{m['name']}** — {m['description']}"
                      + ("" if m["name"] in res["summary"] else " (not run: see Notes)") for m in res["modes"]]))
     for name, c in (res.get("calibration") or {}).items():
-        b.append(("p", f"{name}: per-layer cuts calibrated by `stem_boost.calibrate` ({c['objective']} objective) on "
-                       f"{c['windows']} window(s) of `{c['text']}` at {', '.join(map(str, c['lengths']))} tokens; "
-                       f"mean {c['reduce']:g} over {len(c['layer_reduce'])} layers, from "
+        where = (f" on {c['windows']} window(s) of `{c['text']}` at {', '.join(map(str, c['lengths']))} tokens"
+                 if all(key in c for key in ("windows", "text", "lengths")) else "")
+        source = f", read from `{c['file']}`" if "file" in c else ""
+        b.append(("p", f"{name}: per-layer cuts calibrated by `stem_boost.calibrate` ({c['objective']} objective)"
+                       f"{where}{source}; mean {c['reduce']:g} over {len(c['layer_reduce'])} layers, from "
                        f"{min(c['layer_reduce']):g} to {max(c['layer_reduce']):g}."))
 
     b.append(("h2", "Summary"))
