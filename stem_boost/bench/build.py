@@ -384,6 +384,7 @@ def all_cases() -> list[BuildCase]:
         select_case(None), select_case("budgets"), select_case("mass"), select_case(None, fused=True),
         select_case(None, topk_method="warp"), select_case("budgets", topk_method="warp"),
         select_g3_case(), stage1_case(), pooled_sm90_case(), pooled_sm90_case(stem=True),
+        pooled_sm90_case(tile=dict(STEP=0)),  # the serialised pairs of heads (the default before STEP 2)
         pooled_sm90_case(tile=dict(BLOCK_B=16, NUM_BUF=3)), pooled_sm90_case(tile=dict(STEP=4, NUM_BUF=3)),
         pooled_sm90_case(stem=True, tile=dict(STEP=4, NUM_BUF=3)), pooled_sm90_case(tile=dict(BLOCK_B=64, WARPS=8, STEP=4)),
         coarse_lse_case(), coarse_lse_case(num_stages=2),

@@ -66,7 +66,7 @@ def _score_of_key(key):
     """The fp32 score of a valid uint32 key of `_key_of` (its inverse: bits ^ 0x80000000 where the
     top bit is set, ~bits below; -0.0 comes back as +0.0)."""
     k = key.to(tl.int32, bitcast=True)
-    return (k ^ ((~k >> 31) | -2147483648)).to(tl.float32, bitcast=True)  # arithmetic shift: 0 or -1
+    return tl.where(k < 0, k ^ -2147483648, ~k).to(tl.float32, bitcast=True)
 
 
 @triton.jit
