@@ -417,6 +417,23 @@ def indexer_overlap(attn, x, pe, pos, n_rows: int) -> float:
     return hits / max(total, 1)
 
 
+def stem_count_peers(native, stem, step: int = 128) -> dict:
+    """Stem's pair count laid out two other ways on native's token lists (same rows, `native`'s indices),
+    to tell what the MLA kernel's time per pair on Stem's rows follows: "native lists, Stem counts" keeps
+    each row's first (ascending) min(Stem's, native's) candidates (Stem's row lengths, native's key
+    positions); "native lists, uniform length" gives every row with candidates the rows' mean Stem count,
+    rounded to `step` keys (at most its native count): the same pairs with no length varying across rows."""
+    from dataclasses import replace
+
+    stem_counts = stem.counts.expand_as(native.counts)
+    counts = torch.minimum(stem_counts, native.counts)
+    live = native.counts > 0
+    mean = float(stem_counts[live].float().mean()) if bool(live.any()) else 0.0
+    uniform = torch.where(live, native.counts.clamp(max=max(step, round(mean / step) * step)), native.counts)
+    return {"native lists, Stem counts": replace(native, counts=counts.to(native.counts.dtype)),
+            "native lists, uniform length": replace(native, counts=uniform.to(native.counts.dtype))}
+
+
 def dsa_breakdown(attn, x, pe, pos) -> dict:
     """Milliseconds of the parts: chunked fused indexer top-k, the Stem step, the absorbed kernel."""
     from stem_boost.adapters.dsa import latent_value_norms, latent_value_rms, native_selection, value_gram
@@ -499,7 +516,17 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
         ms_k_stem, _ = timed(lambda: kern(sel))
         ms_k_stem_step1, _ = timed(lambda: kern(sel_step1))
         pairs = lambda s: int(s.rows(S - chunk, S).counts.sum())  # noqa: E731
-    return dict(kernel_stem_step1_last_chunk_ms=ms_k_stem_step1, last_chunk_pairs_native=pairs(native),
+        # what the kernel's time on Stem's rows follows: its lengths or its key positions (`stem_count_peers`)
+        count_peers = {}
+        try:  # a diagnostic peer: its failure is printed, the row's other figures kept
+            for name, peer in stem_count_peers(native.rows(S - chunk, S), sel.rows(S - chunk, S)).items():
+                ms, _ = timed(lambda peer=peer: sparse_attention(q, kv, kv[..., :512], peer, check=False))
+                count_peers[f"kernel_last_chunk_{name}_ms"] = ms
+                count_peers[f"last_chunk_pairs_{name}"] = int(peer.counts.sum())
+        except Exception as err:  # noqa: BLE001
+            note(f"dsa S={S}: the Stem-count peers failed: {err!r}")
+            count_peers = {}
+    return dict(**count_peers, kernel_stem_step1_last_chunk_ms=ms_k_stem_step1, last_chunk_pairs_native=pairs(native),
                 last_chunk_pairs_stem=pairs(sel), last_chunk_pairs_stem_step1=pairs(sel_step1),
                 indexer_dtype=str(default_dtype), indexer_other_dtype=str(other_dtype),
                 indexer_topk_ms=ms_index, indexer_topk_torch_ms=ms_index_torch, indexer_topk_other_dtype_ms=ms_index_other,
@@ -908,6 +935,18 @@ def main():
                   f"{r['kernel_stem_last_chunk_ms']:.2f} | {r['kernel_stem_step1_last_chunk_ms']:.2f} | "
                   f"{r['last_chunk_pairs_stem'] / r['last_chunk_pairs_native']:.4f} | "
                   f"{r['last_chunk_pairs_stem_step1'] / r['last_chunk_pairs_native']:.4f} |")
+        peers = [r for r in dsa if "kernel_last_chunk_native lists, Stem counts_ms" in r]
+        if peers:
+            names = ("native lists, Stem counts", "native lists, uniform length")
+            print("\n| DSA S | kernel ms, last 16K queries: native | Stem | " + " | ".join(names)
+                  + " | pairs / native's: Stem | " + " | ".join(names) + " |")
+            print("|---|---|---|" + "---|" * len(names) + "---|" + "---|" * len(names))
+            for r in peers:
+                n = r["last_chunk_pairs_native"]
+                print(f"| {r['S']} | {r['kernel_native_last_chunk_ms']:.2f} | {r['kernel_stem_last_chunk_ms']:.2f} | "
+                      + " | ".join(f"{r[f'kernel_last_chunk_{m}_ms']:.2f}" for m in names)
+                      + f" | {r['last_chunk_pairs_stem'] / n:.4f} | "
+                      + " | ".join(f"{r[f'last_chunk_pairs_{m}'] / n:.4f}" for m in names) + " |")
         sm90 = [r for r in dsa if r.get("indexer_topk_sm90_scorer_ms") == r.get("indexer_topk_sm90_scorer_ms")]
         if sm90:  # a number (not NaN): the Gluon FP8 scorer ran beside the run's
             print("\n| DSA S | indexer + top-k ms: the run's FP8 scorer | Gluon sm_90 scorer | top-k overlap |")
