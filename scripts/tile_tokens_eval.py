@@ -55,18 +55,29 @@ def wrap_kwargs(mode: str, reduce: float) -> dict:
     return kw
 
 
+def modes_kwargs(modes: list[str], reduce: float, beta: float | None = None) -> dict[str, dict]:
+    """`wrap_kwargs` of each mode, with the OAM weight `beta` on every Stem mode when given (native stays
+    reduce 0, beta 0)."""
+    if beta is not None and not beta >= 0:
+        raise SystemExit(f"--beta {beta}: allowed a number >= 0")
+    kwargs = {m: wrap_kwargs(m, reduce) for m in modes}
+    return kwargs if beta is None else {m: kw if m == "native" else dict(kw, beta=beta) for m, kw in kwargs.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--modes", nargs="+", default=["native", "tpd:1", "tpd:4"])
     ap.add_argument("--reduce", type=float, default=0.18)
+    ap.add_argument("--beta", type=float, default=None,
+                    help="OAM weight of every Stem mode (default: the library's, 0.2); 0 ranks by the native score alone")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    kwargs = {m: wrap_kwargs(m, args.reduce) for m in args.modes}  # every mode checked before the model loads
+    kwargs = modes_kwargs(args.modes, args.reduce, args.beta)  # every mode checked before the model loads
     from stem_boost.testbeds.smollm2_infllmv2 import load_smollm2_infllmv2
     from stem_boost.text.corpus import heldout_stream
 
@@ -75,7 +86,7 @@ def main() -> None:
     if ids.numel() < args.length * args.windows:
         raise SystemExit(f"the held-out text has {ids.numel()} tokens; {args.windows} x {args.length} need more")
     windows = [ids[i * args.length:(i + 1) * args.length] for i in range(args.windows)]
-    res = dict(length=args.length, windows=args.windows, reduce=args.reduce, device=args.device,
+    res = dict(length=args.length, windows=args.windows, reduce=args.reduce, beta=args.beta, device=args.device,
                torch=torch.__version__, date=time.strftime("%Y-%m-%d"), argv=sys.argv, modes={})
     for mode, kw in kwargs.items():
         t0 = time.time()
@@ -91,7 +102,8 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps(res, indent=1))
     base = res["modes"].get("native")
-    print(f"\nSmolLM2 InfLLMv2 testbed, {args.windows} x {args.length} held-out tokens, reduce {args.reduce} ({args.device})")
+    print(f"\nSmolLM2 InfLLMv2 testbed, {args.windows} x {args.length} held-out tokens, reduce {args.reduce}"
+          f"{'' if args.beta is None else f', beta {args.beta:g}'} ({args.device})")
     print("| mode | perplexity | vs native | 4-token tile work / native | achieved reduce |")
     print("|---|---|---|---|---|")
     for mode, r in res["modes"].items():
