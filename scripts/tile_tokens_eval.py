@@ -31,8 +31,8 @@ from stem_boost.kernels.block_union import tile_entries  # noqa: E402
 
 
 SCHEDULES = ("tpd", "uniform", "mass", "tpd_cal", "mass_cal")
-# the calibrated schedules' shipped allocations (measured per token on the pydoc training topics)
-ALLOCATIONS = {"tpd_cal": "smollm2_infllmv2_top12_stem_r0.18.json", "mass_cal": "smollm2_infllmv2_top12_mass_r0.18.json"}
+# the calibrated schedules: the allocations the testbed's config ships for its stem_cal / mass_cal modes
+CAL_MODES = {"tpd_cal": "stem_cal", "mass_cal": "mass_cal"}
 
 
 def wrap_kwargs(mode: str, reduce: float) -> dict:
@@ -44,11 +44,13 @@ def wrap_kwargs(mode: str, reduce: float) -> dict:
         raise SystemExit(f"mode {mode!r}: allowed 'native' or SCHEDULE:TILE_TOKENS with SCHEDULE "
                          f"{' / '.join(SCHEDULES)} and TILE_TOKENS an int >= 1")
     kw = dict(reduce=reduce, schedule=schedule.removesuffix("_cal"), tile_tokens=int(tiles))
-    if schedule in ALLOCATIONS:
+    if schedule in CAL_MODES:
         from stem_boost.eval.allocations import load_allocation
+        from stem_boost.eval.config import load_config
 
+        shipped = load_config("smollm2_infllmv2")["calibration"]["allocations"]
         try:
-            cal, _ = load_allocation(ALLOCATIONS[schedule], mode, reduce)
+            cal, _ = load_allocation(shipped[CAL_MODES[schedule]], mode, reduce)
         except ValueError as err:
             raise SystemExit(f"mode {mode!r}: {err}") from None
         kw["layer_reduce"] = tuple(cal.layer_reduce)
