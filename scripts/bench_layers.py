@@ -46,7 +46,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import stem_boost  # noqa: E402
-from stem_boost.bench.inputs import smooth_hidden_states  # noqa: E402
+from stem_boost.bench.inputs import dsa_bench_layer, smooth_hidden_states  # noqa: E402
+from stem_boost.bench.lists import stem_count_peers  # noqa: E402
 
 PROFILE: bool | int = False  # --profile / --profile-ab: True, or the longest profiled length (--profile-max-seq)
 PROFILE_OPS = False  # --profile-ops: also the PyTorch operators behind the kernels
@@ -262,20 +263,7 @@ class _Wrapper(torch.nn.Module):
 
 
 def bench_dsa(seqs, device, native_max_seq):
-    from transformers import DeepseekV32Config
-    from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32Attention, DeepseekV32RotaryEmbedding
-
-    cfg = DeepseekV32Config(num_hidden_layers=1, n_routed_experts=8, max_position_embeddings=163840,
-                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    attn = DeepseekV32Attention(cfg, layer_idx=0).to(device=device, dtype=torch.bfloat16).eval()
-    for p in attn.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    for name, mod in attn.named_modules():
-        if "norm" in name and hasattr(mod, "weight"):
-            torch.nn.init.ones_(mod.weight)
-    rotary = DeepseekV32RotaryEmbedding(cfg).to(device)
+    attn, cfg, rotary = dsa_bench_layer(device)
     holder = _Wrapper(attn, cfg)
     rows = []
     for S in seqs:
@@ -415,23 +403,6 @@ def indexer_overlap(attn, x, pe, pos, n_rows: int) -> float:
                 for dt in (fast_dtype, None)]
     hits, total = shared_units(*(t.indices[0] for t in tops))  # [rows, K] each, -1 padded
     return hits / max(total, 1)
-
-
-def stem_count_peers(native, stem, step: int = 128) -> dict:
-    """Stem's pair count laid out two other ways on native's token lists (same rows, `native`'s indices),
-    to tell what the MLA kernel's time per pair on Stem's rows follows: "native lists, Stem counts" keeps
-    each row's first (ascending) min(Stem's, native's) candidates (Stem's row lengths, native's key
-    positions); "native lists, uniform length" gives every row with candidates the rows' mean Stem count,
-    rounded to `step` keys (at most its native count): the same pairs with no length varying across rows."""
-    from dataclasses import replace
-
-    stem_counts = stem.counts.expand_as(native.counts)
-    counts = torch.minimum(stem_counts, native.counts)
-    live = native.counts > 0
-    mean = float(stem_counts[live].float().mean()) if bool(live.any()) else 0.0
-    uniform = torch.where(live, native.counts.clamp(max=max(step, round(mean / step) * step)), native.counts)
-    return {"native lists, Stem counts": replace(native, counts=counts.to(native.counts.dtype)),
-            "native lists, uniform length": replace(native, counts=uniform.to(native.counts.dtype))}
 
 
 def dsa_breakdown(attn, x, pe, pos) -> dict:

@@ -1,0 +1,82 @@
+"""`stem_boost.bench.lists`: the L2 replay of the MLA kernel's gathers against an LRU oracle written from
+its definition (a reuse is a hit iff fewer than `capacity` distinct keys were read since that key's last
+read), and Stem's pair count laid out on native's lists."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stem_boost.bench.lists import replay_gathers, stem_count_peers
+from stem_boost.selection import Selection
+
+
+def random_lists(g: torch.Generator, R: int, T: int, kmax: int) -> Selection:
+    counts = torch.randint(0, kmax + 1, (1, 1, R), generator=g)
+    idx = torch.full((1, 1, R, kmax), -1, dtype=torch.int32)
+    for r in range(R):
+        keys = torch.randperm(T, generator=g)[: int(counts[0, 0, r])].sort().values
+        idx[0, 0, r, : keys.numel()] = keys.to(torch.int32)
+    return Selection(idx=idx, counts=counts.to(torch.int32), q_offset=0)
+
+
+def stream_in_kernel_order(sel: Selection, wave: int, step: int) -> list[list[int]]:
+    """The accesses wave by wave: latest query first, the wave's queries a step of keys each in turn."""
+    idx, counts = sel.idx[0, 0], sel.counts[0, 0]
+    order = list(range(idx.shape[0] - 1, -1, -1))
+    out = []
+    for w in range(0, len(order), wave):
+        lists = [idx[r, : int(counts[r])].tolist() for r in order[w:w + wave]]
+        n_steps = max((-(-len(x) // step) for x in lists), default=0)
+        out.append([k for s in range(n_steps) for x in lists for k in x[s * step:(s + 1) * step]])
+    return out
+
+
+def lru_misses_by_reuse_distance(waves: list[list[int]], capacity: int, first_counted: int) -> tuple[int, int]:
+    flat = [(w, k) for w, keys in enumerate(waves) for k in keys]
+    last_seen: dict[int, int] = {}
+    misses = accesses = 0
+    for i, (w, k) in enumerate(flat):
+        j = last_seen.get(k)
+        miss = j is None or len({key for _, key in flat[j + 1:i]}) >= capacity
+        last_seen[k] = i
+        if w >= first_counted:
+            accesses += 1
+            misses += miss
+    return accesses, misses
+
+
+@pytest.mark.parametrize("capacity", [1, 7, 40, 1000])
+def test_replay_matches_an_lru_oracle(seed, capacity):
+    g = torch.Generator().manual_seed(seed)
+    sel = random_lists(g, R=23, T=60, kmax=17)
+    got = replay_gathers(sel, capacity, wave_queries=4, step_keys=5, warmup=0.3)
+    waves = stream_in_kernel_order(sel, 4, 5)
+    accesses, misses = lru_misses_by_reuse_distance(waves, capacity, int(len(waves) * 0.3))
+    assert (got.accesses, got.misses) == (accesses, misses)
+    counted = [k for w in waves[int(len(waves) * 0.3):] for k in w]
+    # distinct keys of each counted wave, summed, per counted access
+    distinct = sum(len(set(w)) for w in waves[int(len(waves) * 0.3):])
+    assert got.wave_unique == pytest.approx(distinct / max(len(counted), 1))
+
+
+def test_replay_refuses_a_batch_and_bad_sizes():
+    sel = Selection(idx=torch.zeros(2, 1, 3, 4, dtype=torch.int32), counts=torch.ones(2, 1, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="one batch row"):
+        replay_gathers(sel, 10)
+    with pytest.raises(ValueError, match="capacity_rows=0"):
+        replay_gathers(Selection(idx=sel.idx[:1], counts=sel.counts[:1]), 0)
+
+
+def test_count_peers_keep_native_keys_with_stem_lengths(seed):
+    g = torch.Generator().manual_seed(seed)
+    native = random_lists(g, R=31, T=500, kmax=300)
+    stem = Selection(idx=native.idx.clone(), counts=(native.counts * 0.7).to(torch.int32), q_offset=0)
+    peers = stem_count_peers(native, stem, step=16)
+    same_len = peers["native lists, Stem counts"]
+    assert torch.equal(same_len.idx, native.idx) and torch.equal(same_len.counts, torch.minimum(stem.counts, native.counts))
+    uniform = peers["native lists, uniform length"]
+    live = native.counts > 0
+    target = max(16, round(float(stem.counts[live].float().mean()) / 16) * 16)
+    assert torch.equal(uniform.counts[live], native.counts[live].clamp(max=target))
+    assert bool((uniform.counts[~live] == 0).all())
