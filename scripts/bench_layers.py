@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import stem_boost  # noqa: E402
 from stem_boost.bench.inputs import dsa_bench_layer, smooth_hidden_states  # noqa: E402
-from stem_boost.bench.lists import stem_count_peers  # noqa: E402
+from stem_boost.bench.lists import COUNT_PEERS, stem_count_peers  # noqa: E402
 
 PROFILE: bool | int = False  # --profile / --profile-ab: True, or the longest profiled length (--profile-max-seq)
 PROFILE_OPS = False  # --profile-ops: also the PyTorch operators behind the kernels
@@ -405,6 +405,10 @@ def indexer_overlap(attn, x, pe, pos, n_rows: int) -> float:
     return hits / max(total, 1)
 
 
+# the MLA kernel's SWEEP values timed beside the default on the last chunk (`mla_token_ws.WS_TILES`)
+SWEEP_PEERS = (33, 66)
+
+
 def dsa_breakdown(attn, x, pe, pos) -> dict:
     """Milliseconds of the parts: chunked fused indexer top-k, the Stem step, the absorbed kernel."""
     from stem_boost.adapters.dsa import latent_value_norms, latent_value_rms, native_selection, value_gram
@@ -497,6 +501,17 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
         except Exception as err:  # noqa: BLE001
             note(f"dsa S={S}: the Stem-count peers failed: {err!r}")
             count_peers = {}
+        # the Hopper kernel walking alternate blocks of tokens' lists backward (`mla_token_ws.WS_TILES["SWEEP"]`)
+        if torch.cuda.get_device_capability()[0] == 9:
+            from stem_boost.kernels import mla_token_ws
+
+            for sweep in SWEEP_PEERS:
+                try:
+                    with library_setting(mla_token_ws, "WS_TILES", {**mla_token_ws.WS_TILES, "SWEEP": sweep}):
+                        for name, s in (("native", native), ("stem", sel)):
+                            count_peers[f"kernel_last_chunk_{name}_sweep{sweep}_ms"], _ = timed(lambda s=s: kern(s))
+                except Exception as err:  # noqa: BLE001
+                    note(f"dsa S={S}: the SWEEP={sweep} peers failed: {err!r}")
     return dict(**count_peers, kernel_stem_step1_last_chunk_ms=ms_k_stem_step1, last_chunk_pairs_native=pairs(native),
                 last_chunk_pairs_stem=pairs(sel), last_chunk_pairs_stem_step1=pairs(sel_step1),
                 indexer_dtype=str(default_dtype), indexer_other_dtype=str(other_dtype),
@@ -908,7 +923,7 @@ def main():
                   f"{r['last_chunk_pairs_stem_step1'] / r['last_chunk_pairs_native']:.4f} |")
         peers = [r for r in dsa if "kernel_last_chunk_native lists, Stem counts_ms" in r]
         if peers:
-            names = ("native lists, Stem counts", "native lists, uniform length")
+            names = [m for m in COUNT_PEERS if f"kernel_last_chunk_{m}_ms" in peers[0]]
             print("\n| DSA S | kernel ms, last 16K queries: native | Stem | " + " | ".join(names)
                   + " | pairs / native's: Stem | " + " | ".join(names) + " |")
             print("|---|---|---|" + "---|" * len(names) + "---|" + "---|" * len(names))
@@ -918,6 +933,16 @@ def main():
                       + " | ".join(f"{r[f'kernel_last_chunk_{m}_ms']:.2f}" for m in names)
                       + f" | {r['last_chunk_pairs_stem'] / n:.4f} | "
                       + " | ".join(f"{r[f'last_chunk_pairs_{m}'] / n:.4f}" for m in names) + " |")
+        swept = [r for r in dsa if any(f"kernel_last_chunk_stem_sweep{n}_ms" in r for n in SWEEP_PEERS)]
+        if swept:
+            print("\n| DSA S | kernel ms, last 16K queries: native | Stem | "
+                  + " | ".join(f"native SWEEP {n} | Stem SWEEP {n}" for n in SWEEP_PEERS) + " |")
+            print("|---|---|---|" + "---|---|" * len(SWEEP_PEERS))
+            for r in swept:
+                nan = float("nan")
+                print(f"| {r['S']} | {r['kernel_native_last_chunk_ms']:.2f} | {r['kernel_stem_last_chunk_ms']:.2f} | "
+                      + " | ".join(f"{r.get(f'kernel_last_chunk_native_sweep{n}_ms', nan):.2f} | "
+                                   f"{r.get(f'kernel_last_chunk_stem_sweep{n}_ms', nan):.2f}" for n in SWEEP_PEERS) + " |")
         sm90 = [r for r in dsa if r.get("indexer_topk_sm90_scorer_ms") == r.get("indexer_topk_sm90_scorer_ms")]
         if sm90:  # a number (not NaN): the Gluon FP8 scorer ran beside the run's
             print("\n| DSA S | indexer + top-k ms: the run's FP8 scorer | Gluon sm_90 scorer | top-k overlap |")

@@ -1,13 +1,14 @@
 """Do Stem's DSA lists gather from L2 as well as native's? (CPU or GPU, no timing.)
 
-    python scripts/gather_locality.py --seqs 65536 131072 --rows 4096
+    python scripts/gather_locality.py --seqs 65536 131072 --rows 4096 --sweeps 0 33 66
 
 Builds the DeepSeek-V3.2 layer of `scripts/bench_layers.py --family dsa` (real dims, random weights,
 i.i.d. hidden states; fp32 here), the native top-2048 lists of its last `--rows` query rows (the fp32
 indexer over every causal key), Stem's lists at reduce 0.15 for the same rows (the whole prefill's
 TPD budgets, the OAM bias of the layer's value norms) and Stem's pair count laid out on native's lists
 (`bench.lists.stem_count_peers`), then replays each through the MLA kernel's gather order and an LRU
-model of L2 (`bench.lists.replay_gathers`) at a few capacities. Prints a table last; JSON to --out.
+model of L2 (`bench.lists.replay_gathers`) at a few capacities, each list walked ascending or, `--sweeps`,
+with alternate blocks of queries walking theirs backward (the kernel's `WS_TILES["SWEEP"]`). Prints a table last; JSON to --out.
 
 On the GPU the kernel took 0.79x native's time on Stem's last 16K rows for 0.715x of the pairs; its
 fixed cost per row explains 0.737. If Stem's lists missed L2 more often per pair than native's, that
@@ -79,6 +80,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=4096, help="the last query rows analysed")
     ap.add_argument("--capacities-mb", type=float, nargs="+", default=[25.0, 50.0],
                     help="modelled L2 sizes (an H200 has 50 MB in two halves)")
+    ap.add_argument("--sweeps", type=int, nargs="+", default=[0],
+                    help="the MLA kernel's SWEEP values replayed (0: every list ascending; N: alternate blocks of N "
+                         "queries backward)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -90,19 +94,21 @@ def main() -> None:
         print(f"S={S}: lists in {time.time() - t:.0f} s", flush=True)
         native_pairs = int(lists["native"].counts.sum())
         for name, sel in lists.items():
-            for mb in args.capacities_mb:
-                rep = replay_gathers(sel, int(mb * 2**20 // LATENT_ROW_BYTES))
-                rows.append(dict(S=S, lists=name, capacity_mb=mb, pairs=int(sel.counts.sum()),
+            for mb, sweep in ((mb, sweep) for mb in args.capacities_mb for sweep in args.sweeps):
+                rep = replay_gathers(sel, int(mb * 2**20 // LATENT_ROW_BYTES), sweep=sweep)
+                rows.append(dict(S=S, lists=name, capacity_mb=mb, sweep=sweep, pairs=int(sel.counts.sum()),
                                  pairs_vs_native=int(sel.counts.sum()) / native_pairs, accesses=rep.accesses,
                                  misses=rep.misses, miss_rate=rep.miss_rate, wave_unique=rep.wave_unique))
                 print(json.dumps(rows[-1]), flush=True)
     if args.out:
         args.out.write_text(json.dumps(dict(args=vars(args) | {"out": str(args.out)}, rows=rows), indent=1))
-    print("\n| S | lists | pairs / native | L2 MB | miss rate | misses / native's accesses | distinct keys a wave / access |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| S | lists | pairs / native | L2 MB | SWEEP | miss rate | misses / native's accesses | "
+          "distinct keys a wave / access |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        base = next(x for x in rows if x["S"] == r["S"] and x["lists"] == "native" and x["capacity_mb"] == r["capacity_mb"])
-        print(f"| {r['S']} | {r['lists']} | {r['pairs_vs_native']:.3f} | {r['capacity_mb']:g} | {r['miss_rate']:.3f} | "
+        base = next(x for x in rows if x["S"] == r["S"] and x["lists"] == "native" and x["capacity_mb"] == r["capacity_mb"]
+                    and x["sweep"] == 0) if 0 in args.sweeps else r
+        print(f"| {r['S']} | {r['lists']} | {r['pairs_vs_native']:.3f} | {r['capacity_mb']:g} | {r['sweep']} | {r['miss_rate']:.3f} | "
               f"{r['misses'] / max(base['accesses'], 1):.3f} | {r['wave_unique']:.3f} |")
 
 

@@ -20,13 +20,17 @@ def random_lists(g: torch.Generator, R: int, T: int, kmax: int) -> Selection:
     return Selection(idx=idx, counts=counts.to(torch.int32), q_offset=0)
 
 
-def stream_in_kernel_order(sel: Selection, wave: int, step: int) -> list[list[int]]:
-    """The accesses wave by wave: latest query first, the wave's queries a step of keys each in turn."""
+def stream_in_kernel_order(sel: Selection, wave: int, step: int, sweep: int = 0) -> list[list[int]]:
+    """The accesses wave by wave: latest query first, the wave's queries a step of keys each in turn;
+    sweep > 0: the j-th latest query walks its list backward when j // sweep is odd."""
     idx, counts = sel.idx[0, 0], sel.counts[0, 0]
     order = list(range(idx.shape[0] - 1, -1, -1))
     out = []
     for w in range(0, len(order), wave):
-        lists = [idx[r, : int(counts[r])].tolist() for r in order[w:w + wave]]
+        lists = []
+        for j in range(w, min(w + wave, len(order))):
+            keys = idx[order[j], : int(counts[order[j]])].tolist()
+            lists.append(list(reversed(keys)) if sweep and (j // sweep) % 2 == 1 else keys)
         n_steps = max((-(-len(x) // step) for x in lists), default=0)
         out.append([k for s in range(n_steps) for x in lists for k in x[s * step:(s + 1) * step]])
     return out
@@ -46,12 +50,12 @@ def lru_misses_by_reuse_distance(waves: list[list[int]], capacity: int, first_co
     return accesses, misses
 
 
-@pytest.mark.parametrize("capacity", [1, 7, 40, 1000])
-def test_replay_matches_an_lru_oracle(seed, capacity):
+@pytest.mark.parametrize("capacity,sweep", [(1, 0), (7, 0), (40, 0), (1000, 0), (7, 3), (40, 2)])
+def test_replay_matches_an_lru_oracle(seed, capacity, sweep):
     g = torch.Generator().manual_seed(seed)
     sel = random_lists(g, R=23, T=60, kmax=17)
-    got = replay_gathers(sel, capacity, wave_queries=4, step_keys=5, warmup=0.3)
-    waves = stream_in_kernel_order(sel, 4, 5)
+    got = replay_gathers(sel, capacity, wave_queries=4, step_keys=5, warmup=0.3, sweep=sweep)
+    waves = stream_in_kernel_order(sel, 4, 5, sweep)
     accesses, misses = lru_misses_by_reuse_distance(waves, capacity, int(len(waves) * 0.3))
     assert (got.accesses, got.misses) == (accesses, misses)
     counted = [k for w in waves[int(len(waves) * 0.3):] for k in w]
@@ -80,3 +84,24 @@ def test_count_peers_keep_native_keys_with_stem_lengths(seed):
     target = max(16, round(float(stem.counts[live].float().mean()) / 16) * 16)
     assert torch.equal(uniform.counts[live], native.counts[live].clamp(max=target))
     assert bool((uniform.counts[~live] == 0).all())
+
+
+def test_random_subset_and_shared_peers(seed):
+    g = torch.Generator().manual_seed(seed)
+    native = random_lists(g, R=29, T=400, kmax=200)
+    stem_counts = (native.counts.float() * torch.rand(native.counts.shape, generator=g)).to(torch.int32)
+    stem = Selection(idx=native.idx.clone(), counts=stem_counts, q_offset=0)
+    peers = stem_count_peers(native, stem, wave_queries=4, seed=seed)
+    sub = peers["native lists, random subset"]
+    assert torch.equal(sub.counts, torch.minimum(stem_counts, native.counts))
+    for r in range(29):
+        n, c = int(native.counts[0, 0, r]), int(sub.counts[0, 0, r])
+        row = sub.idx[0, 0, r]
+        assert bool((row[c:] == -1).all()) and bool((row[:c].diff() > 0).all())  # ascending, -1 tail
+        assert set(row[:c].tolist()) <= set(native.idx[0, 0, r, :n].tolist())
+    shared = peers["shared lists"]
+    for r in range(29):
+        first = max(0, 29 - ((28 - r) // 4 + 1) * 4)  # the earliest row of r's wave, latest rows first
+        c = int(shared.counts[0, 0, r])
+        assert c == min(int(stem_counts[0, 0, r]), int(native.counts[0, 0, r]), int(native.counts[0, 0, first]))
+        assert torch.equal(shared.idx[0, 0, r, :c], native.idx[0, 0, first, :c])

@@ -299,22 +299,24 @@ def mla_experimental_case(S: int = 64, T: int = 4096) -> BuildCase:
     return BuildCase("mla token split", "the heads-on-M MLA kernel with the value width split (mla_token.py)", run)
 
 
-def mla_gluon_case(kernel: str, S: int = 64, T: int = 4096) -> BuildCase:
+def mla_gluon_case(kernel: str, S: int = 64, T: int = 4096, tiles: dict | None = None) -> BuildCase:
     """A Hopper MLA token kernel in Gluon, 128 heads: "sm90" (mla_token_sm90.py, the 128-key tile) or
-    "ws" (mla_token_ws.py, warp-specialised: the route)."""
+    "ws" (mla_token_ws.py, warp-specialised: the route; `tiles` overrides its WS_TILES)."""
     from ..kernels.mla_token_sm90 import mla_token_attention_sm90
     from ..kernels.mla_token_ws import mla_token_attention_ws
 
     fn, what = {"sm90": (mla_token_attention_sm90, "the Hopper MLA token kernel in Gluon (mla_token_sm90.py)"),
                 "ws": (mla_token_attention_ws, "the warp-specialised Hopper MLA token kernel (mla_token_ws.py)")}[kernel]
+    extra = {"tiles": tiles} if tiles else {}
 
     def run():
         q = torch.randn(1, S, 128, 576, dtype=BF16)
         kv = torch.randn(1, T, 1, 576, dtype=BF16)
         idx, counts = _lists(1, 1, S, 2048, T, query_block=1)
-        fn(q, kv, idx[:, 0], counts[:, 0], return_lse=True)
+        fn(q, kv, idx[:, 0], counts[:, 0], return_lse=True, **extra)
 
-    return BuildCase(f"mla token {kernel}", f"{what}, 128 heads", run)
+    name = f"mla token {kernel}" + "".join(f" {k}={v}" for k, v in (tiles or {}).items())
+    return BuildCase(name, f"{what}, 128 heads" + (f", tiles {tiles}" if tiles else ""), run)
 
 
 def gqa_token_case() -> BuildCase:
@@ -396,6 +398,7 @@ def all_cases() -> list[BuildCase]:
         block_topk_case("bisect"), block_topk_case("interpolate"), grouped_topk_case(), sampled_topk_case(),
         warp_topk_case(),
         mla_case(), mla_case(heads=64), mla_experimental_case(), mla_gluon_case("sm90"), mla_gluon_case("ws"),
+        mla_gluon_case("ws", tiles=dict(SWEEP=66)),
         gqa_token_case(), rope_case(), rope_interleaved_case(), rope_half_rounded_case(), value_rms_case(),
     ]
 

@@ -17,22 +17,52 @@ import torch
 
 from ..selection import Selection
 
-__all__ = ["GatherReplay", "replay_gathers", "stem_count_peers"]
+__all__ = ["COUNT_PEERS", "GatherReplay", "replay_gathers", "stem_count_peers"]
 
 
-def stem_count_peers(native: Selection, stem: Selection, step: int = 128) -> dict[str, Selection]:
-    """Stem's pair count laid out two other ways on native's token lists (same rows, `native`'s indices),
-    to tell what the MLA kernel's time per pair on Stem's rows follows: "native lists, Stem counts" keeps
-    each row's first (ascending) min(Stem's, native's) candidates (Stem's row lengths, native's key
-    positions); "native lists, uniform length" gives every row with candidates the rows' mean Stem count,
-    rounded to `step` keys (at most its native count): the same pairs with no length varying across rows."""
+# the peers of `stem_count_peers`, in the order the layer benchmark prints them
+COUNT_PEERS = ("native lists, Stem counts", "native lists, uniform length", "native lists, random subset",
+               "shared lists")
+
+
+def stem_count_peers(native: Selection, stem: Selection, step: int = 128, wave_queries: int = 66,
+                     seed: int = 0) -> dict[str, Selection]:
+    """Stem's pair count laid out other ways on native's token lists (one batch row's rows), to tell
+    what the MLA kernel's time per pair on Stem's rows follows:
+
+    - "native lists, Stem counts": each row's first (ascending) min(Stem's, native's) candidates (Stem's
+      row lengths, native's key positions);
+    - "native lists, uniform length": every row with candidates keeps the rows' mean Stem count, rounded
+      to `step` keys (at most its native count): the same pairs with no length varying across rows;
+    - "native lists, random subset": a random min(Stem's, native's) of each row's native keys (`seed`):
+      native's positions thinned independently row by row, as a cut that ignores what neighbours keep;
+    - "shared lists": the `wave_queries` rows the kernel runs at once (consecutive rows) all read the
+      native list of their earliest row, each its own count of it: the same pairs, nearly every
+      gather shared within a wave (an upper bound on what L2 reuse can give).
+    """
     stem_counts = stem.counts.expand_as(native.counts)
     counts = torch.minimum(stem_counts, native.counts)
     live = native.counts > 0
     mean = float(stem_counts[live].float().mean()) if bool(live.any()) else 0.0
     uniform = torch.where(live, native.counts.clamp(max=max(step, round(mean / step) * step)), native.counts)
+    g = torch.Generator(device=native.idx.device).manual_seed(seed)
+    slots = torch.arange(native.idx.shape[-1], device=native.idx.device)
+    in_native = slots < native.counts[..., None].long()
+    draw = torch.where(in_native, torch.rand(native.idx.shape, generator=g, device=native.idx.device), 2.0)
+    chosen = draw.argsort(dim=-1)  # each row's native slots first, in random order
+    keep = torch.zeros_like(in_native).scatter_(-1, chosen, slots.expand_as(chosen) < counts[..., None].long())
+    subset = torch.where(keep, native.idx, torch.iinfo(torch.int32).max).sort(dim=-1).values
+    subset = torch.where(subset == torch.iinfo(torch.int32).max, -1, subset).to(native.idx.dtype)
+    R = native.idx.shape[2]
+    # the kernel runs the latest row first: wave w holds rows R-1-66w down to R-66-66w
+    wave = (R - 1 - torch.arange(R, device=native.idx.device)) // wave_queries
+    earliest = (R - (wave + 1) * wave_queries).clamp_min(0)  # its earliest row: every key causal for the wave
+    shared_idx = native.idx[:, :, earliest]
+    shared_counts = torch.minimum(counts, native.counts[:, :, earliest])
     return {"native lists, Stem counts": replace(native, counts=counts.to(native.counts.dtype)),
-            "native lists, uniform length": replace(native, counts=uniform.to(native.counts.dtype))}
+            "native lists, uniform length": replace(native, counts=uniform.to(native.counts.dtype)),
+            "native lists, random subset": replace(native, idx=subset, counts=counts.to(native.counts.dtype)),
+            "shared lists": replace(native, idx=shared_idx, counts=shared_counts.to(native.counts.dtype))}
 
 
 @dataclass
@@ -53,19 +83,21 @@ class GatherReplay:
 
 
 def replay_gathers(sel: Selection, capacity_rows: int, wave_queries: int = 66, step_keys: int = 128,
-                   warmup: float = 0.25) -> GatherReplay:
+                   warmup: float = 0.25, sweep: int = 0) -> GatherReplay:
     """Replay the warp-specialised MLA kernel's gathers of one batch row's token lists through an LRU
     cache of `capacity_rows` latent rows (an H200's 50 MB L2 holds about 45K rows of 1152 bytes).
 
     sel: token lists idx [1, 1, R, Kmax], counts [1, 1, R]. The kernel runs the latest query first and
     one program a (query, 64-head half) an SM, so `wave_queries` consecutive queries (132 SMs / 2
     halves) run at once; within a wave the programs advance `step_keys` keys a step side by side.
-    Accesses in the first `warmup` fraction of the waves fill the cache and are not counted."""
+    Accesses in the first `warmup` fraction of the waves fill the cache and are not counted. sweep > 0:
+    alternate blocks of `sweep` queries (counted from the latest: the kernel's `WS_TILES["SWEEP"]`)
+    walk their lists backward."""
     if sel.batch != 1 or sel.idx.shape[1] != 1:
         raise ValueError(f"replay_gathers takes one batch row and one selection head; got idx {tuple(sel.idx.shape)}")
-    if capacity_rows < 1 or wave_queries < 1 or step_keys < 1 or not 0 <= warmup < 1:
+    if capacity_rows < 1 or wave_queries < 1 or step_keys < 1 or sweep < 0 or not 0 <= warmup < 1:
         raise ValueError(f"capacity_rows={capacity_rows}, wave_queries={wave_queries}, step_keys={step_keys} must be "
-                         f">= 1 and warmup={warmup} in [0, 1)")
+                         f">= 1, sweep={sweep} >= 0 and warmup={warmup} in [0, 1)")
     idx = sel.idx[0, 0].cpu()
     counts = sel.counts[0, 0].cpu().tolist()
     R = idx.shape[0]
@@ -76,6 +108,8 @@ def replay_gathers(sel: Selection, capacity_rows: int, wave_queries: int = 66, s
     accesses = misses = unique = 0
     for w, wave in enumerate(waves):
         lists = [idx[r, :counts[r]].tolist() for r in wave]
+        if sweep:
+            lists = [lst[::-1] if ((R - 1 - r) // sweep) % 2 else lst for r, lst in zip(wave, lists)]
         n_steps = max((-(-len(lst) // step_keys) for lst in lists), default=0)
         counted = w >= first_counted
         if counted:

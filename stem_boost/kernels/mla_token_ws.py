@@ -72,8 +72,12 @@ KEYS_PER_STEP = 2 * BLOCK_K  # selected keys a step (a row's last step is padded
 # BENCHMARKS.md §0000000000000000). L2_PREFETCH: the gathers' L2 prefetch size in bytes (`ptx_hints`; 0 =
 # none); 128 = the latent row's granularity (1152 = 9 x 128 bytes), so it fetches no byte the kernel does not
 # read: 0.996-0.998x of none in that run (256: 0.997-1.005x, evict-last hints with it 1.002-1.015x)
+# SWEEP: 0 = every list walked by ascending slot; N > 0 = alternate blocks of N tokens walk theirs backward
+# (the same keys and sums in another order). An LRU model of a 50 MB L2 over the benchmark layer's lists
+# (`scripts/gather_locality.py`, BENCHMARKS.md §000000000000000000000000) gave Stem's lists 0.23-0.36 of
+# their gathers missing at 64K keys instead of 0.47 (native's unchanged at 0.30): not yet timed on a GPU
 WS_TILES = dict(CONSUMER_REGS=208, EARLY_QK_L=False, LOCAL_P_REGS=True, L2_HINTS=False, L2_PREFETCH=128,
-                STEP_VIEWS=True)
+                STEP_VIEWS=True, SWEEP=0)
 REINTERPRET_IS_PUBLIC = gl.constexpr(PUBLIC_REINTERPRET)
 # quarters of a step's tile, in the producer's refill order
 Q_K0L = gl.constexpr(0)  # block 0, latent columns 0..255: read by consumer 0 (S and P V)
@@ -118,16 +122,21 @@ def _gather_block(dst, positions, kv_base, stride_kt, T, qpos, col0, layout: gl.
 
 
 @gluon.jit
-def _step_positions(idx_row, step, count):
-    """The 128 key positions of a step, one per producer thread (-1 past count)."""
+def _step_positions(idx_row, step, count, backward, SWEEP: gl.constexpr):
+    """The 128 key positions of a step, one per producer thread (-1 past count). SWEEP > 0 and
+    backward != 0: the row's list is walked from its last entry down (the same keys, in reverse)."""
     slot = step * 128 + gl.arange(0, 128, layout=gl.BlockedLayout([1], [32], [4], [0]))
-    return gl.load(idx_row + slot, mask=slot < count, other=-1)
+    if SWEEP > 0:
+        src = gl.where(backward != 0, count - 1 - slot, slot)
+    else:
+        src = slot
+    return gl.load(idx_row + src, mask=slot < count, other=-1)
 
 
 @gluon.jit
-def _producer(q_row, stride_qh, h0, H, kv_base, stride_kt, idx_row, count, T, qpos, n_steps,
+def _producer(q_row, stride_qh, h0, H, kv_base, stride_kt, idx_row, count, T, qpos, n_steps, backward,
               q_l, q_v2, q_r, k_l, k_v2, k_r, positions, q_ready, ready, free,
-              DV: gl.constexpr, DR: gl.constexpr, CAUSAL: gl.constexpr, L2_HINTS: gl.constexpr):
+              DV: gl.constexpr, DR: gl.constexpr, CAUSAL: gl.constexpr, L2_HINTS: gl.constexpr, SWEEP: gl.constexpr):
     """4 warps: Q into shared memory, then every step's four quarters as soon as each is free. The key
     positions go through shared memory (`positions`, [2 x 128] by step parity; the consumers mask S
     with them): the next step's are loaded while this step's quarters are gathered. L2_HINTS: Q's
@@ -149,13 +158,13 @@ def _producer(q_row, stride_qh, h0, H, kv_base, stride_kt, idx_row, count, T, qp
         _copy_rows(q_r.index(0).slice(r0, 16, dim=0), q_row + gl.where(hn < H, hn, 0).to(gl.int64) * stride_qh, DV, narrow, DR,
                    q_evict)
     cp.mbarrier_arrive(q_ready, increment_count=False)
-    positions.index(0).store(_step_positions(idx_row, 0, count))
+    positions.index(0).store(_step_positions(idx_row, 0, count, backward, SWEEP))
     cta_barrier()
     for i in range(n_steps):
         phase = (i & 1) ^ 1  # the first wait on a fresh barrier passes
         pos0 = positions.index(i & 1).slice(0, 64)
         pos1 = positions.index(i & 1).slice(64, 64)
-        upcoming = _step_positions(idx_row, i + 1, count)  # in flight under the gathers
+        upcoming = _step_positions(idx_row, i + 1, count, backward, SWEEP)  # in flight under the gathers
         mbarrier.wait(free.index(Q_K0L), phase)
         _gather_block(k_l.index(0), pos0, kv_base, stride_kt, T, qpos, 0, wide, 256, CAUSAL, kv_evict)
         cp.mbarrier_arrive(ready.index(Q_K0L), increment_count=False)
@@ -374,7 +383,7 @@ def _mla_token_ws_fwd(
     DV: gl.constexpr, DR: gl.constexpr, CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr,
     CONSUMER_REGS: gl.constexpr, EARLY_QK_L: gl.constexpr, LOCAL_P_REGS: gl.constexpr, L2_HINTS: gl.constexpr,
     L2_PREFETCH: gl.constexpr,  # read by the PTX patch only (`ptx_hints`): here it keys the build
-    STEP_VIEWS: gl.constexpr,
+    STEP_VIEWS: gl.constexpr, SWEEP: gl.constexpr,
 ):
     gl.static_assert(DV == 512 and DR == 64, "the absorbed DeepSeek MLA widths")
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -391,6 +400,12 @@ def _mla_token_ws_fwd(
     lse_ptr = LSE + b * stride_lb + s
     count = gl.load(CNT + b * stride_cb + s)
     n_steps = gl.cdiv(count, 128)
+    # SWEEP > 0: every other block of SWEEP tokens (counted from the last, as they run) walks its lists
+    # backward, so that a wave starts on the keys the wave before it gathered last (still in L2)
+    if SWEEP > 0:
+        backward = ((gl.program_id(0) // n_h) // SWEEP) % 2
+    else:
+        backward = gl.program_id(0) * 0  # unread
 
     # ---- shared memory: Q, two 64-key blocks (L / V2 / rope), P_1, the row max and sum exchange
     wide_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 256], dtype)
@@ -429,8 +444,8 @@ def _mla_token_ws_fwd(
     # The argument tuples are written inline: a tuple held in a variable turns its constexprs (the
     # consumer's index, the flags) into runtime values.
     gl.warp_specialize([
-        (_producer, (q_row, stride_qh, h0, H, kv_base, stride_kt, idx_row, count, T, qpos, n_steps, q_l, q_v2, q_r,
-                     k_l, k_v2, k_r, positions, q_ready, ready, free, DV, DR, CAUSAL, L2_HINTS)),
+        (_producer, (q_row, stride_qh, h0, H, kv_base, stride_kt, idx_row, count, T, qpos, n_steps, backward, q_l, q_v2,
+                     q_r, k_l, k_v2, k_r, positions, q_ready, ready, free, DV, DR, CAUSAL, L2_HINTS, SWEEP)),
         (_consumer, (0, T, qpos, n_steps, qk_scale_log2, o_row, stride_oh, h0, H, lse_ptr, stride_lh, q_l, q_v2, q_r, k_l,
                      k_v2, k_r, p_1, positions, row_max, row_sum, q_ready, ready, free, max_ready, p_ready, p_1_free,
                      DV, CAUSAL, RETURN_LSE, EARLY_QK_L, LOCAL_P_REGS, STEP_VIEWS)),
@@ -472,6 +487,6 @@ def mla_token_attention_ws(
                 *call.kernel_args(),
                 DV=dv, DR=Dqk - dv, CAUSAL=causal, RETURN_LSE=return_lse, CONSUMER_REGS=cfg["CONSUMER_REGS"],
                 EARLY_QK_L=cfg["EARLY_QK_L"], LOCAL_P_REGS=cfg["LOCAL_P_REGS"], L2_HINTS=cfg["L2_HINTS"],
-                L2_PREFETCH=cfg["L2_PREFETCH"], STEP_VIEWS=cfg["STEP_VIEWS"], num_warps=4,
+                L2_PREFETCH=cfg["L2_PREFETCH"], STEP_VIEWS=cfg["STEP_VIEWS"], SWEEP=cfg["SWEEP"], num_warps=4,
             )
     return call.result()
