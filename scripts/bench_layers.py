@@ -921,7 +921,7 @@ def main():
                   f"{r['kernel_stem_last_chunk_ms']:.2f} | {r['kernel_stem_step1_last_chunk_ms']:.2f} | "
                   f"{r['last_chunk_pairs_stem'] / r['last_chunk_pairs_native']:.4f} | "
                   f"{r['last_chunk_pairs_stem_step1'] / r['last_chunk_pairs_native']:.4f} |")
-        peers = [r for r in dsa if "kernel_last_chunk_native lists, Stem counts_ms" in r]
+        peers = [r for r in dsa if any(f"kernel_last_chunk_{m}_ms" in r for m in COUNT_PEERS)]
         if peers:
             names = [m for m in COUNT_PEERS if f"kernel_last_chunk_{m}_ms" in peers[0]]
             print("\n| DSA S | kernel ms, last 16K queries: native | Stem | " + " | ".join(names)
