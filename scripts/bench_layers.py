@@ -3,7 +3,7 @@
 
 dsa:      a DeepSeek-V3.2 attention layer (transformers' DeepseekV32Attention at real dims: hidden
           7168, 128 heads, MLA kv_lora 512 / rope 64 / nope 128 / v 128, q_lora 1536, indexer
-          64 x 128, top-k 2048), random bf16 weights.
+          64 x 128, top-k 2048), random bf16 weights; hidden states i.i.d. (the bars), or --smooth's.
           (a) dense: every causal key through SDPA, no indexer (stem_boost.wrap(dense=True));
               optionally transformers' own sdpa path (indices -> dense S x T mask, fp32 [S, 64, T]
               indexer scores: out of memory from 16K), (b) native selection + our kernel
@@ -262,15 +262,21 @@ class _Wrapper(torch.nn.Module):
         self.config = config
 
 
-def bench_dsa(seqs, device, native_max_seq):
+def dsa_label(row: dict) -> str:
+    """A DSA row's length, and its hidden-state window when smoothed, for the closing tables."""
+    return f"{row['S']}" + (f" smooth {row['smooth_window']}" if row.get("smooth_window") else "")
+
+
+def bench_dsa(seqs, device, native_max_seq, window: int = 0):
+    """DeepSeek-V3.2 layer rows; window: `smooth_hidden_states`'s (0: i.i.d. positions, the bars' input)."""
     attn, cfg, rotary = dsa_bench_layer(device)
     holder = _Wrapper(attn, cfg)
     rows = []
     for S in seqs:
-        x = torch.randn(1, S, cfg.hidden_size, device=device, dtype=torch.bfloat16)
+        x = smooth_hidden_states(S, cfg.hidden_size, window, device)
         pos = torch.arange(S, device=device)[None]
         pe = rotary(x, pos)
-        row = dict(family="dsa", S=S)
+        row = dict(family="dsa", S=S, smooth_window=window)
         # (a) native sdpa path: 4-D causal mask, the module's own forward
         if S <= native_max_seq:
             def native():
@@ -778,7 +784,8 @@ def main():
                     help="largest S to also time transformers' own DSA sdpa path at (0 = never; OOM from 16K)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--smooth", type=int, nargs="+", default=[0],
-                    help="InfLLMv2 hidden-state windows: 0 = i.i.d. positions; W > 1 = neighbours share W - 1 of W draws")
+                    help="hidden-state windows (InfLLMv2, DeepSeek-V3.2: each in turn; the whole model: the first): 0 = "
+                         "i.i.d. positions (the DSA bars' input); W > 1 = neighbours share W - 1 of W draws")
     ap.add_argument("--min-reps", type=int, default=3,
                     help="timed calls per median at least (5 made a 32K + 128K run of both families outlast 300 s; "
                          "a 128K Stem / native ratio needs 7: with 3 a median moved by up to 40 ms, BENCHMARKS.md §000000)")
@@ -840,7 +847,8 @@ def main():
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     for family in args.family:  # in the order given
         if family == "dsa":
-            res["rows"] += bench_dsa(args.seqs, "cuda", args.native_max_seq)
+            for window in args.smooth:
+                res["rows"] += bench_dsa(args.seqs, "cuda", args.native_max_seq, window)
         elif family == "minicpm4-model":
             res["rows"] += bench_minicpm4_model(args.seqs, "cuda", args.smooth[0], args.model_layers)
         else:
@@ -917,7 +925,7 @@ def main():
               f"native | Stem step {step} | Stem step 1 | pairs there: Stem / native, step {step} | step 1 |")
         print("|---|---|---|---|---|---|---|---|")
         for r in dsa:
-            print(f"| {r['S']} | {r['stem_ms']:.1f} | {r['stem_step1_ms']:.1f} | {r['kernel_native_last_chunk_ms']:.2f} | "
+            print(f"| {dsa_label(r)} | {r['stem_ms']:.1f} | {r['stem_step1_ms']:.1f} | {r['kernel_native_last_chunk_ms']:.2f} | "
                   f"{r['kernel_stem_last_chunk_ms']:.2f} | {r['kernel_stem_step1_last_chunk_ms']:.2f} | "
                   f"{r['last_chunk_pairs_stem'] / r['last_chunk_pairs_native']:.4f} | "
                   f"{r['last_chunk_pairs_stem_step1'] / r['last_chunk_pairs_native']:.4f} |")
@@ -929,7 +937,7 @@ def main():
             print("|---|---|---|" + "---|" * len(names) + "---|" + "---|" * len(names))
             for r in peers:
                 n = r["last_chunk_pairs_native"]
-                print(f"| {r['S']} | {r['kernel_native_last_chunk_ms']:.2f} | {r['kernel_stem_last_chunk_ms']:.2f} | "
+                print(f"| {dsa_label(r)} | {r['kernel_native_last_chunk_ms']:.2f} | {r['kernel_stem_last_chunk_ms']:.2f} | "
                       + " | ".join(f"{r[f'kernel_last_chunk_{m}_ms']:.2f}" for m in names)
                       + f" | {r['last_chunk_pairs_stem'] / n:.4f} | "
                       + " | ".join(f"{r[f'last_chunk_pairs_{m}'] / n:.4f}" for m in names) + " |")
@@ -940,7 +948,7 @@ def main():
             print("|---|---|---|" + "---|---|" * len(SWEEP_PEERS))
             for r in swept:
                 nan = float("nan")
-                print(f"| {r['S']} | {r['kernel_native_last_chunk_ms']:.2f} | {r['kernel_stem_last_chunk_ms']:.2f} | "
+                print(f"| {dsa_label(r)} | {r['kernel_native_last_chunk_ms']:.2f} | {r['kernel_stem_last_chunk_ms']:.2f} | "
                       + " | ".join(f"{r.get(f'kernel_last_chunk_native_sweep{n}_ms', nan):.2f} | "
                                    f"{r.get(f'kernel_last_chunk_stem_sweep{n}_ms', nan):.2f}" for n in SWEEP_PEERS) + " |")
         sm90 = [r for r in dsa if r.get("indexer_topk_sm90_scorer_ms") == r.get("indexer_topk_sm90_scorer_ms")]
@@ -949,7 +957,7 @@ def main():
             print("|---|---|---|---|")
             for r in sm90:
                 ov = r["indexer_sm90_scorer_overlap"]
-                print(f"| {r['S']} | {r['indexer_topk_ms']:.1f} | {r['indexer_topk_sm90_scorer_ms']:.1f} | "
+                print(f"| {dsa_label(r)} | {r['indexer_topk_ms']:.1f} | {r['indexer_topk_sm90_scorer_ms']:.1f} | "
                       f"{'-' if ov is None else f'{ov:.5f}'} |")
         print("\n| DSA S | indexer + top-k ms: default (dtype, sampled) | other dtype | radix select | radix = sampled | "
               "torch.topk | Stem step ms: fused | radix | same set | value norms ms: kept Gram | Gram each call | "
@@ -957,7 +965,7 @@ def main():
               "max rel. diff (per head / fp32) |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in dsa:
-            print(f"| {r['S']} | {r['indexer_topk_ms']:.1f} ({r['indexer_dtype']}) | {r['indexer_topk_other_dtype_ms']:.1f} "
+            print(f"| {dsa_label(r)} | {r['indexer_topk_ms']:.1f} ({r['indexer_dtype']}) | {r['indexer_topk_other_dtype_ms']:.1f} "
                   f"({r['indexer_other_dtype']}) | {r['indexer_topk_radix_ms']:.1f} | {r['radix_same_set']} | "
                   f"{r['indexer_topk_torch_ms']:.1f} | "
                   f"{r['stem_step_ms']:.1f} | "
