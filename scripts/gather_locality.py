@@ -8,7 +8,8 @@ indexer over every causal key), Stem's lists at reduce 0.15 for the same rows (t
 TPD budgets, the OAM bias of the layer's value norms) and Stem's pair count laid out on native's lists
 (`bench.lists.stem_count_peers`), then replays each through the MLA kernel's gather order and an LRU
 model of L2 (`bench.lists.replay_gathers`) at a few capacities, each list walked ascending or, `--sweeps`,
-with alternate blocks of queries walking theirs backward (the kernel's `WS_TILES["SWEEP"]`). Prints a table last; JSON to --out.
+with alternate blocks of queries walking theirs backward (the kernel's `WS_TILES["SWEEP"]`), in lockstep
+waves or, `--jitter`, with the programs drifting apart as they run (`bench.lists.replay_gathers_timed`). Prints a table last; JSON to --out.
 
 On the GPU the kernel took 0.79x native's time on Stem's last 16K rows for 0.715x of the pairs; its
 fixed cost per row explains 0.737. If Stem's lists missed L2 more often per pair than native's, that
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stem_boost.adapters.dsa import latent_value_rms, native_selection  # noqa: E402
 from stem_boost.bench.inputs import dsa_bench_layer  # noqa: E402
-from stem_boost.bench.lists import replay_gathers, stem_count_peers  # noqa: E402
+from stem_boost.bench.lists import replay_gathers, replay_gathers_timed, stem_count_peers  # noqa: E402
 from stem_boost.boost import plan_for, token_budget_step  # noqa: E402
 from stem_boost.config import StemConfig  # noqa: E402
 from stem_boost.native.dsa_indexer import chunked_index_topk, detect_variant, indexer_qk, indexer_weights  # noqa: E402
@@ -83,6 +84,9 @@ def main() -> None:
     ap.add_argument("--sweeps", type=int, nargs="+", default=[0],
                     help="the MLA kernel's SWEEP values replayed (0: every list ascending; N: alternate blocks of N "
                          "queries backward)")
+    ap.add_argument("--jitter", type=float, default=None,
+                    help="replay with the programs' timing (`replay_gathers_timed`): each token's step time varies by "
+                         "this fraction (N(0, 1) a token), so that equal rows drift apart; default: lockstep waves")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -95,7 +99,9 @@ def main() -> None:
         native_pairs = int(lists["native"].counts.sum())
         for name, sel in lists.items():
             for mb, sweep in ((mb, sweep) for mb in args.capacities_mb for sweep in args.sweeps):
-                rep = replay_gathers(sel, int(mb * 2**20 // LATENT_ROW_BYTES), sweep=sweep)
+                capacity = int(mb * 2**20 // LATENT_ROW_BYTES)
+                rep = (replay_gathers(sel, capacity, sweep=sweep) if args.jitter is None else
+                       replay_gathers_timed(sel, capacity, sweep=sweep, jitter=args.jitter, seed=args.seed))
                 rows.append(dict(S=S, lists=name, capacity_mb=mb, sweep=sweep, pairs=int(sel.counts.sum()),
                                  pairs_vs_native=int(sel.counts.sum()) / native_pairs, accesses=rep.accesses,
                                  misses=rep.misses, miss_rate=rep.miss_rate, wave_unique=rep.wave_unique))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stem_boost.bench.lists import replay_gathers, stem_count_peers
+from stem_boost.bench.lists import replay_gathers, replay_gathers_timed, stem_count_peers
 from stem_boost.selection import Selection
 
 
@@ -105,3 +105,52 @@ def test_random_subset_and_shared_peers(seed):
         c = int(shared.counts[0, 0, r])
         assert c == min(int(stem_counts[0, 0, r]), int(native.counts[0, 0, r]), int(native.counts[0, 0, first]))
         assert torch.equal(shared.idx[0, 0, r, :c], native.idx[0, 0, first, :c])
+
+
+def equal_length_lists(g: torch.Generator, R: int, T: int, k: int) -> Selection:
+    idx = torch.stack([torch.randperm(T, generator=g)[:k].sort().values for _ in range(R)]).to(torch.int32)
+    return Selection(idx=idx[None, None], counts=torch.full((1, 1, R), k, dtype=torch.int32), q_offset=0)
+
+
+@pytest.mark.parametrize("capacity,sweep", [(5, 0), (30, 0), (30, 2)])
+def test_timed_replay_in_lockstep_interleaves_keys_by_offset(seed, capacity, sweep):
+    """Without jitter, equal rows run in lockstep waves of `slots` tokens and the j-th keys of a wave's
+    tokens are gathered together: the stream is wave by wave, offset by offset, token by token."""
+    g = torch.Generator().manual_seed(seed)
+    sel = equal_length_lists(g, R=22, T=50, k=9)
+    got = replay_gathers_timed(sel, capacity, slots=4, step_keys=4, warmup=0.25, sweep=sweep, jitter=0.0)
+    idx = sel.idx[0, 0]
+    lists = [idx[r].tolist() for r in range(21, -1, -1)]  # latest first
+    lists = [lst[::-1] if sweep and (j // sweep) % 2 else lst for j, lst in enumerate(lists)]
+    first = int(22 * 0.25)  # the first tokens (latest first) are not counted
+    flat = [(j, k) for w in range(0, 22, 4) for i in range(9) for j, k in
+            ((j, lists[j][i]) for j in range(w, min(w + 4, 22)))]
+    last_seen: dict[int, int] = {}
+    misses = accesses = 0
+    for n, (j, k) in enumerate(flat):
+        prev = last_seen.get(k)
+        miss = prev is None or len({key for _, key in flat[prev + 1:n]}) >= capacity
+        last_seen[k] = n
+        if j >= first:
+            accesses += 1
+            misses += miss
+    assert (got.accesses, got.misses) == (accesses, misses)
+
+
+def test_timed_replay_with_jitter_keeps_its_counts(seed):
+    """With jitter the order is the scheduler's, but every counted pair is one access, and a cache that
+    holds every key misses exactly the counted first reads."""
+    g = torch.Generator().manual_seed(seed)
+    sel = random_lists(g, R=40, T=70, kmax=20)
+    first = int(40 * 0.3)
+    counted = [r for j, r in enumerate(range(39, -1, -1)) if j >= first]
+    want_accesses = sum(int(sel.counts[0, 0, r]) for r in counted)
+    big = replay_gathers_timed(sel, 10_000, slots=3, step_keys=4, warmup=0.3, jitter=0.3, seed=seed)
+    assert big.accesses == want_accesses
+    earlier = {k for j, r in enumerate(range(39, -1, -1)) if j < first for k in sel.idx[0, 0, r, :int(sel.counts[0, 0, r])].tolist()}
+    later = {k for r in counted for k in sel.idx[0, 0, r, :int(sel.counts[0, 0, r])].tolist()}
+    # the warm-up tokens start first, but a slow one may still be gathering when counted tokens begin:
+    # the first reads of keys that only counted tokens hold are misses whatever the order
+    assert big.misses >= len(later - earlier) and big.misses <= len(later)
+    small = replay_gathers_timed(sel, 3, slots=3, step_keys=4, warmup=0.3, jitter=0.3, seed=seed)
+    assert small.accesses == want_accesses and small.misses >= big.misses

@@ -10,14 +10,16 @@ shared less between the rows that run at once, more of its gathers would miss L2
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from ..selection import Selection
 
-__all__ = ["COUNT_PEERS", "GatherReplay", "replay_gathers", "stem_count_peers"]
+__all__ = ["COUNT_PEERS", "GatherReplay", "replay_gathers", "replay_gathers_timed", "stem_count_peers"]
 
 
 # the peers of `stem_count_peers`, in the order the layer benchmark prints them
@@ -125,4 +127,71 @@ def replay_gathers(sel: Selection, capacity_rows: int, wave_queries: int = 66, s
                         if len(cache) > capacity_rows:
                             cache.popitem(last=False)
                     accesses += counted
+    return GatherReplay(accesses=accesses, misses=misses, wave_unique=unique / max(accesses, 1))
+
+
+def _lru_misses(keys: np.ndarray, counted: np.ndarray, capacity_rows: int) -> tuple[int, int]:
+    """(accesses, misses) among the `counted` of an access stream through an LRU of `capacity_rows`."""
+    cache: OrderedDict[int, None] = OrderedDict()
+    accesses = misses = 0
+    for key, c in zip(keys.tolist(), counted.tolist()):
+        if key in cache:
+            cache.move_to_end(key)
+        else:
+            misses += c
+            cache[key] = None
+            if len(cache) > capacity_rows:
+                cache.popitem(last=False)
+        accesses += c
+    return accesses, misses
+
+
+def replay_gathers_timed(sel: Selection, capacity_rows: int, slots: int = 66, step_keys: int = 128,
+                         warmup: float = 0.25, sweep: int = 0, jitter: float = 0.05, fixed_steps: float = 1.2,
+                         seed: int = 0) -> GatherReplay:
+    """`replay_gathers` with the programs' timing instead of lockstep waves: `slots` tokens run at once
+    (a token's two head halves on two SMs read the same keys together: one slot), the next token takes
+    the first slot that frees, and the gathers of all running tokens merge by time into the LRU.
+
+    A token of n keys runs fixed_steps + ceil(n / step_keys) steps (the fixed cost: its queries, output
+    and pipeline fill), each step lasting 1 x (1 + jitter z), z ~ N(0, 1) drawn per token (`seed`), so
+    that equal rows drift apart as they do on a GPU; its j-th key is gathered at start + (fixed_steps / 2
+    + j / step_keys) steps. sweep > 0: alternate blocks of `sweep` tokens walk their lists backward.
+    Tokens in the first `warmup` fraction are not counted. wave_unique: as `replay_gathers` (blocks of
+    `slots` consecutive tokens)."""
+    if sel.batch != 1 or sel.idx.shape[1] != 1:
+        raise ValueError(f"replay_gathers_timed takes one batch row and one selection head; got idx {tuple(sel.idx.shape)}")
+    if capacity_rows < 1 or slots < 1 or step_keys < 1 or sweep < 0 or jitter < 0 or fixed_steps < 0 or not 0 <= warmup < 1:
+        raise ValueError(f"capacity_rows={capacity_rows}, slots={slots}, step_keys={step_keys} must be >= 1, sweep={sweep}, "
+                         f"jitter={jitter} and fixed_steps={fixed_steps} >= 0, warmup={warmup} in [0, 1)")
+    idx = sel.idx[0, 0].cpu().numpy()
+    counts = sel.counts[0, 0].cpu().numpy()
+    R = idx.shape[0]
+    rng = np.random.default_rng(seed)
+    speed = np.clip(1.0 + jitter * rng.standard_normal(R), 0.1, None)
+    free = [(0.0, k) for k in range(slots)]
+    heapq.heapify(free)
+    first_counted = int(R * warmup)
+    keys, times, counted = [], [], []
+    unique = 0
+    block: list[np.ndarray] = []
+    for j, r in enumerate(range(R - 1, -1, -1)):  # late tokens first
+        lst = idx[r, :counts[r]]
+        if sweep and (j // sweep) % 2:
+            lst = lst[::-1]
+        start, slot = heapq.heappop(free)
+        d = speed[j]
+        times.append(start + d * (fixed_steps / 2 + np.arange(lst.size) / step_keys))
+        keys.append(lst)
+        counted.append(np.full(lst.size, j >= first_counted))
+        heapq.heappush(free, (start + d * (fixed_steps + -(-lst.size // step_keys)), slot))
+        if j >= first_counted:
+            block.append(lst)
+        if len(block) == slots or (j == R - 1 and block):
+            unique += np.unique(np.concatenate(block)).size
+            block = []
+    if not keys:
+        return GatherReplay(accesses=0, misses=0, wave_unique=0.0)
+    order = np.argsort(np.concatenate(times), kind="stable")
+    accesses, misses = _lru_misses(np.concatenate(keys)[order], np.concatenate(counted)[order], capacity_rows)
     return GatherReplay(accesses=accesses, misses=misses, wave_unique=unique / max(accesses, 1))
