@@ -73,9 +73,10 @@ KEYS_PER_STEP = 2 * BLOCK_K  # selected keys a step (a row's last step is padded
 # none); 128 = the latent row's granularity (1152 = 9 x 128 bytes), so it fetches no byte the kernel does not
 # read: 0.996-0.998x of none in that run (256: 0.997-1.005x, evict-last hints with it 1.002-1.015x)
 # SWEEP: 0 = every list walked by ascending slot; N > 0 = alternate blocks of N tokens walk theirs backward
-# (the same keys and sums in another order). An LRU model of a 50 MB L2 over the benchmark layer's lists
-# (`scripts/gather_locality.py`, BENCHMARKS.md §000000000000000000000000) gave Stem's lists 0.23-0.36 of
-# their gathers missing at 64K keys instead of 0.47 (native's unchanged at 0.30): not yet timed on a GPU
+# (the same keys and sums in another order, each wave starting on what the one before fetched last). An
+# LRU model of a 50 MB L2 fed the benchmark layer's lists in the programs' timing (`scripts/gather_locality.py
+# --jitter 0.05`, BENCHMARKS.md §000000000000000000000000) saves 0.02-0.05 of Stem's misses with 66 and
+# none with 33: off, not yet timed on a GPU
 WS_TILES = dict(CONSUMER_REGS=208, EARLY_QK_L=False, LOCAL_P_REGS=True, L2_HINTS=False, L2_PREFETCH=128,
                 STEP_VIEWS=True, SWEEP=0)
 REINTERPRET_IS_PUBLIC = gl.constexpr(PUBLIC_REINTERPRET)
