@@ -5,7 +5,8 @@
 Builds the DeepSeek-V3.2 layer of `scripts/bench_layers.py --family dsa` (real dims, random weights,
 i.i.d. hidden states; fp32 here), the native top-2048 lists of its last `--rows` query rows (the fp32
 indexer over every causal key), Stem's lists at reduce 0.15 for the same rows (the whole prefill's
-TPD budgets, the OAM bias of the layer's value norms) and Stem's pair count laid out on native's lists
+TPD budgets in the default multiples of 128 keys and, as "stem, budget step 1", the exact line, with the OAM
+bias of the layer's value norms) and Stem's pair count laid out on native's lists
 (`bench.lists.stem_count_peers`), then replays each through the MLA kernel's gather order and an LRU
 model of L2 (`bench.lists.replay_gathers`) at a few capacities, each list walked ascending or, `--sweeps`,
 with alternate blocks of queries walking theirs backward (the kernel's `WS_TILES["SWEEP"]`), in lockstep
@@ -69,10 +70,12 @@ def layer_lists(S: int, rows: int, seed: int, key_chunk: int = 8192) -> dict:
         w_uv = attn.kv_b_proj.weight.view(cfg.num_attention_heads, -1, cfg.kv_lora_rank)[:, cfg.qk_nope_head_dim:]
         norms = latent_value_rms(latent, w_uv, tensor_cores=False)  # [1, 1, S]
     c = StemConfig(reduce=0.15)
-    budgets = plan_for(torch.arange(1, S + 1), indexer.index_topk, c, token_budget_step(indexer.index_topk, c)).budgets
     bias = oam_bias(norms, beta=c.beta, norm=c.oam_norm)
-    stem = replace(stem_select(native.idx, top.scores.unsqueeze(1), budgets[r0:], key_bias=bias), q_offset=r0)
-    return {"native": native, "stem": stem, **stem_count_peers(native, stem)}
+    lists = {"native": native}
+    for name, step in (("stem", token_budget_step(indexer.index_topk, c)), ("stem, budget step 1", 1)):
+        budgets = plan_for(torch.arange(1, S + 1), indexer.index_topk, c, step).budgets  # the whole prefill's
+        lists[name] = replace(stem_select(native.idx, top.scores.unsqueeze(1), budgets[r0:], key_bias=bias), q_offset=r0)
+    return {**lists, **stem_count_peers(native, lists["stem"])}
 
 
 def main() -> None:
