@@ -415,13 +415,54 @@ def indexer_overlap(attn, x, pe, pos, n_rows: int) -> float:
 SWEEP_PEERS = (33, 66)
 
 
+def last_chunk_kernel_times(q, kv, native, stem, stem_step1, label: str) -> dict:
+    """The MLA kernel on the last chunk's lists (Selections of its rows), every list timed in one
+    alternation (`timed_interleaved`), so that a clock drifting over the run weighs on all alike:
+    native, Stem, Stem on the exact TPD line, Stem's pair count laid out on native's lists
+    (`stem_count_peers`) and, on Hopper, native and Stem with the kernel's SWEEP_PEERS. Returns
+    kernel_{native,stem,stem_step1}_last_chunk_ms, kernel_last_chunk_{peer}_ms, last_chunk_pairs_{peer}
+    and each list's median per-round ratio to native (kernel_last_chunk_paired: {name: ratio})."""
+    from stem_boost.kernels import sparse_attention
+
+    kern = lambda s: sparse_attention(q, kv, kv[..., :512], s, check=False)  # noqa: E731
+    fns = {"native": lambda: kern(native), "stem": lambda: kern(stem), "stem_step1": lambda: kern(stem_step1)}
+    out = {}
+    try:  # diagnostic peers: a failure is printed, the main three kept
+        for name, peer in stem_count_peers(native, stem).items():
+            fns[name] = lambda peer=peer: kern(peer)
+            out[f"last_chunk_pairs_{name}"] = int(peer.counts.sum())
+    except Exception as err:  # noqa: BLE001
+        note(f"{label}: the Stem-count peers failed: {err!r}")
+    if torch.cuda.get_device_capability()[0] == 9:  # the Hopper kernel walking alternate token blocks backward
+        from stem_boost.kernels import mla_token_ws
+
+        def swept(sel, sweep):
+            with library_setting(mla_token_ws, "WS_TILES", {**mla_token_ws.WS_TILES, "SWEEP": sweep}):
+                return kern(sel)
+        for sweep in SWEEP_PEERS:
+            for name, sel in (("native", native), ("stem", stem)):
+                fns[f"{name}_sweep{sweep}"] = lambda sel=sel, sweep=sweep: swept(sel, sweep)
+    try:
+        got = timed_interleaved(fns, rep_ms=3000)
+    except Exception as err:  # noqa: BLE001
+        note(f"{label}: the kernel peers failed ({err!r}); the main three alone")
+        fns = {n: fns[n] for n in ("native", "stem", "stem_step1")}
+        got = timed_interleaved(fns, rep_ms=3000)
+    main = {"native": "kernel_native_last_chunk_ms", "stem": "kernel_stem_last_chunk_ms",
+            "stem_step1": "kernel_stem_step1_last_chunk_ms"}
+    for name, (ms, _, _) in got.items():
+        out[main.get(name, f"kernel_last_chunk_{name}_ms")] = ms
+    if "native" in LAST_TIMES:
+        out["kernel_last_chunk_paired"] = {n: paired_ratio(LAST_TIMES, n, "native") for n in LAST_TIMES if n != "native"}
+    return out
+
+
 def dsa_breakdown(attn, x, pe, pos) -> dict:
     """Milliseconds of the parts: chunked fused indexer top-k, the Stem step, the absorbed kernel."""
     from stem_boost.adapters.dsa import latent_value_norms, latent_value_rms, native_selection, value_gram
     from stem_boost.boost import stem_step
     from stem_boost.config import StemConfig
     from stem_boost.native.dsa_indexer import dsa_indexer_topk
-    from stem_boost.kernels import sparse_attention
     from stem_boost.oam import aggregate_heads
 
     S = x.shape[1]
@@ -492,33 +533,10 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
         chunk = min(S, 16384)
         q = torch.randn(1, chunk, 128, 576, device=x.device, dtype=x.dtype)
         kv = torch.randn(1, S, 1, 576, device=x.device, dtype=x.dtype)
-        kern = lambda s: sparse_attention(q, kv, kv[..., :512], s.rows(S - chunk, S), check=False)
-        ms_k_native, _ = timed(lambda: kern(native))
-        ms_k_stem, _ = timed(lambda: kern(sel))
-        ms_k_stem_step1, _ = timed(lambda: kern(sel_step1))
         pairs = lambda s: int(s.rows(S - chunk, S).counts.sum())  # noqa: E731
-        # what the kernel's time on Stem's rows follows: its lengths or its key positions (`stem_count_peers`)
-        count_peers = {}
-        try:  # a diagnostic peer: its failure is printed, the row's other figures kept
-            for name, peer in stem_count_peers(native.rows(S - chunk, S), sel.rows(S - chunk, S)).items():
-                ms, _ = timed(lambda peer=peer: sparse_attention(q, kv, kv[..., :512], peer, check=False))
-                count_peers[f"kernel_last_chunk_{name}_ms"] = ms
-                count_peers[f"last_chunk_pairs_{name}"] = int(peer.counts.sum())
-        except Exception as err:  # noqa: BLE001
-            note(f"dsa S={S}: the Stem-count peers failed: {err!r}")
-            count_peers = {}
-        # the Hopper kernel walking alternate blocks of tokens' lists backward (`mla_token_ws.WS_TILES["SWEEP"]`)
-        if torch.cuda.get_device_capability()[0] == 9:
-            from stem_boost.kernels import mla_token_ws
-
-            for sweep in SWEEP_PEERS:
-                try:
-                    with library_setting(mla_token_ws, "WS_TILES", {**mla_token_ws.WS_TILES, "SWEEP": sweep}):
-                        for name, s in (("native", native), ("stem", sel)):
-                            count_peers[f"kernel_last_chunk_{name}_sweep{sweep}_ms"], _ = timed(lambda s=s: kern(s))
-                except Exception as err:  # noqa: BLE001
-                    note(f"dsa S={S}: the SWEEP={sweep} peers failed: {err!r}")
-    return dict(**count_peers, kernel_stem_step1_last_chunk_ms=ms_k_stem_step1, last_chunk_pairs_native=pairs(native),
+        kernel = last_chunk_kernel_times(q, kv, native.rows(S - chunk, S), sel.rows(S - chunk, S),
+                                         sel_step1.rows(S - chunk, S), f"dsa S={S}")
+    return dict(**kernel, last_chunk_pairs_native=pairs(native),
                 last_chunk_pairs_stem=pairs(sel), last_chunk_pairs_stem_step1=pairs(sel_step1),
                 indexer_dtype=str(default_dtype), indexer_other_dtype=str(other_dtype),
                 indexer_topk_ms=ms_index, indexer_topk_torch_ms=ms_index_torch, indexer_topk_other_dtype_ms=ms_index_other,
@@ -529,7 +547,7 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
                 value_norms_per_head_ms=ms_norms_per_head,
                 value_norms_max_rel_err=norms_rel_err, value_norms_fp32_ms=ms_norms_fp32,
                 value_norms_fp32_rel_err=norms_fp32_rel_err,
-                kernel_native_last_chunk_ms=ms_k_native, kernel_stem_last_chunk_ms=ms_k_stem, kernel_chunk=chunk)
+                kernel_chunk=chunk)
 
 
 # Stem's InfLLMv2 peers timed in the alternation beside the default (`tile_tokens="auto"`: 4 tokens a row):
@@ -941,6 +959,14 @@ def main():
                       + " | ".join(f"{r[f'kernel_last_chunk_{m}_ms']:.2f}" for m in names)
                       + f" | {r['last_chunk_pairs_stem'] / n:.4f} | "
                       + " | ".join(f"{r[f'last_chunk_pairs_{m}'] / n:.4f}" for m in names) + " |")
+        paired = [r for r in dsa if r.get("kernel_last_chunk_paired")]
+        if paired:  # each list's kernel time over native's, the median of the rounds of one alternation
+            names = list(paired[0]["kernel_last_chunk_paired"])
+            print("\n| DSA S | last-chunk kernel / native's, paired rounds: " + " | ".join(names) + " |")
+            print("|---|" + "---|" * len(names))
+            for r in paired:
+                ratios = r["kernel_last_chunk_paired"]
+                print(f"| {dsa_label(r)} | " + " | ".join(f"{ratios.get(n, float('nan')):.3f}" for n in names) + " |")
         swept = [r for r in dsa if any(f"kernel_last_chunk_stem_sweep{n}_ms" in r for n in SWEEP_PEERS)]
         if swept:
             print("\n| DSA S | kernel ms, last 16K queries: native | Stem | "

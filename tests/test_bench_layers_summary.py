@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROWS = Path(__file__).resolve().parents[1] / "benchmarks" / "layers_dsa_session25_call4_2026-12-05.json"
@@ -31,6 +33,8 @@ def test_dsa_tables_print_every_peer(bench_layers, monkeypatch, capsys, seed):
         for n in bench_layers.SWEEP_PEERS:
             for name in ("native", "stem"):
                 r[f"kernel_last_chunk_{name}_sweep{n}_ms"] = want[label(r), name, n] = rng.uniform(10, 30)
+        want[label(r), "paired"] = rng.uniform(0.6, 0.9)
+        r["kernel_last_chunk_paired"] = {"stem": want[label(r), "paired"], "shared lists": 0.5}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a recorded run")
     monkeypatch.setattr(bench_layers, "bench_dsa", lambda *a: rows)
@@ -48,3 +52,51 @@ def test_dsa_tables_print_every_peer(bench_layers, monkeypatch, capsys, seed):
                           if line.startswith(f"| {lab} | ") and f"{want[lab, 'native', bench_layers.SWEEP_PEERS[0]]:.2f}" in line)
         for n in bench_layers.SWEEP_PEERS:
             assert f"| {want[lab, 'native', n]:.2f} | {want[lab, 'stem', n]:.2f} |" in sweep_line
+        assert f"| {lab} | {want[lab, 'paired']:.3f} | 0.500 |" in out
+
+
+def test_last_chunk_kernels_are_timed_in_one_alternation(bench_layers, monkeypatch, seed):
+    """`last_chunk_kernel_times` hands native, Stem, the exact line, every count peer and (on Hopper) the
+    SWEEP peers to one `timed_interleaved` call, each a callable that runs the kernel on its own lists, and
+    maps the medians and per-round ratios to the row's keys."""
+    from stem_boost.selection import Selection
+
+    g = torch.Generator().manual_seed(seed)
+    R, T, H = 6, 40, 2
+    q = torch.randn(1, R, H, 576, generator=g)
+    kv = torch.randn(1, T, 1, 576, generator=g)
+
+    def lists(k: int) -> Selection:
+        idx = torch.stack([torch.randperm(T - R + r + 1, generator=g)[:k].sort().values for r in range(R)])
+        return Selection(idx=idx.to(torch.int32)[None, None], counts=torch.full((1, 1, R), k, dtype=torch.int32),
+                         q_offset=T - R)
+
+    native, stem, step1 = lists(16), lists(11), lists(12)
+    ran = {}
+
+    def fake_interleaved(fns, rep_ms=1500, min_reps=None):
+        rng = random.Random(seed)
+        times = {}
+        for name, fn in fns.items():
+            out = fn()
+            ran[name] = out.shape
+            times[name] = [rng.uniform(1, 2) for _ in range(3)]
+        bench_layers.LAST_TIMES.clear()
+        bench_layers.LAST_TIMES.update(times)
+        return {n: (sorted(t)[1], 0.0, 0.0) for n, t in times.items()}
+
+    monkeypatch.setattr(bench_layers, "timed_interleaved", fake_interleaved)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    got = bench_layers.last_chunk_kernel_times(q, kv, native, stem, step1, "test")
+    want_names = {"native", "stem", "stem_step1", *bench_layers.COUNT_PEERS,
+                  *(f"{n}_sweep{s}" for s in bench_layers.SWEEP_PEERS for n in ("native", "stem"))}
+    assert set(ran) == want_names and all(shape == (1, R, H, 512) for shape in ran.values())
+    times = bench_layers.LAST_TIMES
+    assert got["kernel_native_last_chunk_ms"] == sorted(times["native"])[1]
+    assert got["kernel_stem_step1_last_chunk_ms"] == sorted(times["stem_step1"])[1]
+    for m in bench_layers.COUNT_PEERS:
+        assert got[f"kernel_last_chunk_{m}_ms"] == sorted(times[m])[1] and got[f"last_chunk_pairs_{m}"] > 0
+    for s in bench_layers.SWEEP_PEERS:
+        assert got[f"kernel_last_chunk_stem_sweep{s}_ms"] == sorted(times[f"stem_sweep{s}"])[1]
+    ratio = statistics.median(a / b for a, b in zip(times["stem"], times["native"]))
+    assert got["kernel_last_chunk_paired"]["stem"] == pytest.approx(ratio)
