@@ -454,6 +454,8 @@ def last_chunk_kernel_times(q, kv, native, stem, stem_step1, label: str) -> dict
         out[main.get(name, f"kernel_last_chunk_{name}_ms")] = ms
     if "native" in LAST_TIMES:
         out["kernel_last_chunk_paired"] = {n: paired_ratio(LAST_TIMES, n, "native") for n in LAST_TIMES if n != "native"}
+    if LAST_CLOCKS:
+        out["kernel_last_chunk_sm_clock_mhz_min_max"] = (min(LAST_CLOCKS), max(LAST_CLOCKS))
     return out
 
 
