@@ -19,7 +19,8 @@ pytestmark = [
 @pytest.mark.parametrize("tiles", [None, dict(CONSUMER_REGS=232), dict(CONSUMER_REGS=192), dict(EARLY_QK_L=True), dict(LOCAL_P_REGS=False),
                                    dict(L2_HINTS=True), dict(STEP_VIEWS=False), dict(L2_PREFETCH=256),
                                    dict(L2_HINTS=True, L2_PREFETCH=128),
-                                   dict(SWEEP=3)])  # None: the defaults (WS_TILES); SWEEP 3: rows walked both ways
+                                   dict(SWEEP=3)],  # None: the defaults (WS_TILES); SWEEP 3: rows walked both ways
+                         ids=lambda t: "default" if t is None else "-".join(f"{k}={v}" for k, v in t.items()))
 @pytest.mark.parametrize("B,S,T,H,kmax,dtype", [
     (1, 70, 300, 128, 200, torch.bfloat16),  # DeepSeek-V3.2's 128 heads, rows of 0..200 keys (ragged last step)
     (2, 33, 600, 64, 520, torch.float16),    # 64 heads (tensor parallel 2), a batch, five steps of 128 keys
