@@ -36,15 +36,16 @@ def stream_in_kernel_order(sel: Selection, wave: int, step: int, sweep: int = 0)
     return out
 
 
-def lru_misses_by_reuse_distance(waves: list[list[int]], capacity: int, first_counted: int) -> tuple[int, int]:
-    flat = [(w, k) for w, keys in enumerate(waves) for k in keys]
+def lru_misses_by_reuse_distance(stream: list[tuple[bool, int]], capacity: int) -> tuple[int, int]:
+    """(accesses, misses) among the counted of a stream of (counted, key): a read misses when the key is
+    new or at least `capacity` distinct keys were read since its last read."""
     last_seen: dict[int, int] = {}
     misses = accesses = 0
-    for i, (w, k) in enumerate(flat):
+    for i, (counted, k) in enumerate(stream):
         j = last_seen.get(k)
-        miss = j is None or len({key for _, key in flat[j + 1:i]}) >= capacity
+        miss = j is None or len({key for _, key in stream[j + 1:i]}) >= capacity
         last_seen[k] = i
-        if w >= first_counted:
+        if counted:
             accesses += 1
             misses += miss
     return accesses, misses
@@ -56,7 +57,9 @@ def test_replay_matches_an_lru_oracle(seed, capacity, sweep):
     sel = random_lists(g, R=23, T=60, kmax=17)
     got = replay_gathers(sel, capacity, wave_queries=4, step_keys=5, warmup=0.3, sweep=sweep)
     waves = stream_in_kernel_order(sel, 4, 5, sweep)
-    accesses, misses = lru_misses_by_reuse_distance(waves, capacity, int(len(waves) * 0.3))
+    first = int(len(waves) * 0.3)
+    accesses, misses = lru_misses_by_reuse_distance([(w >= first, k) for w, keys in enumerate(waves) for k in keys],
+                                                    capacity)
     assert (got.accesses, got.misses) == (accesses, misses)
     counted = [k for w in waves[int(len(waves) * 0.3):] for k in w]
     # distinct keys of each counted wave, summed, per counted access
@@ -123,18 +126,8 @@ def test_timed_replay_in_lockstep_interleaves_keys_by_offset(seed, capacity, swe
     lists = [idx[r].tolist() for r in range(21, -1, -1)]  # latest first
     lists = [lst[::-1] if sweep and (j // sweep) % 2 else lst for j, lst in enumerate(lists)]
     first = int(22 * 0.25)  # the first tokens (latest first) are not counted
-    flat = [(j, k) for w in range(0, 22, 4) for i in range(9) for j, k in
-            ((j, lists[j][i]) for j in range(w, min(w + 4, 22)))]
-    last_seen: dict[int, int] = {}
-    misses = accesses = 0
-    for n, (j, k) in enumerate(flat):
-        prev = last_seen.get(k)
-        miss = prev is None or len({key for _, key in flat[prev + 1:n]}) >= capacity
-        last_seen[k] = n
-        if j >= first:
-            accesses += 1
-            misses += miss
-    assert (got.accesses, got.misses) == (accesses, misses)
+    stream = [(j >= first, lists[j][i]) for w in range(0, 22, 4) for i in range(9) for j in range(w, min(w + 4, 22))]
+    assert (got.accesses, got.misses) == lru_misses_by_reuse_distance(stream, capacity)
 
 
 def test_timed_replay_with_jitter_keeps_its_counts(seed):

@@ -106,8 +106,9 @@ def replay_gathers(sel: Selection, capacity_rows: int, wave_queries: int = 66, s
     order = list(range(R - 1, -1, -1))  # late tokens first
     waves = [order[w:w + wave_queries] for w in range(0, R, wave_queries)]
     first_counted = int(len(waves) * warmup)
-    cache: OrderedDict[int, None] = OrderedDict()
-    accesses = misses = unique = 0
+    keys: list[int] = []
+    counted_flags: list[bool] = []
+    unique = 0
     for w, wave in enumerate(waves):
         lists = [idx[r, :counts[r]].tolist() for r in wave]
         if sweep:
@@ -116,17 +117,12 @@ def replay_gathers(sel: Selection, capacity_rows: int, wave_queries: int = 66, s
         counted = w >= first_counted
         if counted:
             unique += len(set().union(*lists)) if lists else 0
-        for s in range(n_steps):
+        for s in range(n_steps):  # the wave's programs side by side, a step of keys each in turn
             for lst in lists:
-                for key in lst[s * step_keys:(s + 1) * step_keys]:
-                    if key in cache:
-                        cache.move_to_end(key)
-                    else:
-                        misses += counted
-                        cache[key] = None
-                        if len(cache) > capacity_rows:
-                            cache.popitem(last=False)
-                    accesses += counted
+                step = lst[s * step_keys:(s + 1) * step_keys]
+                keys += step
+                counted_flags += [counted] * len(step)
+    accesses, misses = _lru_misses(np.asarray(keys, dtype=np.int64), np.asarray(counted_flags, dtype=bool), capacity_rows)
     return GatherReplay(accesses=accesses, misses=misses, wave_unique=unique / max(accesses, 1))
 
 
