@@ -41,5 +41,7 @@ def test_ws_rejects_unknown_tiles_and_other_widths():
     counts = torch.ones(1, 4, dtype=torch.int32, device="cuda")
     with pytest.raises(ValueError, match="BLOCK_N"):
         mla_token_attention_ws(q, kv, idx, counts, tiles=dict(BLOCK_N=64))
+    with pytest.raises(ValueError, match="SWEEP=-1"):
+        mla_token_attention_ws(q, kv, idx, counts, tiles=dict(SWEEP=-1))
     with pytest.raises(ValueError, match="dv 256"):
         mla_token_attention_ws(q, kv, idx, counts, dv=256)

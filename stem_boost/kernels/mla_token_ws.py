@@ -481,6 +481,8 @@ def mla_token_attention_ws(
     B, S, H, Dqk = call.q.shape
     cfg = dict(WS_TILES)
     cfg.update(tiles or {})
+    if isinstance(cfg["SWEEP"], bool) or not isinstance(cfg["SWEEP"], int) or cfg["SWEEP"] < 0:
+        raise ValueError(f"SWEEP={cfg['SWEEP']!r}; allowed: 0 (every list ascending) or N > 0 tokens a block")
     grid = (S * triton.cdiv(H, BLOCK_H), 1, B)
     if S and B:
         with l2_prefetch_on_copies("_mla_token_ws_fwd", cfg["L2_PREFETCH"]):  # applied if this launch compiles
