@@ -75,8 +75,9 @@ KEYS_PER_STEP = 2 * BLOCK_K  # selected keys a step (a row's last step is padded
 # SWEEP: 0 = every list walked by ascending slot; N > 0 = alternate blocks of N tokens walk theirs backward
 # (the same keys and sums in another order, each wave starting on what the one before fetched last). An
 # LRU model of a 50 MB L2 fed the benchmark layer's lists in the programs' timing (`scripts/gather_locality.py
-# --jitter 0.05`, BENCHMARKS.md §000000000000000000000000) saves 0.02-0.05 of Stem's misses with 66 and
-# none with 33: off, not yet timed on a GPU
+# --jitter 0.05`) saves 0.02-0.05 of Stem's misses with 66 and none with 33; on an H100 the last 16K rows of
+# the 128K DSA layer ran 0.996-1.008x of the default's time with 33 / 66 (Stem's lists; native's 0.978-1.003x;
+# BENCHMARKS.md §000000000000000000000000 (g)): off
 WS_TILES = dict(CONSUMER_REGS=208, EARLY_QK_L=False, LOCAL_P_REGS=True, L2_HINTS=False, L2_PREFETCH=128,
                 STEP_VIEWS=True, SWEEP=0)
 REINTERPRET_IS_PUBLIC = gl.constexpr(PUBLIC_REINTERPRET)
