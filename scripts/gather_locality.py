@@ -12,9 +12,10 @@ model of L2 (`bench.lists.replay_gathers`) at a few capacities, each list walked
 with alternate blocks of queries walking theirs backward (the kernel's `WS_TILES["SWEEP"]`), in lockstep
 waves or, `--jitter`, with the programs drifting apart as they run (`bench.lists.replay_gathers_timed`). Prints a table last; JSON to --out.
 
-On the GPU the kernel took 0.79x native's time on Stem's last 16K rows for 0.715x of the pairs; its
-fixed cost per row explains 0.737. If Stem's lists missed L2 more often per pair than native's, that
-would be the rest.
+Why: timed one list after another, the kernel read 0.79x native's time on Stem's last 16K rows for
+0.715x of the pairs, where its fixed cost per row explains 0.737; more misses per pair would have been
+the rest. The timed replay (`--jitter`) gives Stem none, and in one alternation on a GPU the kernel
+reads 0.745x (BENCHMARKS.md, twenty-sixth session).
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@
 (`stem_count_peers`), and what the absorbed-MLA kernel's gathers cost in L2 on a list
 (`replay_gathers`: its programs' order through a least-recently-used cache of latent rows).
 
-Why the replay: on the DeepSeek-V3.2 benchmark layer the MLA kernel takes 0.79x native's time on Stem's
-lists for 0.715x of the pairs, more than its fixed cost per row explains. If Stem's kept keys were
-shared less between the rows that run at once, more of its gathers would miss L2 and come from HBM
-(at 128K keys the 576-wide latent cache is 151 MB, three times an H200's L2).
+Why the replay: timed one list after another, the MLA kernel on the DeepSeek-V3.2 benchmark layer read
+0.79x native's time on Stem's lists for 0.715x of the pairs, more than its fixed cost per row explains.
+If Stem's kept keys were shared less between the rows that run at once, more of its gathers would miss
+L2 (at 128K keys the 576-wide latent cache is 151 MB, three times an H200's L2). The timed replay gives
+Stem no extra misses, and timed in one alternation the kernel reads 0.745x, the fixed-cost line
+(BENCHMARKS.md, twenty-sixth session): the 0.79 was the timing order.
 """
 
 from __future__ import annotations
