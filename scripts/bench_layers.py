@@ -54,6 +54,7 @@ PROFILE_OPS = False  # --profile-ops: also the PyTorch operators behind the kern
 PROFILE_TABLES = False  # --profile: one native and one Stem forward's kernel tables
 PROFILE_AB = 0  # --profile-ab N: N profiled forwards of each interleaved config, kernel by kernel side by side
 ALL_PEERS = True  # --peers main: skip the part peers measured before (other dtype, radix, torch.topk)
+SWEEP_TIMED = False  # --sweep-peers: the MLA kernel's SWEEP peers on the last chunk (measured no gain: off)
 
 
 def profiling(S: int) -> bool:
@@ -353,22 +354,31 @@ def profile_alternating(label: str, fns: dict, rounds: int, rows: int = 14) -> d
     Returns {name: {"wall_ms", "kernel_ms", "kernels": {kernel: mean ms}}}."""
     names = list(fns)
     kernels = {n: {} for n in names}
+    ops = {n: {} for n in names}  # with PROFILE_OPS: "operator shapes" -> mean ms of the kernels it launched
     wall = {n: [] for n in names}
     busy = {n: [] for n in names}
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    if PROFILE_OPS:
+        activities.insert(0, torch.profiler.ProfilerActivity.CPU)
     for r in range(rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            with torch.profiler.profile(activities=activities, record_shapes=PROFILE_OPS) as prof:
                 start.record()
                 fns[n]()
                 end.record()
                 torch.cuda.synchronize()
             total = 0.0
             for e in prof.key_averages():
-                if e.device_time_total > 0:
+                if e.device_time_total > 0 and is_kernel_event(e):
                     kernels[n][e.key] = kernels[n].get(e.key, 0.0) + e.device_time_total / 1e3 / rounds
                     total += e.device_time_total / 1e3
+            if PROFILE_OPS:
+                for e in prof.key_averages(group_by_input_shape=True):
+                    if e.key.startswith("aten::") and e.self_device_time_total > 0:
+                        key = f"{e.key} {str(e.input_shapes)[:100]}"
+                        ops[n][key] = ops[n].get(key, 0.0) + e.self_device_time_total / 1e3 / rounds
             busy[n].append(total)
             wall[n].append(start.elapsed_time(end))
     out = {n: dict(wall_ms=statistics.median(wall[n]), kernel_ms=statistics.median(busy[n]), kernels=kernels[n])
@@ -385,7 +395,25 @@ def profile_alternating(label: str, fns: dict, rounds: int, rows: int = 14) -> d
         for k in diffs[:rows]:
             a, b = kernels[ref].get(k, 0.0), kernels[n].get(k, 0.0)
             print(f"[profile-ab]     {b - a:+8.2f}  ({a:8.2f} -> {b:8.2f})  {k[:80]}", flush=True)
+        if PROFILE_OPS:  # the same by operator and input shapes: which call of a shared kernel moved
+            print(f"[profile-ab]   {n} - {ref}, by operator and input shapes (ms):", flush=True)
+            for k, a, b in ops_that_differ(ops[ref], ops[n], rows):
+                print(f"[profile-ab op]  {b - a:+8.2f}  ({a:8.2f} -> {b:8.2f})  {k[:150]}", flush=True)
     return out
+
+
+def is_kernel_event(e) -> bool:
+    """Whether a profiler average is a device kernel (not a CPU operator whose device time counts
+    the kernels it launched: with CPU activity recorded, both appear)."""
+    device_type = getattr(e, "device_type", None)
+    return device_type is None or device_type == torch.autograd.DeviceType.CUDA
+
+
+def ops_that_differ(ref: dict, other: dict, rows: int) -> list[tuple[str, float, float]]:
+    """(key, ref ms, other ms) of the `rows` keys whose times differ most, largest difference first;
+    a key missing on one side counts 0 there."""
+    keys = sorted(set(ref) | set(other), key=lambda k: -abs(other.get(k, 0.0) - ref.get(k, 0.0)))
+    return [(k, ref.get(k, 0.0), other.get(k, 0.0)) for k in keys[:rows]]
 
 
 def indexer_overlap(attn, x, pe, pos, n_rows: int) -> float:
@@ -419,7 +447,7 @@ def last_chunk_kernel_times(q, kv, native, stem, stem_step1, label: str) -> dict
     """The MLA kernel on the last chunk's lists (Selections of its rows), every list timed in one
     alternation (`timed_interleaved`), so that a clock drifting over the run weighs on all alike:
     native, Stem, Stem on the exact TPD line, Stem's pair count laid out on native's lists
-    (`stem_count_peers`) and, on Hopper, native and Stem with the kernel's SWEEP_PEERS. Returns
+    (`stem_count_peers`) and, on Hopper with --sweep-peers, native and Stem with the kernel's SWEEP_PEERS. Returns
     kernel_{native,stem,stem_step1}_last_chunk_ms, kernel_last_chunk_{peer}_ms, last_chunk_pairs_{peer}
     and each list's median per-round ratio to native (kernel_last_chunk_paired: {name: ratio})."""
     from stem_boost.kernels import sparse_attention
@@ -433,7 +461,7 @@ def last_chunk_kernel_times(q, kv, native, stem, stem_step1, label: str) -> dict
             out[f"last_chunk_pairs_{name}"] = int(peer.counts.sum())
     except Exception as err:  # noqa: BLE001
         note(f"{label}: the Stem-count peers failed: {err!r}")
-    if torch.cuda.get_device_capability()[0] == 9:  # the Hopper kernel walking alternate token blocks backward
+    if SWEEP_TIMED and torch.cuda.get_device_capability()[0] == 9:  # alternate token blocks walked backward
         from stem_boost.kernels import mla_token_ws
 
         def swept(sel, sweep):
@@ -830,17 +858,22 @@ def main():
                          "it), beside the call-by-call alternation")
     ap.add_argument("--profile", action="store_true", help="print the CUDA kernels of one native and one Stem forward of each layer (torch.profiler)")
     ap.add_argument("--profile-ops", action="store_true",
-                    help="with --profile: also the PyTorch operators (and input shapes) that launched kernels")
+                    help="with --profile: also the PyTorch operators (and input shapes) that launched kernels; with "
+                         "--profile-ab: the operators whose kernels' time differs most")
     ap.add_argument("--profile-max-seq", type=int, default=None, help="with --profile: only rows up to this length")
+    ap.add_argument("--sweep-peers", action="store_true",
+                    help="also time the MLA kernel's SWEEP options on the last chunk (0.996-1.008x of the default "
+                         "on an H100: off by default, 2 compiles and 4 kernels a length)")
     ap.add_argument("--profile-ab", type=int, default=0, metavar="N",
                     help="N profiled forwards of native and Stem each, in alternation: wall, kernel and idle time, and the "
                          "kernels that differ most (rows up to --profile-max-seq)")
     args = ap.parse_args()
     if args.model_layers < 1:
         ap.error(f"--model-layers must be at least 1, got {args.model_layers}")
-    global PROFILE, PROFILE_TABLES, PROFILE_OPS, PROFILE_AB, MIN_REPS, ALL_PEERS, BLOCK_ROUNDS
+    global PROFILE, PROFILE_TABLES, PROFILE_OPS, PROFILE_AB, MIN_REPS, ALL_PEERS, BLOCK_ROUNDS, SWEEP_TIMED
     PROFILE, MIN_REPS, ALL_PEERS = args.profile, max(1, args.min_reps), args.peers == "all"
     BLOCK_ROUNDS = max(0, args.block_rounds)
+    SWEEP_TIMED = args.sweep_peers
     PROFILE_TABLES = args.profile
     PROFILE_OPS, PROFILE_AB = args.profile_ops, max(0, args.profile_ab)
 

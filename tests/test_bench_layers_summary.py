@@ -87,6 +87,10 @@ def test_last_chunk_kernels_are_timed_in_one_alternation(bench_layers, monkeypat
 
     monkeypatch.setattr(bench_layers, "timed_interleaved", fake_interleaved)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    bench_layers.last_chunk_kernel_times(q, kv, native, stem, step1, "test")  # without --sweep-peers
+    assert set(ran) == {"native", "stem", "stem_step1", *bench_layers.COUNT_PEERS}
+    ran.clear()
+    monkeypatch.setattr(bench_layers, "SWEEP_TIMED", True)
     got = bench_layers.last_chunk_kernel_times(q, kv, native, stem, step1, "test")
     want_names = {"native", "stem", "stem_step1", *bench_layers.COUNT_PEERS,
                   *(f"{n}_sweep{s}" for s in bench_layers.SWEEP_PEERS for n in ("native", "stem"))}
@@ -100,3 +104,17 @@ def test_last_chunk_kernels_are_timed_in_one_alternation(bench_layers, monkeypat
         assert got[f"kernel_last_chunk_stem_sweep{s}_ms"] == sorted(times[f"stem_sweep{s}"])[1]
     ratio = statistics.median(a / b for a, b in zip(times["stem"], times["native"]))
     assert got["kernel_last_chunk_paired"]["stem"] == pytest.approx(ratio)
+
+
+def test_ops_that_differ_orders_by_difference(bench_layers, seed):
+    """The profile's operator table: the keys whose times differ most come first, a key missing on one
+    side counting 0 there, and only `rows` of them."""
+    rng = random.Random(seed)
+    keys = [f"aten::mm [[{n}, 7168], [7168, {n}]]" for n in range(12)]
+    ref = {k: rng.uniform(0, 5) for k in keys[:10]}
+    other = {k: rng.uniform(0, 5) for k in keys[2:]}
+    got = bench_layers.ops_that_differ(ref, other, 5)
+    diffs = sorted((abs(other.get(k, 0.0) - ref.get(k, 0.0)), k) for k in keys)[::-1][:5]
+    assert [k for k, _, _ in got] == [k for _, k in diffs]
+    for k, a, b in got:
+        assert (a, b) == (ref.get(k, 0.0), other.get(k, 0.0))
