@@ -30,7 +30,7 @@ try:  # the Triton paths (CUDA, or the CPU under TRITON_INTERPRET=1)
 except ImportError:  # pragma: no cover
     candidate_cut = topk_rows = None
 
-__all__ = ["plan_for", "RowPlans", "row_budgets", "stem_step", "token_budget_step", "TRUNCATE_METHODS"]
+__all__ = ["ChunkedCut", "plan_for", "RowPlans", "row_budgets", "stem_step", "token_budget_step", "TRUNCATE_METHODS"]
 
 TRUNCATE_METHODS = ("auto", "fused", "radix", "sort", "exact")
 SORT_PATH_MIN_ENTRIES = 1 << 20  # "auto": candidate tensors at least this large take the sort path
@@ -190,6 +190,67 @@ def _radix_truncate(cand_idx: torch.Tensor, scores: torch.Tensor, bias: torch.Te
     cols = cols[..., :kmax]
     idx = torch.where(cols >= 0, cand_idx.gather(-1, cols.clamp_min(0).long()), -1).to(torch.int32)
     return Selection(idx=idx.contiguous(), counts=counts)
+
+
+class ChunkedCut:
+    """The Stem step of `stem_step(method="fused")` on unpadded token rows, taken chunk by chunk as the
+    native selector finishes them (`native.dsa_indexer.chunked_index_topk(on_chunk=)`): the same
+    budgets, OAM bias and cut (`kernels.dsa_topk.candidate_cut`), so the same set. The cut of a chunk
+    then reads its candidates and scores while they are still in L2 (the top-k writes a 128K prefill's
+    chunk of 3328 rows, 54 MB, at the end of its one wave) instead of 2 GB from HBM after the loop.
+
+        cut = ChunkedCut(B, R, K, q_offset, seq_k, k_native, cfg, key_norms, device)
+        top = chunked_index_topk(..., on_chunk=cut)     # calls cut(s0, s1, idx, scores, ascending)
+        selection, plans = cut.result(native)
+
+    B batch rows of R query rows (no padding: every row real), K candidates a row, the queries at key
+    positions q_offset .. q_offset + R - 1; key_norms [B, 1, seq_k] (value norms pooled over heads) or
+    None. The budget schedule "mass" needs every row's scores at once: not taken here.
+    """
+
+    def __init__(self, batch: int, n_rows: int, width: int, q_offset: int, seq_k: int, k_native: int,
+                 cfg: StemConfig, key_norms: torch.Tensor | None, device: torch.device | str):
+        if cfg.schedule == "mass":
+            raise ValueError("schedule='mass' takes its budgets from every row's scores: use stem_step")
+        if candidate_cut is None:  # pragma: no cover
+            raise ValueError("ChunkedCut needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
+        if key_norms is not None and key_norms.shape != (batch, 1, seq_k):
+            raise ValueError(f"key_norms must be [B={batch}, 1, seq_k={seq_k}]; got {tuple(key_norms.shape)}")
+        self.plans = _unpadded_row_plans(batch, n_rows, int(q_offset), int(k_native), float(cfg.reduce),
+                                         float(cfg.alpha_min), cfg.schedule, int(token_budget_step(k_native, cfg)),
+                                         torch.device(device))
+        self.bias = (oam_bias(key_norms, beta=cfg.beta, norm=cfg.oam_norm) if cfg.beta > 0 and key_norms is not None
+                     else None)  # [B, 1, seq_k]
+        self.idx = torch.empty(batch, 1, n_rows, width, dtype=torch.int32, device=device)
+        self.counts = torch.empty(batch, 1, n_rows, dtype=torch.int32, device=device)
+        self.rows_cut = torch.zeros(n_rows, dtype=torch.bool)  # host-side bookkeeping: every row once
+
+    def __call__(self, s0: int, s1: int, cand_idx: torch.Tensor, scores: torch.Tensor, ascending: bool) -> None:
+        """Cut query rows [s0, s1): cand_idx int [B, s1 - s0, K] (-1 after the live ones), scores [B, s1 - s0, K]."""
+        B, _, R, K = self.idx.shape
+        if cand_idx.shape != (B, s1 - s0, K) or scores.shape != cand_idx.shape or not 0 <= s0 <= s1 <= R:
+            raise ValueError(f"rows [{s0}, {s1}) of [B={B}, R={R}, K={K}] candidates; got cand_idx "
+                             f"{tuple(cand_idx.shape)}, scores {tuple(scores.shape)}")
+        cand, sc = cand_idx[:, None], scores[:, None]  # [B, 1, c, K]
+        if not ascending:
+            cand, sc = _ascending_candidates(cand, sc)
+        budgets = self.plans.budgets[:, None, s0:s1]  # [B, 1, c]
+        _, counts = candidate_cut(cand, sc, budgets, key_bias=self.bias, out=self.idx[:, :, s0:s1])
+        self.counts[:, :, s0:s1] = counts
+        self.rows_cut[s0:s1] = True
+
+    def result(self, native: Selection) -> tuple[Selection, RowPlans]:
+        """The Stem Selection (native's offset and extents) and the plans, once every row was cut."""
+        if not bool(self.rows_cut.all()):
+            missing = (~self.rows_cut).nonzero().flatten()
+            raise ValueError(f"rows {missing[:4].tolist()}... ({missing.numel()} of {self.rows_cut.numel()}) "
+                             f"were never cut: on_chunk must see every row")
+        if native.seq_start is not None or native.idx.shape != self.idx.shape:
+            raise ValueError(f"native selection must be unpadded with idx {tuple(self.idx.shape)}; got "
+                             f"{tuple(native.idx.shape)}, padded={native.seq_start is not None}")
+        sel = Selection(idx=self.idx, counts=self.counts, q_offset=native.q_offset, seq_start=native.seq_start,
+                        seq_len=native.seq_len)
+        return sel, self.plans
 
 
 def stem_step(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..compat import cache_argument, mla_keys_values
-from ..boost import RowPlans, stem_step
+from ..boost import ChunkedCut, RowPlans, stem_step
 from ..config import StemConfig
 from ..kernels import sparse_attention
 from ..kernels.dense import dense_causal_attention
@@ -42,6 +42,12 @@ except ImportError:  # pragma: no cover
 
 INDEXER_ATTRS = ("index_topk", "wq_b", "wk", "weights_proj")
 ABSORBED_CHUNK = 16384  # query rows per absorbed-MLA attention call
+# Where Stem cuts an unpadded prefill's candidates: "chunks" = each indexer chunk's rows as soon as its
+# top-k wrote them (`boost.ChunkedCut`, while they are in L2), "after" = all rows once the indexer is
+# done (`boost.stem_step`); "auto" = "chunks" where the cut runs as the Triton kernel anyway (CUDA).
+# The same set either way.
+CUT_PLACES = ("auto", "chunks", "after")
+CUT_PLACE = "auto"
 MLA_ATTRS = ("kv_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "o_proj", "expand_kv")
 
 
@@ -99,12 +105,15 @@ def native_selection(top: IndexerTopK, q_offset: int, padding: torch.Tensor | No
 
 
 def stem_prefill(st: DSAState, native: Selection, top: IndexerTopK, key_norms: torch.Tensor | None,
-                 seq_k: int) -> Selection:
+                 seq_k: int, cut: ChunkedCut | None = None) -> Selection:
     """The Stem step of a DSA prefill (both attention layouts): OAM + per-row budgets + truncation,
-    then the layer's budget accounting. key_norms [B, 1, T]; returns the Stem Selection."""
+    then the layer's budget accounting. key_norms [B, 1, T]; cut: the step already taken chunk by chunk
+    inside the indexer (`cuts_by_chunk`). Returns the Stem Selection."""
     cfg = st.cfg
     if cfg.is_identity:
         sel, plans = native, None
+    elif cut is not None:
+        sel, plans = cut.result(native)
     else:
         sel, plans = stem_step(native, top.scores.unsqueeze(1), key_norms, st.index_topk, cfg, seq_k=seq_k,
                                candidates_ascending=top.ascending)
@@ -112,6 +121,35 @@ def stem_prefill(st: DSAState, native: Selection, top: IndexerTopK, key_norms: t
     # kept only on request (StemConfig.keep_selections): at 128K tokens each is 1 GiB a layer
     st.last_native, st.last_stem = (native, sel) if cfg.keep_selections else (None, None)
     return sel
+
+
+def cuts_by_chunk(cfg: StemConfig, hidden_states: torch.Tensor, padding: torch.Tensor | None, owns_indexer: bool,
+                  place: str | None = None) -> bool:
+    """Whether this prefill's Stem cut runs chunk by chunk inside the indexer (`CUT_PLACE`): Stem on,
+    a prefill of an unpadded batch, the layer's own indexer, a budget schedule that needs no other
+    rows' scores."""
+    place = CUT_PLACE if place is None else place
+    if place not in CUT_PLACES:
+        raise ValueError(f"CUT_PLACE={place!r}; allowed: {', '.join(map(repr, CUT_PLACES))}")
+    applies = (not cfg.is_identity and hidden_states.shape[1] > 1 and padding is None and owns_indexer
+               and cfg.schedule != "mass")
+    return applies and (place == "chunks" or (place == "auto" and hidden_states.is_cuda))
+
+
+def layer_key_norms(self, cfg: StemConfig, latent: torch.Tensor, value_states: torch.Tensor | None,
+                    absorbed: bool) -> torch.Tensor:
+    """The value norms OAM ranks keys by, pooled over the heads that share the selection (all of the
+    layer's: DSA selects once a layer). latent [B, 1, T, L] (absorbed) or value_states [B, H, T, Dv]
+    -> [B, 1, T] fp32. Tensor parallelism (`stem_boost.dist.tp`) installs a reducer over the heads of
+    all ranks."""
+    reducer = head_norm_reducer(self)
+    if absorbed:
+        _, w_uv = absorbed_weights(self)  # [H, Dv, L]
+        if reducer is None and cfg.head_agg == "rms":
+            return latent_value_rms(latent[:, 0], w_uv, gram=cached_value_gram(self, w_uv))  # [B, 1, T]
+    norms = (latent_value_norms(latent[:, 0], w_uv) if absorbed
+             else value_norms(value_states.transpose(1, 2)))  # [B, H, T]
+    return reducer(norms, cfg.head_agg) if reducer is not None else aggregate_heads(norms, 1, how=cfg.head_agg)
 
 
 def latent_value_norms(latent: torch.Tensor, w_uv: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -296,10 +334,16 @@ def stem_dsa_forward(
         out = dense_causal_attention(query_states, key_states, value_states, self.scaling, pad).transpose(1, 2)
         attn_output = self.o_proj(out.reshape(B, S, -1).to(hidden_states.dtype))
         return (attn_output, None, None) if st.returns_topk else (attn_output, None)
+    cut = key_norms = None
+    if cuts_by_chunk(cfg, hidden_states, pad, self.indexer is not None):  # the Stem step inside the indexer's loop
+        key_norms = layer_key_norms(self, cfg, latent, value_states, absorbed)  # [B, 1, T]
+        cut = ChunkedCut(B, S, min(st.index_topk, T), past_len, T, st.index_topk, cfg, key_norms,
+                         hidden_states.device)
     if self.indexer is not None:
         top = dsa_indexer_topk(self.indexer, hidden_states, q_resid, position_embeddings, indexer_mask,
                                position_ids, past_key_values=past_key_values, max_bytes=cfg.indexer_max_bytes,
-                               score_dtype=cfg.indexer_score_dtype(hidden_states.device, self.indexer.head_dim))
+                               score_dtype=cfg.indexer_score_dtype(hidden_states.device, self.indexer.head_dim),
+                               on_chunk=cut)
         st.shared.last = top if st.shared.needed else None
     else:
         if st.shared.last is None:
@@ -310,20 +354,9 @@ def stem_dsa_forward(
     native = native_selection(top, q_offset=past_len, padding=pad)  # idx [B, 1, S, K]
     sel = native
     if S > 1:
-        key_norms = None
-        if not cfg.is_identity:
-            # tensor parallelism (stem_boost.dist.tp) installs a reducer over the heads of all ranks
-            reducer = head_norm_reducer(self)
-            if absorbed:
-                _, w_uv = absorbed_weights(self)  # [H, Dv, L]
-            if absorbed and reducer is None and cfg.head_agg == "rms":
-                key_norms = latent_value_rms(latent[:, 0], w_uv, gram=cached_value_gram(self, w_uv))  # [B, 1, T]
-            else:
-                norms = (latent_value_norms(latent[:, 0], w_uv) if absorbed
-                         else value_norms(value_states.transpose(1, 2)))  # [B, H, T]
-                key_norms = (reducer(norms, cfg.head_agg) if reducer is not None
-                             else aggregate_heads(norms, 1, how=cfg.head_agg))  # [B, 1, T]
-        sel = stem_prefill(st, native, top, key_norms, T)
+        if not cfg.is_identity and cut is None:
+            key_norms = layer_key_norms(self, cfg, latent, value_states, absorbed)  # [B, 1, T]
+        sel = stem_prefill(st, native, top, key_norms, T, cut)
 
     # ---- attention on the selected token lists
     if absorbed:

@@ -894,6 +894,7 @@ def candidate_cut(
     out_chunks: int | None = None,
     maxnreg: int | None = None,
     stash: bool | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stem's cut of token candidates in one pass: each row keeps its budget of candidates by
     score + OAM bias (the tie rule: higher first, equal -> the smaller key index).
@@ -912,6 +913,8 @@ def candidate_cut(
     program, default `CUT_WARP_ROWS`; the bisection, `out_chunks` chunks of 32 a writing step,
     `maxnreg` a register cap (0: none), `stash` the keys parked in the output row rather than
     recomputed); None takes `CUT_METHOD` (and the `CUT_*` defaults). Both keep the same set.
+    out: optional int32 [B, H, R, K] with unit last stride (e.g. rows of a larger result) to write
+    the kept keys into; it must not overlap cand_idx or scores. It is returned as idx.
     """
     if cand_idx.dim() != 4 or scores.shape != cand_idx.shape:
         raise ValueError(f"cand_idx and scores must be one [B, H, R, K] shape; got {tuple(cand_idx.shape)}, "
@@ -930,7 +933,11 @@ def candidate_cut(
     if budgets.shape != (B, H, R):
         raise ValueError(f"budgets must be [B={B}, H={H}, R={R}]; got {tuple(budgets.shape)}")
     device = cand_idx.device
-    idx = torch.empty(B, H, R, K, dtype=torch.int32, device=device)
+    if out is not None and (out.shape != (B, H, R, K) or out.dtype != torch.int32 or out.device != device
+                            or (K and out.stride(-1) != 1)):
+        raise ValueError(f"out must be an int32 [B={B}, H={H}, R={R}, K={K}] tensor on {device} with unit last "
+                         f"stride; got {out.dtype} {tuple(out.shape)} on {out.device}, strides {out.stride()}")
+    idx = out if out is not None else torch.empty(B, H, R, K, dtype=torch.int32, device=device)
     counts = torch.empty(B, H, R, dtype=torch.int32, device=device)
     if idx.numel() == 0:
         return idx, counts.zero_()
