@@ -263,6 +263,17 @@ class _Wrapper(torch.nn.Module):
         self.config = config
 
 
+def dsa_forward(x, pe, pos):
+    """forward(holder) of the DSA rows: the layer on x, with the holder's `cut_place` (where Stem cuts,
+    `adapters.dsa.CUT_PLACE`) if it has one."""
+    from stem_boost.adapters import dsa as dsa_adapter
+
+    def forward(h):
+        with library_setting(dsa_adapter, "CUT_PLACE", getattr(h, "cut_place", dsa_adapter.CUT_PLACE)):
+            return h.attn(x, pe, None, position_ids=pos)
+    return forward
+
+
 def dsa_label(row: dict) -> str:
     """A DSA row's length, and its hidden-state window when smoothed, for the closing tables."""
     return f"{row['S']}" + (f" smooth {row['smooth_window']}" if row.get("smooth_window") else "")
@@ -295,10 +306,11 @@ def bench_dsa(seqs, device, native_max_seq, window: int = 0):
         row["dense_first_call_s"] = LAST_FIRST_CALL_S[0]
         stem_boost.unwrap(holder)
         configs = {"native_kernel": dict(reduce=0.0, beta=0.0), "stem": dict(reduce=0.15),
-                   "stem_step1": dict(reduce=0.15, budget_step=1)}
+                   "stem_step1": dict(reduce=0.15, budget_step=1), "stem_cut_after": dict(reduce=0.15)}
         holders = {name: holder if i == 0 else _Wrapper(copy.deepcopy(attn), cfg) for i, name in enumerate(configs)}
-        note(f"dsa S={S} native / Stem / Stem step 1, interleaved")
-        time_configs_interleaved(row, holders, configs, lambda h: h.attn(x, pe, None, position_ids=pos))
+        holders["stem_cut_after"].cut_place = "after"  # the cut after the indexer's loop (the previous place)
+        note(f"dsa S={S} native / Stem / Stem step 1 / Stem cut after the indexer, interleaved")
+        time_configs_interleaved(row, holders, configs, dsa_forward(x, pe, pos))
         del holders
         row["stem_over_native"] = row["stem_ms"] / row["native_kernel_ms"]
         row["stem_step1_over_native"] = row["stem_step1_ms"] / row["native_kernel_ms"]
@@ -490,7 +502,7 @@ def last_chunk_kernel_times(q, kv, native, stem, stem_step1, label: str) -> dict
 def dsa_breakdown(attn, x, pe, pos) -> dict:
     """Milliseconds of the parts: chunked fused indexer top-k, the Stem step, the absorbed kernel."""
     from stem_boost.adapters.dsa import latent_value_norms, latent_value_rms, native_selection, value_gram
-    from stem_boost.boost import stem_step
+    from stem_boost.boost import ChunkedCut, stem_step
     from stem_boost.config import StemConfig
     from stem_boost.native.dsa_indexer import dsa_indexer_topk
     from stem_boost.oam import aggregate_heads
@@ -542,6 +554,17 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
                                   candidates_ascending=top.ascending)  # what the layer runs: fused
         sel, _ = boost()
         ms_stem_step, _ = timed(boost)
+        # the same cut chunk by chunk inside the indexer's loop (what the layer runs on CUDA), in one
+        # alternation with the indexer alone: its cost there, and its lists against the cut after the loop
+        def index_topk_with_cut() -> ChunkedCut:
+            cut = ChunkedCut(1, S, top.indices.shape[-1], 0, S, 2048, cfg, norms, x.device)
+            index_topk(on_chunk=cut)()
+            return cut
+        alt = timed_interleaved({"alone": index_topk(), "with_cut": index_topk_with_cut})
+        ms_index_alt, ms_index_with_cut = alt["alone"][0], alt["with_cut"][0]
+        sel_in_loop, _ = index_topk_with_cut().result(native)
+        in_loop_same = bool(torch.equal(sel_in_loop.idx, sel.idx) and torch.equal(sel_in_loop.counts, sel.counts))
+        del sel_in_loop
         # the exact TPD line (budget_step=1) beside the default 64-key budget quantum
         sel_step1, _ = stem_step(native, top.scores.unsqueeze(1), norms, 2048, StemConfig(reduce=0.15, budget_step=1),
                                  seq_k=S, candidates_ascending=top.ascending)
@@ -573,6 +596,8 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
                 indexer_topk_radix_ms=ms_index_radix, radix_same_set=radix_same,
                 indexer_topk_sm90_scorer_ms=ms_index_sm90, indexer_sm90_scorer_overlap=overlap_sm90,
                 stem_step_ms=ms_stem_step, stem_step_radix_ms=ms_stem_radix,
+                indexer_topk_alternated_ms=ms_index_alt, indexer_topk_with_cut_ms=ms_index_with_cut,
+                cut_in_loop_same_set=in_loop_same,
                 stem_step_same_set=same_set, value_norms_ms=ms_norms, value_norms_with_gram_ms=ms_norms_with_gram,
                 value_norms_per_head_ms=ms_norms_per_head,
                 value_norms_max_rel_err=norms_rel_err, value_norms_fp32_ms=ms_norms_fp32,
@@ -1033,6 +1058,25 @@ def main():
                   f"{r['stem_step_radix_ms']:.1f} | {r['stem_step_same_set']} | {r['value_norms_ms']:.2f} | "
                   f"{r['value_norms_with_gram_ms']:.2f} | {r['value_norms_fp32_ms']:.2f} | {r['value_norms_per_head_ms']:.1f} | "
                   f"{r['value_norms_max_rel_err']:.1e} / {r['value_norms_fp32_rel_err']:.1e} |")
+    print_cut_places([r for r in res["rows"] if "stem_cut_after_ms" in r or "indexer_topk_with_cut_ms" in r])
+
+
+def print_cut_places(rows: list[dict]) -> None:
+    """Where Stem cuts a DSA prefill: in the indexer's loop (the layer's "stem") against after it
+    ("stem_cut_after"), both over native, and the indexer alone / with the in-loop cut in one alternation."""
+    if not rows:
+        return
+    nan = float("nan")
+    print("\n| DSA S | native ms | Stem ms: cut in the indexer loop | cut after it | paired / native: in loop | after "
+          "| indexer + top-k ms: alone | with the cut in its loop | the cut there ms | Stem step after the loop ms "
+          "| same set |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        alone, with_cut = r.get("indexer_topk_alternated_ms", nan), r.get("indexer_topk_with_cut_ms", nan)
+        print(f"| {dsa_label(r)} | {r['native_kernel_ms']:.1f} | {r['stem_ms']:.1f} | {r.get('stem_cut_after_ms', nan):.1f} | "
+              f"{r.get('stem_over_native_paired', nan):.3f} | {r.get('stem_cut_after_over_native_paired', nan):.3f} | "
+              f"{alone:.1f} | {with_cut:.1f} | {with_cut - alone:.2f} | {r.get('stem_step_ms', nan):.2f} | "
+              f"{r.get('cut_in_loop_same_set')} |")
 
 
 if __name__ == "__main__":
