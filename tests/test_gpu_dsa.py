@@ -198,3 +198,40 @@ def test_gpu_latent_value_rms_on_the_tensor_cores_equals_fp64():
         got = latent_value_rms(latent, w_uv, tensor_cores=tensor_cores)
         rel = ((got.double() - want).abs() / want).max().item()
         assert rel < 2e-5, f"seed={seed} tensor_cores={tensor_cores}: max rel. err {rel:.2e}"
+
+
+def test_gpu_stem_cut_in_the_indexer_loop_equals_the_cut_after_it():
+    """The DeepSeek-V3.2 layer at real dims (FP8 indexer, the warp top-k's ascending lists, the absorbed
+    MLA kernel), 8192 tokens in 32 indexer chunks of 256 rows: Stem's cut inside the indexer's loop (the
+    default on CUDA) keeps the selection of the cut after the loop, and the layer's output is the same."""
+    import stem_boost
+    from stem_boost.adapters import dsa
+    from stem_boost.bench.inputs import dsa_bench_layer
+
+    seed = _seed()
+    attn, cfg, rotary = dsa_bench_layer("cuda", seed=seed % 10_000)
+
+    class Holder(torch.nn.Module):  # the layer as a model `wrap` finds
+        def __init__(self):
+            super().__init__()
+            self.attn, self.config = attn, cfg
+
+    holder, S = Holder(), 8192
+    x = torch.randn(1, S, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    pos = torch.arange(S, device="cuda")[None]
+    pe = rotary(x, pos)
+    stem_boost.wrap(holder, reduce=0.15, keep_selections=True, indexer_max_bytes=1024 * S * 4 + 2**20)  # 256-row chunks
+    got = {}
+    for place in ("after", "chunks"):
+        dsa.CUT_PLACE, saved = place, dsa.CUT_PLACE
+        try:
+            with torch.no_grad():
+                out = attn(x, pe, None, position_ids=pos)[0]
+        finally:
+            dsa.CUT_PLACE = saved
+        got[place] = (out, stem_boost.last_selections(holder)[0], stem_boost.stats(holder)["reduce_achieved"])
+    (want, want_sel, want_r), (out, sel, r) = got["after"], got["chunks"]
+    assert torch.equal(sel.counts, want_sel.counts) and torch.equal(sel.idx, want_sel.idx), f"seed={seed}"
+    assert torch.equal(out, want), f"seed={seed}"
+    assert r == want_r and abs(r - 0.15) < 0.01, (r, want_r)
+    stem_boost.unwrap(holder)
