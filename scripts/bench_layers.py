@@ -503,6 +503,7 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
     """Milliseconds of the parts: chunked fused indexer top-k, the Stem step, the absorbed kernel."""
     from stem_boost.adapters.dsa import latent_value_norms, latent_value_rms, native_selection, value_gram
     from stem_boost.boost import ChunkedCut, stem_step
+    from stem_boost.kernels import dsa_topk
     from stem_boost.config import StemConfig
     from stem_boost.native.dsa_indexer import dsa_indexer_topk
     from stem_boost.oam import aggregate_heads
@@ -560,8 +561,13 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
             cut = ChunkedCut(1, S, top.indices.shape[-1], 0, S, 2048, cfg, norms, x.device)
             index_topk(on_chunk=cut)()
             return cut
-        alt = timed_interleaved({"alone": index_topk(), "with_cut": index_topk_with_cut})
+        def index_topk_with_block_cut() -> None:  # the one-row-a-program cut, its inputs in L2 there too
+            with library_setting(dsa_topk, "CUT_METHOD", "block"):
+                index_topk_with_cut()
+        alt = timed_interleaved({"alone": index_topk(), "with_cut": index_topk_with_cut,
+                                 "with_block_cut": index_topk_with_block_cut})
         ms_index_alt, ms_index_with_cut = alt["alone"][0], alt["with_cut"][0]
+        ms_index_with_block_cut = alt["with_block_cut"][0]
         sel_in_loop, _ = index_topk_with_cut().result(native)
         in_loop_same = bool(torch.equal(sel_in_loop.idx, sel.idx) and torch.equal(sel_in_loop.counts, sel.counts))
         del sel_in_loop
@@ -597,6 +603,7 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
                 indexer_topk_sm90_scorer_ms=ms_index_sm90, indexer_sm90_scorer_overlap=overlap_sm90,
                 stem_step_ms=ms_stem_step, stem_step_radix_ms=ms_stem_radix,
                 indexer_topk_alternated_ms=ms_index_alt, indexer_topk_with_cut_ms=ms_index_with_cut,
+                indexer_topk_with_block_cut_ms=ms_index_with_block_cut,
                 cut_in_loop_same_set=in_loop_same,
                 stem_step_same_set=same_set, value_norms_ms=ms_norms, value_norms_with_gram_ms=ms_norms_with_gram,
                 value_norms_per_head_ms=ms_norms_per_head,
@@ -1068,14 +1075,15 @@ def print_cut_places(rows: list[dict]) -> None:
         return
     nan = float("nan")
     print("\n| DSA S | native ms | Stem ms: cut in the indexer loop | cut after it | paired / native: in loop | after "
-          "| indexer + top-k ms: alone | with the cut in its loop | the cut there ms | Stem step after the loop ms "
-          "| same set |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| indexer + top-k ms: alone | with the cut in its loop | the cut there ms | the block cut there ms "
+          "| Stem step after the loop ms | same set |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         alone, with_cut = r.get("indexer_topk_alternated_ms", nan), r.get("indexer_topk_with_cut_ms", nan)
         print(f"| {dsa_label(r)} | {r['native_kernel_ms']:.1f} | {r['stem_ms']:.1f} | {r.get('stem_cut_after_ms', nan):.1f} | "
               f"{r.get('stem_over_native_paired', nan):.3f} | {r.get('stem_cut_after_over_native_paired', nan):.3f} | "
-              f"{alone:.1f} | {with_cut:.1f} | {with_cut - alone:.2f} | {r.get('stem_step_ms', nan):.2f} | "
+              f"{alone:.1f} | {with_cut:.1f} | {with_cut - alone:.2f} | "
+              f"{r.get('indexer_topk_with_block_cut_ms', nan) - alone:.2f} | {r.get('stem_step_ms', nan):.2f} | "
               f"{r.get('cut_in_loop_same_set')} |")
 
 
