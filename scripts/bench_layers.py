@@ -501,7 +501,7 @@ def last_chunk_kernel_times(q, kv, native, stem, stem_step1, label: str) -> dict
 
 def dsa_breakdown(attn, x, pe, pos) -> dict:
     """Milliseconds of the parts: chunked fused indexer top-k, the Stem step, the absorbed kernel."""
-    from stem_boost.adapters.dsa import latent_value_norms, latent_value_rms, native_selection, value_gram
+    from stem_boost.adapters.dsa import latent_value_norms, latent_value_rms, native_selection, side_stream, value_gram
     from stem_boost.boost import ChunkedCut, stem_step
     from stem_boost.kernels import dsa_topk
     from stem_boost.config import StemConfig
@@ -557,17 +557,20 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
         ms_stem_step, _ = timed(boost)
         # the same cut chunk by chunk inside the indexer's loop (what the layer runs on CUDA), in one
         # alternation with the indexer alone: its cost there, and its lists against the cut after the loop
-        def index_topk_with_cut() -> ChunkedCut:
-            cut = ChunkedCut(1, S, top.indices.shape[-1], 0, S, 2048, cfg, norms, x.device)
+        def index_topk_with_cut(stream=side_stream(x.device)) -> ChunkedCut:  # what the layer runs on CUDA
+            cut = ChunkedCut(1, S, top.indices.shape[-1], 0, S, 2048, cfg, norms, x.device, stream)
             index_topk(on_chunk=cut)()
+            cut.result(native)
             return cut
-        def index_topk_with_block_cut() -> None:  # the one-row-a-program cut, its inputs in L2 there too
+
+        def index_topk_with_block_cut() -> None:  # the one-row-a-program cut
             with library_setting(dsa_topk, "CUT_METHOD", "block"):
                 index_topk_with_cut()
         alt = timed_interleaved({"alone": index_topk(), "with_cut": index_topk_with_cut,
-                                 "with_block_cut": index_topk_with_block_cut})
+                                 "with_block_cut": index_topk_with_block_cut,
+                                 "with_cut_one_stream": lambda: index_topk_with_cut(None)})
         ms_index_alt, ms_index_with_cut = alt["alone"][0], alt["with_cut"][0]
-        ms_index_with_block_cut = alt["with_block_cut"][0]
+        ms_index_with_block_cut, ms_index_with_cut_one_stream = alt["with_block_cut"][0], alt["with_cut_one_stream"][0]
         sel_in_loop, _ = index_topk_with_cut().result(native)
         in_loop_same = bool(torch.equal(sel_in_loop.idx, sel.idx) and torch.equal(sel_in_loop.counts, sel.counts))
         del sel_in_loop
@@ -604,6 +607,7 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
                 stem_step_ms=ms_stem_step, stem_step_radix_ms=ms_stem_radix,
                 indexer_topk_alternated_ms=ms_index_alt, indexer_topk_with_cut_ms=ms_index_with_cut,
                 indexer_topk_with_block_cut_ms=ms_index_with_block_cut,
+                indexer_topk_with_cut_one_stream_ms=ms_index_with_cut_one_stream,
                 cut_in_loop_same_set=in_loop_same,
                 stem_step_same_set=same_set, value_norms_ms=ms_norms, value_norms_with_gram_ms=ms_norms_with_gram,
                 value_norms_per_head_ms=ms_norms_per_head,
@@ -1076,14 +1080,15 @@ def print_cut_places(rows: list[dict]) -> None:
     nan = float("nan")
     print("\n| DSA S | native ms | Stem ms: cut in the indexer loop | cut after it | paired / native: in loop | after "
           "| indexer + top-k ms: alone | with the cut in its loop | the cut there ms | the block cut there ms "
-          "| Stem step after the loop ms | same set |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| the cut there, one stream ms | Stem step after the loop ms | same set |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         alone, with_cut = r.get("indexer_topk_alternated_ms", nan), r.get("indexer_topk_with_cut_ms", nan)
         print(f"| {dsa_label(r)} | {r['native_kernel_ms']:.1f} | {r['stem_ms']:.1f} | {r.get('stem_cut_after_ms', nan):.1f} | "
               f"{r.get('stem_over_native_paired', nan):.3f} | {r.get('stem_cut_after_over_native_paired', nan):.3f} | "
               f"{alone:.1f} | {with_cut:.1f} | {with_cut - alone:.2f} | "
-              f"{r.get('indexer_topk_with_block_cut_ms', nan) - alone:.2f} | {r.get('stem_step_ms', nan):.2f} | "
+              f"{r.get('indexer_topk_with_block_cut_ms', nan) - alone:.2f} | "
+              f"{r.get('indexer_topk_with_cut_one_stream_ms', nan) - alone:.2f} | {r.get('stem_step_ms', nan):.2f} | "
               f"{r.get('cut_in_loop_same_set')} |")
 
 

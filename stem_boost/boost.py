@@ -206,10 +206,16 @@ class ChunkedCut:
     B batch rows of R query rows (no padding: every row real), K candidates a row, the queries at key
     positions q_offset .. q_offset + R - 1; key_norms [B, 1, seq_k] (value norms pooled over heads) or
     None. The budget schedule "mass" needs every row's scores at once: not taken here.
+    stream: a CUDA stream to cut on (None: the current one). Each chunk's cut waits there for the work
+    queued so far (its top-k), so the next chunk's scorer need not wait for it: the cut of one chunk,
+    about three waves of short programs, leaves most SMs idle in its tail on the same stream (H100,
+    128K: 5.3 ms in the loop against 2.6 ms for all rows at once). `result` makes the current stream
+    wait for it.
     """
 
     def __init__(self, batch: int, n_rows: int, width: int, q_offset: int, seq_k: int, k_native: int,
-                 cfg: StemConfig, key_norms: torch.Tensor | None, device: torch.device | str):
+                 cfg: StemConfig, key_norms: torch.Tensor | None, device: torch.device | str,
+                 stream: torch.cuda.Stream | None = None):
         if cfg.schedule == "mass":
             raise ValueError("schedule='mass' takes its budgets from every row's scores: use stem_step")
         if candidate_cut is None:  # pragma: no cover
@@ -224,6 +230,7 @@ class ChunkedCut:
         self.idx = torch.empty(batch, 1, n_rows, width, dtype=torch.int32, device=device)
         self.counts = torch.empty(batch, 1, n_rows, dtype=torch.int32, device=device)
         self.rows_cut = torch.zeros(n_rows, dtype=torch.bool)  # host-side bookkeeping: every row once
+        self.stream = stream
 
     def __call__(self, s0: int, s1: int, cand_idx: torch.Tensor, scores: torch.Tensor, ascending: bool) -> None:
         """Cut query rows [s0, s1): cand_idx int [B, s1 - s0, K] (-1 after the live ones), scores [B, s1 - s0, K]."""
@@ -235,8 +242,14 @@ class ChunkedCut:
         if not ascending:
             cand, sc = _ascending_candidates(cand, sc)
         budgets = self.plans.budgets[:, None, s0:s1]  # [B, 1, c]
-        _, counts = candidate_cut(cand, sc, budgets, key_bias=self.bias, out=self.idx[:, :, s0:s1])
-        self.counts[:, :, s0:s1] = counts
+        if self.stream is None:
+            _, counts = candidate_cut(cand, sc, budgets, key_bias=self.bias, out=self.idx[:, :, s0:s1])
+            self.counts[:, :, s0:s1] = counts
+        else:  # after the chunk's top-k, beside the next chunk's scores (its inputs outlive `result`)
+            self.stream.wait_stream(torch.cuda.current_stream(self.idx.device))
+            with torch.cuda.stream(self.stream):
+                _, counts = candidate_cut(cand, sc, budgets, key_bias=self.bias, out=self.idx[:, :, s0:s1])
+                self.counts[:, :, s0:s1] = counts
         self.rows_cut[s0:s1] = True
 
     def result(self, native: Selection) -> tuple[Selection, RowPlans]:
@@ -248,6 +261,8 @@ class ChunkedCut:
         if native.seq_start is not None or native.idx.shape != self.idx.shape:
             raise ValueError(f"native selection must be unpadded with idx {tuple(self.idx.shape)}; got "
                              f"{tuple(native.idx.shape)}, padded={native.seq_start is not None}")
+        if self.stream is not None:  # the cuts on the side stream are done before anything reads them
+            torch.cuda.current_stream(self.idx.device).wait_stream(self.stream)
         sel = Selection(idx=self.idx, counts=self.counts, q_offset=native.q_offset, seq_start=native.seq_start,
                         seq_len=native.seq_len)
         return sel, self.plans

@@ -48,6 +48,15 @@ ABSORBED_CHUNK = 16384  # query rows per absorbed-MLA attention call
 # The same set either way.
 CUT_PLACES = ("auto", "chunks", "after")
 CUT_PLACE = "auto"
+CUT_ON_SIDE_STREAM = True  # "chunks" on CUDA: each chunk's cut on a second stream, beside the next chunk's scores
+_SIDE_STREAMS: dict = {}  # device -> the stream the chunks' cuts run on
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One second CUDA stream per device for the chunks' cuts (created on first use, then kept)."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[device]
 MLA_ATTRS = ("kv_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "o_proj", "expand_kv")
 
 
@@ -337,8 +346,9 @@ def stem_dsa_forward(
     cut = key_norms = None
     if cuts_by_chunk(cfg, hidden_states, pad, self.indexer is not None):  # the Stem step inside the indexer's loop
         key_norms = layer_key_norms(self, cfg, latent, value_states, absorbed)  # [B, 1, T]
+        stream = side_stream(hidden_states.device) if hidden_states.is_cuda and CUT_ON_SIDE_STREAM else None
         cut = ChunkedCut(B, S, min(st.index_topk, T), past_len, T, st.index_topk, cfg, key_norms,
-                         hidden_states.device)
+                         hidden_states.device, stream)
     if self.indexer is not None:
         top = dsa_indexer_topk(self.indexer, hidden_states, q_resid, position_embeddings, indexer_mask,
                                position_ids, past_key_values=past_key_values, max_bytes=cfg.indexer_max_bytes,
