@@ -264,12 +264,14 @@ class _Wrapper(torch.nn.Module):
 
 
 def dsa_forward(x, pe, pos):
-    """forward(holder) of the DSA rows: the layer on x, with the holder's `cut_place` (where Stem cuts,
-    `adapters.dsa.CUT_PLACE`) if it has one."""
+    """forward(holder) of the DSA rows: the layer on x, with the holder's `settings` ({name: value} of
+    `adapters.dsa`, e.g. CUT_PLACE) if it has them."""
     from stem_boost.adapters import dsa as dsa_adapter
 
     def forward(h):
-        with library_setting(dsa_adapter, "CUT_PLACE", getattr(h, "cut_place", dsa_adapter.CUT_PLACE)):
+        with contextlib.ExitStack() as stack:
+            for name, value in getattr(h, "settings", {}).items():
+                stack.enter_context(library_setting(dsa_adapter, name, value))
             return h.attn(x, pe, None, position_ids=pos)
     return forward
 
@@ -306,11 +308,17 @@ def bench_dsa(seqs, device, native_max_seq, window: int = 0):
         row["dense_first_call_s"] = LAST_FIRST_CALL_S[0]
         stem_boost.unwrap(holder)
         configs = {"native_kernel": dict(reduce=0.0, beta=0.0), "stem": dict(reduce=0.15),
-                   "stem_step1": dict(reduce=0.15, budget_step=1), "stem_cut_after": dict(reduce=0.15)}
+                   "stem_step1": dict(reduce=0.15, budget_step=1), "stem_cut_after": dict(reduce=0.15),
+                   "native_topk_side": dict(reduce=0.0, beta=0.0), "stem_topk_side": dict(reduce=0.15)}
         holders = {name: holder if i == 0 else _Wrapper(copy.deepcopy(attn), cfg) for i, name in enumerate(configs)}
-        holders["stem_cut_after"].cut_place = "after"  # the cut after the indexer's loop (the previous place)
+        holders["stem_cut_after"].settings = dict(CUT_PLACE="after")  # the cut after the indexer's loop
+        for name in ("native_topk_side", "stem_topk_side"):  # each chunk's top-k beside the next one's scores
+            holders[name].settings = dict(TOPK_ON_SIDE_STREAM=True)
         note(f"dsa S={S} native / Stem / Stem step 1 / Stem cut after the indexer, interleaved")
         time_configs_interleaved(row, holders, configs, dsa_forward(x, pe, pos))
+        row["native_topk_side_over_native_paired"] = paired_ratio(LAST_TIMES, "native_topk_side", "native_kernel")
+        row["stem_topk_side_over_native_topk_side_paired"] = paired_ratio(LAST_TIMES, "stem_topk_side",
+                                                                          "native_topk_side")
         del holders
         row["stem_over_native"] = row["stem_ms"] / row["native_kernel_ms"]
         row["stem_step1_over_native"] = row["stem_step1_ms"] / row["native_kernel_ms"]
@@ -1069,7 +1077,8 @@ def main():
                   f"{r['stem_step_radix_ms']:.1f} | {r['stem_step_same_set']} | {r['value_norms_ms']:.2f} | "
                   f"{r['value_norms_with_gram_ms']:.2f} | {r['value_norms_fp32_ms']:.2f} | {r['value_norms_per_head_ms']:.1f} | "
                   f"{r['value_norms_max_rel_err']:.1e} / {r['value_norms_fp32_rel_err']:.1e} |")
-    print_cut_places([r for r in res["rows"] if "stem_cut_after_ms" in r or "indexer_topk_with_cut_ms" in r])
+    print_cut_places([r for r in res["rows"] if "stem_cut_after_ms" in r or "indexer_topk_with_cut_ms" in r
+                      or "native_topk_side_ms" in r])
 
 
 def print_cut_places(rows: list[dict]) -> None:
@@ -1090,6 +1099,16 @@ def print_cut_places(rows: list[dict]) -> None:
               f"{r.get('indexer_topk_with_block_cut_ms', nan) - alone:.2f} | "
               f"{r.get('indexer_topk_with_cut_one_stream_ms', nan) - alone:.2f} | {r.get('stem_step_ms', nan):.2f} | "
               f"{r.get('cut_in_loop_same_set')} |")
+    side = [r for r in rows if "native_topk_side_ms" in r]
+    if side:
+        print("\n| DSA S | native ms: top-k on the current stream | top-k on the side stream | paired | Stem ms: "
+              "current | side | Stem / native, both on the side stream (paired) |")
+        print("|---|---|---|---|---|---|---|")
+        for r in side:
+            print(f"| {dsa_label(r)} | {r['native_kernel_ms']:.1f} | {r['native_topk_side_ms']:.1f} | "
+                  f"{r.get('native_topk_side_over_native_paired', nan):.3f} | {r['stem_ms']:.1f} | "
+                  f"{r['stem_topk_side_ms']:.1f} | {r['stem_topk_side_ms'] / r['native_topk_side_ms']:.3f} "
+                  f"({r.get('stem_topk_side_over_native_topk_side_paired', nan):.3f}) |")
 
 
 if __name__ == "__main__":
