@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover
 
 INDEXER_ATTRS = ("index_topk", "wq_b", "wk", "weights_proj")
 ABSORBED_CHUNK = 16384  # query rows per absorbed-MLA attention call
+MLA_ATTRS = ("kv_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "o_proj", "expand_kv")
 # Where Stem cuts an unpadded prefill's candidates: "chunks" = each indexer chunk's rows as soon as its
 # top-k wrote them (`boost.ChunkedCut`, while they are in L2), "after" = all rows once the indexer is
 # done (`boost.stem_step`); "auto" = "chunks" where the cut runs as the Triton kernel anyway (CUDA).
@@ -60,7 +61,6 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     if device not in _SIDE_STREAMS:
         _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
     return _SIDE_STREAMS[device]
-MLA_ATTRS = ("kv_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "o_proj", "expand_kv")
 
 
 def is_dsa_attention(module: torch.nn.Module) -> bool:
