@@ -48,6 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import stem_boost  # noqa: E402
 from stem_boost.bench.inputs import dsa_bench_layer, smooth_hidden_states  # noqa: E402
 from stem_boost.bench.lists import COUNT_PEERS, stem_count_peers  # noqa: E402
+from stem_boost.config import StemConfig  # noqa: E402
+
+DEFAULT_INDEXER_BYTES = StemConfig().indexer_max_bytes  # the chunked indexer's memory bound by default
 
 PROFILE: bool | int = False  # --profile / --profile-ab: True, or the longest profiled length (--profile-max-seq)
 PROFILE_OPS = False  # --profile-ops: also the PyTorch operators behind the kernels
@@ -309,7 +312,10 @@ def bench_dsa(seqs, device, native_max_seq, window: int = 0):
         stem_boost.unwrap(holder)
         configs = {"native_kernel": dict(reduce=0.0, beta=0.0), "stem": dict(reduce=0.15),
                    "stem_step1": dict(reduce=0.15, budget_step=1), "stem_cut_after": dict(reduce=0.15),
-                   "native_topk_side": dict(reduce=0.0, beta=0.0), "stem_topk_side": dict(reduce=0.15)}
+                   # twice the indexer's memory bound: with two chunks' scores alive, the side stream's chunks
+                   # then have the rows of the others
+                   "native_topk_side": dict(reduce=0.0, beta=0.0, indexer_max_bytes=2 * DEFAULT_INDEXER_BYTES),
+                   "stem_topk_side": dict(reduce=0.15, indexer_max_bytes=2 * DEFAULT_INDEXER_BYTES)}
         holders = {name: holder if i == 0 else _Wrapper(copy.deepcopy(attn), cfg) for i, name in enumerate(configs)}
         holders["stem_cut_after"].settings = dict(CUT_PLACE="after")  # the cut after the indexer's loop
         for name in ("native_topk_side", "stem_topk_side"):  # each chunk's top-k beside the next one's scores
