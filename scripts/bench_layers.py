@@ -48,9 +48,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import stem_boost  # noqa: E402
 from stem_boost.bench.inputs import dsa_bench_layer, smooth_hidden_states  # noqa: E402
 from stem_boost.bench.lists import COUNT_PEERS, stem_count_peers  # noqa: E402
-from stem_boost.config import StemConfig  # noqa: E402
-
-DEFAULT_INDEXER_BYTES = StemConfig().indexer_max_bytes  # the chunked indexer's memory bound by default
 
 PROFILE: bool | int = False  # --profile / --profile-ab: True, or the longest profiled length (--profile-max-seq)
 PROFILE_OPS = False  # --profile-ops: also the PyTorch operators behind the kernels
@@ -311,20 +308,11 @@ def bench_dsa(seqs, device, native_max_seq, window: int = 0):
         row["dense_first_call_s"] = LAST_FIRST_CALL_S[0]
         stem_boost.unwrap(holder)
         configs = {"native_kernel": dict(reduce=0.0, beta=0.0), "stem": dict(reduce=0.15),
-                   "stem_step1": dict(reduce=0.15, budget_step=1), "stem_cut_after": dict(reduce=0.15),
-                   # twice the indexer's memory bound: with two chunks' scores alive, the side stream's chunks
-                   # then have the rows of the others
-                   "native_topk_side": dict(reduce=0.0, beta=0.0, indexer_max_bytes=2 * DEFAULT_INDEXER_BYTES),
-                   "stem_topk_side": dict(reduce=0.15, indexer_max_bytes=2 * DEFAULT_INDEXER_BYTES)}
+                   "stem_step1": dict(reduce=0.15, budget_step=1), "stem_cut_after": dict(reduce=0.15)}
         holders = {name: holder if i == 0 else _Wrapper(copy.deepcopy(attn), cfg) for i, name in enumerate(configs)}
         holders["stem_cut_after"].settings = dict(CUT_PLACE="after")  # the cut after the indexer's loop
-        for name in ("native_topk_side", "stem_topk_side"):  # each chunk's top-k beside the next one's scores
-            holders[name].settings = dict(TOPK_ON_SIDE_STREAM=True)
         note(f"dsa S={S} native / Stem / Stem step 1 / Stem cut after the indexer, interleaved")
         time_configs_interleaved(row, holders, configs, dsa_forward(x, pe, pos))
-        row["native_topk_side_over_native_paired"] = paired_ratio(LAST_TIMES, "native_topk_side", "native_kernel")
-        row["stem_topk_side_over_native_topk_side_paired"] = paired_ratio(LAST_TIMES, "stem_topk_side",
-                                                                          "native_topk_side")
         del holders
         row["stem_over_native"] = row["stem_ms"] / row["native_kernel_ms"]
         row["stem_step1_over_native"] = row["stem_step1_ms"] / row["native_kernel_ms"]
@@ -1083,8 +1071,7 @@ def main():
                   f"{r['stem_step_radix_ms']:.1f} | {r['stem_step_same_set']} | {r['value_norms_ms']:.2f} | "
                   f"{r['value_norms_with_gram_ms']:.2f} | {r['value_norms_fp32_ms']:.2f} | {r['value_norms_per_head_ms']:.1f} | "
                   f"{r['value_norms_max_rel_err']:.1e} / {r['value_norms_fp32_rel_err']:.1e} |")
-    print_cut_places([r for r in res["rows"] if "stem_cut_after_ms" in r or "indexer_topk_with_cut_ms" in r
-                      or "native_topk_side_ms" in r])
+    print_cut_places([r for r in res["rows"] if "stem_cut_after_ms" in r or "indexer_topk_with_cut_ms" in r])
 
 
 def print_cut_places(rows: list[dict]) -> None:
@@ -1105,16 +1092,6 @@ def print_cut_places(rows: list[dict]) -> None:
               f"{r.get('indexer_topk_with_block_cut_ms', nan) - alone:.2f} | "
               f"{r.get('indexer_topk_with_cut_one_stream_ms', nan) - alone:.2f} | {r.get('stem_step_ms', nan):.2f} | "
               f"{r.get('cut_in_loop_same_set')} |")
-    side = [r for r in rows if "native_topk_side_ms" in r]
-    if side:
-        print("\n| DSA S | native ms: top-k on the current stream | top-k on the side stream | paired | Stem ms: "
-              "current | side | Stem / native, both on the side stream (paired) |")
-        print("|---|---|---|---|---|---|---|")
-        for r in side:
-            print(f"| {dsa_label(r)} | {r['native_kernel_ms']:.1f} | {r['native_topk_side_ms']:.1f} | "
-                  f"{r.get('native_topk_side_over_native_paired', nan):.3f} | {r['stem_ms']:.1f} | "
-                  f"{r['stem_topk_side_ms']:.1f} | {r['stem_topk_side_ms'] / r['native_topk_side_ms']:.3f} "
-                  f"({r.get('stem_topk_side_over_native_topk_side_paired', nan):.3f}) |")
 
 
 if __name__ == "__main__":

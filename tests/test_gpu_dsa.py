@@ -203,8 +203,8 @@ def test_gpu_latent_value_rms_on_the_tensor_cores_equals_fp64():
 def test_gpu_stem_cut_in_the_indexer_loop_equals_the_cut_after_it():
     """The DeepSeek-V3.2 layer at real dims (FP8 indexer, the warp top-k's ascending lists, the absorbed
     MLA kernel), 8192 tokens in 32 indexer chunks of 256 rows: Stem's cut inside the indexer's loop (the
-    default on CUDA; also with each chunk's top-k on the side stream, in chunks of 128 rows) keeps the
-    selection of the cut after the loop, and the layer's output is the same."""
+    default on CUDA, on a side stream; and on the current one) keeps the selection of the cut after the
+    loop, and the layer's output is the same."""
     import stem_boost
     from stem_boost.adapters import dsa
     from stem_boost.bench.inputs import dsa_bench_layer
@@ -223,18 +223,17 @@ def test_gpu_stem_cut_in_the_indexer_loop_equals_the_cut_after_it():
     pe = rotary(x, pos)
     stem_boost.wrap(holder, reduce=0.15, keep_selections=True, indexer_max_bytes=1024 * S * 4 + 2**20)  # 256-row chunks
     got = {}
-    for place, topk_side in (("after", False), ("chunks", False), ("chunks", True)):
-        saved = dsa.CUT_PLACE, dsa.TOPK_ON_SIDE_STREAM
-        dsa.CUT_PLACE, dsa.TOPK_ON_SIDE_STREAM = place, topk_side
+    for place, side in (("after", False), ("chunks", False), ("chunks", True)):
+        saved = dsa.CUT_PLACE, dsa.CUT_ON_SIDE_STREAM
+        dsa.CUT_PLACE, dsa.CUT_ON_SIDE_STREAM = place, side
         try:
             with torch.no_grad():
                 out = attn(x, pe, None, position_ids=pos)[0]
         finally:
-            dsa.CUT_PLACE, dsa.TOPK_ON_SIDE_STREAM = saved
-        got[place, topk_side] = (out, stem_boost.last_selections(holder)[0],
-                                 stem_boost.stats(holder)["reduce_achieved"])
+            dsa.CUT_PLACE, dsa.CUT_ON_SIDE_STREAM = saved
+        got[place, side] = (out, stem_boost.last_selections(holder)[0], stem_boost.stats(holder)["reduce_achieved"])
     want, want_sel, want_r = got["after", False]
-    for key in (("chunks", False), ("chunks", True)):  # the top-k on the side stream too: the same again
+    for key in (("chunks", False), ("chunks", True)):  # in the loop on the current stream, and on the side one
         out, sel, r = got[key]
         assert torch.equal(sel.counts, want_sel.counts) and torch.equal(sel.idx, want_sel.idx), (key, f"seed={seed}")
         assert torch.equal(out, want), (key, f"seed={seed}")

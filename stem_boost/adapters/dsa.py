@@ -50,9 +50,6 @@ MLA_ATTRS = ("kv_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "o_proj", "exp
 CUT_PLACES = ("auto", "chunks", "after")
 CUT_PLACE = "auto"
 CUT_ON_SIDE_STREAM = True  # "chunks" on CUDA: each chunk's cut on a second stream, beside the next chunk's scores
-# the indexer's top-k of each chunk on that second stream too (`chunked_index_topk(select_stream=)`), beside the
-# next chunk's scores; the cut follows it there
-TOPK_ON_SIDE_STREAM = False
 _SIDE_STREAMS: dict = {}  # device -> the stream the chunks' cuts run on
 
 
@@ -347,7 +344,6 @@ def stem_dsa_forward(
         attn_output = self.o_proj(out.reshape(B, S, -1).to(hidden_states.dtype))
         return (attn_output, None, None) if st.returns_topk else (attn_output, None)
     cut = key_norms = None
-    select_stream = side_stream(hidden_states.device) if hidden_states.is_cuda and TOPK_ON_SIDE_STREAM else None
     if cuts_by_chunk(cfg, hidden_states, pad, self.indexer is not None):  # the Stem step inside the indexer's loop
         key_norms = layer_key_norms(self, cfg, latent, value_states, absorbed)  # [B, 1, T]
         stream = side_stream(hidden_states.device) if hidden_states.is_cuda and CUT_ON_SIDE_STREAM else None
@@ -357,7 +353,7 @@ def stem_dsa_forward(
         top = dsa_indexer_topk(self.indexer, hidden_states, q_resid, position_embeddings, indexer_mask,
                                position_ids, past_key_values=past_key_values, max_bytes=cfg.indexer_max_bytes,
                                score_dtype=cfg.indexer_score_dtype(hidden_states.device, self.indexer.head_dim),
-                               on_chunk=cut, select_stream=select_stream)
+                               on_chunk=cut)
         st.shared.last = top if st.shared.needed else None
     else:
         if st.shared.last is None:

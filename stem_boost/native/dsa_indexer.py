@@ -44,7 +44,6 @@ different algorithms and are rejected.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import re
 import sys
@@ -425,7 +424,6 @@ def chunked_index_topk(
     radix_topk: bool | None = None,
     topk_method: str = "warp",
     on_chunk: ChunkConsumer | None = None,
-    select_stream: torch.cuda.Stream | None = None,
 ) -> IndexerTopK:
     """Top-k of ``I = sum_h w * relu(scale * q.k) (+ mask)`` chunk by chunk over queries.
 
@@ -456,12 +454,6 @@ def chunked_index_topk(
     of their indices int32 ``[B, s1 - s0, topk]`` and scores fp32 (the same shape) and whether their
     indices come ascending. Stem cuts the candidates there, while the top-k's output of the chunk
     (54 MB at 128K keys) is still in L2, instead of reading all of them back from HBM after the loop.
-
-    ``select_stream`` (CUDA, the Triton top-k): each chunk's top-k (and ``on_chunk``) runs on this stream
-    once its scores are written, while the current stream goes on to the next chunk's scores, so that the
-    compute-bound scorer fills the SMs the latency-bound select leaves idle. Two chunks' score matrices
-    are then alive at once: the chunks take half the rows ``max_bytes`` would give. The current stream
-    waits for the select stream before this returns.
     """
     if tie_break not in ("position", "none"):
         raise ValueError(f"tie_break must be 'position' or 'none', got {tie_break!r}")
@@ -501,8 +493,6 @@ def chunked_index_topk(
         # its [rows, k] results (indices, counts, gathered scores, masks: about 20 bytes per slot)
         rows = chunk_rows or chunk_rows_for_budget(B, 0, T, max_bytes, per_key_bytes=4,
                                                    per_row_bytes=topk_buffer_bytes(T, topk, topk_method) + 20 * topk)
-        if select_stream is not None and not chunk_rows:  # two chunks' scores alive at once
-            rows = max(1, rows // 2)
         rows = rows if chunk_rows or rows < 128 else rows // 128 * 128  # whole 128-row score tiles
     else:
         rows = chunk_rows or chunk_rows_for_budget(B, 0 if fused else H, T, max_bytes)
@@ -511,20 +501,8 @@ def chunked_index_topk(
     scorer = fp8_scorer(q) if fp8 and fused else None  # the FP8 score kernel, chosen once for every chunk
     offset = T - S  # only used when mask is None
 
-    def on_select_stream(*inputs: torch.Tensor | None):
-        """Where a chunk's select runs: `select_stream` after the work queued so far (its scores), the
-        inputs kept from reuse until it is done; without one, the current stream."""
-        if select_stream is None:
-            return contextlib.nullcontext()
-        select_stream.wait_stream(torch.cuda.current_stream(device))
-        for t in inputs:
-            if t is not None:
-                t.record_stream(select_stream)
-        return torch.cuda.stream(select_stream)
-
-    def select_chunk(s0: int, s1: int) -> bool:
-        """The top-k of query rows [s0, s1) into out_idx / out_scores (/ out_counts); True when it also
-        handed them to `on_chunk`."""
+    def select_chunk(s0: int, s1: int) -> None:
+        """The top-k of query rows [s0, s1) into out_idx / out_scores (/ out_counts)."""
         c = s1 - s0
         # ---- key range needed by this chunk
         if mask is None:
@@ -536,13 +514,13 @@ def chunked_index_topk(
             nz = torch.nonzero(any_valid)
             if nz.numel() == 0:
                 _no_candidates(out_idx, out_scores, s0, s1, 0)  # every row fully masked
-                return False
+                return
             t0, t1 = int(nz[0]), int(nz[-1]) + 1
             m = m_full[:, :, t0:t1]
         tc = t1 - t0
         if tc <= 0:
             _no_candidates(out_idx, out_scores, s0, s1, 0)
-            return False
+            return
 
         # ---- fp32 scores [B, c, H, tc] (the only big intermediate; in-place ops after the GEMM)
         if fused:
@@ -598,15 +576,12 @@ def chunked_index_topk(
                 s_pos = torch.arange(s0, s1, device=device) + offset - t0 + 1
                 valid_len = s_pos.clamp(max=tc).to(torch.int32).expand(B, c)
             chunk_idx = out_idx[:, s0:s1, :kk]
-            with on_select_stream(idx_scores, valid_len):
-                _, chunk_counts = topk_rows(idx_scores, kk, valid_len=valid_len, method=topk_method, out=chunk_idx,
-                                            out_scores=out_scores[:, s0:s1, :kk])
-                out_counts[:, s0:s1] = chunk_counts
-                if t0:  # key positions of the scored range [t0, t1) -> of the sequence
-                    chunk_idx.copy_(torch.where(chunk_idx >= 0, chunk_idx + t0, -1))
-                if on_chunk is not None:  # on the select's stream, after it
-                    on_chunk(s0, s1, out_idx[:, s0:s1], out_scores[:, s0:s1], True)
-            return True
+            _, chunk_counts = topk_rows(idx_scores, kk, valid_len=valid_len, method=topk_method, out=chunk_idx,
+                                        out_scores=out_scores[:, s0:s1, :kk])
+            out_counts[:, s0:s1] = chunk_counts
+            if t0:  # key positions of the scored range [t0, t1) -> of the sequence
+                chunk_idx.copy_(torch.where(chunk_idx >= 0, chunk_idx + t0, -1))
+            return
         if tie_break == "position":
             top_i = _topk_position_ties(idx_scores, kk)
             top_v = idx_scores.gather(-1, top_i)
@@ -615,14 +590,12 @@ def chunked_index_topk(
         sel_valid = valid.gather(-1, top_i) if valid is not None else torch.isfinite(top_v)
         out_idx[:, s0:s1, :kk] = torch.where(sel_valid, top_i + t0, -1).to(torch.int32)
         out_scores[:, s0:s1, :kk] = torch.where(sel_valid, top_v, float("-inf"))
-        return False
 
     for s0 in range(0, S, rows):
         s1 = min(S, s0 + rows)
-        if not select_chunk(s0, s1) and on_chunk is not None:  # the chunk's rows are final: a consumer may
-            on_chunk(s0, s1, out_idx[:, s0:s1], out_scores[:, s0:s1], bool(radix_topk))  # take them from L2
-    if select_stream is not None:  # the results are read on the current stream
-        torch.cuda.current_stream(device).wait_stream(select_stream)
+        select_chunk(s0, s1)
+        if on_chunk is not None:  # the chunk's rows are final: a consumer may take them while they are in L2
+            on_chunk(s0, s1, out_idx[:, s0:s1], out_scores[:, s0:s1], bool(radix_topk))
 
     return IndexerTopK(out_idx, out_scores, ascending=bool(radix_topk), counts=out_counts if radix_topk else None)
 
@@ -645,7 +618,6 @@ def dsa_indexer_topk(
     radix_topk: bool | None = None,
     topk_method: str = "warp",
     on_chunk: ChunkConsumer | None = None,
-    select_stream: torch.cuda.Stream | None = None,
 ) -> IndexerTopK:
     """Drop-in (same positional arguments as ``indexer.forward``) memory-bounded top-k.
 
@@ -660,7 +632,7 @@ def dsa_indexer_topk(
     return chunked_index_topk(
         q, k, w, attention_mask, indexer.index_topk, scale, max_bytes=max_bytes, chunk_rows=chunk_rows,
         tie_break=tie_break, score_dtype=score_dtype, radix_topk=radix_topk, topk_method=topk_method,
-        on_chunk=on_chunk, select_stream=select_stream,
+        on_chunk=on_chunk,
     )
 
 
