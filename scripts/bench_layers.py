@@ -308,10 +308,10 @@ def bench_dsa(seqs, device, native_max_seq, window: int = 0):
         row["dense_first_call_s"] = LAST_FIRST_CALL_S[0]
         stem_boost.unwrap(holder)
         configs = {"native_kernel": dict(reduce=0.0, beta=0.0), "stem": dict(reduce=0.15),
-                   "stem_step1": dict(reduce=0.15, budget_step=1), "stem_cut_after": dict(reduce=0.15)}
+                   "stem_step1": dict(reduce=0.15, budget_step=1), "stem_cut_chunks": dict(reduce=0.15)}
         holders = {name: holder if i == 0 else _Wrapper(copy.deepcopy(attn), cfg) for i, name in enumerate(configs)}
-        holders["stem_cut_after"].settings = dict(CUT_PLACE="after")  # the cut after the indexer's loop
-        note(f"dsa S={S} native / Stem / Stem step 1 / Stem cut after the indexer, interleaved")
+        holders["stem_cut_chunks"].settings = dict(CUT_PLACE="chunks")  # the cut inside the indexer's loop
+        note(f"dsa S={S} native / Stem / Stem step 1 / Stem cut inside the indexer loop, interleaved")
         time_configs_interleaved(row, holders, configs, dsa_forward(x, pe, pos))
         del holders
         row["stem_over_native"] = row["stem_ms"] / row["native_kernel_ms"]
@@ -1071,23 +1071,24 @@ def main():
                   f"{r['stem_step_radix_ms']:.1f} | {r['stem_step_same_set']} | {r['value_norms_ms']:.2f} | "
                   f"{r['value_norms_with_gram_ms']:.2f} | {r['value_norms_fp32_ms']:.2f} | {r['value_norms_per_head_ms']:.1f} | "
                   f"{r['value_norms_max_rel_err']:.1e} / {r['value_norms_fp32_rel_err']:.1e} |")
-    print_cut_places([r for r in res["rows"] if "stem_cut_after_ms" in r or "indexer_topk_with_cut_ms" in r])
+    print_cut_places([r for r in res["rows"] if "stem_cut_chunks_ms" in r or "indexer_topk_with_cut_ms" in r])
 
 
 def print_cut_places(rows: list[dict]) -> None:
-    """Where Stem cuts a DSA prefill: in the indexer's loop (the layer's "stem") against after it
-    ("stem_cut_after"), both over native, and the indexer alone / with the in-loop cut in one alternation."""
+    """Where Stem cuts a DSA prefill: after the indexer's loop (the layer's "stem", the default) against
+    inside it ("stem_cut_chunks"), both over native, and the indexer alone / with the in-loop cut in one
+    alternation."""
     if not rows:
         return
     nan = float("nan")
-    print("\n| DSA S | native ms | Stem ms: cut in the indexer loop | cut after it | paired / native: in loop | after "
+    print("\n| DSA S | native ms | Stem ms: cut after the indexer loop | in it | paired / native: after | in it "
           "| indexer + top-k ms: alone | with the cut in its loop | the cut there ms | the block cut there ms "
           "| the cut there, one stream ms | Stem step after the loop ms | same set |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         alone, with_cut = r.get("indexer_topk_alternated_ms", nan), r.get("indexer_topk_with_cut_ms", nan)
-        print(f"| {dsa_label(r)} | {r['native_kernel_ms']:.1f} | {r['stem_ms']:.1f} | {r.get('stem_cut_after_ms', nan):.1f} | "
-              f"{r.get('stem_over_native_paired', nan):.3f} | {r.get('stem_cut_after_over_native_paired', nan):.3f} | "
+        print(f"| {dsa_label(r)} | {r['native_kernel_ms']:.1f} | {r['stem_ms']:.1f} | {r.get('stem_cut_chunks_ms', nan):.1f} | "
+              f"{r.get('stem_over_native_paired', nan):.3f} | {r.get('stem_cut_chunks_over_native_paired', nan):.3f} | "
               f"{alone:.1f} | {with_cut:.1f} | {with_cut - alone:.2f} | "
               f"{r.get('indexer_topk_with_block_cut_ms', nan) - alone:.2f} | "
               f"{r.get('indexer_topk_with_cut_one_stream_ms', nan) - alone:.2f} | {r.get('stem_step_ms', nan):.2f} | "

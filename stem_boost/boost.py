@@ -197,7 +197,10 @@ class ChunkedCut:
     native selector finishes them (`native.dsa_indexer.chunked_index_topk(on_chunk=)`): the same
     budgets, OAM bias and cut (`kernels.dsa_topk.candidate_cut`), so the same set. The cut of a chunk
     then reads its candidates and scores while they are still in L2 (the top-k writes a 128K prefill's
-    chunk of 3328 rows, 54 MB, at the end of its one wave) instead of 2 GB from HBM after the loop.
+    chunk of 3328 rows, 54 MB, at the end of its one wave) instead of 2 GB from HBM after the loop. It
+    measured no faster than the one cut after the loop: forty launches of about two waves each spend
+    in their tails what the L2 saves (docs/design.md, "Where the DSA cut runs"); the DSA adapter takes it
+    with `CUT_PLACE = "chunks"`.
 
         cut = ChunkedCut(B, R, K, q_offset, seq_k, k_native, cfg, key_norms, device)
         top = chunked_index_topk(..., on_chunk=cut)     # calls cut(s0, s1, idx, scores, ascending)
@@ -207,10 +210,8 @@ class ChunkedCut:
     positions q_offset .. q_offset + R - 1; key_norms [B, 1, seq_k] (value norms pooled over heads) or
     None. The budget schedule "mass" needs every row's scores at once: not taken here.
     stream: a CUDA stream to cut on (None: the current one). Each chunk's cut waits there for the work
-    queued so far (its top-k), so the next chunk's scorer need not wait for it: the cut of one chunk,
-    about three waves of short programs, leaves most SMs idle in its tail on the same stream (H100,
-    128K: 5.3 ms in the loop against 2.6 ms for all rows at once). `result` makes the current stream
-    wait for it.
+    queued so far (its top-k), so the next chunk's scorer need not wait for it and fills the SMs the cut's
+    tail leaves idle. `result` makes the current stream wait for it.
     """
 
     def __init__(self, batch: int, n_rows: int, width: int, q_offset: int, seq_k: int, k_native: int,

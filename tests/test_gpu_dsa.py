@@ -202,9 +202,9 @@ def test_gpu_latent_value_rms_on_the_tensor_cores_equals_fp64():
 
 def test_gpu_stem_cut_in_the_indexer_loop_equals_the_cut_after_it():
     """The DeepSeek-V3.2 layer at real dims (FP8 indexer, the warp top-k's ascending lists, the absorbed
-    MLA kernel), 8192 tokens in 32 indexer chunks of 256 rows: Stem's cut inside the indexer's loop (the
-    default on CUDA, on a side stream; and on the current one) keeps the selection of the cut after the
-    loop, and the layer's output is the same."""
+    MLA kernel), 8192 tokens in 32 indexer chunks of 256 rows: Stem's cut inside the indexer's loop (on a
+    side stream, and on the current one) keeps the selection of the cut after the loop (the default), and
+    the layer's output is the same."""
     import stem_boost
     from stem_boost.adapters import dsa
     from stem_boost.bench.inputs import dsa_bench_layer

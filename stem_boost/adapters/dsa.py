@@ -43,12 +43,15 @@ except ImportError:  # pragma: no cover
 INDEXER_ATTRS = ("index_topk", "wq_b", "wk", "weights_proj")
 ABSORBED_CHUNK = 16384  # query rows per absorbed-MLA attention call
 MLA_ATTRS = ("kv_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "o_proj", "expand_kv")
-# Where Stem cuts an unpadded prefill's candidates: "chunks" = each indexer chunk's rows as soon as its
-# top-k wrote them (`boost.ChunkedCut`, while they are in L2), "after" = all rows once the indexer is
-# done (`boost.stem_step`); "auto" = "chunks" where the cut runs as the Triton kernel anyway (CUDA).
-# The same set either way.
-CUT_PLACES = ("auto", "chunks", "after")
-CUT_PLACE = "auto"
+# Where Stem cuts an unpadded prefill's candidates: "after" = all rows once the indexer is done
+# (`boost.stem_step`, one launch), "chunks" = each indexer chunk's rows as soon as its top-k wrote them
+# (`boost.ChunkedCut`, while they are in L2; on CUDA on a second stream, beside the next chunk's scores).
+# The same set either way. On an H100 at 128K the chunks' cuts took 4.0 ms of kernel time against 2.75 in
+# one launch (forty launches of about two waves each leave forty tails), the side stream hid about 1.5 ms
+# of it, and the layer's time came out the same within its spread (BENCHMARKS.md, twenty-seventh session):
+# "after" stays the default.
+CUT_PLACES = ("after", "chunks")
+CUT_PLACE = "after"
 CUT_ON_SIDE_STREAM = True  # "chunks" on CUDA: each chunk's cut on a second stream, beside the next chunk's scores
 _SIDE_STREAMS: dict = {}  # device -> the stream the chunks' cuts run on
 
@@ -134,15 +137,14 @@ def stem_prefill(st: DSAState, native: Selection, top: IndexerTopK, key_norms: t
 
 def cuts_by_chunk(cfg: StemConfig, hidden_states: torch.Tensor, padding: torch.Tensor | None, owns_indexer: bool,
                   place: str | None = None) -> bool:
-    """Whether this prefill's Stem cut runs chunk by chunk inside the indexer (`CUT_PLACE`): Stem on,
-    a prefill of an unpadded batch, the layer's own indexer, a budget schedule that needs no other
+    """Whether this prefill's Stem cut runs chunk by chunk inside the indexer: `CUT_PLACE` "chunks", Stem
+    on, a prefill of an unpadded batch, the layer's own indexer, a budget schedule that needs no other
     rows' scores."""
     place = CUT_PLACE if place is None else place
     if place not in CUT_PLACES:
         raise ValueError(f"CUT_PLACE={place!r}; allowed: {', '.join(map(repr, CUT_PLACES))}")
-    applies = (not cfg.is_identity and hidden_states.shape[1] > 1 and padding is None and owns_indexer
-               and cfg.schedule != "mass")
-    return applies and (place == "chunks" or (place == "auto" and hidden_states.is_cuda))
+    return (place == "chunks" and not cfg.is_identity and hidden_states.shape[1] > 1 and padding is None
+            and owns_indexer and cfg.schedule != "mass")
 
 
 def layer_key_norms(self, cfg: StemConfig, latent: torch.Tensor, value_states: torch.Tensor | None,
