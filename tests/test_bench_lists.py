@@ -125,7 +125,7 @@ def test_timed_replay_in_lockstep_interleaves_keys_by_offset(seed, capacity, swe
     idx = sel.idx[0, 0]
     lists = [idx[r].tolist() for r in range(21, -1, -1)]  # latest first
     lists = [lst[::-1] if sweep and (j // sweep) % 2 else lst for j, lst in enumerate(lists)]
-    first = int(22 * 0.25)  # the first tokens (latest first) are not counted
+    first = int(-(-22 // 4) * 0.25) * 4  # the tokens of the first waves (latest first) are not counted
     stream = [(j >= first, lists[j][i]) for w in range(0, 22, 4) for i in range(9) for j in range(w, min(w + 4, 22))]
     assert (got.accesses, got.misses) == lru_misses_by_reuse_distance(stream, capacity)
 
@@ -135,7 +135,7 @@ def test_timed_replay_with_jitter_keeps_its_counts(seed):
     holds every key misses exactly the counted first reads."""
     g = torch.Generator().manual_seed(seed)
     sel = random_lists(g, R=40, T=70, kmax=20)
-    first = int(40 * 0.3)
+    first = int(-(-40 // 3) * 0.3) * 3  # whole waves of 3 tokens
     counted = [r for j, r in enumerate(range(39, -1, -1)) if j >= first]
     want_accesses = sum(int(sel.counts[0, 0, r]) for r in counted)
     big = replay_gathers_timed(sel, 10_000, slots=3, step_keys=4, warmup=0.3, jitter=0.3, seed=seed)
@@ -147,3 +147,15 @@ def test_timed_replay_with_jitter_keeps_its_counts(seed):
     assert big.misses >= len(later - earlier) and big.misses <= len(later)
     small = replay_gathers_timed(sel, 3, slots=3, step_keys=4, warmup=0.3, jitter=0.3, seed=seed)
     assert small.accesses == want_accesses and small.misses >= big.misses
+
+
+@pytest.mark.parametrize("R,slots,warmup", [(40, 3, 0.3), (29, 4, 0.25), (66, 66, 0.0)])
+def test_both_replays_count_the_same_pairs_and_wave_keys(seed, R, slots, warmup):
+    """The timed replay counts the tokens of the lockstep replay's counted waves (whole waves of `slots`
+    tokens, latest first), so their accesses and distinct keys a wave agree exactly, jitter or not."""
+    g = torch.Generator().manual_seed(seed)
+    sel = random_lists(g, R=R, T=90, kmax=25)
+    lockstep = replay_gathers(sel, 17, wave_queries=slots, step_keys=4, warmup=warmup)
+    for jitter in (0.0, 0.3):
+        timed = replay_gathers_timed(sel, 17, slots=slots, step_keys=4, warmup=warmup, jitter=jitter, seed=seed)
+        assert timed.accesses == lockstep.accesses and timed.wave_unique == pytest.approx(lockstep.wave_unique)

@@ -155,8 +155,9 @@ def replay_gathers_timed(sel: Selection, capacity_rows: int, slots: int = 66, st
     and pipeline fill), each step lasting 1 x (1 + jitter z), z ~ N(0, 1) drawn per token (`seed`), so
     that equal rows drift apart as they do on a GPU; its j-th key is gathered at start + (fixed_steps / 2
     + j / step_keys) steps. sweep > 0: alternate blocks of `sweep` tokens walk their lists backward.
-    Tokens in the first `warmup` fraction are not counted. wave_unique: as `replay_gathers` (blocks of
-    `slots` consecutive tokens)."""
+    The tokens of the first `warmup` fraction of the waves of `slots` tokens (latest first) are not
+    counted, as in `replay_gathers` (with wave_queries = slots), so both count the same pairs; wave_unique
+    counts those waves' distinct keys as `replay_gathers` does, and the two give the same value."""
     if sel.batch != 1 or sel.idx.shape[1] != 1:
         raise ValueError(f"replay_gathers_timed takes one batch row and one selection head; got idx {tuple(sel.idx.shape)}")
     if capacity_rows < 1 or slots < 1 or step_keys < 1 or sweep < 0 or jitter < 0 or fixed_steps < 0 or not 0 <= warmup < 1:
@@ -169,7 +170,7 @@ def replay_gathers_timed(sel: Selection, capacity_rows: int, slots: int = 66, st
     speed = np.clip(1.0 + jitter * rng.standard_normal(R), 0.1, None)
     free = [(0.0, k) for k in range(slots)]
     heapq.heapify(free)
-    first_counted = int(R * warmup)
+    first_counted = int(-(-R // slots) * warmup) * slots  # whole waves, as `replay_gathers` counts them
     keys, times, counted = [], [], []
     unique = 0
     block: list[np.ndarray] = []
