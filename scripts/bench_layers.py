@@ -557,9 +557,10 @@ def dsa_breakdown(attn, x, pe, pos) -> dict:
                                   candidates_ascending=top.ascending)  # what the layer runs: fused
         sel, _ = boost()
         ms_stem_step, _ = timed(boost)
-        # the same cut chunk by chunk inside the indexer's loop (what the layer runs on CUDA), in one
-        # alternation with the indexer alone: its cost there, and its lists against the cut after the loop
-        def index_topk_with_cut(stream=side_stream(x.device)) -> ChunkedCut:  # what the layer runs on CUDA
+        # the same cut chunk by chunk inside the indexer's loop (the layer's CUT_PLACE="chunks"; its default
+        # cuts after the loop), in one alternation with the indexer alone: its cost there, and its lists
+        # against the cut after the loop
+        def index_topk_with_cut(stream=side_stream(x.device)) -> ChunkedCut:  # on CUDA "chunks" runs on a side stream
             cut = ChunkedCut(1, S, top.indices.shape[-1], 0, S, 2048, cfg, norms, x.device, stream)
             index_topk(on_chunk=cut)()
             cut.result(native)
