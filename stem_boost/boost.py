@@ -12,6 +12,7 @@ length and positions, so a sequence gets the same selection alone and inside a p
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, replace
 
@@ -101,16 +102,32 @@ def _unpadded_row_plans(B: int, R: int, offset: int, k_native: int, reduce: floa
     return RowPlans(budgets=budgets, plans=[plan] * B, real_rows=torch.ones(B, R, dtype=torch.bool, device=device))
 
 
+def _unpadded_budgets(B: int, R: int, offset: int, k_native: int, cfg: StemConfig,
+                         device: torch.device | str) -> RowPlans:
+    """`row_budgets` of B unpadded batch rows of R token queries at key positions offset .. offset + R - 1
+    (cached per shape: the tensors are shared, read-only)."""
+    return _unpadded_row_plans(B, R, int(offset), int(k_native), float(cfg.reduce), float(cfg.alpha_min),
+                               cfg.schedule, int(token_budget_step(k_native, cfg)), torch.device(device))
+
+
+def _key_bias(key_norms: torch.Tensor | None, cfg: StemConfig, valid: torch.Tensor | None = None
+                  ) -> torch.Tensor | None:
+    """The OAM bias [B, Hs, N] of `cfg` from value norms [B, Hs, N] (valid: [B, N], False for padding
+    keys), or None when OAM is off (beta 0) or there are no norms."""
+    if cfg.beta > 0 and key_norms is not None:
+        return oam_bias(key_norms, beta=cfg.beta, norm=cfg.oam_norm, valid=valid)
+    return None
+
+
 def row_budgets(native: Selection, seq_q: int, seq_k: int, k_native: int, cfg: StemConfig) -> RowPlans:
     """TPD / uniform budgets of token rows (query_block = 1, unit = 1 token), each batch row planned
     on its own positions: a real query at own position p (0 = the row's first real token) has
     p + 1 causally valid keys. TPD budgets are multiples of `token_budget_step` (below the
     causal limit)."""
     B, R = native.batch, native.n_rows
-    step = token_budget_step(k_native, cfg)
     if native.seq_start is None:  # no padding: one plan for every batch row, its tensors cached on the device
-        return _unpadded_row_plans(B, R, native.offset_for(seq_q, seq_k), int(k_native), float(cfg.reduce),
-                                   float(cfg.alpha_min), cfg.schedule, int(step), native.idx.device)
+        return _unpadded_budgets(B, R, native.offset_for(seq_q, seq_k), k_native, cfg, native.idx.device)
+    step = token_budget_step(k_native, cfg)
     q_pos = torch.arange(R) + native.offset_for(seq_q, seq_k)  # key position of each query row
     starts = native.seq_start.tolist()
     real = native.real_rows(seq_q, seq_k).cpu()  # [B, R]
@@ -223,11 +240,8 @@ class ChunkedCut:
             raise ValueError("ChunkedCut needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
         if key_norms is not None and key_norms.shape != (batch, 1, seq_k):
             raise ValueError(f"key_norms must be [B={batch}, 1, seq_k={seq_k}]; got {tuple(key_norms.shape)}")
-        self.plans = _unpadded_row_plans(batch, n_rows, int(q_offset), int(k_native), float(cfg.reduce),
-                                         float(cfg.alpha_min), cfg.schedule, int(token_budget_step(k_native, cfg)),
-                                         torch.device(device))
-        self.bias = (oam_bias(key_norms, beta=cfg.beta, norm=cfg.oam_norm) if cfg.beta > 0 and key_norms is not None
-                     else None)  # [B, 1, seq_k]
+        self.plans = _unpadded_budgets(batch, n_rows, q_offset, k_native, cfg, device)
+        self.bias = _key_bias(key_norms, cfg)  # [B, 1, seq_k] or None
         self.idx = torch.empty(batch, 1, n_rows, width, dtype=torch.int32, device=device)
         self.counts = torch.empty(batch, 1, n_rows, dtype=torch.int32, device=device)
         self.rows_cut = torch.zeros(n_rows, dtype=torch.bool)  # host-side bookkeeping: every row once
@@ -243,14 +257,13 @@ class ChunkedCut:
         if not ascending:
             cand, sc = _ascending_candidates(cand, sc)
         budgets = self.plans.budgets[:, None, s0:s1]  # [B, 1, c]
-        if self.stream is None:
+        where = contextlib.nullcontext()
+        if self.stream is not None:  # after the chunk's top-k, beside the next chunk's scores (its inputs outlive `result`)
+            self.stream.wait_stream(torch.cuda.current_stream(self.idx.device))
+            where = torch.cuda.stream(self.stream)
+        with where:
             _, counts = candidate_cut(cand, sc, budgets, key_bias=self.bias, out=self.idx[:, :, s0:s1])
             self.counts[:, :, s0:s1] = counts
-        else:  # after the chunk's top-k, beside the next chunk's scores (its inputs outlive `result`)
-            self.stream.wait_stream(torch.cuda.current_stream(self.idx.device))
-            with torch.cuda.stream(self.stream):
-                _, counts = candidate_cut(cand, sc, budgets, key_bias=self.bias, out=self.idx[:, :, s0:s1])
-                self.counts[:, :, s0:s1] = counts
         self.rows_cut[s0:s1] = True
 
     def result(self, native: Selection) -> tuple[Selection, RowPlans]:
@@ -306,9 +319,7 @@ def stem_step(
         raise ValueError(f"scores {tuple(scores.shape)} must have the shape of the candidates {tuple(cand_idx.shape)}")
     B, Hsel, R, K = cand_idx.shape
     plans = row_budgets(native, R, seq_k, k_native, cfg)
-    bias = None
-    if cfg.beta > 0 and key_norms is not None:
-        bias = oam_bias(key_norms, beta=cfg.beta, norm=cfg.oam_norm, valid=native.real_units(seq_k))
+    bias = _key_bias(key_norms, cfg, valid=native.real_units(seq_k))
     budgets = plans.budgets[:, None].expand(B, Hsel, R)
     if cfg.schedule == "mass":  # the cut goes to the candidates of least predicted mass, per batch row
         budgets = _mass_row_budgets(scores, cand_idx, plans.real_rows, cfg.reduce)

@@ -452,8 +452,8 @@ def chunked_index_topk(
 
     ``on_chunk(s0, s1, idx, scores, ascending)``: called once the rows [s0, s1) are final, with views
     of their indices int32 ``[B, s1 - s0, topk]`` and scores fp32 (the same shape) and whether their
-    indices come ascending. Stem cuts the candidates there, while the top-k's output of the chunk
-    (54 MB at 128K keys) is still in L2, instead of reading all of them back from HBM after the loop.
+    indices come ascending: a consumer can take them while the chunk's output (54 MB at 128K keys) is
+    still in L2 (Stem's `boost.ChunkedCut`, the DSA adapter's opt-in `CUT_PLACE = "chunks"`).
     """
     if tie_break not in ("position", "none"):
         raise ValueError(f"tie_break must be 'position' or 'none', got {tie_break!r}")
