@@ -103,15 +103,15 @@ def _unpadded_row_plans(B: int, R: int, offset: int, k_native: int, reduce: floa
 
 
 def _unpadded_budgets(B: int, R: int, offset: int, k_native: int, cfg: StemConfig,
-                         device: torch.device | str) -> RowPlans:
+                      device: torch.device | str) -> RowPlans:
     """`row_budgets` of B unpadded batch rows of R token queries at key positions offset .. offset + R - 1
     (cached per shape: the tensors are shared, read-only)."""
     return _unpadded_row_plans(B, R, int(offset), int(k_native), float(cfg.reduce), float(cfg.alpha_min),
                                cfg.schedule, int(token_budget_step(k_native, cfg)), torch.device(device))
 
 
-def _key_bias(key_norms: torch.Tensor | None, cfg: StemConfig, valid: torch.Tensor | None = None
-                  ) -> torch.Tensor | None:
+def _key_bias(key_norms: torch.Tensor | None, cfg: StemConfig,
+              valid: torch.Tensor | None = None) -> torch.Tensor | None:
     """The OAM bias [B, Hs, N] of `cfg` from value norms [B, Hs, N] (valid: [B, N], False for padding
     keys), or None when OAM is off (beta 0) or there are no norms."""
     if cfg.beta > 0 and key_norms is not None:
